@@ -74,6 +74,12 @@ class KVCachePool:
         with self._lock:
             self._entries.clear()
 
+    def tokens(self, conversation_id: str) -> list[int] | None:
+        """The ids a conversation's kept cache holds (a copy), or None if it has none."""
+        with self._lock:
+            entry = self._entries.get(conversation_id)
+            return list(entry.tokens) if entry is not None else None
+
     def __contains__(self, conversation_id: str) -> bool:
         with self._lock:
             return conversation_id in self._entries

@@ -1,0 +1,144 @@
+"""Command line: `python -m glm_core chat` and `python -m glm_core bench turns`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+
+from .engine import Engine, PromptTooLong
+from .loading import ModelLoadError, ModelSpec, load_model
+from .sampling import SamplingParams
+from .settings import load_settings
+
+WELCOME = "GLM chat on {name} ({precision}, {device}). Type to chat; 'clear' starts over, 'stop' exits."
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    settings = load_settings()
+    parser.add_argument("--model", default=settings.model_path, help="model folder or .gguf file (default: embedded)")
+    parser.add_argument("--precision", default=settings.precision, help="auto, fp32, bf16 or fp16")
+    parser.add_argument("--device", default=settings.device, help="auto, cpu, cuda, cuda:N or mps")
+
+
+def load_from_args(args) -> "LoadedModel":  # noqa: F821
+    def progress(_fraction: float, message: str) -> None:
+        print(f"[load] {message}", file=sys.stderr)
+
+    return load_model(ModelSpec(args.model, args.precision, args.device), progress)
+
+
+def cmd_chat(args) -> int:
+    params = SamplingParams(
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    ).validate()
+    loaded = load_from_args(args)
+    engine = Engine(loaded)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    conversation_id, messages = uuid.uuid4().hex, list(system)
+    if interactive:
+        print(WELCOME.format(**loaded.card()))
+    try:
+        while True:
+            try:
+                prompt = input("\nUser: ") if interactive else sys.stdin.readline()
+            except EOFError:
+                break
+            if not interactive and prompt == "":
+                break  # end of input
+            prompt = prompt.strip()
+            if not prompt:
+                continue
+            if interactive and prompt == "stop":
+                break
+            if interactive and prompt == "clear":
+                engine.forget(conversation_id)
+                conversation_id, messages = uuid.uuid4().hex, list(system)
+                print("(conversation cleared)")
+                continue
+            request = engine.submit(conversation_id, messages + [{"role": "user", "content": prompt}], params)
+            if interactive:
+                print(f"\n{loaded.name}: ", end="", flush=True)
+                try:
+                    for delta in request.text_stream():
+                        print(delta, end="", flush=True)
+                except KeyboardInterrupt:
+                    request.stop()
+                print()
+            reply = request.wait()
+            if reply.error:
+                print(f"error: {reply.error}", file=sys.stderr)
+                if not interactive:
+                    print(json.dumps({"prompt": prompt, "error": reply.error}, ensure_ascii=False), flush=True)
+                continue
+            if reply.dropped_messages:
+                print(f"(note: {reply.dropped_messages} oldest message(s) no longer fit and were dropped)", file=sys.stderr)
+            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.text}]
+            if not interactive:
+                s = reply.stats
+                print(json.dumps({
+                    "prompt": prompt,
+                    "reply": reply.text,
+                    "prompt_tokens": s.prompt_tokens,
+                    "completion_tokens": s.completion_tokens,
+                    "ttft_s": round(s.ttft_s, 4),
+                    "tokens_per_s": round(s.decode_tokens_per_s, 2),
+                    "stopped": reply.stopped,
+                }, ensure_ascii=False), flush=True)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_bench_turns(args) -> int:
+    from .bench import format_turns_report, run_turns_bench
+
+    loaded = load_from_args(args)
+    result = run_turns_bench(loaded, max_new_tokens=args.max_new_tokens, decode_tokens=args.decode_tokens)
+    print(json.dumps(result) if args.json else format_turns_report(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m glm_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat in the terminal; with piped stdin, one JSON line per reply")
+    add_model_options(chat)
+    defaults = SamplingParams()
+    chat.add_argument("--max-length", type=int, default=defaults.max_length)
+    chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    chat.add_argument("--temperature", type=float, default=defaults.temperature, help="0 means greedy")
+    chat.add_argument("--top-p", type=float, default=defaults.top_p)
+    chat.add_argument("--top-k", type=int, default=defaults.top_k)
+    chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--system", default="", help="system prompt")
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    turns = bench_sub.add_parser("turns", help="10-turn chat: kept cache vs recompute, engine vs generate")
+    add_model_options(turns)
+    turns.add_argument("--max-new-tokens", type=int, default=48, help="reply length per turn")
+    turns.add_argument("--decode-tokens", type=int, default=128, help="tokens for the decode-speed comparison")
+    turns.add_argument("--json", action="store_true", help="print one JSON object")
+    turns.set_defaults(func=cmd_bench_turns)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelLoadError, PromptTooLong, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,52 @@
+"""The one loaded model of a process, shared by every browser session (the page keeps it in st.cache_resource)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+from .engine import Engine
+from .loading import ModelLoadError, ModelSpec, Progress, load_model
+
+
+class EngineHub:
+    """Holds the current engine; loading another model replaces it only once the new one has loaded."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+        self.last_error: str | None = None
+        self.last_error_spec: ModelSpec | None = None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    def load(self, spec: ModelSpec, progress: Progress | None = None) -> Engine:
+        """Return an engine for `spec`, loading it if needed. On failure the running model stays loaded."""
+        with self._lock:  # a second session asking meanwhile waits, then finds the model loaded
+            current = self._engine
+            if current is not None and current.loaded.spec == spec:
+                return current
+            try:
+                loaded = load_model(spec, progress) if progress else load_model(spec)
+            except ModelLoadError as exc:
+                self.last_error, self.last_error_spec = str(exc), spec
+                raise
+            self.last_error = self.last_error_spec = None
+            if current is not None:
+                self._shutdown(current)
+            self._engine = Engine(loaded)
+            return self._engine
+
+    def unload(self) -> None:
+        with self._lock:
+            if self._engine is not None:
+                self._shutdown(self._engine)
+                self._engine = None
+
+    @staticmethod
+    def _shutdown(engine: Engine) -> None:
+        engine.close()
+        engine.loaded.release()
+        gc.collect()
