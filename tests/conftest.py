@@ -1,0 +1,64 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUTPUT_DIR = ROOT / "test-output"
+
+from glm_core import ModelSpec, load_model, load_settings  # noqa: E402
+from glm_core.loading import convert_gguf, embedded_gguf_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    return OUTPUT_DIR
+
+
+@pytest.fixture(scope="session")
+def embedded_fp32():
+    """The real embedded model in FP32 (exactness tests compare logits paths, so no bf16 rounding)."""
+    loaded = load_model(ModelSpec("embedded", "fp32", "cpu"))
+    yield loaded
+    loaded.release()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and the embedded model's tokenizer: fast, and (seed 0) it rambles
+    until a limit or a stop instead of ending its turn."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(convert_gguf(embedded_gguf_path(), load_settings().cache_dir))
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    return load_model(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))
+
+
+@pytest.fixture
+def env_cleanup(monkeypatch):
+    for name in ("GLM_MODEL_PATH", "GLM_PRECISION", "GLM_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

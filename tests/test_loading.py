@@ -1,0 +1,110 @@
+"""Loading from a spec, and a one-line reason for everything that is not a usable model."""
+
+import json
+
+import pytest
+import torch
+
+from glm_core import ModelLoadError, ModelSpec, Precision, load_model
+from glm_core.hub import EngineHub
+from glm_core.precision import parse_precision, resolve_device
+from glm_core.settings import load_settings
+
+
+def test_embedded_model_card(embedded_fp32):
+    card = embedded_fp32.card()
+    assert card["name"] == "SmolLM2-135M-Instruct"
+    assert card["precision"] == "FP32" and card["device"] == "cpu"
+    assert 130e6 < card["parameters"] < 140e6 and card["max_context"] == 8192
+    assert next(embedded_fp32.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precisions_load(tiny_model_dir, precision, dtype):
+    loaded = load_model(ModelSpec(str(tiny_model_dir), precision, "cpu"))
+    assert next(loaded.model.parameters()).dtype == dtype
+    assert loaded.precision.label == precision.upper()
+
+
+def test_auto_precision_and_device():
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert parse_precision("auto", torch.device("cpu")) is Precision.BF16
+    assert parse_precision("FP16", torch.device("cpu")) is Precision.FP16
+    with pytest.raises(ValueError, match="unknown precision"):
+        parse_precision("fp8", torch.device("cpu"))
+
+
+def _reason(spec) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(spec)
+    reason = str(info.value)
+    assert "\n" not in reason and len(reason) < 400
+    return reason
+
+
+def test_bad_model_paths_give_one_line_reasons(tmp_path, tiny_model_dir):
+    assert "no such file" in _reason(ModelSpec(str(tmp_path / "missing")))
+    assert "no config.json" in _reason(ModelSpec(str(tmp_path)))
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "not a .gguf" in _reason(ModelSpec(str(tmp_path / "notes.txt")))
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\x00garbage" * 10)
+    assert "GGUF" in _reason(ModelSpec(str(tmp_path / "broken.gguf")))
+
+
+def test_corrupt_weights_and_missing_tokenizer(tmp_path, tiny_model_dir):
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model_dir, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # truncated download
+    assert "weights" in _reason(ModelSpec(str(corrupt), "fp32", "cpu"))
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, no_tokenizer / name)
+    assert "tokenizer" in _reason(ModelSpec(str(no_tokenizer), "fp32", "cpu"))
+
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    assert "not valid JSON" in _reason(ModelSpec(str(bad_json)))
+
+
+def test_unavailable_levels_and_devices_are_refused(tiny_model_dir):
+    assert "INT8" in _reason(ModelSpec(str(tiny_model_dir), "int8", "cpu"))
+    if not torch.cuda.is_available():
+        assert "CUDA" in _reason(ModelSpec(str(tiny_model_dir), "fp32", "cuda"))
+    assert "unknown device" in _reason(ModelSpec(str(tiny_model_dir), "fp32", "tpu"))
+
+
+def test_chatglm_original_layout_is_recognised(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm"}))
+    assert "ChatGLM" in _reason(ModelSpec(str(tmp_path)))
+
+
+def test_hub_keeps_the_running_model_when_another_fails(tiny_model_dir, tmp_path):
+    hub = EngineHub()
+    try:
+        spec = ModelSpec(str(tiny_model_dir), "fp32", "cpu")
+        engine = hub.load(spec)
+        assert hub.load(spec) is engine  # same spec: no reload
+        with pytest.raises(ModelLoadError):
+            hub.load(ModelSpec(str(tmp_path / "nope")))
+        assert hub.engine is engine and "no such file" in hub.last_error
+        replacement = hub.load(ModelSpec(str(tiny_model_dir), "bf16", "cpu"))
+        assert replacement is not engine and hub.engine is replacement
+        with pytest.raises(RuntimeError, match="closed"):
+            engine.submit("c", [{"role": "user", "content": "hi"}])  # the old engine was shut down
+    finally:
+        hub.unload()
+
+
+def test_settings_from_environment(tmp_path):
+    s = load_settings({"GLM_MODEL_PATH": "/m", "GLM_PRECISION": "fp16", "GLM_KV_CACHE_MB": "64",
+                       "GLM_CACHE_DIR": str(tmp_path)})
+    assert (s.model_path, s.precision, s.device, s.kv_cache_bytes) == ("/m", "fp16", "auto", 64 * 2**20)
+    assert load_settings({}).model_path == "embedded"
+    with pytest.raises(ValueError, match="GLM_KV_CACHE_MB"):
+        load_settings({"GLM_KV_CACHE_MB": "lots"})
