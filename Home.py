@@ -36,12 +36,16 @@ with st.sidebar:
     with st.expander("Load another model", expanded=engine is None):
         with st.form("load_model"):
             current = engine.loaded.spec if engine is not None else ModelSpec.from_settings()
-            path = st.text_input("Model folder or .gguf file", value=current.path, help="'embedded' is the built-in model")
+            path = st.text_input(
+                "Model folder or .gguf file", value=current.path, help="'embedded' is the built-in model", key="load_path"
+            )
             precision = st.selectbox("Precision", ["auto", "fp32", "bf16", "fp16"], key="load_precision")
             device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="load_device")
-            if st.form_submit_button("Load"):
-                engine = load_with_progress(ModelSpec(path.strip() or "embedded", precision, device))
-                st.rerun()
+            if st.form_submit_button("Load", key="load_button"):
+                spec = ModelSpec(path.strip() or "embedded", precision, device)
+                engine = load_with_progress(spec)  # on failure it shows why and returns the running engine
+                if engine is not None and engine.loaded.spec == spec:
+                    st.rerun()  # redraw the model card
 
     st.header("Generation")
     max_length = st.number_input("Max length (context + reply tokens)", 64, 131072, 8192, step=512, key="max_length")
@@ -53,8 +57,8 @@ with st.sidebar:
     system_prompt = st.text_area("System prompt", "", key="system_prompt")
 
     left, right = st.columns(2)
-    left.button("New conversation", on_click=forget_and_reset, args=(True,), width="stretch")
-    right.button("Clear", on_click=forget_and_reset, args=(False,), width="stretch")
+    left.button("New conversation", on_click=forget_and_reset, args=(True,), width="stretch", key="new_conversation")
+    right.button("Clear", on_click=forget_and_reset, args=(False,), width="stretch", key="clear")
 
 st.title("💬 GLM Chat")
 if engine is None:
