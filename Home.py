@@ -60,7 +60,7 @@ with st.sidebar:
     left.button("New conversation", on_click=forget_and_reset, args=(True,), width="stretch", key="new_conversation")
     right.button("Clear", on_click=forget_and_reset, args=(False,), width="stretch", key="clear")
 
-st.title("💬 GLM Chat")
+st.title("GLM Chat")
 if engine is None:
     st.info("No model is loaded. Choose one in the sidebar.")
 

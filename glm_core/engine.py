@@ -140,13 +140,37 @@ class Request:
             if isinstance(event, Finished):
                 return
 
+    def _coalesced_events(self) -> Iterator[Event]:
+        """Like events(), but deltas already waiting are joined into one: a slow reader (a browser redrawing
+        Markdown) then costs one redraw per read instead of one per token, and never slows the worker."""
+        pending: list[str] = []
+        while True:
+            event = self._events.get() if not pending else self._get_nowait()
+            if isinstance(event, Delta):
+                pending.append(event.text)
+                continue
+            if pending:
+                yield Delta("".join(pending))
+                pending = []
+            if event is None:
+                continue
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def _get_nowait(self) -> Event | None:
+        try:
+            return self._events.get_nowait()
+        except queue.Empty:
+            return None
+
     def text_stream(self, on_event: Callable[[Event], None] | None = None) -> Iterator[str]:
         """Only the text deltas (for st.write_stream); other events go to `on_event`.
 
         Closing the generator early (the page was stopped) stops the request.
         """
         try:
-            for event in self.events():
+            for event in self._coalesced_events():
                 if isinstance(event, Delta):
                     yield event.text
                 elif on_event is not None:

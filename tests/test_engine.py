@@ -260,3 +260,16 @@ def test_closed_engine_refuses_new_requests(tiny_loaded):
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit("c", [{"role": "user", "content": "hi"}])
+
+
+def test_text_stream_joins_waiting_deltas_without_losing_any(tiny_loaded):
+    engine = Engine(tiny_loaded)
+    try:
+        request = engine.submit("slow-reader", [{"role": "user", "content": "go"}],
+                                SamplingParams(temperature=0, max_new_tokens=200))
+        request.wait(timeout=60)  # the reader comes late: every delta is already queued
+        chunks = list(request.text_stream())
+        assert "".join(chunks) == request.reply.text
+        assert len(chunks) < 5
+    finally:
+        engine.close()

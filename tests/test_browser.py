@@ -1,0 +1,83 @@
+"""Real browser: `streamlit run Home.py`, Debian's chromium driven by Playwright, a prompt and its reply."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(output_dir):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is missing: `make test` installs it")
+        pytest.skip("Debian's chromium is not installed (make test installs it)")
+    port = free_port()
+    log = open(output_dir / "streamlit-server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+        assert process.poll() is None, (output_dir / "streamlit-server.log").read_text()
+    else:
+        process.kill()
+        pytest.fail("streamlit did not come up within 120 s")
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+def test_chat_in_a_real_browser(server, output_dir):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            page.goto(server)
+            box = page.get_by_test_id("stChatInputTextArea")
+            expect(box).to_be_enabled(timeout=240_000)  # enabled once the model has loaded
+            box.fill("What is the capital of France?")
+            box.press("Enter")
+            messages = page.get_by_test_id("stChatMessage")
+            expect(messages).to_have_count(2, timeout=120_000)
+            expect(messages.nth(1)).to_contain_text("tokens/s", timeout=120_000)  # the stats line ends the reply
+            reply = messages.nth(1).inner_text()
+            assert len(reply.split("prompt")[0].strip()) > 0
+            expect(page.get_by_test_id("stSidebar")).to_contain_text("SmolLM2-135M-Instruct")
+        finally:
+            page.screenshot(path=str(output_dir / "chat.png"), full_page=True)
+            browser.close()
