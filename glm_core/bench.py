@@ -102,7 +102,10 @@ def run_turns_bench(loaded: LoadedModel, max_new_tokens: int = 48, decode_tokens
         warm = uuid.uuid4().hex  # first calls pay one-off costs (allocator, kernels) that neither side should carry
         engine.submit(warm, [{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_new_tokens=8)).wait()
         engine.forget(warm)
-        turns = _chat_turns(engine, max_new_tokens)
+        runs = [_chat_turns(engine, max_new_tokens) for _ in range(repeats)]
+        turns = dict(runs[-1])
+        for key in ("ttft_reuse_s", "ttft_recompute_s"):  # per-turn median over the repeated conversations
+            turns[key] = [statistics.median(values) for values in zip(*(run[key] for run in runs))]
         engine_tps, generate_tps, count = _decode_rates(engine, decode_tokens, repeats)
     finally:
         engine.close()
@@ -112,6 +115,7 @@ def run_turns_bench(loaded: LoadedModel, max_new_tokens: int = 48, decode_tokens
         "precision": loaded.precision.label,
         "device": str(loaded.device),
         "torch": torch.__version__,
+        "repeats": repeats,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         **turns,
@@ -126,7 +130,8 @@ def run_turns_bench(loaded: LoadedModel, max_new_tokens: int = 48, decode_tokens
 
 def format_turns_report(r: dict) -> str:
     lines = [
-        f"bench turns: {r['model']} {r['precision']} on {r['device']} (torch {r['torch']}, {r['threads']} threads)",
+        f"bench turns: {r['model']} {r['precision']} on {r['device']} (torch {r['torch']}, {r['threads']} threads, "
+        f"median of {r['repeats']} runs)",
         "turn  context  prefilled  ttft reuse  ttft recompute  ratio",
     ]
     for i, (ctx, pre, a, b) in enumerate(

@@ -102,7 +102,9 @@ def cmd_bench_turns(args) -> int:
     from .bench import format_turns_report, run_turns_bench
 
     loaded = load_from_args(args)
-    result = run_turns_bench(loaded, max_new_tokens=args.max_new_tokens, decode_tokens=args.decode_tokens)
+    result = run_turns_bench(
+        loaded, max_new_tokens=args.max_new_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats
+    )
     print(json.dumps(result) if args.json else format_turns_report(result))
     return 0
 
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(turns)
     turns.add_argument("--max-new-tokens", type=int, default=48, help="reply length per turn")
     turns.add_argument("--decode-tokens", type=int, default=128, help="tokens for the decode-speed comparison")
+    turns.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     turns.add_argument("--json", action="store_true", help="print one JSON object")
     turns.set_defaults(func=cmd_bench_turns)
     return parser

@@ -81,3 +81,34 @@ def test_chat_in_a_real_browser(server, output_dir):
         finally:
             page.screenshot(path=str(output_dir / "chat.png"), full_page=True)
             browser.close()
+
+
+def test_stop_keeps_the_partial_reply(server, output_dir):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            page.goto(server)
+            box = page.get_by_test_id("stChatInputTextArea")
+            expect(box).to_be_enabled(timeout=240_000)
+            box.fill("Write a 2000-word essay on the history of the Roman Empire, with a title and sections.")
+            box.press("Enter")
+            messages = page.get_by_test_id("stChatMessage")
+            expect(messages).to_have_count(2, timeout=120_000)
+            expect(messages.nth(1)).not_to_be_empty(timeout=120_000)
+            page.wait_for_timeout(1500)  # let some text stream in
+            page.get_by_test_id("stChatInputStopButton").click()
+            expect(box).to_be_enabled(timeout=60_000)
+            # Any interaction reruns the page, which redraws the history from the conversation:
+            # the stopped reply is still there, with its figures, marked stopped.
+            system_prompt = page.get_by_label("System prompt")
+            system_prompt.fill("Be brief.")
+            system_prompt.press("Control+Enter")
+            expect(messages.nth(1)).to_contain_text("stopped", timeout=60_000)
+            stopped = messages.nth(1).inner_text()
+            assert len(stopped.split("prompt")[0].strip()) > 0
+        finally:
+            page.screenshot(path=str(output_dir / "chat-stopped.png"), full_page=True)
+            browser.close()

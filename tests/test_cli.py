@@ -37,7 +37,7 @@ def test_bad_model_path_is_a_clear_cli_error(tmp_path):
 
 def test_bench_turns_json_has_the_promised_fields(tiny_model_dir):
     result = run_cli("bench", "turns", "--model", str(tiny_model_dir), "--precision", "fp32",
-                     "--max-new-tokens", "4", "--decode-tokens", "16", "--json")
+                     "--max-new-tokens", "4", "--decode-tokens", "16", "--repeats", "1", "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert len(figures["ttft_reuse_s"]) == len(figures["ttft_recompute_s"]) == 10
