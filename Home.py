@@ -33,6 +33,8 @@ with st.sidebar:
             f"family {card['family']} · {card['precision']} · {card['device']} · "
             f"{card['parameters'] / 1e6:,.0f}M parameters · loaded in {card['load_seconds']:.1f} s"
         )
+        if "checkpoint" in card:
+            st.caption(card["checkpoint"])
     with st.expander("Load another model", expanded=engine is None):
         with st.form("load_model"):
             current = engine.loaded.spec if engine is not None else ModelSpec.from_settings()
@@ -41,8 +43,12 @@ with st.sidebar:
             )
             precision = st.selectbox("Precision", ["auto", "fp32", "bf16", "fp16"], key="load_precision")
             device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="load_device")
+            family = st.selectbox(
+                "ChatGLM family", ["auto", "chatglm2", "chatglm3"], key="load_family",
+                help="For ChatGLM checkpoints in the original layout: overrides what the folder suggests",
+            )
             if st.form_submit_button("Load", key="load_button"):
-                spec = ModelSpec(path.strip() or "embedded", precision, device)
+                spec = ModelSpec(path.strip() or "embedded", precision, device, family)
                 engine = load_with_progress(spec)  # on failure it shows why and returns the running engine
                 if engine is not None and engine.loaded.spec == spec:
                     st.rerun()  # redraw the model card

@@ -19,6 +19,9 @@ class ChatFormat(Protocol):
         """Ids for the whole conversation, ending where the assistant's reply starts."""
         ...
 
+    # Optional: formats whose original demos kept a cache define `continuation(messages) -> list[int]`, the ids
+    # appended after the previous reply's generated tokens for the new (last) user message.
+
 
 class TemplateChatFormat:
     """Any Hugging Face tokenizer with a chat template (SmolLM2, GLM-4-hf, Qwen, Llama ...)."""
@@ -39,3 +42,82 @@ class TemplateChatFormat:
         )
         # The template already wrote every special token (bos included) as text.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _turns(messages: Sequence[dict]) -> tuple[str, list[tuple[str, str]], str]:
+    """(system prompt, [(question, answer), ...], final question) from a conversation ending with a user turn."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    system, rest = (messages[0]["content"] if start else ""), messages[start:]
+    pairs, question = [], None
+    for m in rest:
+        if m["role"] == "user":
+            if question is not None:  # two user turns in a row: keep both in one question
+                question += "\n\n" + m["content"]
+            else:
+                question = m["content"]
+        elif m["role"] == "assistant" and question is not None:
+            pairs.append((question, m["content"]))
+            question = None
+    return system, pairs, question or ""
+
+
+class ChatGLM2Format:
+    """ChatGLM2-6B: [gMASK] sop + "[Round 1]\\n\\n问：{q}\\n\\n答：{a}" ..., as its stream_chat built it.
+
+    Each reply is followed by the encoding of "\\n\\n[Round N]\\n\\n问：{q}\\n\\n答：" minus its first piece (the
+    dummy-prefix piece): exactly what the original appended to a kept cache, so a recompute sees the same ids.
+    ChatGLM2 has no system role; a system prompt is put before the first question.
+    """
+
+    name = "ChatGLM2"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset({tokenizer.eos_token_id})
+
+    def _question(self, number: int, question: str) -> list[int]:
+        if number == 1:
+            return self.tokenizer.encode(f"[Round 1]\n\n问：{question}\n\n答：")
+        return self.tokenizer.encode(f"\n\n[Round {number}]\n\n问：{question}\n\n答：")[1:]
+
+    def encode(self, messages: Sequence[dict]) -> list[int]:
+        system, pairs, question = _turns(messages)
+        ids = list(self.tokenizer.prefix_ids)
+        for number, (q, a) in enumerate(pairs + [(question, None)], start=1):
+            if number == 1 and system:
+                q = f"{system}\n\n{q}"
+            ids += self._question(number, q)
+            if a is not None:
+                ids += self.tokenizer.encode(a)
+        return ids
+
+    def continuation(self, messages: Sequence[dict]) -> list[int]:
+        """The ids a kept cache gets after the last reply's generated tokens: only the new question."""
+        _system, pairs, question = _turns(messages)
+        return self._question(len(pairs) + 1, question)
+
+
+class ChatGLM3Format:
+    """ChatGLM3-6B: [gMASK] sop, then per message <|role|> + encode("{metadata}\\n") + encode(content),
+    then <|assistant|>. Generation stops at eos, <|user|> or <|observation|>."""
+
+    name = "ChatGLM3"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset(
+            {tokenizer.eos_token_id, tokenizer.command("<|user|>"), tokenizer.command("<|observation|>")}
+        )
+
+    def _message(self, role: str, content: str, metadata: str = "") -> list[int]:
+        return [self.tokenizer.command(f"<|{role}|>")] + self.tokenizer.encode(f"{metadata}\n") + self.tokenizer.encode(content)
+
+    def encode(self, messages: Sequence[dict]) -> list[int]:
+        ids = list(self.tokenizer.prefix_ids)
+        for m in messages:
+            ids += self._message(m["role"], m["content"])
+        return ids + [self.tokenizer.command("<|assistant|>")]
+
+    def continuation(self, messages: Sequence[dict]) -> list[int]:
+        """After the last reply's generated tokens: the new user message and the assistant tag."""
+        return self._message("user", messages[-1]["content"]) + [self.tokenizer.command("<|assistant|>")]

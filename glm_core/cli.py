@@ -20,13 +20,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=settings.model_path, help="model folder or .gguf file (default: embedded)")
     parser.add_argument("--precision", default=settings.precision, help="auto, fp32, bf16 or fp16")
     parser.add_argument("--device", default=settings.device, help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--family", default=settings.family, help="auto, chatglm2 or chatglm3 (ChatGLM folders)")
 
 
 def load_from_args(args) -> "LoadedModel":  # noqa: F821
     def progress(_fraction: float, message: str) -> None:
         print(f"[load] {message}", file=sys.stderr)
 
-    return load_model(ModelSpec(args.model, args.precision, args.device), progress)
+    return load_model(ModelSpec(args.model, args.precision, args.device, args.family), progress)
 
 
 def cmd_chat(args) -> int:
@@ -64,7 +65,9 @@ def cmd_chat(args) -> int:
                 conversation_id, messages = uuid.uuid4().hex, list(system)
                 print("(conversation cleared)")
                 continue
-            request = engine.submit(conversation_id, messages + [{"role": "user", "content": prompt}], params)
+            request = engine.submit(
+                conversation_id, messages + [{"role": "user", "content": prompt}], params, recompute=args.recompute
+            )
             if interactive:
                 print(f"\n{loaded.name}: ", end="", flush=True)
                 try:
@@ -124,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--system", default="", help="system prompt")
+    chat.add_argument("--recompute", action="store_true",
+                      help="recompute the whole conversation every turn instead of keeping its KV cache")
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks")

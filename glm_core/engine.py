@@ -105,11 +105,12 @@ Event = Queued | Started | Truncated | Delta | Finished
 class Request:
     _ids = itertools.count(1)
 
-    def __init__(self, conversation_id: str, messages: list[dict], params: SamplingParams):
+    def __init__(self, conversation_id: str, messages: list[dict], params: SamplingParams, recompute: bool = False):
         self.id = next(self._ids)
         self.conversation_id = conversation_id
         self.messages = messages
         self.params = params
+        self.recompute = recompute
         self.submitted_at = time.perf_counter()
         self.reply: Reply | None = None
         self._events: queue.Queue[Event] = queue.Queue()
@@ -251,10 +252,20 @@ class Engine:
 
     # ---- public surface ----------------------------------------------------------------------------------
 
-    def submit(self, conversation_id: str, messages: Sequence[dict], params: SamplingParams | None = None) -> Request:
-        """Queue a reply to `messages` (the whole conversation, ending with the new user message)."""
+    def submit(
+        self,
+        conversation_id: str,
+        messages: Sequence[dict],
+        params: SamplingParams | None = None,
+        recompute: bool = False,
+    ) -> Request:
+        """Queue a reply to `messages` (the whole conversation, ending with the new user message).
+
+        `recompute=True` feeds the same token ids as a kept cache would, but computes all of them from scratch:
+        the baseline that shows what the kept cache saves, and the check that it changes nothing.
+        """
         params = (params or SamplingParams()).validate()
-        request = Request(conversation_id, validate_messages(messages), params)
+        request = Request(conversation_id, validate_messages(messages), params, recompute)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed (the model was unloaded)")
@@ -336,6 +347,14 @@ class Engine:
             message = f"generation failed: {type(exc).__name__}: {exc}"
         return Reply(text=partial, finish_reason="error", error=message)
 
+    def _continued_ids(self, kept: CachedContext | None, messages: list[dict], budget: int) -> list[int] | None:
+        """Ids that continue the kept conversation token for token, if this request continues it exactly."""
+        continuation = getattr(self.loaded.chat_format, "continuation", None)
+        if kept is None or continuation is None or kept.messages != messages[:-1]:
+            return None
+        ids = kept.tokens + kept.unfed + continuation(messages)
+        return ids if len(ids) <= budget else None  # too long: fall back to dropping the oldest turns
+
     def _serve(self, request: Request) -> Reply:
         from transformers import DynamicCache
 
@@ -353,14 +372,17 @@ class Engine:
         budget = max_length - params.max_new_tokens
         if budget < 1:
             raise PromptTooLong(f"max new tokens ({params.max_new_tokens}) leaves no room in {max_length} tokens")
+        kept = self.pool.take(request.conversation_id)
         with self._tokenizer_lock:
-            ids, dropped = fit_to_context(loaded.chat_format.encode, request.messages, budget)
+            ids = self._continued_ids(kept, request.messages, budget)
+            dropped = 0
+            if ids is None:
+                ids, dropped = fit_to_context(loaded.chat_format.encode, request.messages, budget)
         if dropped:
             request._emit(Truncated(dropped, len(ids), budget))
 
-        kept = self.pool.take(request.conversation_id)
         reused = 0
-        if kept is not None and cache_can_crop(kept.cache):
+        if kept is not None and not request.recompute and cache_can_crop(kept.cache):
             # Reuse only what is an exact prefix of the ids a full recompute would see; at least one id is fed.
             reused = min(common_prefix_length(kept.tokens, ids), len(ids) - 1)
             if len(kept.tokens) > reused:
@@ -386,6 +408,7 @@ class Engine:
         decoder = IncrementalDecoder(loaded.tokenizer)
         generated: list[int] = []
         pieces: list[str] = []
+        text_started = False
         first_token_at = last_token_at = None
         finish = "length"
         while True:
@@ -399,6 +422,10 @@ class Engine:
             generated.append(token)
             with self._tokenizer_lock:
                 delta = decoder.push(token)
+            if not text_started:
+                # Replies never start with whitespace worth keeping; ChatGLM3 even opens with an empty metadata line.
+                delta = delta.lstrip()
+                text_started = bool(delta)
             if delta:
                 pieces.append(delta)
                 request._partial += delta
@@ -413,18 +440,24 @@ class Engine:
             logits = decode_one(model, token, cache, device)
         with self._tokenizer_lock:
             tail = decoder.flush()
+        if not text_started:
+            tail = tail.lstrip()
         if tail:
             pieces.append(tail)
             request._emit(Delta(tail))
 
         # The cache holds ids, then the generated tokens that were fed back (the last sampled one never is).
-        held = cache.get_seq_length()
-        tokens = ids + generated[: held - len(ids)]
-        self.pool.put(request.conversation_id, CachedContext(tokens, cache))
+        held = cache.get_seq_length() - len(ids)
+        text = "".join(pieces)
+        conversation = request.messages + [{"role": "assistant", "content": text}]
+        self.pool.put(
+            request.conversation_id,
+            CachedContext(ids + generated[:held], cache, messages=conversation, unfed=generated[held:]),
+        )
 
         stats.completion_tokens = len(generated)
         stats.ttft_s = first_token_at - started
         if len(generated) > 1 and last_token_at > first_token_at:
             stats.decode_tokens_per_s = (len(generated) - 1) / (last_token_at - first_token_at)
         stats.total_s = time.perf_counter() - started
-        return Reply(text="".join(pieces), finish_reason=finish, stats=stats, dropped_messages=dropped)
+        return Reply(text=text, finish_reason=finish, stats=stats, dropped_messages=dropped)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def cache_nbytes(cache) -> int:
@@ -31,6 +31,11 @@ def cache_can_crop(cache) -> bool:
 class CachedContext:
     tokens: list[int]  # exactly the ids whose keys/values `cache` holds, in order
     cache: object  # a transformers Cache
+    # The conversation these ids encode, the reply included, and the reply's generated tokens that were sampled
+    # but never fed back (the last one after a stop or the length limit). A request that continues exactly this
+    # conversation appends only its new turn after `tokens + unfed`, as the original ChatGLM stream_chat did.
+    messages: list[dict] | None = None
+    unfed: list[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:

@@ -17,7 +17,12 @@ from typing import Callable
 
 import torch
 
-from .chat_format import ChatFormat, TemplateChatFormat
+from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, TemplateChatFormat
+from .chatglm_checkpoint import (
+    FAMILIES, CheckpointError, chatglm_tokenizer_file, detect_family, is_first_generation, load_chatglm_model,
+    spread_over_gpus,
+)
+from .chatglm_tokenizer import ChatGLMTokenizer
 from .precision import Precision, parse_precision, resolve_device
 from .settings import EMBEDDED, load_settings
 
@@ -39,11 +44,12 @@ class ModelSpec:
     path: str = EMBEDDED
     precision: str = "auto"
     device: str = "auto"
+    family: str = "auto"  # ChatGLM checkpoints: "chatglm2" or "chatglm3" overrides what the folder suggests
 
     @classmethod
     def from_settings(cls) -> "ModelSpec":
         s = load_settings()
-        return cls(path=s.model_path, precision=s.precision, device=s.device)
+        return cls(path=s.model_path, precision=s.precision, device=s.device, family=s.family)
 
 
 @dataclass
@@ -72,6 +78,7 @@ class LoadedModel:
             "load_seconds": round(self.load_seconds, 2),
             "max_context": self.max_context,
             "source": self.spec.path,
+            **self.extra,
         }
 
     def release(self) -> None:
@@ -132,16 +139,19 @@ def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = _noop) -> Pat
     return target
 
 
-def _classify(path_text: str) -> tuple[str, Path]:
+FAMILY_LABELS = {"chatglm2": "ChatGLM2", "chatglm3": "ChatGLM3", "glm": "GLM-4", "glm4": "GLM-4"}
+
+
+def _classify(path_text: str) -> tuple[str, Path, dict]:
     if path_text == EMBEDDED:
-        return "embedded", embedded_gguf_path()
+        return "embedded", embedded_gguf_path(), {}
     path = Path(path_text).expanduser()
     if not path.exists():
         raise ModelLoadError(f"no such file or folder: {path}")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path.name} is a file but not a .gguf model; give a model folder or a .gguf file")
-        return "gguf", path
+        return "gguf", path, {}
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
@@ -149,17 +159,19 @@ def _classify(path_text: str) -> tuple[str, Path]:
         cfg = json.loads(config.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{config} does not hold a JSON object")
     if cfg.get("model_type") in ("chatglm", "chatglm6b"):
-        raise ModelLoadError(
-            f"{path.name} is a ChatGLM checkpoint in the original THUDM layout; its native loader is not built yet"
-        )
-    return "folder", path
+        if is_first_generation(cfg):
+            raise ModelLoadError(
+                f"{path.name} is a first-generation ChatGLM-6B checkpoint; its architecture is not supported yet"
+            )
+        return "chatglm", path, cfg
+    return "folder", path, cfg
 
 
 def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
     """Load `spec` or raise ModelLoadError with a one-line reason. `progress(fraction, message)` reports steps."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     started = time.perf_counter()
     try:
         device = resolve_device(spec.device)
@@ -168,15 +180,80 @@ def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
         raise ModelLoadError(str(exc)) from None
     if precision.is_quantized:
         raise ModelLoadError(f"{precision.label} weight-only layers are not available yet; choose FP32, BF16 or FP16")
+    if spec.family not in ("auto", *FAMILIES):
+        raise ModelLoadError(f"unknown family {spec.family!r}; use auto, chatglm2 or chatglm3")
 
-    kind, path = _classify(spec.path)
+    kind, path, cfg = _classify(spec.path)
     progress(0.05, f"Reading {path.name}")
+    try:
+        if kind == "chatglm":
+            parts = _load_chatglm(path, cfg, spec, precision, device, progress)
+        else:
+            parts = _load_auto(kind, path, precision, device, progress)
+    except CheckpointError as exc:
+        raise ModelLoadError(f"{path.name}: {exc}") from None
+    except torch.OutOfMemoryError:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ModelLoadError(f"out of memory while loading {path.name} as {precision.label} on {device}") from None
+    model, tokenizer, chat_format, name, family, max_context, extra = parts
+    progress(1.0, "Ready")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        chat_format=chat_format,
+        spec=spec,
+        name=name,
+        family=family,
+        precision=precision,
+        device=device,
+        param_count=sum(p.numel() for p in model.parameters()),
+        load_seconds=time.perf_counter() - started,
+        max_context=max_context,
+        extra=extra,
+    )
+
+
+def _load_chatglm(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, device, progress):
+    if spec.family in FAMILIES:
+        family, why = spec.family, "chosen by the user"
+    else:
+        family, why = detect_family(path, cfg)
+    progress(0.1, "Loading the SentencePiece tokenizer")
+    try:
+        tokenizer = ChatGLMTokenizer(chatglm_tokenizer_file(path), family)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"tokenizer.model is not a SentencePiece model: {_one_line(exc)}") from None
+    if len(tokenizer) > int(cfg.get("padded_vocab_size", 0) or 0):
+        raise CheckpointError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {cfg.get('padded_vocab_size')} "
+            f"(wrong family? {family} was {why})"
+        )
+    if _spread(device):  # larger than one GPU: fill host memory shard by shard, then spread over the GPUs
+        model = spread_over_gpus(load_chatglm_model(path, cfg, precision.dtype, torch.device("cpu"), progress))
+    else:
+        model = load_chatglm_model(path, cfg, precision.dtype, device, progress)
+    chat_format = ChatGLM3Format(tokenizer) if family == "chatglm3" else ChatGLM2Format(tokenizer)
+    extra = {"family_source": why}
+    if cfg.get("quantization_bit"):
+        extra["checkpoint"] = (
+            f"pre-quantized INT{cfg['quantization_bit']} (THUDM), dequantized to {precision.label} while loading"
+        )
+    return model, tokenizer, chat_format, path.name, FAMILY_LABELS[family], int(cfg.get("seq_length", 8192)), extra
+
+
+def _load_auto(kind: str, path: Path, precision: Precision, device, progress):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     if kind in ("embedded", "gguf"):
         name = EMBEDDED_NAME if kind == "embedded" else path.stem
         try:
             folder = convert_gguf(path, load_settings().cache_dir, progress)
         except Exception as exc:  # corrupt or unsupported GGUF
-            raise ModelLoadError(f"could not read GGUF file {path.name}: {exc}") from None
+            raise ModelLoadError(f"could not read GGUF file {path.name}: {_one_line(exc)}") from None
     else:
         name, folder = path.name, path
 
@@ -188,11 +265,13 @@ def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
 
     progress(0.5, f"Loading weights as {precision.label} on {device}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.dtype)
-        model.to(device)
+        if _spread(device):  # fills GPU 0, spills to the next: as the seeds' load_model_on_gpus, without hand-made maps
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.dtype, device_map="sequential")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.dtype)
+            model.to(device)
     except torch.OutOfMemoryError:
-        gc.collect()
-        raise ModelLoadError(f"out of memory while loading {name} as {precision.label} on {device}") from None
+        raise
     except Exception as exc:
         raise ModelLoadError(f"could not load the weights of {name}: {_one_line(exc)}") from None
     model.eval()
@@ -206,21 +285,14 @@ def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
         chat_format = TemplateChatFormat(tokenizer, stop_ids)
     except ValueError as exc:
         raise ModelLoadError(f"{name}: {exc}") from None
+    model_type = getattr(model.config, "model_type", "unknown")
+    max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31
+    return model, tokenizer, chat_format, name, FAMILY_LABELS.get(model_type, model_type), max_context, {}
 
-    progress(1.0, "Ready")
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        chat_format=chat_format,
-        spec=spec,
-        name=name,
-        family=getattr(model.config, "model_type", "unknown"),
-        precision=precision,
-        device=device,
-        param_count=sum(p.numel() for p in model.parameters()),
-        load_seconds=time.perf_counter() - started,
-        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31,
-    )
+
+def _spread(device: torch.device) -> bool:
+    """`cuda` without an index on a machine with several GPUs means: use them all."""
+    return device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
 
 
 def _as_set(value) -> set[int]:

@@ -3,6 +3,7 @@
 GLM_MODEL_PATH  model to load at start: "embedded" (default), a model folder or a .gguf file
 GLM_PRECISION   auto | fp32 | bf16 | fp16 (int8/int4 are refused until their layers exist)
 GLM_DEVICE      auto | cpu | cuda | cuda:N | mps
+GLM_FAMILY      auto | chatglm2 | chatglm3 (overrides what a ChatGLM checkpoint folder suggests)
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches (default 2048)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
 """
@@ -21,6 +22,7 @@ class Settings:
     model_path: str
     precision: str
     device: str
+    family: str
     kv_cache_bytes: int
     cache_dir: Path
 
@@ -36,6 +38,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         model_path=env.get("GLM_MODEL_PATH") or EMBEDDED,
         precision=env.get("GLM_PRECISION") or "auto",
         device=env.get("GLM_DEVICE") or "auto",
+        family=(env.get("GLM_FAMILY") or "auto").lower(),
         kv_cache_bytes=max(kv_mb, 0) * 2**20,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
     )

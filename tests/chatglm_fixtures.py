@@ -1,0 +1,202 @@
+"""Tiny ChatGLM2/ChatGLM3 checkpoints in the original THUDM layout (random weights, fp16 on disk), a SentencePiece
+BPE model with byte fallback trained here, and an independent plain-torch forward of the ChatGLM2 architecture."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Germany is Berlin.",
+    "Hello, how are you today? I am fine, thank you very much.",
+    "[Round 1] 问：你好 答：你好！我是人工智能助手。",
+    "[Round 2] 问：今天天气怎么样？ 答：今天天气很好，阳光明媚。",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "def add(a, b):    return a + b  # code with indentation and symbols {} [] ()",
+    "机器学习是人工智能的一个分支，它使计算机能够从数据中学习。",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and punctuation . , ; : ! ?",
+] * 20
+
+
+def train_sentencepiece(path: Path, vocab_size: int = 700) -> Path:
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        character_coverage=1.0, num_threads=1, minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def chatglm2_config(pieces: int, name: str = "THUDM/chatglm2-6b", **overrides) -> dict:
+    # The fields and names of THUDM's config.json, at a tiny size.
+    config = {
+        "_name_or_path": name,
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "bias_dropout_fusion": True,
+        "ffn_hidden_size": 96,
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "hidden_size": 64,
+        "kv_channels": 16,
+        "layernorm_epsilon": 1e-05,
+        "multi_query_attention": True,
+        "multi_query_group_num": 2,
+        "num_attention_heads": 4,
+        "num_layers": 2,
+        "original_rope": True,
+        "padded_vocab_size": pieces + 16,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": 2048,
+        "use_cache": True,
+        "torch_dtype": "float16",
+        "transformers_version": "4.30.2",
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+def random_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, ffn, hn = config["hidden_size"], config["ffn_hidden_size"], config["kv_channels"]
+    qkv = config["num_attention_heads"] * hn + 2 * config["multi_query_group_num"] * hn
+
+    def rand(*shape, std=0.15):
+        return (torch.randn(*shape, generator=g) * std).half()
+
+    sd = {"transformer.embedding.word_embeddings.weight": rand(config["padded_vocab_size"], h, std=1.0)}
+    for i in range(config["num_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        sd[p + "input_layernorm.weight"] = (1 + rand(h, std=0.1).float()).half()
+        sd[p + "self_attention.query_key_value.weight"] = rand(qkv, h)
+        sd[p + "self_attention.query_key_value.bias"] = rand(qkv, std=0.1)
+        sd[p + "self_attention.dense.weight"] = rand(h, config["num_attention_heads"] * hn)
+        sd[p + "post_attention_layernorm.weight"] = (1 + rand(h, std=0.1).float()).half()
+        sd[p + "mlp.dense_h_to_4h.weight"] = rand(2 * ffn, h)
+        sd[p + "mlp.dense_4h_to_h.weight"] = rand(h, ffn)
+    sd["transformer.encoder.final_layernorm.weight"] = (1 + rand(h, std=0.1).float()).half()
+    sd["transformer.output_layer.weight"] = rand(config["padded_vocab_size"], h, std=0.5)
+    sd["transformer.rotary_pos_emb.inv_freq"] = torch.ones(hn // 4).half()  # stored by THUDM, recomputed by us
+    return sd
+
+
+QUANTIZED = ("self_attention.query_key_value.weight", "self_attention.dense.weight",
+             "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+
+
+def quantize_thudm(sd: dict, bits: int) -> tuple[dict, dict]:
+    """(checkpoint state dict with int8/int4-packed weights and per-row scales, the dequantized reference)."""
+    stored, reference = {}, {}
+    for key, w in sd.items():
+        if not key.endswith(QUANTIZED):
+            stored[key] = reference[key] = w
+            continue
+        limit = 127 if bits == 8 else 7
+        scale = (w.float().abs().amax(dim=1) / limit).half()
+        q = torch.round(w.float() / scale.float()[:, None]).clamp(-limit - 1, limit).to(torch.int8)
+        reference[key] = q.float() * scale.float()[:, None]
+        if bits == 4:  # two values a byte, the even element in the high nibble
+            q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
+        stored[key] = q
+        stored[key[: -len("weight")] + "weight_scale"] = scale
+    return stored, reference
+
+
+def write_checkpoint(folder: Path, tokenizer_model: Path, config: dict, sd: dict, layout: str = "bin",
+                     tokenizer_name: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "name_or_path": tokenizer_name or config["_name_or_path"],
+        "remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+    }, indent=2))
+    if layout == "bin":
+        torch.save(sd, folder / "pytorch_model.bin")
+    elif layout == "sharded-bin":
+        keys = list(sd)
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+        weight_map = {}
+        for n, part in enumerate(halves, start=1):
+            name = f"pytorch_model-0000{n}-of-00002.bin"
+            torch.save({k: sd[k] for k in part}, folder / name)
+            weight_map.update({k: name for k in part})
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    elif layout == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+# ---- an independent forward of the ChatGLM2 architecture, from its description --------------------------------
+
+
+def reference_logits(sd: dict, config: dict, ids: list[int]) -> torch.Tensor:
+    """RMSNorm, multi-query attention with grouped K/V, rotary on the first half of each head with interleaved
+    pairs, SwiGLU, pre-norm residuals, final RMSNorm, output layer. fp32 throughout."""
+    w = {k: v.float() for k, v in sd.items()}
+    heads, groups, hn = config["num_attention_heads"], config["multi_query_group_num"], config["kv_channels"]
+    eps, base = config["layernorm_epsilon"], 10000.0 * config.get("rope_ratio", 1)
+    n = len(ids)
+
+    def rmsnorm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    rot = hn // 2  # rotary on the first half of each head
+    theta = 1.0 / base ** (torch.arange(0, rot, 2).float() / rot)
+    angles = torch.arange(n).float()[:, None] * theta[None, :]  # [n, rot/2]
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotary(x):  # x: [n, heads, hn]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        pairs = x_rot.reshape(n, x.shape[1], rot // 2, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        c, s = cos[:, None, :], sin[:, None, :]
+        rotated = torch.stack([a * c - b * s, b * c + a * s], dim=-1).reshape(n, x.shape[1], rot)
+        return torch.cat([rotated, x_pass], dim=-1)
+
+    x = w["transformer.embedding.word_embeddings.weight"][torch.tensor(ids)]
+    mask = torch.full((n, n), float("-inf")).triu(1)
+    for i in range(config["num_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        h = rmsnorm(x, w[p + "input_layernorm.weight"])
+        qkv = h @ w[p + "self_attention.query_key_value.weight"].T + w[p + "self_attention.query_key_value.bias"]
+        q, k, v = qkv.split([heads * hn, groups * hn, groups * hn], dim=-1)
+        q, k, v = q.view(n, heads, hn), k.view(n, groups, hn), v.view(n, groups, hn)
+        q, k = rotary(q), rotary(k)
+        per_group = heads // groups
+        outputs = []
+        for head in range(heads):
+            g = head // per_group
+            scores = (q[:, head] @ k[:, g].T) / math.sqrt(hn) + mask
+            outputs.append(torch.softmax(scores, dim=-1) @ v[:, g])
+        attn = torch.cat(outputs, dim=-1) @ w[p + "self_attention.dense.weight"].T
+        x = x + attn
+        h = rmsnorm(x, w[p + "post_attention_layernorm.weight"])
+        gate, up = (h @ w[p + "mlp.dense_h_to_4h.weight"].T).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
+    x = rmsnorm(x, w["transformer.encoder.final_layernorm.weight"])
+    return x @ w["transformer.output_layer.weight"].T
