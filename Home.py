@@ -41,7 +41,7 @@ with st.sidebar:
             path = st.text_input(
                 "Model folder or .gguf file", value=current.path, help="'embedded' is the built-in model", key="load_path"
             )
-            precision = st.selectbox("Precision", ["auto", "fp32", "bf16", "fp16"], key="load_precision")
+            precision = st.selectbox("Precision", ["auto", "fp32", "bf16", "fp16", "int8", "int4"], key="load_precision")
             device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="load_device")
             family = st.selectbox(
                 "ChatGLM family", ["auto", "chatglm2", "chatglm3"], key="load_family",

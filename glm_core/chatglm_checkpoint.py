@@ -16,6 +16,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from .precision import Precision
+from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears
+
 FAMILIES = ("chatglm2", "chatglm3")
 LINEAR_NAMES = {
     "self_attention.dense": "self_attn.o_proj",
@@ -191,20 +194,26 @@ class _Remapper:
 def load_chatglm_model(
     folder: Path,
     cfg: dict,
-    dtype: torch.dtype,
+    precision: Precision,
     device: torch.device,
     progress: Callable[[float, str], None],
+    group_size: int = DEFAULT_GROUP_SIZE,
 ):
-    """GlmForCausalLM with the checkpoint's weights, built on the meta device and filled shard by shard."""
+    """GlmForCausalLM with the checkpoint's weights, built on the meta device and filled shard by shard.
+
+    At INT8/INT4 each linear weight is quantized on the device as soon as it is read, so no full-precision
+    copy of the model ever exists (the seeds needed 13 GB of RAM to quantize ChatGLM2-6B)."""
     from transformers import GlmForCausalLM
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     config = glm_config(cfg)
     files = weight_files(folder)
+    dtype = precision.dtype
     with torch.device("meta"):
         model = GlmForCausalLM(config)
     remap = _Remapper(cfg, config)
     expected = set(model.state_dict())
+    quantized = swap_in_quantized_linears(model, precision, dtype, group_size) if precision.is_quantized else {}
     loaded: set[str] = set()
     for number, path in enumerate(files, start=1):
         progress(0.3 + 0.6 * (number - 1) / len(files), f"Loading {path.name} ({number}/{len(files)})")
@@ -213,7 +222,15 @@ def load_chatglm_model(
             for name, value in remap(key, tensor):
                 if name not in expected:
                     raise CheckpointError(f"tensor {key!r} does not fit this config (no {name})")
-                batch[name] = value.to(device=device, dtype=dtype)
+                module, _, kind = name.rpartition(".")
+                if module in quantized and kind == "weight":
+                    target = quantized[module]
+                    if tuple(value.shape) != (target.out_features, target.in_features):
+                        raise CheckpointError(f"weights do not match config.json: {key} has shape {tuple(value.shape)}")
+                    target.set_weight(value.to(device))
+                    loaded.add(name)
+                else:
+                    batch[name] = value.to(device=device, dtype=dtype)
         try:
             model.load_state_dict(batch, strict=False, assign=True)
         except RuntimeError as exc:  # shape mismatch between config.json and the weights

@@ -18,7 +18,7 @@ WELCOME = "GLM chat on {name} ({precision}, {device}). Type to chat; 'clear' sta
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     settings = load_settings()
     parser.add_argument("--model", default=settings.model_path, help="model folder or .gguf file (default: embedded)")
-    parser.add_argument("--precision", default=settings.precision, help="auto, fp32, bf16 or fp16")
+    parser.add_argument("--precision", default=settings.precision, help="auto, fp32, bf16, fp16, int8 or int4")
     parser.add_argument("--device", default=settings.device, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--family", default=settings.family, help="auto, chatglm2 or chatglm3 (ChatGLM folders)")
 

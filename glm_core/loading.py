@@ -24,6 +24,7 @@ from .chatglm_checkpoint import (
 )
 from .chatglm_tokenizer import ChatGLMTokenizer
 from .precision import Precision, parse_precision, resolve_device
+from .quant import DEFAULT_GROUP_SIZE, quantize_loaded_model
 from .settings import EMBEDDED, load_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class ModelSpec:
     precision: str = "auto"
     device: str = "auto"
     family: str = "auto"  # ChatGLM checkpoints: "chatglm2" or "chatglm3" overrides what the folder suggests
+    group_size: int = DEFAULT_GROUP_SIZE  # INT4 quantization group (input channels sharing a scale and zero)
 
     @classmethod
     def from_settings(cls) -> "ModelSpec":
@@ -178,8 +180,8 @@ def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
         precision = parse_precision(spec.precision, device)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
-    if precision.is_quantized:
-        raise ModelLoadError(f"{precision.label} weight-only layers are not available yet; choose FP32, BF16 or FP16")
+    if spec.group_size <= 0 or spec.group_size % 32:
+        raise ModelLoadError(f"INT4 group size must be a positive multiple of 32, got {spec.group_size}")
     if spec.family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"unknown family {spec.family!r}; use auto, chatglm2 or chatglm3")
 
@@ -189,7 +191,7 @@ def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
         if kind == "chatglm":
             parts = _load_chatglm(path, cfg, spec, precision, device, progress)
         else:
-            parts = _load_auto(kind, path, precision, device, progress)
+            parts = _load_auto(kind, path, precision, device, progress, spec.group_size)
     except CheckpointError as exc:
         raise ModelLoadError(f"{path.name}: {exc}") from None
     except torch.OutOfMemoryError:
@@ -233,19 +235,20 @@ def _load_chatglm(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, 
             f"(wrong family? {family} was {why})"
         )
     if _spread(device):  # larger than one GPU: fill host memory shard by shard, then spread over the GPUs
-        model = spread_over_gpus(load_chatglm_model(path, cfg, precision.dtype, torch.device("cpu"), progress))
+        model = load_chatglm_model(path, cfg, precision, torch.device("cpu"), progress, spec.group_size)
+        model = spread_over_gpus(model)
     else:
-        model = load_chatglm_model(path, cfg, precision.dtype, device, progress)
+        model = load_chatglm_model(path, cfg, precision, device, progress, spec.group_size)
     chat_format = ChatGLM3Format(tokenizer) if family == "chatglm3" else ChatGLM2Format(tokenizer)
     extra = {"family_source": why}
     if cfg.get("quantization_bit"):
         extra["checkpoint"] = (
-            f"pre-quantized INT{cfg['quantization_bit']} (THUDM), dequantized to {precision.label} while loading"
+            f"pre-quantized INT{cfg['quantization_bit']} (THUDM), read as {precision.label} while loading"
         )
     return model, tokenizer, chat_format, path.name, FAMILY_LABELS[family], int(cfg.get("seq_length", 8192)), extra
 
 
-def _load_auto(kind: str, path: Path, precision: Precision, device, progress):
+def _load_auto(kind: str, path: Path, precision: Precision, device, progress, group_size: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if kind in ("embedded", "gguf"):
@@ -275,6 +278,11 @@ def _load_auto(kind: str, path: Path, precision: Precision, device, progress):
     except Exception as exc:
         raise ModelLoadError(f"could not load the weights of {name}: {_one_line(exc)}") from None
     model.eval()
+    if precision.is_quantized:
+        # Layer by layer, each float weight freed as its quantized twin takes over: the peak is the model at
+        # the activation dtype (BF16), not FP32. ChatGLM folders quantize while reading instead.
+        progress(0.8, f"Quantizing to {precision.label}")
+        quantize_loaded_model(model, precision, precision.dtype, group_size)
 
     try:
         generation_config = GenerationConfig.from_pretrained(folder)

@@ -354,3 +354,21 @@ def test_glm4_hf_folder_loads_through_auto_classes(tmp_path, tiny_model_dir):
         assert reply.error is None and reply.stats.completion_tokens > 0
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("level, tolerance", [("int8", 0.03), ("int4", 0.25)])
+def test_chatglm_quantizes_while_loading(glm2, level, tolerance):
+    from torch import nn
+
+    from glm_core.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear
+
+    folder, config, sd = glm2
+    loaded = load_model(ModelSpec(str(folder), level, "cpu", group_size=32))
+    layers = loaded.model.model.layers
+    linears = [m for m in layers.modules() if isinstance(m, nn.Linear)]
+    quantized = [m for m in layers.modules() if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear))]
+    assert not linears and len(quantized) == 6 * config["num_layers"]  # q, k, v, o, gate_up, down
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([IDS])).logits[0].float()
+    expected = reference_logits(sd, config, IDS)
+    assert ((logits - expected).norm() / expected.norm()).item() < tolerance

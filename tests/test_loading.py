@@ -73,7 +73,7 @@ def test_corrupt_weights_and_missing_tokenizer(tmp_path, tiny_model_dir):
 
 
 def test_unavailable_levels_and_devices_are_refused(tiny_model_dir):
-    assert "INT8" in _reason(ModelSpec(str(tiny_model_dir), "int8", "cpu"))
+    assert "group size" in _reason(ModelSpec(str(tiny_model_dir), "int4", "cpu", group_size=48))
     if not torch.cuda.is_available():
         assert "CUDA" in _reason(ModelSpec(str(tiny_model_dir), "fp32", "cuda"))
     assert "unknown device" in _reason(ModelSpec(str(tiny_model_dir), "fp32", "tpu"))

@@ -1,0 +1,197 @@
+"""Weight-only INT8 and INT4 linear layers (one class per scheme, as gpt-fast), and the quantization policy.
+
+Policy: every nn.Linear inside the decoder layers is quantized; the token embedding, the output layer (lm_head)
+and the norms stay in the activation dtype, because they are a small share of a chat model's weights and the
+output layer is the most sensitive to rounding. Activations run in BF16 (FP32 on devices without BF16).
+
+Kernels: PyTorch's fused weight-only matmuls, `_weight_int8pack_mm` (CPU, CUDA) and `_weight_int4pack_mm`
+(CUDA) / `_weight_int4pack_mm_for_cpu` (CPU) with their packing twins; elsewhere (MPS) the weight is
+dequantized inside forward. Quantization happens per layer as its float weight arrives, so a model never
+exists in full precision (see `set_weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .precision import Precision
+
+
+def int4_inner_k_tiles(in_features: int) -> int:
+    """The CUDA int4 layout packs 16 * tiles input channels per tile (tiles 8, 4 or 2): the widest that fits."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+DEFAULT_GROUP_SIZE = 64
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight ~ q * scale[:, None]."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4 as the int4 kernels expect: weight ~ (q - 8) * scale + zero per group.
+
+    Returns q (int32 in 0..15, [out, in]) and scales_and_zeros ([in / group_size, out, 2], float32).
+    """
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    high, low = groups.amax(dim=-1, keepdim=True), groups.amin(dim=-1, keepdim=True)
+    scales = ((high - low) / 15).clamp(min=1e-6)
+    zeros = low + scales * 8
+    q = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    scales_and_zeros = torch.stack([scales.squeeze(-1), zeros.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
+    return q, scales_and_zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = q.shape
+    scales, zeros = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
+    groups = q.float().reshape(out_features, in_features // group_size, group_size)
+    return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+
+
+class _WeightOnlyLinear(nn.Module):
+    """Shared shape/bias handling; subclasses hold the quantized weight and implement `_matmul`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features).to(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class WeightOnlyInt8Linear(_WeightOnlyLinear):
+    def __init__(self, in_features, out_features, bias, dtype, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        q, scales = quantize_int8(weight)
+        self.weight, self.scales = q, scales.to(self.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type in ("cpu", "cuda"):
+            return torch._weight_int8pack_mm(x, self.weight, self.scales)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+class WeightOnlyInt4Linear(_WeightOnlyLinear):
+    def __init__(self, in_features, out_features, bias, dtype, device=None, group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
+        self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device)
+        )
+
+    @staticmethod
+    def supports(in_features: int, group_size: int) -> bool:
+        return in_features % group_size == 0 and in_features % 32 == 0
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        q, scales_and_zeros = quantize_int4(weight, self.group_size)
+        device = weight.device
+        if device.type == "cpu":
+            self.weight = torch._convert_weight_to_int4pack_for_cpu(q, int4_inner_k_tiles(self.in_features))
+        elif device.type == "cuda":
+            packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+            self.weight = torch._convert_weight_to_int4pack(packed, int4_inner_k_tiles(self.in_features))
+        else:  # no kernel: keep the nibbles two a byte and dequantize in forward
+            self.weight = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        self.scales_and_zeros = scales_and_zeros.to(self.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+        if x.device.type == "cuda":
+            return torch._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
+        q = torch.stack([self.weight >> 4, self.weight & 0x0F], dim=-1).reshape(self.out_features, -1)
+        return F.linear(x, dequantize_int4(q, self.scales_and_zeros, self.group_size).to(x.dtype))
+
+
+def quantized_linear_for(linear: nn.Linear, precision: Precision, dtype: torch.dtype, group_size: int, device=None):
+    """The quantized replacement for `linear` (still empty), or None where the policy keeps it in float."""
+    if precision is Precision.INT8:
+        return WeightOnlyInt8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device)
+    if precision is Precision.INT4 and WeightOnlyInt4Linear.supports(linear.in_features, group_size):
+        return WeightOnlyInt4Linear(
+            linear.in_features, linear.out_features, linear.bias is not None, dtype, device, group_size
+        )
+    return None  # INT4 layer shapes the kernel cannot tile stay in float (documented policy)
+
+
+def swap_in_quantized_linears(
+    model: nn.Module, precision: Precision, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE
+) -> dict[str, nn.Module]:
+    """Replace the policy's nn.Linear modules by empty quantized ones (on the meta device, before loading).
+
+    Returns {module name: quantized module}; their float weights are given later through `set_weight`.
+    """
+    swapped = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.split(".")[-1] == "lm_head" or ".layers." not in f".{name}":
+            continue
+        replacement = quantized_linear_for(module, precision, dtype, group_size, device="meta")
+        if replacement is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
+        swapped[name] = replacement
+    return swapped
+
+
+@torch.no_grad()
+def quantize_loaded_model(model: nn.Module, precision: Precision, dtype: torch.dtype, group_size: int) -> int:
+    """Quantize an already-loaded float model layer by layer (each float weight is freed as soon as it is
+    replaced). Returns the number of layers quantized."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.split(".")[-1] == "lm_head" or ".layers." not in f".{name}":
+            continue
+        device = module.weight.device
+        replacement = quantized_linear_for(module, precision, dtype, group_size, device=device)
+        if replacement is None:
+            continue
+        replacement.set_weight(module.weight)
+        if module.bias is not None:
+            replacement.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
+        count += 1
+    return count
+
+
+def weight_bytes(model: nn.Module) -> dict:
+    """Bytes of the weights, split into quantized layers and everything kept in float."""
+    quantized = other = 0
+    seen = set()
+    for module in model.modules():
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        for t in tensors:
+            if id(t) in seen or t.device.type == "meta":
+                continue
+            seen.add(id(t))
+            size = t.numel() * t.element_size()
+            if isinstance(module, _WeightOnlyLinear):
+                quantized += size
+            elif isinstance(t, nn.Parameter):
+                other += size
+    return {"quantized": quantized, "float": other, "total": quantized + other}
