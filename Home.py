@@ -35,6 +35,14 @@ with st.sidebar:
         )
         if "checkpoint" in card:
             st.caption(card["checkpoint"])
+        memory = engine.memory_report()
+        st.caption(
+            f"weights {card['weights_bytes'] / 2**20:,.0f} MiB "
+            f"({card['quantized_weights_bytes'] / 2**20:,.0f} MiB quantized) · "
+            f"KV cache {card['kv_bytes_per_token'] / 1024:,.1f} KiB/token · "
+            f"{memory['source']} {memory['current'] / 2**20:,.0f} MiB (peak {memory['peak'] / 2**20:,.0f} MiB) · "
+            f"kept caches {memory['kv_cache_bytes'] / 2**20:,.1f} MiB for {memory['kv_cache_conversations']} conversation(s)"
+        )
     with st.expander("Load another model", expanded=engine is None):
         with st.form("load_model"):
             current = engine.loaded.spec if engine is not None else ModelSpec.from_settings()

@@ -23,6 +23,7 @@ from .kv_pool import CachedContext, KVCachePool, cache_can_crop
 from .loading import LoadedModel
 from .sampling import SamplingParams, sample_next
 from .settings import load_settings
+from .telemetry import device_memory
 from .textstream import IncrementalDecoder
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,16 @@ class Engine:
     def forget(self, conversation_id: str) -> None:
         """Free a conversation's kept cache (new conversation, clear, deleted)."""
         self.pool.drop(conversation_id)
+
+    def memory_report(self) -> dict:
+        """Device memory (CUDA allocator or process RSS) and what the kept KV caches hold."""
+        usage = self.pool.usage()
+        return {
+            **device_memory(self.loaded.device),
+            "kv_cache_bytes": usage["bytes"],
+            "kv_cache_conversations": usage["conversations"],
+            "kv_cache_budget_bytes": usage["budget_bytes"],
+        }
 
     def queue_length(self) -> int:
         with self._cond:

@@ -24,7 +24,8 @@ from .chatglm_checkpoint import (
 )
 from .chatglm_tokenizer import ChatGLMTokenizer
 from .precision import Precision, parse_precision, resolve_device
-from .quant import DEFAULT_GROUP_SIZE, quantize_loaded_model
+from .quant import DEFAULT_GROUP_SIZE, quantize_loaded_model, weight_bytes
+from .telemetry import kv_bytes_per_token
 from .settings import EMBEDDED, load_settings
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,11 @@ class LoadedModel:
 
     def card(self) -> dict:
         """What the UI shows about the model."""
+        weights = weight_bytes(self.model)
         return {
+            "weights_bytes": weights["total"],
+            "quantized_weights_bytes": weights["quantized"],
+            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.precision.dtype),
             "name": self.name,
             "family": self.family,
             "precision": self.precision.label,
@@ -200,6 +205,8 @@ def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
             torch.cuda.empty_cache()
         raise ModelLoadError(f"out of memory while loading {path.name} as {precision.label} on {device}") from None
     model, tokenizer, chat_format, name, family, max_context, extra = parts
+    progress(0.95, "Checking one forward pass")
+    _smoke_test(model, device, precision, name)
     progress(1.0, "Ready")
     return LoadedModel(
         model=model,
@@ -296,6 +303,19 @@ def _load_auto(kind: str, path: Path, precision: Precision, device, progress, gr
     model_type = getattr(model.config, "model_type", "unknown")
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31
     return model, tokenizer, chat_format, name, FAMILY_LABELS.get(model_type, model_type), max_context, {}
+
+
+def _smoke_test(model, device: torch.device, precision: Precision, name: str) -> None:
+    """One token through the model now, so a level the device cannot run is refused at load, not mid-chat."""
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{name} loaded, but {precision.label} does not run on {device}: {_one_line(exc)}; choose another precision"
+        ) from None
 
 
 def _spread(device: torch.device) -> bool:
