@@ -1,8 +1,9 @@
 """Weight-only INT8 and INT4 linear layers (one class per scheme, as gpt-fast), and the quantization policy.
 
-Policy: every nn.Linear inside the decoder layers is quantized; the token embedding, the output layer (lm_head)
-and the norms stay in the activation dtype, because they are a small share of a chat model's weights and the
-output layer is the most sensitive to rounding. Activations run in BF16 (FP32 on devices without BF16).
+Policy: every nn.Linear inside the decoder layers gets the level's scheme (INT4 layers whose input width the
+kernel cannot tile stay in float). An untied output layer (lm_head) gets INT8 per channel at both levels; a tied
+one, the token embedding and the norms stay in the activation dtype (BF16): the embedding is only looked up, one
+row per token, and the norms are tiny.
 
 Kernels: PyTorch's fused weight-only matmuls, `_weight_int8pack_mm` (CPU, CUDA) and `_weight_int4pack_mm`
 (CUDA) / `_weight_int4pack_mm_for_cpu` (CPU) with their packing twins; elsewhere (MPS) the weight is
@@ -127,15 +128,40 @@ class WeightOnlyInt4Linear(_WeightOnlyLinear):
         return F.linear(x, dequantize_int4(q, self.scales_and_zeros, self.group_size).to(x.dtype))
 
 
-def quantized_linear_for(linear: nn.Linear, precision: Precision, dtype: torch.dtype, group_size: int, device=None):
-    """The quantized replacement for `linear` (still empty), or None where the policy keeps it in float."""
+def _replacement(linear: nn.Linear, precision: Precision, dtype, group_size: int, device):
     if precision is Precision.INT8:
         return WeightOnlyInt8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device)
-    if precision is Precision.INT4 and WeightOnlyInt4Linear.supports(linear.in_features, group_size):
+    if WeightOnlyInt4Linear.supports(linear.in_features, group_size):
         return WeightOnlyInt4Linear(
             linear.in_features, linear.out_features, linear.bias is not None, dtype, device, group_size
         )
     return None  # INT4 layer shapes the kernel cannot tile stay in float (documented policy)
+
+
+def _policy(model: nn.Module, precision: Precision, dtype, group_size: int, device=None):
+    """(module name, empty quantized replacement) for every linear the policy quantizes.
+
+    Decoder-layer linears get the level's scheme. An output layer of its own (not tied to the embedding) gets
+    INT8 per channel at both levels: it is read in full for every token, and int8 keeps it accurate. A tied
+    output layer shares the embedding's memory, so quantizing it would add a copy: it stays in float.
+    """
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if ".layers." in f".{name}":
+            replacement = _replacement(module, precision, dtype, group_size, device)
+        elif name.split(".")[-1] == "lm_head" and not (embedding is not None and module.weight is embedding.weight):
+            replacement = _replacement(module, Precision.INT8, dtype, group_size, device)
+        else:
+            continue
+        if replacement is not None:
+            yield name, replacement
+
+
+def _install(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def swap_in_quantized_linears(
@@ -145,16 +171,9 @@ def swap_in_quantized_linears(
 
     Returns {module name: quantized module}; their float weights are given later through `set_weight`.
     """
-    swapped = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name.split(".")[-1] == "lm_head" or ".layers." not in f".{name}":
-            continue
-        replacement = quantized_linear_for(module, precision, dtype, group_size, device="meta")
-        if replacement is None:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, replacement)
-        swapped[name] = replacement
+    swapped = dict(_policy(model, precision, dtype, group_size, device="meta"))
+    for name, module in swapped.items():
+        _install(model, name, module)
     return swapped
 
 
@@ -163,18 +182,13 @@ def quantize_loaded_model(model: nn.Module, precision: Precision, dtype: torch.d
     """Quantize an already-loaded float model layer by layer (each float weight is freed as soon as it is
     replaced). Returns the number of layers quantized."""
     count = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name.split(".")[-1] == "lm_head" or ".layers." not in f".{name}":
-            continue
-        device = module.weight.device
-        replacement = quantized_linear_for(module, precision, dtype, group_size, device=device)
-        if replacement is None:
-            continue
-        replacement.set_weight(module.weight)
-        if module.bias is not None:
-            replacement.bias.copy_(module.bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, replacement)
+    for name, replacement in _policy(model, precision, dtype, group_size):
+        original = model.get_submodule(name)
+        replacement = replacement.to_empty(device=original.weight.device)
+        replacement.set_weight(original.weight)
+        if original.bias is not None:
+            replacement.bias.copy_(original.bias)
+        _install(model, name, replacement)
         count += 1
     return count
 

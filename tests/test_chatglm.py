@@ -368,6 +368,7 @@ def test_chatglm_quantizes_while_loading(glm2, level, tolerance):
     linears = [m for m in layers.modules() if isinstance(m, nn.Linear)]
     quantized = [m for m in layers.modules() if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear))]
     assert not linears and len(quantized) == 6 * config["num_layers"]  # q, k, v, o, gate_up, down
+    assert isinstance(loaded.model.lm_head, WeightOnlyInt8Linear)  # untied output layer: INT8 at both levels
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([IDS])).logits[0].float()
     expected = reference_logits(sd, config, IDS)

@@ -32,13 +32,19 @@ def test_quantized_linear_matches_float(precision, layer_type, tolerance, in_fea
     model.lm_head = nn.Linear(384, 100, bias=False)
     x = torch.randn(2, 7, in_features)
     expected = model.layers[0].proj(x)
-    assert quantize_loaded_model(model, precision, torch.bfloat16, group_size=64) == 1
+    assert quantize_loaded_model(model, precision, torch.bfloat16, group_size=64) == 2
     layer = model.layers[0].proj
     assert isinstance(layer, layer_type)
-    assert isinstance(model.lm_head, nn.Linear)  # the output layer stays in float by policy
+    assert isinstance(model.lm_head, WeightOnlyInt8Linear)  # an untied output layer: INT8 at both levels
     out = layer(x)
     assert out.shape == expected.shape and out.dtype == x.dtype
     assert relative_error(out, expected) < tolerance
+
+
+def test_tied_output_layer_and_embedding_stay_in_float(embedded_levels):
+    model = embedded_levels["int4"].model
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.get_input_embeddings().weight
+    assert isinstance(model.get_input_embeddings(), nn.Embedding)
 
 
 def test_int4_round_trip_per_group():
