@@ -225,7 +225,7 @@ def load_chatglm_model(
                 module, _, kind = name.rpartition(".")
                 if module in quantized and kind == "weight":
                     target = quantized[module]
-                    if tuple(value.shape) != (target.out_features, target.in_features):
+                    if tuple(value.shape) != target.float_shape:
                         raise CheckpointError(f"weights do not match config.json: {key} has shape {tuple(value.shape)}")
                     target.set_weight(value.to(device))
                     loaded.add(name)

@@ -21,13 +21,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=settings.precision, help="auto, fp32, bf16, fp16, int8 or int4")
     parser.add_argument("--device", default=settings.device, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--family", default=settings.family, help="auto, chatglm2 or chatglm3 (ChatGLM folders)")
+    parser.add_argument("--group-size", type=int, default=settings.group_size, help="INT4 quantization group size")
 
 
 def load_from_args(args) -> "LoadedModel":  # noqa: F821
     def progress(_fraction: float, message: str) -> None:
         print(f"[load] {message}", file=sys.stderr)
 
-    return load_model(ModelSpec(args.model, args.precision, args.device, args.family), progress)
+    return load_model(ModelSpec(args.model, args.precision, args.device, args.family, args.group_size), progress)
 
 
 def cmd_chat(args) -> int:
@@ -112,6 +113,20 @@ def cmd_bench_turns(args) -> int:
     return 0
 
 
+def cmd_bench_quant(args) -> int:
+    from .bench_quant import format_quant_report, measure_level, resolve_bench_model, run_quant_bench
+
+    levels = [level.strip().lower() for level in args.levels.split(",") if level.strip()]
+    if args.in_process:  # one level, measured in this process (run_quant_bench starts one such process per level)
+        path, real = resolve_bench_model(args.model)
+        spec = ModelSpec(path, levels[0], args.device, args.family, args.group_size)
+        results = [measure_level(spec, args.decode_tokens, args.eval_tokens, real)]
+    else:
+        results = run_quant_bench(args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size)
+    print(json.dumps(results) if args.json else format_quant_report(results))
+    return 0 if all("error" not in r for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m glm_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     turns.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     turns.add_argument("--json", action="store_true", help="print one JSON object")
     turns.set_defaults(func=cmd_bench_turns)
+
+    quant = bench_sub.add_parser("quant", help="per precision level: memory, speed and perplexity")
+    add_model_options(quant)
+    quant.set_defaults(model="embedded")
+    quant.add_argument("--levels", default="fp32,bf16,int8,int4", help="comma-separated precision levels")
+    quant.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens for the decode speed")
+    quant.add_argument("--eval-tokens", type=int, default=1024, help="tokens of the evaluation text for perplexity")
+    quant.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    quant.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
+    quant.set_defaults(func=cmd_bench_quant)
     return parser
 
 

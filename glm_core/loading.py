@@ -52,7 +52,7 @@ class ModelSpec:
     @classmethod
     def from_settings(cls) -> "ModelSpec":
         s = load_settings()
-        return cls(path=s.model_path, precision=s.precision, device=s.device, family=s.family)
+        return cls(path=s.model_path, precision=s.precision, device=s.device, family=s.family, group_size=s.group_size)
 
 
 @dataclass

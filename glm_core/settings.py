@@ -4,6 +4,7 @@ GLM_MODEL_PATH  model to load at start: "embedded" (default), a model folder or 
 GLM_PRECISION   auto | fp32 | bf16 | fp16 (int8/int4 are refused until their layers exist)
 GLM_DEVICE      auto | cpu | cuda | cuda:N | mps
 GLM_FAMILY      auto | chatglm2 | chatglm3 (overrides what a ChatGLM checkpoint folder suggests)
+GLM_INT4_GROUP_SIZE input channels per INT4 scale and zero (default 32)
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches (default 2048)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
 """
@@ -23,6 +24,7 @@ class Settings:
     precision: str
     device: str
     family: str
+    group_size: int
     kv_cache_bytes: int
     cache_dir: Path
 
@@ -39,6 +41,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         precision=env.get("GLM_PRECISION") or "auto",
         device=env.get("GLM_DEVICE") or "auto",
         family=(env.get("GLM_FAMILY") or "auto").lower(),
+        group_size=int(env.get("GLM_INT4_GROUP_SIZE") or 32),
         kv_cache_bytes=max(kv_mb, 0) * 2**20,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
     )

@@ -360,7 +360,7 @@ def test_glm4_hf_folder_loads_through_auto_classes(tmp_path, tiny_model_dir):
 def test_chatglm_quantizes_while_loading(glm2, level, tolerance):
     from torch import nn
 
-    from glm_core.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear
+    from glm_core.quant import WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear
 
     folder, config, sd = glm2
     loaded = load_model(ModelSpec(str(folder), level, "cpu", group_size=32))
@@ -368,7 +368,8 @@ def test_chatglm_quantizes_while_loading(glm2, level, tolerance):
     linears = [m for m in layers.modules() if isinstance(m, nn.Linear)]
     quantized = [m for m in layers.modules() if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear))]
     assert not linears and len(quantized) == 6 * config["num_layers"]  # q, k, v, o, gate_up, down
-    assert isinstance(loaded.model.lm_head, WeightOnlyInt8Linear)  # untied output layer: INT8 at both levels
+    assert isinstance(loaded.model.lm_head, WeightOnlyInt8Linear)  # output layer and embedding: INT8 rows
+    assert isinstance(loaded.model.get_input_embeddings(), WeightOnlyInt8Embedding)
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([IDS])).logits[0].float()
     expected = reference_logits(sd, config, IDS)

@@ -11,7 +11,7 @@ from torch import nn
 from glm_core import Engine, ModelSpec, Precision, SamplingParams, load_model
 from glm_core.hub import EngineHub
 from glm_core.quant import (
-    WeightOnlyInt4Linear, WeightOnlyInt8Linear, dequantize_int4, quantize_int4, quantize_loaded_model, weight_bytes,
+    WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear, dequantize_int4, quantize_int4, quantize_loaded_model, weight_bytes,
 )
 
 
@@ -41,10 +41,15 @@ def test_quantized_linear_matches_float(precision, layer_type, tolerance, in_fea
     assert relative_error(out, expected) < tolerance
 
 
-def test_tied_output_layer_and_embedding_stay_in_float(embedded_levels):
+def test_tied_output_layer_shares_the_int8_embedding(embedded_levels):
     model = embedded_levels["int4"].model
-    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.get_input_embeddings().weight
-    assert isinstance(model.get_input_embeddings(), nn.Embedding)
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, WeightOnlyInt8Embedding) and isinstance(model.lm_head, WeightOnlyInt8Linear)
+    assert model.lm_head.weight is embedding.weight and model.lm_head.scales is embedding.scales
+    float_model = embedded_levels["bf16"].model
+    ids = torch.tensor([[1, 500, 9000, 40000]])
+    expected = float_model.get_input_embeddings()(ids).float()
+    assert relative_error(embedding(ids), expected) < 0.03
 
 
 def test_int4_round_trip_per_group():
@@ -65,6 +70,7 @@ def test_embedded_weights_shrink_as_promised(embedded_levels):
     sizes = {level: weight_bytes(m.model)["total"] for level, m in embedded_levels.items()}
     assert sizes["int8"] <= 0.62 * sizes["bf16"]
     assert sizes["int4"] <= 0.45 * sizes["bf16"]
+    assert embedded_levels["int4"].spec.group_size == 32  # the default
     assert weight_bytes(embedded_levels["bf16"].model)["quantized"] == 0
 
 
