@@ -117,11 +117,7 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one shard, one at a time."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+            yield from _read_safetensors(path)
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -133,6 +129,35 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise
     except Exception as exc:
         raise CheckpointError(f"{path.name} is corrupt or truncated: {str(exc).splitlines()[0][:200]}") from None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a .safetensors file read one by one with plain reads, not a memory map: mapped pages that
+    were touched count as this process's memory until the file is closed, which would put the whole shard on
+    top of the (quantized) model at the peak."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if header_size <= 0 or header_size > 100 * 2**20:
+            raise CheckpointError(f"{path.name} is not a safetensors file")
+        header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        data_start = 8 + header_size
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            f.seek(data_start + begin)
+            raw = bytearray(end - begin)
+            if f.readinto(raw) != end - begin:
+                raise CheckpointError(f"{path.name} is truncated (tensor {key})")
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            yield key, tensor.reshape(info["shape"])
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -26,11 +26,18 @@ def int4_inner_k_tiles(in_features: int) -> int:
 DEFAULT_GROUP_SIZE = 32  # aligned with the 32-element blocks of GGUF Q4 files; 64 costs SmolLM2 +50 % perplexity
 
 
+ROW_CHUNK = 2048  # rows quantized at a time: float temporaries stay small even for a 65k x 4k output layer
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: weight ~ q * scale[:, None]."""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
-    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        w = weight[start : start + ROW_CHUNK].float()
+        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+        q[start : start + ROW_CHUNK] = torch.round(w / s[:, None]).clamp(-128, 127)
+        scales[start : start + ROW_CHUNK] = s
     return q, scales
 
 
@@ -40,12 +47,16 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     Returns q (int32 in 0..15, [out, in]) and scales_and_zeros ([in / group_size, out, 2], float32).
     """
     out_features, in_features = weight.shape
-    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
-    high, low = groups.amax(dim=-1, keepdim=True), groups.amin(dim=-1, keepdim=True)
-    scales = ((high - low) / 15).clamp(min=1e-6)
-    zeros = low + scales * 8
-    q = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
-    scales_and_zeros = torch.stack([scales.squeeze(-1), zeros.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
+    q = torch.empty(weight.shape, dtype=torch.int32, device=weight.device)
+    scales_and_zeros = torch.empty(in_features // group_size, out_features, 2, device=weight.device)
+    for start in range(0, out_features, ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        groups = weight[rows].float().reshape(-1, in_features // group_size, group_size)
+        high, low = groups.amax(dim=-1, keepdim=True), groups.amin(dim=-1, keepdim=True)
+        scales = ((high - low) / 15).clamp(min=1e-6)
+        q[rows] = torch.round((groups - low) / scales).clamp(0, 15).reshape(-1, in_features)
+        scales_and_zeros[:, rows, 0] = scales.squeeze(-1).transpose(0, 1)
+        scales_and_zeros[:, rows, 1] = (low + scales * 8).squeeze(-1).transpose(0, 1)
     return q, scales_and_zeros
 
 
