@@ -45,3 +45,21 @@ def test_bench_turns_json_has_the_promised_fields(tiny_model_dir):
     assert figures["context_tokens"] == sorted(figures["context_tokens"])
     # With the kept cache only the new turn is prefilled.
     assert max(figures["prefill_tokens_reuse"][1:]) < figures["context_tokens"][-1] / 3
+
+
+def test_bench_quant_json_has_the_promised_fields(tiny_model_dir):
+    result = run_cli("bench", "quant", "--model", str(tiny_model_dir), "--levels", "bf16,int8,int4",
+                     "--decode-tokens", "4", "--eval-tokens", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["level"] for r in rows] == ["bf16", "int8", "int4"]
+    for row in rows:
+        for key in ("weights_bytes", "peak_bytes", "ttft_s", "decode_tokens_per_s", "perplexity"):
+            assert row[key] is not None and row[key] > 0, (key, row)
+    assert rows[2]["weights_bytes"] < rows[1]["weights_bytes"] < rows[0]["weights_bytes"]
+
+
+def test_bench_quant_reports_a_level_that_fails(tiny_model_dir):
+    result = run_cli("bench", "quant", "--model", str(tiny_model_dir), "--levels", "bf16,fp8", "--json")
+    rows = json.loads(result.stdout)
+    assert result.returncode == 1 and "unknown precision" in rows[1]["error"]
