@@ -5,6 +5,7 @@ GLM_PRECISION   auto | fp32 | bf16 | fp16 (int8/int4 are refused until their lay
 GLM_DEVICE      auto | cpu | cuda | cuda:N | mps
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches (default 2048)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
+GLM_DATA_DIR    where conversations are stored (default: data/ in the project folder, git-ignored)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EMBEDDED = "embedded"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Settings:
     device: str
     kv_cache_bytes: int
     cache_dir: Path
+    data_dir: Path
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -38,4 +41,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         device=env.get("GLM_DEVICE") or "auto",
         kv_cache_bytes=max(kv_mb, 0) * 2**20,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
+        data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
     )
