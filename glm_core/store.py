@@ -229,13 +229,14 @@ class Store:
     # ---- one chat turn -------------------------------------------------------------------------------------
 
     def begin_turn(self, workspace: str, conversation: Conversation, keep: int, prompt: ChatMessage | None,
-                   reply: ChatMessage) -> tuple[int | None, int]:
+                   reply: ChatMessage) -> tuple[int | None, int, bool]:
         """In one transaction: create the conversation if it is new, drop its messages from position `keep` on
         (regenerate, edit), append `prompt` (None: reply to the kept messages) and the `reply` row, marked partial.
 
-        Returns the row ids of the prompt (or None) and of the reply.
+        Returns the row ids of the prompt (or None) and of the reply, and whether the conversation was created.
         """
         now = time.time()
+        created = False
         with self._transaction() as db:
             row = db.execute("SELECT workspace FROM conversations WHERE id = ?", (conversation.id,)).fetchone()
             if row is None:
@@ -244,7 +245,7 @@ class Store:
                            (workspace, now))
                 db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
                            (conversation.id, workspace, title, conversation.created_at, now))
-                conversation.title = title
+                conversation.title, created = title, True
             elif row[0] != workspace:
                 raise NotFound("no such conversation in this workspace")
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (conversation.id, keep))
@@ -256,14 +257,15 @@ class Store:
             reply.status = "partial"
             reply_id = self._insert_message(db, conversation.id, position, reply)
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation.id))
-        return prompt_id, reply_id
+        return prompt_id, reply_id, created
 
     def write_partial(self, workspace: str, message_id: int, content: str) -> None:
         """The reply so far (also the heartbeat that tells a live partial reply from an interrupted one)."""
         with self._connect() as db:
+            # status: a portal that started meanwhile marked the row interrupted, yet its writer is alive.
             db.execute(
-                "UPDATE messages SET content = ?, updated_at = ? WHERE id = ? AND status = 'partial' AND conversation_id "
-                "IN (SELECT id FROM conversations WHERE workspace = ?)",
+                "UPDATE messages SET content = ?, updated_at = ?, status = 'partial' WHERE id = ? AND status != 'complete' "
+                "AND conversation_id IN (SELECT id FROM conversations WHERE workspace = ?)",
                 (content, time.time(), message_id, workspace),
             )
 

@@ -29,10 +29,10 @@ class TurnResult:
 
 
 class Turn:
-    def __init__(self, store: Store, workspace: str, request: Request, prompt_id: int | None, reply_id: int,
-                 flush_every_s: float = FLUSH_EVERY_S):
-        self.store, self.workspace, self.request = store, workspace, request
-        self.prompt_id, self.reply_id = prompt_id, reply_id
+    def __init__(self, store: Store, workspace: str, conversation_id: str, request: Request, prompt_id: int | None,
+                 reply_id: int, created_conversation: bool, flush_every_s: float = FLUSH_EVERY_S):
+        self.store, self.workspace, self.conversation_id, self.request = store, workspace, conversation_id, request
+        self.prompt_id, self.reply_id, self.created_conversation = prompt_id, reply_id, created_conversation
         self.flush_every_s = flush_every_s
         self._text = ""
 
@@ -57,7 +57,10 @@ class Turn:
         if reply.error and not reply.text:
             # Nothing came out (e.g. the prompt alone is too long): take the turn back rather than keep an empty
             # reply; a new prompt goes back to the user to edit.
-            self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None])
+            if self.created_conversation:  # its first prompt was taken back: nothing is left to keep
+                self.store.delete_conversation(self.workspace, self.conversation_id)
+            else:
+                self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None])
             return TurnResult(reply, None, self.prompt_id is not None)
         message = self.store.finish_reply(self.workspace, self.reply_id, reply.text, asdict(reply.stats),
                                           reply.finish_reason, reply.error)
@@ -79,8 +82,8 @@ def start_turn(store: Store, engine: Engine, workspace: str, conversation: Conve
         prompt_message = ChatMessage("user", prompt) if prompt is not None else None
         reply_message = ChatMessage("assistant", "", params={**params.as_dict(), "system_prompt": used_system_prompt},
                                     model=card["name"], precision=card["precision"])
-        prompt_id, reply_id = store.begin_turn(workspace, conversation, keep, prompt_message, reply_message)
+        prompt_id, reply_id, created = store.begin_turn(workspace, conversation, keep, prompt_message, reply_message)
     except BaseException:
         request.stop()
         raise
-    return Turn(store, workspace, request, prompt_id, reply_id)
+    return Turn(store, workspace, conversation.id, request, prompt_id, reply_id, created)
