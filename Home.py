@@ -66,7 +66,26 @@ engine = ensure_engine()
 
 with st.sidebar:
     st.header("Conversations")
-    conversation_list = st.container()  # filled at the end of the run, so a conversation started now is listed
+    st.button("New conversation", key="new_conversation", width="stretch",
+              on_click=lambda: switch_to(new_conversation_id()))
+    search = st.text_input("Search titles and messages", key="conversation_search", placeholder="Search")
+    summaries = store.list_conversations(workspace, search)
+    if not summaries:
+        st.caption("Nothing matches." if search.strip() else "No conversations yet.")
+    for summary in summaries[:LIST_LIMIT]:
+        st.button(plain(summary.title), key=f"open_{summary.id}", on_click=switch_to, args=(summary.id,),
+                  type="primary" if summary.id == conversation.id else "secondary", width="stretch",
+                  help=f"{summary.message_count} messages")
+    if len(summaries) > LIST_LIMIT:
+        st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
+    if stored:
+        title_now = next((s.title for s in summaries if s.id == conversation.id), conversation.title)
+        with st.expander("Rename or delete this conversation"):
+            st.text_input("Title", value=title_now, key=f"title_{conversation.id}", max_chars=200)
+            left, right = st.columns(2)
+            left.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
+            right.button("Delete…", key="delete_conversation", width="stretch",
+                         on_click=lambda: state.update(pending_delete=(conversation.id, title_now)))
 
     st.header("Model")
     if engine is not None:
@@ -195,40 +214,22 @@ if action is not None:
             finally:
                 # Also runs when the user presses stop or leaves: the partial reply is kept and marked stopped.
                 result = turn.finish()
-            for note in notes:
-                st.info(note)
-            reply = result.reply
-            if reply is not None and reply.error:
-                st.error(reply.error)
-            if result.prompt_taken_back:
-                st.caption("Your message was not added to the conversation; here it is to edit and resend:")
-                st.code(action["prompt"], language=None)
-            elif result.message is not None:
-                st.caption(result.message.stats_line())
-        stored = store.get_conversation(workspace, conversation.id) is not None
-        if stored:
-            st.query_params["c"] = conversation.id
+        # Redraw from the store, so the new turn gets its buttons and the sidebar lists it; what is not stored
+        # (notes, a reply that failed) is shown once after the redraw.
+        failed = result.reply.error if result.reply is not None else "The model did not answer in time."
+        state.after_turn = {
+            "notes": notes,
+            "error": failed if result.message is None else None,
+            "handback": action["prompt"] if result.prompt_taken_back else None,
+        }
+        st.rerun()
 
-# ---- the sidebar's conversation list (drawn last: it then includes what this run stored) ----------------------
-
-with conversation_list:
-    st.button("New conversation", key="new_conversation", width="stretch",
-              on_click=lambda: switch_to(new_conversation_id()))
-    search = st.text_input("Search titles and messages", key="conversation_search", placeholder="Search")
-    summaries = store.list_conversations(workspace, search)
-    if not summaries:
-        st.caption("Nothing matches." if search.strip() else "No conversations yet.")
-    for summary in summaries[:LIST_LIMIT]:
-        st.button(plain(summary.title), key=f"open_{summary.id}", on_click=switch_to, args=(summary.id,),
-                  type="primary" if summary.id == conversation.id else "secondary", width="stretch",
-                  help=f"{summary.message_count} messages")
-    if len(summaries) > LIST_LIMIT:
-        st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
-    if stored:
-        title_now = next((s.title for s in summaries if s.id == conversation.id), conversation.title)
-        with st.expander("Rename or delete this conversation"):
-            st.text_input("Title", value=title_now, key=f"title_{conversation.id}", max_chars=200)
-            left, right = st.columns(2)
-            left.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
-            right.button("Delete…", key="delete_conversation", width="stretch",
-                         on_click=lambda: state.update(pending_delete=(conversation.id, title_now)))
+after_turn = state.pop("after_turn", None)
+if after_turn:
+    for note in after_turn["notes"]:
+        st.info(note)
+    if after_turn["error"]:
+        st.error(after_turn["error"])
+    if after_turn["handback"]:
+        st.caption("Your message was not added to the conversation; here it is to edit and resend:")
+        st.code(after_turn["handback"], language=None)
