@@ -171,10 +171,10 @@ for index, message in enumerate(shown):
             continue
         show_message(message)
         if idle and index == last_user:
-            left, right = st.columns(2)
-            left.button("Edit", key="edit", on_click=lambda mid=message.id: state.update(editing=mid), width="stretch")
+            buttons = st.container(horizontal=True)
+            buttons.button("Edit", key="edit", on_click=lambda mid=message.id: state.update(editing=mid))
             if index == len(shown) - 1:  # the prompt has no reply (it was taken back or failed): ask again
-                right.button("Get a reply", key="regenerate", on_click=regenerate, args=(index + 1,), width="stretch")
+                buttons.button("Get a reply", key="regenerate", on_click=regenerate, args=(index + 1,))
         elif idle and index == len(shown) - 1 and message.role == "assistant" and last_user is not None:
             st.button("Regenerate", key="regenerate", on_click=regenerate, args=(last_user + 1,))
 
