@@ -5,6 +5,7 @@ import streamlit as st
 from app_shared import ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
 from glm_core import ConversationBusy, ModelSpec, Queued, SamplingParams, Started, Truncated
 from glm_core.conversation import ChatMessage, Conversation, new_conversation_id
+from glm_core.store import NotFound
 from glm_core.turn import start_turn
 
 MAX_PROMPT_CHARS = 32_000
@@ -18,6 +19,9 @@ state = st.session_state
 
 # ---- the current conversation: its id lives in the session (and, once stored, in the URL as ?c=) -------------
 
+if state.get("conversation_workspace") != workspace:  # first run, or another user signed in on this session
+    state.pop("conversation_id", None)
+    state.conversation_workspace = workspace
 if "conversation_id" not in state:
     from_url = st.query_params.get("c")
     state.conversation_id = from_url if from_url and store.get_conversation(workspace, from_url) else new_conversation_id()
@@ -191,7 +195,7 @@ if action is not None:
         ).validate()
         turn = start_turn(store, engine, workspace, conversation, keep=action["keep"], prompt=action["prompt"],
                           params=params, system_prompt=system_prompt)
-    except (ValueError, ConversationBusy) as exc:
+    except (ValueError, ConversationBusy, NotFound) as exc:
         st.error(str(exc))
 
     if turn is not None:

@@ -101,8 +101,9 @@ class Store:
         with self._connect() as db:
             # WAL: readers never block the writer, and a committed transaction survives a killed process.
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # new file (later: migrations by version)
+                db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from .conversation import ChatMessage, Conversation
 from .engine import Engine, Event, Reply, Request
 from .sampling import SamplingParams
-from .store import Store
+from .store import NotFound, Store
 
 FLUSH_EVERY_S = 1.0
 
@@ -62,8 +62,11 @@ class Turn:
             else:
                 self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None])
             return TurnResult(reply, None, self.prompt_id is not None)
-        message = self.store.finish_reply(self.workspace, self.reply_id, reply.text, asdict(reply.stats),
-                                          reply.finish_reason, reply.error)
+        try:
+            message = self.store.finish_reply(self.workspace, self.reply_id, reply.text, asdict(reply.stats),
+                                              reply.finish_reason, reply.error)
+        except NotFound:  # the conversation was deleted (from another tab) while this reply was generated
+            return TurnResult(reply, None, False)
         return TurnResult(reply, message, False)
 
 

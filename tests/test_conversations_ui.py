@@ -8,6 +8,7 @@ import pytest
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
+from app_shared import get_hub
 from conftest import ROOT
 from glm_core.conversation import ChatMessage, Conversation
 from glm_core.exchange import FORMAT_NAME
@@ -20,9 +21,15 @@ HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)> <b>bold?<
 
 @pytest.fixture
 def tiny_env(env_cleanup, tiny_model_dir, data_dir):
+    """The pages load the configured model when the process-wide hub holds none; hand it back afterwards, so
+    other tests get the default model again."""
+    hub = get_hub()
+    if hub.engine is not None and hub.engine.loaded.spec.path != str(tiny_model_dir):
+        hub.unload()
     env_cleanup.setenv("GLM_MODEL_PATH", str(tiny_model_dir))
     env_cleanup.setenv("GLM_PRECISION", "fp32")
-    return data_dir
+    yield data_dir
+    hub.unload()
 
 
 def open_page(path=HOME, ws=None, c=None, user=None, secrets=None) -> AppTest:
