@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Sequence
 
 from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
 from .sampling import SamplingParams
@@ -39,14 +40,16 @@ class ExportFormat:
     extension: str
     mime: str
     label: str
+    description: str
 
 
 EXPORT_FORMATS = {
-    "json": ExportFormat("json", "application/json", "JSON (full fidelity, re-importable)"),
-    "md": ExportFormat("md", "text/markdown", "Markdown"),
-    "csv": ExportFormat("csv", "text/csv", "CSV (one row per message)"),
-    "html": ExportFormat("html", "text/html", "HTML (standalone page)"),
-    "jsonl": ExportFormat("jsonl", "application/jsonl", "JSONL (ChatGLM fine-tuning)"),
+    "json": ExportFormat("json", "application/json", "JSON", "full fidelity; import reads it back"),
+    "md": ExportFormat("md", "text/markdown", "Markdown", "readable text, one section per conversation"),
+    "csv": ExportFormat("csv", "text/csv", "CSV", "one row per message, with its figures and sampling parameters"),
+    "html": ExportFormat("html", "text/html", "HTML", "a standalone page to open in any browser"),
+    "jsonl": ExportFormat("jsonl", "application/jsonl", "JSONL (ChatGLM)",
+                          'fine-tuning data: {"prompt", "response", "history"} per finished reply'),
 }
 
 
@@ -212,7 +215,8 @@ def to_chatglm_jsonl(conversations: list[Conversation]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def export_file_name(conversations: list[Conversation], fmt: str) -> str:
+def export_file_name(conversations: Sequence, fmt: str) -> str:
+    """A file name for an export: the title of a single conversation (or summary), else a dated name."""
     if len(conversations) == 1:
         stem = "".join(ch if ch.isalnum() else "-" for ch in conversations[0].title.lower()).strip("-")
         stem = "-".join(part for part in stem.split("-") if part)[:60] or "conversation"

@@ -26,7 +26,8 @@ st.caption(
     '`{"messages": [...]}`, or ChatGLM history pairs `[[question, answer], ...]`. The file is checked whole first: '
     "if anything is wrong, nothing is imported."
 )
-uploaded = st.file_uploader("Conversation file", type=["json"], key="import_file")
+uploaded = st.file_uploader("Conversation file", type=["json"], key="import_file",
+                            max_upload_size=MAX_IMPORT_BYTES // 2**20)
 if st.button("Import", key="import_button", disabled=uploaded is None):
     try:
         check_import_size(uploaded.size)  # before reading it
@@ -93,6 +94,7 @@ with table_area:
         for column, (fmt, spec) in zip(columns, EXPORT_FORMATS.items()):
             column.download_button(
                 spec.label,
+                help=spec.description,
                 # Built when clicked (deferred), from the store as it is then: nothing is held in memory meanwhile.
                 data=lambda fmt=fmt, ids=tuple(ids): export_conversations(store.get_conversations(workspace, ids), fmt),
                 file_name=export_file_name(heads, fmt),
