@@ -79,12 +79,11 @@ def start_turn(store: Store, engine: Engine, workspace: str, conversation: Conve
     """
     messages = conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt)
     request = engine.submit(conversation.id, messages, params)
-    card = engine.loaded.card()
     used_system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else ""
     try:
         prompt_message = ChatMessage("user", prompt) if prompt is not None else None
         reply_message = ChatMessage("assistant", "", params={**params.as_dict(), "system_prompt": used_system_prompt},
-                                    model=card["name"], precision=card["precision"])
+                                    model=engine.loaded.name, precision=engine.loaded.precision.label)
         prompt_id, reply_id, created = store.begin_turn(workspace, conversation, keep, prompt_message, reply_message)
     except BaseException:
         request.stop()
