@@ -14,7 +14,7 @@ from .exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_
 from .loading import ModelLoadError, ModelSpec, load_model
 from .sampling import SamplingParams
 from .settings import load_settings
-from .store import Store
+from .store import Store, clean_title
 from .turn import start_turn
 from .workspace import check_cli_workspace_id
 
@@ -40,7 +40,7 @@ class TurnLog:
 
     def __init__(self, workspace: str | None, title: str | None):
         self.store = Store() if workspace else None
-        self.workspace, self.title = workspace, title
+        self.workspace, self.title = workspace, clean_title(title) if title else None  # as the store keeps it
         self.conversation = self._open()
 
     def _open(self) -> Conversation:
