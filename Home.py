@@ -1,30 +1,96 @@
-"""Chat page: talk to the shared model; each reply shows its token counts and speed."""
+"""Chat page: the workspace's conversations in the sidebar; talk to the shared model; each reply shows its figures."""
 
 import streamlit as st
 
-from app_shared import ensure_engine, get_hub, load_with_progress
+from app_shared import ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
 from glm_core import ConversationBusy, ModelSpec, Queued, SamplingParams, Started, Truncated
-from glm_core.conversation import Conversation
+from glm_core.conversation import ChatMessage, Conversation, new_conversation_id
+from glm_core.store import NotFound
+from glm_core.turn import start_turn
 
 MAX_PROMPT_CHARS = 32_000
+LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
 
 st.set_page_config(page_title="GLM Chat", page_icon="💬", layout="wide")
+workspace = open_workspace()
+store = get_store()
+state = st.session_state
 
-if "conversation" not in st.session_state:
-    st.session_state.conversation = Conversation()
-conversation: Conversation = st.session_state.conversation
+
+# ---- the current conversation: its id lives in the session (and, once stored, in the URL as ?c=) -------------
+
+if state.get("conversation_workspace") != workspace:  # first run, or another user signed in on this session
+    state.pop("conversation_id", None)
+    state.conversation_workspace = workspace
+if "conversation_id" not in state:
+    from_url = st.query_params.get("c")
+    state.conversation_id = from_url if from_url and store.get_conversation(workspace, from_url) else new_conversation_id()
+# Read from the store on every run: another tab of this workspace may have changed it. Not stored yet: a draft,
+# stored with its first message.
+conversation = store.get_conversation(workspace, state.conversation_id) or Conversation(id=state.conversation_id)
+stored = conversation.updated_at is not None
+if stored:
+    st.query_params["c"] = conversation.id
+elif "c" in st.query_params:
+    del st.query_params["c"]
 
 
-def forget_and_reset(new_id: bool) -> None:
-    engine = get_hub().engine
-    if engine is not None:
-        engine.forget(conversation.id)
-    st.session_state.conversation = Conversation() if new_id else Conversation(id=conversation.id)
+def switch_to(conversation_id: str) -> None:
+    state.conversation_id = conversation_id
+    state.pop("editing", None)
+
+
+def forget(conversation_id: str) -> None:
+    engine_now = get_hub().engine
+    if engine_now is not None:
+        engine_now.forget(conversation_id)
+
+
+def rename(conversation_id: str) -> None:
+    store.rename_conversation(workspace, conversation_id, state.get(f"title_{conversation_id}", ""))
+
+
+@st.dialog("Delete this conversation?", on_dismiss=lambda: state.pop("pending_delete", None))
+def confirm_delete(conversation_id: str, title: str) -> None:
+    st.markdown(f"**{plain(title)}** and all its messages will be deleted. This cannot be undone.")
+    left, right = st.columns(2)
+    if left.button("Delete", type="primary", key="confirm_delete", width="stretch"):
+        store.delete_conversation(workspace, conversation_id)
+        forget(conversation_id)
+        state.pop("pending_delete", None)
+        if state.conversation_id == conversation_id:
+            switch_to(new_conversation_id())
+        st.rerun()
+    if right.button("Cancel", key="cancel_delete", width="stretch"):
+        state.pop("pending_delete", None)
+        st.rerun()
 
 
 engine = ensure_engine()
 
 with st.sidebar:
+    st.header("Conversations")
+    st.button("New conversation", key="new_conversation", width="stretch",
+              on_click=lambda: switch_to(new_conversation_id()))
+    search = st.text_input("Search titles and messages", key="conversation_search", placeholder="Search")
+    summaries = store.list_conversations(workspace, search)
+    if not summaries:
+        st.caption("Nothing matches." if search.strip() else "No conversations yet.")
+    for summary in summaries[:LIST_LIMIT]:
+        st.button(plain(summary.title), key=f"open_{summary.id}", on_click=switch_to, args=(summary.id,),
+                  type="primary" if summary.id == conversation.id else "secondary", width="stretch",
+                  help=f"{summary.message_count} messages")
+    if len(summaries) > LIST_LIMIT:
+        st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
+    if stored:
+        title_now = next((s.title for s in summaries if s.id == conversation.id), conversation.title)
+        with st.expander("Rename or delete this conversation"):
+            st.text_input("Title", value=title_now, key=f"title_{conversation.id}", max_chars=200)
+            left, right = st.columns(2)
+            left.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
+            right.button("Delete…", key="delete_conversation", width="stretch",
+                         on_click=lambda: state.update(pending_delete=(conversation.id, title_now)))
+
     st.header("Model")
     if engine is not None:
         card = engine.loaded.card()
@@ -70,25 +136,68 @@ with st.sidebar:
     repetition_penalty = st.slider("Repetition penalty", 0.5, 2.0, 1.0, 0.05, key="repetition_penalty")
     system_prompt = st.text_area("System prompt", "", key="system_prompt")
 
-    left, right = st.columns(2)
-    left.button("New conversation", on_click=forget_and_reset, args=(True,), width="stretch", key="new_conversation")
-    right.button("Clear", on_click=forget_and_reset, args=(False,), width="stretch", key="clear")
+if state.get("pending_delete"):
+    confirm_delete(*state.pending_delete)
 
 st.title("GLM Chat")
+if stored:
+    st.caption(plain(conversation.title))
 if engine is None:
     st.info("No model is loaded. Choose one in the sidebar.")
 
-for message in conversation.messages:
-    with st.chat_message(message.role):
-        st.markdown(message.content)
-        if message.error:
-            st.error(message.error)
-        if message.stats:
-            st.caption(message.stats_line())
+# ---- what this run does: a new prompt, or a regenerate / edit requested by a button of the previous run ---------
 
 prompt = st.chat_input("Ask anything", max_chars=MAX_PROMPT_CHARS, submit_mode="stop", disabled=engine is None)
-if prompt is not None and prompt.strip() and engine is not None:
-    prompt = prompt.strip()
+action = state.pop("pending_action", None)  # {"keep": messages kept, "prompt": new prompt or None}
+if prompt is not None and prompt.strip():
+    action = {"keep": len(conversation.messages), "prompt": prompt.strip()}
+if engine is None:
+    action = None
+last_user = conversation.last_index("user")
+
+
+def regenerate(keep: int) -> None:
+    """Reply again to the last prompt: the old reply goes, and the engine's cache rolls back to the prompt."""
+    state.pending_action = {"keep": keep, "prompt": None}
+
+
+def send_edit(keep: int) -> None:
+    text = (state.get("edit_text") or "").strip()
+    state.pop("editing", None)
+    if text:
+        state.pending_action = {"keep": keep, "prompt": text}
+
+
+def show_message(message: ChatMessage) -> None:
+    st.markdown(message.content)  # Markdown without unsafe HTML: any HTML in it shows as text
+    if message.error:
+        st.error(message.error)
+    line = message.stats_line() if message.role == "assistant" else ""
+    if line:
+        st.caption(line)
+
+
+shown = conversation.messages[: action["keep"]] if action else conversation.messages
+for index, message in enumerate(shown):
+    with st.chat_message(message.role):
+        idle = action is None and engine is not None
+        if idle and index == last_user and state.get("editing") == message.id:
+            st.text_area("Edit your message", value=message.content, key="edit_text", max_chars=MAX_PROMPT_CHARS)
+            left, right = st.columns(2)
+            left.button("Send", key="edit_send", on_click=send_edit, args=(index,), type="primary", width="stretch")
+            right.button("Cancel", key="edit_cancel", on_click=lambda: state.pop("editing", None), width="stretch")
+            continue
+        show_message(message)
+        if idle and index == last_user:
+            buttons = st.container(horizontal=True)
+            buttons.button("Edit", key="edit", on_click=lambda mid=message.id: state.update(editing=mid))
+            if index == len(shown) - 1:  # the prompt has no reply (it was taken back or failed): ask again
+                buttons.button("Get a reply", key="regenerate", on_click=regenerate, args=(index + 1,))
+        elif idle and index == len(shown) - 1 and message.role == "assistant" and last_user is not None:
+            st.button("Regenerate", key="regenerate", on_click=regenerate, args=(last_user + 1,))
+
+if action is not None:
+    turn = None
     try:
         params = SamplingParams(
             max_length=int(max_length),
@@ -98,40 +207,47 @@ if prompt is not None and prompt.strip() and engine is not None:
             top_k=int(top_k),
             repetition_penalty=float(repetition_penalty),
         ).validate()
-        request = engine.submit(conversation.id, conversation.model_messages(system_prompt, prompt), params)
-    except (ValueError, ConversationBusy) as exc:
+        turn = start_turn(store, engine, workspace, conversation, keep=action["keep"], prompt=action["prompt"],
+                          params=params, system_prompt=system_prompt)
+    except (ValueError, ConversationBusy, NotFound) as exc:
         st.error(str(exc))
-        st.stop()
 
-    with st.chat_message("user"):
-        st.markdown(prompt)
-    with st.chat_message("assistant"):
-        status, notes = st.empty(), []
+    if turn is not None:
+        if action["prompt"] is not None:
+            with st.chat_message("user"):
+                st.markdown(action["prompt"])
+        with st.chat_message("assistant"):
+            status, notes = st.empty(), []
 
-        def on_event(event):
-            if isinstance(event, Queued):
-                status.info(f"Waiting for the model: {event.position} request(s) ahead of yours.")
-            elif isinstance(event, Started):
-                status.empty()
-            elif isinstance(event, Truncated):
-                notes.append(event.describe())
+            def on_event(event):
+                if isinstance(event, Queued):
+                    status.info(f"Waiting for the model: {event.position} request(s) ahead of yours.")
+                elif isinstance(event, Started):
+                    status.empty()
+                elif isinstance(event, Truncated):
+                    notes.append(event.describe())
 
-        try:
-            st.write_stream(request.text_stream(on_event))
-        finally:
-            # Also runs when the user presses stop: the partial reply is kept and marked stopped.
-            if not request.done:
-                request.stop()
-            reply = request.wait(timeout=60)
-            if reply is not None and (reply.text or not reply.error):
-                conversation.add_user(prompt)
-                conversation.add_reply(reply)
-        for note in notes:
-            st.info(note)
-        if reply is not None and reply.error:
-            st.error(reply.error)
-            if not reply.text:
-                st.caption("Your message was not added to the conversation; here it is to edit and resend:")
-                st.code(prompt, language=None)
-        elif reply is not None:
-            st.caption(conversation.messages[-1].stats_line())
+            try:
+                st.write_stream(turn.text_stream(on_event))
+            finally:
+                # Also runs when the user presses stop or leaves: the partial reply is kept and marked stopped.
+                result = turn.finish()
+        # Redraw from the store, so the new turn gets its buttons and the sidebar lists it; what is not stored
+        # (notes, a reply that failed) is shown once after the redraw.
+        failed = result.reply.error if result.reply is not None else "The model did not answer in time."
+        state.after_turn = {
+            "notes": notes,
+            "error": failed if result.message is None else None,
+            "handback": action["prompt"] if result.prompt_taken_back else None,
+        }
+        st.rerun()
+
+after_turn = state.pop("after_turn", None)
+if after_turn:
+    for note in after_turn["notes"]:
+        st.info(note)
+    if after_turn["error"]:
+        st.error(after_turn["error"])
+    if after_turn["handback"]:
+        st.caption("Your message was not added to the conversation; here it is to edit and resend:")
+        st.code(after_turn["handback"], language=None)

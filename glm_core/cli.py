@@ -1,16 +1,22 @@
-"""Command line: `python -m glm_core chat` and `python -m glm_core bench turns`."""
+"""Command line: `python -m glm_core chat | export | import | workspaces | bench turns`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import uuid
 
+from pathlib import Path
+
+from .conversation import ChatMessage, Conversation
 from .engine import Engine, PromptTooLong
+from .exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
 from .loading import ModelLoadError, ModelSpec, load_model
 from .sampling import SamplingParams
 from .settings import load_settings
+from .store import Store, clean_title
+from .turn import start_turn
+from .workspace import check_cli_workspace_id
 
 WELCOME = "GLM chat on {name} ({precision}, {device}). Type to chat; 'clear' starts over, 'stop' exits."
 
@@ -31,6 +37,56 @@ def load_from_args(args) -> "LoadedModel":  # noqa: F821
     return load_model(ModelSpec(args.model, args.precision, args.device, args.family, args.group_size), progress)
 
 
+class TurnLog:
+    """Where the CLI's turns go: only the engine (no --workspace), or also the store."""
+
+    def __init__(self, workspace: str | None, title: str | None):
+        self.store = Store() if workspace else None
+        self.workspace, self.title = workspace, clean_title(title) if title else None  # as the store keeps it
+        self.conversation = self._open()
+
+    def _open(self) -> Conversation:
+        """With --conversation TITLE, continue the newest conversation of that title, else start one."""
+        if self.store is not None and self.title:
+            for summary in self.store.list_conversations(self.workspace):
+                if summary.title == self.title:
+                    return self.store.get_conversation(self.workspace, summary.id)
+        return Conversation(title=self.title or "")
+
+    def restart(self) -> None:
+        self.conversation = Conversation(title=self.title or "")
+
+    def ask(self, engine: Engine, prompt: str, params: SamplingParams, system: str, show=None, recompute=False):
+        """One turn; `show` gets the text deltas. Returns the engine's Reply (stored when there is a store)."""
+        conversation = self.conversation
+        if self.store is None:
+            request = engine.submit(
+                conversation.id, conversation.model_messages(system, new_prompt=prompt), params, recompute=recompute
+            )
+            try:
+                for delta in request.text_stream():
+                    if show:
+                        show(delta)
+            except KeyboardInterrupt:
+                request.stop()
+            reply = request.wait()
+            if not reply.error:
+                conversation.messages += [ChatMessage("user", prompt), ChatMessage("assistant", reply.text)]
+            return reply
+        turn = start_turn(self.store, engine, self.workspace, conversation, keep=len(conversation.messages),
+                          prompt=prompt, params=params, system_prompt=system, recompute=recompute)
+        try:
+            for delta in turn.text_stream():
+                if show:
+                    show(delta)
+        except KeyboardInterrupt:
+            pass  # finish() stops the reply and stores what came so far, marked stopped
+        result = turn.finish(timeout=None)
+        self.conversation = self.store.get_conversation(self.workspace, conversation.id) or Conversation(
+            id=conversation.id, title=self.title or "")
+        return result.reply
+
+
 def cmd_chat(args) -> int:
     params = SamplingParams(
         max_length=args.max_length,
@@ -41,11 +97,12 @@ def cmd_chat(args) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     ).validate()
+    if args.conversation and not args.workspace:
+        raise ValueError("--conversation needs --workspace (the workspace that keeps it)")
+    log = TurnLog(check_cli_workspace_id(args.workspace) if args.workspace else None, args.conversation)
     loaded = load_from_args(args)
     engine = Engine(loaded)
-    system = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
-    conversation_id, messages = uuid.uuid4().hex, list(system)
     if interactive:
         print(WELCOME.format(**loaded.card()))
     try:
@@ -62,22 +119,19 @@ def cmd_chat(args) -> int:
             if interactive and prompt == "stop":
                 break
             if interactive and prompt == "clear":
-                engine.forget(conversation_id)
-                conversation_id, messages = uuid.uuid4().hex, list(system)
+                engine.forget(log.conversation.id)
+                log.restart()
                 print("(conversation cleared)")
                 continue
-            request = engine.submit(
-                conversation_id, messages + [{"role": "user", "content": prompt}], params, recompute=args.recompute
-            )
             if interactive:
                 print(f"\n{loaded.name}: ", end="", flush=True)
-                try:
-                    for delta in request.text_stream():
-                        print(delta, end="", flush=True)
-                except KeyboardInterrupt:
-                    request.stop()
+            reply = log.ask(engine, prompt, params, args.system, recompute=args.recompute,
+                            show=(lambda delta: print(delta, end="", flush=True)) if interactive else None)
+            if interactive:
                 print()
-            reply = request.wait()
+            if reply is None:
+                print("error: the model did not finish in time", file=sys.stderr)
+                continue
             if reply.error:
                 print(f"error: {reply.error}", file=sys.stderr)
                 if not interactive:
@@ -85,7 +139,6 @@ def cmd_chat(args) -> int:
                 continue
             if reply.dropped_messages:
                 print(f"(note: {reply.dropped_messages} oldest message(s) no longer fit and were dropped)", file=sys.stderr)
-            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.text}]
             if not interactive:
                 s = reply.stats
                 print(json.dumps({
@@ -99,6 +152,56 @@ def cmd_chat(args) -> int:
                 }, ensure_ascii=False), flush=True)
     finally:
         engine.close()
+    if log.store is not None and log.conversation.updated_at is not None:
+        print(f"(stored in workspace {log.workspace}, conversation {log.conversation.title!r} "
+              f"[{log.conversation.id}])", file=sys.stderr)
+    return 0
+
+
+def existing_workspace(store: Store, workspace: str) -> str:
+    check_cli_workspace_id(workspace)
+    if not store.workspace_exists(workspace):
+        raise ValueError(f"no workspace {workspace!r} in {store.path} (`python -m glm_core workspaces` lists them)")
+    return workspace
+
+
+def cmd_export(args) -> int:
+    store = Store()
+    workspace = existing_workspace(store, args.workspace)
+    data = export_conversations(store.get_conversations(workspace), args.format)
+    if args.out:
+        Path(args.out).write_bytes(data)
+        print(f"exported {len(store.list_conversations(workspace))} conversation(s) to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_import(args) -> int:
+    path = Path(args.file)
+    try:
+        check_import_size(path.stat().st_size)  # before reading it
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the file ({exc.strerror})") from None
+    except ImportRejected as exc:
+        raise ImportRejected(f"{path}: {exc}; nothing was imported") from None
+    store = Store()
+    workspace = check_cli_workspace_id(args.workspace)
+    try:
+        ids = import_file(store, workspace, data)
+    except ImportRejected as exc:
+        raise ImportRejected(f"{path}: {exc}; nothing was imported") from None
+    print(f"imported {len(ids)} conversation(s) into workspace {workspace}")
+    return 0
+
+
+def cmd_workspaces(args) -> int:
+    store = Store()
+    for w in store.list_workspaces():
+        owner = f"  signed-in user {w.owner}" if w.owner else ""
+        print(f"{w.id}  {w.conversations} conversation(s){owner}")
     return 0
 
 
@@ -144,7 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="system prompt")
     chat.add_argument("--recompute", action="store_true",
                       help="recompute the whole conversation every turn instead of keeping its KV cache")
+    chat.add_argument("--workspace", help="store the turns in this workspace (the ws=... of the portal's URL)")
+    chat.add_argument("--conversation", metavar="TITLE",
+                      help="continue the newest conversation with this title in the workspace, or start it")
     chat.set_defaults(func=cmd_chat)
+
+    export = sub.add_parser("export", help="export a workspace's conversations")
+    export.add_argument("--workspace", required=True)
+    export.add_argument("--format", choices=list(EXPORT_FORMATS), default="json",
+                        help="json (full fidelity, re-importable), md, csv, html or jsonl (ChatGLM fine-tuning)")
+    export.add_argument("--out", help="file to write (default: standard output)")
+    export.set_defaults(func=cmd_export)
+
+    imports = sub.add_parser("import", help="import conversations from a JSON file into a workspace")
+    imports.add_argument("file")
+    imports.add_argument("--workspace", required=True, help="created if it does not exist")
+    imports.set_defaults(func=cmd_import)
+
+    workspaces = sub.add_parser("workspaces", help="list the workspaces of the data directory")
+    workspaces.set_defaults(func=cmd_workspaces)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

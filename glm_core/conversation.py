@@ -1,40 +1,85 @@
-"""A conversation as the pages keep it: plain text messages with the figures of each reply."""
+"""Conversations and their messages as the store keeps them and the pages show them."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
-from .engine import Reply
+from .engine import ReplyStats
+
+# A message's status: "complete"; "partial" while its reply is being generated (the text so far is written every
+# second); "interrupted" when the process generating it died, so it will never be completed.
+STATUSES = ("complete", "partial", "interrupted")
+# A partial row not written for this long belongs to a process that died while another kept running (the portal
+# marks every partial row interrupted when it starts); generation writes at least every second while tokens flow.
+STALE_PARTIAL_S = 120.0
+STATS_FIELDS = tuple(f.name for f in fields(ReplyStats))
+TITLE_MAX_CHARS = 200
+
+
+def new_conversation_id() -> str:
+    """Unguessable (122 random bits): an id alone never reaches another workspace's data, but it is no key either;
+    every store query also filters by workspace."""
+    return uuid.uuid4().hex
+
+
+def title_from_prompt(prompt: str, limit: int = 60) -> str:
+    """A default title: the first line of the first prompt, shortened."""
+    line = next((ln.strip() for ln in prompt.splitlines() if ln.strip()), "")
+    if not line:
+        return "New conversation"
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
 @dataclass
 class ChatMessage:
-    role: str  # "user" or "assistant"
+    role: str  # "system", "user" or "assistant"
     content: str
-    stats: dict | None = None  # ReplyStats as a dict, for assistant messages
-    finish_reason: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float | None = None  # last write; a partial row's heartbeat
+    params: dict | None = None  # assistant: the SamplingParams used, plus "system_prompt"
+    model: str | None = None  # assistant: model name
+    precision: str | None = None  # assistant: precision level
+    stats: dict | None = None  # assistant: ReplyStats as a dict
+    finish_reason: str | None = None  # "eos", "length", "stopped" or "error"
     error: str | None = None
+    status: str = "complete"
+    id: int | None = None  # row id in the store
 
     @property
     def stopped(self) -> bool:
         return self.finish_reason == "stopped"
 
+    def is_interrupted(self, now: float | None = None) -> bool:
+        """The reply stopped growing because its process died (not because someone pressed stop)."""
+        if self.status == "interrupted":
+            return True
+        if self.status != "partial":
+            return False
+        last = self.updated_at or self.created_at
+        return (now if now is not None else time.time()) - last > STALE_PARTIAL_S
+
     def stats_line(self) -> str:
         """The figures shown under a reply."""
-        if not self.stats:
-            return ""
+        parts = []
         s = self.stats
-        parts = [
-            f"prompt {s['prompt_tokens']:,} tokens ({s['reused_tokens']:,} from cache)",
-            f"completion {s['completion_tokens']:,} tokens",
-            f"time to first token {s['ttft_s']:.2f} s",
-            f"{s['decode_tokens_per_s']:.1f} tokens/s",
-        ]
-        if s.get("queue_s", 0) >= 0.5:
-            parts.append(f"waited {s['queue_s']:.1f} s in queue")
-        if self.stopped:
+        if s:
+            parts += [
+                f"prompt {s['prompt_tokens']:,} tokens ({s['reused_tokens']:,} from cache)",
+                f"completion {s['completion_tokens']:,} tokens",
+                f"time to first token {s['ttft_s']:.2f} s",
+                f"{s['decode_tokens_per_s']:.1f} tokens/s",
+            ]
+            if s.get("queue_s", 0) >= 0.5:
+                parts.append(f"waited {s['queue_s']:.1f} s in queue")
+        if self.model:
+            parts.append(f"{self.model} ({self.precision})" if self.precision else self.model)
+        if self.is_interrupted():
+            parts.append("interrupted: the server stopped before this reply was finished")
+        elif self.status == "partial":
+            parts.append("still being generated")
+        elif self.stopped:
             parts.append("stopped")
         elif self.finish_reason == "length":
             parts.append("cut at the token limit")
@@ -43,26 +88,27 @@ class ChatMessage:
 
 @dataclass
 class Conversation:
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_conversation_id)
+    title: str = ""
     messages: list[ChatMessage] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
+    updated_at: float | None = None
 
-    def model_messages(self, system_prompt: str = "", new_prompt: str | None = None) -> list[dict]:
-        """What the engine sees: the system prompt, then every user/assistant message."""
-        out = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-        out += [{"role": m.role, "content": m.content} for m in self.messages]
+    def model_messages(self, system_prompt: str = "", upto: int | None = None, new_prompt: str | None = None) -> list[dict]:
+        """What the engine sees: a system message, then the first `upto` messages (all by default), then the new prompt.
+
+        A system message stored in the conversation (an imported one) wins over the sidebar's system prompt.
+        """
+        kept = self.messages if upto is None else self.messages[:upto]
+        out = [{"role": m.role, "content": m.content} for m in kept]
+        if not (out and out[0]["role"] == "system") and system_prompt.strip():
+            out.insert(0, {"role": "system", "content": system_prompt})
         if new_prompt is not None:
             out.append({"role": "user", "content": new_prompt})
         return out
 
-    def add_user(self, text: str) -> ChatMessage:
-        message = ChatMessage("user", text)
-        self.messages.append(message)
-        return message
-
-    def add_reply(self, reply: Reply) -> ChatMessage:
-        message = ChatMessage(
-            "assistant", reply.text, stats=asdict(reply.stats), finish_reason=reply.finish_reason, error=reply.error
-        )
-        self.messages.append(message)
-        return message
+    def last_index(self, role: str) -> int | None:
+        for index in range(len(self.messages) - 1, -1, -1):
+            if self.messages[index].role == role:
+                return index
+        return None

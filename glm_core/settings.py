@@ -7,6 +7,7 @@ GLM_FAMILY      auto | chatglm2 | chatglm3 (overrides what a ChatGLM checkpoint 
 GLM_INT4_GROUP_SIZE input channels per INT4 scale and zero (default 32)
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches (default 2048)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
+GLM_DATA_DIR    where conversations are stored (default: data/ in the project folder, git-ignored)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EMBEDDED = "embedded"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Settings:
     group_size: int
     kv_cache_bytes: int
     cache_dir: Path
+    data_dir: Path
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -44,4 +47,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         group_size=int(env.get("GLM_INT4_GROUP_SIZE") or 32),
         kv_cache_bytes=max(kv_mb, 0) * 2**20,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
+        data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
     )

@@ -53,6 +53,14 @@ def tiny_loaded(tiny_model_dir):
     return load_model(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """Every test stores conversations in its own folder, never in the project's data/ (subprocesses inherit it)."""
+    folder = tmp_path / "glm-data"
+    monkeypatch.setenv("GLM_DATA_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def env_cleanup(monkeypatch):
     for name in ("GLM_MODEL_PATH", "GLM_PRECISION", "GLM_DEVICE"):

@@ -112,3 +112,34 @@ def test_stop_keeps_the_partial_reply(server, output_dir):
         finally:
             page.screenshot(path=str(output_dir / "chat-stopped.png"), full_page=True)
             browser.close()
+
+
+def test_stored_conversation_reopens_from_the_url_and_shows_html_as_text(data_dir, server, output_dir):
+    from playwright.sync_api import expect, sync_playwright
+
+    from glm_core.conversation import ChatMessage, Conversation
+    from glm_core.store import Store
+
+    hostile = '<b id="injected">bold?</b><img id="injected-img" src=x onerror="document.title=\'pwned\'">'
+    store = Store(data_dir)
+    ws = store.create_workspace()
+    [cid] = store.import_conversations(ws, [Conversation(title="Hostile " + hostile, messages=[
+        ChatMessage("user", hostile), ChatMessage("assistant", "**Markdown still works** " + hostile)])])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            page.goto(f"{server}/?ws={ws}&c={cid}")
+            messages = page.get_by_test_id("stChatMessage")
+            expect(messages).to_have_count(2, timeout=240_000)
+            expect(messages.nth(0)).to_contain_text('<b id="injected">bold?</b>')  # shown as typed
+            expect(messages.nth(1).locator("strong")).to_have_text("Markdown still works")
+            assert page.locator("#injected, #injected-img").count() == 0 and page.title() != "pwned"
+            expect(page.get_by_test_id("stSidebar")).to_contain_text('Hostile <b id="injected">')
+            # A refresh keeps the workspace and the conversation (they are in the URL).
+            page.reload()
+            expect(messages).to_have_count(2, timeout=120_000)
+            assert f"ws={ws}" in page.url and f"c={cid}" in page.url
+        finally:
+            page.screenshot(path=str(output_dir / "stored-conversation.png"), full_page=True)
+            browser.close()

@@ -2,10 +2,14 @@
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 
 from conftest import ROOT
+from glm_core.conversation import ChatMessage, Conversation
+from glm_core.store import Store
 
 
 def run_cli(*args, stdin="", timeout=600):
@@ -63,3 +67,125 @@ def test_bench_quant_reports_a_level_that_fails(tiny_model_dir):
     result = run_cli("bench", "quant", "--model", str(tiny_model_dir), "--levels", "bf16,fp8", "--json")
     rows = json.loads(result.stdout)
     assert result.returncode == 1 and "unknown precision" in rows[1]["error"]
+
+
+# ---- stored conversations: chat --workspace, export, import --------------------------------------------------
+
+
+def tiny_chat(tiny_model_dir, *args, stdin):
+    return run_cli("chat", "--model", str(tiny_model_dir), "--precision", "fp32", "--temperature", "0",
+                   "--max-new-tokens", "8", *args, stdin=stdin)
+
+
+def test_chat_stores_its_turns_and_continues_a_conversation_by_title(tiny_model_dir, data_dir):
+    first = tiny_chat(tiny_model_dir, "--workspace", "team-bench", "--conversation", "Nightly run",
+                      stdin="First question\nSecond question\n")
+    assert first.returncode == 0, first.stderr
+    assert len(first.stdout.splitlines()) == 2 and "stored in workspace team-bench" in first.stderr
+    again = tiny_chat(tiny_model_dir, "--workspace", "team-bench", "--conversation", "Nightly run",
+                      stdin="Third question\n")
+    assert again.returncode == 0, again.stderr
+    [summary] = Store(data_dir).list_conversations("team-bench")
+    conversation = Store(data_dir).get_conversation("team-bench", summary.id)
+    assert conversation.title == "Nightly run"
+    assert [m.content for m in conversation.messages if m.role == "user"] == ["First question", "Second question", "Third question"]
+    reply = conversation.messages[-1]
+    assert reply.role == "assistant" and reply.status == "complete" and reply.precision == "FP32"
+    assert reply.params["temperature"] == 0 and reply.stats["completion_tokens"] == 8
+    assert reply.stats["reused_tokens"] == 0  # a new process: the history was recomputed from the store
+    assert json.loads(again.stdout)["prompt_tokens"] == reply.stats["prompt_tokens"]
+
+
+def test_chat_options_are_checked(tiny_model_dir):
+    no_workspace = tiny_chat(tiny_model_dir, "--conversation", "x", stdin="hi\n")
+    assert no_workspace.returncode == 2 and "--conversation needs --workspace" in no_workspace.stderr
+    bad = tiny_chat(tiny_model_dir, "--workspace", "has spaces", stdin="hi\n")
+    assert bad.returncode == 2 and "workspace ids are" in bad.stderr
+
+
+def test_export_then_import_round_trips_through_the_command_line(data_dir, tmp_path):
+    store = Store(data_dir)
+    store.import_conversations("source", [Conversation(title="Unicode 🦙 and <html>", messages=[
+        ChatMessage("user", "你好 <script>alert(1)</script>"),
+        ChatMessage("assistant", "```python\nprint('hi')\n```", model="m", precision="BF16",
+                    stats={"prompt_tokens": 3, "completion_tokens": 2}, finish_reason="eos"),
+    ])])
+    out = tmp_path / "export.json"
+    exported = run_cli("export", "--workspace", "source", "--format", "json", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    imported = run_cli("import", str(out), "--workspace", "target")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "imported 1 conversation(s) into workspace target"
+    [source], [target] = Store(data_dir).get_conversations("source"), Store(data_dir).get_conversations("target")
+    assert target.id != source.id and target.title == source.title
+    assert [(m.role, m.content, m.model, m.stats) for m in target.messages] == \
+           [(m.role, m.content, m.model, m.stats) for m in source.messages]
+
+    for fmt, expected in [("md", "# Unicode 🦙 and <html>"), ("csv", "conversation_id,conversation_title"),
+                          ("html", "&lt;script&gt;alert(1)&lt;/script&gt;"), ("jsonl", '"history": []')]:
+        result = run_cli("export", "--workspace", "source", "--format", fmt)
+        assert result.returncode == 0 and expected in result.stdout, (fmt, result.stderr)
+    assert "<script>" not in run_cli("export", "--workspace", "source", "--format", "html").stdout
+
+    listing = run_cli("workspaces")
+    assert "source  1 conversation(s)" in listing.stdout and "target  1 conversation(s)" in listing.stdout
+
+
+def test_bad_import_files_fail_with_a_clear_message_and_change_nothing(data_dir, tmp_path):
+    Store(data_dir).import_conversations("w", [Conversation(title="keep me", messages=[ChatMessage("user", "x")])])
+    cases = {
+        "broken.json": (b'{"messages": [', "the file is not valid JSON"),
+        "schema.json": (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
+                        "[0].role: expected one of system, user, assistant, got 'robot'"),
+        "image.bin": (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"),
+    }
+    for name, (data, reason) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        result = run_cli("import", str(path), "--workspace", "w")
+        assert result.returncode == 2, result.stdout
+        assert result.stderr.startswith(f"error: {path}: ") and reason in result.stderr
+        assert "nothing was imported" in result.stderr and "Traceback" not in result.stderr
+    missing = run_cli("import", str(tmp_path / "nope.json"), "--workspace", "w")
+    assert missing.returncode == 2 and "cannot read the file" in missing.stderr
+    assert [s.title for s in Store(data_dir).list_conversations("w")] == ["keep me"]
+    unknown = run_cli("export", "--workspace", "nobody")
+    assert unknown.returncode == 2 and "no workspace 'nobody'" in unknown.stderr
+
+
+def test_a_reply_survives_the_process_being_killed_mid_generation(tiny_model_dir, data_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "glm_core", "chat", "--model", str(tiny_model_dir), "--precision", "fp32",
+         "--max-new-tokens", "4000", "--seed", "1", "--workspace", "crash", "--conversation", "Killed"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env, text=True,
+    )
+    try:
+        process.stdin.write("Write forever.\n")
+        process.stdin.flush()
+        deadline, partial = time.time() + 120, None
+        while time.time() < deadline and partial is None:
+            time.sleep(0.2)
+            try:
+                store = Store(data_dir)
+                summaries = store.list_conversations("crash")
+            except sqlite3.Error:
+                continue
+            if summaries:
+                messages = store.get_conversation("crash", summaries[0].id).messages
+                if len(messages) == 2 and messages[1].content:
+                    partial = messages[1]
+        assert partial is not None and partial.status == "partial", "no partial reply was written"
+        process.kill()  # SIGKILL: no clean-up of any kind runs
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    store = Store(data_dir)
+    [summary] = store.list_conversations("crash")
+    user, reply = store.get_conversation("crash", summary.id).messages
+    assert user.content == "Write forever." and user.status == "complete"
+    assert reply.content.startswith(partial.content) and reply.status == "partial"
+    assert store.recover_interrupted() == 1  # what the portal does when it starts
+    reply = store.get_conversation("crash", summary.id).messages[1]
+    assert reply.status == "interrupted" and reply.content and "interrupted" in reply.stats_line()

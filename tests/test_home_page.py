@@ -3,6 +3,7 @@
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app_shared import get_store
 from conftest import ROOT
 
 HOME = str(ROOT / "Home.py")
@@ -50,15 +51,13 @@ def test_prompt_gets_a_streamed_reply_with_stats(app):
     assert "(0 from cache)" not in app.chat_message[3].caption[0].value
 
 
-def test_new_conversation_and_clear_empty_the_chat(app):
+def test_new_conversation_empties_the_chat_and_keeps_the_old_one(app):
     send(app, "Hello!")
     assert len(app.chat_message) == 2
-    first_id = app.session_state.conversation.id
-    app.button(key="clear").click().run()  # same conversation, no messages
-    assert len(app.chat_message) == 0 and app.session_state.conversation.id == first_id
-    send(app, "Hello again!")
+    first_id = app.session_state.conversation_id
     app.button(key="new_conversation").click().run()
-    assert len(app.chat_message) == 0 and app.session_state.conversation.id != first_id
+    assert len(app.chat_message) == 0 and app.session_state.conversation_id != first_id
+    assert app.button(key=f"open_{first_id}").label == "Hello\\!"  # listed in the sidebar, Markdown-escaped
 
 
 def test_empty_prompt_is_ignored(app):
@@ -73,7 +72,7 @@ def test_oversized_prompt_is_refused_without_losing_it(app):
     send(app, long_prompt)
     assert any("too long" in e.value for e in app.error)
     assert any(long_prompt.strip() in c.value for c in app.code)  # handed back to edit and resend
-    assert app.session_state.conversation.messages == []
+    assert get_store().list_conversations(app.query_params["ws"]) == []  # nothing was stored
 
 
 def test_bad_model_path_shows_the_reason_and_keeps_the_model(app, tmp_path):

@@ -1,0 +1,452 @@
+"""Export and import of conversations.
+
+Export formats: `json` (this project's format, full fidelity: what import reads back), `md`, `csv` (one row per
+message), `html` (a standalone page; every piece of text is escaped, and the page may run no script) and `jsonl`
+(ChatGLM fine-tuning data: one line per finished reply, `{"prompt", "response", "history": [[q, a], ...]}`).
+
+Import reads JSON: this project's format; an OpenAI-style `{"messages": [...]}` (or a list of such objects, or
+a bare list of messages); ChatGLM history pairs `[[q, a], ...]` (or one `{"prompt", "response", "history"}`
+sample). The whole file is checked before anything is stored, against the limits below; any problem rejects the
+file with a message that says where and what, and the store is not touched.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Sequence
+
+from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
+from .sampling import SamplingParams
+from .store import Store
+
+FORMAT_NAME = "glm-chat-dashboard/conversations"
+FORMAT_VERSION = 1
+MAX_IMPORT_BYTES = 20 * 2**20  # 20 MiB: a few thousand long conversations; a bigger file is refused unread
+MAX_IMPORT_CONVERSATIONS = 5_000
+MAX_IMPORT_MESSAGES = 10_000  # per conversation
+ROLES = ("system", "user", "assistant")
+PARAM_FIELDS = (*SamplingParams.__dataclass_fields__, "system_prompt")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    extension: str
+    mime: str
+    label: str
+    description: str
+
+
+EXPORT_FORMATS = {
+    "json": ExportFormat("json", "application/json", "JSON", "full fidelity; import reads it back"),
+    "md": ExportFormat("md", "text/markdown", "Markdown", "readable text, one section per conversation"),
+    "csv": ExportFormat("csv", "text/csv", "CSV", "one row per message, with its figures and sampling parameters"),
+    "html": ExportFormat("html", "text/html", "HTML", "a standalone page to open in any browser"),
+    "jsonl": ExportFormat("jsonl", "application/jsonl", "JSONL (ChatGLM)",
+                          'fine-tuning data: {"prompt", "response", "history"} per finished reply'),
+}
+
+
+class ImportRejected(ValueError):
+    """The file is not something we import; the message says what is wrong."""
+
+
+# ---- export ----------------------------------------------------------------------------------------------------
+
+
+def iso_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat()
+
+
+def export_conversations(conversations: list[Conversation], fmt: str) -> bytes:
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    return {"json": to_json, "md": to_markdown, "csv": to_csv, "html": to_html, "jsonl": to_chatglm_jsonl}[fmt](
+        conversations).encode("utf-8")
+
+
+def to_json(conversations: list[Conversation]) -> str:
+    document = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "exported_at": iso_time(time.time()),
+        "conversations": [
+            {
+                "id": c.id,
+                "title": c.title,
+                "created_at": iso_time(c.created_at),
+                "updated_at": iso_time(c.updated_at or c.created_at),
+                "messages": [
+                    {
+                        "role": m.role,
+                        "content": m.content,
+                        "created_at": iso_time(m.created_at),
+                        "status": m.status,
+                        "finish_reason": m.finish_reason,
+                        "error": m.error,
+                        "model": m.model,
+                        "precision": m.precision,
+                        "params": m.params,
+                        "stats": m.stats,
+                    }
+                    for m in c.messages
+                ],
+            }
+            for c in conversations
+        ],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=1)
+
+
+def _speaker(m: ChatMessage) -> str:
+    if m.role != "assistant":
+        return m.role.capitalize()
+    return f"Assistant ({m.model}, {m.precision})" if m.model else "Assistant"
+
+
+def _close_fences(text: str) -> str:
+    """Close a code fence the message left open, so it cannot swallow the rest of the document."""
+    fences = sum(1 for line in text.splitlines() if line.lstrip().startswith("```"))
+    return text + "\n```" if fences % 2 else text
+
+
+def to_markdown(conversations: list[Conversation]) -> str:
+    out = []
+    for c in conversations:
+        out.append(f"# {c.title}\n\n_{len(c.messages)} messages · started {iso_time(c.created_at)}_\n")
+        for m in c.messages:
+            out.append(f"### {_speaker(m)}\n\n{_close_fences(m.content)}\n")
+            line = m.stats_line()
+            if line:
+                out.append(f"> {line}\n")
+            if m.error:
+                out.append(f"> error: {m.error}\n")
+        out.append("---\n")
+    return "\n".join(out)
+
+
+CSV_COLUMNS = (
+    "conversation_id", "conversation_title", "position", "role", "content", "created_at", "status", "finish_reason",
+    "stopped", "error", "model", "precision", *PARAM_FIELDS, *STATS_FIELDS,
+)
+
+
+def to_csv(conversations: list[Conversation]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for c in conversations:
+        for position, m in enumerate(c.messages):
+            row = {
+                "conversation_id": c.id, "conversation_title": c.title, "position": position, "role": m.role,
+                "content": m.content, "created_at": iso_time(m.created_at), "status": m.status,
+                "finish_reason": m.finish_reason or "", "stopped": m.stopped if m.role == "assistant" else "",
+                "error": m.error or "", "model": m.model or "", "precision": m.precision or "",
+            }
+            row.update({name: (m.params or {}).get(name, "") for name in PARAM_FIELDS})
+            row.update({name: (m.stats or {}).get(name, "") for name in STATS_FIELDS})
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }
+.message { border: 1px solid #d0d7de; border-radius: 8px; padding: .75rem 1rem; margin: .75rem 0; }
+.user { background: #f6f8fa; } .assistant { background: #fff; } .system { background: #fff8c5; }
+.speaker { font-weight: 600; margin-bottom: .4rem; }
+.content { white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace; font-size: .9rem; }
+.stats, .meta { color: #59636e; font-size: .8rem; margin-top: .4rem; } .error { color: #b42318; }
+"""
+
+
+def to_html(conversations: list[Conversation]) -> str:
+    """A standalone page. Every piece of text goes through html.escape, and the Content-Security-Policy forbids
+    scripts anyway (defence in depth: the page may be opened from disk, where no server sets a policy)."""
+    e = html.escape
+    body = []
+    for c in conversations:
+        body.append(f'<section class="conversation"><h1>{e(c.title)}</h1>'
+                    f'<p class="meta">{len(c.messages)} messages · started {e(iso_time(c.created_at))}</p>')
+        for m in c.messages:
+            body.append(f'<div class="message {e(m.role)}"><div class="speaker">{e(_speaker(m))}</div>'
+                        f'<div class="content">{e(m.content)}</div>')
+            if m.stats_line():
+                body.append(f'<div class="stats">{e(m.stats_line())}</div>')
+            if m.error:
+                body.append(f'<div class="stats error">error: {e(m.error)}</div>')
+            body.append("</div>")
+        body.append("</section>")
+    title = e(conversations[0].title) if len(conversations) == 1 else f"{len(conversations)} conversations"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>"
+        f"<style>{_HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _usable_for_training(m: ChatMessage) -> bool:
+    """A reply that ended by itself; stopped, failed, unfinished or interrupted ones would teach truncation."""
+    return m.status == "complete" and m.finish_reason not in ("stopped", "error") and not m.error
+
+
+def to_chatglm_jsonl(conversations: list[Conversation]) -> str:
+    """ChatGLM's multi-turn fine-tuning format: one sample per finished reply, with the exchanges before it as
+    history. System messages have no place in it and are left out."""
+    lines = []
+    for c in conversations:
+        history: list[list[str]] = []
+        pending: str | None = None
+        for m in c.messages:
+            if m.role == "user":
+                pending = m.content
+            elif m.role == "assistant" and pending is not None:
+                if _usable_for_training(m):
+                    lines.append(json.dumps({"prompt": pending, "response": m.content,
+                                             "history": [list(pair) for pair in history]}, ensure_ascii=False))
+                history.append([pending, m.content])
+                pending = None
+    return "".join(line + "\n" for line in lines)
+
+
+def export_file_name(conversations: Sequence, fmt: str) -> str:
+    """A file name for an export: the title of a single conversation (or summary), else a dated name."""
+    if len(conversations) == 1:
+        stem = "".join(ch if ch.isalnum() else "-" for ch in conversations[0].title.lower()).strip("-")
+        stem = "-".join(part for part in stem.split("-") if part)[:60] or "conversation"
+    else:
+        stem = f"conversations-{datetime.now().strftime('%Y%m%d-%H%M')}"
+    return f"{stem}.{EXPORT_FORMATS[fmt].extension}"
+
+
+# ---- import ----------------------------------------------------------------------------------------------------
+
+
+def check_import_size(size: int) -> None:
+    """Call with the file's size before reading it, so an oversized file is refused unread."""
+    if size > MAX_IMPORT_BYTES:
+        raise ImportRejected(f"the file is {size / 2**20:.1f} MiB; at most {MAX_IMPORT_BYTES // 2**20} MiB can be imported")
+
+
+def import_file(store: Store, workspace: str, data: bytes) -> list[str]:
+    """Check the whole file, then store its conversations in one transaction; returns their new ids."""
+    return store.import_conversations(workspace, parse_import(data))
+
+
+def parse_import(data: bytes) -> list[Conversation]:
+    """Conversations from an import file, or ImportRejected saying what is wrong."""
+    check_import_size(len(data))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImportRejected(f"the file is not UTF-8 text (byte {exc.start} is not valid UTF-8)") from None
+    if not text.strip():
+        raise ImportRejected("the file is empty")
+
+    def no_constants(name: str):
+        raise ImportRejected(f"the file is not valid JSON: {name} is not a JSON number")
+
+    try:
+        document = json.loads(text, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise ImportRejected(f"the file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise ImportRejected("the file is not a conversation export: it is nested too deeply") from None
+    conversations = _read_document(document)
+    if not conversations:
+        raise ImportRejected("the file holds no conversations")
+    if len(conversations) > MAX_IMPORT_CONVERSATIONS:
+        raise ImportRejected(f"the file holds {len(conversations):,} conversations; at most {MAX_IMPORT_CONVERSATIONS:,} per import")
+    return conversations
+
+
+def _read_document(doc) -> list[Conversation]:
+    if isinstance(doc, dict) and "format" in doc:
+        return _read_own_format(doc)
+    if isinstance(doc, dict) and "messages" in doc:
+        return [_read_openai(doc, "messages")]
+    if isinstance(doc, dict) and {"prompt", "response"} <= doc.keys():
+        return [_read_chatglm_sample(doc)]
+    if isinstance(doc, list) and doc:
+        if all(isinstance(item, dict) and "messages" in item for item in doc):
+            return [_read_openai(item, f"[{i}].messages") for i, item in enumerate(doc)]
+        if all(isinstance(item, dict) and "role" in item for item in doc):
+            return [_read_openai({"messages": doc}, "")]
+        if all(isinstance(item, list) for item in doc):
+            return [_conversation_from_pairs(doc, [], "")]
+    raise ImportRejected(
+        "the file is not a format we import: expected this app's JSON export (with \"format\": "
+        f"\"{FORMAT_NAME}\"), an OpenAI-style {{\"messages\": [...]}}, or ChatGLM history pairs [[question, answer], ...]"
+    )
+
+
+def _fail(where: str, problem: str):
+    raise ImportRejected(f"{where}: {problem}" if where else problem)
+
+
+def _expect(value, kinds, where: str, what: str):
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        _fail(where, f"expected {what}, got a boolean")
+    if not isinstance(value, kinds):
+        _fail(where, f"expected {what}, got {type(value).__name__ if value is not None else 'null'}")
+    return value
+
+
+def _read_time(value, where: str) -> float:
+    _expect(value, str, where, "an ISO 8601 time")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(where, f"not an ISO 8601 time: {value[:40]!r}")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _read_title(value, where: str) -> str:
+    _expect(value, str, where, "a title (text)")
+    if len(value) > TITLE_MAX_CHARS:
+        _fail(where, f"the title has {len(value)} characters; at most {TITLE_MAX_CHARS}")
+    return value
+
+
+def _check_count(messages: list, where: str) -> None:
+    if len(messages) > MAX_IMPORT_MESSAGES:
+        _fail(where, f"{len(messages):,} messages; at most {MAX_IMPORT_MESSAGES:,} per conversation")
+
+
+def _read_own_format(doc: dict) -> list[Conversation]:
+    if doc.get("format") != FORMAT_NAME:
+        _fail("format", f"expected {FORMAT_NAME!r}, got {str(doc.get('format'))[:60]!r}")
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        _fail("version", f"this app reads version {FORMAT_VERSION}, the file says {str(version)[:20]!r}")
+    items = _expect(doc.get("conversations"), list, "conversations", "a list of conversations")
+    conversations = []
+    for i, item in enumerate(items):
+        where = f"conversations[{i}]"
+        _expect(item, dict, where, "a conversation object")
+        messages = _expect(item.get("messages"), list, f"{where}.messages", "a list of messages")
+        _check_count(messages, f"{where}.messages")
+        conversation = Conversation(
+            title=_read_title(item.get("title", ""), f"{where}.title"),
+            created_at=_read_time(item.get("created_at"), f"{where}.created_at"),
+            messages=[_read_own_message(m, f"{where}.messages[{j}]") for j, m in enumerate(messages)],
+        )
+        if item.get("updated_at") is not None:
+            conversation.updated_at = _read_time(item["updated_at"], f"{where}.updated_at")
+        conversations.append(conversation)
+    return conversations
+
+
+def _optional_text(m: dict, key: str, where: str) -> str | None:
+    value = m.get(key)
+    return None if value is None else _expect(value, str, f"{where}.{key}", "text or null")
+
+
+def _read_own_message(m, where: str) -> ChatMessage:
+    _expect(m, dict, where, "a message object")
+    role = m.get("role")
+    if role not in ROLES:
+        _fail(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {str(role)[:40]!r}")
+    status = m.get("status", "complete")
+    if status not in STATUSES:
+        _fail(f"{where}.status", f"expected one of {', '.join(STATUSES)}, got {str(status)[:40]!r}")
+    params = m.get("params")
+    if params is not None:
+        _expect(params, dict, f"{where}.params", "an object or null")
+        for key, value in params.items():
+            if key not in PARAM_FIELDS:
+                _fail(f"{where}.params", f"unknown parameter {key[:40]!r}")
+            if value is not None and not isinstance(value, (int, float, str)):
+                _fail(f"{where}.params.{key}", "expected a number or text")
+    stats = m.get("stats")
+    if stats is not None:
+        _expect(stats, dict, f"{where}.stats", "an object or null")
+        for key, value in stats.items():
+            if key not in STATS_FIELDS:
+                _fail(f"{where}.stats", f"unknown figure {key[:40]!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                _fail(f"{where}.stats.{key}", "expected a non-negative number")
+        stats = {name: stats.get(name, 0) for name in STATS_FIELDS}
+    return ChatMessage(
+        role=role,
+        content=_expect(m.get("content"), str, f"{where}.content", "text"),
+        created_at=_read_time(m.get("created_at"), f"{where}.created_at"),
+        status=status,
+        finish_reason=_optional_text(m, "finish_reason", where),
+        error=_optional_text(m, "error", where),
+        model=_optional_text(m, "model", where),
+        precision=_optional_text(m, "precision", where),
+        params=params,
+        stats=stats,
+    )
+
+
+def _message_text(content, where: str) -> str:
+    """OpenAI content: a string, or a list of parts of which only text parts are supported."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                _fail(f"{where}[{k}]", f"only text parts can be imported, got {str(kind)[:40]!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    _fail(where, f"expected text, got {type(content).__name__ if content is not None else 'null'}")
+
+
+def _read_openai(doc: dict, where: str) -> Conversation:
+    messages = _expect(doc.get("messages"), list, where or "messages", "a list of messages")
+    _check_count(messages, where or "messages")
+    out = []
+    now = time.time()
+    for j, m in enumerate(messages):
+        here = f"{where}[{j}]" if where else f"[{j}]"
+        _expect(m, dict, here, "a message object with role and content")
+        role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system message
+            role = "system"
+        if role not in ROLES:
+            _fail(f"{here}.role", f"expected one of {', '.join(ROLES)}, got {str(role)[:40]!r}")
+        out.append(ChatMessage(role, _message_text(m.get("content"), f"{here}.content"), created_at=now))
+    if not out:
+        _fail(where or "messages", "the conversation has no messages")
+    title = doc.get("title")
+    return Conversation(title=_read_title(title, "title") if title is not None else _default_title(out),
+                        messages=out, created_at=now)
+
+
+def _conversation_from_pairs(pairs: list, tail: list[str], where: str) -> Conversation:
+    _check_count(pairs, where or "history")
+    now = time.time()
+    messages = []
+    for j, pair in enumerate(pairs + ([tail] if tail else [])):
+        here = f"{where}[{j}]" if where else f"[{j}]"
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            _fail(here, "expected a [question, answer] pair of texts")
+        messages += [ChatMessage("user", pair[0], created_at=now), ChatMessage("assistant", pair[1], created_at=now)]
+    if not messages:
+        _fail(where or "history", "the conversation has no messages")
+    return Conversation(title=_default_title(messages), messages=messages, created_at=now)
+
+
+def _read_chatglm_sample(doc: dict) -> Conversation:
+    history = doc.get("history") or []
+    _expect(history, list, "history", "a list of [question, answer] pairs")
+    prompt = _expect(doc.get("prompt"), str, "prompt", "text")
+    response = _expect(doc.get("response"), str, "response", "text")
+    return _conversation_from_pairs(history, [prompt, response], "history")
+
+
+def _default_title(messages: list[ChatMessage]) -> str:
+    first = next((m.content for m in messages if m.role == "user"), "")
+    return title_from_prompt(first)

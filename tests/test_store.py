@@ -1,0 +1,144 @@
+"""The conversation store: workspaces isolated in every query, turns, search, restart, interrupted replies."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from glm_core.conversation import STALE_PARTIAL_S, ChatMessage, Conversation
+from glm_core.store import NotFound, Store
+from glm_core.workspace import (
+    check_cli_workspace_id, is_url_workspace_id, new_workspace_id, password_matches, user_identity,
+)
+
+STATS = {"prompt_tokens": 7, "reused_tokens": 0, "prefill_tokens": 7, "completion_tokens": 3, "queue_s": 0.0,
+         "ttft_s": 0.05, "decode_tokens_per_s": 30.0, "total_s": 0.2}
+
+
+def add_turn(store, workspace, conversation, prompt, reply, keep=None, finish="eos"):
+    keep = len(conversation.messages) if keep is None else keep
+    _, reply_id, _ = store.begin_turn(workspace, conversation, keep, ChatMessage("user", prompt),
+                                      ChatMessage("assistant", "", model="tiny", precision="FP32",
+                                                  params={"temperature": 0.0, "system_prompt": ""}))
+    store.finish_reply(workspace, reply_id, reply, STATS, finish, None)
+    return store.get_conversation(workspace, conversation.id)
+
+
+@pytest.fixture
+def store(data_dir):
+    return Store(data_dir)
+
+
+def test_turns_are_stored_with_their_figures(store):
+    ws = store.create_workspace()
+    conversation = add_turn(store, ws, Conversation(), "What is 2 + 2?\nAnswer briefly.", "4")
+    assert conversation.title == "What is 2 + 2?"  # first line of the first prompt
+    user, reply = conversation.messages
+    assert (user.role, user.content, reply.role, reply.content) == ("user", "What is 2 + 2?\nAnswer briefly.", "assistant", "4")
+    assert reply.stats == STATS and reply.model == "tiny" and reply.precision == "FP32"
+    assert reply.params == {"temperature": 0.0, "system_prompt": ""}
+    assert reply.finish_reason == "eos" and reply.status == "complete" and not reply.stopped
+    assert user.created_at <= reply.created_at <= conversation.updated_at
+
+
+def test_regenerate_and_edit_replace_the_tail(store):
+    ws = store.create_workspace()
+    c = add_turn(store, ws, Conversation(), "one", "1")
+    c = add_turn(store, ws, c, "two", "2")
+    # Regenerate: keep everything up to the last prompt, store a new reply.
+    _, reply_id, created = store.begin_turn(ws, c, 3, None, ChatMessage("assistant", ""))
+    assert not created
+    store.finish_reply(ws, reply_id, "2 again", STATS, "eos", None)
+    c = store.get_conversation(ws, c.id)
+    assert [m.content for m in c.messages] == ["one", "1", "two", "2 again"]
+    # Edit and resend the last prompt.
+    c = add_turn(store, ws, c, "three", "3", keep=2)
+    assert [m.content for m in c.messages] == ["one", "1", "three", "3"]
+
+
+def test_workspaces_are_isolated_in_every_query(store):
+    a, b = store.create_workspace(), store.create_workspace()
+    c = add_turn(store, a, Conversation(), "secret of A", "only A may read this")
+    reply_id = c.messages[1].id
+    assert store.get_conversation(b, c.id) is None
+    assert store.get_conversations(b) == [] and store.get_conversations(b, [c.id]) == []
+    assert store.list_conversations(b) == [] and store.list_conversations(b, "secret") == []
+    with pytest.raises(NotFound):
+        store.rename_conversation(b, c.id, "taken")
+    assert store.delete_conversation(b, c.id) is False
+    with pytest.raises(NotFound):
+        store.finish_reply(b, reply_id, "overwritten", STATS, "eos", None)
+    with pytest.raises(NotFound):
+        store.delete_messages(b, [reply_id])
+    store.write_partial(b, reply_id, "overwritten")
+    with pytest.raises(NotFound):  # B cannot append to A's conversation either
+        store.begin_turn(b, c, 2, ChatMessage("user", "hi"), ChatMessage("assistant", ""))
+    assert store.get_conversation(a, c.id) == c  # untouched
+
+
+def test_search_matches_titles_and_text_newest_first(store):
+    ws = store.create_workspace()
+    old = add_turn(store, ws, Conversation(), "Tell me about apples", "Apples are red or green.")
+    new = add_turn(store, ws, Conversation(), "Bananas?", "Yellow, 100% of the time.")
+    assert [s.id for s in store.list_conversations(ws)] == [new.id, old.id]
+    assert [s.id for s in store.list_conversations(ws, "APPLES")] == [old.id]  # title, any case
+    assert [s.id for s in store.list_conversations(ws, "yellow")] == [new.id]  # message text
+    assert [s.id for s in store.list_conversations(ws, "100%")] == [new.id]
+    assert [s.id for s in store.list_conversations(ws, "%")] == [new.id]
+    assert store.list_conversations(ws, "_pples") == []  # LIKE wildcards are taken literally
+    store.rename_conversation(ws, old.id, "  Fruit\n notes  ")
+    summary = store.list_conversations(ws, "fruit")[0]
+    assert summary.title == "Fruit notes" and summary.message_count == 2 and summary.models == ["tiny"]
+    assert store.delete_conversation(ws, old.id) and store.get_conversation(ws, old.id) is None
+
+
+def test_store_survives_a_process_restart(data_dir):
+    writer = (
+        "import sys; from glm_core.store import Store; from glm_core.conversation import ChatMessage, Conversation\n"
+        "s = Store(sys.argv[1]); ws = s.create_workspace('restart-test'); c = Conversation()\n"
+        "_, r, _ = s.begin_turn(ws, c, 0, ChatMessage('user', 'kept? 😀'), ChatMessage('assistant', ''))\n"
+        "s.finish_reply(ws, r, 'kept.', {}, 'eos', None); print(c.id)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", writer, str(data_dir)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    conversation = Store(data_dir).get_conversation("restart-test", done.stdout.strip())
+    assert [m.content for m in conversation.messages] == ["kept? 😀", "kept."]
+
+
+def test_partial_reply_is_kept_and_marked_interrupted_after_a_restart(store, data_dir):
+    ws = store.create_workspace()
+    c = Conversation()
+    _, reply_id, _ = store.begin_turn(ws, c, 0, ChatMessage("user", "long answer please"), ChatMessage("assistant", ""))
+    store.write_partial(ws, reply_id, "The first half of")
+    live = store.get_conversation(ws, c.id).messages[1]
+    assert live.status == "partial" and live.content == "The first half of" and not live.is_interrupted()
+    assert live.is_interrupted(now=time.time() + STALE_PARTIAL_S + 1)  # its writer stopped writing long ago
+    assert Store(data_dir).recover_interrupted() == 1  # what a starting portal does
+    after = Store(data_dir).get_conversation(ws, c.id).messages[1]
+    assert after.status == "interrupted" and after.content == "The first half of" and after.is_interrupted()
+    assert "interrupted" in after.stats_line()
+
+
+def test_workspace_ids_and_identities():
+    ids = {new_workspace_id() for _ in range(100)}
+    assert len(ids) == 100 and all(is_url_workspace_id(i) for i in ids)
+    for bad in (None, "", "short", "a" * 21, "a" * 23, "../../../etc/passwd!!", "' OR 1=1 --xxxxxxxxxxxx", 42):
+        assert not is_url_workspace_id(bad)
+    assert check_cli_workspace_id("team-bench_1") == "team-bench_1"
+    with pytest.raises(ValueError):
+        check_cli_workspace_id("no spaces")
+    assert user_identity({"email": "a@x.org"}) is None  # auth not configured
+    assert user_identity({"is_logged_in": False}) is None
+    assert user_identity({"is_logged_in": True, "sub": "42", "iss": "https://idp"}) == "https://idp|42"
+    assert user_identity({"is_logged_in": True, "email": "A@X.org "}) == "email|a@x.org"
+    assert password_matches("pässword", "pässword") and not password_matches("password", "pässword")
+
+
+def test_owner_workspace_is_random_and_stable(store):
+    first = store.workspace_for_owner("https://idp|alice")
+    assert store.workspace_for_owner("https://idp|alice") == first
+    assert store.workspace_for_owner("https://idp|bob") != first
+    assert is_url_workspace_id(first) and store.workspace_owner(first) == "https://idp|alice"
