@@ -60,62 +60,63 @@ def server(output_dir):
     log.close()
 
 
-def test_chat_in_a_real_browser(server, output_dir):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture
+def page(request, output_dir):
+    """A fresh Chromium page; its screenshot lands in test-output/ named after the test, pass or fail."""
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         try:
-            page.goto(server)
-            box = page.get_by_test_id("stChatInputTextArea")
-            expect(box).to_be_enabled(timeout=240_000)  # enabled once the model has loaded
-            box.fill("What is the capital of France?")
-            box.press("Enter")
-            messages = page.get_by_test_id("stChatMessage")
-            expect(messages).to_have_count(2, timeout=120_000)
-            expect(messages.nth(1)).to_contain_text("tokens/s", timeout=120_000)  # the stats line ends the reply
-            reply = messages.nth(1).inner_text()
-            assert len(reply.split("prompt")[0].strip()) > 0
-            expect(page.get_by_test_id("stSidebar")).to_contain_text("SmolLM2-135M-Instruct")
+            yield page
         finally:
-            page.screenshot(path=str(output_dir / "chat.png"), full_page=True)
+            page.screenshot(path=str(output_dir / f"{request.node.name}.png"), full_page=True)
             browser.close()
 
 
-def test_stop_keeps_the_partial_reply(server, output_dir):
-    from playwright.sync_api import expect, sync_playwright
+def test_chat_in_a_real_browser(server, page):
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        try:
-            page.goto(server)
-            box = page.get_by_test_id("stChatInputTextArea")
-            expect(box).to_be_enabled(timeout=240_000)
-            box.fill("Write a 2000-word essay on the history of the Roman Empire, with a title and sections.")
-            box.press("Enter")
-            messages = page.get_by_test_id("stChatMessage")
-            expect(messages).to_have_count(2, timeout=120_000)
-            expect(messages.nth(1)).not_to_be_empty(timeout=120_000)
-            page.wait_for_timeout(1500)  # let some text stream in
-            page.get_by_test_id("stChatInputStopButton").click()
-            expect(box).to_be_enabled(timeout=60_000)
-            # Any interaction reruns the page, which redraws the history from the conversation:
-            # the stopped reply is still there, with its figures, marked stopped.
-            system_prompt = page.get_by_label("System prompt")
-            system_prompt.fill("Be brief.")
-            system_prompt.press("Control+Enter")
-            expect(messages.nth(1)).to_contain_text("stopped", timeout=60_000)
-            stopped = messages.nth(1).inner_text()
-            assert len(stopped.split("prompt")[0].strip()) > 0
-        finally:
-            page.screenshot(path=str(output_dir / "chat-stopped.png"), full_page=True)
-            browser.close()
+    page.goto(server)
+    box = page.get_by_test_id("stChatInputTextArea")
+    expect(box).to_be_enabled(timeout=240_000)  # enabled once the model has loaded
+    box.fill("What is the capital of France?")
+    box.press("Enter")
+    messages = page.get_by_test_id("stChatMessage")
+    expect(messages).to_have_count(2, timeout=120_000)
+    expect(messages.nth(1)).to_contain_text("tokens/s", timeout=120_000)  # the stats line ends the reply
+    reply = messages.nth(1).inner_text()
+    assert len(reply.split("prompt")[0].strip()) > 0
+    expect(page.get_by_test_id("stSidebar")).to_contain_text("SmolLM2-135M-Instruct")
 
 
-def test_stored_conversation_reopens_from_the_url_and_shows_html_as_text(data_dir, server, output_dir):
-    from playwright.sync_api import expect, sync_playwright
+def test_stop_keeps_the_partial_reply(server, page):
+    from playwright.sync_api import expect
+
+    page.goto(server)
+    box = page.get_by_test_id("stChatInputTextArea")
+    expect(box).to_be_enabled(timeout=240_000)
+    box.fill("Write a 2000-word essay on the history of the Roman Empire, with a title and sections.")
+    box.press("Enter")
+    messages = page.get_by_test_id("stChatMessage")
+    expect(messages).to_have_count(2, timeout=120_000)
+    expect(messages.nth(1)).not_to_be_empty(timeout=120_000)
+    page.wait_for_timeout(1500)  # let some text stream in
+    page.get_by_test_id("stChatInputStopButton").click()
+    expect(box).to_be_enabled(timeout=60_000)
+    # Any interaction reruns the page, which redraws the history from the conversation:
+    # the stopped reply is still there, with its figures, marked stopped.
+    system_prompt = page.get_by_label("System prompt")
+    system_prompt.fill("Be brief.")
+    system_prompt.press("Control+Enter")
+    expect(messages.nth(1)).to_contain_text("stopped", timeout=60_000)
+    stopped = messages.nth(1).inner_text()
+    assert len(stopped.split("prompt")[0].strip()) > 0
+
+
+def test_stored_conversation_reopens_from_the_url_and_shows_html_as_text(data_dir, server, page):
+    from playwright.sync_api import expect
 
     from glm_core.conversation import ChatMessage, Conversation
     from glm_core.store import Store
@@ -125,21 +126,14 @@ def test_stored_conversation_reopens_from_the_url_and_shows_html_as_text(data_di
     ws = store.create_workspace()
     [cid] = store.import_conversations(ws, [Conversation(title="Hostile " + hostile, messages=[
         ChatMessage("user", hostile), ChatMessage("assistant", "**Markdown still works** " + hostile)])])
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        try:
-            page.goto(f"{server}/?ws={ws}&c={cid}")
-            messages = page.get_by_test_id("stChatMessage")
-            expect(messages).to_have_count(2, timeout=240_000)
-            expect(messages.nth(0)).to_contain_text('<b id="injected">bold?</b>')  # shown as typed
-            expect(messages.nth(1).locator("strong")).to_have_text("Markdown still works")
-            assert page.locator("#injected, #injected-img").count() == 0 and page.title() != "pwned"
-            expect(page.get_by_test_id("stSidebar")).to_contain_text('Hostile <b id="injected">')
-            # A refresh keeps the workspace and the conversation (they are in the URL).
-            page.reload()
-            expect(messages).to_have_count(2, timeout=120_000)
-            assert f"ws={ws}" in page.url and f"c={cid}" in page.url
-        finally:
-            page.screenshot(path=str(output_dir / "stored-conversation.png"), full_page=True)
-            browser.close()
+    page.goto(f"{server}/?ws={ws}&c={cid}")
+    messages = page.get_by_test_id("stChatMessage")
+    expect(messages).to_have_count(2, timeout=240_000)
+    expect(messages.nth(0)).to_contain_text('<b id="injected">bold?</b>')  # shown as typed
+    expect(messages.nth(1).locator("strong")).to_have_text("Markdown still works")
+    assert page.locator("#injected, #injected-img").count() == 0 and page.title() != "pwned"
+    expect(page.get_by_test_id("stSidebar")).to_contain_text('Hostile <b id="injected">')
+    # A refresh keeps the workspace and the conversation (they are in the URL).
+    page.reload()
+    expect(messages).to_have_count(2, timeout=120_000)
+    assert f"ws={ws}" in page.url and f"c={cid}" in page.url
