@@ -17,7 +17,7 @@ import torch
 
 from .loading import LoadedModel, ModelSpec, load_model
 from .precision import resolve_device
-from .quant import DEFAULT_GROUP_SIZE, weight_bytes
+from .quant import DEFAULT_GROUP_SIZE
 from .sampling import SamplingParams
 from .settings import load_settings
 from .telemetry import device_memory
@@ -113,7 +113,7 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
     started = time.perf_counter()
     loaded = load_model(spec)
     load_s = time.perf_counter() - started
-    weights = weight_bytes(loaded.model)
+    weights = loaded.weights
     engine = Engine(loaded)
     try:
         messages = [{"role": "user", "content": PROMPT}]

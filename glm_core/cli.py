@@ -11,7 +11,7 @@ from pathlib import Path
 from .conversation import ChatMessage, Conversation
 from .engine import Engine, PromptTooLong
 from .exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
-from .loading import ModelLoadError, ModelSpec, load_model
+from .loading import LoadedModel, ModelLoadError, ModelSpec, load_model
 from .sampling import SamplingParams
 from .settings import load_settings
 from .store import Store, clean_title
@@ -30,7 +30,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=settings.group_size, help="INT4 quantization group size")
 
 
-def load_from_args(args) -> "LoadedModel":  # noqa: F821
+def load_from_args(args) -> LoadedModel:
     def progress(_fraction: float, message: str) -> None:
         print(f"[load] {message}", file=sys.stderr)
 

@@ -114,6 +114,7 @@ class Request:
         self.recompute = recompute
         self.submitted_at = time.perf_counter()
         self.reply: Reply | None = None
+        self._pieces: list[str] = []  # the reply's text so far, kept for a reply that fails half-way
         self._events: queue.Queue[Event] = queue.Queue()
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -343,7 +344,7 @@ class Engine:
             request._finish(reply)
 
     def _failed(self, request: Request, exc: Exception) -> Reply:
-        partial = getattr(request, "_partial", "")
+        partial = "".join(request._pieces)
         self.pool.drop(request.conversation_id)
         if isinstance(exc, torch.OutOfMemoryError):
             self.pool.clear()
@@ -373,7 +374,6 @@ class Engine:
         loaded = self.loaded
         model, device = loaded.model, loaded.device
         stats = ReplyStats(queue_s=time.perf_counter() - request.submitted_at)
-        request._partial = ""
         request._emit(Started())
         if request.stop_requested:
             return Reply(finish_reason="stopped", stats=stats)
@@ -418,7 +418,7 @@ class Engine:
         stop_ids = loaded.chat_format.stop_token_ids
         decoder = IncrementalDecoder(loaded.tokenizer)
         generated: list[int] = []
-        pieces: list[str] = []
+        pieces = request._pieces
         text_started = False
         first_token_at = last_token_at = None
         finish = "length"
@@ -439,7 +439,6 @@ class Engine:
                 text_started = bool(delta)
             if delta:
                 pieces.append(delta)
-                request._partial += delta
                 request._emit(Delta(delta))
             if len(generated) >= limit:
                 break

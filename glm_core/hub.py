@@ -6,7 +6,7 @@ import gc
 import threading
 
 from .engine import Engine
-from .loading import ModelLoadError, ModelSpec, Progress, load_model
+from .loading import ModelLoadError, ModelSpec, Progress, load_model, no_progress
 
 
 class EngineHub:
@@ -29,7 +29,7 @@ class EngineHub:
             if current is not None and current.loaded.spec == spec:
                 return current
             try:
-                loaded = load_model(spec, progress) if progress else load_model(spec)
+                loaded = load_model(spec, progress or no_progress)
             except ModelLoadError as exc:
                 self.last_error, self.last_error_spec = str(exc), spec
                 raise

@@ -68,14 +68,14 @@ class LoadedModel:
     param_count: int
     load_seconds: float
     max_context: int
+    weights: dict = field(default_factory=dict)  # weight_bytes() of the model as loaded
     extra: dict = field(default_factory=dict)
 
     def card(self) -> dict:
         """What the UI shows about the model."""
-        weights = weight_bytes(self.model)
         return {
-            "weights_bytes": weights["total"],
-            "quantized_weights_bytes": weights["quantized"],
+            "weights_bytes": self.weights["total"],
+            "quantized_weights_bytes": self.weights["quantized"],
             "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.precision.dtype),
             "name": self.name,
             "family": self.family,
@@ -96,7 +96,7 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
 
-def _noop(_fraction: float, _message: str) -> None:
+def no_progress(_fraction: float, _message: str) -> None:
     pass
 
 
@@ -119,7 +119,7 @@ def _converted_dir(gguf: Path, cache_dir: Path) -> Path:
     return cache_dir / "converted" / f"{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = _noop) -> Path:
+def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = no_progress) -> Path:
     """Dequantize a GGUF file once into a safetensors folder; later loads take a second instead of twenty."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,7 +177,7 @@ def _classify(path_text: str) -> tuple[str, Path, dict]:
     return "folder", path, cfg
 
 
-def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
+def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel:
     """Load `spec` or raise ModelLoadError with a one-line reason. `progress(fraction, message)` reports steps."""
     started = time.perf_counter()
     try:
@@ -220,6 +220,7 @@ def load_model(spec: ModelSpec, progress: Progress = _noop) -> LoadedModel:
         param_count=sum(p.numel() for p in model.parameters()),
         load_seconds=time.perf_counter() - started,
         max_context=max_context,
+        weights=weight_bytes(model),
         extra=extra,
     )
 

@@ -91,16 +91,23 @@ class _WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class WeightOnlyInt8Linear(_WeightOnlyLinear):
-    def __init__(self, in_features, out_features, bias, dtype, device=None):
-        super().__init__(in_features, out_features, bias, dtype, device)
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+class _Int8Rows:
+    """int8 rows with one scale per row: the storage of the int8 linear and of the int8 embedding."""
+
+    def _register_int8_rows(self, rows: int, columns: int, dtype: torch.dtype, device) -> None:
+        self.register_buffer("weight", torch.empty(rows, columns, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(rows, dtype=dtype, device=device))
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
         q, scales = quantize_int8(weight)
         self.weight, self.scales = q, scales.to(self.dtype)
+
+
+class WeightOnlyInt8Linear(_Int8Rows, _WeightOnlyLinear):
+    def __init__(self, in_features, out_features, bias, dtype, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self._register_int8_rows(out_features, in_features, dtype, device)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type in ("cpu", "cuda"):
@@ -153,20 +160,14 @@ def _replacement(linear: nn.Linear, precision: Precision, dtype, group_size: int
     return None  # INT4 layer shapes the kernel cannot tile stay in float (documented policy)
 
 
-class WeightOnlyInt8Embedding(nn.Module):
+class WeightOnlyInt8Embedding(_Int8Rows, nn.Module):
     """Token embedding as int8 rows with one scale per row; a lookup dequantizes only the rows it reads.
     A tied output layer reads the same table through a WeightOnlyInt8Linear (see `_tie_output_layer`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype, device=device))
-
-    @torch.no_grad()
-    def set_weight(self, weight: torch.Tensor) -> None:
-        q, scales = quantize_int8(weight)
-        self.weight, self.scales = q, scales.to(self.dtype)
+        self._register_int8_rows(num_embeddings, embedding_dim, dtype, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight).to(self.dtype) * self.scales[ids].unsqueeze(-1)
