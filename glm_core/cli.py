@@ -1,4 +1,4 @@
-"""Command line: `python -m glm_core chat | export | import | workspaces | bench turns`."""
+"""Command line: `python -m glm_core chat | export | import | workspaces | bench turns|quant|memory | estimate`."""
 
 from __future__ import annotations
 
@@ -230,6 +230,55 @@ def cmd_bench_quant(args) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def _levels(text: str) -> list[str]:
+    return [level.strip().lower() for level in text.split(",") if level.strip()]
+
+
+def cmd_bench_memory(args) -> int:
+    from .bench_memory import (
+        BenchHistory, MemoryBenchRequest, format_memory_report, run_in_process, run_memory_bench, run_record,
+        source_kind,
+    )
+
+    request = MemoryBenchRequest(
+        source=args.model, levels=tuple(_levels(args.levels)), encode=args.encode, generate=args.generate,
+        device=args.device, group_size=args.group_size, eval_tokens=args.eval_tokens,
+        check_memory=not args.no_memory_check,
+    )
+    if args.in_process:  # one level, in this process (run_memory_bench starts one such process per level)
+        return run_in_process(request)
+    source_kind(request.source)  # a bad source fails here, with its message
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"[{fraction * 100:3.0f}%] {message}", file=sys.stderr)
+
+    run = run_memory_bench(request, progress)
+    if run.error:
+        raise ValueError(run.error)
+    record = run_record(run)
+    if not args.no_history:
+        BenchHistory().add(record)
+    print(json.dumps(record["results"]) if args.json else format_memory_report(record))
+    return 0 if all("error" not in r for r in run.results) else 1
+
+
+def cmd_estimate(args) -> int:
+    from .estimator import estimate, read_config
+
+    name, cfg = read_config(args.config)
+    results = estimate(cfg, _levels(args.levels), args.encode, args.generate, args.device_type, args.group_size)
+    if args.json:
+        print(json.dumps([e.to_dict() for e in results]))
+        return 0
+    print(f"estimate: {name}, encode {args.encode} / generate {args.generate} tokens on {args.device_type} "
+          "(GB = 10^9 bytes)")
+    print("level  weights GB  KV KB/token  encode peak GB  generate peak GB")
+    for e in results:
+        print(f"{e.level:<5}  {e.weights_bytes / 1e9:>10.2f}  {e.kv_bytes_per_token / 1e3:>11.1f}  "
+              f"{e.encode_peak_bytes / 1e9:>14.2f}  {e.generate_peak_bytes / 1e9:>16.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m glm_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +335,36 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     quant.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     quant.set_defaults(func=cmd_bench_quant)
+
+    memory = bench_sub.add_parser(
+        "memory", help="per precision level: memory while encoding and generating, measured vs predicted vs published")
+    memory.add_argument("--model", default="chatglm2-6b",
+                        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b) or a config.json: random "
+                             "weights; a model folder or 'embedded': real weights (default: chatglm2-6b)")
+    memory.add_argument("--levels", default="fp16,int8,int4", help="comma-separated precision levels")
+    memory.add_argument("--encode", type=int, default=2048, help="prompt tokens to encode")
+    memory.add_argument("--generate", type=int, default=8192, help="context length to generate up to")
+    memory.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    memory.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
+    memory.add_argument("--eval-tokens", type=int, default=512, help="tokens for perplexity (real weights only)")
+    memory.add_argument("--no-memory-check", action="store_true",
+                        help="run levels even when their predicted peak exceeds the free memory")
+    memory.add_argument("--no-history", action="store_true", help="do not store the run in the history")
+    memory.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    memory.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
+    memory.set_defaults(func=cmd_bench_memory)
+
+    estimate = sub.add_parser("estimate", help="predict memory per precision level from a config.json alone")
+    estimate.add_argument("--config", required=True,
+                          help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b), a config.json or a model folder")
+    estimate.add_argument("--levels", default="fp32,bf16,fp16,int8,int4", help="comma-separated precision levels")
+    estimate.add_argument("--encode", type=int, default=2048, help="prompt tokens to encode")
+    estimate.add_argument("--generate", type=int, default=8192, help="context length to generate up to")
+    estimate.add_argument("--device-type", choices=["cpu", "cuda"], default="cuda",
+                          help="runtime overhead and allocator slack to add (default: cuda)")
+    estimate.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
+    estimate.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
+    estimate.set_defaults(func=cmd_estimate)
     return parser
 
 

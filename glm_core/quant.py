@@ -119,7 +119,8 @@ class WeightOnlyInt4Linear(_WeightOnlyLinear):
     def __init__(self, in_features, out_features, bias, dtype, device=None, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__(in_features, out_features, bias, dtype, device)
         self.group_size = group_size
-        self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
+        # Two values a byte in every layout (the packed CPU and CUDA layouts too): its shape gives the bytes.
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer(
             "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device)
         )
@@ -188,10 +189,9 @@ def _policy(model: nn.Module, precision: Precision, dtype, group_size: int, devi
     the output layer is read in full for every token, and int8 rows keep them accurate. A tied output layer
     keeps sharing the embedding's (now int8) table. The norms stay in the activation dtype.
     """
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    embedding_name = next((n for n, m in model.named_modules() if m is embedding), None)
+    embedding, head = _embedding_and_output_layer(model)
     for name, module in list(model.named_modules()):
-        if name == embedding_name and isinstance(module, nn.Embedding):
+        if module is embedding and isinstance(module, nn.Embedding):
             yield name, WeightOnlyInt8Embedding(module.num_embeddings, module.embedding_dim, dtype, device)
         elif not isinstance(module, nn.Linear):
             continue
@@ -199,8 +199,15 @@ def _policy(model: nn.Module, precision: Precision, dtype, group_size: int, devi
             replacement = _replacement(module, precision, dtype, group_size, device)
             if replacement is not None:
                 yield name, replacement
-        elif name.split(".")[-1] == "lm_head" and not (embedding is not None and module.weight is embedding.weight):
+        elif module is head and not (embedding is not None and module.weight is embedding.weight):
             yield name, _replacement(module, Precision.INT8, dtype, group_size, device)
+
+
+def _embedding_and_output_layer(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if hasattr(model, "get_output_embeddings"):
+        return embedding, model.get_output_embeddings()
+    return embedding, getattr(model, "lm_head", None)
 
 
 def _install(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -211,19 +218,32 @@ def _install(model: nn.Module, name: str, module: nn.Module) -> None:
 def _tie_output_layer(model: nn.Module, embedding: WeightOnlyInt8Embedding, dtype) -> None:
     head = WeightOnlyInt8Linear(embedding.embedding_dim, embedding.num_embeddings, False, dtype, "meta")
     head.weight, head.scales = embedding.weight, embedding.scales  # the same tensors, no copy
-    model.lm_head = head
+    if hasattr(model, "set_output_embeddings"):
+        model.set_output_embeddings(head)
+    else:
+        model.lm_head = head
+
+
+def tie_output_layer(model: nn.Module, dtype) -> None:
+    """Point a tied output layer at the quantized embedding's table again (after its weight was set)."""
+    _tie_output_layer(model, model.get_input_embeddings(), dtype)
 
 
 def swap_in_quantized_linears(
     model: nn.Module, precision: Precision, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE
 ) -> dict[str, nn.Module]:
-    """Replace the policy's modules by empty quantized ones (on the meta device, before loading an untied model).
+    """Replace the policy's modules by empty quantized ones (on the meta device, before loading).
 
-    Returns {module name: quantized module}; their float weights are given later through `set_weight`.
+    Returns {module name: quantized module}; their float weights are given later through `set_weight`. A tied
+    output layer becomes a view of the quantized embedding's table at once (it is not in the returned map).
     """
+    embedding, head = _embedding_and_output_layer(model)
+    tied = embedding is not None and head is not None and head.weight is embedding.weight
     swapped = dict(_policy(model, precision, dtype, group_size, device="meta"))
     for name, module in swapped.items():
         _install(model, name, module)
+        if tied and isinstance(module, WeightOnlyInt8Embedding):
+            _tie_output_layer(model, module, dtype)
     return swapped
 
 
@@ -231,8 +251,7 @@ def swap_in_quantized_linears(
 def quantize_loaded_model(model: nn.Module, precision: Precision, dtype: torch.dtype, group_size: int) -> int:
     """Quantize an already-loaded float model module by module (each float weight is freed as soon as its
     quantized twin replaces it). Returns the number of modules quantized."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = getattr(model, "lm_head", None)
+    embedding, head = _embedding_and_output_layer(model)
     tied = embedding is not None and head is not None and head.weight is embedding.weight
     count = 0
     for name, replacement in _policy(model, precision, dtype, group_size):

@@ -1,0 +1,512 @@
+"""`bench memory`: per precision level, the memory held while encoding N tokens and while generating M tokens,
+next to the estimator's prediction and the published figures. The Quantization page runs the same code.
+
+Each level runs in a fresh process of its own (so each peak is that level's alone), at low CPU priority (so the
+chats of the portal keep their share of the CPU), and can be cancelled by killing that process. The process
+prints JSON lines: progress events, then one result.
+
+Phases of one level, each with its own peak (the peak is reset between them):
+1. load: a model folder with its real weights, or a preset / config.json with random weights made module by
+   module (quantized as they are made, as the loader quantizes while reading);
+2. encode: N random token ids through the engine's chunked prefill, then the first token (time to first token);
+3. generate: the KV cache is filled to M - DECODE_STEPS positions with random keys and values (memory depends on
+   shapes, not values; computing them would take hours on a CPU), then DECODE_STEPS tokens are decoded for real:
+   the peak and the decode speed at a context of M tokens;
+4. perplexity on glm_core/data/eval_text.txt, where the weights are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .generation import fix_output_layer_input
+from .estimator import PRESETS, ConfigError, estimate, model_config, published, read_config
+from .precision import Precision, parse_precision, resolve_device
+from .quant import DEFAULT_GROUP_SIZE, tie_output_layer
+from .settings import EMBEDDED, load_settings
+
+DECODE_STEPS = 16
+LEVELS = [p.value for p in Precision]
+
+
+@dataclass(frozen=True)
+class MemoryBenchRequest:
+    source: str  # a preset name, a config.json (random weights), a model folder or "embedded" (real weights)
+    levels: tuple[str, ...] = ("fp16", "int8", "int4")
+    encode: int = 2048
+    generate: int = 8192
+    device: str = "auto"
+    group_size: int = DEFAULT_GROUP_SIZE
+    eval_tokens: int = 512
+    check_memory: bool = True  # refuse a level whose predicted peak exceeds the free memory
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def source_kind(source: str) -> str:
+    """"random" (preset or config.json: random weights) or "real" (a model folder or the embedded model)."""
+    if source.strip().lower() in PRESETS:
+        return "random"
+    if source == EMBEDDED:
+        return "real"
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return "random"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "real"
+    raise ConfigError(f"{source!r} is not a preset ({', '.join(PRESETS)}), a config.json, a model folder or 'embedded'")
+
+
+def source_config(source: str) -> tuple[str, dict]:
+    if source == EMBEDDED:
+        from .loading import convert_gguf, embedded_gguf_path
+
+        folder = convert_gguf(embedded_gguf_path(), load_settings().cache_dir)
+        return "SmolLM2-135M-Instruct", read_config(str(folder))[1]
+    return read_config(source)
+
+
+def environment(device: str) -> dict:
+    """What a stored run was measured on."""
+    import transformers
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        name = torch.cuda.get_device_name(resolved)
+    else:
+        name = _cpu_name() + f" ({os.cpu_count()} cores)"
+    return {
+        "device": str(resolved), "device_name": name, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "host": platform.node(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+# ---- one level, in this process ------------------------------------------------------------------------------
+
+
+def build_random_model(config, precision: Precision, group_size: int, device: torch.device) -> torch.nn.Module:
+    """The model of `config` with random weights, made module by module on `device`; quantized modules are
+    quantized as each float weight is made, so no full-precision copy of the model ever exists."""
+    from .estimator import meta_model
+
+    model = meta_model(config, precision, group_size)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head = model.get_output_embeddings()
+    generator = torch.Generator(device=device).manual_seed(0)
+    dtype = precision.dtype
+    with torch.no_grad():
+        for module in model.modules():
+            if tied and module is head:  # shares the embedding's table, tied again below
+                continue
+            if hasattr(module, "set_weight"):
+                module.to_empty(device=device, recurse=False)
+                rows, columns = module.float_shape
+                module.set_weight(torch.randn(rows, columns, generator=generator, device=device, dtype=dtype) * 0.02)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+                continue
+            for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                real = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                if name == "weight" and real.dim() > 1:
+                    real.normal_(0, 0.02, generator=generator)
+                elif name == "weight":
+                    real.fill_(1.0)  # norms
+                else:
+                    real.zero_()
+                if isinstance(tensor, torch.nn.Parameter):
+                    module._parameters[name] = torch.nn.Parameter(real, requires_grad=False)
+                else:
+                    module._buffers[name] = real
+    if tied and precision.is_quantized:
+        tie_output_layer(model, dtype)
+    elif tied:
+        model.tie_weights()
+    rebuild_rotary_embeddings(model, config, device)
+    fix_output_layer_input(model)
+    return model.eval()
+
+
+def rebuild_rotary_embeddings(model: torch.nn.Module, config, device: torch.device) -> None:
+    """Rotary embeddings keep computed (non-persistent) buffers: made on the meta device they hold nothing."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, type(module)(config=config).to(device))
+
+
+def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict], None]) -> dict:
+    """Load, encode, generate and (real weights) perplexity for one level; the peaks are this process's."""
+    from transformers import DynamicCache
+
+    from .bench_quant import EVAL_TEXT, perplexity
+    from .generation import decode_one, prefill
+    from .loading import ModelSpec, load_model
+    from .quant import weight_bytes
+    from .telemetry import cuda_context_bytes, held_peak, kv_bytes_per_token, reset_peak
+
+    device = resolve_device(request.device)
+    precision = parse_precision(level, device)
+    kind = source_kind(request.source)
+    if device.type == "cuda":
+        torch.cuda.init()
+    runtime = held_peak(device) if device.type != "cuda" else 0
+    reset_peak(device)
+
+    emit({"event": "progress", "fraction": 0.05, "message": f"{precision.label}: loading"})
+    started = time.perf_counter()
+    loaded = None
+    if kind == "real":
+        loaded = load_model(ModelSpec(request.source, precision.value, request.device, group_size=request.group_size))
+        model, name = loaded.model, loaded.name
+    else:
+        name, cfg = read_config(request.source)
+        config = model_config(cfg)
+        model = build_random_model(config, precision, request.group_size, device)
+    load_s = time.perf_counter() - started
+    weights = weight_bytes(model)
+    config = model.config
+    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+    load_peak = held_peak(device)
+
+    emit({"event": "progress", "fraction": 0.4, "message": f"{precision.label}: encoding {request.encode} tokens"})
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (request.encode,), generator=generator).tolist()
+    reset_peak(device)
+    started = time.perf_counter()
+    cache = DynamicCache(config=config)
+    logits = prefill(model, ids, cache, device)
+    int(logits.argmax())
+    ttft = time.perf_counter() - started
+    encode_peak = held_peak(device)
+    del cache, logits
+    _release(device)
+
+    steps = min(DECODE_STEPS, request.generate)
+    emit({"event": "progress", "fraction": 0.7,
+          "message": f"{precision.label}: generating at a context of {request.generate} tokens"})
+    reset_peak(device)
+    cache = DynamicCache(config=config)
+    _fill_cache(cache, config, request.generate - steps, precision.dtype, device)
+    token = ids[-1]
+    started = time.perf_counter()
+    for _ in range(steps):
+        token = int(decode_one(model, token, cache, device).argmax())
+    decode_s = time.perf_counter() - started
+    generate_peak = held_peak(device)
+    context = cuda_context_bytes(device) if device.type == "cuda" else None
+    del cache
+    _release(device)
+
+    ppl = None
+    if loaded is not None and request.eval_tokens:
+        emit({"event": "progress", "fraction": 0.9, "message": f"{precision.label}: perplexity"})
+        ppl = perplexity(loaded, EVAL_TEXT.read_text(), request.eval_tokens)
+    if device.type == "cuda":
+        runtime = context or 0
+        load_peak, encode_peak, generate_peak = (p + runtime for p in (load_peak, encode_peak, generate_peak))
+    return {
+        "level": precision.value, "model": name, "weights": "real" if kind == "real" else "random",
+        "device": str(device),
+        "memory_source": "CUDA allocator (reserved) + CUDA context" if device.type == "cuda" else "process RSS",
+        "runtime_bytes": runtime, "weights_bytes": weights["total"], "quantized_weights_bytes": weights["quantized"],
+        "kv_bytes_per_token": kv_bytes_per_token(config, precision.dtype),
+        "load_s": load_s, "load_peak_bytes": load_peak,
+        "encode_tokens": request.encode, "encode_peak_bytes": encode_peak, "ttft_s": ttft,
+        "generate_tokens": request.generate, "generate_peak_bytes": generate_peak,
+        "decode_tokens_per_s": steps / decode_s if decode_s > 0 else None,
+        "perplexity": ppl,
+    }
+
+
+def _fill_cache(cache, config, positions: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Hold `positions` random keys and values in every layer, as a generation that far would."""
+    if positions <= 0:
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    for layer in range(text.num_hidden_layers):
+        keys = torch.randn(1, heads, positions, head_dim, dtype=dtype, device=device)
+        cache.update(keys, torch.randn_like(keys), layer)
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_in_process(request: MemoryBenchRequest) -> int:
+    """The child's side: one level (request.levels[0]); JSON lines on stdout."""
+    def emit(event: dict) -> None:
+        print(json.dumps(event), flush=True)
+
+    if resolve_device(request.device).type == "cpu" and hasattr(os, "nice"):
+        os.nice(10)  # the portal's chats keep their share of the CPU
+    try:
+        result = measure_level(request, request.levels[0], emit)
+    except torch.OutOfMemoryError:
+        emit({"event": "result", "level": request.levels[0], "error": "out of memory"})
+        return 1
+    except Exception as exc:  # reported as this level's error; the other levels still run
+        message = str(exc).strip().splitlines()
+        emit({"event": "result", "level": request.levels[0], "error": (message[0] if message else type(exc).__name__)[:300]})
+        return 1
+    emit({"event": "result", **result})
+    return 0
+
+
+# ---- the run over all levels ---------------------------------------------------------------------------------
+
+
+def free_memory_bytes(device: str) -> int:
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return torch.cuda.mem_get_info(resolved)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+@dataclass
+class MemoryBenchRun:
+    """One benchmark over the request's levels, in a background thread; each level in a child process."""
+
+    request: MemoryBenchRequest
+    owner: str = ""  # the workspace that started it (the page lets only it cancel)
+    fraction: float = 0.0
+    message: str = "starting"
+    results: list[dict] = field(default_factory=list)
+    estimates: dict = field(default_factory=dict)
+    state: str = "pending"  # pending, running, done, cancelled, failed
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    _process: subprocess.Popen | None = None
+    _cancelled: bool = False
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, on_finish: Callable[["MemoryBenchRun"], None] | None = None) -> "MemoryBenchRun":
+        self.state = "running"
+        self._thread = threading.Thread(target=self._run, args=(on_finish,), name="bench-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> "MemoryBenchRun":
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("pending", "running")
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._process is not None and self._process.poll() is None:
+                self._process.kill()
+
+    def _run(self, on_finish) -> None:
+        try:
+            self._run_levels()
+            self.state = "cancelled" if self._cancelled else "done"
+        except Exception as exc:  # a broken request: shown as the run's error
+            self.state, self.error = "failed", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.finished_at = time.time()
+        self.fraction = 1.0 if self.state == "done" else self.fraction
+        if on_finish is not None:
+            on_finish(self)
+
+    def _run_levels(self) -> None:
+        request = self.request
+        _, cfg = source_config(request.source)
+        device_type = resolve_device(request.device).type
+        self.estimates = {e.level: e.to_dict() for e in
+                          estimate(cfg, list(request.levels), request.encode, request.generate, device_type,
+                                   request.group_size)}
+        count = len(request.levels)
+        for number, level in enumerate(request.levels):
+            if self._cancelled:
+                return
+            predicted = self.estimates[parse_precision(level, resolve_device(request.device)).value]
+            need = max(predicted["encode_peak_bytes"], predicted["generate_peak_bytes"])
+            free = free_memory_bytes(request.device)
+            if request.check_memory and need > free:
+                self.results.append({"level": level, "error": (
+                    f"predicted peak {need / 2**30:.1f} GiB exceeds the {free / 2**30:.1f} GiB free; not run")})
+                continue
+            self.message = f"{level.upper()}: starting"
+            self.results.append(self._run_level(level, number, count))
+
+    def _run_level(self, level: str, number: int, count: int) -> dict:
+        request = self.request
+        args = [sys.executable, "-m", "glm_core", "bench", "memory", "--in-process", "--model", request.source,
+                "--levels", level, "--encode", str(request.encode), "--generate", str(request.generate),
+                "--device", request.device, "--group-size", str(request.group_size),
+                "--eval-tokens", str(request.eval_tokens)]
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        with self._lock:
+            if self._cancelled:
+                return {"level": level, "error": "cancelled"}
+            self._process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        result = None
+        for line in self._process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "progress":
+                self.fraction = (number + event["fraction"]) / count
+                self.message = event["message"]
+            elif event.get("event") == "result":
+                result = {k: v for k, v in event.items() if k != "event"}
+        stderr = self._process.stderr.read()
+        code = self._process.wait()
+        if self._cancelled:
+            return {"level": level, "error": "cancelled"}
+        if result is None:
+            tail = (stderr.strip().splitlines() or [f"exit status {code}"])[-1]
+            if code < 0 or code == 137:
+                tail = f"killed (exit {code}); out of memory?"
+            return {"level": level, "error": tail[:300]}
+        return result
+
+
+def run_memory_bench(request: MemoryBenchRequest, progress: Callable[[float, str], None] | None = None) -> MemoryBenchRun:
+    """The command line's synchronous run (the page starts a MemoryBenchRun and polls it)."""
+    run = MemoryBenchRun(request).start()
+    last = None
+    while run.wait(0.5).active:
+        if progress is not None and (run.fraction, run.message) != last:
+            last = (run.fraction, run.message)
+            progress(*last)
+    return run
+
+
+# ---- measured vs predicted vs published ----------------------------------------------------------------------
+
+
+def comparison_rows(run: MemoryBenchRun | dict) -> list[dict]:
+    """One row per level: measured, predicted (with the error) and published (with ours vs theirs)."""
+    data = run if isinstance(run, dict) else run_record(run)
+    request = data["request"]
+    source_key = request["source"].strip().lower()
+    table = published(source_key, request["encode"], request["generate"]) or {}
+    rows = []
+    for result in data["results"]:
+        level = result["level"]
+        predicted = data["estimates"].get(level, {})
+        row = {"level": level, "error": result.get("error")}
+        for phase in ("encode", "generate"):
+            measured = result.get(f"{phase}_peak_bytes")
+            guess = predicted.get(f"{phase}_peak_bytes")
+            theirs = table.get(level, (None, None))[0 if phase == "encode" else 1]
+            row[f"{phase}_measured_bytes"] = measured
+            row[f"{phase}_predicted_bytes"] = guess
+            row[f"{phase}_prediction_error"] = (guess - measured) / measured if measured and guess else None
+            row[f"{phase}_published_bytes"] = theirs
+            row[f"{phase}_vs_published"] = (measured - theirs) / theirs if measured and theirs else None
+        for key in ("weights_bytes", "ttft_s", "decode_tokens_per_s", "perplexity", "weights"):
+            row[key] = result.get(key)
+        row["predicted_weights_bytes"] = predicted.get("weights_bytes")
+        rows.append(row)
+    return rows
+
+
+def run_record(run: MemoryBenchRun) -> dict:
+    return {
+        "request": run.request.describe(), "results": run.results, "estimates": run.estimates,
+        "state": run.state, "error": run.error, "started_at": run.started_at, "finished_at": run.finished_at,
+        "environment": environment(run.request.device),
+    }
+
+
+def format_memory_report(record: dict) -> str:
+    request, env = record["request"], record.get("environment", {})
+    lines = [
+        f"bench memory: {request['source']} on {env.get('device_name', request['device'])}, "
+        f"encode {request['encode']} / generate {request['generate']} tokens (GB = 10^9 bytes)",
+        "level  weights GB  encode: measured  predicted (err)   published   generate: measured  predicted (err)"
+        "   published   ttft s  decode tok/s  perplexity",
+    ]
+
+    def gb(value):
+        return f"{value / 1e9:.2f}" if value else "-"
+
+    def pct(value):
+        return f"{value * 100:+.1f}%" if value is not None else ""
+
+    for row in comparison_rows(record):
+        if row["error"]:
+            lines.append(f"{row['level']:<5}  error: {row['error']}")
+            continue
+        ppl = f"{row['perplexity']:.2f}" if row["perplexity"] is not None else "n/a"
+        lines.append(
+            f"{row['level']:<5}  {gb(row['weights_bytes']):>10}  "
+            f"{gb(row['encode_measured_bytes']):>16}  {gb(row['encode_predicted_bytes']):>9} ({pct(row['encode_prediction_error']):>6})"
+            f"  {gb(row['encode_published_bytes']):>9}  "
+            f"{gb(row['generate_measured_bytes']):>18}  {gb(row['generate_predicted_bytes']):>9} ({pct(row['generate_prediction_error']):>6})"
+            f"  {gb(row['generate_published_bytes']):>9}  {row['ttft_s']:>7.2f}  {row['decode_tokens_per_s'] or 0:>12.2f}  {ppl:>10}"
+        )
+    return "\n".join(lines)
+
+
+# ---- history -------------------------------------------------------------------------------------------------
+
+
+class BenchHistory:
+    """Every finished run of the portal and the command line, shared by the team (benchmarks are not private
+    the way conversations are): one SQLite file beside the conversation store."""
+
+    def __init__(self, data_dir: Path | str | None = None):
+        self.path = Path(data_dir or load_settings().data_dir) / "benchmarks.sqlite3"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS memory_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "created_at REAL NOT NULL, record TEXT NOT NULL)")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def add(self, record: dict) -> int:
+        with self._connect() as db:
+            cursor = db.execute("INSERT INTO memory_runs (created_at, record) VALUES (?, ?)",
+                                (record.get("finished_at") or time.time(), json.dumps(record)))
+            return int(cursor.lastrowid)
+
+    def list(self, limit: int = 200) -> list[dict]:
+        with self._connect() as db:
+            rows = db.execute("SELECT id, record FROM memory_runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [{"id": row_id, **json.loads(record)} for row_id, record in rows]

@@ -1,0 +1,223 @@
+"""Memory per precision level from a config.json alone: weights, KV cache, activation peaks, runtime overhead.
+
+It predicts this project's own memory (what `bench memory` measures), so it follows this project's choices:
+- weights: the model is built on the meta device (no memory, no values) from the config, the quantization policy
+  of quant.py is applied to it, and the bytes of every tensor are counted, scales and zero points included;
+- KV cache: keys and values of every layer, as many heads as the config's grouped/multi-query attention keeps;
+- activations: the engine prefills in chunks of PREFILL_CHUNK tokens, so encoding N tokens peaks inside one
+  chunk's layer (see `_activation_bytes`); decoding feeds one token at a time;
+- runtime: a fixed overhead per device type (RUNTIME_OVERHEAD).
+
+ChatGLM-6B (first generation) has no module here to chat with, but its tensors are those of a GPT-NeoX model
+(fused qkv with bias, a 4h GELU MLP with biases, LayerNorms with bias, an untied output layer): its config is
+translated to that shape, for the estimate and for the random-weight benchmark alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .generation import PREFILL_CHUNK
+from .precision import Precision, parse_precision
+from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears
+from .telemetry import kv_bytes_per_token
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS = {  # name -> label; the configs are the published config.json files of these models
+    "chatglm-6b": "ChatGLM-6B",
+    "chatglm2-6b": "ChatGLM2-6B",
+    "chatglm3-6b": "ChatGLM3-6B",
+    "glm-4-9b": "GLM-4-9B",
+}
+
+GB = 10**9  # the published tables count in GB; so do the comparisons with them
+
+# THUDM/ChatGLM2-6B README, "minimum GPU memory to encode 2048 tokens / to generate 8192 tokens" per level.
+# Their sums fit weights + KV cache + their fp32 attention scores, i.e. tensors on the device, to about 1 %.
+PUBLISHED = {
+    ("chatglm2-6b", 2048, 8192): {
+        "source": "THUDM/ChatGLM2-6B README (original implementation, CUDA)",
+        "fp16": (13.1 * GB, 12.8 * GB),
+        "bf16": (13.1 * GB, 12.8 * GB),
+        "int8": (8.2 * GB, 8.1 * GB),
+        "int4": (5.5 * GB, 5.1 * GB),
+    },
+}
+
+MiB = 2**20
+# Fixed overhead per device type, on top of the tensors.
+# - cpu: resident memory of a Python process that has imported torch and transformers and run a model once
+#   (shared libraries, oneDNN kernels, thread pools); measured here at 390-430 MiB with torch 2.13 (bench memory
+#   prints the `runtime_bytes` it measures before loading).
+# - cuda: the CUDA context and kernel images (CUDA 12 with lazy loading: about 500 MiB on an H100 per NVIDIA's
+#   and PyTorch's reports; not measured here, no GPU was lent), plus the caching allocator's slack, modelled as
+#   ALLOCATOR_SLACK of the tensors.
+RUNTIME_OVERHEAD = {"cpu": 420 * MiB, "cuda": 500 * MiB, "mps": 0}
+ALLOCATOR_SLACK = {"cpu": 0.0, "cuda": 0.02, "mps": 0.0}
+
+
+class ConfigError(ValueError):
+    """The config cannot be estimated; the message says why in one line."""
+
+
+# ---- configs --------------------------------------------------------------------------------------------------
+
+
+def read_config(source: str) -> tuple[str, dict]:
+    """(display name, config dict) for a preset name, a config.json file or a model folder."""
+    key = source.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key], json.loads((PRESETS_DIR / f"{key}.json").read_text())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json or model folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    name = cfg.get("_name_or_path") or (path.parent.name if path.name == "config.json" else path.stem)
+    return str(name), cfg
+
+
+def model_config(cfg: dict):
+    """The transformers config of the module that runs (or, for ChatGLM-6B, has the same tensors as) `cfg`."""
+    from transformers import AutoConfig, GPTNeoXConfig
+
+    from .chatglm_checkpoint import CheckpointError, glm_config, is_first_generation
+
+    try:
+        if cfg.get("model_type") in ("chatglm", "chatglm6b"):
+            if is_first_generation(cfg):
+                return GPTNeoXConfig(
+                    vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+                    num_hidden_layers=int(cfg["num_layers"]), num_attention_heads=int(cfg["num_attention_heads"]),
+                    intermediate_size=int(cfg.get("inner_hidden_size") or 4 * int(cfg["hidden_size"])),
+                    max_position_embeddings=int(cfg.get("max_sequence_length", 2048)),
+                    tie_word_embeddings=False, use_parallel_residual=False,
+                )
+            return glm_config(cfg)
+        fields = {k: v for k, v in cfg.items() if k not in ("model_type", "quantization_config")}
+        return AutoConfig.for_model(cfg.get("model_type", ""), **fields)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"config.json cannot be read as a model config: {exc}") from None
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def meta_model(config, precision: Precision, group_size: int = DEFAULT_GROUP_SIZE) -> torch.nn.Module:
+    """The model with the level's quantized modules, on the meta device: shapes without memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=precision.dtype)
+        except ValueError as exc:
+            raise ConfigError(f"no causal language model class for this config: {str(exc).splitlines()[0]}") from None
+    if precision.is_quantized:
+        swap_in_quantized_linears(model, precision, precision.dtype, group_size)
+    return model
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer, each shared tensor counted once (works on meta)."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    non_persistent = sum(
+        t.numel() * t.element_size()
+        for m in model.modules() for n, t in m._buffers.items() if t is not None and n in m._non_persistent_buffers_set
+    )
+    return total - non_persistent
+
+
+# ---- activations ---------------------------------------------------------------------------------------------
+
+
+def _activation_bytes(config, tokens: int, context: int, dtype: torch.dtype) -> int:
+    """Peak of the temporaries of one forward of `tokens` tokens over `context` cached+new positions.
+
+    Inside the layer that holds the peak: the residual stream and its normed copy, the attention scores in
+    float32 (tokens x heads x context; the sdpa math path materialises them), the MLP's widest pair
+    (gate/up output and the activated product), the copy of one layer's keys and values that the cache's
+    concatenation makes, and the float32 logits of the last position (logits_to_keep=1).
+    """
+    t = text_config(config)
+    size = torch.tensor([], dtype=dtype).element_size()
+    hidden, heads = t.hidden_size, t.num_attention_heads
+    kv_heads = getattr(t, "num_key_value_heads", None) or heads
+    head_dim = getattr(t, "head_dim", None) or hidden // heads
+    ffn = getattr(t, "intermediate_size", None) or 4 * hidden
+    gated = getattr(t, "model_type", "") != "gpt_neox"
+    residual = 3 * tokens * hidden * size
+    attention = tokens * (heads + 2 * kv_heads) * head_dim * size + tokens * heads * context * 4
+    mlp = tokens * ffn * (3 if gated else 2) * size
+    cache_copy = 2 * context * kv_heads * head_dim * size
+    logits = t.vocab_size * 4
+    return residual + max(attention, mlp) + cache_copy + logits
+
+
+# ---- the estimate --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    level: str
+    weights_bytes: int
+    kv_bytes_per_token: int
+    encode_activation_bytes: int
+    generate_activation_bytes: int
+    runtime_bytes: int
+    encode_peak_bytes: int
+    generate_peak_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(cfg: dict, levels: list[str], encode: int, generate: int, device_type: str = "cpu",
+             group_size: int = DEFAULT_GROUP_SIZE) -> list[Estimate]:
+    """Predicted memory per level for encoding `encode` tokens, and for generating up to `generate` tokens."""
+    if encode < 1 or generate < 1:
+        raise ConfigError("the lengths to encode and to generate must be at least 1 token")
+    config = model_config(cfg)
+    overhead, slack = RUNTIME_OVERHEAD.get(device_type, 0), ALLOCATOR_SLACK.get(device_type, 0.0)
+    results = []
+    for name in levels:
+        precision = parse_precision(name, torch.device(device_type))
+        if precision is Precision.INT4 and group_size % 32:
+            raise ConfigError(f"INT4 group size must be a positive multiple of 32, got {group_size}")
+        dtype = precision.dtype
+        weights = tensor_bytes(meta_model(config, precision, group_size))
+        kv = kv_bytes_per_token(config, dtype)
+        chunk = min(encode, PREFILL_CHUNK)
+        encode_act = _activation_bytes(config, chunk, encode, dtype)
+        generate_act = _activation_bytes(config, 1, generate, dtype)
+        encode_tensors = weights + kv * encode + encode_act
+        generate_tensors = weights + kv * generate + generate_act
+        results.append(Estimate(
+            level=precision.value, weights_bytes=weights, kv_bytes_per_token=kv,
+            encode_activation_bytes=encode_act, generate_activation_bytes=generate_act, runtime_bytes=overhead,
+            encode_peak_bytes=round(encode_tensors * (1 + slack)) + overhead,
+            generate_peak_bytes=round(generate_tensors * (1 + slack)) + overhead,
+        ))
+    return results
+
+
+def published(source_key: str, encode: int, generate: int) -> dict | None:
+    """Published (encode, generate) peaks per level for these exact conditions, or None."""
+    return PUBLISHED.get((source_key.strip().lower(), encode, generate))
