@@ -44,19 +44,19 @@ def confirm_unload(name: str) -> None:
 
 
 engine = hub.engine
-model_area, free_area, unload_area = st.columns([4, 1, 1], vertical_alignment="center")
 if engine is None:
-    model_area.info(f"No model is loaded. The chat page loads the default model "
-                    f"({plain(ModelSpec.from_settings().path)}) on its next visit.")
+    st.info(f"No model is loaded. The chat page loads the default model ({plain(ModelSpec.from_settings().path)}) "
+            "on its next visit.")
 else:
     card = engine.loaded.card()
-    model_area.markdown(f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
-                        f"weights {format_bytes(card['weights_bytes'])}")
-if free_area.button("Free cached memory", key="free_memory", width="stretch",
-                    help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc)."):
+    st.markdown(f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
+                f"weights {format_bytes(card['weights_bytes'])}")
+actions = st.container(horizontal=True)
+if actions.button("Free cached memory", key="free_memory",
+                  help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc)."):
     state.memory_report = f"Freed cached memory: {free_cached_memory().describe()}."
-unload_area.button("Unload the model…", key="unload_model", width="stretch", disabled=engine is None,
-                   help=UNLOAD_EFFECTS, on_click=lambda: state.update(pending_unload=True))
+actions.button("Unload the model…", key="unload_model", disabled=engine is None, help=UNLOAD_EFFECTS,
+               on_click=lambda: state.update(pending_unload=True))
 if state.get("pending_unload"):  # until confirmed, cancelled or dismissed
     if engine is None:  # someone else unloaded it meanwhile
         state.pop("pending_unload")
@@ -78,11 +78,12 @@ def show_gpus(reading) -> None:
             st.error(f"GPU {gpu.index} could not be read: {gpu.error}")
             continue
         memory, utilization, temperature, power = st.columns(4)
-        memory.metric("Memory used", f"{format_bytes(gpu.memory_used)} / {format_bytes(gpu.memory_total)}")
+        memory.metric(f"Memory used of {format_bytes(gpu.memory_total)}", format_bytes(gpu.memory_used))
         utilization.metric("Utilization", "n/a" if gpu.utilization_pct is None else f"{gpu.utilization_pct} %")
         temperature.metric("Temperature", "n/a" if gpu.temperature_c is None else f"{gpu.temperature_c} °C")
         watts = "n/a" if gpu.power_w is None else f"{gpu.power_w:.0f} W"
-        power.metric("Power", watts if gpu.power_limit_w is None else f"{watts} / {gpu.power_limit_w:.0f} W")
+        limit = "" if gpu.power_limit_w is None else f" (limit {gpu.power_limit_w:.0f} W)"
+        power.metric(f"Power{limit}", watts)
         if gpu.unavailable:
             st.warning("Not available: " + "; ".join(f"{figure}: {why}" for figure, why in gpu.unavailable.items()))
         if not gpu.processes:
@@ -106,11 +107,11 @@ def show_history() -> None:
     table["time"] = [datetime.fromtimestamp(t) for t in table["time"]]
     memory = [column for column in table if column == "host used" or column.endswith(("RSS", "memory used"))]
     table[memory] = table[memory] / 2**30
-    left, right = st.columns(2)
-    left.line_chart(table, x="time", y=memory, x_label="", y_label="GiB")
     utilization = [column for column in table if column.endswith("utilization")]
+    left, right = st.columns(2) if utilization else (st.container(), None)
+    left.line_chart(table, x="time", y=memory, x_label="", y_label="memory (GiB)")
     if utilization:
-        right.line_chart(table, x="time", y=utilization, x_label="", y_label="GPU utilization %")
+        right.line_chart(table, x="time", y=utilization, x_label="", y_label="GPU utilization (%)")
 
 
 @st.fragment(run_every=monitor.interval_s)
@@ -129,7 +130,7 @@ def live_figures() -> None:
 
     st.header("Host")
     used, available, rss, peak = st.columns(4)
-    used.metric("Host memory used", f"{format_bytes(sample.host['used'])} / {format_bytes(sample.host['total'])}")
+    used.metric(f"Host memory used of {format_bytes(sample.host['total'])}", format_bytes(sample.host["used"]))
     available.metric("Host memory available", format_bytes(sample.host["available"]))
     rss.metric("This process (RSS)", format_bytes(sample.process["current"]))
     peak.metric("This process, peak RSS", format_bytes(sample.process["peak"]))

@@ -48,15 +48,17 @@ def test_each_gpu_with_its_figures_and_processes(nvml):
     nvml(two_busy_gpus())
     at = open_monitor()
     assert [s.value for s in at.subheader] == ["GPU 0 · NVIDIA H100 80GB HBM3", "GPU 1 · NVIDIA A10"]
-    values = [m.value for m in at.metric]
-    assert values[:4] == ["20.0 GiB / 80.0 GiB", "37 %", "51 °C", "312 W / 700 W"]
-    assert values[4:8] == ["3.00 GiB / 24.0 GiB", "0 %", "33 °C", "21 W / 150 W"]
+    shown = [(m.label, m.value) for m in at.metric]
+    assert shown[:4] == [("Memory used of 80.0 GiB", "20.0 GiB"), ("Utilization", "37 %"), ("Temperature", "51 °C"),
+                         ("Power (limit 700 W)", "312 W")]
+    assert shown[4:8] == [("Memory used of 24.0 GiB", "3.00 GiB"), ("Utilization", "0 %"), ("Temperature", "33 °C"),
+                          ("Power (limit 150 W)", "21 W")]
     first = at.dataframe[0].value
     assert list(first.columns) == ["PID", "Process", "Kind", "GPU memory", "This process"]
     assert list(first["GPU memory"]) == ["12.0 GiB", "n/a"] and list(first["This process"]) == [False, True]
     assert first["PID"][1] == os.getpid() and first["Process"][0] == "(not visible here)"
     assert list(at.dataframe[1].value["Kind"]) == ["graphics"]
-    assert "Host memory used" in metrics(at) and not at.error and not at.warning
+    assert any(label.startswith("Host memory used of ") for label in metrics(at)) and not at.error and not at.warning
 
 
 def test_without_a_gpu_the_page_says_so_and_shows_host_memory(nvml):
@@ -64,7 +66,8 @@ def test_without_a_gpu_the_page_says_so_and_shows_host_memory(nvml):
     at = open_monitor()
     assert "No NVIDIA GPU found: NVML Shared Library Not Found" in texts(at.info)
     shown = metrics(at)
-    assert " / " in shown["Host memory used"] and shown["This process (RSS)"].endswith(("MiB", "GiB"))
+    host = next(label for label in shown if label.startswith("Host memory used of "))
+    assert shown[host].endswith(("MiB", "GiB")) and shown["This process (RSS)"].endswith(("MiB", "GiB"))
     assert "This process, peak RSS" in shown and "Host memory available" in shown
     assert not at.subheader and not at.dataframe
 
@@ -76,7 +79,7 @@ def test_nvml_errors_are_messages_and_the_rest_stays(nvml):
     at = open_monitor()
     assert "GPU 0 could not be read: GPU is lost" in texts(at.error)
     assert "power: Not Supported" in texts(at.warning)
-    assert metrics(at)["Power"] == "n/a / 150 W" and metrics(at)["Memory used"] == "3.00 GiB / 24.0 GiB"
+    assert metrics(at)["Power (limit 150 W)"] == "n/a" and metrics(at)["Memory used of 24.0 GiB"] == "3.00 GiB"
 
 
 def test_history_charts_once_samples_are_there(nvml):
@@ -85,8 +88,7 @@ def test_history_charts_once_samples_are_there(nvml):
     for _ in range(3):
         monitor.record()
     at = open_monitor()
-    charts = at.get("vega_lite_chart")
-    assert len(charts) == 2  # memory, and GPU utilization
+    assert len(at.get("vega_lite_chart")) == 2  # memory, and GPU utilization
     assert "Collecting samples" not in texts(at.caption)
 
 
