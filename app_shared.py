@@ -1,5 +1,5 @@
-"""Streamlit glue shared by the pages: the process-wide engine hub and conversation store, the model loader with a
-progress bar, and the access rules every page applies first (open_workspace)."""
+"""Streamlit glue shared by the pages: the process-wide engine hub, conversation store and GPU monitor, the model
+loader with a progress bar, and the access rules every page applies first (open_workspace)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import streamlit as st
 
 from glm_core import Engine, ModelLoadError, ModelSpec, load_settings
+from glm_core.gpu_monitor import Monitor
 from glm_core.hub import EngineHub
 from glm_core.store import Store
 from glm_core.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
@@ -32,6 +33,13 @@ def _store_for(data_dir: str) -> Store:
 
 def get_store() -> Store:
     return _store_for(str(load_settings().data_dir))
+
+
+@st.cache_resource(show_spinner=False, on_release=Monitor.stop)
+def get_monitor() -> Monitor:
+    """One sampler per server process, started on the first visit of the GPU monitor page: every browser session
+    sees the same history of the last minutes."""
+    return Monitor().start()
 
 
 def load_with_progress(spec: ModelSpec) -> Engine | None:

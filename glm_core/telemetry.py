@@ -1,12 +1,38 @@
-"""Memory figures of the device a model runs on: the CUDA allocator on GPUs, the process on CPU."""
+"""Memory figures of this process and its host: the CUDA allocator on GPUs, the process's RSS, host memory;
+freeing what the allocators keep cached; one way to write a byte count for people."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
+from dataclasses import dataclass
 
 import psutil
 import torch
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_bytes(count: int | float | None) -> str:
+    """1536 * 2**20 -> '1.50 GiB', 300 * 2**20 -> '300 MiB' (about three significant digits); None -> 'n/a'."""
+    if count is None:
+        return "n/a"
+    value, unit = float(count), 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    if unit == 0:
+        return f"{int(value)} B"
+    decimals = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:,.{decimals}f} {_UNITS[unit]}"
+
+
+def host_memory() -> dict:
+    """The machine's memory: total, used (by processes, without the page cache) and available, in bytes."""
+    memory = psutil.virtual_memory()
+    return {"total": memory.total, "used": memory.used, "available": memory.available}
 
 
 def process_memory() -> dict:
@@ -27,6 +53,80 @@ def device_memory(device: torch.device) -> dict:
             "reserved": torch.cuda.memory_reserved(device),
         }
     return {"source": "process RSS", **process_memory()}
+
+
+def cuda_in_use() -> bool:
+    """CUDA is there and this process has started using it (asking before that would create a context per GPU,
+    hundreds of MiB each, just to report zeros)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def cuda_allocator() -> list[dict]:
+    """This process's PyTorch CUDA allocator per device: allocated (held by tensors), reserved (held by the
+    allocator, including its cache) and peak allocated, in bytes. Empty when CUDA is not in use."""
+    if not cuda_in_use():
+        return []
+    return [
+        {
+            "device": f"cuda:{index}",
+            "allocated": torch.cuda.memory_allocated(index),
+            "reserved": torch.cuda.memory_reserved(index),
+            "peak_allocated": torch.cuda.max_memory_allocated(index),
+        }
+        for index in range(torch.cuda.device_count())
+    ]
+
+
+@dataclass
+class MemoryInUse:
+    rss: int  # this process's resident memory
+    reserved: dict[str, int]  # CUDA allocator reserved bytes per device
+
+    @classmethod
+    def now(cls) -> MemoryInUse:
+        return cls(process_memory()["current"], {a["device"]: a["reserved"] for a in cuda_allocator()})
+
+
+@dataclass
+class Freed:
+    before: MemoryInUse
+    after: MemoryInUse
+
+    def describe(self) -> str:
+        """'process RSS 1.20 GiB -> 1.10 GiB (100 MiB freed); cuda:0 reserved 3.00 GiB -> 2.00 GiB (...)'"""
+        parts = [_change("process RSS", self.before.rss, self.after.rss)]
+        parts += [_change(f"{device} reserved", before, self.after.reserved.get(device, 0))
+                  for device, before in self.before.reserved.items()]
+        return "; ".join(parts)
+
+
+def _change(label: str, before: int, after: int) -> str:
+    freed = before - after
+    outcome = f"{format_bytes(freed)} freed" if freed > 0 else "nothing freed"
+    return f"{label} {format_bytes(before)} → {format_bytes(after)} ({outcome})"
+
+
+def free_cached_memory(before: MemoryInUse | None = None) -> Freed:
+    """What the seeds' torch_gc did: collect garbage, then hand the CUDA allocator's cached blocks back to the
+    driver (empty_cache) and release memory shared with other processes (ipc_collect); on glibc also hand
+    the C heap's free pages back to the system, without which RSS rarely drops. Tensors still referenced stay."""
+    before = before or MemoryInUse.now()
+    gc.collect()
+    if cuda_in_use():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+    _trim_c_heap()
+    return Freed(before, MemoryInUse.now())
+
+
+def _trim_c_heap() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
+        pass
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:

@@ -137,3 +137,19 @@ def test_stored_conversation_reopens_from_the_url_and_shows_html_as_text(data_di
     page.reload()
     expect(messages).to_have_count(2, timeout=120_000)
     assert f"ws={ws}" in page.url and f"c={cid}" in page.url
+
+
+def test_gpu_monitor_page(server, page):
+    """Without an NVIDIA GPU (as here) the page says so, shows host memory, and charts the last minutes."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{server}/GPU_monitor")
+    main = page.get_by_test_id("stMain")
+    expect(main).to_contain_text("No NVIDIA GPU found", timeout=120_000)
+    expect(main).to_contain_text("Host memory used")
+    expect(main).to_contain_text("This process (RSS)")
+    expect(main).to_contain_text("No model is loaded")  # nothing has opened the chat page of this fresh server
+    # The sampler started with the first visit; the fragment redraws every 2 s until the chart has two samples.
+    expect(page.get_by_test_id("stVegaLiteChart")).to_have_count(1, timeout=60_000)
+    assert "ws=" in page.url  # the page applies the access rules first, like every page
+    page.set_viewport_size({"width": 1280, "height": 1150})  # the screenshot shows the whole page
