@@ -8,6 +8,7 @@ import re
 import streamlit as st
 
 from glm_core import Engine, ModelLoadError, ModelSpec, load_settings
+from glm_core.bench_memory import BenchHistory, MemoryBenchRunner
 from glm_core.gpu_monitor import Monitor
 from glm_core.hub import EngineHub
 from glm_core.store import Store
@@ -29,6 +30,16 @@ def _store_for(data_dir: str) -> Store:
     # was being written by a process that died, so it is marked interrupted.
     store.recover_interrupted()
     return store
+
+
+@st.cache_resource(show_spinner=False)
+def _bench_runner_for(data_dir: str) -> MemoryBenchRunner:
+    return MemoryBenchRunner(BenchHistory(data_dir))
+
+
+def get_bench_runner() -> MemoryBenchRunner:
+    """One memory benchmark at a time per server process, and the team's history of runs."""
+    return _bench_runner_for(str(load_settings().data_dir))
 
 
 def get_store() -> Store:

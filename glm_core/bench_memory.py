@@ -167,7 +167,7 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
     from .generation import decode_one, prefill
     from .loading import ModelSpec, load_model
     from .quant import weight_bytes
-    from .telemetry import cuda_context_bytes, held_peak, kv_bytes_per_token, reset_peak
+    from .telemetry import held_peak, kv_bytes_per_token, reset_peak
 
     device = resolve_device(request.device)
     precision = parse_precision(level, device)
@@ -218,7 +218,7 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
         token = int(decode_one(model, token, cache, device).argmax())
     decode_s = time.perf_counter() - started
     generate_peak = held_peak(device)
-    context = cuda_context_bytes(device) if device.type == "cuda" else None
+    context = _cuda_context_bytes(device) if device.type == "cuda" else None
     del cache
     _release(device)
 
@@ -241,6 +241,15 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
         "decode_tokens_per_s": steps / decode_s if decode_s > 0 else None,
         "perplexity": ppl,
     }
+
+
+def _cuda_context_bytes(device: torch.device) -> int | None:
+    """What this process holds on the GPU outside the caching allocator (CUDA context, kernel images)."""
+    from .gpu_monitor import this_process_gpu_bytes
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    used = this_process_gpu_bytes(index)
+    return max(used - torch.cuda.memory_reserved(device), 0) if used is not None else None
 
 
 def _fill_cache(cache, config, positions: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -510,3 +519,67 @@ class BenchHistory:
         with self._connect() as db:
             rows = db.execute("SELECT id, record FROM memory_runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [{"id": row_id, **json.loads(record)} for row_id, record in rows]
+
+
+class MemoryBenchRunner:
+    """At most one run at a time per server process (two runs on one machine would distort each other's figures
+    and could exhaust its memory); every run that measured something goes to the history."""
+
+    def __init__(self, history: BenchHistory):
+        self.history = history
+        self.current: MemoryBenchRun | None = None
+        self._lock = threading.Lock()
+
+    def start(self, request: MemoryBenchRequest, owner: str) -> MemoryBenchRun:
+        source_kind(request.source)  # a bad source is refused now, with its message
+        with self._lock:
+            if self.current is not None and self.current.active:
+                raise RuntimeError("a benchmark is already running on this server; wait for it or cancel it")
+            self.current = MemoryBenchRun(request, owner=owner).start(on_finish=self._finished)
+            return self.current
+
+    def _finished(self, run: MemoryBenchRun) -> None:
+        if any("error" not in r for r in run.results):
+            self.history.add(run_record(run))
+
+
+CSV_FIELDS = (
+    "run", "date", "state", "model", "weights", "device", "device_name", "torch", "transformers", "encode_tokens",
+    "generate_tokens", "level", "error", "weights_bytes", "predicted_weights_bytes",
+    "encode_measured_bytes", "encode_predicted_bytes", "encode_prediction_error", "encode_published_bytes",
+    "encode_vs_published", "generate_measured_bytes", "generate_predicted_bytes", "generate_prediction_error",
+    "generate_published_bytes", "generate_vs_published", "ttft_s", "decode_tokens_per_s", "perplexity",
+)
+
+
+def csv_rows(records: list[dict]) -> list[dict]:
+    """One row per run and level, every figure in bytes or seconds; text cells cannot run as formulas."""
+    from datetime import datetime, timezone
+
+    from .exchange import spreadsheet_safe
+
+    rows = []
+    for record in records:
+        request, env = record["request"], record.get("environment", {})
+        date = datetime.fromtimestamp(record.get("finished_at") or record["started_at"], timezone.utc).isoformat()
+        for row in comparison_rows(record):
+            full = {
+                "run": record.get("id", ""), "date": date, "state": record.get("state", ""), "model": request["source"],
+                "device": env.get("device", ""), "device_name": env.get("device_name", ""), "torch": env.get("torch", ""),
+                "transformers": env.get("transformers", ""), "encode_tokens": request["encode"],
+                "generate_tokens": request["generate"], **row,
+            }
+            rows.append({k: "" if full.get(k) is None else spreadsheet_safe(full.get(k)) for k in CSV_FIELDS})
+    return rows
+
+
+def predict(request: MemoryBenchRequest) -> list[dict]:
+    """The estimator's figures for a request, with the published ones where they exist (before any run)."""
+    _, cfg = source_config(request.source)
+    device_type = resolve_device(request.device).type
+    table = published(request.source, request.encode, request.generate) or {}
+    rows = []
+    for e in estimate(cfg, list(request.levels), request.encode, request.generate, device_type, request.group_size):
+        encode_pub, generate_pub = table.get(e.level, (None, None))
+        rows.append({**e.to_dict(), "encode_published_bytes": encode_pub, "generate_published_bytes": generate_pub})
+    return rows

@@ -50,13 +50,13 @@ PUBLISHED = {
 
 MiB = 2**20
 # Fixed overhead per device type, on top of the tensors.
-# - cpu: resident memory of a Python process that has imported torch and transformers and run a model once
-#   (shared libraries, oneDNN kernels, thread pools); measured here at 390-430 MiB with torch 2.13 (bench memory
-#   prints the `runtime_bytes` it measures before loading).
+# - cpu: resident memory of a Python process that has imported torch and transformers (347 MiB here with torch
+#   2.13, the `runtime_bytes` that bench memory reports before loading) and run a model once (oneDNN kernels,
+#   thread pools: about 25 MiB more).
 # - cuda: the CUDA context and kernel images (CUDA 12 with lazy loading: about 500 MiB on an H100 per NVIDIA's
 #   and PyTorch's reports; not measured here, no GPU was lent), plus the caching allocator's slack, modelled as
 #   ALLOCATOR_SLACK of the tensors.
-RUNTIME_OVERHEAD = {"cpu": 420 * MiB, "cuda": 500 * MiB, "mps": 0}
+RUNTIME_OVERHEAD = {"cpu": 370 * MiB, "cuda": 500 * MiB, "mps": 0}
 ALLOCATOR_SLACK = {"cpu": 0.0, "cuda": 0.02, "mps": 0.0}
 
 

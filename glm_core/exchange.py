@@ -137,6 +137,15 @@ CSV_COLUMNS = (
 )
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell a spreadsheet would run as a formula (=, +, -, @ first) gets a leading apostrophe, which
+    spreadsheets show as text (OWASP's advice against CSV injection); other values pass unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def to_csv(conversations: list[Conversation]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
@@ -151,7 +160,7 @@ def to_csv(conversations: list[Conversation]) -> str:
             }
             row.update({name: (m.params or {}).get(name, "") for name in PARAM_FIELDS})
             row.update({name: (m.stats or {}).get(name, "") for name in STATS_FIELDS})
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+            writer.writerow({k: "" if v is None else spreadsheet_safe(v) for k, v in row.items()})
     return buffer.getvalue()
 
 

@@ -134,6 +134,15 @@ class NvmlReader:
         return gpu
 
 
+def this_process_gpu_bytes(index: int, nvml=None) -> int | None:
+    """Device memory NVML counts for this process on GPU `index` (allocator, CUDA context and kernel images:
+    what nvidia-smi shows); None where NVML cannot tell."""
+    reading = NvmlReader(nvml).read()
+    gpu = next((g for g in reading.gpus if g.index == index), None)
+    mine = next((p for p in gpu.processes if p.this_process), None) if gpu is not None else None
+    return mine.used_bytes if mine is not None else None
+
+
 def _processes(compute: list, graphics: list) -> list[GpuProcess]:
     """One row per pid (a process can be in both lists), biggest user first."""
     rows: dict[int, GpuProcess] = {}

@@ -158,24 +158,3 @@ def held_peak(device: torch.device) -> int:
         return torch.cuda.max_memory_reserved(device)
     return process_memory()["peak"]
 
-
-def cuda_context_bytes(device: torch.device) -> int | None:
-    """Device memory this process holds outside the caching allocator (CUDA context, kernel images), as NVML
-    sees it; None where NVML cannot tell (no driver library, no per-process accounting)."""
-    try:
-        import os
-
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if p.pid == os.getpid() and p.usedGpuMemory is not None:
-                    return max(p.usedGpuMemory - torch.cuda.memory_reserved(device), 0)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # NVML missing or failing: the caller reports the allocator alone
-        return None
-    return None

@@ -9,6 +9,7 @@ import pytest
 from glm_core.conversation import ChatMessage, Conversation
 from glm_core.exchange import (
     FORMAT_NAME, MAX_IMPORT_BYTES, ImportRejected, export_conversations, export_file_name, import_file, parse_import,
+    spreadsheet_safe,
 )
 from glm_core.store import Store
 
@@ -106,11 +107,20 @@ def test_csv_export_has_one_row_per_message_with_exact_text(store, filled):
     csv.field_size_limit(2**30)  # the long message is one field of about 525,000 characters
     rows = list(csv.DictReader(io.StringIO(export_conversations(conversations, "csv").decode("utf-8"), newline="")))
     assert len(rows) == sum(len(c.messages) for c in conversations) == 15
-    assert [r["content"] for r in rows] == [m.content for c in conversations for m in c.messages]
+    assert [r["content"] for r in rows] == [spreadsheet_safe(m.content) for c in conversations for m in c.messages]
     stopped = next(r for r in rows if r["content"] == "I was cut")
     assert stopped["stopped"] == "True" and stopped["finish_reason"] == "stopped" and stopped["model"] == "SmolLM2-135M-Instruct"
     assert stopped["temperature"] == "0.0" and stopped["system_prompt"] == "Be terse." and stopped["completion_tokens"] == "5"
     assert stopped["decode_tokens_per_s"] == "41.5" and stopped["conversation_title"] == "Tricky <b>title</b> 🦙"
+
+
+def test_csv_export_keeps_formulas_from_running_in_a_spreadsheet(store):
+    ws = store.create_workspace()
+    store_conversation(store, ws, "=1+1", [ChatMessage("user", '=HYPERLINK("http://x","y")'), reply("-2+3"),
+                                           ChatMessage("user", "@SUM(A1)"), reply("a normal reply")])
+    rows = list(csv.DictReader(io.StringIO(export_conversations(store.get_conversations(ws), "csv").decode())))
+    assert [r["content"] for r in rows] == ["'=HYPERLINK(\"http://x\",\"y\")", "'-2+3", "'@SUM(A1)", "a normal reply"]
+    assert rows[0]["conversation_title"] == "'=1+1" and rows[0]["position"] == "0"
 
 
 def test_html_export_escapes_everything_and_runs_no_script(store, filled):
