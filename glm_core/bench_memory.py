@@ -35,6 +35,7 @@ from .generation import fix_output_layer_input
 from .estimator import PRESETS, ConfigError, estimate, model_config, published, read_config
 from .precision import Precision, parse_precision, resolve_device
 from .quant import DEFAULT_GROUP_SIZE, tie_output_layer
+from .telemetry import trim_c_heap
 from .settings import EMBEDDED, load_settings
 
 DECODE_STEPS = 16
@@ -148,6 +149,7 @@ def build_random_model(config, precision: Precision, group_size: int, device: to
         model.tie_weights()
     rebuild_rotary_embeddings(model, config, device)
     fix_output_layer_input(model)
+    trim_c_heap()  # as load_model does: the float temporaries' pages go back to the system
     return model.eval()
 
 

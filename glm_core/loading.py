@@ -26,7 +26,7 @@ from .chatglm_tokenizer import ChatGLMTokenizer
 from .generation import fix_output_layer_input
 from .precision import Precision, parse_precision, resolve_device
 from .quant import DEFAULT_GROUP_SIZE, quantize_loaded_model, weight_bytes
-from .telemetry import kv_bytes_per_token
+from .telemetry import kv_bytes_per_token, trim_c_heap
 from .settings import EMBEDDED, load_settings
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
         raise ModelLoadError(f"out of memory while loading {path.name} as {precision.label} on {device}") from None
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     fix_output_layer_input(model)
+    gc.collect()
+    trim_c_heap()  # the float temporaries of quantizing while loading were freed: give their pages back too
     progress(0.95, "Checking one forward pass")
     _smoke_test(model, device, precision, name)
     progress(1.0, "Ready")

@@ -115,11 +115,12 @@ def free_cached_memory(before: MemoryInUse | None = None) -> Freed:
     if cuda_in_use():
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
-    _trim_c_heap()
+    trim_c_heap()
     return Freed(before, MemoryInUse.now())
 
 
-def _trim_c_heap() -> None:
+def trim_c_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc keeps them otherwise, and RSS stays high)."""
     if not sys.platform.startswith("linux"):
         return
     try:

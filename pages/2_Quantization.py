@@ -71,8 +71,9 @@ if source and levels:
             "Published encode (GB)": [(p["encode_published_bytes"] or float("nan")) / GB for p in predicted],
             "Published generate (GB)": [(p["generate_published_bytes"] or float("nan")) / GB for p in predicted],
         }), hide_index=True, key="predicted_table", column_config={
-            c: st.column_config.NumberColumn(format="%.2f") for c in ("Weights (GB)", f"Encode {encode} (GB)",
-                                                                        f"Generate {generate} (GB)")})
+            **{c: st.column_config.NumberColumn(format="%.2f") for c in ("Weights (GB)", f"Encode {encode} (GB)",
+                                                                           f"Generate {generate} (GB)")},
+            "KV cache (KB/token)": st.column_config.NumberColumn(format="%.1f")})
 
 current = runner.current
 busy = current is not None and current.active
@@ -112,6 +113,8 @@ def show_comparison(record: dict, key: str) -> None:
     table["Decode (tokens/s)"] = [r["decode_tokens_per_s"] for r in rows]
     table["Perplexity"] = [r["perplexity"] for r in rows]
     frame = pd.DataFrame(table)
+    frame = frame.drop(columns=[c for c in frame.columns if "published" in c and not any(  # nothing to compare with
+        r[f"{phase}_published_bytes"] for r in rows for phase in ("encode", "generate"))])
     st.dataframe(frame, hide_index=True, key=f"{key}_table", column_config={
         c: st.column_config.NumberColumn(format="%.2f") for c in frame.columns if c.endswith(("(GB)", "(s)", "/s)"))})
 
@@ -123,7 +126,7 @@ def show_comparison(record: dict, key: str) -> None:
         ])
         column.caption(f"Peak while {'encoding' if phase == 'encode' else 'generating'} "
                        f"{record['request'][phase]} tokens (GB)")
-        column.bar_chart(long, x="level", y="GB", color="figure", stack=False, key=f"{key}_{phase}_chart")
+        column.bar_chart(long, x="level", y="GB", color="figure", stack=False, sort=False)
 
 
 @st.fragment(run_every=1.0)

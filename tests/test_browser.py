@@ -153,3 +153,27 @@ def test_gpu_monitor_page(server, page):
     expect(page.get_by_test_id("stVegaLiteChart")).to_have_count(1, timeout=60_000)
     assert "ws=" in page.url  # the page applies the access rules first, like every page
     page.set_viewport_size({"width": 1280, "height": 1150})  # the screenshot shows the whole page
+
+
+def test_quantization_page(server, page, tmp_path):
+    """A small run from the command line lands in the shared history; the page shows the prediction for the default
+    preset with the published figures, and the run as a table of measured vs predicted with grouped bar charts."""
+    import json
+
+    from playwright.sync_api import expect
+
+    from test_bench_memory import MID_GLM, run_cli
+
+    config = tmp_path / "mid-glm.json"
+    config.write_text(json.dumps(MID_GLM))
+    done = run_cli("bench", "memory", "--model", str(config), "--levels", "bf16,int8,int4", "--encode", "256",
+                   "--generate", "1024", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    page.goto(f"{server}/Quantization")
+    main = page.get_by_test_id("stMain")
+    expect(main).to_contain_text("Predicted from config.json", timeout=120_000)
+    expect(main).to_contain_text("Encode 256: measured (GB)")  # the run, chosen in the history
+    expect(main).to_contain_text("resident memory (RSS)")
+    expect(page.get_by_test_id("stVegaLiteChart")).to_have_count(2, timeout=60_000)
+    expect(page.get_by_test_id("stDownloadButton")).to_contain_text("Download every run as CSV")
+    page.set_viewport_size({"width": 1400, "height": 1500})

@@ -1,0 +1,79 @@
+"""The Quantization page through Streamlit's AppTest: predictions before a run, a real run on a small
+random-weight config, its comparison table, chart, history and CSV."""
+
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app_shared import get_bench_runner
+from conftest import ROOT
+from test_bench_memory import MID_GLM
+
+PAGE = str(ROOT / "pages" / "2_Quantization.py")
+
+
+@pytest.fixture
+def page(data_dir):
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def table_with(at: AppTest, column: str):
+    """The table that has `column` (AppTest does not keep the keys of dataframes)."""
+    return next(df.value for df in at.dataframe if column in df.value.columns)
+
+
+def test_preset_predictions_with_the_published_figures(page):
+    assert page.radio(key="bench_choice").value.startswith("Architecture preset")
+    assert page.selectbox(key="bench_preset").value == "chatglm2-6b"
+    table = table_with(page, "Published encode (GB)")
+    assert list(table["Level"]) == ["FP16", "INT8", "INT4"]
+    assert table["Published encode (GB)"].round(1).tolist() == [13.1, 8.2, 5.5]
+    assert table["Published generate (GB)"].round(1).tolist() == [12.8, 8.1, 5.1]
+    assert (table["Encode 2048 (GB)"] < table["Published encode (GB)"] * 1.1).all()
+    assert "No run yet" in " ".join(c.value for c in page.caption)
+    page.selectbox(key="bench_preset").set_value("chatglm-6b").run()
+    table = table_with(page, "Published encode (GB)")
+    assert table["Published encode (GB)"].isna().all()  # published only for ChatGLM2-6B
+    assert table["KV cache (KB/token)"][0] == pytest.approx(458.752)
+
+
+def test_a_bad_path_is_explained(page, tmp_path):
+    page.radio(key="bench_choice").set_value("A model folder or config.json").run()
+    page.text_input(key="bench_path").input(str(tmp_path / "nowhere")).run()
+    assert not page.exception
+    assert "Cannot use this model" in " ".join(e.value for e in page.error)
+    assert page.button(key="bench_run").disabled
+
+
+def test_run_shows_measured_predicted_and_history_with_csv(page, tmp_path, data_dir):
+    config = tmp_path / "mid.json"
+    config.write_text(json.dumps(MID_GLM))
+    page.radio(key="bench_choice").set_value("A model folder or config.json").run()
+    page.text_input(key="bench_path").input(str(config)).run()
+    page.multiselect(key="bench_levels").set_value(["bf16"]).run()
+    page.number_input(key="bench_encode").set_value(256).run()
+    page.number_input(key="bench_generate").set_value(1024).run()
+    page.selectbox(key="bench_device").set_value("cpu").run()
+    page.button(key="bench_run").click().run()
+    assert not page.exception, page.exception
+    run = get_bench_runner().current
+    assert run is not None and run.owner == page.session_state["workspace"]
+    assert page.button(key="bench_run").disabled  # one run at a time
+    run.wait(300)
+    assert run.state == "done", run.results
+    page.run()
+    assert not page.exception, page.exception
+    table = table_with(page, "Encode 256: measured (GB)")
+    assert list(table["Level"]) == ["BF16"]
+    measured, predicted = table["Encode 256: measured (GB)"][0], table["Encode 256: predicted (GB)"][0]
+    assert measured > 0 and abs(predicted / measured - 1) < 0.10
+    assert table["Encode 256: prediction error"][0].endswith("%")
+    assert table["Perplexity"].isna().all()  # random weights
+    assert "process's resident memory" in " ".join(c.value for c in page.caption)
+    labels = page.selectbox(key="bench_history_choice").options
+    assert len(labels) == 1 and "mid.json" in labels[0] and "BF16" in labels[0]
+    assert page.get("download_button"), "the CSV download is offered"
