@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app_shared import ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
-from glm_core import ConversationBusy, ModelSpec, Queued, SamplingParams, Started, Truncated
+from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, SamplingParams, Started, Truncated
 from glm_core.conversation import ChatMessage, Conversation, new_conversation_id
 from glm_core.store import NotFound
 from glm_core.turn import start_turn
@@ -211,6 +211,10 @@ if action is not None:
                           params=params, system_prompt=system_prompt)
     except (ValueError, ConversationBusy, NotFound) as exc:
         st.error(str(exc))
+    except EngineClosed as exc:
+        st.error(f"Not sent: {exc}. Send it again once the model has loaded.")
+        if action["prompt"]:
+            st.code(action["prompt"], language=None, wrap_lines=True)  # nothing typed is lost
 
     if turn is not None:
         if action["prompt"] is not None:

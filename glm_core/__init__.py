@@ -2,6 +2,7 @@
 
 from .engine import (
     ConversationBusy,
+    EngineClosed,
     Delta,
     Engine,
     Finished,
@@ -19,7 +20,7 @@ from .sampling import SamplingParams
 from .settings import EMBEDDED, load_settings
 
 __all__ = [
-    "ConversationBusy", "Delta", "EMBEDDED", "Engine", "Finished", "LoadedModel", "ModelLoadError", "ModelSpec",
+    "ConversationBusy", "Delta", "EngineClosed", "EMBEDDED", "Engine", "Finished", "LoadedModel", "ModelLoadError", "ModelSpec",
     "Precision", "PromptTooLong", "Queued", "Reply", "ReplyStats", "Request", "SamplingParams", "Started",
     "Truncated", "load_model", "load_settings",
 ]

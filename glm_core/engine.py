@@ -39,6 +39,10 @@ class ConversationBusy(RuntimeError):
     """A reply for this conversation is still being generated."""
 
 
+class EngineClosed(RuntimeError):
+    """The model was unloaded or replaced after the page took the engine and before it submitted."""
+
+
 # ---- events a request emits, in order: Queued*, Started, Truncated?, Delta*, Finished ----------------------
 
 
@@ -270,7 +274,7 @@ class Engine:
         request = Request(conversation_id, validate_messages(messages), params, recompute)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the engine is closed (the model was unloaded)")
+                raise EngineClosed("the model was unloaded or replaced just now")
             if conversation_id in self._active:
                 raise ConversationBusy("a reply for this conversation is still being generated")
             self._active[conversation_id] = request

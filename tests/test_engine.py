@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from glm_core import (
-    ConversationBusy, Delta, Engine, Finished, PromptTooLong, Queued, SamplingParams, Started, Truncated,
+    ConversationBusy, Delta, Engine, EngineClosed, Finished, PromptTooLong, Queued, SamplingParams, Started, Truncated,
 )
 from glm_core.engine import common_prefix_length, fit_to_context
 
@@ -256,9 +256,10 @@ def test_common_prefix_length():
 
 
 def test_closed_engine_refuses_new_requests(tiny_loaded):
+    """With its own error, which the chat page catches: a prompt sent as the model is unloaded is shown back."""
     engine = Engine(tiny_loaded)
     engine.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(EngineClosed, match="unloaded or replaced"):
         engine.submit("c", [{"role": "user", "content": "hi"}])
 
 
@@ -273,3 +274,4 @@ def test_text_stream_joins_waiting_deltas_without_losing_any(tiny_loaded):
         assert len(chunks) < 5
     finally:
         engine.close()
+
