@@ -1,13 +1,13 @@
 """Defaults that the environment can override, read in one place.
 
 GLM_MODEL_PATH  model to load at start: "embedded" (default), a model folder or a .gguf file
-GLM_PRECISION   auto | fp32 | bf16 | fp16 (int8/int4 are refused until their layers exist)
+GLM_PRECISION   auto | fp32 | bf16 | fp16 | int8 | int4
 GLM_DEVICE      auto | cpu | cuda | cuda:N | mps
 GLM_FAMILY      auto | chatglm2 | chatglm3 (overrides what a ChatGLM checkpoint folder suggests)
 GLM_INT4_GROUP_SIZE input channels per INT4 scale and zero (default 32)
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches (default 2048)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
-GLM_DATA_DIR    where conversations are stored (default: data/ in the project folder, git-ignored)
+GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
 """
 
 from __future__ import annotations
