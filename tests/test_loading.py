@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from glm_core import ModelLoadError, ModelSpec, Precision, load_model
+from glm_core import EngineClosed, ModelLoadError, ModelSpec, Precision, load_model
 from glm_core.hub import EngineHub
 from glm_core.precision import parse_precision, resolve_device
 from glm_core.settings import load_settings
@@ -95,7 +95,7 @@ def test_hub_keeps_the_running_model_when_another_fails(tiny_model_dir, tmp_path
         assert hub.engine is engine and "no such file" in hub.last_error
         replacement = hub.load(ModelSpec(str(tiny_model_dir), "bf16", "cpu"))
         assert replacement is not engine and hub.engine is replacement
-        with pytest.raises(RuntimeError, match="closed"):
+        with pytest.raises(EngineClosed, match="unloaded or replaced"):
             engine.submit("c", [{"role": "user", "content": "hi"}])  # the old engine was shut down
     finally:
         hub.unload()
