@@ -40,6 +40,17 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path.name} is not valid JSON: {exc}") from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json); CheckpointError with the reason otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return value
+
+
 def is_first_generation(cfg: dict) -> bool:
     """ChatGLM-6B (2D positions, GELU, 130528 vocabulary) shares model_type "chatglm" but not the architecture."""
     return "position_encoding_2d" in cfg or ("padded_vocab_size" not in cfg and cfg.get("vocab_size") == 130528)

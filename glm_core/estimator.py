@@ -77,12 +77,12 @@ def read_config(source: str) -> tuple[str, dict]:
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json or model folder")
+    from .chatglm_checkpoint import CheckpointError, read_json_object
+
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
+        cfg = read_json_object(path)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     name = cfg.get("_name_or_path") or (path.parent.name if path.name == "config.json" else path.stem)
     return str(name), cfg
 

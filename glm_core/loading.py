@@ -20,7 +20,7 @@ import torch
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, TemplateChatFormat
 from .chatglm_checkpoint import (
     FAMILIES, CheckpointError, chatglm_tokenizer_file, detect_family, is_first_generation, load_chatglm_model,
-    spread_over_gpus,
+    read_json_object, spread_over_gpus,
 )
 from .chatglm_tokenizer import ChatGLMTokenizer
 from .generation import fix_output_layer_input
@@ -164,11 +164,9 @@ def _classify(path_text: str) -> tuple[str, Path, dict]:
     if not config.is_file():
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
     try:
-        cfg = json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{config} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{config} does not hold a JSON object")
+        cfg = read_json_object(config)
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from None
     if cfg.get("model_type") in ("chatglm", "chatglm6b"):
         if is_first_generation(cfg):
             raise ModelLoadError(
