@@ -35,8 +35,12 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], ROW_CHUNK):
         w = weight[start : start + ROW_CHUNK].float()
-        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
-        q[start : start + ROW_CHUNK] = torch.round(w / s[:, None]).clamp(-128, 127)
+        # One float temporary per chunk, reused in place: every extra one is a few MiB of heap that malloc keeps
+        # (interleaved with the int8 rows allocated meanwhile) while a checkpoint is quantized as it is read.
+        t = w.abs()
+        s = (t.amax(dim=1) / 127.0).clamp(min=1e-10)
+        torch.div(w, s[:, None], out=t)
+        q[start : start + ROW_CHUNK] = t.round_().clamp_(-128, 127)
         scales[start : start + ROW_CHUNK] = s
     return q, scales
 
@@ -162,7 +166,7 @@ def _replacement(linear: nn.Linear, precision: Precision, dtype, group_size: int
 
 class WeightOnlyInt8Embedding(_Int8Rows, nn.Module):
     """Token embedding as int8 rows with one scale per row; a lookup dequantizes only the rows it reads.
-    A tied output layer reads the same table through a WeightOnlyInt8Linear (see `_tie_output_layer`)."""
+    A tied output layer reads the same table through a WeightOnlyInt8Linear (see `tie_output_layer`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
@@ -208,16 +212,22 @@ def _install(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _tie_output_layer(model: nn.Module, embedding: WeightOnlyInt8Embedding, dtype) -> None:
+def tie_output_layer(model: nn.Module, embedding: WeightOnlyInt8Embedding, dtype) -> None:
+    """Make the output layer read the int8 embedding's table (call it once the table is final: `set_weight`
+    replaces the tensors, which would undo the sharing)."""
     head = WeightOnlyInt8Linear(embedding.embedding_dim, embedding.num_embeddings, False, dtype, "meta")
     head.weight, head.scales = embedding.weight, embedding.scales  # the same tensors, no copy
-    model.lm_head = head
+    if hasattr(model, "set_output_embeddings"):  # transformers models: whatever their output layer is called
+        model.set_output_embeddings(head)
+    else:
+        model.lm_head = head
 
 
 def swap_in_quantized_linears(
     model: nn.Module, precision: Precision, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE
 ) -> dict[str, nn.Module]:
-    """Replace the policy's modules by empty quantized ones (on the meta device, before loading an untied model).
+    """Replace the policy's modules by empty quantized ones (on the meta device, before loading; a tied output
+    layer is left alone and tied to the int8 embedding after loading, see `tie_output_layer`).
 
     Returns {module name: quantized module}; their float weights are given later through `set_weight`.
     """
@@ -243,7 +253,7 @@ def quantize_loaded_model(model: nn.Module, precision: Precision, dtype: torch.d
             replacement.bias.copy_(original.bias)
         _install(model, name, replacement)
         if tied and isinstance(replacement, WeightOnlyInt8Embedding):
-            _tie_output_layer(model, replacement, dtype)
+            tie_output_layer(model, replacement, dtype)
         count += 1
     return count
 
