@@ -8,9 +8,21 @@ Kernels: PyTorch's fused weight-only matmuls, `_weight_int8pack_mm` (CPU, CUDA) 
 (CUDA) / `_weight_int4pack_mm_for_cpu` (CPU) with their packing twins; elsewhere (MPS) the weight is
 dequantized inside forward. Quantization happens per layer as its float weight arrives, so a model never
 exists in full precision (see `set_weight`).
+
+Prefill on CPU: the fused kernels are built for one token; their time grows with the rows almost as if each row
+were a separate call (4096 -> 13696 at one thread: INT8 3.4 ms for 1 row, 164 ms for 128; INT4 2.0 and 115 ms),
+while dequantizing the weight and using the dense BF16 kernel costs a fixed ~4 ms (INT8: int8 -> bf16 is exact
+and the per-row scale moves to the output) or ~45-90 ms (INT4: unpacking the CPU layout and applying per-group
+scales) plus the dense product (37 ms for 128 rows). So from `INT8_DENSE_MIN_ROWS` (16) and `INT4_DENSE_MIN_ROWS`
+(192) rows up a layer dequantizes `DENSE_BLOCK_BYTES` (16 MiB) of output rows at a time and multiplies them
+densely (`dense_in_blocks`). That block is the only transient: 16 MiB of BF16 rows, plus for INT4 about 1.5 times
+as much again in unpacked uint8 temporaries, whatever the layer's size; no float copy of a whole weight is kept or
+made. Decoding (one row) always uses the fused kernels. Figures: docs/BENCHMARKS.md, "Prefill at INT8/INT4".
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +39,12 @@ DEFAULT_GROUP_SIZE = 32  # aligned with the 32-element blocks of GGUF Q4 files; 
 
 
 ROW_CHUNK = 2048  # rows quantized at a time: float temporaries stay small even for a 65k x 4k output layer
+
+# Many rows at once on CPU (a prompt's prefill): at and above these row counts the weight is dequantized block by
+# block and multiplied with the dense kernel instead of the fused weight-only one (see the module docstring).
+INT8_DENSE_MIN_ROWS = 16
+INT4_DENSE_MIN_ROWS = 192
+DENSE_BLOCK_BYTES = 16 * 2**20  # one block of dequantized rows, the dense path's transient
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +82,46 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q, scales_and_zeros
 
 
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_int4(
+    q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(q - 8) * scale + zero per group, computed in `dtype` (q: [out, in] values 0..15)."""
     out_features, in_features = q.shape
-    scales, zeros = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
-    groups = q.float().reshape(out_features, in_features // group_size, group_size)
-    return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+    scales, zeros = scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # [out, groups] each
+    offsets = zeros - 8 * scales  # q * scale + (zero - 8 * scale): one pass over the weight fewer
+    groups = q.to(dtype).reshape(out_features, in_features // group_size, group_size)
+    return groups.mul_(scales[..., None]).add_(offsets[..., None]).reshape(out_features, in_features)
+
+
+def unpack_int4_for_cpu(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """q ([rows, in], uint8 0..15) back from `_convert_weight_to_int4pack_for_cpu`'s layout: per 64 output rows,
+    [in, 32] bytes whose low nibble is row j and high nibble row j + 32. The layout is PyTorch-internal, so
+    `_cpu_int4_layout_understood` checks it once against the packing function before this is used."""
+    rows = packed.shape[0]
+    blocks = packed.view(rows // 64, in_features, 32)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).transpose(1, 2).reshape(rows, in_features)
+
+
+@functools.cache
+def _cpu_int4_layout_understood() -> bool:
+    q = torch.randint(0, 16, (128, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 8)
+        return packed.shape == (128, 128) and torch.equal(unpack_int4_for_cpu(packed, 256).int(), q)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def dense_in_blocks(x: torch.Tensor, out_features: int, dequantize_rows, row_multiple: int = 1) -> torch.Tensor:
+    """x @ W.T with W dequantized `DENSE_BLOCK_BYTES` of output rows at a time: the dense kernel's speed on many
+    rows, and a transient of one block, never a float copy of the whole weight.
+    `dequantize_rows(start, stop)` returns rows start..stop of W in x's dtype; `row_multiple` aligns blocks."""
+    block = max(row_multiple, DENSE_BLOCK_BYTES // (x.shape[1] * x.element_size()) // row_multiple * row_multiple)
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    for start in range(0, out_features, block):
+        stop = min(start + block, out_features)
+        out[:, start:stop] = F.linear(x, dequantize_rows(start, stop))
+    return out
 
 
 class _WeightOnlyLinear(nn.Module):
@@ -114,9 +167,11 @@ class WeightOnlyInt8Linear(_Int8Rows, _WeightOnlyLinear):
         self._register_int8_rows(out_features, in_features, dtype, device)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type in ("cpu", "cuda"):
+        dense = x.device.type == "cpu" and x.shape[0] >= INT8_DENSE_MIN_ROWS
+        if x.device.type in ("cpu", "cuda") and not dense:
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        # int8 values are exact in BF16/FP16, and the per-row scale moves to the output, as the kernel applies it.
+        return dense_in_blocks(x, self.out_features, lambda a, b: self.weight[a:b].to(x.dtype)) * self.scales
 
 
 class WeightOnlyInt4Linear(_WeightOnlyLinear):
@@ -147,11 +202,19 @@ class WeightOnlyInt4Linear(_WeightOnlyLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-        if x.device.type == "cuda":
+            if x.shape[0] < INT4_DENSE_MIN_ROWS or self.out_features % 64 or not _cpu_int4_layout_understood():
+                return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+            unpack, row_multiple = lambda rows: unpack_int4_for_cpu(rows, self.in_features), 64
+        elif x.device.type == "cuda":
             return torch._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
-        q = torch.stack([self.weight >> 4, self.weight & 0x0F], dim=-1).reshape(self.out_features, -1)
-        return F.linear(x, dequantize_int4(q, self.scales_and_zeros, self.group_size).to(x.dtype))
+        else:  # no kernel: nibbles two a byte, even element high
+            unpack, row_multiple = lambda rows: torch.stack([rows >> 4, rows & 0x0F], dim=-1).flatten(1), 1
+
+        def dequantize_rows(start: int, stop: int) -> torch.Tensor:
+            q = unpack(self.weight[start:stop])
+            return dequantize_int4(q, self.scales_and_zeros[:, start:stop], self.group_size, x.dtype)
+
+        return dense_in_blocks(x, self.out_features, dequantize_rows, row_multiple)
 
 
 def _replacement(linear: nn.Linear, precision: Precision, dtype, group_size: int, device):

@@ -15,6 +15,7 @@ from glm_core import Engine, ModelSpec, Precision, SamplingParams, load_model
 from glm_core.hub import EngineHub
 from glm_core.loading import STREAMED, convert_gguf, embedded_gguf_path
 from glm_core.settings import load_settings
+import glm_core.quant as quant
 from glm_core.quant import (
     WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear, dequantize_int4, quantize_int4, quantize_loaded_model, weight_bytes,
 )
@@ -170,3 +171,40 @@ def test_int4_load_peaks_below_the_bf16_model(embedded_levels):
     assert done.returncode == 0, done.stderr[-2000:]
     growth = int(done.stdout.strip().splitlines()[-1])
     assert growth < embedded_levels["bf16"].weights["total"]
+
+
+def test_cpu_int4_layout_is_understood():
+    """The prefill path unpacks PyTorch's internal CPU int4 layout; if a torch upgrade changes it, INT4 prefill
+    silently goes back to the fused kernel, and this test says so."""
+    assert quant._cpu_int4_layout_understood()
+    q = torch.randint(0, 16, (192, 576), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, quant.int4_inner_k_tiles(576))
+    assert torch.equal(quant.unpack_int4_for_cpu(packed, 576).int(), q)
+
+
+@pytest.mark.parametrize("layer_type, out_features, dense_expected", [
+    (WeightOnlyInt8Linear, 200, True),
+    (WeightOnlyInt4Linear, 192, True),
+    (WeightOnlyInt4Linear, 208, False),  # not a whole number of 64-row blocks: the kernel, at any row count
+])
+def test_prefill_rows_dequantize_in_blocks_and_match_the_kernel(monkeypatch, layer_type, out_features, dense_expected):
+    torch.manual_seed(0)
+    layer = layer_type(256, out_features, True, torch.bfloat16)
+    layer.set_weight(torch.randn(out_features, 256))
+    layer.bias.copy_(torch.randn(out_features))
+    x = torch.randn(3, 40, 256)
+    monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS", 10**9)
+    monkeypatch.setattr(quant, "INT4_DENSE_MIN_ROWS", 10**9)
+    kernel = layer(x)
+    blocks = []
+    monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS", 120)
+    monkeypatch.setattr(quant, "INT4_DENSE_MIN_ROWS", 120)
+    monkeypatch.setattr(quant, "DENSE_BLOCK_BYTES", 64 * 256 * 2)  # 64-row blocks: several, and a partial last one
+    real = quant.dense_in_blocks
+    monkeypatch.setattr(quant, "dense_in_blocks", lambda *a, **k: blocks.append(1) or real(*a, **k))
+    assert torch.equal(layer(x[:, :39]), kernel[:, :39])  # 117 rows: below the switch, the kernel
+    assert not blocks
+    dense = layer(x)  # 120 rows
+    assert bool(blocks) is dense_expected
+    assert dense.shape == kernel.shape and dense.dtype == x.dtype
+    assert relative_error(dense, kernel) < 0.01
