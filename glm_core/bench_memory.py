@@ -34,6 +34,7 @@ import torch
 from .generation import fix_output_layer_input
 from .estimator import PRESETS, ConfigError, estimate, model_config, published, read_config
 from .precision import Precision, parse_precision, resolve_device
+from .checkpoint import build_computed_buffers
 from .quant import DEFAULT_GROUP_SIZE, tie_output_layer
 from .telemetry import trim_c_heap
 from .settings import EMBEDDED, load_settings
@@ -129,7 +130,8 @@ def build_random_model(config, precision: Precision, group_size: int, device: to
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
                 continue
-            for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            stored = [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+            for name, tensor in list(module._parameters.items()) + stored:  # computed buffers: see below
                 if tensor is None or tensor.device.type != "meta":
                     continue
                 real = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
@@ -144,21 +146,13 @@ def build_random_model(config, precision: Precision, group_size: int, device: to
                 else:
                     module._buffers[name] = real
     if tied and precision.is_quantized:
-        tie_output_layer(model, dtype)
+        tie_output_layer(model, model.get_input_embeddings(), dtype)
     elif tied:
         model.tie_weights()
-    rebuild_rotary_embeddings(model, config, device)
+    build_computed_buffers(model, device)
     fix_output_layer_input(model)
     trim_c_heap()  # as load_model does: the float temporaries' pages go back to the system
     return model.eval()
-
-
-def rebuild_rotary_embeddings(model: torch.nn.Module, config, device: torch.device) -> None:
-    """Rotary embeddings keep computed (non-persistent) buffers: made on the meta device they hold nothing."""
-    for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, type(module)(config=config).to(device))
 
 
 def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict], None]) -> dict:

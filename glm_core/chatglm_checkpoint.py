@@ -1,8 +1,8 @@
 """ChatGLM2/ChatGLM3 checkpoints in the original THUDM layout, loaded natively into transformers' GlmForCausalLM.
 
-No remote code runs: config.json and the weight names are remapped here. Weights are read shard by shard (and
-tensor by tensor from safetensors or mmapped .bin files), converted and moved to the device at once, so memory
-peaks near the model's size, not twice it. Pickled .bin files are read with `weights_only=True`.
+No remote code runs: config.json and the weight names are remapped here; `checkpoint.fill_from_checkpoint` reads
+the weights tensor by tensor (safetensors or mmapped .bin files, the latter with `weights_only=True`) through
+this remap, so memory peaks near the model's size, not twice it.
 Pre-quantized THUDM checkpoints (`quantization_bit` 4 or 8: int8 tensors, int4 packed two a byte, per-row
 `weight_scale`) are dequantized tensor by tensor to the chosen float precision.
 """
@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
+from .checkpoint import CheckpointError, fill_from_checkpoint, read_json, weight_files
 from .precision import Precision
-from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears
+from .quant import DEFAULT_GROUP_SIZE
 
 FAMILIES = ("chatglm2", "chatglm3")
 LINEAR_NAMES = {
@@ -25,30 +26,6 @@ LINEAR_NAMES = {
     "mlp.dense_h_to_4h": "mlp.gate_up_proj",
     "mlp.dense_4h_to_h": "mlp.down_proj",
 }
-
-
-class CheckpointError(Exception):
-    """The folder is a ChatGLM checkpoint we cannot use; the message says why in one line."""
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path.name} is not valid JSON: {exc}") from None
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object (config.json); CheckpointError with the reason otherwise."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return value
 
 
 def is_first_generation(cfg: dict) -> bool:
@@ -106,69 +83,6 @@ def glm_config(cfg: dict):
         )
     except KeyError as exc:
         raise CheckpointError(f"config.json lacks {exc.args[0]!r}, which a ChatGLM2/3 config has") from None
-
-
-def weight_files(folder: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index_name} lists {len(missing)} missing shard(s), e.g. {missing[0]}")
-            return [folder / s for s in shards]
-    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin"):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found
-    raise CheckpointError(f"{folder.name} has no weights (pytorch_model*.bin or *.safetensors)")
-
-
-def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one shard, one at a time."""
-    try:
-        if path.suffix == ".safetensors":
-            yield from _read_safetensors(path)
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be mmapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in list(state):
-                yield key, state.pop(key)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{path.name} is corrupt or truncated: {str(exc).splitlines()[0][:200]}") from None
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a .safetensors file read one by one with plain reads, not a memory map: mapped pages that
-    were touched count as this process's memory until the file is closed, which would put the whole shard on
-    top of the (quantized) model at the peak."""
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        if header_size <= 0 or header_size > 100 * 2**20:
-            raise CheckpointError(f"{path.name} is not a safetensors file")
-        header = json.loads(f.read(header_size))
-        header.pop("__metadata__", None)
-        data_start = 8 + header_size
-        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            f.seek(data_start + begin)
-            raw = bytearray(end - begin)
-            if f.readinto(raw) != end - begin:
-                raise CheckpointError(f"{path.name} is truncated (tensor {key})")
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            yield key, tensor.reshape(info["shape"])
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -240,47 +154,12 @@ def load_chatglm_model(
     At INT8/INT4 each linear weight is quantized on the device as soon as it is read, so no full-precision
     copy of the model ever exists (the seeds needed 13 GB of RAM to quantize ChatGLM2-6B)."""
     from transformers import GlmForCausalLM
-    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     config = glm_config(cfg)
     files = weight_files(folder)
-    dtype = precision.dtype
     with torch.device("meta"):
         model = GlmForCausalLM(config)
-    remap = _Remapper(cfg, config)
-    expected = set(model.state_dict())
-    quantized = swap_in_quantized_linears(model, precision, dtype, group_size) if precision.is_quantized else {}
-    loaded: set[str] = set()
-    for number, path in enumerate(files, start=1):
-        progress(0.3 + 0.6 * (number - 1) / len(files), f"Loading {path.name} ({number}/{len(files)})")
-        batch = {}
-        for key, tensor in read_shard(path):
-            for name, value in remap(key, tensor):
-                if name not in expected:
-                    raise CheckpointError(f"tensor {key!r} does not fit this config (no {name})")
-                module, _, kind = name.rpartition(".")
-                if module in quantized and kind == "weight":
-                    target = quantized[module]
-                    if tuple(value.shape) != target.float_shape:
-                        raise CheckpointError(f"weights do not match config.json: {key} has shape {tuple(value.shape)}")
-                    target.set_weight(value.to(device))
-                    loaded.add(name)
-                else:
-                    batch[name] = value.to(device=device, dtype=dtype)
-        try:
-            model.load_state_dict(batch, strict=False, assign=True)
-        except RuntimeError as exc:  # shape mismatch between config.json and the weights
-            raise CheckpointError(f"weights do not match config.json: {str(exc).splitlines()[-1].strip()[:200]}") from None
-        loaded |= set(batch)
-        del batch
-    missing = sorted(expected - loaded)
-    if missing or remap.pending:
-        example = (missing or sorted(remap.pending))[0]
-        raise CheckpointError(f"weights are incomplete: {len(missing) or len(remap.pending)} tensor(s) missing, e.g. {example}")
-    # Buffers that are computed, not stored, were created on the meta device: build them for real.
-    model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(device)
-    model.eval()
-    return model
+    return fill_from_checkpoint(model, files, _Remapper(cfg, config), precision, device, progress, group_size)
 
 
 def spread_device_map(model, max_memory: dict) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from .generation import PREFILL_CHUNK
 from .precision import Precision, parse_precision
-from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears
+from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears, tie_output_layer
 from .telemetry import kv_bytes_per_token
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -77,7 +77,7 @@ def read_config(source: str) -> tuple[str, dict]:
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json or model folder")
-    from .chatglm_checkpoint import CheckpointError, read_json_object
+    from .checkpoint import CheckpointError, read_json_object
 
     try:
         cfg = read_json_object(path)
@@ -91,7 +91,8 @@ def model_config(cfg: dict):
     """The transformers config of the module that runs (or, for ChatGLM-6B, has the same tensors as) `cfg`."""
     from transformers import AutoConfig, GPTNeoXConfig
 
-    from .chatglm_checkpoint import CheckpointError, glm_config, is_first_generation
+    from .checkpoint import CheckpointError
+    from .chatglm_checkpoint import glm_config, is_first_generation
 
     try:
         if cfg.get("model_type") in ("chatglm", "chatglm6b"):
@@ -126,7 +127,10 @@ def meta_model(config, precision: Precision, group_size: int = DEFAULT_GROUP_SIZ
         except ValueError as exc:
             raise ConfigError(f"no causal language model class for this config: {str(exc).splitlines()[0]}") from None
     if precision.is_quantized:
+        tied = getattr(config, "tie_word_embeddings", False)
         swap_in_quantized_linears(model, precision, precision.dtype, group_size)
+        if tied:  # the output layer reads the int8 embedding's table
+            tie_output_layer(model, model.get_input_embeddings(), precision.dtype)
     return model
 
 

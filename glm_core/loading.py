@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, TemplateChatFormat
+from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json_object
 from .chatglm_checkpoint import (
-    FAMILIES, CheckpointError, chatglm_tokenizer_file, detect_family, is_first_generation, load_chatglm_model,
-    read_json_object, spread_over_gpus,
+    FAMILIES, chatglm_tokenizer_file, detect_family, is_first_generation, load_chatglm_model, spread_over_gpus,
 )
 from .chatglm_tokenizer import ChatGLMTokenizer
 from .generation import fix_output_layer_input
@@ -36,6 +36,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 Progress = Callable[[float, str], None]
+STREAMED = "streamed"  # card()["loader"] of a model read tensor by tensor (quantized as read); else why not
 
 
 class ModelLoadError(Exception):
@@ -250,7 +251,7 @@ def _load_chatglm(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, 
     else:
         model = load_chatglm_model(path, cfg, precision, device, progress, spec.group_size)
     chat_format = ChatGLM3Format(tokenizer) if family == "chatglm3" else ChatGLM2Format(tokenizer)
-    extra = {"family_source": why}
+    extra = {"family_source": why, "loader": STREAMED}
     if cfg.get("quantization_bit"):
         extra["checkpoint"] = (
             f"pre-quantized INT{cfg['quantization_bit']} (THUDM), read as {precision.label} while loading"
@@ -259,7 +260,7 @@ def _load_chatglm(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, 
 
 
 def _load_auto(kind: str, path: Path, precision: Precision, device, progress, group_size: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     if kind in ("embedded", "gguf"):
         name = EMBEDDED_NAME if kind == "embedded" else path.stem
@@ -270,13 +271,46 @@ def _load_auto(kind: str, path: Path, precision: Precision, device, progress, gr
     else:
         name, folder = path.name, path
 
-    progress(0.4, "Loading tokenizer")
+    progress(0.1, "Loading tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
         raise ModelLoadError(f"could not load the tokenizer from {folder}: {_one_line(exc)}") from None
 
-    progress(0.5, f"Loading weights as {precision.label} on {device}")
+    progress(0.2, f"Loading weights as {precision.label} on {device}")
+    try:
+        if _spread(device):
+            raise StreamingUnsupported("it is spread over several GPUs")
+        model = load_hf_model(folder, precision, device, progress, group_size)
+        extra = {"loader": STREAMED}
+    except StreamingUnsupported as why:
+        log.info("%s: reading with from_pretrained, since %s", name, why)
+        model = _from_pretrained(folder, name, precision, device, progress, group_size)
+        extra = {"loader": f"from_pretrained, since {why}"}
+    except CheckpointError as exc:
+        raise ModelLoadError(f"could not load the weights of {name}: {exc}") from None
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder)
+        model.generation_config = generation_config  # as from_pretrained sets it; a meta-built model has the config's
+    except Exception:
+        generation_config = model.generation_config
+    stop_ids = _as_set(generation_config.eos_token_id) | _as_set(tokenizer.eos_token_id)
+    try:
+        chat_format = TemplateChatFormat(tokenizer, stop_ids)
+    except ValueError as exc:
+        raise ModelLoadError(f"{name}: {exc}") from None
+    model_type = getattr(model.config, "model_type", "unknown")
+    max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31
+    return model, tokenizer, chat_format, name, FAMILY_LABELS.get(model_type, model_type), max_context, extra
+
+
+def _from_pretrained(folder: Path, name: str, precision: Precision, device, progress, group_size: int):
+    """What the streaming loader leaves to transformers: the whole model at the activation dtype, then quantized
+    layer by layer (each float weight freed as its quantized twin takes over), so the peak is the model at BF16."""
+    from transformers import AutoModelForCausalLM
+
+    progress(0.5, f"Loading weights as {precision.label} on {device} (from_pretrained)")
     try:
         if _spread(device):  # fills GPU 0, spills to the next: as the seeds' load_model_on_gpus, without hand-made maps
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.dtype, device_map="sequential")
@@ -289,23 +323,9 @@ def _load_auto(kind: str, path: Path, precision: Precision, device, progress, gr
         raise ModelLoadError(f"could not load the weights of {name}: {_one_line(exc)}") from None
     model.eval()
     if precision.is_quantized:
-        # Layer by layer, each float weight freed as its quantized twin takes over: the peak is the model at
-        # the activation dtype (BF16), not FP32. ChatGLM folders quantize while reading instead.
         progress(0.8, f"Quantizing to {precision.label}")
         quantize_loaded_model(model, precision, precision.dtype, group_size)
-
-    try:
-        generation_config = GenerationConfig.from_pretrained(folder)
-    except Exception:
-        generation_config = model.generation_config
-    stop_ids = _as_set(generation_config.eos_token_id) | _as_set(tokenizer.eos_token_id)
-    try:
-        chat_format = TemplateChatFormat(tokenizer, stop_ids)
-    except ValueError as exc:
-        raise ModelLoadError(f"{name}: {exc}") from None
-    model_type = getattr(model.config, "model_type", "unknown")
-    max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31
-    return model, tokenizer, chat_format, name, FAMILY_LABELS.get(model_type, model_type), max_context, {}
+    return model
 
 
 def _smoke_test(model, device: torch.device, precision: Precision, name: str) -> None:

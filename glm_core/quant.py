@@ -8,9 +8,21 @@ Kernels: PyTorch's fused weight-only matmuls, `_weight_int8pack_mm` (CPU, CUDA) 
 (CUDA) / `_weight_int4pack_mm_for_cpu` (CPU) with their packing twins; elsewhere (MPS) the weight is
 dequantized inside forward. Quantization happens per layer as its float weight arrives, so a model never
 exists in full precision (see `set_weight`).
+
+Prefill on CPU: the fused kernels are built for one token; their time grows with the rows almost as if each row
+were a separate call (4096 -> 13696 at one thread: INT8 3.4 ms for 1 row, 164 ms for 128; INT4 2.0 and 115 ms),
+while dequantizing the weight and using the dense BF16 kernel costs a fixed ~4 ms (INT8: int8 -> bf16 is exact
+and the per-row scale moves to the output) or ~45-90 ms (INT4: unpacking the CPU layout and applying per-group
+scales) plus the dense product (37 ms for 128 rows). So from `INT8_DENSE_MIN_ROWS` (16) and `INT4_DENSE_MIN_ROWS`
+(192) rows up a layer dequantizes `DENSE_BLOCK_BYTES` (16 MiB) of output rows at a time and multiplies them
+densely (`dense_in_blocks`). That block is the only transient: 16 MiB of BF16 rows, plus for INT4 about 1.5 times
+as much again in unpacked uint8 temporaries, whatever the layer's size; no float copy of a whole weight is kept or
+made. Decoding (one row) always uses the fused kernels. Figures: docs/BENCHMARKS.md, "Prefill at INT8/INT4".
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +40,12 @@ DEFAULT_GROUP_SIZE = 32  # aligned with the 32-element blocks of GGUF Q4 files; 
 
 ROW_CHUNK = 2048  # rows quantized at a time: float temporaries stay small even for a 65k x 4k output layer
 
+# Many rows at once on CPU (a prompt's prefill): at and above these row counts the weight is dequantized block by
+# block and multiplied with the dense kernel instead of the fused weight-only one (see the module docstring).
+INT8_DENSE_MIN_ROWS = 16
+INT4_DENSE_MIN_ROWS = 192
+DENSE_BLOCK_BYTES = 16 * 2**20  # one block of dequantized rows, the dense path's transient
+
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: weight ~ q * scale[:, None]."""
@@ -35,8 +53,12 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], ROW_CHUNK):
         w = weight[start : start + ROW_CHUNK].float()
-        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
-        q[start : start + ROW_CHUNK] = torch.round(w / s[:, None]).clamp(-128, 127)
+        # One float temporary per chunk, reused in place: every extra one is a few MiB of heap that malloc keeps
+        # (interleaved with the int8 rows allocated meanwhile) while a checkpoint is quantized as it is read.
+        t = w.abs()
+        s = (t.amax(dim=1) / 127.0).clamp(min=1e-10)
+        torch.div(w, s[:, None], out=t)
+        q[start : start + ROW_CHUNK] = t.round_().clamp_(-128, 127)
         scales[start : start + ROW_CHUNK] = s
     return q, scales
 
@@ -60,11 +82,46 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q, scales_and_zeros
 
 
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_int4(
+    q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(q - 8) * scale + zero per group, computed in `dtype` (q: [out, in] values 0..15)."""
     out_features, in_features = q.shape
-    scales, zeros = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
-    groups = q.float().reshape(out_features, in_features // group_size, group_size)
-    return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+    scales, zeros = scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # [out, groups] each
+    offsets = zeros - 8 * scales  # q * scale + (zero - 8 * scale): one pass over the weight fewer
+    groups = q.to(dtype).reshape(out_features, in_features // group_size, group_size)
+    return groups.mul_(scales[..., None]).add_(offsets[..., None]).reshape(out_features, in_features)
+
+
+def unpack_int4_for_cpu(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """q ([rows, in], uint8 0..15) back from `_convert_weight_to_int4pack_for_cpu`'s layout: per 64 output rows,
+    [in, 32] bytes whose low nibble is row j and high nibble row j + 32. The layout is PyTorch-internal, so
+    `_cpu_int4_layout_understood` checks it once against the packing function before this is used."""
+    rows = packed.shape[0]
+    blocks = packed.view(rows // 64, in_features, 32)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).transpose(1, 2).reshape(rows, in_features)
+
+
+@functools.cache
+def _cpu_int4_layout_understood() -> bool:
+    q = torch.randint(0, 16, (128, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 8)
+        return packed.shape == (128, 128) and torch.equal(unpack_int4_for_cpu(packed, 256).int(), q)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def dense_in_blocks(x: torch.Tensor, out_features: int, dequantize_rows, row_multiple: int = 1) -> torch.Tensor:
+    """x @ W.T with W dequantized `DENSE_BLOCK_BYTES` of output rows at a time: the dense kernel's speed on many
+    rows, and a transient of one block, never a float copy of the whole weight.
+    `dequantize_rows(start, stop)` returns rows start..stop of W in x's dtype; `row_multiple` aligns blocks."""
+    block = max(row_multiple, DENSE_BLOCK_BYTES // (x.shape[1] * x.element_size()) // row_multiple * row_multiple)
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    for start in range(0, out_features, block):
+        stop = min(start + block, out_features)
+        out[:, start:stop] = F.linear(x, dequantize_rows(start, stop))
+    return out
 
 
 class _WeightOnlyLinear(nn.Module):
@@ -110,9 +167,11 @@ class WeightOnlyInt8Linear(_Int8Rows, _WeightOnlyLinear):
         self._register_int8_rows(out_features, in_features, dtype, device)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type in ("cpu", "cuda"):
+        dense = x.device.type == "cpu" and x.shape[0] >= INT8_DENSE_MIN_ROWS
+        if x.device.type in ("cpu", "cuda") and not dense:
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        # int8 values are exact in BF16/FP16, and the per-row scale moves to the output, as the kernel applies it.
+        return dense_in_blocks(x, self.out_features, lambda a, b: self.weight[a:b].to(x.dtype)) * self.scales
 
 
 class WeightOnlyInt4Linear(_WeightOnlyLinear):
@@ -144,11 +203,19 @@ class WeightOnlyInt4Linear(_WeightOnlyLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-        if x.device.type == "cuda":
+            if x.shape[0] < INT4_DENSE_MIN_ROWS or self.out_features % 64 or not _cpu_int4_layout_understood():
+                return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+            unpack, row_multiple = lambda rows: unpack_int4_for_cpu(rows, self.in_features), 64
+        elif x.device.type == "cuda":
             return torch._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
-        q = torch.stack([self.weight >> 4, self.weight & 0x0F], dim=-1).reshape(self.out_features, -1)
-        return F.linear(x, dequantize_int4(q, self.scales_and_zeros, self.group_size).to(x.dtype))
+        else:  # no kernel: nibbles two a byte, even element high
+            unpack, row_multiple = lambda rows: torch.stack([rows >> 4, rows & 0x0F], dim=-1).flatten(1), 1
+
+        def dequantize_rows(start: int, stop: int) -> torch.Tensor:
+            q = unpack(self.weight[start:stop])
+            return dequantize_int4(q, self.scales_and_zeros[:, start:stop], self.group_size, x.dtype)
+
+        return dense_in_blocks(x, self.out_features, dequantize_rows, row_multiple)
 
 
 def _replacement(linear: nn.Linear, precision: Precision, dtype, group_size: int, device):
@@ -163,7 +230,7 @@ def _replacement(linear: nn.Linear, precision: Precision, dtype, group_size: int
 
 class WeightOnlyInt8Embedding(_Int8Rows, nn.Module):
     """Token embedding as int8 rows with one scale per row; a lookup dequantizes only the rows it reads.
-    A tied output layer reads the same table through a WeightOnlyInt8Linear (see `_tie_output_layer`)."""
+    A tied output layer reads the same table through a WeightOnlyInt8Linear (see `tie_output_layer`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
@@ -204,6 +271,7 @@ def _policy(model: nn.Module, precision: Precision, dtype, group_size: int, devi
 
 
 def _embedding_and_output_layer(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The token embedding and the output layer, whatever a model calls them (GPT-NeoX: embed_in, embed_out)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if hasattr(model, "get_output_embeddings"):
         return embedding, model.get_output_embeddings()
@@ -215,35 +283,28 @@ def _install(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _tie_output_layer(model: nn.Module, embedding: WeightOnlyInt8Embedding, dtype) -> None:
+def tie_output_layer(model: nn.Module, embedding: WeightOnlyInt8Embedding, dtype) -> None:
+    """Make the output layer read the int8 embedding's table (call it once the table is final: `set_weight`
+    replaces the tensors, which would undo the sharing)."""
     head = WeightOnlyInt8Linear(embedding.embedding_dim, embedding.num_embeddings, False, dtype, "meta")
     head.weight, head.scales = embedding.weight, embedding.scales  # the same tensors, no copy
-    if hasattr(model, "set_output_embeddings"):
+    if hasattr(model, "set_output_embeddings"):  # transformers models: whatever their output layer is called
         model.set_output_embeddings(head)
     else:
         model.lm_head = head
 
 
-def tie_output_layer(model: nn.Module, dtype) -> None:
-    """Point a tied output layer at the quantized embedding's table again (after its weight was set)."""
-    _tie_output_layer(model, model.get_input_embeddings(), dtype)
-
-
 def swap_in_quantized_linears(
     model: nn.Module, precision: Precision, dtype: torch.dtype, group_size: int = DEFAULT_GROUP_SIZE
 ) -> dict[str, nn.Module]:
-    """Replace the policy's modules by empty quantized ones (on the meta device, before loading).
+    """Replace the policy's modules by empty quantized ones (on the meta device, before loading; a tied output
+    layer is left alone and tied to the int8 embedding after loading, see `tie_output_layer`).
 
-    Returns {module name: quantized module}; their float weights are given later through `set_weight`. A tied
-    output layer becomes a view of the quantized embedding's table at once (it is not in the returned map).
+    Returns {module name: quantized module}; their float weights are given later through `set_weight`.
     """
-    embedding, head = _embedding_and_output_layer(model)
-    tied = embedding is not None and head is not None and head.weight is embedding.weight
     swapped = dict(_policy(model, precision, dtype, group_size, device="meta"))
     for name, module in swapped.items():
         _install(model, name, module)
-        if tied and isinstance(module, WeightOnlyInt8Embedding):
-            _tie_output_layer(model, module, dtype)
     return swapped
 
 
@@ -262,7 +323,7 @@ def quantize_loaded_model(model: nn.Module, precision: Precision, dtype: torch.d
             replacement.bias.copy_(original.bias)
         _install(model, name, replacement)
         if tied and isinstance(replacement, WeightOnlyInt8Embedding):
-            _tie_output_layer(model, replacement, dtype)
+            tie_output_layer(model, replacement, dtype)
         count += 1
     return count
 

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app_shared import get_bench_runner, get_hub, open_workspace, plain
+from glm_core import load_settings
 from glm_core.bench_memory import (
     CSV_FIELDS, LEVELS, MemoryBenchRequest, comparison_rows, csv_rows, predict, run_record,
 )
@@ -54,7 +55,8 @@ if device_type == "cpu":
 
 request = None
 if source and levels:
-    request = MemoryBenchRequest(source, tuple(levels), int(encode), int(generate), device)
+    group_size = engine.loaded.spec.group_size if choice == CHOICES[1] else load_settings().group_size
+    request = MemoryBenchRequest(source, tuple(levels), int(encode), int(generate), device, group_size)
     try:
         predicted = predict(request)
     except (ConfigError, ValueError, OSError) as exc:

@@ -58,7 +58,7 @@ def test_bench_quant_json_has_the_promised_fields(tiny_model_dir):
     rows = json.loads(result.stdout)
     assert [r["level"] for r in rows] == ["bf16", "int8", "int4"]
     for row in rows:
-        for key in ("weights_bytes", "peak_bytes", "ttft_s", "decode_tokens_per_s", "perplexity"):
+        for key in ("weights_bytes", "load_peak_bytes", "peak_bytes", "ttft_s", "decode_tokens_per_s", "perplexity"):
             assert row[key] is not None and row[key] > 0, (key, row)
     assert rows[2]["weights_bytes"] < rows[1]["weights_bytes"] < rows[0]["weights_bytes"]
 

@@ -7,6 +7,7 @@ import torch
 
 from glm_core import EngineClosed, ModelLoadError, ModelSpec, Precision, load_model
 from glm_core.hub import EngineHub
+from glm_core.loading import STREAMED, convert_gguf, embedded_gguf_path
 from glm_core.precision import parse_precision, resolve_device
 from glm_core.settings import load_settings
 
@@ -58,7 +59,10 @@ def test_corrupt_weights_and_missing_tokenizer(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, corrupt)
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # truncated download
-    assert "weights" in _reason(ModelSpec(str(corrupt), "fp32", "cpu"))
+    reason = _reason(ModelSpec(str(corrupt), "fp32", "cpu"))
+    assert "weights" in reason and "truncated" in reason
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + bytes(64))  # garbage header
+    assert "model.safetensors is corrupt" in _reason(ModelSpec(str(corrupt), "int8", "cpu"))
 
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
@@ -108,3 +112,73 @@ def test_settings_from_environment(tmp_path):
     assert load_settings({}).model_path == "embedded"
     with pytest.raises(ValueError, match="GLM_KV_CACHE_MB"):
         load_settings({"GLM_KV_CACHE_MB": "lots"})
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([[1, 500, 9000, 40000, 17, 3, 28]])).logits
+
+
+@pytest.mark.parametrize("which", ["tiny_loaded", "embedded_fp32"])
+def test_streamed_load_equals_from_pretrained(request, which):
+    """Hugging Face folders are read tensor by tensor into a meta-built model: same logits as from_pretrained,
+    bit for bit (the tiny Llama and the embedded model both tie the output layer to the embedding)."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = request.getfixturevalue(which)
+    assert loaded.extra["loader"] == STREAMED
+    model = loaded.model
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    folder = loaded.spec.path if which == "tiny_loaded" else convert_gguf(embedded_gguf_path(), load_settings().cache_dir)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert torch.equal(_logits(model), _logits(reference))
+    assert {n: b.dtype for n, b in model.named_buffers()} == {n: b.dtype for n, b in reference.named_buffers()}
+
+
+def _copy_with_weights(tiny_model_dir, target, edit):
+    """The tiny model's folder with its weights rewritten by `edit(state_dict) -> (state_dict, file name)`."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_model_dir, target)
+    state, name = edit(load_file(target / "model.safetensors"))
+    (target / "model.safetensors").unlink()
+    if name.endswith(".bin"):
+        torch.save(state, target / name)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(target / name))
+    return target
+
+
+def test_folders_the_streaming_loader_does_not_understand_use_from_pretrained(tmp_path, tiny_model_dir, tiny_loaded):
+    pickled = _copy_with_weights(tiny_model_dir, tmp_path / "bin", lambda sd: (sd, "pytorch_model.bin"))
+    loaded = load_model(ModelSpec(str(pickled), "fp32", "cpu"))
+    assert loaded.extra["loader"].startswith("from_pretrained") and ".bin" in loaded.extra["loader"]
+    assert torch.equal(_logits(loaded.model), _logits(tiny_loaded.model))
+
+    extra = _copy_with_weights(tiny_model_dir, tmp_path / "extra",
+                               lambda sd: ({**sd, "model.adapter.weight": torch.zeros(2)}, "model.safetensors"))
+    loaded = load_model(ModelSpec(str(extra), "int8", "cpu"))  # from_pretrained ignores the key, then quantizes
+    assert "model.adapter.weight" in loaded.extra["loader"] and loaded.precision is Precision.INT8
+
+
+def test_incomplete_or_misshapen_hf_weights_give_one_line_reasons(tmp_path, tiny_model_dir):
+    def drop_layer_weight(sd):
+        del sd["model.layers.1.mlp.down_proj.weight"]
+        return sd, "model.safetensors"
+
+    incomplete = _copy_with_weights(tiny_model_dir, tmp_path / "incomplete", drop_layer_weight)
+    for level in ("fp32", "int4"):
+        reason = _reason(ModelSpec(str(incomplete), level, "cpu"))
+        assert "incomplete" in reason and "model.layers.1.mlp.down_proj.weight" in reason
+
+    def narrow_layer_weight(sd):
+        sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"][:100]
+        return sd, "model.safetensors"
+
+    misshapen = _copy_with_weights(tiny_model_dir, tmp_path / "misshapen", narrow_layer_weight)
+    for level in ("bf16", "int8"):
+        assert "do not match config.json" in _reason(ModelSpec(str(misshapen), level, "cpu"))

@@ -1,8 +1,11 @@
 """INT8/INT4 weight-only layers, the quantization policy, and quantized models that still chat."""
 
 import gc
+import subprocess
+import sys
 import uuid
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,9 @@ from torch import nn
 
 from glm_core import Engine, ModelSpec, Precision, SamplingParams, load_model
 from glm_core.hub import EngineHub
+from glm_core.loading import STREAMED, convert_gguf, embedded_gguf_path
+from glm_core.settings import load_settings
+import glm_core.quant as quant
 from glm_core.quant import (
     WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear, dequantize_int4, quantize_int4, quantize_loaded_model, weight_bytes,
 )
@@ -115,3 +121,90 @@ def test_engine_reports_weights_kv_and_memory(embedded_levels):
         assert report["kv_cache_conversations"] == 0
     finally:
         engine.close()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([[1, 500, 9000, 40000, 17, 3, 28]])).logits
+
+
+@pytest.mark.parametrize("level", ["int8", "int4"])
+def test_quantizing_while_reading_equals_quantizing_the_loaded_model(embedded_levels, tiny_model_dir, level):
+    """The streamed load quantizes each weight from the checkpoint's own values (FP32 here) as it is read: the
+    same model, bit for bit, as loading the checkpoint whole and then quantizing it (norms at BF16, as the level
+    keeps them)."""
+    from transformers import AutoModelForCausalLM
+
+    embedded_folder = convert_gguf(embedded_gguf_path(), load_settings().cache_dir)
+    tiny = load_model(ModelSpec(str(tiny_model_dir), level, "cpu"))
+    for loaded, folder in ((embedded_levels[level], embedded_folder), (tiny, tiny_model_dir)):
+        assert loaded.extra["loader"] == STREAMED
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        quantize_loaded_model(reference, loaded.precision, torch.bfloat16, loaded.spec.group_size)
+        for parameter in reference.parameters():
+            parameter.data = parameter.data.to(torch.bfloat16)
+        assert torch.equal(_logits(loaded.model), _logits(reference))
+        assert weight_bytes(loaded.model) == weight_bytes(reference)
+
+
+PEAK_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from glm_core import ModelSpec, load_model
+import transformers.models.llama.modeling_llama  # imported before the baseline, as everything but the model
+
+def high_water_mark():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+baseline = high_water_mark()
+load_model(ModelSpec("embedded", "int4", "cpu"))
+print(high_water_mark() - baseline)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's VmHWM")
+def test_int4_load_peaks_below_the_bf16_model(embedded_levels):
+    """Quantizing while reading: the embedded model's INT4 load, in a fresh process, never holds as much as the
+    BF16 weights (the FP32 file is read one tensor at a time; measured 197 MiB against 257 MiB)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = int(done.stdout.strip().splitlines()[-1])
+    assert growth < embedded_levels["bf16"].weights["total"]
+
+
+def test_cpu_int4_layout_is_understood():
+    """The prefill path unpacks PyTorch's internal CPU int4 layout; if a torch upgrade changes it, INT4 prefill
+    silently goes back to the fused kernel, and this test says so."""
+    assert quant._cpu_int4_layout_understood()
+    q = torch.randint(0, 16, (192, 576), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, quant.int4_inner_k_tiles(576))
+    assert torch.equal(quant.unpack_int4_for_cpu(packed, 576).int(), q)
+
+
+@pytest.mark.parametrize("layer_type, out_features, dense_expected", [
+    (WeightOnlyInt8Linear, 200, True),
+    (WeightOnlyInt4Linear, 192, True),
+    (WeightOnlyInt4Linear, 208, False),  # not a whole number of 64-row blocks: the kernel, at any row count
+])
+def test_prefill_rows_dequantize_in_blocks_and_match_the_kernel(monkeypatch, layer_type, out_features, dense_expected):
+    torch.manual_seed(0)
+    layer = layer_type(256, out_features, True, torch.bfloat16)
+    layer.set_weight(torch.randn(out_features, 256))
+    layer.bias.copy_(torch.randn(out_features))
+    x = torch.randn(3, 40, 256)
+    monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS", 10**9)
+    monkeypatch.setattr(quant, "INT4_DENSE_MIN_ROWS", 10**9)
+    kernel = layer(x)
+    blocks = []
+    monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS", 120)
+    monkeypatch.setattr(quant, "INT4_DENSE_MIN_ROWS", 120)
+    monkeypatch.setattr(quant, "DENSE_BLOCK_BYTES", 64 * 256 * 2)  # 64-row blocks: several, and a partial last one
+    real = quant.dense_in_blocks
+    monkeypatch.setattr(quant, "dense_in_blocks", lambda *a, **k: blocks.append(1) or real(*a, **k))
+    assert torch.equal(layer(x[:, :39]), kernel[:, :39])  # 117 rows: below the switch, the kernel
+    assert not blocks
+    dense = layer(x)  # 120 rows
+    assert bool(blocks) is dense_expected
+    assert dense.shape == kernel.shape and dense.dtype == x.dtype
+    assert relative_error(dense, kernel) < 0.01
