@@ -250,7 +250,7 @@ class _HFKeys:
         self.prefix = model.base_model_prefix
         # Old checkpoints stored rotary inverse frequencies and position ids that are computed now (transformers
         # drops them the same way in `_adjust_missing_and_unexpected_keys`).
-        patterns = set(model._keys_to_ignore_on_load_unexpected or ()) | {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
+        patterns = {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$", *(model._keys_to_ignore_on_load_unexpected or ())}
         self.ignored = re.compile("|".join(f"({p})" for p in patterns))
 
     def name(self, key: str) -> str | None:

@@ -10,9 +10,9 @@ dequantized inside forward. Quantization happens per layer as its float weight a
 exists in full precision (see `set_weight`).
 
 Prefill on CPU: the fused kernels are built for one token; their time grows with the rows almost as if each row
-were a separate call (4096 -> 13696 at one thread: INT8 3.4 ms for 1 row, 164 ms for 128; INT4 2.0 and 115 ms),
-while dequantizing the weight and using the dense BF16 kernel costs a fixed ~4 ms (INT8: int8 -> bf16 is exact
-and the per-row scale moves to the output) or ~45-90 ms (INT4: unpacking the CPU layout and applying per-group
+were a separate call (4096 -> 13696 at one thread: INT8 3.9 ms for 1 row, 129 ms for 128; INT4 2.0 and 89 ms),
+while dequantizing the weight and using the dense BF16 kernel costs a fixed ~5 ms (INT8: int8 -> bf16 is exact
+and the per-row scale moves to the output) or ~65-80 ms (INT4: unpacking the CPU layout and applying per-group
 scales) plus the dense product (37 ms for 128 rows). So from `INT8_DENSE_MIN_ROWS` (16) and `INT4_DENSE_MIN_ROWS`
 (192) rows up a layer dequantizes `DENSE_BLOCK_BYTES` (16 MiB) of output rows at a time and multiplies them
 densely (`dense_in_blocks`). That block is the only transient: 16 MiB of BF16 rows, plus for INT4 about 1.5 times

@@ -129,7 +129,8 @@ def test_streamed_load_equals_from_pretrained(request, which):
     assert loaded.extra["loader"] == STREAMED
     model = loaded.model
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    folder = loaded.spec.path if which == "tiny_loaded" else convert_gguf(embedded_gguf_path(), load_settings().cache_dir)
+    embedded = which == "embedded_fp32"
+    folder = convert_gguf(embedded_gguf_path(), load_settings().cache_dir) if embedded else loaded.spec.path
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert torch.equal(_logits(model), _logits(reference))
     assert {n: b.dtype for n, b in model.named_buffers()} == {n: b.dtype for n, b in reference.named_buffers()}
