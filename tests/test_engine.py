@@ -1,7 +1,6 @@
 """The chat engine: kept-cache exactness, eviction, stop, concurrency, truncation and bad input."""
 
 import threading
-import time
 import uuid
 
 import pytest
