@@ -312,6 +312,7 @@ class MemoryBenchRun:
     estimates: dict = field(default_factory=dict)
     state: str = "pending"  # pending, running, done, cancelled, failed
     error: str | None = None
+    environment: dict = field(default_factory=dict)  # what it runs on, read once when it starts
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     _process: subprocess.Popen | None = None
@@ -321,6 +322,7 @@ class MemoryBenchRun:
 
     def start(self, on_finish: Callable[["MemoryBenchRun"], None] | None = None) -> "MemoryBenchRun":
         self.state = "running"
+        self.environment = environment(self.request.device)
         self._thread = threading.Thread(target=self._run, args=(on_finish,), name="bench-memory", daemon=True)
         self._thread.start()
         return self
@@ -421,9 +423,8 @@ def run_memory_bench(request: MemoryBenchRequest, progress: Callable[[float, str
 # ---- measured vs predicted vs published ----------------------------------------------------------------------
 
 
-def comparison_rows(run: MemoryBenchRun | dict) -> list[dict]:
-    """One row per level: measured, predicted (with the error) and published (with ours vs theirs)."""
-    data = run if isinstance(run, dict) else run_record(run)
+def comparison_rows(data: dict) -> list[dict]:
+    """One row per level of a run record: measured, predicted (with the error) and published (ours vs theirs)."""
     request = data["request"]
     source_key = request["source"].strip().lower()
     table = published(source_key, request["encode"], request["generate"]) or {}
@@ -452,7 +453,7 @@ def run_record(run: MemoryBenchRun) -> dict:
     return {
         "request": run.request.describe(), "results": run.results, "estimates": run.estimates,
         "state": run.state, "error": run.error, "started_at": run.started_at, "finished_at": run.finished_at,
-        "environment": environment(run.request.device),
+        "environment": run.environment,
     }
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, read_json_object
 from .generation import PREFILL_CHUNK
 from .precision import Precision, parse_precision
-from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears, tie_output_layer
+from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears, tie_output_layer, weight_bytes
 from .telemetry import kv_bytes_per_token
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -77,8 +78,6 @@ def read_config(source: str) -> tuple[str, dict]:
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json or model folder")
-    from .checkpoint import CheckpointError, read_json_object
-
     try:
         cfg = read_json_object(path)
     except CheckpointError as exc:
@@ -91,7 +90,6 @@ def model_config(cfg: dict):
     """The transformers config of the module that runs (or, for ChatGLM-6B, has the same tensors as) `cfg`."""
     from transformers import AutoConfig, GPTNeoXConfig
 
-    from .checkpoint import CheckpointError
     from .chatglm_checkpoint import glm_config, is_first_generation
 
     try:
@@ -118,35 +116,25 @@ def text_config(config):
 
 
 def meta_model(config, precision: Precision, group_size: int = DEFAULT_GROUP_SIZE) -> torch.nn.Module:
-    """The model with the level's quantized modules, on the meta device: shapes without memory."""
-    from transformers import AutoModelForCausalLM
+    """The model with the level's quantized modules, on the meta device: shapes without memory.
 
+    The class is instantiated directly and cast afterwards: `from_config(dtype=...)` sets torch's process-wide
+    default dtype for a moment, and the portal estimates in several threads at once (pages, a running benchmark),
+    whose interleaved set/restore left the whole process at BF16."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ConfigError(f"no causal language model class for a {type(config).__name__}") from None
     with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=precision.dtype)
-        except ValueError as exc:
-            raise ConfigError(f"no causal language model class for this config: {str(exc).splitlines()[0]}") from None
+        model = model_class(config).to(precision.dtype)
     if precision.is_quantized:
         tied = getattr(config, "tie_word_embeddings", False)
         swap_in_quantized_linears(model, precision, precision.dtype, group_size)
         if tied:  # the output layer reads the int8 embedding's table
             tie_output_layer(model, model.get_input_embeddings(), precision.dtype)
     return model
-
-
-def tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and persistent buffer, each shared tensor counted once (works on meta)."""
-    seen, total = set(), 0
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    non_persistent = sum(
-        t.numel() * t.element_size()
-        for m in model.modules() for n, t in m._buffers.items() if t is not None and n in m._non_persistent_buffers_set
-    )
-    return total - non_persistent
 
 
 # ---- activations ---------------------------------------------------------------------------------------------
@@ -206,7 +194,7 @@ def estimate(cfg: dict, levels: list[str], encode: int, generate: int, device_ty
         if precision is Precision.INT4 and group_size % 32:
             raise ConfigError(f"INT4 group size must be a positive multiple of 32, got {group_size}")
         dtype = precision.dtype
-        weights = tensor_bytes(meta_model(config, precision, group_size))
+        weights = weight_bytes(meta_model(config, precision, group_size), include_meta=True)["total"]
         kv = kv_bytes_per_token(config, dtype)
         chunk = min(encode, PREFILL_CHUNK)
         encode_act = _activation_bytes(config, chunk, encode, dtype)

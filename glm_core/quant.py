@@ -328,14 +328,15 @@ def quantize_loaded_model(model: nn.Module, precision: Precision, dtype: torch.d
     return count
 
 
-def weight_bytes(model: nn.Module) -> dict:
-    """Bytes of the weights, split into quantized layers and everything kept in float."""
+def weight_bytes(model: nn.Module, include_meta: bool = False) -> dict:
+    """Bytes of the weights, split into quantized layers and everything kept in float. With `include_meta`,
+    tensors on the meta device count too: the estimator sizes a model that holds no memory."""
     quantized = other = 0
     seen = set()
     for module in model.modules():
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         for t in tensors:
-            if id(t) in seen or t.device.type == "meta":
+            if id(t) in seen or (t.device.type == "meta" and not include_meta):
                 continue
             seen.add(id(t))
             size = t.numel() * t.element_size()
