@@ -157,7 +157,7 @@ def reset_peak(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    try:  # Linux: "5" resets the resident-set high-water mark that ru_maxrss reports
+    try:  # Linux: "5" resets the resident-set high-water mark, VmHWM (see _peak_rss)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
