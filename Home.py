@@ -4,9 +4,9 @@ import streamlit as st
 
 from app_shared import ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
 from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, SamplingParams, Started, Truncated
-from glm_core.conversation import ChatMessage, Conversation, new_conversation_id
-from glm_core.store import NotFound
-from glm_core.turn import start_turn
+from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
+from glm_core.conversations.store import NotFound
+from glm_core.conversations.turn import start_turn
 
 MAX_PROMPT_CHARS = 32_000
 LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
@@ -93,7 +93,7 @@ with st.sidebar:
 
     st.header("Model")
     if engine is not None:
-        card = engine.loaded.card()
+        card = engine.card()
         st.markdown(f"**{card['name']}**")
         st.caption(
             f"family {card['family']} · {card['precision']} · {card['device']} · "
@@ -111,7 +111,7 @@ with st.sidebar:
         )
     with st.expander("Load another model", expanded=engine is None):
         with st.form("load_model"):
-            current = engine.loaded.spec if engine is not None else ModelSpec.from_settings()
+            current = engine.spec if engine is not None else ModelSpec.from_settings()
             path = st.text_input(
                 "Model folder or .gguf file", value=current.path, help="'embedded' is the built-in model", key="load_path"
             )
@@ -124,7 +124,7 @@ with st.sidebar:
             if st.form_submit_button("Load", key="load_button"):
                 spec = ModelSpec(path.strip() or "embedded", precision, device, family)
                 engine = load_with_progress(spec)  # on failure it shows why and returns the running engine
-                if engine is not None and engine.loaded.spec == spec:
+                if engine is not None and engine.spec == spec:
                     st.rerun()  # redraw the model card
 
     st.header("Generation")

@@ -7,12 +7,12 @@ import re
 
 import streamlit as st
 
-from glm_core import Engine, ModelLoadError, ModelSpec, load_settings
-from glm_core.bench_memory import BenchHistory, MemoryBenchRunner
-from glm_core.gpu_monitor import Monitor
-from glm_core.hub import EngineHub
-from glm_core.store import Store
-from glm_core.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
+from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
+from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
+from glm_core.telemetry.gpu_monitor import Monitor
+from glm_core.backends.hub import EngineHub
+from glm_core.conversations.store import Store
+from glm_core.conversations.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
 
 WORKSPACE_PARAM = "ws"
 
@@ -53,7 +53,7 @@ def get_monitor() -> Monitor:
     return Monitor().start()
 
 
-def load_with_progress(spec: ModelSpec) -> Engine | None:
+def load_with_progress(spec: ModelSpec) -> Backend | None:
     """Load `spec` showing a progress bar; on failure show the reason and keep whatever was loaded."""
     hub = get_hub()
     bar = st.progress(0.0, text=f"Loading {spec.path} ...")
@@ -66,7 +66,7 @@ def load_with_progress(spec: ModelSpec) -> Engine | None:
         bar.empty()
 
 
-def ensure_engine() -> Engine | None:
+def ensure_engine() -> Backend | None:
     """The shared engine, loading the configured default on first use (a failed default is not retried)."""
     hub = get_hub()
     if hub.engine is not None:

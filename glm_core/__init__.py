@@ -1,26 +1,17 @@
-"""GLM Chat Dashboard core: model loading, the chat engine, benchmarks. Never imports streamlit."""
+"""GLM Chat Dashboard core: backends (the local engine, remote servers), models, conversations, benchmarks.
 
-from .engine import (
-    ConversationBusy,
-    EngineClosed,
-    Delta,
-    Engine,
-    Finished,
-    PromptTooLong,
-    Queued,
-    Reply,
-    ReplyStats,
-    Request,
-    Started,
-    Truncated,
+Never imports streamlit. Importing this package (and the conversation layer) does not import torch: the shared
+types come from `protocol`; the engine and the model loader are imported from their subpackages.
+"""
+
+from .protocol import (
+    Backend, Capabilities, ConversationBusy, Delta, EngineClosed, Finished, ModelLoadError, ModelSpec, PromptTooLong,
+    Queued, QueueFull, Reply, ReplyStats, Request, SamplingParams, Started, Truncated,
 )
-from .loading import LoadedModel, ModelLoadError, ModelSpec, load_model
-from .precision import Precision
-from .sampling import SamplingParams
 from .settings import EMBEDDED, load_settings
 
 __all__ = [
-    "ConversationBusy", "Delta", "EngineClosed", "EMBEDDED", "Engine", "Finished", "LoadedModel", "ModelLoadError", "ModelSpec",
-    "Precision", "PromptTooLong", "Queued", "Reply", "ReplyStats", "Request", "SamplingParams", "Started",
-    "Truncated", "load_model", "load_settings",
+    "Backend", "Capabilities", "ConversationBusy", "Delta", "EMBEDDED", "EngineClosed", "Finished", "ModelLoadError",
+    "ModelSpec", "PromptTooLong", "QueueFull", "Queued", "Reply", "ReplyStats", "Request", "SamplingParams",
+    "Started", "Truncated", "load_settings",
 ]

@@ -1,4 +1,4 @@
-"""Command line: `python -m glm_core chat | export | import | workspaces | bench turns|quant|memory | estimate`."""
+"""Command line: `python -m glm_core chat | export | import | workspaces | bench turns|concurrency|quant|memory | estimate`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import sys
 
 from pathlib import Path
 
-from .conversation import ChatMessage, Conversation
-from .engine import Engine, PromptTooLong
-from .exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
-from .loading import LoadedModel, ModelLoadError, ModelSpec, load_model
-from .sampling import SamplingParams
+from .conversations.conversation import ChatMessage, Conversation
+from .engine import Engine
+from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
+from .models.loading import LoadedModel, load_model
+from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
 from .settings import load_settings
-from .store import Store, clean_title
-from .turn import start_turn
-from .workspace import check_cli_workspace_id
+from .conversations.store import Store, clean_title
+from .conversations.turn import start_turn
+from .conversations.workspace import check_cli_workspace_id
 
 WELCOME = "GLM chat on {name} ({precision}, {device}). Type to chat; 'clear' starts over, 'stop' exits."
 
@@ -206,7 +206,7 @@ def cmd_workspaces(args) -> int:
 
 
 def cmd_bench_turns(args) -> int:
-    from .bench import format_turns_report, run_turns_bench
+    from .bench.turns import format_turns_report, run_turns_bench
 
     loaded = load_from_args(args)
     result = run_turns_bench(
@@ -216,8 +216,20 @@ def cmd_bench_turns(args) -> int:
     return 0
 
 
+def cmd_bench_concurrency(args) -> int:
+    from .bench.concurrency import format_concurrency_report, run_concurrency_bench
+
+    streams = sorted({int(n) for n in _levels(args.streams)})
+    if not streams or streams[0] < 1:
+        raise ValueError("--streams takes whole numbers of at least 1, e.g. 1,4,16")
+    loaded = load_from_args(args)
+    result = run_concurrency_bench(loaded, streams, args.max_new_tokens, args.repeats)
+    print(json.dumps(result) if args.json else format_concurrency_report(result))
+    return 0
+
+
 def cmd_bench_quant(args) -> int:
-    from .bench_quant import format_quant_report, measure_level, resolve_bench_model, run_quant_bench
+    from .bench.quant import format_quant_report, measure_level, resolve_bench_model, run_quant_bench
 
     levels = [level.strip().lower() for level in args.levels.split(",") if level.strip()]
     if args.in_process:  # one level, measured in this process (run_quant_bench starts one such process per level)
@@ -235,7 +247,7 @@ def _levels(text: str) -> list[str]:
 
 
 def cmd_bench_memory(args) -> int:
-    from .bench_memory import (
+    from .bench.memory import (
         BenchHistory, MemoryBenchRequest, format_memory_report, run_in_process, run_memory_bench, run_record,
         source_kind,
     )
@@ -263,7 +275,7 @@ def cmd_bench_memory(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .estimator import estimate, read_config
+    from .bench.estimator import estimate, read_config
 
     name, cfg = read_config(args.config)
     results = estimate(cfg, _levels(args.levels), args.encode, args.generate, args.device_type, args.group_size)
@@ -325,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     turns.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     turns.add_argument("--json", action="store_true", help="print one JSON object")
     turns.set_defaults(func=cmd_bench_turns)
+
+    concurrency = bench_sub.add_parser("concurrency", help="N conversations at once: aggregate tokens/s, TTFT")
+    add_model_options(concurrency)
+    concurrency.add_argument("--streams", default="1,4,16", help="comma-separated numbers of concurrent streams")
+    concurrency.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per stream")
+    concurrency.add_argument("--repeats", type=int, default=1, help="runs per stream count; the fastest is kept")
+    concurrency.add_argument("--json", action="store_true", help="print one JSON object")
+    concurrency.set_defaults(func=cmd_bench_concurrency)
 
     quant = bench_sub.add_parser("quant", help="per precision level: memory, speed and perplexity")
     add_model_options(quant)

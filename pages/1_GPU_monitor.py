@@ -8,7 +8,7 @@ import streamlit as st
 
 from app_shared import get_hub, get_monitor, open_workspace, plain
 from glm_core import ModelSpec
-from glm_core.telemetry import MemoryInUse, format_bytes, free_cached_memory
+from glm_core.telemetry.memory import MemoryInUse, format_bytes, free_cached_memory
 
 st.set_page_config(page_title="GPU monitor", page_icon="📈", layout="wide")
 open_workspace()
@@ -48,7 +48,7 @@ if engine is None:
     st.info(f"No model is loaded. The chat page loads the default model ({plain(ModelSpec.from_settings().path)}) "
             "on its next visit.")
 else:
-    card = engine.loaded.card()
+    card = engine.card()
     st.markdown(f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
                 f"weights {format_bytes(card['weights_bytes'])}")
 actions = st.container(horizontal=True)
@@ -61,7 +61,7 @@ if state.get("pending_unload"):  # until confirmed, cancelled or dismissed
     if engine is None:  # someone else unloaded it meanwhile
         state.pop("pending_unload")
     else:
-        confirm_unload(engine.loaded.card()["name"])
+        confirm_unload(engine.card()["name"])
 if "memory_report" in state:
     st.success(state.pop("memory_report"))
 

@@ -8,11 +8,11 @@ import streamlit as st
 
 from app_shared import get_bench_runner, get_hub, open_workspace, plain
 from glm_core import load_settings
-from glm_core.bench_memory import (
+from glm_core.bench.memory import (
     CSV_FIELDS, LEVELS, MemoryBenchRequest, comparison_rows, csv_rows, predict, run_record,
 )
-from glm_core.estimator import GB, PRESETS, ConfigError
-from glm_core.precision import resolve_device
+from glm_core.bench.estimator import GB, PRESETS, ConfigError
+from glm_core.models.precision import resolve_device
 
 st.set_page_config(page_title="Quantization", page_icon="⚖️", layout="wide")
 workspace = open_workspace()
@@ -35,8 +35,8 @@ choice = st.radio("Model", CHOICES, horizontal=True, key="bench_choice")
 if choice == CHOICES[0]:
     source = st.selectbox("Preset", list(PRESETS), format_func=PRESETS.get, index=1, key="bench_preset")
 elif choice == CHOICES[1]:
-    source = engine.loaded.spec.path if engine is not None else None
-    st.caption(f"Loaded: {plain(engine.loaded.name)} ({plain(source)})" if engine else "No model is loaded.")
+    source = engine.spec.path if engine is not None else None
+    st.caption(f"Loaded: {plain(engine.card()['name'])} ({plain(source)})" if engine else "No model is loaded.")
 else:
     source = st.text_input("Model folder (real weights) or config.json file (random weights)", key="bench_path").strip()
 levels = st.multiselect("Levels", LEVELS, default=["fp16", "int8", "int4"], format_func=str.upper, key="bench_levels")
@@ -55,7 +55,7 @@ if device_type == "cpu":
 
 request = None
 if source and levels:
-    group_size = engine.loaded.spec.group_size if choice == CHOICES[1] else load_settings().group_size
+    group_size = engine.spec.group_size if choice == CHOICES[1] else load_settings().group_size
     request = MemoryBenchRequest(source, tuple(levels), int(encode), int(generate), device, group_size)
     try:
         predicted = predict(request)

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app_shared import get_store, open_workspace
-from glm_core.exchange import (
+from glm_core.conversations.exchange import (
     EXPORT_FORMATS, MAX_IMPORT_BYTES, ImportRejected, check_import_size, export_conversations, export_file_name,
     import_file,
 )

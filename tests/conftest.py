@@ -9,8 +9,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 OUTPUT_DIR = ROOT / "test-output"
 
-from glm_core import ModelSpec, load_model, load_settings  # noqa: E402
-from glm_core.loading import convert_gguf, embedded_gguf_path  # noqa: E402
+from glm_core import ModelSpec, load_settings  # noqa: E402
+from glm_core.models import load_model  # noqa: E402
+from glm_core.models.loading import convert_gguf, embedded_gguf_path  # noqa: E402
+from chatglm_fixtures import chatglm2_config, random_state_dict, train_sentencepiece, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +53,36 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
     return load_model(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))
+
+
+# ---- tiny ChatGLM2/3 checkpoints in the original THUDM layout (random weights, a SentencePiece model trained here)
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def pieces(sp_model):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size()
+
+
+@pytest.fixture(scope="session")
+def glm2(tmp_path_factory, sp_model, pieces):
+    config = chatglm2_config(pieces)
+    sd = random_state_dict(config)
+    folder = write_checkpoint(tmp_path_factory.mktemp("m") / "glm2-tiny", sp_model, config, sd, "bin")
+    return folder, config, sd
+
+
+@pytest.fixture(scope="session")
+def glm3(tmp_path_factory, sp_model, pieces):
+    config = chatglm2_config(pieces, name="THUDM/chatglm3-6b")
+    sd = random_state_dict(config, seed=1)
+    folder = write_checkpoint(tmp_path_factory.mktemp("m") / "glm3-tiny", sp_model, config, sd, "sharded-bin")
+    return folder, config, sd
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from glm_core.bench_memory import (
+from glm_core.bench.memory import (
     BenchHistory, MemoryBenchRequest, MemoryBenchRun, MemoryBenchRunner, comparison_rows, csv_rows,
 )
 

@@ -118,8 +118,8 @@ def test_stop_keeps_the_partial_reply(server, page):
 def test_stored_conversation_reopens_from_the_url_and_shows_html_as_text(data_dir, server, page):
     from playwright.sync_api import expect
 
-    from glm_core.conversation import ChatMessage, Conversation
-    from glm_core.store import Store
+    from glm_core.conversations.conversation import ChatMessage, Conversation
+    from glm_core.conversations.store import Store
 
     hostile = '<b id="injected">bold?</b><img id="injected-img" src=x onerror="document.title=\'pwned\'">'
     store = Store(data_dir)

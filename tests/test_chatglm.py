@@ -9,44 +9,16 @@ import sys
 import pytest
 import torch
 
-from chatglm_fixtures import (
-    chatglm2_config, quantize_thudm, random_state_dict, reference_logits, train_sentencepiece, write_checkpoint,
-)
+from chatglm_fixtures import chatglm2_config, quantize_thudm, random_state_dict, reference_logits, write_checkpoint
 from conftest import ROOT
-from glm_core import Engine, ModelLoadError, ModelSpec, SamplingParams, load_model
-from glm_core.chat_format import ChatGLM2Format, ChatGLM3Format
-from glm_core.chatglm_checkpoint import dequantize, detect_family, glm_config, spread_device_map
-from glm_core.chatglm_tokenizer import ChatGLMTokenizer
-from glm_core.generation import decode_one, prefill
-from glm_core.textstream import IncrementalDecoder
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def pieces(sp_model):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size()
-
-
-@pytest.fixture(scope="module")
-def glm2(tmp_path_factory, sp_model, pieces):
-    config = chatglm2_config(pieces)
-    sd = random_state_dict(config)
-    folder = write_checkpoint(tmp_path_factory.mktemp("m") / "glm2-tiny", sp_model, config, sd, "bin")
-    return folder, config, sd
-
-
-@pytest.fixture(scope="module")
-def glm3(tmp_path_factory, sp_model, pieces):
-    config = chatglm2_config(pieces, name="THUDM/chatglm3-6b")
-    sd = random_state_dict(config, seed=1)
-    folder = write_checkpoint(tmp_path_factory.mktemp("m") / "glm3-tiny", sp_model, config, sd, "sharded-bin")
-    return folder, config, sd
+from glm_core import ModelLoadError, ModelSpec, SamplingParams
+from glm_core.engine import Engine
+from glm_core.models import load_model
+from glm_core.models.chat_format import ChatGLM2Format, ChatGLM3Format
+from glm_core.models.chatglm.checkpoint import dequantize, detect_family, glm_config, spread_device_map
+from glm_core.models.chatglm.tokenizer import ChatGLMTokenizer
+from glm_core.engine.generation import decode_one, prefill
+from glm_core.engine.textstream import IncrementalDecoder
 
 
 def logits_of(folder, ids, **spec):
@@ -360,7 +332,7 @@ def test_glm4_hf_folder_loads_through_auto_classes(tmp_path, tiny_model_dir):
 def test_chatglm_quantizes_while_loading(glm2, level, tolerance):
     from torch import nn
 
-    from glm_core.quant import WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear
+    from glm_core.models.quant import WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear
 
     folder, config, sd = glm2
     loaded = load_model(ModelSpec(str(folder), level, "cpu", group_size=32))

@@ -8,8 +8,8 @@ import sys
 import time
 
 from conftest import ROOT
-from glm_core.conversation import ChatMessage, Conversation
-from glm_core.store import Store
+from glm_core.conversations.conversation import ChatMessage, Conversation
+from glm_core.conversations.store import Store
 
 
 def run_cli(*args, stdin="", timeout=600):

@@ -10,9 +10,9 @@ from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub
 from conftest import ROOT
-from glm_core.conversation import ChatMessage, Conversation
-from glm_core.exchange import FORMAT_NAME
-from glm_core.store import Store
+from glm_core.conversations.conversation import ChatMessage, Conversation
+from glm_core.conversations.exchange import FORMAT_NAME
+from glm_core.conversations.store import Store
 
 HOME = str(ROOT / "Home.py")
 CONVERSATIONS = str(ROOT / "pages" / "3_Conversations.py")
@@ -24,7 +24,7 @@ def tiny_env(env_cleanup, tiny_model_dir, data_dir):
     """The pages load the configured model when the process-wide hub holds none; hand it back afterwards, so
     other tests get the default model again."""
     hub = get_hub()
-    if hub.engine is not None and hub.engine.loaded.spec.path != str(tiny_model_dir):
+    if hub.engine is not None and hub.engine.spec.path != str(tiny_model_dir):
         hub.unload()
     env_cleanup.setenv("GLM_MODEL_PATH", str(tiny_model_dir))
     env_cleanup.setenv("GLM_PRECISION", "fp32")

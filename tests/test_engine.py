@@ -6,9 +6,10 @@ import uuid
 import pytest
 
 from glm_core import (
-    ConversationBusy, Delta, Engine, EngineClosed, Finished, PromptTooLong, Queued, SamplingParams, Started, Truncated,
+    ConversationBusy, Delta, EngineClosed, Finished, PromptTooLong, Queued, SamplingParams, Started, Truncated,
 )
-from glm_core.engine import common_prefix_length, fit_to_context
+from glm_core.engine import Engine
+from glm_core.engine.context import common_prefix_length, fit_to_context
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
 PROMPTS = ["What is the capital of France?", "What is it famous for?", "Name one museum there."]

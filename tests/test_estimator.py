@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from glm_core.bench_memory import build_random_model
-from glm_core.estimator import GB, PRESETS, ConfigError, estimate, model_config, published, read_config
-from glm_core.precision import Precision
-from glm_core.quant import weight_bytes
+from glm_core.bench.memory import build_random_model
+from glm_core.bench.estimator import GB, PRESETS, ConfigError, estimate, model_config, published, read_config
+from glm_core.models.precision import Precision
+from glm_core.models.quant import weight_bytes
 
 SMALL_GLM = {  # ChatGLM2's layout (THUDM config.json), small enough to build for real in a test
     "model_type": "chatglm", "add_bias_linear": False, "add_qkv_bias": True, "ffn_hidden_size": 704,

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from glm_core.conversation import ChatMessage, Conversation
-from glm_core.exchange import (
+from glm_core.conversations.conversation import ChatMessage, Conversation
+from glm_core.conversations.exchange import (
     FORMAT_NAME, MAX_IMPORT_BYTES, ImportRejected, export_conversations, export_file_name, import_file, parse_import,
     spreadsheet_safe,
 )
-from glm_core.store import Store
+from glm_core.conversations.store import Store
 
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)><b>bold?</b> & &amp;'
 CODE = "Here is code:\n\n```python\ndef f(x):\n    return x ** 2  # <- square\n```\n\nDone."

@@ -1,5 +1,5 @@
-"""glm_core.gpu_monitor against a fake NVML module (raising pynvml's real error classes), and the memory helpers
-of glm_core.telemetry it uses."""
+"""glm_core.telemetry.gpu_monitor against a fake NVML module (raising pynvml's real error classes), and the memory helpers
+of glm_core.telemetry.memory it uses."""
 
 import os
 import time
@@ -8,8 +8,8 @@ import pynvml
 import pytest
 
 from fake_nvml import UNSEEN_PID, FakeGpu, FakeNvml, GiB, two_busy_gpus
-from glm_core.gpu_monitor import History, Monitor, NvmlReader
-from glm_core.telemetry import Freed, MemoryInUse, format_bytes, free_cached_memory, host_memory
+from glm_core.telemetry.gpu_monitor import History, Monitor, NvmlReader
+from glm_core.telemetry.memory import Freed, MemoryInUse, format_bytes, free_cached_memory, host_memory
 
 
 def test_two_gpus_with_their_figures_and_processes():

@@ -1,5 +1,5 @@
 """The GPU monitor page through Streamlit's AppTest, with a fake NVML module injected through
-glm_core.gpu_monitor.default_nvml (the page's process-wide monitor is rebuilt around it)."""
+glm_core.telemetry.gpu_monitor.default_nvml (the page's process-wide monitor is rebuilt around it)."""
 
 import os
 
@@ -10,7 +10,8 @@ from streamlit.testing.v1 import AppTest
 from app_shared import get_hub, get_monitor, plain
 from conftest import ROOT
 from fake_nvml import FakeNvml, two_busy_gpus
-from glm_core import ModelSpec, gpu_monitor
+from glm_core import ModelSpec
+from glm_core.telemetry import gpu_monitor
 
 MONITOR = str(ROOT / "pages" / "1_GPU_monitor.py")
 HOME = str(ROOT / "Home.py")
@@ -122,7 +123,7 @@ def test_unload_asks_first_and_the_chat_page_loads_the_model_again(nvml, tiny_in
     nvml(FakeNvml(init_error=pynvml.NVMLError_LibraryNotFound()))
     hub = tiny_in_hub
     at = open_monitor()
-    name = plain(hub.engine.loaded.card()["name"])  # a folder's name, so Markdown-escaped
+    name = plain(hub.engine.card()["name"])  # a folder's name, so Markdown-escaped
     assert f"{name} · FP32 · cpu" in texts(at.markdown)
 
     at.button(key="unload_model").click().run()

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from glm_core import EngineClosed, ModelLoadError, ModelSpec, Precision, load_model
-from glm_core.hub import EngineHub
-from glm_core.loading import STREAMED, convert_gguf, embedded_gguf_path
-from glm_core.precision import parse_precision, resolve_device
+from glm_core import EngineClosed, ModelLoadError, ModelSpec
+from glm_core.models import Precision, load_model
+from glm_core.backends.hub import EngineHub
+from glm_core.models.loading import STREAMED, convert_gguf, embedded_gguf_path
+from glm_core.models.precision import parse_precision, resolve_device
 from glm_core.settings import load_settings
 
 

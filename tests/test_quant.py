@@ -11,12 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from glm_core import Engine, ModelSpec, Precision, SamplingParams, load_model
-from glm_core.hub import EngineHub
-from glm_core.loading import STREAMED, convert_gguf, embedded_gguf_path
+from glm_core import ModelSpec, SamplingParams
+from glm_core.engine import Engine
+from glm_core.models import Precision, load_model
+from glm_core.backends.hub import EngineHub
+from glm_core.models.loading import STREAMED, convert_gguf, embedded_gguf_path
 from glm_core.settings import load_settings
-import glm_core.quant as quant
-from glm_core.quant import (
+import glm_core.models.quant as quant
+from glm_core.models.quant import (
     WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear, dequantize_int4, quantize_int4, quantize_loaded_model, weight_bytes,
 )
 
@@ -150,7 +152,8 @@ def test_quantizing_while_reading_equals_quantizing_the_loaded_model(embedded_le
 PEAK_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from glm_core import ModelSpec, load_model
+from glm_core import ModelSpec
+from glm_core.models import load_model
 import transformers.models.llama.modeling_llama  # imported before the baseline, as everything but the model
 
 def high_water_mark():

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from glm_core.sampling import SamplingParams, sample_next
-from glm_core.textstream import IncrementalDecoder
+from glm_core import SamplingParams
+from glm_core.engine.sampling import sample_next
+from glm_core.engine.textstream import IncrementalDecoder
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0])
 

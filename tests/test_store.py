@@ -7,9 +7,9 @@ import time
 import pytest
 
 from conftest import ROOT
-from glm_core.conversation import STALE_PARTIAL_S, ChatMessage, Conversation
-from glm_core.store import NotFound, Store
-from glm_core.workspace import (
+from glm_core.conversations.conversation import STALE_PARTIAL_S, ChatMessage, Conversation
+from glm_core.conversations.store import NotFound, Store
+from glm_core.conversations.workspace import (
     check_cli_workspace_id, is_url_workspace_id, new_workspace_id, password_matches, user_identity,
 )
 
@@ -96,7 +96,7 @@ def test_search_matches_titles_and_text_newest_first(store):
 
 def test_store_survives_a_process_restart(data_dir):
     writer = (
-        "import sys; from glm_core.store import Store; from glm_core.conversation import ChatMessage, Conversation\n"
+        "import sys; from glm_core.conversations.store import Store; from glm_core.conversations.conversation import ChatMessage, Conversation\n"
         "s = Store(sys.argv[1]); ws = s.create_workspace('restart-test'); c = Conversation()\n"
         "_, r, _ = s.begin_turn(ws, c, 0, ChatMessage('user', 'kept? 😀'), ChatMessage('assistant', ''))\n"
         "s.finish_reply(ws, r, 'kept.', {}, 'eos', None); print(c.id)\n"

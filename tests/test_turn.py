@@ -6,10 +6,11 @@ import uuid
 
 import pytest
 
-from glm_core import Engine, SamplingParams
-from glm_core.conversation import Conversation
-from glm_core.store import Store
-from glm_core.turn import start_turn
+from glm_core import SamplingParams
+from glm_core.engine import Engine
+from glm_core.conversations.conversation import Conversation
+from glm_core.conversations.store import Store
+from glm_core.conversations.turn import start_turn
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
 

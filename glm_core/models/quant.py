@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..settings import DEFAULT_GROUP_SIZE
 from .precision import Precision
 
 
@@ -35,7 +36,6 @@ def int4_inner_k_tiles(in_features: int) -> int:
     """The CUDA int4 layout packs 16 * tiles input channels per tile (tiles 8, 4 or 2): the widest that fits."""
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
-DEFAULT_GROUP_SIZE = 32  # aligned with the 32-element blocks of GGUF Q4 files; 64 costs SmolLM2 +50 % perplexity
 
 
 ROW_CHUNK = 2048  # rows quantized at a time: float temporaries stay small even for a 65k x 4k output layer

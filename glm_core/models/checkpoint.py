@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 import torch
 
 from .precision import Precision
-from .quant import DEFAULT_GROUP_SIZE, WeightOnlyInt8Embedding, swap_in_quantized_linears, tie_output_layer
+from ..settings import DEFAULT_GROUP_SIZE
+from .quant import WeightOnlyInt8Embedding, swap_in_quantized_linears, tie_output_layer
 
 Remap = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 

@@ -1,41 +1,10 @@
-"""Sampling controls and next-token selection."""
+"""Next-token selection under a request's sampling controls."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 
-
-@dataclass
-class SamplingParams:
-    # Defaults of the ChatGLM demos: 8192 total tokens, top_p 0.8, temperature 0.8.
-    max_length: int = 8192
-    max_new_tokens: int = 1024
-    temperature: float = 0.8
-    top_p: float = 0.8
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> "SamplingParams":
-        """Raise ValueError with a readable message when a control is out of range."""
-        if self.max_length < 2:
-            raise ValueError("max_length must be at least 2 tokens")
-        if not 1 <= self.max_new_tokens < self.max_length:
-            raise ValueError(f"max new tokens must be between 1 and max_length - 1 ({self.max_length - 1})")
-        if self.temperature < 0:
-            raise ValueError("temperature must be 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be 0 (off) or more")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition penalty must be positive (1.0 is off)")
-        return self
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from ..protocol import SamplingParams
 
 
 def sample_next(

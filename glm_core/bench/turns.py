@@ -9,9 +9,9 @@ import uuid
 
 import torch
 
-from .engine import Engine
-from .loading import LoadedModel
-from .sampling import SamplingParams
+from ..engine.scheduler import Engine
+from ..models.loading import LoadedModel
+from ..protocol import SamplingParams
 
 TURN_PROMPTS = [
     "What is the capital of France?",

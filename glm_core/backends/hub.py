@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import threading
 
-from .engine import Engine
-from .loading import ModelLoadError, ModelSpec, Progress, load_model, no_progress
+from ..engine import Engine
+from ..models.loading import Progress, load_model, no_progress
+from ..protocol import ModelLoadError, ModelSpec
 
 
 class EngineHub:
@@ -26,7 +27,7 @@ class EngineHub:
         """Return an engine for `spec`, loading it if needed. On failure the running model stays loaded."""
         with self._lock:  # a second session asking meanwhile waits, then finds the model loaded
             current = self._engine
-            if current is not None and current.loaded.spec == spec:
+            if current is not None and current.spec == spec:
                 return current
             try:
                 loaded = load_model(spec, progress or no_progress)

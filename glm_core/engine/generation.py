@@ -13,24 +13,6 @@ import torch
 PREFILL_CHUNK = 512  # long prompts are fed in chunks: bounded activation memory, and stop is checked between chunks
 
 
-def _standard_strides(_module, args):
-    x = args[0]
-    return (x.reshape(-1, x.shape[-1]).view(x.shape), *args[1:])
-
-
-def fix_output_layer_input(model: torch.nn.Module) -> None:
-    """Give the output layer its input with standard strides.
-
-    `logits_to_keep=1` hands the output layer a [1, 1, hidden] slice of the last chunk that keeps the chunk's
-    batch stride. On CPU a float nn.Linear treats that as a batched matmul and copies the whole weight first:
-    for ChatGLM2's 65024 x 4096 BF16 output layer that is 508 MiB more memory and 2-4 s more per prefill
-    (measured with torch 2.13); with standard strides the same product takes 22 ms and no copy.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, torch.nn.Linear):
-        head.register_forward_pre_hook(_standard_strides)
-
-
 @torch.inference_mode()
 def prefill(
     model: torch.nn.Module,

@@ -6,7 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, fields
 
-from .engine import ReplyStats
+from ..protocol import ReplyStats
 
 # A message's status: "complete"; "partial" while its reply is being generated (the text so far is written every
 # second); "interrupted" when the process generating it died, so it will never be completed.

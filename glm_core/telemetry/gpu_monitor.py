@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .telemetry import cuda_allocator, host_memory, process_memory
+from .memory import cuda_allocator, host_memory, process_memory
 
 log = logging.getLogger(__name__)
 

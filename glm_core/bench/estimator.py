@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_json_object
-from .generation import PREFILL_CHUNK
-from .precision import Precision, parse_precision
-from .quant import DEFAULT_GROUP_SIZE, swap_in_quantized_linears, tie_output_layer, weight_bytes
-from .telemetry import kv_bytes_per_token
+from ..models.checkpoint import CheckpointError, read_json_object
+from ..engine.generation import PREFILL_CHUNK
+from ..models.precision import Precision, parse_precision
+from ..settings import DEFAULT_GROUP_SIZE
+from ..models.quant import swap_in_quantized_linears, tie_output_layer, weight_bytes
+from ..telemetry.memory import kv_bytes_per_token
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 PRESETS = {  # name -> label; the configs are the published config.json files of these models
@@ -90,7 +91,7 @@ def model_config(cfg: dict):
     """The transformers config of the module that runs (or, for ChatGLM-6B, has the same tensors as) `cfg`."""
     from transformers import AutoConfig, GPTNeoXConfig
 
-    from .chatglm_checkpoint import glm_config, is_first_generation
+    from ..models.chatglm.checkpoint import glm_config, is_first_generation
 
     try:
         if cfg.get("model_type") in ("chatglm", "chatglm6b"):

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CheckpointError, fill_from_checkpoint, read_json, weight_files
-from .precision import Precision
-from .quant import DEFAULT_GROUP_SIZE
+from ..checkpoint import CheckpointError, fill_from_checkpoint, read_json, weight_files
+from ..precision import Precision
+from ...settings import DEFAULT_GROUP_SIZE
 
 FAMILIES = ("chatglm2", "chatglm3")
 LINEAR_NAMES = {

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 from .conversation import (
     STATS_FIELDS, TITLE_MAX_CHARS, ChatMessage, Conversation, new_conversation_id, title_from_prompt,
 )
-from .settings import load_settings
+from ..settings import load_settings
 from .workspace import new_workspace_id
 
 DB_NAME = "conversations.sqlite3"

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .loading import LoadedModel, ModelSpec, load_model
-from .precision import resolve_device
-from .quant import DEFAULT_GROUP_SIZE
-from .sampling import SamplingParams
-from .settings import load_settings
-from .telemetry import device_memory
+from ..models.loading import LoadedModel, load_model
+from ..models.precision import resolve_device
+from ..protocol import ModelSpec, SamplingParams
+from ..settings import DEFAULT_GROUP_SIZE, load_settings
+from ..telemetry.memory import device_memory
 
 EVAL_TEXT = Path(__file__).parent / "data" / "eval_text.txt"
 RANDOM_GLM = "random-glm-1b"
@@ -104,7 +103,7 @@ def perplexity(loaded: LoadedModel, text: str, max_tokens: int, window: int = 51
 
 def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: bool) -> dict:
     """One level, in this process: the peaks are only meaningful in a fresh process (see run_quant_bench)."""
-    from .engine import Engine
+    from ..engine.scheduler import Engine
 
     device_obj = resolve_device(spec.device)
     if device_obj.type == "cuda":

@@ -31,13 +31,13 @@ from typing import Callable
 
 import torch
 
-from .generation import fix_output_layer_input
 from .estimator import PRESETS, ConfigError, estimate, model_config, published, read_config
-from .precision import Precision, parse_precision, resolve_device
-from .checkpoint import build_computed_buffers
-from .quant import DEFAULT_GROUP_SIZE, tie_output_layer
-from .telemetry import trim_c_heap
-from .settings import EMBEDDED, load_settings
+from ..models.precision import Precision, parse_precision, resolve_device
+from ..models.checkpoint import build_computed_buffers
+from ..models.loading import fix_output_layer_input
+from ..models.quant import tie_output_layer
+from ..telemetry.memory import trim_c_heap
+from ..settings import DEFAULT_GROUP_SIZE, EMBEDDED, PROJECT_ROOT, load_settings
 
 DECODE_STEPS = 16
 LEVELS = [p.value for p in Precision]
@@ -74,7 +74,7 @@ def source_kind(source: str) -> str:
 
 def source_config(source: str) -> tuple[str, dict]:
     if source == EMBEDDED:
-        from .loading import convert_gguf, embedded_gguf_path
+        from ..models.loading import convert_gguf, embedded_gguf_path
 
         folder = convert_gguf(embedded_gguf_path(), load_settings().cache_dir)
         return "SmolLM2-135M-Instruct", read_config(str(folder))[1]
@@ -159,11 +159,12 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
     """Load, encode, generate and (real weights) perplexity for one level; the peaks are this process's."""
     from transformers import DynamicCache
 
-    from .bench_quant import EVAL_TEXT, perplexity
-    from .generation import decode_one, prefill
-    from .loading import ModelSpec, load_model
-    from .quant import weight_bytes
-    from .telemetry import held_peak, kv_bytes_per_token, reset_peak
+    from .quant import EVAL_TEXT, perplexity
+    from ..engine.generation import decode_one, prefill
+    from ..models.loading import load_model
+    from ..protocol import ModelSpec
+    from ..models.quant import weight_bytes
+    from ..telemetry.memory import held_peak, kv_bytes_per_token, reset_peak
 
     device = resolve_device(request.device)
     precision = parse_precision(level, device)
@@ -241,7 +242,7 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
 
 def _cuda_context_bytes(device: torch.device) -> int | None:
     """What this process holds on the GPU outside the caching allocator (CUDA context, kernel images)."""
-    from .gpu_monitor import this_process_gpu_bytes
+    from ..telemetry.gpu_monitor import this_process_gpu_bytes
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     used = this_process_gpu_bytes(index)
@@ -380,8 +381,7 @@ class MemoryBenchRun:
                 "--levels", level, "--encode", str(request.encode), "--generate", str(request.generate),
                 "--device", request.device, "--group-size", str(request.group_size),
                 "--eval-tokens", str(request.eval_tokens)]
-        root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         with self._lock:
             if self._cancelled:
                 return {"level": level, "error": "cancelled"}
@@ -553,7 +553,7 @@ def csv_rows(records: list[dict]) -> list[dict]:
     """One row per run and level, every figure in bytes or seconds; text cells cannot run as formulas."""
     from datetime import datetime, timezone
 
-    from .exchange import spreadsheet_safe
+    from ..conversations.exchange import spreadsheet_safe
 
     rows = []
     for record in records:

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 from .conversation import ChatMessage, Conversation
-from .engine import Engine, Event, Reply, Request
-from .sampling import SamplingParams
+from ..protocol import Backend, Event, Reply, Request, SamplingParams
 from .store import NotFound, Store
 
 FLUSH_EVERY_S = 1.0
@@ -70,20 +69,21 @@ class Turn:
         return TurnResult(reply, message, False)
 
 
-def start_turn(store: Store, engine: Engine, workspace: str, conversation: Conversation, *, keep: int,
+def start_turn(store: Store, backend: Backend, workspace: str, conversation: Conversation, *, keep: int,
                prompt: str | None, params: SamplingParams, system_prompt: str = "", recompute: bool = False) -> Turn:
     """Ask for a reply to the first `keep` messages of `conversation` plus `prompt` (None: reply to them as they
     are, e.g. regenerate). Stored messages from `keep` on are replaced.
 
-    Raises ValueError or ConversationBusy before anything is stored when the engine refuses the request.
+    Raises ValueError or ConversationBusy before anything is stored when the backend refuses the request.
     """
     messages = conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt)
-    request = engine.submit(conversation.id, messages, params, recompute=recompute)
+    request = backend.submit(conversation.id, messages, params, recompute=recompute)
+    card = backend.card()
     used_system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else ""
     try:
         prompt_message = ChatMessage("user", prompt) if prompt is not None else None
         reply_message = ChatMessage("assistant", "", params={**params.as_dict(), "system_prompt": used_system_prompt},
-                                    model=engine.loaded.name, precision=engine.loaded.precision.label)
+                                    model=card["name"], precision=card["precision"])
         prompt_id, reply_id, created = store.begin_turn(workspace, conversation, keep, prompt_message, reply_message)
     except BaseException:
         request.stop()

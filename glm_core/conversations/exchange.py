@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
-from .sampling import SamplingParams
+from ..protocol import SamplingParams
 from .store import Store
 
 FORMAT_NAME = "glm-chat-dashboard/conversations"

@@ -1,0 +1,1 @@
+"""Where replies come from: the hub that holds the current backend."""

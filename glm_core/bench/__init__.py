@@ -1,0 +1,1 @@
+"""Benchmarks that print their figures: turns, quantization, memory, and the memory estimator."""

@@ -1,0 +1,1 @@
+"""The ChatGLM families in their original THUDM layout: checkpoints and tokenizers."""

@@ -1,0 +1,320 @@
+"""Types every layer shares, free of torch: what a backend accepts (messages, sampling controls, a model spec),
+what it answers (events, Reply, ReplyStats), the errors it raises, and the Backend protocol itself.
+
+The conversation layer, the pages, the CLI and the API talk to a `Backend` only; the local engine and the remote
+backends implement it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+
+from .settings import DEFAULT_GROUP_SIZE, EMBEDDED, load_settings
+
+ROLES = ("system", "user", "assistant")
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+class PromptTooLong(ValueError):
+    """The newest message alone does not fit the token limit."""
+
+
+class ConversationBusy(RuntimeError):
+    """A reply for this conversation is still being generated."""
+
+
+class EngineClosed(RuntimeError):
+    """The model was unloaded or replaced after the page took the backend and before it submitted."""
+
+
+class QueueFull(RuntimeError):
+    """The backend's waiting line (or this person's share of it) is full; try again shortly."""
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; str(error) is a one-line reason meant for the user."""
+
+
+# ---- what a request asks for -------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    # Defaults of the ChatGLM demos: 8192 total tokens, top_p 0.8, temperature 0.8.
+    max_length: int = 8192
+    max_new_tokens: int = 1024
+    temperature: float = 0.8
+    top_p: float = 0.8
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError with a readable message when a control is out of range."""
+        if self.max_length < 2:
+            raise ValueError("max_length must be at least 2 tokens")
+        if not 1 <= self.max_new_tokens < self.max_length:
+            raise ValueError(f"max new tokens must be between 1 and max_length - 1 ({self.max_length - 1})")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError("temperature must be 0 (greedy) or more, up to 100")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be 0 (off) or more")
+        if not 0 < self.repetition_penalty <= 100:
+            raise ValueError("repetition penalty must be positive (1.0 is off), up to 100")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError("seed must be a whole number from 0 to 2**63 - 1")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str = EMBEDDED
+    precision: str = "auto"
+    device: str = "auto"
+    family: str = "auto"  # ChatGLM checkpoints: "chatglm2" or "chatglm3" overrides what the folder suggests
+    group_size: int = DEFAULT_GROUP_SIZE  # INT4 quantization group (input channels sharing a scale and zero)
+
+    @classmethod
+    def from_settings(cls) -> "ModelSpec":
+        s = load_settings()
+        return cls(path=s.model_path, precision=s.precision, device=s.device, family=s.family, group_size=s.group_size)
+
+
+def validate_messages(messages: Sequence[dict]) -> list[dict]:
+    clean = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise ValueError(f"each message needs a role among {ROLES} and text content, got {m!r:.80}")
+        clean.append({"role": role, "content": content})
+    if not clean or clean[-1]["role"] != "user":
+        raise ValueError("the conversation must end with a user message")
+    if not clean[-1]["content"].strip():
+        raise ValueError("the message is empty")
+    return clean
+
+
+# ---- events a request emits, in order: Queued*, Started, Truncated?, Delta*, Finished ----------------------
+
+
+@dataclass
+class Queued:
+    position: int  # 1 = the next to start
+
+
+@dataclass
+class Started:
+    pass
+
+
+@dataclass
+class Truncated:
+    dropped_messages: int
+    context_tokens: int
+    limit_tokens: int
+
+    def describe(self) -> str:
+        return (
+            f"The conversation no longer fits {self.limit_tokens:,} tokens, so its {self.dropped_messages} oldest "
+            f"message(s) were left out of the model's context (they stay in the history)."
+        )
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int = 0  # tokens of the whole context the reply was conditioned on
+    reused_tokens: int = 0  # of those, taken from the kept KV cache
+    prefill_tokens: int = 0  # of those, computed in this turn
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float = 0.0  # from the start of processing to the first sampled token
+    decode_tokens_per_s: float = 0.0  # after the first token
+    total_s: float = 0.0
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    finish_reason: str = ""  # "eos", "length", "stopped" or "error"
+    stats: ReplyStats = field(default_factory=ReplyStats)
+    dropped_messages: int = 0
+    error: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.finish_reason == "stopped"
+
+
+@dataclass
+class Finished:
+    reply: Reply
+
+
+Event = Queued | Started | Truncated | Delta | Finished
+
+
+class Request:
+    """One reply being generated: the caller reads its events (or only its text) and may stop it.
+
+    Every backend hands these out; the backend's side emits events and finishes it exactly once.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, conversation_id: str, messages: list[dict], params: SamplingParams, recompute: bool = False):
+        self.id = next(self._ids)
+        self.conversation_id = conversation_id
+        self.messages = messages
+        self.params = params
+        self.recompute = recompute
+        self.submitted_at = time.perf_counter()
+        self.reply: Reply | None = None
+        self._pieces: list[str] = []  # the reply's text so far, kept for a reply that fails half-way
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the backend to stop after the current token; the partial reply is kept and marked stopped."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def text_so_far(self) -> str:
+        return "".join(self._pieces)
+
+    def wait(self, timeout: float | None = None) -> Reply | None:
+        self._done.wait(timeout)
+        return self.reply
+
+    def events(self) -> Iterator[Event]:
+        """Every event until (and including) Finished."""
+        while True:
+            event = self._events.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def _coalesced_events(self) -> Iterator[Event]:
+        """Like events(), but deltas already waiting are joined into one: a slow reader (a browser redrawing
+        Markdown) then costs one redraw per read instead of one per token, and never slows the worker."""
+        pending: list[str] = []
+        while True:
+            event = self._events.get() if not pending else self._get_nowait()
+            if isinstance(event, Delta):
+                pending.append(event.text)
+                continue
+            if pending:
+                yield Delta("".join(pending))
+                pending = []
+            if event is None:
+                continue
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def _get_nowait(self) -> Event | None:
+        try:
+            return self._events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def text_stream(self, on_event: Callable[[Event], None] | None = None) -> Iterator[str]:
+        """Only the text deltas (for st.write_stream); other events go to `on_event`.
+
+        Closing the generator early (the page was stopped) stops the request.
+        """
+        try:
+            for event in self._coalesced_events():
+                if isinstance(event, Delta):
+                    yield event.text
+                elif on_event is not None:
+                    on_event(event)
+        finally:
+            if not self.done:
+                self.stop()
+
+    # ---- the backend's side ----
+
+    def emit(self, event: Event) -> None:
+        self._events.put(event)
+
+    def emit_text(self, text: str) -> None:
+        self._pieces.append(text)
+        self._events.put(Delta(text))
+
+    def finish(self, reply: Reply) -> None:
+        self.reply = reply
+        self._done.set()
+        self._events.put(Finished(reply))
+
+
+# ---- the seam between the UI/API and whatever generates ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, so pages and routes offer only what works."""
+
+    local_model: bool = False  # a model in this process: memory figures, unload, precision benchmarks
+    kept_cache: bool = False  # keeps each conversation's KV cache here (a remote server keeps its own)
+    recompute: bool = False  # can recompute a context from scratch on request (the kept-cache baseline)
+    tokenize: bool = False  # count_tokens / encode_chat work here
+    embeddings: bool = False  # embed() works
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model that generates replies: the local engine, or a remote OpenAI-compatible server."""
+
+    capabilities: Capabilities
+    spec: ModelSpec
+
+    def submit(self, conversation_id: str, messages: Sequence[dict], params: SamplingParams | None = None,
+               recompute: bool = False) -> Request:
+        """Queue a reply to `messages` (the whole conversation, ending with the new user message)."""
+        ...
+
+    def forget(self, conversation_id: str) -> None:
+        """Free what is kept for a conversation (new conversation, clear, delete)."""
+        ...
+
+    def card(self) -> dict:
+        """What the UI shows about the model: at least name, family, precision, device, source."""
+        ...
+
+    def memory_report(self) -> dict:
+        """Memory figures: device memory and kept KV caches (empty where the backend cannot know)."""
+        ...
+
+    def load_report(self) -> dict:
+        """Running sequences, waiting requests and the batch limit."""
+        ...
+
+    def close(self) -> None:
+        """End queued and running requests and free what the backend holds."""
+        ...

@@ -1,0 +1,1 @@
+"""Memory figures: NVML (GPUs), the CUDA allocator and the host."""
