@@ -93,23 +93,30 @@ def dequantize_int4(
     return groups.mul_(scales[..., None]).add_(offsets[..., None]).reshape(out_features, in_features)
 
 
-def unpack_int4_for_cpu(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """q ([rows, in], uint8 0..15) back from `_convert_weight_to_int4pack_for_cpu`'s layout: per 64 output rows,
-    [in, 32] bytes whose low nibble is row j and high nibble row j + 32. The layout is PyTorch-internal, so
-    `_cpu_int4_layout_understood` checks it once against the packing function before this is used."""
+def unpack_int4_for_cpu(packed: torch.Tensor, in_features: int, block_rows: int | None = None) -> torch.Tensor:
+    """q ([rows, in], uint8 0..15) back from `_convert_weight_to_int4pack_for_cpu`'s layout: per `block_rows`
+    output rows, [in, block_rows / 2] bytes whose low nibble is row j and high nibble row j + block_rows / 2.
+    The block is 64 rows where PyTorch's kernel uses AVX-512 and 32 where it uses AVX2; the layout is
+    PyTorch-internal, so `cpu_int4_block_rows` finds it once against the packing function."""
+    block_rows = block_rows or cpu_int4_block_rows()
     rows = packed.shape[0]
-    blocks = packed.view(rows // 64, in_features, 32)
+    blocks = packed.view(rows // block_rows, in_features, block_rows // 2)
     return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).transpose(1, 2).reshape(rows, in_features)
 
 
 @functools.cache
-def _cpu_int4_layout_understood() -> bool:
+def cpu_int4_block_rows() -> int | None:
+    """Output rows per block of the CPU int4 packing on this machine, or None if the layout is not understood
+    (INT4 prefill then stays on the fused kernel)."""
     q = torch.randint(0, 16, (128, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     try:
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 8)
-        return packed.shape == (128, 128) and torch.equal(unpack_int4_for_cpu(packed, 256).int(), q)
     except (RuntimeError, AttributeError):
-        return False
+        return None
+    for block_rows in (64, 32):
+        if packed.shape == (128, 128) and torch.equal(unpack_int4_for_cpu(packed, 256, block_rows).int(), q):
+            return block_rows
+    return None
 
 
 def dense_in_blocks(x: torch.Tensor, out_features: int, dequantize_rows, row_multiple: int = 1) -> torch.Tensor:
@@ -203,9 +210,10 @@ class WeightOnlyInt4Linear(_WeightOnlyLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            if x.shape[0] < INT4_DENSE_MIN_ROWS or self.out_features % 64 or not _cpu_int4_layout_understood():
+            block_rows = cpu_int4_block_rows()
+            if x.shape[0] < INT4_DENSE_MIN_ROWS or not block_rows or self.out_features % block_rows:
                 return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-            unpack, row_multiple = lambda rows: unpack_int4_for_cpu(rows, self.in_features), 64
+            unpack, row_multiple = lambda rows: unpack_int4_for_cpu(rows, self.in_features, block_rows), block_rows
         elif x.device.type == "cuda":
             return torch._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
         else:  # no kernel: nibbles two a byte, even element high
