@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app_shared import ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
-from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, SamplingParams, Started, Truncated
+from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, SamplingParams, Started, Truncated
 from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
 from glm_core.conversations.store import NotFound
 from glm_core.conversations.turn import start_turn
@@ -109,6 +109,9 @@ with st.sidebar:
             f"{memory['source']} {memory['current'] / 2**20:,.0f} MiB (peak {memory['peak'] / 2**20:,.0f} MiB) · "
             f"kept caches {memory['kv_cache_bytes'] / 2**20:,.1f} MiB for {memory['kv_cache_conversations']} conversation(s)"
         )
+        load = engine.load_report()
+        st.caption(f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
+                   f"{load['waiting']} waiting")
     with st.expander("Load another model", expanded=engine is None):
         with st.form("load_model"):
             current = engine.spec if engine is not None else ModelSpec.from_settings()
@@ -208,11 +211,12 @@ if action is not None:
             repetition_penalty=float(repetition_penalty),
         ).validate()
         turn = start_turn(store, engine, workspace, conversation, keep=action["keep"], prompt=action["prompt"],
-                          params=params, system_prompt=system_prompt)
+                          params=params, system_prompt=system_prompt, owner=workspace)
     except (ValueError, ConversationBusy, NotFound) as exc:
         st.error(str(exc))
-    except EngineClosed as exc:
-        st.error(f"Not sent: {exc}. Send it again once the model has loaded.")
+    except (EngineClosed, QueueFull) as exc:
+        st.error(f"Not sent: {exc}." if isinstance(exc, QueueFull) else
+                 f"Not sent: {exc}. Send it again once the model has loaded.")
         if action["prompt"]:
             st.code(action["prompt"], language=None, wrap_lines=True)  # nothing typed is lost
 
@@ -225,7 +229,8 @@ if action is not None:
 
             def on_event(event):
                 if isinstance(event, Queued):
-                    status.info(f"Waiting for the model: {event.position} request(s) ahead of yours.")
+                    status.info(f"Waiting for a place in the batch: {event.position - 1} request(s) ahead of yours."
+                                if event.position > 1 else "Waiting for a place in the batch: yours is next.")
                 elif isinstance(event, Started):
                     status.empty()
                 elif isinstance(event, Truncated):

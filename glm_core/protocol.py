@@ -295,8 +295,9 @@ class Backend(Protocol):
     spec: ModelSpec
 
     def submit(self, conversation_id: str, messages: Sequence[dict], params: SamplingParams | None = None,
-               recompute: bool = False) -> Request:
-        """Queue a reply to `messages` (the whole conversation, ending with the new user message)."""
+               recompute: bool = False, owner: str | None = None) -> Request:
+        """Queue a reply to `messages` (the whole conversation, ending with the new user message). `owner` (a
+        workspace, an API key) bounds one person's share of the queue; QueueFull past it."""
         ...
 
     def forget(self, conversation_id: str) -> None:

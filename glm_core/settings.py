@@ -7,6 +7,8 @@ GLM_FAMILY      auto | chatglm2 | chatglm3 (overrides what a ChatGLM checkpoint 
 GLM_INT4_GROUP_SIZE input channels per INT4 scale and zero (default 32)
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches, and of the running batch's (default 2048)
 GLM_MAX_BATCH   conversations decoded together (default: 16 on CPU, 64 on CUDA); more wait first-come-first-served
+GLM_MAX_WAITING requests that may wait for a place in the batch (default 64); past it: "busy, try again"
+GLM_MAX_WAITING_PER_OWNER requests one workspace or API key may have waiting (default 3; one may run)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
 GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
 """
@@ -31,6 +33,8 @@ class Settings:
     group_size: int
     kv_cache_bytes: int
     max_batch: int | None
+    max_waiting: int
+    max_waiting_per_owner: int
     cache_dir: Path
     data_dir: Path
 
@@ -51,6 +55,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         group_size=int(env.get("GLM_INT4_GROUP_SIZE") or DEFAULT_GROUP_SIZE),
         kv_cache_bytes=max(kv_mb, 0) * 2**20,
         max_batch=max_batch,
+        max_waiting=_positive_int(env, "GLM_MAX_WAITING") or 64,
+        max_waiting_per_owner=_positive_int(env, "GLM_MAX_WAITING_PER_OWNER") or 3,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
         data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
     )

@@ -48,9 +48,11 @@ if engine is None:
     st.info(f"No model is loaded. The chat page loads the default model ({plain(ModelSpec.from_settings().path)}) "
             "on its next visit.")
 else:
-    card = engine.card()
+    card, load = engine.card(), engine.load_report()
     st.markdown(f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
                 f"weights {format_bytes(card['weights_bytes'])}")
+    st.caption(f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
+               f"{load['waiting']} waiting")
 actions = st.container(horizontal=True)
 if actions.button("Free cached memory", key="free_memory",
                   help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc)."):

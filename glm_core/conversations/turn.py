@@ -70,14 +70,15 @@ class Turn:
 
 
 def start_turn(store: Store, backend: Backend, workspace: str, conversation: Conversation, *, keep: int,
-               prompt: str | None, params: SamplingParams, system_prompt: str = "", recompute: bool = False) -> Turn:
+               prompt: str | None, params: SamplingParams, system_prompt: str = "", recompute: bool = False,
+               owner: str | None = None) -> Turn:
     """Ask for a reply to the first `keep` messages of `conversation` plus `prompt` (None: reply to them as they
     are, e.g. regenerate). Stored messages from `keep` on are replaced.
 
-    Raises ValueError or ConversationBusy before anything is stored when the backend refuses the request.
+    Raises ValueError, ConversationBusy or QueueFull before anything is stored when the backend refuses the request.
     """
     messages = conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt)
-    request = backend.submit(conversation.id, messages, params, recompute=recompute)
+    request = backend.submit(conversation.id, messages, params, recompute=recompute, owner=owner)
     card = backend.card()
     used_system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else ""
     try:

@@ -1,7 +1,12 @@
-"""The chat engine: one worker thread owns the model; sessions submit requests and read token events.
+"""The local backend's scheduler: one worker thread owns the model; sessions submit requests and read events.
 
-One worker keeps the device single-threaded and gives a fair first-come-first-served queue; the per-
-conversation KV caches live here (never in a browser session), under a byte budget.
+The scheduler admits waiting requests first-come-first-served whenever the batch has room, keeps the stop flags
+and closing, and between admissions lets the runner take one iteration (a bounded chunk of prefill, then one
+batched decode step over every running sequence). One worker keeps the device single-threaded; the
+per-conversation KV caches live here (never in a browser session), under a byte budget.
+
+Bounded work: the waiting line holds at most `max_waiting` requests, and an owner (a workspace, an API key) has at
+most one request running and `max_waiting_per_owner` waiting; past that, submit raises QueueFull at once.
 """
 
 from __future__ import annotations
@@ -9,47 +14,60 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-import time
-from collections import deque
-from typing import Sequence
+from collections import Counter, deque
+from concurrent.futures import Future
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .generation import decode_one, prefill
-from .kv_pool import CachedContext, KVCachePool, cache_can_crop
 from ..models.loading import LoadedModel
-from .sampling import sample_next
 from ..protocol import (
-    Capabilities, ConversationBusy, EngineClosed, PromptTooLong, Queued, Reply, ReplyStats, Request, SamplingParams,
-    Started, Truncated, validate_messages,
+    Capabilities, ConversationBusy, EngineClosed, Queued, QueueFull, Reply, Request, SamplingParams,
+    validate_messages,
 )
-from .context import common_prefix_length, fit_to_context
 from ..settings import load_settings
 from ..telemetry.memory import device_memory
-from .textstream import IncrementalDecoder
+from .kv_pool import KVCachePool
+from .runner import OUT_OF_MEMORY, Runner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def default_max_batch(device: torch.device) -> int:
+    """Rows decoded together when GLM_MAX_BATCH is not set (see docs/BENCHMARKS.md, "Concurrency")."""
+    return 64 if device.type == "cuda" else 16
+
 
 class Engine:
     """The local backend: one model in this process, served by one worker thread."""
 
     capabilities = Capabilities(local_model=True, kept_cache=True, recompute=True, tokenize=True)
 
-    def __init__(self, loaded: LoadedModel, kv_cache_bytes: int | None = None):
+    def __init__(self, loaded: LoadedModel, kv_cache_bytes: int | None = None, max_batch: int | None = None):
+        settings = load_settings()
         self.loaded = loaded
         self.spec = loaded.spec
-        self.pool = KVCachePool(load_settings().kv_cache_bytes if kv_cache_bytes is None else kv_cache_bytes)
+        budget = settings.kv_cache_bytes if kv_cache_bytes is None else kv_cache_bytes
+        self.pool = KVCachePool(budget)
+        self.max_batch = max_batch or settings.max_batch or default_max_batch(loaded.device)
+        self.max_waiting = settings.max_waiting
+        self.max_waiting_per_owner = settings.max_waiting_per_owner
         # Fast tokenizers are not thread-safe ("Already borrowed"): every use goes through this lock.
         self._tokenizer_lock = threading.Lock()
+        self.runner = Runner(loaded, self.pool, self._tokenizer_lock, self.max_batch, batch_kv_bytes=max(budget, 2**26))
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._running: Request | None = None
         self._active: dict[str, Request] = {}
+        self._owners: dict[int, str] = {}  # request id -> owner, for requests that have one
+        self._running_owners: Counter[str] = Counter()
+        self._tasks: deque[tuple[Callable, Future]] = deque()
+        self._running = 0
         self._closed = False
         self._worker = threading.Thread(target=self._serve_forever, name="glm-engine", daemon=True)
         self._worker.start()
 
-    # ---- public surface ----------------------------------------------------------------------------------
+    # ---- the Backend surface -----------------------------------------------------------------------------
 
     def submit(
         self,
@@ -57,11 +75,13 @@ class Engine:
         messages: Sequence[dict],
         params: SamplingParams | None = None,
         recompute: bool = False,
+        owner: str | None = None,
     ) -> Request:
         """Queue a reply to `messages` (the whole conversation, ending with the new user message).
 
         `recompute=True` feeds the same token ids as a kept cache would, but computes all of them from scratch:
-        the baseline that shows what the kept cache saves, and the check that it changes nothing.
+        the baseline that shows what the kept cache saves, and the check that it changes nothing. `owner` (a
+        workspace or an API key) bounds one person's share: one running, a few waiting.
         """
         params = (params or SamplingParams()).validate()
         request = Request(conversation_id, validate_messages(messages), params, recompute)
@@ -70,12 +90,31 @@ class Engine:
                 raise EngineClosed("the model was unloaded or replaced just now")
             if conversation_id in self._active:
                 raise ConversationBusy("a reply for this conversation is still being generated")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"the model is busy: {len(self._waiting)} requests are waiting; try again shortly")
+            if owner is not None:
+                waiting = sum(1 for r in self._waiting if self._owners.get(r.id) == owner)
+                if waiting >= self.max_waiting_per_owner:
+                    raise QueueFull(f"you already have {waiting} request(s) waiting; try again when they have started")
+                self._owners[request.id] = owner
             self._active[conversation_id] = request
             self._waiting.append(request)
-            if self._running is not None or len(self._waiting) > 1:
-                request.emit(Queued(len(self._waiting)))
+            position = len(self._waiting) - max(self.max_batch - self._running, 0)
+            if position > 0:  # the batch has no room for it now: it waits its turn
+                request.emit(Queued(position))
             self._cond.notify_all()
         return request
+
+    def run_on_worker(self, task: Callable[[LoadedModel], T], timeout: float | None = None) -> T:
+        """Run `task(loaded)` on the worker thread between two iterations (e.g. an embedding forward), so the
+        model is only ever used by one thread; returns its result or raises its exception."""
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the model was unloaded or replaced just now")
+            self._tasks.append((task, future))
+            self._cond.notify_all()
+        return future.result(timeout)
 
     def count_tokens(self, text: str) -> int:
         with self._tokenizer_lock:
@@ -89,182 +128,110 @@ class Engine:
         """Free a conversation's kept cache (new conversation, clear, deleted)."""
         self.pool.drop(conversation_id)
 
+    def card(self) -> dict:
+        return {**self.loaded.card(), "backend": "local", "max_batch": self.max_batch,
+                "batched_decode": self.runner.batched}
+
     def memory_report(self) -> dict:
-        """Device memory (CUDA allocator or process RSS) and what the kept KV caches hold."""
+        """Device memory (CUDA allocator or process RSS), the kept KV caches and the running batch's cache."""
         usage = self.pool.usage()
         return {
             **device_memory(self.loaded.device),
             "kv_cache_bytes": usage["bytes"],
             "kv_cache_conversations": usage["conversations"],
             "kv_cache_budget_bytes": usage["budget_bytes"],
+            "batch_kv_bytes": self.runner.slot_bytes(),
         }
 
-    def card(self) -> dict:
-        return {**self.loaded.card(), "backend": "local"}
-
     def load_report(self) -> dict:
+        """Running sequences, waiting requests and the batch limit."""
         with self._cond:
-            return {"running": int(self._running is not None), "waiting": len(self._waiting), "max_batch": 1}
+            return {"running": self._running, "waiting": len(self._waiting), "max_batch": self.max_batch}
 
     def close(self) -> None:
-        """Stop the worker, end queued requests, free the caches. The model itself is the loader's to release."""
+        """Stop the worker, end queued and running requests, free the caches. The model is the loader's to free."""
         with self._cond:
             self._closed = True
             pending = list(self._waiting)
             self._waiting.clear()
-            if self._running is not None:
-                self._running.stop()
             self._cond.notify_all()
         for request in pending:
             request.finish(Reply(finish_reason="error", error="the model was unloaded before this request ran"))
-        self._worker.join(timeout=30)
+        for _task, future in self._tasks:
+            future.cancel()
+        self._worker.join(timeout=60)
         self.pool.clear()
         gc.collect()
 
     # ---- worker ------------------------------------------------------------------------------------------
 
     def _serve_forever(self) -> None:
+        runner = self.runner
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._tasks and runner.idle() and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    return
-                request = self._waiting.popleft()
-                self._running = request
-                for position, waiting in enumerate(self._waiting, start=1):
-                    waiting.emit(Queued(position))
+                    break
+                tasks = list(self._tasks)
+                self._tasks.clear()
+                admitted = self._admit()
+            for task, future in tasks:
+                self._run_task(task, future)
+            ended = []
+            for request in admitted:
+                reply = runner.start(request)
+                if reply is not None:
+                    ended.append((request, reply))
             try:
-                reply = self._serve(request)
-            except Exception as exc:  # the worker must survive anything one request does
-                reply = self._failed(request, exc)
-            with self._cond:
-                self._running = None
+                ended += runner.step()
+            except Exception as exc:  # the worker must survive anything one iteration does
+                log.exception("engine iteration failed")
+                message = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else f"generation failed: {exc}"
+                ended += [(request, Reply(text=request.text_so_far, finish_reason="error", error=message))
+                          for request, _ in runner.close()]
+                runner.free_memory()
+            self._end(ended)
+        self._end(runner.close())
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that start now: first come first served while the batch has room, skipping those
+        whose owner already has one running (they keep their place). Called with the lock held."""
+        admitted, kept = [], deque()
+        while self._waiting:
+            request = self._waiting.popleft()
+            owner = self._owners.get(request.id)
+            if self.runner.running + len(admitted) >= self.max_batch or (owner and self._running_owners[owner]):
+                kept.append(request)
+                continue
+            if owner:
+                self._running_owners[owner] += 1
+            admitted.append(request)
+        self._waiting = kept
+        self._running = self.runner.running + len(admitted)
+        if admitted:  # everyone behind moved up
+            for position, waiting in enumerate(self._waiting, start=1):
+                waiting.emit(Queued(position))
+        return admitted
+
+    def _run_task(self, task, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode():
+                future.set_result(task(self.loaded))
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+    def _end(self, ended: list[tuple[Request, Reply]]) -> None:
+        with self._cond:
+            for request, _ in ended:
                 self._active.pop(request.conversation_id, None)
+                owner = self._owners.pop(request.id, None)
+                if owner:
+                    self._running_owners[owner] -= 1
+                    if not self._running_owners[owner]:
+                        del self._running_owners[owner]
+            self._running = self.runner.running
+        for request, reply in ended:
             request.finish(reply)
-
-    def _failed(self, request: Request, exc: Exception) -> Reply:
-        partial = request.text_so_far
-        self.pool.drop(request.conversation_id)
-        if isinstance(exc, torch.OutOfMemoryError):
-            self.pool.clear()
-            gc.collect()
-            if self.loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-            message = "out of memory while generating; kept caches were freed, try again or start a new conversation"
-        elif isinstance(exc, PromptTooLong):
-            message = str(exc)
-        else:
-            log.exception("generation failed")
-            message = f"generation failed: {type(exc).__name__}: {exc}"
-        return Reply(text=partial, finish_reason="error", error=message)
-
-    def _continued_ids(self, kept: CachedContext | None, messages: list[dict], budget: int) -> list[int] | None:
-        """Ids that continue the kept conversation token for token, if this request continues it exactly."""
-        continuation = getattr(self.loaded.chat_format, "continuation", None)
-        if kept is None or continuation is None or kept.messages != messages[:-1]:
-            return None
-        ids = kept.tokens + kept.unfed + continuation(messages)
-        return ids if len(ids) <= budget else None  # too long: fall back to dropping the oldest turns
-
-    def _serve(self, request: Request) -> Reply:
-        from transformers import DynamicCache
-
-        params = request.params
-        loaded = self.loaded
-        model, device = loaded.model, loaded.device
-        stats = ReplyStats(queue_s=time.perf_counter() - request.submitted_at)
-        request.emit(Started())
-        if request.stop_requested:
-            return Reply(finish_reason="stopped", stats=stats)
-
-        started = time.perf_counter()
-        max_length = min(params.max_length, loaded.max_context)
-        budget = max_length - params.max_new_tokens
-        if budget < 1:
-            raise PromptTooLong(f"max new tokens ({params.max_new_tokens}) leaves no room in {max_length} tokens")
-        kept = self.pool.take(request.conversation_id)
-        with self._tokenizer_lock:
-            ids = self._continued_ids(kept, request.messages, budget)
-            dropped = 0
-            if ids is None:
-                ids, dropped = fit_to_context(loaded.chat_format.encode, request.messages, budget)
-        if dropped:
-            request.emit(Truncated(dropped, len(ids), budget))
-
-        reused = 0
-        if kept is not None and not request.recompute and cache_can_crop(kept.cache):
-            # Reuse only what is an exact prefix of the ids a full recompute would see; at least one id is fed.
-            reused = min(common_prefix_length(kept.tokens, ids), len(ids) - 1)
-            if len(kept.tokens) > reused:
-                kept.cache.crop(-(len(kept.tokens) - reused))
-            cache = kept.cache
-        else:
-            cache = DynamicCache(config=model.config)
-        del kept
-        stats.prompt_tokens, stats.reused_tokens, stats.prefill_tokens = len(ids), reused, len(ids) - reused
-
-        logits = prefill(model, ids[reused:], cache, device, lambda: request.stop_requested)
-        if logits is None:  # stopped during a long prefill: the partial cache is not worth keeping
-            stats.total_s = time.perf_counter() - started
-            return Reply(finish_reason="stopped", stats=stats, dropped_messages=dropped)
-
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=logits.device).manual_seed(params.seed)
-        penalize = params.repetition_penalty != 1.0
-        seen = torch.tensor(ids, dtype=torch.long, device=logits.device) if penalize else None
-        limit = min(params.max_new_tokens, max_length - len(ids))
-        stop_ids = loaded.chat_format.stop_token_ids
-        decoder = IncrementalDecoder(loaded.tokenizer)
-        generated: list[int] = []
-        text_started = False
-        first_token_at = last_token_at = None
-        finish = "length"
-        while True:
-            token = sample_next(logits, params, seen, generator)
-            last_token_at = time.perf_counter()
-            if first_token_at is None:
-                first_token_at = last_token_at
-            if token in stop_ids:
-                finish = "eos"
-                break
-            generated.append(token)
-            with self._tokenizer_lock:
-                delta = decoder.push(token)
-            if not text_started:
-                # Replies never start with whitespace worth keeping; ChatGLM3 even opens with an empty metadata line.
-                delta = delta.lstrip()
-                text_started = bool(delta)
-            if delta:
-                request.emit_text(delta)
-            if len(generated) >= limit:
-                break
-            if request.stop_requested:
-                finish = "stopped"
-                break
-            if penalize:
-                seen = torch.cat([seen, seen.new_tensor([token])])
-            logits = decode_one(model, token, cache, device)
-        with self._tokenizer_lock:
-            tail = decoder.flush()
-        if not text_started:
-            tail = tail.lstrip()
-        if tail:
-            request.emit_text(tail)
-
-        # The cache holds ids, then the generated tokens that were fed back (the last sampled one never is).
-        held = cache.get_seq_length() - len(ids)
-        text = request.text_so_far
-        conversation = request.messages + [{"role": "assistant", "content": text}]
-        self.pool.put(
-            request.conversation_id,
-            CachedContext(ids + generated[:held], cache, messages=conversation, unfed=generated[held:]),
-        )
-
-        stats.completion_tokens = len(generated)
-        stats.ttft_s = first_token_at - started
-        if len(generated) > 1 and last_token_at > first_token_at:
-            stats.decode_tokens_per_s = (len(generated) - 1) / (last_token_at - first_token_at)
-        stats.total_s = time.perf_counter() - started
-        return Reply(text=text, finish_reason=finish, stats=stats, dropped_messages=dropped)

@@ -1,0 +1,128 @@
+"""`bench concurrency`: N conversations submitted at once, decoded together; and a newcomer joining three others.
+
+Every figure of one run comes from the same loaded model and the same process, so the ratios to one stream are
+measured side by side. Greedy decoding with a fixed number of new tokens (the stop tokens are never sampled: the
+reply runs to its limit whatever the model would say), so every stream does the same amount of work.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+import uuid
+
+import torch
+
+from ..engine import Engine
+from ..models.loading import LoadedModel
+from ..protocol import Delta, SamplingParams
+
+TOPICS = ["a lighthouse keeper", "a lost robot", "the history of tea", "a city under the sea", "a chess match",
+          "a mountain village", "the first computer", "a desert caravan"]
+
+
+def _prompt(number: int) -> list[dict]:
+    topic = TOPICS[number % len(TOPICS)]
+    return [{"role": "user", "content": f"Write a long story about {topic} (story number {number + 1})."}]
+
+
+class _NoStop:
+    """Wraps a chat format so no token ends a reply: every stream decodes exactly its token budget."""
+
+    def __init__(self, chat_format):
+        self._format = chat_format
+        self.stop_token_ids = frozenset()
+
+    def __getattr__(self, name):
+        return getattr(self._format, name)
+
+
+def _run(engine: Engine, streams: int, max_new_tokens: int) -> dict:
+    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
+    started = time.perf_counter()
+    requests = [engine.submit(uuid.uuid4().hex, _prompt(i), params) for i in range(streams)]
+    replies = [r.wait() for r in requests]
+    wall = time.perf_counter() - started
+    for reply in replies:
+        if reply.error:
+            raise RuntimeError(reply.error)
+    for request in requests:
+        engine.forget(request.conversation_id)
+    ttfts = [r.stats.queue_s + r.stats.ttft_s for r in replies]
+    # Decode throughput: tokens after each stream's first one, over the time from the first first-token to the
+    # last reply's end.
+    tokens = sum(r.stats.completion_tokens for r in replies)
+    decode_window = wall - min(ttfts)
+    return {
+        "streams": streams,
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tokens_per_s": (tokens - streams) / decode_window if decode_window > 0 else 0.0,
+        "per_stream_tokens_per_s": statistics.median(r.stats.decode_tokens_per_s for r in replies),
+        "ttft_median_s": statistics.median(ttfts),
+        "ttft_max_s": max(ttfts),
+    }
+
+
+def _newcomer(engine: Engine, max_new_tokens: int) -> float:
+    """Three streams decoding; a fourth arrives once all three have streamed text: its time to first token."""
+    long = SamplingParams(temperature=0, max_new_tokens=max(max_new_tokens, 64) * 4)
+    running = [engine.submit(uuid.uuid4().hex, _prompt(i), long) for i in range(3)]
+    for request in running:
+        next(e for e in request.events() if isinstance(e, Delta))
+    newcomer = engine.submit(uuid.uuid4().hex, _prompt(3), SamplingParams(temperature=0, max_new_tokens=8))
+    arrived = time.perf_counter()
+    next(e for e in newcomer.events() if isinstance(e, Delta))
+    ttft = time.perf_counter() - arrived
+    newcomer.wait()
+    for request in running:
+        request.stop()
+        request.wait()
+    return ttft
+
+
+def run_concurrency_bench(loaded: LoadedModel, streams: list[int], max_new_tokens: int = 128,
+                          repeats: int = 1) -> dict:
+    loaded.chat_format = _NoStop(loaded.chat_format)
+    engine = Engine(loaded, max_batch=max(streams + [4]))
+    try:
+        _run(engine, 1, 8)  # warm-up: one-off costs (allocator, kernels) that no figure should carry
+        runs = []
+        for n in streams:
+            measured = [_run(engine, n, max_new_tokens) for _ in range(repeats)]
+            runs.append(min(measured, key=lambda r: r["wall_s"]) if repeats > 1 else measured[0])
+        newcomer = statistics.median(_newcomer(engine, max_new_tokens) for _ in range(max(repeats, 1)))
+    finally:
+        engine.close()
+        loaded.chat_format = loaded.chat_format._format
+    base = runs[0]["aggregate_tokens_per_s"] if runs and runs[0]["streams"] == 1 else None
+    for r in runs:
+        r["ratio_to_one_stream"] = r["aggregate_tokens_per_s"] / base if base else None
+    return {
+        "model": loaded.name,
+        "precision": loaded.precision.label,
+        "device": str(loaded.device),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "max_new_tokens": max_new_tokens,
+        "batched_decode": engine.runner.batched,
+        "runs": runs,
+        "newcomer_ttft_s": newcomer,
+    }
+
+
+def format_concurrency_report(r: dict) -> str:
+    lines = [
+        f"bench concurrency: {r['model']} {r['precision']} on {r['device']} (torch {r['torch']}, {r['threads']} "
+        f"threads), {r['max_new_tokens']} new tokens per stream, greedy",
+        "streams  aggregate tok/s  ratio to 1  per-stream tok/s  ttft median  ttft max",
+    ]
+    for run in r["runs"]:
+        ratio = f"{run['ratio_to_one_stream']:.2f}x" if run["ratio_to_one_stream"] else "-"
+        lines.append(f"{run['streams']:>7}  {run['aggregate_tokens_per_s']:>15.1f}  {ratio:>10}  "
+                     f"{run['per_stream_tokens_per_s']:>16.1f}  {run['ttft_median_s']:>10.2f}s  {run['ttft_max_s']:>7.2f}s")
+    lines.append(f"newcomer (3 streams running, a 4th arrives): time to first token {r['newcomer_ttft_s']:.2f} s "
+                 "(goal <= 1 s)")
+    return "\n".join(lines)

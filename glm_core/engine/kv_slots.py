@@ -1,0 +1,175 @@
+"""The batch's KV cache: one slot per running sequence, each with its own length.
+
+Per layer, keys and values live in one buffer [slots, kv_heads, capacity, head_dim]. The running sequences occupy
+slots 0..n-1 (kept contiguous: a leaving row's place is taken by the last row), so a decode step attends over a
+view of the first n slots, never a gathered copy. Each row writes its new key/value at its own length, and a
+[n, 1, 1, kv_len] mask hides every position past it.
+
+Chosen by measurement over left-padded stacks of per-conversation DynamicCaches (see docs/BENCHMARKS.md,
+"Batch cache"): those grow by torch.cat, which copies every row's whole cache at every step and re-pads the stack
+whenever a row joins or leaves; slots copy one row's cache when it joins or leaves and nothing per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+CAPACITY_STEP = 256  # the capacity grows in steps of this many positions, so most steps reallocate nothing
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class SlotCache(Cache):
+    """A transformers Cache for batched decode over slots (see the module docstring).
+
+    Before each forward the runner calls `prepare_decode(lengths)`: row r writes at position lengths[r].
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 slots: int):
+        super().__init__(layers=[])
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device, self.slots = dtype, device, slots
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []  # tokens held per occupied slot, slots 0..n-1
+        self._rows = torch.empty(0, dtype=torch.long, device=device)
+        self._positions = torch.empty(0, dtype=torch.long, device=device)
+        self._kv_len = 0
+
+    # ---- bookkeeping --------------------------------------------------------------------------------------
+
+    @property
+    def occupied(self) -> int:
+        return len(self.lengths)
+
+    def bytes_per_position(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def nbytes(self) -> int:
+        return self.capacity * self.slots * self.bytes_per_position()
+
+    def bytes_if(self, rows: int, longest: int) -> int:
+        """What the buffers take when `rows` sequences of at most `longest` positions run (a step's headroom
+        included)."""
+        return rows * _round_up(longest + 1, CAPACITY_STEP) * self.bytes_per_position()
+
+    def _ensure(self, needed: int) -> None:
+        """Make every slot hold at least `needed` positions (a reallocation copies the occupied part once)."""
+        if needed <= self.capacity and len(self.keys) == self.num_layers:
+            return
+        capacity = _round_up(needed, CAPACITY_STEP)
+        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        keep = min(self.capacity, capacity)
+        n = self.occupied
+        for i in range(self.num_layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if i < len(self.keys) and n:
+                k[:n, :, :keep] = self.keys[i][:n, :, :keep]
+                v[:n, :, :keep] = self.values[i][:n, :, :keep]
+            if i < len(self.keys):
+                self.keys[i], self.values[i] = k, v
+            else:
+                self.keys.append(k)
+                self.values.append(v)
+        self.capacity = capacity
+
+    def shrink(self) -> None:
+        """Give memory back when the longest running row is far shorter than the capacity (or none runs)."""
+        longest = max(self.lengths, default=0)
+        if not self.lengths:
+            self.keys, self.values, self.capacity = [], [], 0
+        elif _round_up(longest + 1, CAPACITY_STEP) * 2 <= self.capacity:
+            self.capacity_to(longest + 1)
+
+    def capacity_to(self, needed: int) -> None:
+        capacity = _round_up(needed, CAPACITY_STEP)
+        for i in range(self.num_layers):
+            self.keys[i] = self.keys[i][:, :, :capacity].clone()
+            self.values[i] = self.values[i][:, :, :capacity].clone()
+        self.capacity = capacity
+
+    def add(self, cache: DynamicCache) -> int:
+        """Copy a sequence's cache (batch 1) into the next free slot; returns the slot."""
+        if self.occupied >= self.slots:
+            raise RuntimeError("no free slot")
+        length = cache.get_seq_length()
+        self._ensure(length + 1)
+        slot = self.occupied
+        for i, layer in enumerate(cache.layers):
+            if length:
+                self.keys[i][slot, :, :length] = layer.keys[0]
+                self.values[i][slot, :, :length] = layer.values[0]
+        self.lengths.append(length)
+        return slot
+
+    def take(self, slot: int, config) -> DynamicCache:
+        """A slot's positions as a batch-1 DynamicCache; the last row moves into the freed slot."""
+        length = self.lengths[slot]
+        cache = DynamicCache(config=config)
+        for i in range(self.num_layers):
+            cache.update(self.keys[i][slot : slot + 1, :, :length].clone(),
+                         self.values[i][slot : slot + 1, :, :length].clone(), i)
+        self.remove(slot)
+        return cache
+
+    def remove(self, slot: int) -> int | None:
+        """Free a slot; returns the slot whose row moved into it (None if it was the last)."""
+        last = self.occupied - 1
+        moved = None
+        if slot != last:
+            length = self.lengths[last]
+            for i in range(self.num_layers):
+                self.keys[i][slot, :, :length] = self.keys[i][last, :, :length]
+                self.values[i][slot, :, :length] = self.values[i][last, :, :length]
+            self.lengths[slot] = length
+            moved = last
+        self.lengths.pop()
+        return moved
+
+    def clear(self) -> None:
+        self.lengths = []
+        self.keys, self.values, self.capacity = [], [], 0
+
+    # ---- one decode step ----------------------------------------------------------------------------------
+
+    def prepare_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ([n, 1]) and the attention mask ([n, 1, 1, kv_len], True = attend) for one new token per
+        occupied slot; after the forward, call `advance()`."""
+        n = self.occupied
+        longest = max(self.lengths)
+        self._ensure(longest + 1)
+        self._kv_len = longest + 1
+        self._rows = torch.arange(n, device=self.device)
+        self._positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+        mask = torch.arange(self._kv_len, device=self.device)[None, :] <= self._positions[:, None]
+        return self._positions[:, None], mask[:, None, None, :]
+
+    def advance(self) -> None:
+        self.lengths = [length + 1 for length in self.lengths]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        n = key_states.shape[0]
+        keys[self._rows, :, self._positions] = key_states[:, :, 0]
+        values[self._rows, :, self._positions] = value_states[:, :, 0]
+        return keys[:n, :, : self._kv_len], values[:n, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len - 1 if self._kv_len else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._kv_len, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._kv_len - 1
+
+    def __len__(self) -> int:
+        return self.num_layers

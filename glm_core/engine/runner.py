@@ -1,0 +1,409 @@
+"""The runner: runs the model over the running sequences, one iteration at a time.
+
+An iteration feeds at most `prefill_budget` prompt tokens of sequences still being prefilled (so a long prompt
+never freezes the others for more than one bounded chunk), then one batched decode step over every sequence that
+is generating: one forward for all rows over the slot cache, each row sampled with its own controls and seed.
+Sequences join the decode batch when their prefill ends and leave it when they finish; their KV cache then goes
+back to the kept-cache pool, so the conversation's next turn prefills only its new tokens.
+
+Only the scheduler's worker thread calls into a runner.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.loading import LoadedModel
+from ..protocol import PromptTooLong, Reply, ReplyStats, Request, Started, Truncated
+from .context import FittingStopped, common_prefix_length, fit_to_context
+from .generation import PREFILL_CHUNK, prefill
+from .kv_pool import CachedContext, KVCachePool, cache_can_crop
+from .kv_slots import SlotCache
+from .sampling import sample_next
+from .textstream import IncrementalDecoder
+
+log = logging.getLogger(__name__)
+
+OUT_OF_MEMORY = "out of memory while generating; kept caches were freed, try again or start a new conversation"
+
+
+@dataclass
+class Sequence:
+    """One request being served: its context, its cache while prefilling, its slot while decoding."""
+
+    request: Request
+    ids: list[int]  # the context, then each generated token once it is fed back
+    cache: object  # batch-1 DynamicCache while prefilling (and while decoding, when the model cannot batch)
+    fed: int  # how many of `ids` the cache holds (all of them once prefilled)
+    prompt_length: int  # the context's length
+    limit: int  # max tokens to generate
+    started: float
+    stats: ReplyStats
+    dropped: int = 0
+    decoder: IncrementalDecoder | None = None
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # ids the repetition penalty looks at
+    generated: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled, fed at the next decode step
+    text_started: bool = False
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish: str = ""
+
+    @property
+    def unfed(self) -> list[int]:
+        """Generated tokens that were sampled but never fed back (the last one, after a stop or the limit)."""
+        return self.generated[len(self.ids) - self.prompt_length :]
+
+    @property
+    def prefilled(self) -> bool:
+        return self.fed >= len(self.ids)
+
+
+def slot_compatible(model) -> bool:
+    """Batched decode over slots needs a model whose every layer keeps full attention in a standard cache."""
+    if not getattr(model, "batchable", True):
+        return False
+    from transformers import DynamicCache
+
+    try:
+        return cache_can_crop(DynamicCache(config=model.config))
+    except Exception:
+        return False
+
+
+class Runner:
+    def __init__(self, loaded: LoadedModel, pool: KVCachePool, tokenizer_lock: threading.Lock, max_batch: int,
+                 batch_kv_bytes: int, prefill_budget: int = PREFILL_CHUNK):
+        self.loaded = loaded
+        self.pool = pool
+        self.tokenizer_lock = tokenizer_lock
+        self.max_batch = max_batch
+        self.batch_kv_bytes = batch_kv_bytes  # the slots may grow past this only for a single sequence
+        self.prefill_budget = prefill_budget
+        self.batched = slot_compatible(loaded.model)
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []  # decoding[i] occupies slot i
+        self.slots: SlotCache | None = None
+
+    # ---- what the scheduler asks -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def has_room(self) -> bool:
+        return self.running < self.max_batch
+
+    def idle(self) -> bool:
+        return not self.prefilling and not self.decoding
+
+    def slot_bytes(self) -> int:
+        return self.slots.nbytes() if self.slots is not None else 0
+
+    def start(self, request: Request) -> Reply | None:
+        """Take a request in: fit its context, reuse its kept cache. Returns a Reply if it ends here."""
+        stats = ReplyStats(queue_s=time.perf_counter() - request.submitted_at)
+        request.emit(Started())
+        if request.stop_requested:
+            return Reply(finish_reason="stopped", stats=stats)
+        try:
+            sequence = self._sequence(request, stats)
+        except FittingStopped:
+            return Reply(finish_reason="stopped", stats=stats)
+        except Exception as exc:
+            return self._failure(request, exc)
+        self.prefilling.append(sequence)
+        return None
+
+    def step(self) -> list[tuple[Request, Reply]]:
+        """One iteration: a bounded chunk of prefill, then one decode step. Returns the requests that ended."""
+        ended: list[tuple[Request, Reply]] = []
+        self._prefill_some(ended)
+        if self.decoding:
+            self._decode(ended)
+        return ended
+
+    def close(self) -> list[tuple[Request, Reply]]:
+        """End everything running (the scheduler is closing): partial replies are kept and marked stopped."""
+        ended = []
+        for sequence in self.prefilling + self.decoding:
+            ended.append((sequence.request, self._reply(sequence, "stopped")))
+        self.prefilling, self.decoding = [], []
+        if self.slots is not None:
+            self.slots.clear()
+        return ended
+
+    # ---- starting a sequence -----------------------------------------------------------------------------
+
+    def _continued_ids(self, kept: CachedContext | None, messages: list[dict], budget: int) -> list[int] | None:
+        """Ids that continue the kept conversation token for token, if this request continues it exactly."""
+        continuation = getattr(self.loaded.chat_format, "continuation", None)
+        if kept is None or continuation is None or kept.messages != messages[:-1]:
+            return None
+        ids = kept.tokens + kept.unfed + continuation(messages)
+        return ids if len(ids) <= budget else None  # too long: fall back to dropping the oldest turns
+
+    def _sequence(self, request: Request, stats: ReplyStats) -> Sequence:
+        from transformers import DynamicCache
+
+        params, loaded = request.params, self.loaded
+        started = time.perf_counter()
+        max_length = min(params.max_length, loaded.max_context)
+        budget = max_length - params.max_new_tokens
+        if budget < 1:
+            raise PromptTooLong(f"max new tokens ({params.max_new_tokens}) leaves no room in {max_length} tokens")
+        kept = self.pool.take(request.conversation_id)
+        with self.tokenizer_lock:
+            ids = self._continued_ids(kept, request.messages, budget)
+            dropped = 0
+            if ids is None:
+                ids, dropped = fit_to_context(loaded.chat_format.encode, request.messages, budget,
+                                              count=self._count, should_stop=lambda: request.stop_requested)
+        if dropped:
+            request.emit(Truncated(dropped, len(ids), budget))
+
+        reused = 0
+        if kept is not None and not request.recompute and cache_can_crop(kept.cache):
+            # Reuse only what is an exact prefix of the ids a full recompute would see; at least one id is fed.
+            # A format whose prompt attends both ways (ChatGLM-6B) says itself how much of a kept cache is exact.
+            reusable = getattr(loaded.chat_format, "reusable_length", common_prefix_length)
+            reused = min(reusable(kept.tokens, ids), len(ids) - 1)
+            if len(kept.tokens) > reused:
+                kept.cache.crop(-(len(kept.tokens) - reused))
+            cache = kept.cache
+        else:
+            cache = DynamicCache(config=loaded.model.config)
+        stats.prompt_tokens, stats.reused_tokens, stats.prefill_tokens = len(ids), reused, len(ids) - reused
+
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=loaded.device).manual_seed(params.seed)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(ids, dtype=torch.long, device=loaded.device)
+        return Sequence(
+            request=request, ids=ids, cache=cache, fed=reused, prompt_length=len(ids), limit=min(params.max_new_tokens, max_length - len(ids)),
+            started=started, stats=stats, dropped=dropped, decoder=IncrementalDecoder(loaded.tokenizer),
+            generator=generator, seen=seen,
+        )
+
+    def _count(self, text: str) -> int:
+        """Tokens of one message's text (an estimate of its share of the context: fitting narrows with it)."""
+        return len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- prefill -----------------------------------------------------------------------------------------
+
+    def _prefill_some(self, ended: list) -> None:
+        budget = self.prefill_budget
+        whole = getattr(self.loaded.model, "prefill_whole_prompt", False)  # e.g. bidirectional prompt attention
+        for sequence in list(self.prefilling):
+            request = sequence.request
+            if request.stop_requested:  # stopped during a long prefill: the partial cache is not worth keeping
+                self.prefilling.remove(sequence)
+                ended.append((request, self._reply(sequence, "stopped")))
+                continue
+            if budget <= 0 and not sequence.prefilled:
+                break
+            if not sequence.prefilled:
+                take = len(sequence.ids) - sequence.fed if whole else min(budget, len(sequence.ids) - sequence.fed)
+                try:
+                    logits = prefill(self.loaded.model, sequence.ids[sequence.fed : sequence.fed + take],
+                                     sequence.cache, self.loaded.device)
+                except Exception as exc:
+                    self.prefilling.remove(sequence)
+                    ended.append((request, self._failure(request, exc, sequence)))
+                    continue
+                sequence.fed += take
+                budget -= take
+                if not sequence.prefilled:
+                    continue
+                self._accept(sequence, logits[None], ended)
+                if sequence.next_token is None:  # ended at its first token
+                    self.prefilling.remove(sequence)
+                    continue
+            if self._join(sequence):
+                self.prefilling.remove(sequence)
+
+    def _join(self, sequence: Sequence) -> bool:
+        """Move a prefilled sequence into the decode batch, if the batch's KV memory allows it."""
+        if not self.batched:
+            self.decoding.append(sequence)
+            return True
+        cache = sequence.cache
+        if self.slots is None or self.slots.occupied == 0:
+            first = cache.layers[0].keys
+            self.slots = SlotCache(len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device,
+                                   self.max_batch)
+        longest = max([length for length in self.slots.lengths] + [cache.get_seq_length()]) + sequence.limit
+        if self.decoding and self.slots.bytes_if(len(self.decoding) + 1, longest) > self.batch_kv_bytes:
+            return False  # waits, prefilled, until a running row leaves
+        self.slots.add(cache)
+        sequence.cache = None
+        self.decoding.append(sequence)
+        return True
+
+    # ---- decode ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _forward_batch(self, tokens: list[int]) -> torch.Tensor:
+        model, device = self.loaded.model, self.loaded.device
+        positions, mask = self.slots.prepare_decode()
+        if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, torch.finfo(model.dtype).min)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=self.slots,
+                     use_cache=True)
+        self.slots.advance()
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def _forward_each(self, tokens: list[int]) -> torch.Tensor:
+        model, device = self.loaded.model, self.loaded.device
+        rows = []
+        for sequence, token in zip(self.decoding, tokens):
+            ids = torch.tensor([[token]], dtype=torch.long, device=device)
+            rows.append(model(input_ids=ids, past_key_values=sequence.cache, use_cache=True).logits[0, -1])
+        return torch.stack(rows)
+
+    def _decode(self, ended: list) -> None:
+        # Rows asked to stop leave before the forward.
+        for index in reversed(range(len(self.decoding))):
+            sequence = self.decoding[index]
+            if sequence.request.stop_requested:
+                ended.append((sequence.request, self._retire(index, "stopped")))
+        if not self.decoding:
+            return
+        tokens = [s.next_token for s in self.decoding]
+        try:
+            logits = self._forward_batch(tokens) if self.batched else self._forward_each(tokens)
+        except Exception as exc:  # a failed batched forward leaves no row's cache trustworthy
+            self._fail_all_decoding(exc, ended)
+            return
+        for sequence, token in zip(self.decoding, tokens):
+            sequence.fed += 1
+            sequence.ids.append(token)
+            if sequence.seen is not None:
+                sequence.seen = torch.cat([sequence.seen, sequence.seen.new_tensor([token])])
+        self._accept_rows(logits, ended)
+
+    def _accept_rows(self, logits: torch.Tensor, ended: list) -> None:
+        finished = []
+        for index, sequence in enumerate(self.decoding):
+            self._accept(sequence, logits[index : index + 1], None)
+            if sequence.next_token is None:
+                finished.append(index)
+        for index in reversed(finished):
+            sequence = self.decoding[index]
+            ended.append((sequence.request, self._retire(index, sequence.finish)))
+
+    def _accept(self, sequence: Sequence, logits: torch.Tensor, ended: list | None) -> None:
+        """Sample the next token of one sequence from its logits [1, vocab], emit its text, decide if it ends.
+
+        Sets `next_token` (to feed at the next step) or leaves it None with `finish` set. When `ended` is given
+        (the first token, straight after prefill), a sequence that ends is finished here.
+        """
+        params = sequence.request.params
+        token = sample_next(logits[0], params, sequence.seen, sequence.generator)
+        now = time.perf_counter()
+        sequence.last_token_at = now
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+        sequence.next_token = None
+        if token in self.loaded.chat_format.stop_token_ids:
+            sequence.finish = "eos"
+        else:
+            sequence.generated.append(token)
+            self._emit_token(sequence, token)
+            if len(sequence.generated) >= sequence.limit:
+                sequence.finish = "length"
+            elif sequence.request.stop_requested:
+                sequence.finish = "stopped"
+            else:
+                sequence.next_token = token
+        if sequence.next_token is None and ended is not None:
+            ended.append((sequence.request, self._reply(sequence, sequence.finish)))
+
+    def _emit_token(self, sequence: Sequence, token: int) -> None:
+        with self.tokenizer_lock:
+            delta = sequence.decoder.push(token)
+        if not sequence.text_started:
+            # Replies never start with whitespace worth keeping; ChatGLM3 even opens with an empty metadata line.
+            delta = delta.lstrip()
+            sequence.text_started = bool(delta)
+        if delta:
+            sequence.request.emit_text(delta)
+
+    # ---- ending a sequence -------------------------------------------------------------------------------
+
+    def _retire(self, index: int, finish: str) -> Reply:
+        """Take row `index` out of the decode batch, keep its cache, and build its reply."""
+        sequence = self.decoding[index]
+        if self.batched:
+            sequence.cache = self.slots.take(index, self.loaded.model.config)
+            last = self.decoding.pop()
+            if index < len(self.decoding):
+                self.decoding[index] = last  # the last row moved into the freed slot
+            if not self.decoding:
+                self.slots.shrink()
+        else:
+            self.decoding.pop(index)
+        return self._reply(sequence, finish)
+
+    def _reply(self, sequence: Sequence, finish: str) -> Reply:
+        request, stats = sequence.request, sequence.stats
+        if sequence.decoder is not None and sequence.first_token_at is not None:
+            with self.tokenizer_lock:
+                tail = sequence.decoder.flush()
+            if not sequence.text_started:
+                tail = tail.lstrip()
+            if tail:
+                request.emit_text(tail)
+        text = request.text_so_far
+        if sequence.first_token_at is not None and sequence.cache is not None:
+            conversation = request.messages + [{"role": "assistant", "content": text}]
+            self.pool.put(request.conversation_id, CachedContext(
+                list(sequence.ids), sequence.cache, messages=conversation, unfed=sequence.unfed))
+        sequence.cache = None
+        stats.completion_tokens = len(sequence.generated)
+        if sequence.first_token_at is not None:
+            stats.ttft_s = sequence.first_token_at - sequence.started
+            if len(sequence.generated) > 1 and sequence.last_token_at > sequence.first_token_at:
+                stats.decode_tokens_per_s = (len(sequence.generated) - 1) / (sequence.last_token_at - sequence.first_token_at)
+        stats.total_s = time.perf_counter() - sequence.started
+        return Reply(text=text, finish_reason=finish, stats=stats, dropped_messages=sequence.dropped)
+
+    def _failure(self, request: Request, exc: Exception, sequence: Sequence | None = None) -> Reply:
+        self.pool.drop(request.conversation_id)
+        if sequence is not None:
+            sequence.cache = None
+        if isinstance(exc, torch.OutOfMemoryError):
+            self.free_memory()
+            message = OUT_OF_MEMORY
+        elif isinstance(exc, (PromptTooLong, ValueError)):
+            message = str(exc)
+        else:
+            log.exception("generation failed")
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+        stats = sequence.stats if sequence is not None else ReplyStats()
+        return Reply(text=request.text_so_far, finish_reason="error", error=message, stats=stats,
+                     dropped_messages=sequence.dropped if sequence is not None else 0)
+
+    def _fail_all_decoding(self, exc: Exception, ended: list) -> None:
+        for sequence in self.decoding:
+            ended.append((sequence.request, self._failure(sequence.request, exc, sequence)))
+        self.decoding = []
+        if self.slots is not None:
+            self.slots.clear()
+
+    def free_memory(self) -> None:
+        self.pool.clear()
+        gc.collect()
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
