@@ -206,3 +206,44 @@ def test_load_report_counts_running_and_waiting(tiny_loaded):
         assert engine.load_report()["waiting"] == 0
     finally:
         engine.close()
+
+
+def test_queue_bounds_refuse_clearly_and_an_owner_runs_one_at_a_time(tiny_loaded, monkeypatch):
+    from glm_core import QueueFull
+
+    monkeypatch.setenv("GLM_MAX_WAITING", "3")
+    monkeypatch.setenv("GLM_MAX_WAITING_PER_OWNER", "2")
+    engine = Engine(tiny_loaded, max_batch=1)
+    long = SamplingParams(temperature=0, max_new_tokens=3000)
+    hi = [{"role": "user", "content": "Hi"}]
+    try:
+        running = engine.submit("a", hi, long)
+        next(e for e in running.events() if isinstance(e, Delta))
+        mine = [engine.submit(f"w{i}", hi, long, owner="workspace-1") for i in range(2)]
+        with pytest.raises(QueueFull, match="you already have 2 request"):
+            engine.submit("w2", hi, long, owner="workspace-1")
+        other = engine.submit("x", hi, long, owner="workspace-2")
+        with pytest.raises(QueueFull, match="busy"):
+            engine.submit("y", hi, long)
+        assert engine.load_report() == {"running": 1, "waiting": 3, "max_batch": 1}
+        assert "w2" not in engine._active  # a refused request leaves nothing behind
+        for request in [running, *mine, other]:
+            request.stop()
+            assert request.wait(60).stopped
+    finally:
+        engine.close()
+
+
+def test_an_owner_with_a_reply_running_waits_while_others_start(tiny_loaded):
+    engine = Engine(tiny_loaded, max_batch=4)
+    hi = [{"role": "user", "content": "Hi"}]
+    try:
+        first = engine.submit("a", hi, SamplingParams(temperature=0, max_new_tokens=3000), owner="w1")
+        next(e for e in first.events() if isinstance(e, Delta))
+        second = engine.submit("b", hi, SamplingParams(temperature=0, max_new_tokens=5), owner="w1")
+        other = engine.submit("c", hi, SamplingParams(temperature=0, max_new_tokens=5), owner="w2")
+        assert other.wait(60).finish_reason == "length" and not second.done  # w2 started; w1's second waited
+        first.stop()
+        assert second.wait(60).finish_reason == "length"
+    finally:
+        engine.close()
