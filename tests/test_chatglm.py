@@ -106,6 +106,18 @@ def test_streaming_never_emits_half_a_character(sp_model):
     assert not any("\ufffd" in d for d in deltas)
 
 
+def test_decode_drops_special_ids_and_decodes_the_rest_as_one_run(sp_model):
+    """As the original tokenizer: a piece after a special id keeps its leading space, streamed or not."""
+    tokenizer = ChatGLMTokenizer(sp_model, "chatglm3")
+    hello, world = tokenizer.encode("Hello"), tokenizer.encode("world")  # "▁world": the dummy prefix
+    assert tokenizer.sp.id_to_piece(world[0]).startswith("▁")
+    ids = hello + [tokenizer.command("<|observation|>"), tokenizer.command("sop")] + world
+    assert tokenizer.decode(ids) == tokenizer.sp.decode(hello + world) == "Hello world"
+    decoder = IncrementalDecoder(tokenizer)
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "Hello world"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "Hello<|observation|>sopworld"
+
+
 # ---- chat formats ----------------------------------------------------------------------------------------
 
 
