@@ -277,7 +277,7 @@ def test_broken_chatglm_folders_get_one_line_reasons(glm2, tmp_path, pieces):
     first_gen.mkdir()
     (first_gen / "config.json").write_text(json.dumps({"model_type": "chatglm", "vocab_size": 130528,
                                                         "position_encoding_2d": True}))
-    assert "first-generation" in _reason(ModelSpec(str(first_gen)))
+    assert "lacks 'hidden_size', which a ChatGLM-6B config has" in _reason(ModelSpec(str(first_gen)))
 
     assert "unknown family" in _reason(ModelSpec(str(folder), family="chatglm9"))
 

@@ -195,7 +195,10 @@ class Engine:
         reused = 0
         if kept is not None and not request.recompute and cache_can_crop(kept.cache):
             # Reuse only what is an exact prefix of the ids a full recompute would see; at least one id is fed.
-            reused = min(common_prefix_length(kept.tokens, ids), len(ids) - 1)
+            # A format whose prompt does not extend causally (ChatGLM-6B) says itself how much stays valid.
+            reusable = getattr(loaded.chat_format, "reusable_length", None)
+            valid = reusable(kept.tokens, ids) if reusable else common_prefix_length(kept.tokens, ids)
+            reused = min(valid, len(ids) - 1)
             if len(kept.tokens) > reused:
                 kept.cache.crop(-(len(kept.tokens) - reused))
             cache = kept.cache
@@ -204,7 +207,12 @@ class Engine:
         del kept
         stats.prompt_tokens, stats.reused_tokens, stats.prefill_tokens = len(ids), reused, len(ids) - reused
 
-        logits = prefill(model, ids[reused:], cache, device, lambda: request.stop_requested)
+        if getattr(model, "prefill_whole_prompt", False):  # a prompt that attends in both directions: one forward
+            with torch.inference_mode():
+                fed = torch.tensor([ids[reused:]], dtype=torch.long, device=device)
+                logits = model(input_ids=fed, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        else:
+            logits = prefill(model, ids[reused:], cache, device, lambda: request.stop_requested)
         if logits is None:  # stopped during a long prefill: the partial cache is not worth keeping
             stats.total_s = time.perf_counter() - started
             return Reply(finish_reason="stopped", stats=stats, dropped_messages=dropped)
