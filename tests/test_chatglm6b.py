@@ -174,6 +174,18 @@ def test_bidirectional_prompt_and_2d_positions_matter(glm6b, loaded_fp32):
 # ---- loading: sharded / single bin, quantized while loading, pre-quantized THUDM checkpoints ----------------------
 
 
+@pytest.mark.parametrize("level", ["bf16", "fp16"])
+def test_half_precision_levels(glm6b, level):
+    folder, config, sd = glm6b
+    loaded = load_model(ModelSpec(str(folder), level, "cpu"))
+    assert loaded.model.transformer.layers[0].attention.dense.weight.dtype == loaded.precision.dtype
+    ids = prompt_ids(loaded, "The capital of France is Paris.") + [17, 230]
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = glm6b_reference_logits(sd, config, ids)
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.03
+
+
 @pytest.mark.parametrize("level, tolerance", [("int8", 0.03), ("int4", 0.25)])
 def test_quantizes_while_loading(glm6b, level, tolerance):
     from torch import nn
