@@ -200,3 +200,225 @@ def reference_logits(sd: dict, config: dict, ids: list[int]) -> torch.Tensor:
         x = x + (F.silu(gate) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
     x = rmsnorm(x, w["transformer.encoder.final_layernorm.weight"])
     return x @ w["transformer.output_layer.weight"].T
+
+
+# ---- ChatGLM-6B (first generation): ice_text tokenizer, THUDM config and layout, a literal reference forward ----
+
+ICE_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+ICE_SYMBOLS = ["<n>", "<|tab|>"] + [f"<|blank_{i}|>" for i in range(2, 81)] + ICE_SPECIALS
+
+
+def train_ice_sentencepiece(path: Path, vocab_size: int = 800) -> Path:
+    """An ice_text.model stand-in: <unk> <s> </s> <pad> at 0..3 as in the real one, then the newline, tab and
+    blank-run pieces and the special pieces as user-defined symbols; trained on the rewritten corpus."""
+    from glm_core.models.chatglm.ice_tokenizer import preprocess
+
+    corpus = [preprocess(line) for line in CORPUS + ["a\tb\n  c   d\n\n" + " " * 90 + "e"] * 5]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=ICE_SYMBOLS,
+        hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def chatglm6b_config(sp_path: Path, num_image_tokens: int = 0, **overrides) -> dict:
+    """THUDM/chatglm-6b's config.json fields at a tiny size; the special ids are the pieces' ids + the offset."""
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    special = {name: sp.piece_to_id(name) + num_image_tokens for name in ICE_SPECIALS}
+    config = {
+        "_name_or_path": "THUDM/chatglm-6b",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        "bos_token_id": special["<sop>"],
+        "eos_token_id": special["<eop>"],
+        "mask_token_id": special["[MASK]"],
+        "gmask_token_id": special["[gMASK]"],
+        "pad_token_id": 3,
+        "hidden_size": 64,
+        "inner_hidden_size": 256,
+        "layernorm_epsilon": 1e-05,
+        "max_sequence_length": 2048,
+        "model_type": "chatglm",
+        "num_attention_heads": 4,
+        "num_layers": 3,
+        "position_encoding_2d": True,
+        "quantization_bit": 0,
+        "pre_seq_len": None,
+        "prefix_projection": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.27.1",
+        "use_cache": True,
+        "vocab_size": sp.get_piece_size() + num_image_tokens + 16,
+    }
+    config.update(overrides)
+    return config
+
+
+def chatglm6b_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random fp16 weights under the original names, the stored rotary buffers and the tied output layer included."""
+    g = torch.Generator().manual_seed(seed)
+    h, ffn, heads = config["hidden_size"], config["inner_hidden_size"], config["num_attention_heads"]
+    rot = h // heads // 2
+
+    def rand(*shape, std=0.15):
+        return (torch.randn(*shape, generator=g) * std).half()
+
+    sd = {"transformer.word_embeddings.weight": rand(config["vocab_size"], h, std=1.0)}
+    for i in range(config["num_layers"]):
+        p = f"transformer.layers.{i}."
+        sd[p + "input_layernorm.weight"] = (1 + rand(h, std=0.1).float()).half()
+        sd[p + "input_layernorm.bias"] = rand(h, std=0.1)
+        sd[p + "attention.rotary_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).half()
+        sd[p + "attention.query_key_value.weight"] = rand(3 * h, h)
+        sd[p + "attention.query_key_value.bias"] = rand(3 * h, std=0.1)
+        sd[p + "attention.dense.weight"] = rand(h, h)
+        sd[p + "attention.dense.bias"] = rand(h, std=0.1)
+        sd[p + "post_attention_layernorm.weight"] = (1 + rand(h, std=0.1).float()).half()
+        sd[p + "post_attention_layernorm.bias"] = rand(h, std=0.1)
+        sd[p + "mlp.dense_h_to_4h.weight"] = rand(ffn, h)
+        sd[p + "mlp.dense_h_to_4h.bias"] = rand(ffn, std=0.1)
+        sd[p + "mlp.dense_4h_to_h.weight"] = rand(h, ffn)
+        sd[p + "mlp.dense_4h_to_h.bias"] = rand(h, std=0.1)
+    sd["transformer.final_layernorm.weight"] = (1 + rand(h, std=0.1).float()).half()
+    sd["transformer.final_layernorm.bias"] = rand(h, std=0.1)
+    sd["lm_head.weight"] = sd["transformer.word_embeddings.weight"].clone()  # tied; THUDM's files store a copy
+    return sd
+
+
+GLM6B_QUANTIZED = ("attention.query_key_value.weight", "attention.dense.weight",
+                   "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+
+
+def quantize_thudm_glm6b(sd: dict, bits: int, embedding: bool = False) -> tuple[dict, dict]:
+    """As THUDM's quantization.py: symmetric per-row scale (max |w| / (2^(bits-1) - 1), fp16), int8 rows or int4
+    two a byte, even element in the high nibble. `embedding` as the int4-qe checkpoint (word embedding and
+    output layer quantized too)."""
+    stored, reference = {}, {}
+    for key, w in sd.items():
+        quantize = key.endswith(GLM6B_QUANTIZED) or (
+            embedding and key in ("transformer.word_embeddings.weight", "lm_head.weight"))
+        if not quantize:
+            stored[key] = reference[key] = w
+            continue
+        limit = 2 ** (bits - 1) - 1
+        scale = (w.float().abs().amax(dim=1) / limit).half()
+        q = torch.round(w.float() / scale.float()[:, None]).clamp(-limit - 1, limit).to(torch.int8)
+        reference[key] = q.float() * scale.float()[:, None]
+        if bits == 4:
+            q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
+        stored[key] = q
+        stored[key[: -len("weight")] + "weight_scale"] = scale
+    return stored, reference
+
+
+def write_chatglm6b_checkpoint(folder: Path, ice_model: Path, config: dict, sd: dict, layout: str = "sharded-bin",
+                               num_image_tokens: int = 0) -> Path:
+    """The original THUDM/chatglm-6b folder layout: config.json, ice_text.model, tokenizer_config.json and
+    pytorch_model-0000N-of-0000M.bin with its index (or one pytorch_model.bin)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "ice_text.model").write_bytes(ice_model.read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "name_or_path": config["_name_or_path"], "bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>",
+        "gmask_token": "[gMASK]", "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>",
+        "remove_space": False, "do_lower_case": False, "num_image_tokens": num_image_tokens,
+        "padding_side": "left", "tokenizer_class": "ChatGLMTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+    }, indent=2))
+    if layout == "bin":
+        torch.save(sd, folder / "pytorch_model.bin")
+    else:
+        keys = list(sd)
+        parts = [keys[: len(keys) // 3], keys[len(keys) // 3 : 2 * len(keys) // 3], keys[2 * len(keys) // 3 :]]
+        weight_map = {}
+        for n, part in enumerate(parts, start=1):
+            name = f"pytorch_model-0000{n}-of-0000{len(parts)}.bin"
+            torch.save({k: sd[k] for k in part}, folder / name)
+            weight_map.update({k: name for k in part})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (folder / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return folder
+
+
+def glm6b_reference_logits(sd: dict, config: dict, ids: list[int]) -> torch.Tensor:
+    """THUDM/chatglm-6b's forward over the whole sequence, written out literally from its modeling_chatglm.py
+    (get_position_ids, get_masks, RotaryEmbedding with its fp16 inv_freq, apply_rotary_pos_emb_index,
+    attention_fn with the per-layer scaling coefficient and masked_fill(-10000), GLMBlock with alpha, GLU with
+    gelu_impl). [seq, hidden] layout, batch 1, fp32 (the original's CPU path after .float())."""
+    w = {k: v.float() for k, v in sd.items()}
+    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_layers"]
+    hn = hidden // heads
+    eps = config["layernorm_epsilon"]
+    n = len(ids)
+
+    # get_position_ids (position_encoding_2d) and get_masks
+    context_length = ids.index(config["bos_token_id"])
+    mask_token = config["gmask_token_id"] if config["gmask_token_id"] in ids else config["mask_token_id"]
+    mask_position = ids.index(mask_token)
+    position_ids = torch.arange(n)
+    position_ids[context_length:] = mask_position
+    block_position_ids = torch.cat((torch.zeros(context_length, dtype=torch.long),
+                                    torch.arange(n - context_length) + 1))
+    attention_mask = torch.ones(n, n).tril_()
+    attention_mask[:, :context_length] = 1
+    attention_mask = attention_mask < 0.5  # True: masked
+
+    # RotaryEmbedding(hidden_size // (num_attention_heads * 2), base=10000, precision=torch.half)
+    dim = hidden // (heads * 2)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))).half().float()
+    t = torch.arange(int(max(position_ids.max(), block_position_ids.max())) + 1, dtype=inv_freq.dtype)
+    freqs = torch.einsum("i,j->ij", t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos_cached, sin_cached = emb.cos()[:, None, :], emb.sin()[:, None, :]
+
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat((-x2, x1), dim=x1.ndim - 1)
+
+    def apply_rotary_pos_emb_index(q, k, position_id):  # q, k: [sq, np, hn/2]
+        cos = F.embedding(position_id, cos_cached.squeeze(1)).unsqueeze(1)
+        sin = F.embedding(position_id, sin_cached.squeeze(1)).unsqueeze(1)
+        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+    def gelu_impl(x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, (hidden,), w[name + ".weight"], w[name + ".bias"], eps)
+
+    hidden_states = w["transformer.word_embeddings.weight"][torch.tensor(ids)]  # [sq, h]
+    for layer_id in range(layers):
+        p = f"transformer.layers.{layer_id}."
+        attention_input = layer_norm(hidden_states, p + "input_layernorm")
+        mixed = attention_input @ w[p + "attention.query_key_value.weight"].T + w[p + "attention.query_key_value.bias"]
+        mixed = mixed.view(n, heads, 3 * hn)
+        query_layer, key_layer, value_layer = torch.split(mixed, hn, dim=-1)
+        q1, q2 = query_layer.chunk(2, dim=-1)
+        k1, k2 = key_layer.chunk(2, dim=-1)
+        q1, k1 = apply_rotary_pos_emb_index(q1, k1, position_ids)
+        q2, k2 = apply_rotary_pos_emb_index(q2, k2, block_position_ids)
+        query_layer, key_layer = torch.cat([q1, q2], dim=-1), torch.cat([k1, k2], dim=-1)
+
+        coeff = float(layer_id + 1)  # query_key_layer_scaling_coeff
+        query_layer = query_layer / (math.sqrt(hn) * coeff)
+        scores = torch.einsum("qhd,khd->hqk", query_layer, key_layer)
+        scores = scores.masked_fill(attention_mask, -10000.0)
+        scores = scores.float() * coeff
+        probs = F.softmax(scores, dim=-1)
+        context = torch.einsum("hqk,khd->qhd", probs, value_layer).reshape(n, hidden)
+        attention_output = context @ w[p + "attention.dense.weight"].T + w[p + "attention.dense.bias"]
+
+        alpha = (2 * layers) ** 0.5
+        hidden_states = attention_input * alpha + attention_output
+        mlp_input = layer_norm(hidden_states, p + "post_attention_layernorm")
+        inner = gelu_impl(mlp_input @ w[p + "mlp.dense_h_to_4h.weight"].T + w[p + "mlp.dense_h_to_4h.bias"])
+        mlp_output = inner @ w[p + "mlp.dense_4h_to_h.weight"].T + w[p + "mlp.dense_4h_to_h.bias"]
+        hidden_states = mlp_input * alpha + mlp_output
+    hidden_states = layer_norm(hidden_states, "transformer.final_layernorm")
+    return hidden_states @ w["lm_head.weight"].T

@@ -106,6 +106,18 @@ def test_streaming_never_emits_half_a_character(sp_model):
     assert not any("\ufffd" in d for d in deltas)
 
 
+def test_decode_drops_special_ids_and_decodes_the_rest_as_one_run(sp_model):
+    """As the original tokenizer: a piece after a special id keeps its leading space, streamed or not."""
+    tokenizer = ChatGLMTokenizer(sp_model, "chatglm3")
+    hello, world = tokenizer.encode("Hello"), tokenizer.encode("world")  # "▁world": the dummy prefix
+    assert tokenizer.sp.id_to_piece(world[0]).startswith("▁")
+    ids = hello + [tokenizer.command("<|observation|>"), tokenizer.command("sop")] + world
+    assert tokenizer.decode(ids) == tokenizer.sp.decode(hello + world) == "Hello world"
+    decoder = IncrementalDecoder(tokenizer)
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "Hello world"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "Hello<|observation|>sopworld"
+
+
 # ---- chat formats ----------------------------------------------------------------------------------------
 
 
@@ -265,7 +277,7 @@ def test_broken_chatglm_folders_get_one_line_reasons(glm2, tmp_path, pieces):
     first_gen.mkdir()
     (first_gen / "config.json").write_text(json.dumps({"model_type": "chatglm", "vocab_size": 130528,
                                                         "position_encoding_2d": True}))
-    assert "first-generation" in _reason(ModelSpec(str(first_gen)))
+    assert "lacks 'hidden_size', which a ChatGLM-6B config has" in _reason(ModelSpec(str(first_gen)))
 
     assert "unknown family" in _reason(ModelSpec(str(folder), family="chatglm9"))
 

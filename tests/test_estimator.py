@@ -50,12 +50,18 @@ def test_kv_cache_per_token_follows_grouped_attention():
 
 
 def test_chatglm_6b_has_its_published_parameter_count():
-    """First-generation ChatGLM-6B, estimated through a GPT-NeoX model with the same tensors."""
+    """First-generation ChatGLM-6B, estimated through the module that runs it (output layer tied: 6.17 B)."""
+    from glm_core.models.chatglm.glm6b import ChatGLM6BForCausalLM
+
     h, ffn, layers, vocab = 4096, 16384, 28, 130528
     per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h) + 4 * h
-    params = layers * per_layer + 2 * vocab * h + 2 * h
+    params = layers * per_layer + vocab * h + 2 * h
     [fp16] = estimate(read_config("chatglm-6b")[1], ["fp16"], 1, 1)
     assert fp16.weights_bytes == 2 * params
+    config = model_config(read_config("chatglm-6b")[1])
+    with torch.device("meta"):
+        module = ChatGLM6BForCausalLM(config)
+    assert sum(p.numel() for p in module.parameters()) == params == 6_173_286_400
 
 
 def test_chatglm2_6b_prediction_against_the_published_table():

@@ -8,9 +8,9 @@ It predicts this project's own memory (what `bench memory` measures), so it foll
   chunk's layer (see `_activation_bytes`); decoding feeds one token at a time;
 - runtime: a fixed overhead per device type (RUNTIME_OVERHEAD).
 
-ChatGLM-6B (first generation) has no module here to chat with, but its tensors are those of a GPT-NeoX model
-(fused qkv with bias, a 4h GELU MLP with biases, LayerNorms with bias, an untied output layer): its config is
-translated to that shape, for the estimate and for the random-weight benchmark alike.
+ChatGLM-6B (first generation) is estimated, and benchmarked with random weights, through the module that runs it
+(models/chatglm/glm6b.py: its output layer is tied to the embedding, so it counts once); that module feeds the
+whole prompt in one forward (`prefill_whole_prompt`), so its encode peak holds the whole prompt, not one chunk.
 """
 
 from __future__ import annotations
@@ -88,22 +88,15 @@ def read_config(source: str) -> tuple[str, dict]:
 
 
 def model_config(cfg: dict):
-    """The transformers config of the module that runs (or, for ChatGLM-6B, has the same tensors as) `cfg`."""
-    from transformers import AutoConfig, GPTNeoXConfig
+    """The config of the module that runs `cfg`."""
+    from transformers import AutoConfig
 
     from ..models.chatglm.checkpoint import glm_config, is_first_generation
+    from ..models.chatglm.glm6b import glm6b_config
 
     try:
         if cfg.get("model_type") in ("chatglm", "chatglm6b"):
-            if is_first_generation(cfg):
-                return GPTNeoXConfig(
-                    vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-                    num_hidden_layers=int(cfg["num_layers"]), num_attention_heads=int(cfg["num_attention_heads"]),
-                    intermediate_size=int(cfg.get("inner_hidden_size") or 4 * int(cfg["hidden_size"])),
-                    max_position_embeddings=int(cfg.get("max_sequence_length", 2048)),
-                    tie_word_embeddings=False, use_parallel_residual=False,
-                )
-            return glm_config(cfg)
+            return glm6b_config(cfg) if is_first_generation(cfg) else glm_config(cfg)
         fields = {k: v for k, v in cfg.items() if k not in ("model_type", "quantization_config")}
         return AutoConfig.for_model(cfg.get("model_type", ""), **fields)
     except CheckpointError as exc:
@@ -124,8 +117,10 @@ def meta_model(config, precision: Precision, group_size: int = DEFAULT_GROUP_SIZ
     whose interleaved set/restore left the whole process at BF16."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from ..models.chatglm.glm6b import ChatGLM6BConfig, ChatGLM6BForCausalLM
+
     try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model_class = ChatGLM6BForCausalLM if isinstance(config, ChatGLM6BConfig) else MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         raise ConfigError(f"no causal language model class for a {type(config).__name__}") from None
     with torch.device("meta"):
@@ -139,6 +134,9 @@ def meta_model(config, precision: Precision, group_size: int = DEFAULT_GROUP_SIZ
 
 
 # ---- activations ---------------------------------------------------------------------------------------------
+
+
+NOT_GATED = ("gpt_neox", "chatglm6b")  # plain 4h MLPs: one wide activation fewer than gate/up
 
 
 def _activation_bytes(config, tokens: int, context: int, dtype: torch.dtype) -> int:
@@ -155,13 +153,19 @@ def _activation_bytes(config, tokens: int, context: int, dtype: torch.dtype) -> 
     kv_heads = getattr(t, "num_key_value_heads", None) or heads
     head_dim = getattr(t, "head_dim", None) or hidden // heads
     ffn = getattr(t, "intermediate_size", None) or 4 * hidden
-    gated = getattr(t, "model_type", "") != "gpt_neox"
+    gated = getattr(t, "model_type", "") not in NOT_GATED
     residual = 3 * tokens * hidden * size
     attention = tokens * (heads + 2 * kv_heads) * head_dim * size + tokens * heads * context * 4
     mlp = tokens * ffn * (3 if gated else 2) * size
     cache_copy = 2 * context * kv_heads * head_dim * size
     logits = t.vocab_size * 4
     return residual + max(attention, mlp) + cache_copy + logits
+
+
+def _prefills_whole_prompt(config) -> bool:
+    from ..models.chatglm.glm6b import ChatGLM6BConfig, ChatGLM6BForCausalLM
+
+    return isinstance(config, ChatGLM6BConfig) and ChatGLM6BForCausalLM.prefill_whole_prompt
 
 
 # ---- the estimate --------------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ def estimate(cfg: dict, levels: list[str], encode: int, generate: int, device_ty
         dtype = precision.dtype
         weights = weight_bytes(meta_model(config, precision, group_size), include_meta=True)["total"]
         kv = kv_bytes_per_token(config, dtype)
-        chunk = min(encode, PREFILL_CHUNK)
+        chunk = encode if _prefills_whole_prompt(config) else min(encode, PREFILL_CHUNK)
         encode_act = _activation_bytes(config, chunk, encode, dtype)
         generate_act = _activation_bytes(config, 1, generate, dtype)
         encode_tensors = weights + kv * encode + encode_act

@@ -20,13 +20,15 @@ def prefill(
     cache,
     device: torch.device,
     should_stop: Callable[[], bool] = lambda: False,
+    chunk_size: int = PREFILL_CHUNK,
 ) -> torch.Tensor | None:
-    """Feed `input_ids` after what `cache` already holds; return the next-token logits (None if stopped)."""
+    """Feed `input_ids` after what `cache` already holds, `chunk_size` at a time; return the next-token logits
+    (None if stopped)."""
     logits = None
-    for start in range(0, len(input_ids), PREFILL_CHUNK):
+    for start in range(0, len(input_ids), chunk_size):
         if should_stop():
             return None
-        chunk = torch.tensor([input_ids[start : start + PREFILL_CHUNK]], dtype=torch.long, device=device)
+        chunk = torch.tensor([input_ids[start : start + chunk_size]], dtype=torch.long, device=device)
         out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1]
     return logits

@@ -215,7 +215,7 @@ class Runner:
                 take = len(sequence.ids) - sequence.fed if whole else min(budget, len(sequence.ids) - sequence.fed)
                 try:
                     logits = prefill(self.loaded.model, sequence.ids[sequence.fed : sequence.fed + take],
-                                     sequence.cache, self.loaded.device)
+                                     sequence.cache, self.loaded.device, chunk_size=max(take, 1))
                 except Exception as exc:
                     self.prefilling.remove(sequence)
                     ended.append((request, self._failure(request, exc, sequence)))

@@ -8,6 +8,7 @@ a reply differently costs a little recompute, never a wrong answer.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol, Sequence
 
 
@@ -21,6 +22,8 @@ class ChatFormat(Protocol):
 
     # Optional: formats whose original demos kept a cache define `continuation(messages) -> list[int]`, the ids
     # appended after the previous reply's generated tokens for the new (last) user message.
+    # Optional: formats whose prompts do not extend causally define `reusable_length(kept_ids, new_ids) -> int`,
+    # how many leading ids of a kept cache stay valid for new_ids (the engine uses it instead of the common prefix).
 
 
 class TemplateChatFormat:
@@ -121,3 +124,54 @@ class ChatGLM3Format:
     def continuation(self, messages: Sequence[dict]) -> list[int]:
         """After the last reply's generated tokens: the new user message and the assistant tag."""
         return self._message("user", messages[-1]["content"]) + [self.tokenizer.command("<|assistant|>")]
+
+
+class ChatGLM6BFormat:
+    """ChatGLM-6B (first generation), as its chat()/stream_chat() built the prompt: the bare query for a first
+    turn; with history "[Round {i}]\\n问：{q}\\n答：{r}\\n" for i = 0.. then "[Round {n}]\\n问：{query}\\n答：";
+    encoded whole, then [gMASK] <sop>. Generation stops at <eop>. No system role: a system prompt goes before the
+    first question, as ChatGLM2Format does.
+
+    The prompt attends in both directions up to <sop>, so the keys and values of a kept conversation are only
+    valid for exactly the same prompt (regenerate): a new turn re-reads the whole conversation.
+    """
+
+    name = "ChatGLM-6B"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.sop_id = tokenizer.command("<sop>")
+        self.stop_token_ids = frozenset({tokenizer.eos_token_id})
+
+    @staticmethod
+    def prompt(messages: Sequence[dict]) -> str:
+        system, pairs, question = _turns(messages)
+        if system and pairs:
+            pairs[0] = (f"{system}\n\n{pairs[0][0]}", pairs[0][1])
+        elif system:
+            question = f"{system}\n\n{question}"
+        if not pairs:
+            return question
+        text = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(pairs))
+        return text + f"[Round {len(pairs)}]\n问：{question}\n答："
+
+    def encode(self, messages: Sequence[dict]) -> list[int]:
+        return self.tokenizer.encode(self.prompt(messages)) + self.tokenizer.suffix_ids
+
+    def reusable_length(self, kept_ids: Sequence[int], new_ids: Sequence[int]) -> int:
+        """Everything before <sop> when the kept cache was computed for exactly this prompt (regenerate); else 0:
+        each prompt id attended to every other prompt id, so a different prompt changes all their keys."""
+        if self.sop_id not in new_ids:
+            return 0
+        sop = list(new_ids).index(self.sop_id)
+        return sop if list(kept_ids[: sop + 1]) == list(new_ids[: sop + 1]) else 0
+
+    @staticmethod
+    def process_response(text: str) -> str:
+        """What the original chat() did to a decoded reply: strip, "[[训练时间]]" -> "2023年", and ASCII , ! : ; ?
+        next to a CJK character -> their full-width forms."""
+        text = text.strip().replace("[[训练时间]]", "2023年")
+        for ascii_mark, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
+            text = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % full_width, text)
+            text = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % full_width, text)
+        return text

@@ -17,11 +17,13 @@ from typing import Callable
 
 import torch
 
-from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, TemplateChatFormat
-from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json_object
+from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, ChatGLM6BFormat, TemplateChatFormat
+from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
 from .chatglm.checkpoint import (
     FAMILIES, chatglm_tokenizer_file, detect_family, is_first_generation, load_chatglm_model, spread_over_gpus,
 )
+from .chatglm.glm6b import glm6b_config, ice_tokenizer_file, load_glm6b_model
+from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, TokenizerMismatch
 from .chatglm.tokenizer import ChatGLMTokenizer
 from .precision import Precision, parse_precision, resolve_device
 from .quant import quantize_loaded_model, weight_bytes
@@ -148,7 +150,9 @@ def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = no_progress) 
     return target
 
 
-FAMILY_LABELS = {"chatglm2": "ChatGLM2", "chatglm3": "ChatGLM3", "glm": "GLM-4", "glm4": "GLM-4"}
+FAMILY_LABELS = {
+    "chatglm6b": "ChatGLM-6B", "chatglm2": "ChatGLM2", "chatglm3": "ChatGLM3", "glm": "GLM-4", "glm4": "GLM-4",
+}
 
 
 def _classify(path_text: str) -> tuple[str, Path, dict]:
@@ -169,11 +173,7 @@ def _classify(path_text: str) -> tuple[str, Path, dict]:
     except CheckpointError as exc:
         raise ModelLoadError(str(exc)) from None
     if cfg.get("model_type") in ("chatglm", "chatglm6b"):
-        if is_first_generation(cfg):
-            raise ModelLoadError(
-                f"{path.name} is a first-generation ChatGLM-6B checkpoint; its architecture is not supported yet"
-            )
-        return "chatglm", path, cfg
+        return ("chatglm6b" if is_first_generation(cfg) else "chatglm"), path, cfg
     return "folder", path, cfg
 
 
@@ -195,6 +195,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     try:
         if kind == "chatglm":
             parts = _load_chatglm(path, cfg, spec, precision, device, progress)
+        elif kind == "chatglm6b":
+            parts = _load_chatglm6b(path, cfg, spec, precision, device, progress)
         else:
             parts = _load_auto(kind, path, precision, device, progress, spec.group_size)
     except CheckpointError as exc:
@@ -257,6 +259,45 @@ def _load_chatglm(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, 
             f"pre-quantized INT{cfg['quantization_bit']} (THUDM), read as {precision.label} while loading"
         )
     return model, tokenizer, chat_format, path.name, FAMILY_LABELS[family], int(cfg.get("seq_length", 8192)), extra
+
+
+def _load_chatglm6b(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, device, progress):
+    """First-generation ChatGLM-6B: ice_text.model, the special ids of config.json, our own module."""
+    config = glm6b_config(cfg)
+    tok_cfg = read_json(path / "tokenizer_config.json")
+    progress(0.1, "Loading the SentencePiece tokenizer")
+    model_file = ice_tokenizer_file(path)
+    try:
+        tokenizer = IceTokenizer(
+            model_file,
+            num_image_tokens=int(tok_cfg.get("num_image_tokens", DEFAULT_NUM_IMAGE_TOKENS)),
+            special_ids={"[MASK]": config.mask_token_id, "[gMASK]": config.gmask_token_id,
+                         "<sop>": config.bos_token_id, "<eop>": config.eos_token_id},
+            pad_token_id=config.pad_token_id,
+            remove_space=bool(tok_cfg.get("remove_space", False)),
+            do_lower_case=bool(tok_cfg.get("do_lower_case", False)),
+        )
+    except TokenizerMismatch as exc:
+        raise CheckpointError(str(exc)) from None
+    except Exception as exc:
+        raise CheckpointError(f"ice_text.model is not a SentencePiece model: {_one_line(exc)}") from None
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {len(tokenizer)} tokens (num_image_tokens {tokenizer.num_image_tokens} included) "
+            f"but the model only {config.vocab_size}"
+        )
+    if _spread(device):
+        model = load_glm6b_model(path, cfg, precision, torch.device("cpu"), progress, spec.group_size)
+        model = spread_over_gpus(model)
+    else:
+        model = load_glm6b_model(path, cfg, precision, device, progress, spec.group_size)
+    extra = {"loader": STREAMED}
+    if cfg.get("quantization_bit"):
+        extra["checkpoint"] = (
+            f"pre-quantized INT{cfg['quantization_bit']} (THUDM), read as {precision.label} while loading"
+        )
+    return (model, tokenizer, ChatGLM6BFormat(tokenizer), path.name, FAMILY_LABELS["chatglm6b"],
+            config.max_position_embeddings, extra)
 
 
 def _load_auto(kind: str, path: Path, precision: Precision, device, progress, group_size: int):

@@ -167,7 +167,8 @@ def spread_device_map(model, max_memory: dict) -> dict:
     a decoder layer; accelerate does the packing."""
     from accelerate import infer_auto_device_map
 
-    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=["GlmDecoderLayer"])
+    no_split = list(getattr(model, "_no_split_modules", None) or ["GlmDecoderLayer"])
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
 
 
 def spread_over_gpus(model):

@@ -47,16 +47,21 @@ class ChatGLMTokenizer:
         return {"input_ids": (self.prefix_ids + ids) if add_special_tokens else ids}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """As the original tokenizer: special ids are dropped and every other id is decoded in one run, so a piece
+        that follows a special id keeps its leading space ("A" <|user|> "▁B" -> "A B"). With
+        skip_special_tokens=False the special tokens' names are written where they stand instead."""
+        ids = [int(x) for x in ids]
+        if skip_special_tokens:
+            return self.sp.decode([i for i in ids if 0 <= i < self.n_pieces])
         out, run = [], []
-        for i in (int(x) for x in ids):
-            if i < self.n_pieces:
+        for i in ids:
+            if 0 <= i < self.n_pieces:
                 run.append(i)
                 continue
             if run:
                 out.append(self.sp.decode(run))
                 run = []
-            if not skip_special_tokens and i in self.special_names:
-                out.append(self.special_names[i])
+            out.append(self.special_names.get(i, ""))
         if run:
             out.append(self.sp.decode(run))
         return "".join(out)

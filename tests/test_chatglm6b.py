@@ -1,0 +1,320 @@
+"""ChatGLM-6B (first generation) natively: a tiny checkpoint in the original THUDM layout (random fp16 weights,
+sharded .bin with its index, an ice_text.model trained here), its logits against a literal plain-torch copy of
+the original forward, the tokenizer's rewrites, the prompt, quantization and the engine's kept-cache rules."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chatglm_fixtures import (
+    chatglm6b_config, chatglm6b_state_dict, glm6b_reference_logits, quantize_thudm_glm6b, train_ice_sentencepiece,
+    write_chatglm6b_checkpoint,
+)
+from conftest import ROOT
+from glm_core import ModelLoadError, ModelSpec, SamplingParams
+from glm_core.engine import Engine
+from glm_core.engine.textstream import IncrementalDecoder
+from glm_core.models import load_model
+from glm_core.models.chat_format import ChatGLM6BFormat
+from glm_core.models.chatglm.glm6b import CACHED_IDS, ChatGLM6BForCausalLM, rotary_inv_freq
+from glm_core.models.chatglm.ice_tokenizer import IceTokenizer, TokenizerMismatch, postprocess, preprocess
+
+
+@pytest.fixture(scope="module")
+def ice_model(tmp_path_factory):
+    return train_ice_sentencepiece(tmp_path_factory.mktemp("ice") / "ice_text.model")
+
+
+@pytest.fixture(scope="module")
+def glm6b(tmp_path_factory, ice_model):
+    config = chatglm6b_config(ice_model)
+    sd = chatglm6b_state_dict(config)
+    folder = write_chatglm6b_checkpoint(tmp_path_factory.mktemp("m") / "chatglm-6b-tiny", ice_model, config, sd)
+    return folder, config, sd
+
+
+@pytest.fixture(scope="module")
+def loaded_fp32(glm6b):
+    return load_model(ModelSpec(str(glm6b[0]), "fp32", "cpu"))
+
+
+def tokenizer_of(config, ice_model, offset=0):
+    return IceTokenizer(ice_model, offset, {"[MASK]": config["mask_token_id"], "[gMASK]": config["gmask_token_id"],
+                                            "<sop>": config["bos_token_id"], "<eop>": config["eos_token_id"]}, 3)
+
+
+def prompt_ids(loaded, text):
+    return loaded.tokenizer(text)["input_ids"]
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------
+
+
+def test_text_rewrites_as_the_original(ice_model, glm6b):
+    assert preprocess("a\nb\tc  d") == "a<n>b<|tab|>c<|blank_2|>d"
+    assert preprocess(" " * 85) == "<|blank_80|><|blank_5|>"  # the original replaces runs of 80 first
+    assert preprocess(" " * 81 + "x y") == "<|blank_80|> x y"
+    assert postprocess("<|blank_80|><|blank_5|>x<n><|tab|>") == " " * 85 + "x\n\t"
+    tokenizer = tokenizer_of(glm6b[1], ice_model)
+    for text in ["def f():\n\treturn 1\n\n", "a" + " " * 170 + "b  c   d", "你好\n世界", "  leading and trailing  "]:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        decoder = IncrementalDecoder(tokenizer)
+        assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == text
+    pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode("x\n\ty" + " " * 5 + "z")]
+    assert {"<n>", "<|tab|>", "<|blank_5|>"} <= set(pieces)
+
+
+def test_special_ids_come_from_config_and_num_image_tokens(ice_model, glm6b):
+    config = glm6b[1]
+    tokenizer = tokenizer_of(config, ice_model)
+    ids = tokenizer("你好")["input_ids"]
+    # The structure of chatglm.cpp's golden "你好" -> 5, 74874, 130001, 130004: pieces, then [gMASK] <sop>.
+    assert ids == tokenizer.sp.encode("你好") + [config["gmask_token_id"], config["bos_token_id"]]
+    assert tokenizer.sp.id_to_piece(ids[0]) == "▁"
+    assert tokenizer.decode(ids + [config["eos_token_id"]]) == "你好"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "你好[gMASK]<sop>"
+    shifted = tokenizer_of({k: v + 20000 if k.endswith("token_id") else v for k, v in config.items()}, ice_model, 20000)
+    assert shifted("你好")["input_ids"] == [i + 20000 for i in ids]  # the first release's offset
+    assert shifted.decode([5, 17] + shifted.encode("你好")) == "你好"  # image ids are dropped
+    assert len(shifted) == len(tokenizer) + 20000
+    with pytest.raises(TokenizerMismatch, match="num_image_tokens"):
+        tokenizer_of(config, ice_model, 20000)  # config.json's ids without the offset: a stale tokenizer_config
+
+
+# ---- prompt ----------------------------------------------------------------------------------------------
+
+
+def test_prompt_for_one_and_three_turns(loaded_fp32):
+    fmt, tok = loaded_fp32.chat_format, loaded_fp32.tokenizer
+    assert isinstance(fmt, ChatGLM6BFormat)
+    one = [{"role": "user", "content": "你好"}]
+    assert fmt.prompt(one) == "你好"
+    assert fmt.encode(one) == tok.sp.encode("你好") + [tok.command("[gMASK]"), tok.command("<sop>")]
+    three = one + [{"role": "assistant", "content": "你好👋！"}, {"role": "user", "content": "今天天气怎么样？"},
+                   {"role": "assistant", "content": "很好。"}, {"role": "user", "content": "Thanks"}]
+    text = "[Round 0]\n问：你好\n答：你好👋！\n[Round 1]\n问：今天天气怎么样？\n答：很好。\n[Round 2]\n问：Thanks\n答："
+    assert fmt.prompt(three) == text
+    assert fmt.encode(three) == tok.sp.encode(preprocess(text)) + [tok.command("[gMASK]"), tok.command("<sop>")]
+    assert fmt.stop_token_ids == {tok.command("<eop>")}
+    assert not hasattr(fmt, "continuation")
+    assert fmt.prompt([{"role": "system", "content": "Be brief."}] + one) == "Be brief.\n\n你好"
+
+
+def test_reusable_length_only_for_the_same_prompt():
+    sop = 9
+    fmt = ChatGLM6BFormat.__new__(ChatGLM6BFormat)
+    fmt.sop_id = sop
+    prompt = [5, 6, 7, 8, sop]
+    assert fmt.reusable_length(prompt + [20, 21], prompt) == 4  # regenerate: all before <sop>
+    assert fmt.reusable_length(prompt + [20, 21], [5, 6, 7, 8, 30, 31, 8, sop]) == 0  # a new turn: nothing
+    assert fmt.reusable_length([5, 6, 7, 8, 30, sop], prompt) == 0
+    assert fmt.reusable_length([], prompt) == 0
+
+
+def test_process_response_as_the_original_chat():
+    assert ChatGLM6BFormat.process_response(" 你好,世界!ok, fine? 是吗?\n") == "你好，世界！ok, fine? 是吗？"
+    assert ChatGLM6BFormat.process_response("[[训练时间]]") == "2023年"
+
+
+# ---- the module against the original's forward -----------------------------------------------------------
+
+
+def test_logits_equal_the_original_forward(glm6b, loaded_fp32):
+    from transformers import DynamicCache
+
+    folder, config, sd = glm6b
+    assert (folder / "pytorch_model.bin.index.json").is_file()
+    assert loaded_fp32.family == "ChatGLM-6B" and loaded_fp32.card()["family"] == "ChatGLM-6B"
+    assert loaded_fp32.max_context == 2048 and loaded_fp32.card()["loader"] == "streamed"
+    assert isinstance(loaded_fp32.model, ChatGLM6BForCausalLM)
+    model = loaded_fp32.model
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight  # tied
+    stored_inv_freq = sd["transformer.layers.0.attention.rotary_emb.inv_freq"].float()  # recomputed, not read
+    assert torch.equal(rotary_inv_freq(len(stored_inv_freq) * 2, "cpu"), stored_inv_freq)
+    ids = prompt_ids(loaded_fp32, "机器学习是人工智能的一个分支,\n它使计算机  能够学习。") + [17, 230, 42, 99]
+    expected = glm6b_reference_logits(sd, config, ids)
+    with torch.inference_mode():
+        whole = model(input_ids=torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(whole, expected, atol=1e-4, rtol=1e-4)
+        # The engine's way: the prompt up to <sop> in one forward into a DynamicCache, then one token at a time.
+        sop = ids.index(config["bos_token_id"])
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=torch.tensor([ids[: sop + 1]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        steps = [out.logits[0, -1]]
+        for token in ids[sop + 1 :]:
+            steps.append(model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1])
+        torch.testing.assert_close(torch.stack(steps), expected[sop:], atol=1e-4, rtol=1e-4)
+        assert getattr(cache, CACHED_IDS) == ids
+        # Regenerate: the cache cropped to just before <sop>, then <sop> again, gives the same logits.
+        cache.crop(-(len(ids) - sop))
+        again = model(input_ids=torch.tensor([[ids[sop]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        torch.testing.assert_close(again, expected[sop], atol=1e-4, rtol=1e-4)
+
+
+def test_bidirectional_prompt_and_2d_positions_matter(glm6b, loaded_fp32):
+    """Position 0 sees a later prompt token (the prompt attends in both directions), as in the original."""
+    _, config, sd = glm6b
+    ids = prompt_ids(loaded_fp32, "Hello, how are you today?")
+    with torch.inference_mode():
+        logits = loaded_fp32.model(input_ids=torch.tensor([ids])).logits[0]
+    changed = list(ids)
+    changed[-3] = ids[-4]
+    with torch.inference_mode():
+        other = loaded_fp32.model(input_ids=torch.tensor([changed])).logits[0]
+    assert not torch.allclose(logits[0], other[0])  # position 0 saw a later prompt token
+    torch.testing.assert_close(other, glm6b_reference_logits(sd, config, changed), atol=1e-4, rtol=1e-4)
+
+
+# ---- loading: sharded / single bin, quantized while loading, pre-quantized THUDM checkpoints ----------------------
+
+
+@pytest.mark.parametrize("level", ["bf16", "fp16"])
+def test_half_precision_levels(glm6b, level):
+    folder, config, sd = glm6b
+    loaded = load_model(ModelSpec(str(folder), level, "cpu"))
+    assert loaded.model.transformer.layers[0].attention.dense.weight.dtype == loaded.precision.dtype
+    ids = prompt_ids(loaded, "The capital of France is Paris.") + [17, 230]
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = glm6b_reference_logits(sd, config, ids)
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.03
+
+
+@pytest.mark.parametrize("level, tolerance", [("int8", 0.03), ("int4", 0.25)])
+def test_quantizes_while_loading(glm6b, level, tolerance):
+    from torch import nn
+
+    from glm_core.models.quant import WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear
+
+    folder, config, sd = glm6b
+    loaded = load_model(ModelSpec(str(folder), level, "cpu", group_size=32))
+    layers = loaded.model.transformer.layers
+    assert not [m for m in layers.modules() if isinstance(m, nn.Linear)]
+    kind = WeightOnlyInt8Linear if level == "int8" else WeightOnlyInt4Linear
+    assert len([m for m in layers.modules() if isinstance(m, kind)]) == 4 * config["num_layers"]
+    embedding = loaded.model.get_input_embeddings()
+    assert isinstance(embedding, WeightOnlyInt8Embedding)
+    assert isinstance(loaded.model.lm_head, WeightOnlyInt8Linear) and loaded.model.lm_head.weight is embedding.weight
+    assert loaded.weights["quantized"] > 0
+    ids = prompt_ids(loaded, "The capital of France is Paris.") + [17, 230]
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = glm6b_reference_logits(sd, config, ids)
+    assert ((logits - expected).norm() / expected.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("bits, embedding", [(4, False), (8, False), (4, True)])
+def test_prequantized_thudm_checkpoints(tmp_path, ice_model, bits, embedding):
+    name = f"chatglm-6b-int{bits}" + ("-qe" if embedding else "")
+    config = chatglm6b_config(ice_model, quantization_bit=bits, _name_or_path=f"THUDM/{name}", num_layers=2)
+    stored, reference = quantize_thudm_glm6b(chatglm6b_state_dict(config, seed=4), bits, embedding)
+    assert stored["transformer.layers.0.mlp.dense_4h_to_h.weight"].dtype == torch.int8
+    folder = write_chatglm6b_checkpoint(tmp_path / name, ice_model, config, stored, layout="bin")
+    loaded = load_model(ModelSpec(str(folder), "fp32", "cpu"))
+    ids = loaded.tokenizer("你好")["input_ids"]
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(logits, glm6b_reference_logits(reference, config, ids), atol=1e-4, rtol=1e-4)
+    assert f"INT{bits}" in loaded.card()["checkpoint"]
+    int4 = load_model(ModelSpec(str(folder), "int4", "cpu", group_size=32))  # and straight to our INT4
+    with torch.inference_mode():
+        assert int4.model(input_ids=torch.tensor([ids])).logits.shape[-1] == config["vocab_size"]
+
+
+def test_broken_first_generation_folders_get_one_line_reasons(glm6b, tmp_path):
+    folder, config, _ = glm6b
+
+    def reason(path):
+        with pytest.raises(ModelLoadError) as info:
+            load_model(ModelSpec(str(path), "fp32", "cpu"))
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    no_tok = shutil.copytree(folder, tmp_path / "no-tokenizer")
+    (no_tok / "ice_text.model").unlink()
+    assert "no ice_text.model" in reason(no_tok)
+    stale = shutil.copytree(folder, tmp_path / "stale-tokenizer-config")
+    (stale / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": 20000}))
+    assert "num_image_tokens 20000" in reason(stale)
+    missing = shutil.copytree(folder, tmp_path / "missing-shard")
+    (missing / "pytorch_model-00002-of-00003.bin").unlink()
+    assert "missing shard" in reason(missing)
+    ptuning = shutil.copytree(folder, tmp_path / "ptuning")
+    (ptuning / "config.json").write_text(json.dumps({**config, "pre_seq_len": 128}))
+    assert "P-tuning" in reason(ptuning)
+
+
+# ---- the engine: greedy replies, the kept-cache rules --------------------------------------------------------
+
+
+def greedy_by_reference(sd, config, ids, count, stop):
+    out = []
+    for _ in range(count):
+        token = int(glm6b_reference_logits(sd, config, ids + out)[-1].argmax())
+        if token in stop:
+            break
+        out.append(token)
+    return out
+
+
+def test_engine_re_reads_a_new_turn_and_reuses_the_prompt_to_regenerate(glm6b, loaded_fp32):
+    _, config, sd = glm6b
+    engine = Engine(loaded_fp32)
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=6)
+        first_turn = [{"role": "user", "content": "Hello, how are you today?"}]
+        first = engine.submit("c", first_turn, params).wait()
+        assert first.error is None and first.stats.reused_tokens == 0
+        ids = loaded_fp32.chat_format.encode(first_turn)
+        expected = greedy_by_reference(sd, config, ids, 6, loaded_fp32.chat_format.stop_token_ids)
+        held = engine.pool.tokens("c")[len(ids):]
+        assert held == expected[: len(held)] and len(held) >= first.stats.completion_tokens - 1
+        assert first.text == loaded_fp32.tokenizer.decode(expected).lstrip()
+
+        again = engine.submit("c", first_turn, params).wait()  # regenerate: the prompt before <sop> is kept
+        assert again.stats.reused_tokens == len(ids) - 1 and again.stats.prefill_tokens == 1
+        assert again.text == first.text
+
+        second_turn = first_turn + [{"role": "assistant", "content": first.text},
+                                    {"role": "user", "content": "The capital of France?"}]
+        second = engine.submit("c", second_turn, params).wait()
+        assert second.stats.reused_tokens == 0  # the whole conversation re-read: the prompt is bidirectional
+        assert second.stats.prefill_tokens == second.stats.prompt_tokens == len(
+            loaded_fp32.chat_format.encode(second_turn))
+        ids2 = loaded_fp32.chat_format.encode(second_turn)
+        assert second.text == loaded_fp32.tokenizer.decode(
+            greedy_by_reference(sd, config, ids2, 6, loaded_fp32.chat_format.stop_token_ids)).lstrip()
+    finally:
+        engine.close()
+
+
+def test_cli_chats_with_a_first_generation_folder(glm6b):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "glm_core", "chat", "--model", str(glm6b[0]), "--precision", "int8",
+         "--temperature", "0", "--max-new-tokens", "5"],
+        input="你好\nThe capital of France is?\n", capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(turns) == 2 and all(t["completion_tokens"] >= 1 for t in turns)
+
+
+def test_memory_bench_runs_the_module_with_random_weights(glm6b, tmp_path):
+    """The Quantization page's random-weight path (estimator's meta model, a filled cache, decode steps)."""
+    from glm_core.bench.estimator import estimate
+    from glm_core.bench.memory import MemoryBenchRequest, measure_level
+
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(glm6b[1]))
+    request = MemoryBenchRequest(source=str(config_file), levels=("int8",), encode=40, generate=48, device="cpu",
+                                 eval_tokens=0)
+    result = measure_level(request, "int8", lambda event: None)
+    [predicted] = estimate(glm6b[1], ["int8"], 40, 48)
+    assert result["weights_bytes"] == predicted.weights_bytes and result["decode_tokens_per_s"] > 0
