@@ -247,3 +247,33 @@ def test_an_owner_with_a_reply_running_waits_while_others_start(tiny_loaded):
         assert second.wait(60).finish_reason == "length"
     finally:
         engine.close()
+
+
+def test_slot_cache_holds_rows_exactly_and_grows_only_as_needed():
+    import torch
+    from transformers import DynamicCache, LlamaConfig
+
+    from glm_core.engine.kv_slots import CAPACITY_STEP, SlotCache
+
+    config = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=2, hidden_size=16)
+
+    def cache(length, seed):
+        c = DynamicCache(config=config)
+        g = torch.Generator().manual_seed(seed)
+        for i in range(2):
+            c.update(torch.randn(1, 2, length, 8, generator=g), torch.randn(1, 2, length, 8, generator=g), i)
+        return c
+
+    slots = SlotCache(2, 2, 8, torch.float32, torch.device("cpu"), slots=16)
+    originals = [cache(n, n) for n in (5, 300, 7)]
+    for c in originals:
+        slots.add(c)
+    # Three rows allocate four slots (not sixteen) of two capacity steps each.
+    assert slots.rows == 4 and slots.capacity == 2 * CAPACITY_STEP
+    assert slots.nbytes() == 4 * 2 * CAPACITY_STEP * slots.bytes_per_position()
+    # Taking the first row out gives its exact cache back, and the last row moves into its slot.
+    first = slots.take(0, config)
+    assert torch.equal(first.layers[1].keys, originals[0].layers[1].keys)
+    assert slots.lengths == [7, 300]
+    moved = slots.take(0, config)
+    assert torch.equal(moved.layers[0].values, originals[2].layers[0].values)

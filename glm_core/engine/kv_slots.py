@@ -1,6 +1,6 @@
 """The batch's KV cache: one slot per running sequence, each with its own length.
 
-Per layer, keys and values live in one buffer [slots, kv_heads, capacity, head_dim]. The running sequences occupy
+Per layer, keys and values live in one buffer [rows, kv_heads, capacity, head_dim]. The running sequences occupy
 slots 0..n-1 (kept contiguous: a leaving row's place is taken by the last row), so a decode step attends over a
 view of the first n slots, never a gathered copy. Each row writes its new key/value at its own length, and a
 [n, 1, 1, kv_len] mask hides every position past it.
@@ -35,7 +35,8 @@ class SlotCache(Cache):
         super().__init__(layers=[])
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device, self.slots = dtype, device, slots
-        self.capacity = 0
+        self.capacity = 0  # positions per slot
+        self.rows = 0  # slots allocated (running rows <= rows <= slots)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []  # tokens held per occupied slot, slots 0..n-1
@@ -53,55 +54,40 @@ class SlotCache(Cache):
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def nbytes(self) -> int:
-        return self.capacity * self.slots * self.bytes_per_position()
+        return self.capacity * self.rows * self.bytes_per_position()
 
     def bytes_if(self, rows: int, longest: int) -> int:
         """What the buffers take when `rows` sequences of at most `longest` positions run (a step's headroom
         included)."""
         return rows * _round_up(longest + 1, CAPACITY_STEP) * self.bytes_per_position()
 
-    def _ensure(self, needed: int) -> None:
-        """Make every slot hold at least `needed` positions (a reallocation copies the occupied part once)."""
-        if needed <= self.capacity and len(self.keys) == self.num_layers:
+    def _ensure(self, positions: int, rows: int) -> None:
+        """Make the buffers hold at least `rows` slots of `positions` each; rows grow by doubling (up to `slots`),
+        positions in CAPACITY_STEP steps. A reallocation copies the occupied part once."""
+        if positions <= self.capacity and rows <= self.rows:
             return
-        capacity = _round_up(needed, CAPACITY_STEP)
-        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
-        keep = min(self.capacity, capacity)
-        n = self.occupied
+        capacity = max(self.capacity, _round_up(positions, CAPACITY_STEP))
+        new_rows = max(self.rows, min(self.slots, 1 << (rows - 1).bit_length()))
+        shape = (new_rows, self.kv_heads, capacity, self.head_dim)
+        n, keep = self.occupied, self.capacity
         for i in range(self.num_layers):
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if i < len(self.keys) and n:
-                k[:n, :, :keep] = self.keys[i][:n, :, :keep]
-                v[:n, :, :keep] = self.values[i][:n, :, :keep]
             if i < len(self.keys):
+                k[:n, :, :keep] = self.keys[i][:n]
+                v[:n, :, :keep] = self.values[i][:n]
                 self.keys[i], self.values[i] = k, v
             else:
                 self.keys.append(k)
                 self.values.append(v)
-        self.capacity = capacity
-
-    def shrink(self) -> None:
-        """Give memory back when the longest running row is far shorter than the capacity (or none runs)."""
-        longest = max(self.lengths, default=0)
-        if not self.lengths:
-            self.keys, self.values, self.capacity = [], [], 0
-        elif _round_up(longest + 1, CAPACITY_STEP) * 2 <= self.capacity:
-            self.capacity_to(longest + 1)
-
-    def capacity_to(self, needed: int) -> None:
-        capacity = _round_up(needed, CAPACITY_STEP)
-        for i in range(self.num_layers):
-            self.keys[i] = self.keys[i][:, :, :capacity].clone()
-            self.values[i] = self.values[i][:, :, :capacity].clone()
-        self.capacity = capacity
+        self.capacity, self.rows = capacity, new_rows
 
     def add(self, cache: DynamicCache) -> int:
         """Copy a sequence's cache (batch 1) into the next free slot; returns the slot."""
         if self.occupied >= self.slots:
             raise RuntimeError("no free slot")
         length = cache.get_seq_length()
-        self._ensure(length + 1)
+        self._ensure(length + 1, self.occupied + 1)
         slot = self.occupied
         for i, layer in enumerate(cache.layers):
             if length:
@@ -135,8 +121,9 @@ class SlotCache(Cache):
         return moved
 
     def clear(self) -> None:
+        """Drop every row and give the buffers' memory back."""
         self.lengths = []
-        self.keys, self.values, self.capacity = [], [], 0
+        self.keys, self.values, self.capacity, self.rows = [], [], 0, 0
 
     # ---- one decode step ----------------------------------------------------------------------------------
 
@@ -145,7 +132,7 @@ class SlotCache(Cache):
         occupied slot; after the forward, call `advance()`."""
         n = self.occupied
         longest = max(self.lengths)
-        self._ensure(longest + 1)
+        self._ensure(longest + 1, n)
         self._kv_len = longest + 1
         self._positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
         # Where each row writes, as a scatter index along the positions (faster than index_put on CPU: 80-120 us

@@ -351,7 +351,7 @@ class Runner:
             if index < len(self.decoding):
                 self.decoding[index] = last  # the last row moved into the freed slot
             if not self.decoding:
-                self.slots.shrink()
+                self.slots.clear()
         else:
             self.decoding.pop(index)
         return self._reply(sequence, finish)
