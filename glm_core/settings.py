@@ -9,6 +9,8 @@ GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches, and of the
 GLM_MAX_BATCH   conversations decoded together (default: 16 on CPU, 64 on CUDA); more wait first-come-first-served
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
 GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
+GLM_MODEL_DIRS  folders (separated by the path separator, ":" on Linux) under which an admin may load a model
+                from the pages; unset: any path
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Settings:
     max_batch: int | None
     cache_dir: Path
     data_dir: Path
+    model_dirs: tuple[Path, ...] = ()  # empty: the pages may load any path
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -53,6 +56,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_batch=max_batch,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
         data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
+        model_dirs=tuple(Path(p).expanduser() for p in (env.get("GLM_MODEL_DIRS") or "").split(os.pathsep) if p.strip()),
     )
 
 
