@@ -123,7 +123,8 @@ def get_throttle() -> AttemptThrottle:
 
 def _attempt_keys() -> tuple[list[str], str]:
     session = st.session_state.setdefault("attempt_session", secrets.token_hex(8))
-    client = st.context.ip_address or "local"  # None: a connection from this machine (or a local proxy)
+    address = st.context.ip_address
+    client = address if isinstance(address, str) and address else "local"  # None: this machine (or a local proxy)
     return throttle_keys(session, client), client
 
 
