@@ -226,6 +226,8 @@ if action is not None:
             st.error(f"The model is busy, try again in a moment. {exc}")
         elif isinstance(exc, EngineClosed):
             st.error(f"Not sent: {exc}. Send it again once the model has loaded.")
+        elif isinstance(exc, StorageError):
+            st.error(f"Not sent: {exc}. Send it again in a moment.")
         else:
             st.error(str(exc))
         if action["prompt"]:

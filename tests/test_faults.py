@@ -386,3 +386,44 @@ run._run_level("fp16", 0, 1)
     parent.wait()
     gone, _ = psutil.wait_procs([child], timeout=10)
     assert gone, "the benchmark process outlived the portal"
+
+
+# ---- what the chat page does with a full store or a full queue ---------------------------------------------
+
+
+def test_the_chat_page_hands_the_prompt_back_when_the_store_or_the_queue_is_full(env_cleanup, tiny_model_dir,
+                                                                                 monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app_shared import get_hub
+
+    hub = get_hub()
+    hub.unload()
+    env_cleanup.setenv("GLM_MODEL_PATH", str(tiny_model_dir))
+    env_cleanup.setenv("GLM_PRECISION", "fp32")
+    try:
+        at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120)
+        at.run()
+        at.slider(key="max_new_tokens").set_value(4).run()
+
+        def disk_full(*args, **kwargs):
+            raise StorageError("the conversation store could not be written: database or disk is full")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Store, "begin_turn", disk_full)
+            at.chat_input[0].set_value("Keep this prompt").run()
+        assert not at.exception and any("disk is full" in e.value for e in at.error)
+        assert [c.value for c in at.code] == ["Keep this prompt"] and not at.chat_message
+
+        def busy(*args, **kwargs):
+            raise QueueFull("200 requests are waiting")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(type(hub.engine), "submit", busy)
+            at.chat_input[0].set_value("And this one").run()
+        assert not at.exception and any("busy, try again" in e.value for e in at.error)
+        assert [c.value for c in at.code] == ["And this one"]
+        at.chat_input[0].set_value("Now it works").run()  # the engine kept serving
+        assert not at.exception and len(at.chat_message) == 2
+    finally:
+        hub.unload()
