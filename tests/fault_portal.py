@@ -8,6 +8,7 @@ batch size; what is tested is what the store keeps, not how the engine schedules
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,7 +34,7 @@ def stream(store: Store, engine: Engine, workspace: str, number: int) -> None:
                       params=SamplingParams(max_length=4096, max_new_tokens=4000, temperature=0.8, seed=number))
     say({"started": conversation.id, "prompt": f"Tell me a long story, number {number}"})
     for delta in turn.text_stream():
-        say({"id": conversation.id, "delta": delta})
+        say({"id": conversation.id, "delta": delta, "t": time.time()})
     turn.finish()
     say({"finished": conversation.id})
 
