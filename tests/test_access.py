@@ -192,3 +192,16 @@ def test_an_admin_loads_only_inside_glm_model_dirs(tiny_env, env_cleanup, tmp_pa
     home.text_input(key="load_path").set_value(str(tiny_model_dir))
     home.button(key="load_button").click().run()
     assert not home.error and not home.exception
+
+
+def test_the_automatic_default_load_never_replaces_a_model_loaded_meanwhile(tiny_model_dir):
+    from glm_core import ModelSpec
+    from glm_core.backends.hub import EngineHub
+
+    hub = EngineHub()
+    chosen = hub.load(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))  # an admin's choice, just loaded
+    try:
+        # A session that saw no model a moment ago now asks for the default: it gets the admin's model.
+        assert hub.load(ModelSpec("embedded"), if_none_loaded=True) is chosen and hub.engine is chosen
+    finally:
+        hub.unload()
