@@ -21,7 +21,7 @@ from conftest import ROOT
 from glm_core import ModelSpec, QueueFull, Queued, SamplingParams
 from glm_core.backends.hub import EngineHub
 from glm_core.bench.memory import MemoryBenchRequest, MemoryBenchRun
-from glm_core.conversations.conversation import ChatMessage, Conversation
+from glm_core.conversations.conversation import Conversation
 from glm_core.conversations.exchange import import_file
 from glm_core.conversations.store import DB_NAME, StorageError, Store
 from glm_core.conversations.turn import start_turn
