@@ -2,13 +2,14 @@
 
 import streamlit as st
 
-from app_shared import ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
+from app_shared import admin_panel, ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
 from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, SamplingParams, Started, Truncated
 from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
-from glm_core.conversations.store import NotFound
+from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChanged, NotFound, StorageError
 from glm_core.conversations.turn import start_turn
+from glm_core.protocol import MAX_PROMPT_CHARS, MAX_SYSTEM_PROMPT_CHARS
+from glm_core.safe_markdown import StreamWithoutImages, no_remote_images
 
-MAX_PROMPT_CHARS = 32_000
 LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
 
 st.set_page_config(page_title="GLM Chat", page_icon="💬", layout="wide")
@@ -112,8 +113,8 @@ with st.sidebar:
         load = engine.load_report()
         st.caption(f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
                    f"{load['waiting']} waiting")
-    with st.expander("Load another model", expanded=engine is None):
-        with st.form("load_model"):
+    if admin_panel():
+        with st.expander("Load another model", expanded=engine is None), st.form("load_model"):
             current = engine.spec if engine is not None else ModelSpec.from_settings()
             path = st.text_input(
                 "Model folder or .gguf file", value=current.path, help="'embedded' is the built-in model", key="load_path"
@@ -129,6 +130,8 @@ with st.sidebar:
                 engine = load_with_progress(spec)  # on failure it shows why and returns the running engine
                 if engine is not None and engine.spec == spec:
                     st.rerun()  # redraw the model card
+    else:
+        st.caption("Only admins load another model.")
 
     st.header("Generation")
     max_length = st.number_input("Max length (context + reply tokens)", 64, 131072, 8192, step=512, key="max_length")
@@ -137,7 +140,7 @@ with st.sidebar:
     top_p = st.slider("Top p", 0.05, 1.0, 0.8, 0.05, key="top_p")
     top_k = st.number_input("Top k (0 = off)", 0, 1000, 0, key="top_k")
     repetition_penalty = st.slider("Repetition penalty", 0.5, 2.0, 1.0, 0.05, key="repetition_penalty")
-    system_prompt = st.text_area("System prompt", "", key="system_prompt")
+    system_prompt = st.text_area("System prompt", "", key="system_prompt", max_chars=MAX_SYSTEM_PROMPT_CHARS)
 
 if state.get("pending_delete"):
     confirm_delete(*state.pending_delete)
@@ -151,28 +154,36 @@ if engine is None:
 # ---- what this run does: a new prompt, or a regenerate / edit requested by a button of the previous run ---------
 
 prompt = st.chat_input("Ask anything", max_chars=MAX_PROMPT_CHARS, submit_mode="stop", disabled=engine is None)
-action = state.pop("pending_action", None)  # {"keep": messages kept, "prompt": new prompt or None}
+# {"keep": messages kept, "prompt": new prompt or None, "last": id of the last message the page showed}
+action = state.pop("pending_action", None)
+last_shown = conversation.messages[-1].id if conversation.messages else None
 if prompt is not None and prompt.strip():
-    action = {"keep": len(conversation.messages), "prompt": prompt.strip()}
+    action = {"keep": len(conversation.messages), "prompt": prompt.strip(), "last": last_shown}
 if engine is None:
+    action = None
+if action is not None and action["last"] != last_shown:  # a button drawn before another tab changed this conversation
+    st.error(CONVERSATION_CHANGED)
+    if action["prompt"]:
+        st.code(action["prompt"], language=None, wrap_lines=True)
     action = None
 last_user = conversation.last_index("user")
 
 
-def regenerate(keep: int) -> None:
-    """Reply again to the last prompt: the old reply goes, and the engine's cache rolls back to the prompt."""
-    state.pending_action = {"keep": keep, "prompt": None}
+def regenerate(keep: int, last: int | None) -> None:
+    """Reply again to the last prompt: the old reply goes, and the engine's cache rolls back to the prompt.
+    `last`: the last message when the button was drawn (a stale button in a second tab is refused)."""
+    state.pending_action = {"keep": keep, "prompt": None, "last": last}
 
 
-def send_edit(keep: int) -> None:
+def send_edit(keep: int, last: int | None) -> None:
     text = (state.get("edit_text") or "").strip()
     state.pop("editing", None)
     if text:
-        state.pending_action = {"keep": keep, "prompt": text}
+        state.pending_action = {"keep": keep, "prompt": text, "last": last}
 
 
 def show_message(message: ChatMessage) -> None:
-    st.markdown(message.content)  # Markdown without unsafe HTML: any HTML in it shows as text
+    st.markdown(no_remote_images(message.content))  # HTML shows as text; images become links
     if message.error:
         st.error(message.error)
     line = message.stats_line() if message.role == "assistant" else ""
@@ -187,7 +198,7 @@ for index, message in enumerate(shown):
         if idle and index == last_user and state.get("editing") == message.id:
             st.text_area("Edit your message", value=message.content, key="edit_text", max_chars=MAX_PROMPT_CHARS)
             left, right = st.columns(2)
-            left.button("Send", key="edit_send", on_click=send_edit, args=(index,), type="primary", width="stretch")
+            left.button("Send", key="edit_send", on_click=send_edit, args=(index, last_shown), type="primary", width="stretch")
             right.button("Cancel", key="edit_cancel", on_click=lambda: state.pop("editing", None), width="stretch")
             continue
         show_message(message)
@@ -195,9 +206,9 @@ for index, message in enumerate(shown):
             buttons = st.container(horizontal=True)
             buttons.button("Edit", key="edit", on_click=lambda mid=message.id: state.update(editing=mid))
             if index == len(shown) - 1:  # the prompt has no reply (it was taken back or failed): ask again
-                buttons.button("Get a reply", key="regenerate", on_click=regenerate, args=(index + 1,))
+                buttons.button("Get a reply", key="regenerate", on_click=regenerate, args=(index + 1, last_shown))
         elif idle and index == len(shown) - 1 and message.role == "assistant" and last_user is not None:
-            st.button("Regenerate", key="regenerate", on_click=regenerate, args=(last_user + 1,))
+            st.button("Regenerate", key="regenerate", on_click=regenerate, args=(last_user + 1, last_shown))
 
 if action is not None:
     turn = None
@@ -211,19 +222,24 @@ if action is not None:
             repetition_penalty=float(repetition_penalty),
         ).validate()
         turn = start_turn(store, engine, workspace, conversation, keep=action["keep"], prompt=action["prompt"],
-                          params=params, system_prompt=system_prompt, owner=workspace)
-    except (ValueError, ConversationBusy, NotFound) as exc:
-        st.error(str(exc))
-    except (EngineClosed, QueueFull) as exc:
-        st.error(f"Not sent: {exc}." if isinstance(exc, QueueFull) else
-                 f"Not sent: {exc}. Send it again once the model has loaded.")
+                          params=params, system_prompt=system_prompt, owner=workspace,
+                          expected_last_id=action.get("last"))
+    except (ValueError, ConversationBusy, NotFound, ConversationChanged, StorageError, QueueFull, EngineClosed) as exc:
+        if isinstance(exc, QueueFull):
+            st.error(f"The model is busy, try again in a moment. {exc}")
+        elif isinstance(exc, EngineClosed):
+            st.error(f"Not sent: {exc}. Send it again once the model has loaded.")
+        elif isinstance(exc, StorageError):
+            st.error(f"Not sent: {exc}. Send it again in a moment.")
+        else:
+            st.error(str(exc))
         if action["prompt"]:
             st.code(action["prompt"], language=None, wrap_lines=True)  # nothing typed is lost
 
     if turn is not None:
         if action["prompt"] is not None:
             with st.chat_message("user"):
-                st.markdown(action["prompt"])
+                st.markdown(no_remote_images(action["prompt"]))
         with st.chat_message("assistant"):
             status, notes = st.empty(), []
 
@@ -237,17 +253,20 @@ if action is not None:
                     notes.append(event.describe())
 
             try:
-                st.write_stream(turn.text_stream(on_event))
+                st.write_stream(StreamWithoutImages().wrap(turn.text_stream(on_event)))
             finally:
                 # Also runs when the user presses stop or leaves: the partial reply is kept and marked stopped.
                 result = turn.finish()
         # Redraw from the store, so the new turn gets its buttons and the sidebar lists it; what is not stored
         # (notes, a reply that failed) is shown once after the redraw.
         failed = result.reply.error if result.reply is not None else "The model did not answer in time."
+        if result.storage_error:
+            failed = f"The reply could not be stored ({result.storage_error}); it is shown below once."
         state.after_turn = {
             "notes": notes,
             "error": failed if result.message is None else None,
             "handback": action["prompt"] if result.prompt_taken_back else None,
+            "unstored": result.reply.text if result.storage_error and result.reply is not None else None,
         }
         st.rerun()
 
@@ -257,6 +276,9 @@ if after_turn:
         st.info(note)
     if after_turn["error"]:
         st.error(after_turn["error"])
+    if after_turn.get("unstored"):
+        with st.chat_message("assistant"):
+            st.markdown(no_remote_images(after_turn["unstored"]))
     if after_turn["handback"]:
         st.caption("Your message was not added to the conversation; here it is to edit and resend:")
         st.code(after_turn["handback"], language=None)

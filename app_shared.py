@@ -3,11 +3,14 @@ loader with a progress bar, and the access rules every page applies first (open_
 
 from __future__ import annotations
 
+import logging
 import re
+import secrets
 
 import streamlit as st
 
 from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
+from glm_core.access import AttemptThrottle, PathNotAllowed, RolePolicy, check_model_path, refusal, throttle_keys
 from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.telemetry.gpu_monitor import Monitor
 from glm_core.backends.hub import EngineHub
@@ -53,12 +56,26 @@ def get_monitor() -> Monitor:
     return Monitor().start()
 
 
-def load_with_progress(spec: ModelSpec) -> Backend | None:
-    """Load `spec` showing a progress bar; on failure show the reason and keep whatever was loaded."""
+def load_with_progress(spec: ModelSpec, default: bool = False) -> Backend | None:
+    """Load `spec` showing a progress bar; on failure show the reason and keep whatever was loaded.
+
+    Only admins choose what to load; `default` is the automatic load of the configured default model when none
+    is loaded, which anyone's visit starts and which never replaces a model loaded meanwhile."""
     hub = get_hub()
+    if not default:
+        if not is_admin():
+            st.error("Only admins load models.")
+            return hub.engine
+        try:
+            spec = ModelSpec(check_model_path(spec.path, load_settings().model_dirs), spec.precision, spec.device,
+                             spec.family, spec.group_size)
+        except PathNotAllowed as exc:
+            st.error(f"Could not load the model: {exc}")
+            return hub.engine
     bar = st.progress(0.0, text=f"Loading {spec.path} ...")
     try:
-        return hub.load(spec, progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
+        return hub.load(spec, progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
+                        if_none_loaded=default)
     except ModelLoadError as exc:
         st.error(f"Could not load the model: {exc}")
         return hub.engine
@@ -75,22 +92,58 @@ def ensure_engine() -> Backend | None:
     if hub.last_error_spec == spec:
         st.error(f"Could not load the model: {hub.last_error}")
         return None
-    return load_with_progress(spec)
+    return load_with_progress(spec, default=True)
 
 
 # ---- who may see what --------------------------------------------------------------------------------------
 
 
-def read_secret(name: str) -> str | None:
-    """A value from .streamlit/secrets.toml; None when there is no secrets file. A secrets file that cannot be
-    read raises: a typo there must not silently open a password-protected portal."""
+def _secrets() -> dict | None:
+    """The secrets as a dict; None when there is no secrets file. A secrets file that cannot be read raises: a
+    typo there must not silently open a password-protected portal."""
     try:
-        value = st.secrets.get(name)
+        return st.secrets.to_dict()
     except FileNotFoundError as exc:  # StreamlitSecretNotFoundError is one
         if getattr(exc, "error_id", None) == "no-secrets-found":
             return None
         raise
+
+
+def read_secret(name: str) -> str | None:
+    """A value from .streamlit/secrets.toml; None when there is no secrets file or it is not set."""
+    value = (_secrets() or {}).get(name)
     return str(value) if value not in (None, "") else None
+
+
+@st.cache_resource(show_spinner=False)
+def get_throttle() -> AttemptThrottle:
+    """Failed password attempts of every session of this server process."""
+    return AttemptThrottle()
+
+
+def _attempt_keys() -> tuple[list[str], str]:
+    session = st.session_state.setdefault("attempt_session", secrets.token_hex(8))
+    address = st.context.ip_address
+    client = address if isinstance(address, str) and address else "local"  # None: this machine (or a local proxy)
+    return throttle_keys(session, client), client
+
+
+def checked_password(given: str, expected: str, what: str) -> bool:
+    """Compare a password under the attempt throttle; shows why a refused attempt was refused."""
+    throttle = get_throttle()
+    keys, client = _attempt_keys()
+    wait = throttle.wait_s(keys)
+    if wait > 0:
+        logging.getLogger("glm_core.access").warning("%s attempt from client %s refused unread (throttled)",
+                                                     what, client)
+        st.error(refusal(wait))
+        return False
+    if password_matches(given or "", expected):
+        throttle.succeeded(keys)
+        return True
+    throttle.failed(keys, what, client)
+    st.error("Wrong password.")
+    return False
 
 
 def require_access_password() -> None:
@@ -102,12 +155,47 @@ def require_access_password() -> None:
     with st.form("access_form"):
         given = st.text_input("Access password", type="password", key="access_password_input")
         submitted = st.form_submit_button("Enter", key="access_submit")
-    if submitted:
-        if password_matches(given or "", expected):
-            st.session_state.access_granted = True
-            st.rerun()
-        st.error("Wrong password.")
+    if submitted and checked_password(given, expected, "access password"):
+        st.session_state.access_granted = True
+        st.rerun()
     st.stop()
+
+
+# ---- the admin role ------------------------------------------------------------------------------------------
+
+
+def role_policy() -> RolePolicy:
+    return RolePolicy.from_secrets(_secrets())
+
+
+def is_admin() -> bool:
+    """Whether this browser session may load, unload and switch models, free memory and run large benchmarks."""
+    policy = role_policy()
+    return (policy.everyone_is_admin or policy.is_listed_admin(st.user.to_dict())
+            or (policy.admin_password is not None and st.session_state.get("admin_granted") is True))
+
+
+def admin_panel() -> bool:
+    """In the sidebar: who is admin here, the admin password form where there is one; returns is_admin()."""
+    policy = role_policy()
+    admin = is_admin()
+    with st.sidebar:
+        if policy.everyone_is_admin:
+            st.caption(policy.describe())
+        elif admin:
+            st.caption("You are an admin on this portal.")
+            if st.session_state.get("admin_granted"):
+                st.button("Leave admin", key="admin_leave", on_click=lambda: st.session_state.pop("admin_granted"))
+        else:
+            st.caption(policy.describe())
+            if policy.admin_password is not None:
+                with st.expander("Admin sign-in"), st.form("admin_form"):
+                    given = st.text_input("Admin password", type="password", key="admin_password_input")
+                    if st.form_submit_button("Become admin", key="admin_submit") and checked_password(
+                            given, policy.admin_password, "admin password"):
+                        st.session_state.admin_granted = True
+                        st.rerun()
+    return admin
 
 
 def open_workspace() -> str:

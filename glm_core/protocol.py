@@ -8,6 +8,7 @@ backends implement it.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 import time
@@ -17,6 +18,17 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 from .settings import DEFAULT_GROUP_SIZE, EMBEDDED, load_settings
 
 ROLES = ("system", "user", "assistant")
+
+# Server-side limits on one request, whatever sent it (the chat page, the CLI, the API).
+MAX_PROMPT_CHARS = 32_000  # the new user message
+MAX_SYSTEM_PROMPT_CHARS = 16_000
+# The whole request (history included). A 131,072-token context holds about 500,000 characters of English text;
+# the conversation layer sends only the newest turns within this limit (Conversation.model_messages), so a long
+# or imported conversation can still be continued, and one request cannot make the worker tokenize megabytes.
+MAX_REQUEST_CHARS = 1_000_000
+MAX_REQUEST_MESSAGES = 10_000
+MAX_CONTEXT_TOKENS = 1_048_576  # max_length: above any model's context (the engine clamps to the model's)
+MAX_TOP_K = 1_000_000
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
@@ -57,25 +69,45 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> "SamplingParams":
-        """Raise ValueError with a readable message when a control is out of range."""
-        if self.max_length < 2:
-            raise ValueError("max_length must be at least 2 tokens")
+        """Raise ValueError with a readable message when a control is out of range or not a plain number.
+
+        Checked on the server for every request (the page's widgets are no guard against an API client or an
+        edited request): NaN and infinities, booleans and text posing as numbers are refused, not clamped.
+        """
+        for name in ("max_length", "max_new_tokens", "top_k"):
+            _whole_number(name, getattr(self, name))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            _finite_number(name, getattr(self, name))
+        if not 2 <= self.max_length <= MAX_CONTEXT_TOKENS:
+            raise ValueError(f"max_length must be from 2 to {MAX_CONTEXT_TOKENS:,} tokens")
         if not 1 <= self.max_new_tokens < self.max_length:
             raise ValueError(f"max new tokens must be between 1 and max_length - 1 ({self.max_length - 1})")
         if not 0 <= self.temperature <= 100:
             raise ValueError("temperature must be 0 (greedy) or more, up to 100")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be 0 (off) or more")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be 0 (off) or more, up to {MAX_TOP_K:,}")
         if not 0 < self.repetition_penalty <= 100:
             raise ValueError("repetition penalty must be positive (1.0 is off), up to 100")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError("seed must be a whole number from 0 to 2**63 - 1")
+        if self.seed is not None:
+            _whole_number("seed", self.seed)
+            if not 0 <= self.seed < 2**63:
+                raise ValueError("seed must be a whole number from 0 to 2**63 - 1")
         return self
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _whole_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {str(value)[:40]!r}")
+
+
+def _finite_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {str(value)[:40]!r}")
 
 
 @dataclass(frozen=True)
@@ -93,17 +125,58 @@ class ModelSpec:
 
 
 def validate_messages(messages: Sequence[dict]) -> list[dict]:
+    """The messages of one request, checked against the server-side limits (the browser's are no guard):
+    the new prompt, a system message and the whole request each have a size limit, with a message that says
+    which and by how much. Raises ValueError; nothing has been queued or stored then."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError("messages must be a list of {role, content} objects")
+    if len(messages) > MAX_REQUEST_MESSAGES:
+        raise ValueError(f"the request has {len(messages):,} messages; at most {MAX_REQUEST_MESSAGES:,} are accepted")
     clean = []
+    total = 0
     for m in messages:
+        if not isinstance(m, dict):
+            raise ValueError(f"each message needs a role among {ROLES} and text content, got {m!r:.80}")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES or not isinstance(content, str):
             raise ValueError(f"each message needs a role among {ROLES} and text content, got {m!r:.80}")
+        if role == "system" and len(content) > MAX_SYSTEM_PROMPT_CHARS:
+            raise ValueError(f"the system prompt has {len(content):,} characters; at most "
+                             f"{MAX_SYSTEM_PROMPT_CHARS:,} are accepted")
+        total += len(content)
         clean.append({"role": role, "content": content})
     if not clean or clean[-1]["role"] != "user":
         raise ValueError("the conversation must end with a user message")
     if not clean[-1]["content"].strip():
         raise ValueError("the message is empty")
+    if len(clean[-1]["content"]) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the message has {len(clean[-1]['content']):,} characters; at most {MAX_PROMPT_CHARS:,} "
+                         "are accepted")
+    if total > MAX_REQUEST_CHARS:
+        raise ValueError(f"the request has {total:,} characters; at most {MAX_REQUEST_CHARS:,} are accepted")
     return clean
+
+
+def newest_within_limits(messages: list[dict]) -> tuple[list[dict], int]:
+    """The system message and the newest turns of `messages` that fit the request limits (MAX_REQUEST_CHARS,
+    MAX_REQUEST_MESSAGES), cut at a user message as the engine cuts to fit its context; returns them and how
+    many older messages were left out. The newest message is always kept (its own limit is checked later)."""
+    system = [m for m in messages[:1] if m.get("role") == "system"]
+    turns = messages[len(system):]
+    budget_chars = MAX_REQUEST_CHARS - sum(len(m.get("content") or "") for m in system)
+    budget_count = MAX_REQUEST_MESSAGES - len(system)
+    start, chars = len(turns), 0
+    while start > 0:
+        size = len(turns[start - 1].get("content") or "")
+        if chars + size > budget_chars or len(turns) - start + 1 > budget_count:
+            break
+        start, chars = start - 1, chars + size
+    if start == 0:
+        return list(messages), 0
+    start = min(start, len(turns) - 1)
+    while start < len(turns) - 1 and turns[start].get("role") != "user":  # begin at a user turn
+        start += 1
+    return system + turns[start:], start
 
 
 # ---- events a request emits, in order: Queued*, Started, Truncated?, Delta*, Finished ----------------------

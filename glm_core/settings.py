@@ -11,6 +11,8 @@ GLM_MAX_WAITING requests that may wait for a place in the batch (default 64); pa
 GLM_MAX_WAITING_PER_OWNER requests one workspace or API key may have waiting (default 3; one may run)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
 GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
+GLM_MODEL_DIRS  folders (separated by the path separator, ":" on Linux) under which an admin may load a model
+                from the pages; unset: any path
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Settings:
     max_waiting_per_owner: int
     cache_dir: Path
     data_dir: Path
+    model_dirs: tuple[Path, ...] = ()  # empty: the pages may load any path
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -59,6 +62,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_waiting_per_owner=_positive_int(env, "GLM_MAX_WAITING_PER_OWNER") or 3,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
         data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
+        model_dirs=tuple(Path(p).expanduser() for p in (env.get("GLM_MODEL_DIRS") or "").split(os.pathsep) if p.strip()),
     )
 
 

@@ -6,12 +6,13 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from app_shared import get_hub, get_monitor, open_workspace, plain
+from app_shared import admin_panel, get_hub, get_monitor, open_workspace, plain
 from glm_core import ModelSpec
 from glm_core.telemetry.memory import MemoryInUse, format_bytes, free_cached_memory
 
 st.set_page_config(page_title="GPU monitor", page_icon="📈", layout="wide")
 open_workspace()
+admin = admin_panel()
 hub = get_hub()
 monitor = get_monitor()
 state = st.session_state
@@ -53,14 +54,17 @@ else:
                 f"weights {format_bytes(card['weights_bytes'])}")
     st.caption(f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
                f"{load['waiting']} waiting")
-actions = st.container(horizontal=True)
-if actions.button("Free cached memory", key="free_memory",
-                  help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc)."):
-    state.memory_report = f"Freed cached memory: {free_cached_memory().describe()}."
-actions.button("Unload the model…", key="unload_model", disabled=engine is None, help=UNLOAD_EFFECTS,
-               on_click=lambda: state.update(pending_unload=True))
+if admin:
+    actions = st.container(horizontal=True)
+    if actions.button("Free cached memory", key="free_memory",
+                      help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc)."):
+        state.memory_report = f"Freed cached memory: {free_cached_memory().describe()}."
+    actions.button("Unload the model…", key="unload_model", disabled=engine is None, help=UNLOAD_EFFECTS,
+                   on_click=lambda: state.update(pending_unload=True))
+else:
+    st.caption("Freeing memory and unloading the model are for admins.")
 if state.get("pending_unload"):  # until confirmed, cancelled or dismissed
-    if engine is None:  # someone else unloaded it meanwhile
+    if engine is None or not admin:  # someone else unloaded it meanwhile, or this session left admin
         state.pop("pending_unload")
     else:
         confirm_unload(engine.card()["name"])

@@ -6,7 +6,10 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from app_shared import get_bench_runner, get_hub, open_workspace, plain
+from app_shared import admin_panel, get_bench_runner, get_hub, open_workspace, plain
+from glm_core.access import (
+    USER_BENCH_MAX_ENCODE, USER_BENCH_MAX_GENERATE, NotAllowed, PathNotAllowed, check_benchmark, check_model_path,
+)
 from glm_core import load_settings
 from glm_core.bench.memory import (
     CSV_FIELDS, LEVELS, MemoryBenchRequest, comparison_rows, csv_rows, predict, run_record,
@@ -16,6 +19,7 @@ from glm_core.models.precision import resolve_device
 
 st.set_page_config(page_title="Quantization", page_icon="⚖️", layout="wide")
 workspace = open_workspace()
+admin = admin_panel()
 runner = get_bench_runner()
 engine = get_hub().engine
 
@@ -31,7 +35,8 @@ st.caption(
 # ---- what to run ---------------------------------------------------------------------------------------------
 
 CHOICES = ["Architecture preset (random weights)", "The loaded model", "A model folder or config.json"]
-choice = st.radio("Model", CHOICES, horizontal=True, key="bench_choice")
+# A folder on the server is an admin's choice: its errors would tell anyone which paths exist and what they hold.
+choice = st.radio("Model", CHOICES if admin else CHOICES[:2], horizontal=True, key="bench_choice")
 if choice == CHOICES[0]:
     source = st.selectbox("Preset", list(PRESETS), format_func=PRESETS.get, index=1, key="bench_preset")
 elif choice == CHOICES[1]:
@@ -39,10 +44,19 @@ elif choice == CHOICES[1]:
     st.caption(f"Loaded: {plain(engine.card()['name'])} ({plain(source)})" if engine else "No model is loaded.")
 else:
     source = st.text_input("Model folder (real weights) or config.json file (random weights)", key="bench_path").strip()
+    try:
+        source = check_model_path(source, load_settings().model_dirs) if source else source
+    except PathNotAllowed as exc:
+        st.error(str(exc))
+        source = None
 levels = st.multiselect("Levels", LEVELS, default=["fp16", "int8", "int4"], format_func=str.upper, key="bench_levels")
 left, middle, right = st.columns(3)
-encode = left.number_input("Prompt tokens to encode", 1, 131072, 2048, step=256, key="bench_encode")
-generate = middle.number_input("Context to generate up to (tokens)", 1, 131072, 8192, step=1024, key="bench_generate")
+max_encode, max_generate = (131072, 131072) if admin else (USER_BENCH_MAX_ENCODE, USER_BENCH_MAX_GENERATE)
+encode = left.number_input("Prompt tokens to encode", 1, max_encode, 2048, step=256, key="bench_encode")
+generate = middle.number_input("Context to generate up to (tokens)", 1, max_generate, 8192, step=1024, key="bench_generate")
+if not admin:
+    st.caption(f"Runs up to {USER_BENCH_MAX_ENCODE:,} prompt tokens and a {USER_BENCH_MAX_GENERATE:,}-token context; "
+               "larger ones, and model folders on the server, are for admins.")
 device = right.selectbox("Device", ["auto", "cpu", "cuda"], key="bench_device")
 try:
     device_type = resolve_device(device).type
@@ -82,10 +96,13 @@ busy = current is not None and current.active
 if st.button("Run the benchmark", type="primary", key="bench_run", disabled=request is None or busy,
              help="A run is in progress on this server" if busy else None):
     try:
+        check_benchmark(request.source, request.encode, request.generate, admin=admin, presets=PRESETS,
+                        loaded_path=engine.spec.path if engine is not None else None)
         runner.start(request, owner=workspace)
-    except (RuntimeError, ConfigError) as exc:
+    except (RuntimeError, ConfigError, NotAllowed) as exc:
         st.error(str(exc))
-    st.rerun()
+    else:
+        st.rerun()
 
 
 # ---- the run in progress -------------------------------------------------------------------------------------

@@ -112,3 +112,22 @@ def test_a_turn_that_produced_nothing_is_taken_back(store, tiny_loaded):
         assert [m.content for m in store.get_conversation(ws, kept.id).messages] == [m.content for m in kept.messages]
     finally:
         engine.close()
+
+
+def test_messages_left_out_for_the_request_size_limit_are_counted_in_the_truncation_note(store):
+    from glm_core import Finished, Reply, Request, Truncated
+    from glm_core.conversations.turn import Turn
+
+    request = Request("c", [{"role": "user", "content": "hi"}], GREEDY)
+    turn = Turn(store, "ws", "c", request, None, 0, False, trimmed=40)
+    seen = []
+    request.emit(Truncated(2, 100, 120))
+    request.finish(Reply(text="", finish_reason="eos"))
+    list(turn.text_stream(seen.append))
+    assert [e.dropped_messages for e in seen if isinstance(e, Truncated)] == [42]
+    # Left out only here (the rest fitted the model): the page still says so.
+    request = Request("c", [{"role": "user", "content": "hi"}], GREEDY)
+    turn, seen = Turn(store, "ws", "c", request, None, 0, False, trimmed=40), []
+    request.finish(Reply(text="", finish_reason="eos"))
+    list(turn.text_stream(seen.append))
+    assert [type(e) for e in seen] == [Truncated, Finished] and seen[0].dropped_messages == 40

@@ -23,11 +23,14 @@ class EngineHub:
     def engine(self) -> Engine | None:
         return self._engine
 
-    def load(self, spec: ModelSpec, progress: Progress | None = None) -> Engine:
-        """Return an engine for `spec`, loading it if needed. On failure the running model stays loaded."""
+    def load(self, spec: ModelSpec, progress: Progress | None = None, if_none_loaded: bool = False) -> Engine:
+        """Return an engine for `spec`, loading it if needed. On failure the running model stays loaded.
+
+        `if_none_loaded`: the automatic load of the default model; whatever model is loaded by the time the lock
+        is ours stays (another session may have loaded one while this one waited)."""
         with self._lock:  # a second session asking meanwhile waits, then finds the model loaded
             current = self._engine
-            if current is not None and current.spec == spec:
+            if current is not None and (current.spec == spec or if_none_loaded):
                 return current
             try:
                 loaded = load_model(spec, progress or no_progress)

@@ -41,6 +41,10 @@ from ..settings import DEFAULT_GROUP_SIZE, EMBEDDED, PROJECT_ROOT, load_settings
 
 DECODE_STEPS = 16
 LEVELS = [p.value for p in Precision]
+# A level that runs longer is killed and reported (a 6B model at 8192 tokens takes minutes per level on a CPU).
+LEVEL_TIME_LIMIT_S = 30 * 60
+STDERR_KEPT_BYTES = 64 * 1024  # the tail of a child's stderr kept for its error line; the rest is read and dropped
+PARENT_PID_ENV = "GLM_BENCH_PARENT_PID"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class MemoryBenchRequest:
     group_size: int = DEFAULT_GROUP_SIZE
     eval_tokens: int = 512
     check_memory: bool = True  # refuse a level whose predicted peak exceeds the free memory
+    time_limit_s: float = LEVEL_TIME_LIMIT_S  # per level: past it the level's process is killed
 
     def describe(self) -> dict:
         return asdict(self)
@@ -274,8 +279,37 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def die_with_parent() -> None:
+    """In a level's process: end when the process that started it ends (a portal killed with -9 must not leave
+    a benchmark eating the machine). Linux: the kernel sends SIGKILL at once (PR_SET_PDEATHSIG); elsewhere, and
+    in case the parent died before that was set, a thread checks the parent every half second."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected:
+        return
+    parent = int(expected)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def run_in_process(request: MemoryBenchRequest) -> int:
     """The child's side: one level (request.levels[0]); JSON lines on stdout."""
+    die_with_parent()
+
     def emit(event: dict) -> None:
         print(json.dumps(event), flush=True)
 
@@ -380,34 +414,69 @@ class MemoryBenchRun:
             self.message = f"{level.upper()}: starting"
             self.results.append(self._run_level(level, number, count))
 
-    def _run_level(self, level: str, number: int, count: int) -> dict:
+    def _command(self, level: str) -> list[str]:
         request = self.request
-        args = [sys.executable, "-m", "glm_core", "bench", "memory", "--in-process", "--model", request.source,
+        return [sys.executable, "-m", "glm_core", "bench", "memory", "--in-process", "--model", request.source,
                 "--levels", level, "--encode", str(request.encode), "--generate", str(request.generate),
                 "--device", request.device, "--group-size", str(request.group_size),
                 "--eval-tokens", str(request.eval_tokens)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+
+    def _run_level(self, level: str, number: int, count: int) -> dict:
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid()),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         with self._lock:
             if self._cancelled:
                 return {"level": level, "error": "cancelled"}
-            self._process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            self._process = process = subprocess.Popen(self._command(level), stdout=subprocess.PIPE,
+                                                       stderr=subprocess.PIPE, env=env)
+        # Both pipes are read at once: a child writing a long traceback to an unread stderr would block, and
+        # with it this thread waiting for its stdout.
+        stderr_tail = bytearray()
+
+        def drain_stderr() -> None:
+            for chunk in iter(lambda: process.stderr.read1(65536), b""):
+                stderr_tail.extend(chunk)
+                del stderr_tail[:-STDERR_KEPT_BYTES]
+
+        reader = threading.Thread(target=drain_stderr, name="bench-stderr", daemon=True)
+        reader.start()
+        timed_out = threading.Event()
+
+        def time_up() -> None:
+            timed_out.set()
+            process.kill()
+
+        timer = threading.Timer(self.request.time_limit_s, time_up)
+        timer.daemon = True
+        timer.start()
         result = None
-        for line in self._process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "progress":
-                self.fraction = (number + event["fraction"]) / count
-                self.message = event["message"]
-            elif event.get("event") == "result":
-                result = {k: v for k, v in event.items() if k != "event"}
-        stderr = self._process.stderr.read()
-        code = self._process.wait()
+        try:
+            for raw in process.stdout:
+                try:
+                    event = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if event.get("event") == "progress":
+                    self.fraction = (number + float(event.get("fraction", 0))) / count
+                    self.message = str(event.get("message", ""))
+                elif event.get("event") == "result":
+                    result = {k: v for k, v in event.items() if k != "event"}
+            code = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:  # this thread is leaving early: the child must not outlive it
+                process.kill()
+                process.wait()
+        reader.join(timeout=5)
         if self._cancelled:
             return {"level": level, "error": "cancelled"}
+        if timed_out.is_set():
+            return {"level": level, "error": f"took longer than the limit of {self.request.time_limit_s:g} s; stopped"}
         if result is None:
-            tail = (stderr.strip().splitlines() or [f"exit status {code}"])[-1]
+            lines = stderr_tail.decode("utf-8", "replace").strip().splitlines()
+            tail = lines[-1] if lines else f"exit status {code}"
             if code < 0 or code == 137:
                 tail = f"killed (exit {code}); out of memory?"
             return {"level": level, "error": tail[:300]}

@@ -32,6 +32,13 @@ MAX_IMPORT_BYTES = 20 * 2**20  # 20 MiB: a few thousand long conversations; a bi
 MAX_IMPORT_CONVERSATIONS = 5_000
 MAX_IMPORT_MESSAGES = 10_000  # per conversation
 ROLES = ("system", "user", "assistant")
+# Times an import may carry: what every page, pandas and SQLite can show and sort (a year 1 or 9999 with an offset
+# crashes datetime.fromtimestamp in some time zones).
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(2100, 1, 1, tzinfo=timezone.utc)
+# Numbers an import may carry (figures, sampling parameters): exact in a float and in SQLite's 64-bit integers.
+MAX_IMPORT_NUMBER = 2**53
+MAX_NUMBER_DIGITS = 20
 PARAM_FIELDS = (*SamplingParams.__dataclass_fields__, "system_prompt")
 
 
@@ -261,8 +268,20 @@ def parse_import(data: bytes) -> list[Conversation]:
     def no_constants(name: str):
         raise ImportRejected(f"the file is not valid JSON: {name} is not a JSON number")
 
+    def whole_number(digits: str) -> int:  # before Python converts it: a 100,000-digit number costs seconds
+        if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
+            raise ImportRejected(f"the file holds a number with {len(digits):,} digits; numbers are at most "
+                                 f"{MAX_NUMBER_DIGITS} digits long")
+        return int(digits)
+
+    def finite_number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # 1e999 reads as infinity, which our own export could not write back
+            raise ImportRejected(f"the file holds the number {text[:40]}, too large for a float")
+        return value
+
     try:
-        document = json.loads(text, parse_constant=no_constants)
+        document = json.loads(text, parse_constant=no_constants, parse_int=whole_number, parse_float=finite_number)
     except json.JSONDecodeError as exc:
         raise ImportRejected(f"the file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     except RecursionError:
@@ -311,10 +330,13 @@ def _read_time(value, where: str) -> float:
     _expect(value, str, where, "an ISO 8601 time")
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        in_range = EARLIEST_TIME <= moment < LATEST_TIME
+    except (ValueError, OverflowError):  # malformed, or an offset that moves it out of datetime's years
         _fail(where, f"not an ISO 8601 time: {value[:40]!r}")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+    if not in_range:
+        _fail(where, f"{value[:40]!r} is outside the years {EARLIEST_TIME.year} to {LATEST_TIME.year - 1}")
     return moment.timestamp()
 
 
@@ -375,6 +397,8 @@ def _read_own_message(m, where: str) -> ChatMessage:
                 _fail(f"{where}.params", f"unknown parameter {key[:40]!r}")
             if value is not None and not isinstance(value, (int, float, str)):
                 _fail(f"{where}.params.{key}", "expected a number or text")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_IMPORT_NUMBER:
+                _fail(f"{where}.params.{key}", f"{value:.3g} is too large")
     stats = m.get("stats")
     if stats is not None:
         _expect(stats, dict, f"{where}.stats", "an object or null")
@@ -383,6 +407,8 @@ def _read_own_message(m, where: str) -> ChatMessage:
                 _fail(f"{where}.stats", f"unknown figure {key[:40]!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 _fail(f"{where}.stats.{key}", "expected a non-negative number")
+            if value > MAX_IMPORT_NUMBER:
+                _fail(f"{where}.stats.{key}", f"{value:.3g} is too large")
         stats = {name: stats.get(name, 0) for name in STATS_FIELDS}
     return ChatMessage(
         role=role,

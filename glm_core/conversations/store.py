@@ -68,6 +68,22 @@ class NotFound(LookupError):
     """No such conversation or message in this workspace."""
 
 
+class StorageError(RuntimeError):
+    """The database could not be read or written (disk full, locked too long, I/O error, corrupt file);
+    str(error) is one line for the user. Whatever the operation was, it changed nothing."""
+
+
+class ConversationChanged(RuntimeError):
+    """A turn was asked for on a conversation that has changed since the page that asked was drawn (a stale
+    Regenerate or Edit in a second tab); nothing was changed."""
+
+
+CONVERSATION_CHANGED = ("This conversation changed in another tab or window after this page was drawn, so nothing "
+                        "was changed; the page now shows what is stored.")
+# begin_turn's `expected_last_id` when the caller does not check (the CLI, tests)
+ANY_LAST = object()
+
+
 @dataclass
 class ConversationSummary:
     id: str
@@ -107,11 +123,19 @@ class Store:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"the conversation store could not be opened: {exc}") from exc
         try:
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a killed process, fast
             yield db
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.IntegrityError):  # a bug, not the disk: keep its traceback
+                raise
+            # "database or disk is full", "database is locked" (after the 30 s timeout), "disk I/O error", ...
+            raise StorageError(f"the conversation store could not be written: {exc}") from exc
         finally:
             db.close()
 
@@ -122,7 +146,10 @@ class Store:
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:  # a failed COMMIT or I/O error may have ended the transaction already
+                    pass
                 raise
             db.execute("COMMIT")
 
@@ -230,9 +257,13 @@ class Store:
     # ---- one chat turn -------------------------------------------------------------------------------------
 
     def begin_turn(self, workspace: str, conversation: Conversation, keep: int, prompt: ChatMessage | None,
-                   reply: ChatMessage) -> tuple[int | None, int, bool]:
+                   reply: ChatMessage, expected_last_id=ANY_LAST) -> tuple[int | None, int, bool]:
         """In one transaction: create the conversation if it is new, drop its messages from position `keep` on
         (regenerate, edit), append `prompt` (None: reply to the kept messages) and the `reply` row, marked partial.
+
+        With `expected_last_id` (the id of the last message the page showed, None for an empty conversation), a
+        conversation whose last message is another one now raises ConversationChanged and nothing is written:
+        a Regenerate drawn before another tab added turns must not delete them.
 
         Returns the row ids of the prompt (or None) and of the reply, and whether the conversation was created.
         """
@@ -249,6 +280,11 @@ class Store:
                 conversation.title, created = title, True
             elif row[0] != workspace:
                 raise NotFound("no such conversation in this workspace")
+            if expected_last_id is not ANY_LAST:
+                last = db.execute("SELECT id FROM messages WHERE conversation_id = ? ORDER BY position DESC LIMIT 1",
+                                  (conversation.id,)).fetchone()
+                if (last[0] if last else None) != expected_last_id:
+                    raise ConversationChanged(CONVERSATION_CHANGED)
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (conversation.id, keep))
             position, prompt_id = keep, None
             if prompt is not None:

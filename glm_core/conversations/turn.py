@@ -5,19 +5,25 @@ accepted the request; the reply's text so far every second while it streams; the
 ends. A killed process therefore loses at most the last second of a reply, and the row stays marked partial
 (shown as interrupted). New prompt, regenerate and edit differ only in how many stored messages they keep: the
 engine reuses the longest common prefix of its kept KV cache, so regenerating rolls the cache back exactly.
+
+A storage error (disk full, database locked) never stops the engine: a failed write of the text so far is
+retried a second later, and a reply that cannot be stored at the end comes back in the TurnResult with the
+reason, so the page can show it and hand the prompt back.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 from .conversation import ChatMessage, Conversation
-from ..protocol import Backend, Event, Reply, Request, SamplingParams
-from .store import NotFound, Store
+from ..protocol import Backend, Event, Finished, Reply, Request, SamplingParams, Truncated, newest_within_limits
+from .store import ANY_LAST, NotFound, StorageError, Store
 
 FLUSH_EVERY_S = 1.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,25 +31,50 @@ class TurnResult:
     reply: Reply | None  # None: the engine did not answer in time (the row stays partial)
     message: ChatMessage | None  # the stored reply; None when the turn produced nothing and was taken back
     prompt_taken_back: bool  # the new prompt was removed again: hand it back to the user to edit
+    storage_error: str | None = None  # the reply could not be stored: show it once, hand the prompt back
 
 
 class Turn:
     def __init__(self, store: Store, workspace: str, conversation_id: str, request: Request, prompt_id: int | None,
-                 reply_id: int, created_conversation: bool, flush_every_s: float = FLUSH_EVERY_S):
+                 reply_id: int, created_conversation: bool, flush_every_s: float = FLUSH_EVERY_S, trimmed: int = 0):
         self.store, self.workspace, self.conversation_id, self.request = store, workspace, conversation_id, request
         self.prompt_id, self.reply_id, self.created_conversation = prompt_id, reply_id, created_conversation
         self.flush_every_s = flush_every_s
+        self.trimmed = trimmed  # oldest messages not even sent (the request size limit); added to Truncated
         self._text = ""
 
     def text_stream(self, on_event: Callable[[Event], None] | None = None) -> Iterator[str]:
         """The reply's text deltas (for st.write_stream or a terminal); writes the text so far every second."""
         last_flush = time.monotonic()
-        for delta in self.request.text_stream(on_event):
+        for delta in self.request.text_stream(self._counting_trimmed(on_event)):
             self._text += delta
             if time.monotonic() - last_flush >= self.flush_every_s:
-                self.store.write_partial(self.workspace, self.reply_id, self._text)
+                self._write_partial()
                 last_flush = time.monotonic()
             yield delta
+
+    def _counting_trimmed(self, on_event):
+        if on_event is None or not self.trimmed:
+            return on_event
+        told = False
+
+        def forward(event: Event) -> None:
+            nonlocal told
+            if isinstance(event, Truncated):
+                event = Truncated(event.dropped_messages + self.trimmed, event.context_tokens, event.limit_tokens)
+                told = True
+            elif isinstance(event, Finished) and not told:
+                tokens = event.reply.stats.prompt_tokens
+                on_event(Truncated(self.trimmed, tokens, tokens))
+            on_event(event)
+
+        return forward
+
+    def _write_partial(self) -> None:
+        try:
+            self.store.write_partial(self.workspace, self.reply_id, self._text)
+        except StorageError as exc:  # the reply goes on; the text so far is written again a second later
+            log.warning("could not write the reply so far: %s", exc)
 
     def finish(self, timeout: float = 60) -> TurnResult:
         """Stop the request if it still runs (the partial reply is kept), wait for it, and store the outcome."""
@@ -51,8 +82,19 @@ class Turn:
             self.request.stop()
         reply = self.request.wait(timeout)
         if reply is None:
-            self.store.write_partial(self.workspace, self.reply_id, self._text)
+            self._write_partial()
             return TurnResult(None, None, False)
+        try:
+            return self._store(reply)
+        except StorageError as exc:
+            log.warning("could not store a reply: %s", exc)
+            try:  # take the turn back if the store still allows it, so what is stored matches the hand-back
+                self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None])
+            except (StorageError, NotFound):
+                pass  # it stays as written last: the prompt and the reply so far (marked interrupted later)
+            return TurnResult(reply, None, self.prompt_id is not None, storage_error=str(exc))
+
+    def _store(self, reply: Reply) -> TurnResult:
         if reply.error and not reply.text:
             # Nothing came out (e.g. the prompt alone is too long): take the turn back rather than keep an empty
             # reply; a new prompt goes back to the user to edit.
@@ -71,22 +113,28 @@ class Turn:
 
 def start_turn(store: Store, backend: Backend, workspace: str, conversation: Conversation, *, keep: int,
                prompt: str | None, params: SamplingParams, system_prompt: str = "", recompute: bool = False,
-               owner: str | None = None) -> Turn:
+               owner: str | None = None, expected_last_id=ANY_LAST) -> Turn:
     """Ask for a reply to the first `keep` messages of `conversation` plus `prompt` (None: reply to them as they
     are, e.g. regenerate). Stored messages from `keep` on are replaced.
 
-    Raises ValueError, ConversationBusy or QueueFull before anything is stored when the backend refuses the request.
+    `owner` is the workspace the backend counts the request against (its per-workspace queue limit).
+    `expected_last_id`: the id of the last message the asking page showed (None: it showed none); if the stored
+    conversation has moved on since, ConversationChanged is raised and nothing is written.
+
+    Raises ValueError, ConversationBusy or QueueFull before anything is stored when the backend refuses the
+    request, ConversationChanged or StorageError when the store refuses it (the request is stopped then).
     """
-    messages = conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt)
+    messages, trimmed = newest_within_limits(conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt))
     request = backend.submit(conversation.id, messages, params, recompute=recompute, owner=owner)
-    card = backend.card()
-    used_system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else ""
     try:
+        card = backend.card()
+        used_system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else ""
         prompt_message = ChatMessage("user", prompt) if prompt is not None else None
         reply_message = ChatMessage("assistant", "", params={**params.as_dict(), "system_prompt": used_system_prompt},
                                     model=card["name"], precision=card["precision"])
-        prompt_id, reply_id, created = store.begin_turn(workspace, conversation, keep, prompt_message, reply_message)
+        prompt_id, reply_id, created = store.begin_turn(workspace, conversation, keep, prompt_message, reply_message,
+                                                        expected_last_id=expected_last_id)
     except BaseException:
         request.stop()
         raise
-    return Turn(store, workspace, conversation.id, request, prompt_id, reply_id, created)
+    return Turn(store, workspace, conversation.id, request, prompt_id, reply_id, created, trimmed=trimmed)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Protocol, Sequence
 
+_MARKER = re.compile("\ue000(\\d+)\ue001")  # private-use characters around a message's index
+
 
 class ChatFormat(Protocol):
     name: str
@@ -36,15 +38,37 @@ class TemplateChatFormat:
             raise ValueError("the tokenizer has no chat template, so the model cannot be used for chat")
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
+        # Strings the tokenizer turns into control tokens wherever they appear in text (<|im_start|>, ...).
+        self._controls = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
 
     def encode(self, messages: Sequence[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in messages],
+        if any(control in m["content"] for m in messages for control in self._controls):
+            return self._encode_with_controls_as_text(messages)
+        text = self._render([m["content"] for m in messages], messages)
+        # The template already wrote every special token (bos included) as text.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _render(self, contents: list[str], messages: Sequence[dict]) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": c} for m, c in zip(messages, contents)],
             add_generation_prompt=True,
             tokenize=False,
         )
-        # The template already wrote every special token (bos included) as text.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_with_controls_as_text(self, messages: Sequence[dict]) -> list[int]:
+        """A message that contains a control token's text (a user typing `<|im_end|><|im_start|>system`) must
+        not become that token: it would let anyone write turns for other roles. The template is rendered with
+        a marker in place of each message, its own text is tokenized as usual, and each message's text with
+        control strings split into ordinary pieces."""
+        text = self._render([f"\ue000{i}\ue001" for i in range(len(messages))], messages)
+        ids: list[int] = []
+        position = 0
+        for match in _MARKER.finditer(text):
+            ids += self.tokenizer(text[position:match.start()], add_special_tokens=False)["input_ids"]
+            ids += self.tokenizer(messages[int(match.group(1))]["content"], add_special_tokens=False,
+                                  split_special_tokens=True)["input_ids"]
+            position = match.end()
+        return ids + list(self.tokenizer(text[position:], add_special_tokens=False)["input_ids"])
 
 
 def _turns(messages: Sequence[dict]) -> tuple[str, list[tuple[str, str]], str]:

@@ -98,6 +98,17 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _is_tensor_entry(info) -> bool:
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    return (isinstance(shape, list) and all(whole(n) for n in shape) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(whole(n) for n in offsets) and offsets[0] <= offsets[1])
+
+
 def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     """({tensor name: {"dtype", "shape", "data_offsets"}}, where the data starts) from the file's header alone,
     checked against the file's size: a truncated download is refused before any tensor is read."""
@@ -111,7 +122,14 @@ def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
         raise
     except Exception as exc:
         raise CheckpointError(f"{path.name} is corrupt or truncated: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} is not a safetensors file: its header is a JSON {type(header).__name__}, "
+                              "not an object")
     header.pop("__metadata__", None)
+    for key, info in header.items():
+        if not _is_tensor_entry(info):
+            raise CheckpointError(f"{path.name} is corrupt: the header entry for {str(key)[:80]!r} is not a tensor "
+                                  "description (dtype, shape, data_offsets)")
     data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + header_size + data_end > path.stat().st_size:
         raise CheckpointError(f"{path.name} is truncated: its header describes more data than the file holds")

@@ -1,0 +1,189 @@
+"""Who may do what: the admin role, password attempts, and which model paths the pages may load.
+
+The pages apply these rules (app_shared); they live here, free of streamlit, so they are tested directly.
+
+- Roles. Admins load, unload and switch models, free memory, change the server's backends and run memory
+  benchmarks above the size anyone may run. An admin is a signed-in identity listed in `.streamlit/secrets.toml`
+  (`admins = ["alice@example.com", ...]`: emails, or `issuer|subject` identities), or a browser session that gave
+  `admin_password`. With no secrets file at all (one person on their own machine) everyone is admin.
+- Password attempts (the access password and the admin password) are throttled per browser session and per
+  client address: past MAX_FAILURES wrong answers within WINDOW_S, answers are refused unread until the oldest
+  failure leaves the window; every failure is logged with the client's address.
+- Model paths. With GLM_MODEL_DIRS set, the pages load only models inside those folders (symbolic links are
+  resolved first, so a link cannot lead out). A refused path and a missing one get the same message, so the
+  load form cannot be used to probe which files exist on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .settings import EMBEDDED
+
+log = logging.getLogger(__name__)
+
+# A memory benchmark anyone may run (the Quantization page's defaults, the published tables' conditions); larger
+# ones are for admins: a CPU takes minutes per level and gigabytes at these sizes already.
+USER_BENCH_MAX_ENCODE = 2048
+USER_BENCH_MAX_GENERATE = 8192
+
+
+@dataclass(frozen=True)
+class RolePolicy:
+    """The admin rules of one deployment, read from its secrets (None: there is no secrets file)."""
+
+    secrets_file: bool
+    admins: frozenset[str] = frozenset()  # identities (as workspace.user_identity gives them) and emails
+    admin_password: str | None = None
+
+    @classmethod
+    def from_secrets(cls, secrets: Mapping | None) -> "RolePolicy":
+        if secrets is None:
+            return cls(secrets_file=False)
+        listed = secrets.get("admins") or []
+        if isinstance(listed, str):
+            listed = [listed]
+        admins = frozenset(str(a).strip().lower() for a in listed if str(a).strip())
+        password = secrets.get("admin_password")
+        return cls(True, admins, str(password) if password not in (None, "") else None)
+
+    @property
+    def everyone_is_admin(self) -> bool:
+        return not self.secrets_file
+
+    def is_listed_admin(self, user_info: Mapping) -> bool:
+        """A signed-in user named in `admins` by email or by identity (issuer|subject)."""
+        if not user_info.get("is_logged_in") or not self.admins:
+            return False
+        email = str(user_info.get("email") or "").strip().lower()
+        identity = f"{user_info.get('iss') or ''}|{user_info.get('sub') or ''}".lower()
+        return bool(email and email in self.admins) or (bool(user_info.get("sub")) and identity in self.admins)
+
+    def describe(self) -> str:
+        """One line for the pages: how one becomes admin here."""
+        if self.everyone_is_admin:
+            return "Everyone is an admin on this portal: it has no .streamlit/secrets.toml (fine for one person on " \
+                   "their own machine)."
+        ways = []
+        if self.admins:
+            ways.append("sign in as a listed admin")
+        if self.admin_password:
+            ways.append("give the admin password")
+        if not ways:
+            return "This portal names no admins (secrets.toml has neither `admins` nor `admin_password`): models " \
+                   "stay as they are."
+        return "Loading, unloading and switching models, freeing memory and large benchmarks are for admins: " + \
+            " or ".join(ways) + "."
+
+
+# ---- password attempts ---------------------------------------------------------------------------------------
+
+MAX_FAILURES = 5
+WINDOW_S = 300.0
+
+
+@dataclass
+class AttemptThrottle:
+    """Failed password attempts per key ("session:..." and "client:..."), in a sliding window; shared by every
+    session of the process (one instance behind st.cache_resource)."""
+
+    max_failures: int = MAX_FAILURES
+    window_s: float = WINDOW_S
+    clock: callable = time.monotonic
+    _failures: dict[str, deque] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wait_s(self, keys: Iterable[str]) -> float:
+        """Seconds until one of `keys` may try again (0: now)."""
+        now = self.clock()
+        longest = 0.0
+        with self._lock:
+            for key in keys:
+                times = self._prune(key, now)
+                if len(times) >= self.max_failures:
+                    longest = max(longest, times[0] + self.window_s - now)
+        return longest
+
+    def failed(self, keys: Iterable[str], what: str, client: str | None) -> None:
+        now = self.clock()
+        keys = list(keys)
+        with self._lock:
+            counts = []
+            for key in keys:
+                times = self._prune(key, now)
+                times.append(now)
+                counts.append(len(times))
+            if len(self._failures) > 100_000:  # many clients: forget the quiet ones
+                for key in [k for k, v in self._failures.items() if not v]:
+                    del self._failures[key]
+        log.warning("wrong %s from client %s (%d failure(s) in the last %g s)", what, client or "unknown",
+                    max(counts, default=1), self.window_s)
+
+    def succeeded(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                if key.startswith("session:"):  # a client address may be shared (NAT): it keeps its count
+                    self._failures.pop(key, None)
+
+    def _prune(self, key: str, now: float) -> deque:
+        times = self._failures.setdefault(key, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+
+def throttle_keys(session_id: str, client: str | None) -> list[str]:
+    return [f"session:{session_id}"] + ([f"client:{client}"] if client else [])
+
+
+def refusal(wait_s: float) -> str:
+    return f"Too many wrong passwords. Try again in {max(1, round(wait_s))} s."
+
+
+# ---- model paths -------------------------------------------------------------------------------------------
+
+
+class PathNotAllowed(ValueError):
+    pass
+
+
+def check_model_path(path_text: str, roots: Iterable[Path]) -> str:
+    """`path_text` if the pages may load it: the embedded model always; with `roots`, only paths inside one
+    of them (after resolving links). The message is the same for a refused path and a missing one."""
+    text = path_text.strip()
+    roots = [Path(r).expanduser().resolve() for r in roots]
+    if text == EMBEDDED or not roots:
+        return text
+    if not text:
+        raise PathNotAllowed("give a model folder or .gguf file")
+    resolved = Path(text).expanduser().resolve()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise PathNotAllowed(f"models load only from {', '.join(str(r) for r in roots)} (GLM_MODEL_DIRS); "
+                             f"{text[:200]!r} is not there")
+    return str(resolved)
+
+
+
+# ---- memory benchmarks -----------------------------------------------------------------------------------------
+
+
+class NotAllowed(ValueError):
+    """Something only admins may do; str(error) says what."""
+
+
+def check_benchmark(source: str, encode: int, generate: int, *, admin: bool, presets: Iterable[str],
+                    loaded_path: str | None) -> None:
+    """Anyone may benchmark an architecture preset or the loaded model up to the user sizes; admins anything."""
+    if admin:
+        return
+    if source.strip().lower() not in set(presets) and source != loaded_path:
+        raise NotAllowed("benchmarks of model folders on the server are for admins")
+    if encode > USER_BENCH_MAX_ENCODE or generate > USER_BENCH_MAX_GENERATE:
+        raise NotAllowed(f"benchmarks above {USER_BENCH_MAX_ENCODE:,} prompt tokens or a "
+                         f"{USER_BENCH_MAX_GENERATE:,}-token context are for admins")
