@@ -2,7 +2,6 @@
 a long queue, and a misbehaving benchmark process. Each test asserts its pass criteria; the figures they print
 (-s) are the ones in docs/FAULTS.md. Runs in the normal suite and alone: `pytest -m faults`."""
 
-import inspect
 import json
 import os
 import signal
@@ -33,7 +32,6 @@ pytestmark = pytest.mark.faults
 SHORT = SamplingParams(max_length=512, max_new_tokens=8, temperature=0)
 LONG = SamplingParams(max_length=4096, max_new_tokens=3000, temperature=0.8, seed=1)
 # The batched scheduler takes owner= and bounds its queue; until it lands, the tests of the bound are skipped.
-HAS_QUEUE_BOUND = "owner" in inspect.signature(Engine.submit).parameters
 
 
 def integrity(data_dir: Path) -> str:
@@ -294,10 +292,7 @@ def submit_many(engine: Engine, count: int, params: SamplingParams, owner=lambda
     for i in range(count):
         messages = [{"role": "user", "content": f"Question {i} " + "x" * 2000}]
         try:
-            if HAS_QUEUE_BOUND:
-                accepted.append(engine.submit(uuid.uuid4().hex, messages, params, owner=owner(i)))
-            else:
-                accepted.append(engine.submit(uuid.uuid4().hex, messages, params))
+            accepted.append(engine.submit(uuid.uuid4().hex, messages, params, owner=owner(i)))
         except QueueFull as exc:
             refusals.append(str(exc))
     return accepted, refusals
@@ -316,14 +311,12 @@ def test_two_hundred_requests_at_once_hold_little_memory_and_past_the_bound_get_
     assert held < 64 * 2**20, held  # 200 requests of 2 KB each, waiting or served: well under 64 MiB
     assert all(message and "\n" not in message for message in refusals)
     events = sum(isinstance(e, Queued) for r in accepted for e in r.events())
-    if HAS_QUEUE_BOUND:
-        assert refusals and len(accepted) < 200  # the bound holds
-        assert events <= 4 * len(accepted) + 16  # position events linear in the queue length, not quadratic
+    assert refusals and len(accepted) < 200  # the bound holds
+    assert events <= 4 * len(accepted) + 16  # position events linear in the queue length, not quadratic
     report(test="200 requests at once", submitted=200, accepted=len(accepted), refused=len(refusals),
-           memory_held_mib=round(held / 2**20, 1), queued_events=events, queue_bound=HAS_QUEUE_BOUND)
+           memory_held_mib=round(held / 2**20, 1), queued_events=events)
 
 
-@pytest.mark.skipif(not HAS_QUEUE_BOUND, reason="needs the batched scheduler's per-workspace limit (engine branch)")
 def test_one_workspace_alone_cannot_fill_the_queue(tiny_loaded):
     engine = Engine(tiny_loaded)
     try:
