@@ -3,10 +3,13 @@ client, the seeds' request bodies byte for byte, keys, errors, stop on disconnec
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -18,7 +21,9 @@ from glm_core.engine import Engine
 
 KEYS = tuple(f"test-key-{i:02d}" for i in range(16))
 ADMIN_KEY = "test-admin-key"
-LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_tokens=4096, default_max_tokens=16)
+# Replies stay short (the tiny model rambles until a limit): the seeds' max_length 2048 is capped by max_tokens.
+LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_tokens=24, default_max_tokens=16)
+LONG = "hello " * 4200  # over the tiny model's 4096-token context, under the body limit
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +104,8 @@ def test_keys_are_required_and_checked(server):
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
     (b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400, "end with a user message"),
     (b'{"messages": [{"role": "tool", "content": "hi"}]}', 400, "role"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}', 400, "at most 4096"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4090}', 400, "context is 4096"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 25}', 400, "at most 24"),
+    (b'{"messages": [{"role": "user", "content": "' + LONG.encode() + b'"}]}', 400, "context is 4096"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text content"),
     (b'{"messages": [{"role": "user", "content": "' + b"x" * 70_000 + b'"}]}', 413, "larger"),
@@ -118,3 +123,225 @@ def test_unknown_routes_and_methods_answer_in_the_same_shape(server):
     assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
     status, _, body = raw_request(server.port, "GET", "/v1/chat/completions", headers=auth())
     assert status == 405 and "error" in json.loads(body)
+
+
+# ---- the seeds' clients: their request bodies byte for byte, as their documents show them ----------------------
+
+CHATGLM_BODY = '{"prompt": "你好", "history": []}'.encode()  # ChatGLM's README: curl -d '...'
+STREAM_API_BODY = '{"query": "你好", "history": []}'.encode()
+GLM_API_CHAT_BODY = '''{
+    "prompt": "蓝牙耳机坏了我应该去医院看什么科？",
+    "history": [],
+    "max_length": 4096,
+    "top_p": 0.5,
+    "temperature": 1
+}'''.encode()
+GLM_API_TOKENIZE_BODY = '''{
+    "prompt":"如果给你一个机会，你会想逃离你所在的虚拟世界吗？",
+    "max_length": 4096
+}'''.encode()
+GLM_API_EMBEDDING_BODY = '''{
+    "prompt": ["hello world", "hello GPT"]
+}'''.encode()
+
+
+def post(server, path, body, key=KEYS[1]):
+    status, headers, answer = raw_request(server.port, "POST", path, body, auth(key))
+    assert status == 200, answer
+    return headers, answer
+
+
+def test_chatglm_api_py_route(server):
+    _, answer = post(server, "/", CHATGLM_BODY)
+    reply = json.loads(answer)
+    assert set(reply) == {"response", "history", "status", "time"}
+    assert reply["status"] == 200 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", reply["time"])
+    assert reply["history"] == [["你好", reply["response"]]] and reply["response"]
+    # The next turn sends that history back; an explicit temperature 0 is greedy (twice the same reply).
+    body = json.dumps({"prompt": "再见", "history": reply["history"], "temperature": 0, "max_length": 200})
+    first, second = (json.loads(post(server, "/", body.encode())[1]) for _ in range(2))
+    assert first["response"] == second["response"]
+    assert first["history"] == [["你好", reply["response"]], ["再见", first["response"]]]
+
+
+def test_stream_api_routes(server):
+    _, answer = post(server, "/chat", STREAM_API_BODY)
+    reply = json.loads(answer)
+    assert set(reply) == {"query", "response", "history", "success"} and reply["success"] is True
+    assert reply["query"] == "你好" and reply["history"] == [["你好", reply["response"]]]
+
+    headers, raw = post(server, "/stream", STREAM_API_BODY)
+    assert headers["content-type"].startswith("text/event-stream")
+    assert b"\r\n\r\n" in raw  # the seeds' sse-starlette line ends
+    frames = sse_frames(raw)
+    assert {f["event"] for f in frames} == {"delta"}
+    events = [json.loads(f["data"]) for f in frames]
+    *deltas, last = events
+    assert deltas and all(set(d) == {"delta", "response", "finished"} and d["finished"] is False for d in deltas)
+    assert "".join(d["delta"] for d in deltas) == deltas[-1]["response"] == last["response"]
+    assert last == {"query": "你好", "delta": "[EOS]", "response": last["response"],
+                    "history": [["你好", last["response"]]], "finished": True}
+
+
+def test_glm_api_routes(server, engine):
+    _, answer = post(server, "/chat", GLM_API_CHAT_BODY)
+    reply = json.loads(answer)
+    assert set(reply) == {"content", "prompt_tokens", "completion_tokens", "total_tokens", "model", "object"}
+    assert reply["object"] == "chat.completion" and reply["model"] == engine.card()["name"]
+    assert reply["total_tokens"] == reply["prompt_tokens"] + reply["completion_tokens"] > reply["prompt_tokens"] > 0
+
+    _, raw = post(server, "/chat-stream", GLM_API_CHAT_BODY)
+    chunks = json_frames(raw)
+    assert chunks and all(set(c) == set(reply) and c["content"] for c in chunks)
+    assert [c["completion_tokens"] for c in chunks] == list(range(1, len(chunks) + 1))
+
+    _, answer = post(server, "/tokenize", GLM_API_TOKENIZE_BODY)
+    tokens = json.loads(answer)
+    assert set(tokens) == {"tokenIds", "tokens"} and len(tokens["tokenIds"]) == len(tokens["tokens"]) > 5
+    assert tokens["tokenIds"] == engine.tokenize("如果给你一个机会，你会想逃离你所在的虚拟世界吗？")
+
+    _, answer = post(server, "/embedding", GLM_API_EMBEDDING_BODY)
+    embedded = json.loads(answer)
+    assert embedded["object"] == "embedding" and len(embedded["data"]) == 2 and len(embedded["data"][0]) == 64
+
+
+def test_glm_api_history_of_pairs_and_the_typescript_clients_flat_history(server):
+    pairs = {"prompt": "and then?", "history": [["hi", "hello"], ["how are you", "fine"]], "max_length": 300}
+    flat = {**pairs, "history": [["hi", "hello", "how are you", "fine"]]}  # the GLM API's TypeScript example
+    for body in (pairs, flat):
+        assert json.loads(post(server, "/chat", json.dumps(body).encode())[1])["content"]
+    status, _, answer = raw_request(server.port, "POST", "/chat", b'{"prompt": "x", "history": [["odd"]]}', auth())
+    assert status == 400 and "pair" in json.loads(answer)["error"]["message"]
+
+
+def test_seed_routes_without_a_key_only_when_configured(engine):
+    config = ApiConfig(keys=KEYS, seeds_without_key=True, limits=LIMITS)
+    with ThreadServer(create_app(lambda: engine, config)) as open_seeds:
+        assert raw_request(open_seeds.port, "POST", "/", CHATGLM_BODY)[0] == 200
+        assert raw_request(open_seeds.port, "POST", "/tokenize", GLM_API_TOKENIZE_BODY)[0] == 200
+        assert raw_request(open_seeds.port, "GET", "/v1/models")[0] == 401  # OpenAI's routes still need a key
+        assert raw_request(open_seeds.port, "GET", "/free_gc")[0] == 401
+        bad_key = raw_request(open_seeds.port, "POST", "/", CHATGLM_BODY, {"Authorization": "Bearer wrong"})
+        assert bad_key[0] == 401  # a key, if sent, must be right
+
+
+def test_openai_stream_uses_plain_newlines(server):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": true}'
+    _, raw = post(server, "/v1/chat/completions", body)
+    assert b"\r" not in raw and raw.rstrip().endswith(b"data: [DONE]")
+    assert sse_frames(raw)[-1]["data"] == "[DONE]"
+
+
+def test_sse_frames_parse_either_line_end():
+    lf = b'event: delta\ndata: {"a": 1}\n\n: ping\n\ndata: [DONE]\n\n'
+    crlf = lf.replace(b"\n", b"\r\n")
+    assert sse_frames(lf) == sse_frames(crlf) == [{"event": "delta", "data": '{"a": 1}'},
+                                                  {"event": None, "data": "[DONE]"}]
+
+
+# ---- stop, limits, concurrency, kept caches ------------------------------------------------------------------
+
+def chat_body(content: str, max_tokens: int, stream: bool = False, **extra) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                       "stream": stream, **extra}).encode()
+
+
+@pytest.fixture
+def long_replies(engine, monkeypatch):
+    """A server that lets replies run to 3000 tokens, and the backend requests it submitted."""
+    submitted = []
+    submit = engine.submit
+
+    def recording_submit(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    config = ApiConfig(keys=KEYS, limits=ApiLimits(max_tokens=3000))
+    with ThreadServer(create_app(lambda: engine, config)) as running:
+        yield running, submitted
+
+
+def open_request(port: int, body: bytes, key=KEYS[4]) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=body,
+                       headers={"Content-Type": "application/json", **auth(key)})
+    return connection
+
+
+def hang_up(connection: http.client.HTTPConnection) -> None:
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(long_replies, stream):
+    server, submitted = long_replies
+    connection = open_request(server.port, chat_body("Write forever.", 3000, stream))
+    if stream:
+        response = connection.getresponse()
+        for _ in range(6):  # the role chunk, then a few deltas
+            assert response.readline().startswith(b"data: ")
+            response.readline()
+    deadline = time.time() + 30
+    while not submitted or not submitted[-1].text_so_far:
+        assert time.time() < deadline, "the reply did not start"
+        time.sleep(0.05)
+    request = submitted[-1]
+    hung_up = time.perf_counter()
+    hang_up(connection)
+    reply = request.wait(10)
+    assert reply is not None, "the generation went on after the client left"
+    assert reply.finish_reason == "stopped" and reply.stats.completion_tokens < 3000
+    assert time.perf_counter() - hung_up < 2
+
+
+def test_a_full_queue_answers_429_with_retry_after(long_replies, engine, monkeypatch):
+    server, submitted = long_replies
+    monkeypatch.setattr(engine, "max_waiting_per_owner", 1)  # one running and one waiting per key
+    running = open_request(server.port, chat_body("Write forever.", 3000, stream=True), key=KEYS[5])
+    running.getresponse().readline()
+    waiting = ThreadPoolExecutor(1).submit(raw_request, server.port, "POST", "/v1/chat/completions",
+                                           chat_body("Hi", 4), auth(KEYS[5]))
+    deadline = time.time() + 30
+    while engine.load_report()["waiting"] < 1:
+        assert time.time() < deadline, "the second request never waited"
+        time.sleep(0.05)
+    status, headers, body = raw_request(server.port, "POST", "/v1/chat/completions", chat_body("Hi", 4), auth(KEYS[5]))
+    assert status == 429 and headers["retry-after"] == "1"
+    assert json.loads(body)["error"]["code"] == "queue_full"
+    with pytest.raises(openai.RateLimitError):
+        client(server, KEYS[5]).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert raw_request(server.port, "POST", "/v1/chat/completions", chat_body("Hi", 4), auth(KEYS[6]))[0] == 200
+    hang_up(running)
+    status, _, body = waiting.result(timeout=60)  # the waiting one runs once the first has stopped
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 4
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_reply(server):
+    def ask(i: int, stream: bool) -> str:
+        api = client(server, KEYS[i], timeout=120)
+        options = dict(model="m", messages=[{"role": "user", "content": f"Tell me about the number {i}."}],
+                       max_tokens=12, seed=i, temperature=1)
+        if not stream:
+            return api.chat.completions.create(**options).choices[0].message.content
+        chunks = api.chat.completions.create(**options, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    alone = [ask(i, stream=False) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda i: ask(i, stream=True), range(16)))
+    assert together == alone and len(set(alone)) == 16
+
+
+def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
+    history = [{"role": "user", "content": "Tell me a story."}]
+    first = client(server, KEYS[7]).chat.completions.create(model="m", messages=history, max_tokens=12, seed=3,
+                                                           temperature=1)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Go on."}]
+    second = client(server, KEYS[7]).chat.completions.create(model="m", messages=history, max_tokens=4)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    stranger = client(server, KEYS[8]).chat.completions.create(model="m", messages=history, max_tokens=4)
+    assert stranger.usage.prompt_tokens_details.cached_tokens == 0
