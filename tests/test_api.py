@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
 
-from api_helpers import ThreadServer, json_frames, raw_request, sse_frames
+from api_helpers import ThreadServer, free_port, json_frames, raw_request, sse_frames
+from conftest import ROOT
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
 from glm_core.engine import Engine
@@ -345,3 +350,74 @@ def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
     stranger = client(server, KEYS[8]).chat.completions.create(model="m", messages=history, max_tokens=4)
     assert stranger.usage.prompt_tokens_details.cached_tokens == 0
+
+
+# ---- the two doors: `python -m glm_core serve` alone, and the portal's own port ------------------------------
+
+@pytest.fixture
+def subprocess_server(tiny_model_dir, tmp_path):
+    """Start a command that serves on a free port; yield (url, the process); stop it afterwards."""
+    processes = []
+
+    def start(args: list[str], extra_env: dict, ready_path: str = "/health"):
+        port = free_port()
+        log = open(tmp_path / f"server-{len(processes)}.log", "w")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "GLM_MODEL_PATH": str(tiny_model_dir), "GLM_PRECISION": "fp32",
+               "GLM_DEVICE": "cpu", **extra_env}
+        process = subprocess.Popen([sys.executable, *[a.replace("{port}", str(port)) for a in args]], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes.append((process, log))
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+        while True:
+            assert process.poll() is None, (tmp_path / log.name).read_text()
+            try:
+                if raw_request(port, "GET", ready_path, timeout=2)[0] == 200:
+                    return url, port
+            except OSError:
+                pass
+            assert time.time() < deadline, f"{args} did not come up: " + Path(log.name).read_text()[-2000:]
+            time.sleep(0.3)
+
+    yield start
+    for process, log in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def check_with_the_openai_client(url: str, key: str) -> None:
+    api = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Say something."}]
+    whole = api.chat.completions.create(model="m", messages=messages, max_tokens=6, seed=5, temperature=1)
+    chunks = list(api.chat.completions.create(model="m", messages=messages, max_tokens=6, seed=5, temperature=1,
+                                              stream=True))
+    assert whole.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 6 and chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_serve_runs_the_api_alone(subprocess_server):
+    url, port = subprocess_server(["-m", "glm_core", "serve", "--port", "{port}", "--log-level", "warning"],
+                                  {"GLM_API_KEYS": "serve-key"})
+    check_with_the_openai_client(url, "serve-key")
+    status, headers, body = raw_request(port, "GET", "/docs")
+    assert status == 200 and b"swagger" in body.lower()
+    assert raw_request(port, "GET", "/openapi.json")[0] == 200
+
+
+def test_the_portal_serves_the_api_on_its_own_port(subprocess_server):
+    url, port = subprocess_server(
+        ["-m", "streamlit", "run", "Home.py", "--server.port", "{port}", "--server.address", "127.0.0.1",
+         "--server.headless", "true"], {"GLM_API_KEYS": "portal-key"})  # /health: up once the model has loaded
+    check_with_the_openai_client(url, "portal-key")
+    status, headers, body = raw_request(port, "GET", "/")  # GET / is still the portal's page; POST / the seed's
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"<div id=\"root\">" in body
+    assert raw_request(port, "GET", "/_stcore/health")[0] == 200
+    status, _, body = raw_request(port, "POST", "/", '{"prompt": "你好", "history": [], "max_length": 60}'.encode(),
+                                  {"Authorization": "Bearer portal-key"})
+    assert status == 200 and json.loads(body)["history"][0][0] == "你好"
