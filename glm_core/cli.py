@@ -254,6 +254,17 @@ def cmd_bench_concurrency(args) -> int:
     return 0
 
 
+def cmd_bench_api(args) -> int:
+    from .bench.api import format_api_report, run_api_bench
+
+    streams = sorted({int(n) for n in _levels(args.streams)})
+    if not streams or streams[0] < 1:
+        raise ValueError("--streams takes whole numbers of at least 1, e.g. 1,4,16")
+    result = run_api_bench(load_from_args(args), streams, args.max_new_tokens, args.turn_tokens)
+    print(json.dumps(result) if args.json else format_api_report(result))
+    return 0
+
+
 def cmd_bench_quant(args) -> int:
     from .bench.quant import format_quant_report, measure_level, resolve_bench_model, run_quant_bench
 
@@ -406,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     memory.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     memory.set_defaults(func=cmd_bench_memory)
+
+    api = bench_sub.add_parser("api", help="through the HTTP API: turn-10/turn-1 time to first token, tokens/s")
+    add_model_options(api)
+    api.add_argument("--streams", default="1,4,16", help="concurrent streams to measure, comma-separated")
+    api.add_argument("--max-new-tokens", type=int, default=64, help="tokens per stream")
+    api.add_argument("--turn-tokens", type=int, default=32, help="reply length per turn of the 10-turn chat")
+    api.add_argument("--json", action="store_true", help="print one JSON object")
+    api.set_defaults(func=cmd_bench_api)
 
     estimate = sub.add_parser("estimate", help="predict memory per precision level from a config.json alone")
     estimate.add_argument("--config", required=True,

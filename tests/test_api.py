@@ -75,6 +75,33 @@ def test_openai_client_non_streamed_and_streamed_give_the_same_seeded_reply(serv
     assert {c.model for c in chunks} == {whole.model}
 
 
+def test_a_stop_string_ends_the_reply_before_it(server):
+    api = client(server, KEYS[9])
+    options = dict(model="m", messages=[{"role": "developer", "content": "Be brief."},
+                                        {"role": "user", "content": "Say many words."}],
+                   max_tokens=20, seed=11, temperature=1)
+    full = api.chat.completions.create(**options).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip() and full.index(stop) > 0
+    cut = api.chat.completions.create(**options, stop=[stop, "never appears"])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = list(api.chat.completions.create(**options, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full[: full.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_are_held_back_until_certain():
+    from glm_core.api.generation import StopStrings
+
+    stops = StopStrings(["END", "\n\n"])
+    assert [stops.push(p) for p in ["Hello E", "N", "ding\n", "\nmore"]] == ["Hello ", "", "ENding", ""]
+    assert stops.hit and stops.flush() == ""
+    assert StopStrings(["xyz"]).push("abc") == "abc"
+    tail = StopStrings(["xyz"])
+    assert tail.push("abx") == "ab" and tail.flush() == "x"
+
+
 def test_models_and_embeddings_through_the_openai_client(server, engine):
     api = client(server)
     [model] = api.models.list().data
@@ -421,3 +448,15 @@ def test_the_portal_serves_the_api_on_its_own_port(subprocess_server):
     status, _, body = raw_request(port, "POST", "/", '{"prompt": "你好", "history": [], "max_length": 60}'.encode(),
                                   {"Authorization": "Bearer portal-key"})
     assert status == 200 and json.loads(body)["history"][0][0] == "你好"
+
+
+def test_bench_api_reports_its_figures(tiny_loaded):
+    """The benchmark's code path on tiny settings (the figures themselves come from `bench api`, not from tests)."""
+    from glm_core.bench.api import format_api_report, run_api_bench
+
+    result = run_api_bench(tiny_loaded, [1, 2], max_new_tokens=4, turn_tokens=4)
+    assert [t["turn"] for t in result["turns"]] == list(range(1, 11))
+    assert result["turns"][-1]["cached_tokens"] > result["turns"][0]["prompt_tokens"]  # turn 10 reused turn 9's
+    assert [r["streams"] for r in result["runs"]] == [1, 2]
+    assert [r["completion_tokens"] for r in result["runs"]] == [4, 8]
+    assert "goal <= 1.3x" in format_api_report(result)
