@@ -245,9 +245,7 @@ def cmd_bench_turns(args) -> int:
 def cmd_bench_concurrency(args) -> int:
     from .bench.concurrency import format_concurrency_report, run_concurrency_bench
 
-    streams = sorted({int(n) for n in _levels(args.streams)})
-    if not streams or streams[0] < 1:
-        raise ValueError("--streams takes whole numbers of at least 1, e.g. 1,4,16")
+    streams = _stream_counts(args.streams)
     loaded = load_from_args(args)
     result = run_concurrency_bench(loaded, streams, args.max_new_tokens, args.repeats)
     print(json.dumps(result) if args.json else format_concurrency_report(result))
@@ -257,10 +255,7 @@ def cmd_bench_concurrency(args) -> int:
 def cmd_bench_api(args) -> int:
     from .bench.api import format_api_report, run_api_bench
 
-    streams = sorted({int(n) for n in _levels(args.streams)})
-    if not streams or streams[0] < 1:
-        raise ValueError("--streams takes whole numbers of at least 1, e.g. 1,4,16")
-    result = run_api_bench(load_from_args(args), streams, args.max_new_tokens, args.turn_tokens)
+    result = run_api_bench(load_from_args(args), _stream_counts(args.streams), args.max_new_tokens, args.turn_tokens)
     print(json.dumps(result) if args.json else format_api_report(result))
     return 0
 
@@ -277,6 +272,16 @@ def cmd_bench_quant(args) -> int:
         results = run_quant_bench(args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size)
     print(json.dumps(results) if args.json else format_quant_report(results))
     return 0 if all("error" not in r for r in results) else 1
+
+
+def _stream_counts(text: str) -> list[int]:
+    try:
+        streams = sorted({int(n) for n in _levels(text)})
+    except ValueError:
+        streams = []
+    if not streams or streams[0] < 1:
+        raise ValueError("--streams takes whole numbers of at least 1, e.g. 1,4,16")
+    return streams
 
 
 def _levels(text: str) -> list[str]:

@@ -157,6 +157,71 @@ def test_unknown_routes_and_methods_answer_in_the_same_shape(server):
     assert status == 405 and "error" in json.loads(body)
 
 
+def test_who_may_call_without_keys_and_with_them():
+    from glm_core.api.access import Access
+    from glm_core.api.errors import ApiError
+
+    keyless = Access(ApiConfig())
+    local = keyless.identify(None, "127.0.0.1")
+    assert local.key_id is None and local.admin and local.owner is None
+    assert keyless.identify("Bearer whatever", "::1").admin  # a key sent to a keyless server changes nothing
+    with pytest.raises(ApiError) as refused:
+        keyless.identify(None, "203.0.113.7")
+    assert refused.value.status == 403 and "GLM_API_KEYS" in refused.value.message
+    remote = Access(ApiConfig(open_to_network=True)).identify(None, "203.0.113.7")
+    assert not remote.admin and remote.owner == "client-203.0.113.7"
+
+    keyed = Access(ApiConfig(keys=("k1",), admin_keys=("a1",)))
+    caller = keyed.identify("Bearer k1", "203.0.113.7")
+    assert caller.key_id.startswith("key-") and "k1" not in caller.key_id and not caller.admin
+    assert caller.owner == caller.scope == caller.key_id
+    assert keyed.identify("bearer a1", "203.0.113.7").admin
+    for header in (None, "Bearer k2", "Basic k1", "Bearer "):
+        with pytest.raises(ApiError) as refused:
+            keyed.identify(header, "127.0.0.1")  # with keys, this machine needs one too
+        assert refused.value.status == 401
+
+
+def test_keys_from_the_environment_and_the_secrets_file(tmp_path):
+    from glm_core.api.config import load_api_config
+
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('access_password = "x"\napi_keys = ["s1", "s2"]\napi_admin_keys = "sa"\n')
+    config = load_api_config({"GLM_API_KEYS": "e1, e2 s1", "GLM_API_MAX_TOKENS": "100"}, [secrets])
+    assert config.keys == ("e1", "e2", "s1", "s2") and config.admin_keys == ("sa",)
+    assert config.limits.max_tokens == 100 and not config.open_to_network
+    secrets.write_text("api_keys = [1, 2]\n")
+    with pytest.raises(ValueError, match="list of strings"):
+        load_api_config({}, [secrets])
+    secrets.write_text("api_keys = [\n")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_api_config({}, [secrets])
+    with pytest.raises(ValueError, match="GLM_API_MAX_TOKENS"):
+        load_api_config({"GLM_API_MAX_TOKENS": "lots"}, [])
+
+
+def test_stateless_conversations_find_the_longest_remembered_prefix():
+    from glm_core.api.conversation_ids import StatelessConversations
+
+    forgotten = []
+    ids = StatelessConversations(forgotten.append, capacity=3)
+    turn1 = [{"role": "user", "content": "a"}]
+    first = ids.claim("key-1", turn1)
+    ids.release("key-1", first, turn1 + [{"role": "assistant", "content": "A"}])
+    turn2 = turn1 + [{"role": "assistant", "content": "A"}, {"role": "user", "content": "b"}]
+    assert ids.claim("key-2", turn2) != first  # another key never finds it
+    assert ids.claim("key-1", turn2) == first
+    assert ids.claim("key-1", turn2) != first  # busy: a concurrent twin gets its own
+    ids.release("key-1", first, turn2 + [{"role": "assistant", "content": "B"}])
+    edited = turn1 + [{"role": "assistant", "content": "A"}, {"role": "user", "content": "c"}]
+    assert ids.claim("key-1", edited) == first  # an edit finds the earlier state (the engine crops)
+    ids.release("key-1", first, None)
+    for n in range(3):  # past the capacity, the oldest entries go, and a conversation nobody points to is forgotten
+        other = ids.claim("key-1", [{"role": "user", "content": str(n)}])
+        ids.release("key-1", other, [{"role": "user", "content": str(n)}, {"role": "assistant", "content": "x"}])
+    assert first in forgotten and len(ids) == 3
+
+
 # ---- the seeds' clients: their request bodies byte for byte, as their documents show them ----------------------
 
 CHATGLM_BODY = '{"prompt": "你好", "history": []}'.encode()  # ChatGLM's README: curl -d '...'

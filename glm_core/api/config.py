@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ..settings import PROJECT_ROOT
+from ..settings import PROJECT_ROOT, _positive_int
 
 SECRETS_FILES = (Path.home() / ".streamlit" / "secrets.toml", PROJECT_ROOT / ".streamlit" / "secrets.toml")
 _TRUE = {"1", "true", "yes", "on"}
@@ -60,9 +60,9 @@ def load_api_config(env: Mapping[str, str] | None = None, secrets_files=SECRETS_
         keys += _key_list(secrets.get("api_keys"), path, "api_keys")
         admin_keys += _key_list(secrets.get("api_admin_keys"), path, "api_admin_keys")
     limits = ApiLimits(
-        max_body_bytes=_positive(env, "GLM_API_MAX_BODY_MB", 4) * 2**20,
-        max_tokens=_positive(env, "GLM_API_MAX_TOKENS", ApiLimits.max_tokens),
-        max_embedding_inputs=_positive(env, "GLM_API_MAX_EMBEDDING_INPUTS", ApiLimits.max_embedding_inputs),
+        max_body_bytes=(_positive_int(env, "GLM_API_MAX_BODY_MB") or 4) * 2**20,
+        max_tokens=_positive_int(env, "GLM_API_MAX_TOKENS") or ApiLimits.max_tokens,
+        max_embedding_inputs=_positive_int(env, "GLM_API_MAX_EMBEDDING_INPUTS") or ApiLimits.max_embedding_inputs,
     )
     return ApiConfig(
         keys=tuple(dict.fromkeys(keys)), admin_keys=tuple(dict.fromkeys(admin_keys)),
@@ -93,16 +93,3 @@ def _key_list(value, path, name: str) -> list[str]:
     if isinstance(value, list) and all(isinstance(key, str) for key in value):
         return [key for key in value if key]
     raise ValueError(f"{path}: {name} must be a list of strings")
-
-
-def _positive(env, name: str, default: int) -> int:
-    text = env.get(name)
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {text!r}")
-    return value

@@ -12,7 +12,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from ..protocol import Backend
+from ..protocol import Backend, SamplingParams
 from .access import Caller
 from .embeddings import embed
 from .errors import ApiError
@@ -47,7 +47,7 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request,
     context = model_context(backend)
     prompt_tokens = await count_prompt_tokens(backend, messages)
     max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
-    defaults = checked_params()
+    defaults = SamplingParams()
     params = checked_params(
         max_length=context, max_new_tokens=max_new,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
