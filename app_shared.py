@@ -1,11 +1,16 @@
 """Streamlit glue shared by the pages: the process-wide engine hub, conversation store and GPU monitor, the model
-loader with a progress bar, and the access rules every page applies first (open_workspace)."""
+loader with a progress bar, the access rules every page applies first (open_workspace), and the HTTP API served
+beside the pages (Home.py's st.App)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import streamlit as st
 
@@ -18,6 +23,7 @@ from glm_core.conversations.store import Store
 from glm_core.conversations.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
 
 WORKSPACE_PARAM = "ws"
+log = logging.getLogger(__name__)
 
 
 @st.cache_resource(show_spinner=False)
@@ -93,6 +99,43 @@ def ensure_engine() -> Backend | None:
         st.error(f"Could not load the model: {hub.last_error}")
         return None
     return load_with_progress(spec, default=True)
+
+
+# ---- the HTTP API on the portal's port (Home.py) ----------------------------------------------------------
+
+
+def api_routes() -> list:
+    """The HTTP API as routes of the portal's server: the same process, hub and model as the pages."""
+    from glm_core.api import create_app
+    from glm_core.api.portal import ApiRoutes
+
+    return [ApiRoutes(create_app(lambda: get_hub().engine))]
+
+
+@asynccontextmanager
+async def api_lifespan(_app):
+    """When the server starts, load the configured model in the background: API clients need not wait for a first
+    browser visit (they get 503 until it is loaded; a page visit meanwhile waits for the same load)."""
+
+    def load_default() -> None:
+        try:
+            get_hub().load(ModelSpec.from_settings(), if_none_loaded=True)
+        except ModelLoadError as exc:  # the hub keeps the reason; the chat page shows it
+            log.error("could not load the default model: %s", exc)
+
+    threading.Thread(target=load_default, name="glm-load-default", daemon=True).start()
+    yield
+
+
+def run_page(file_name: str) -> None:
+    """Run a page file kept beside Home.py as part of this script run (Home.py is also the server's ASGI entry)."""
+    path = Path(__file__).with_name(file_name)
+    exec(_compiled(str(path), path.stat().st_mtime_ns), {"__name__": "__main__", "__file__": str(path)})
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(path: str, _mtime_ns: int):
+    return compile(Path(path).read_text(encoding="utf-8"), path, "exec")
 
 
 # ---- who may see what --------------------------------------------------------------------------------------

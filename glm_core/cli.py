@@ -1,4 +1,5 @@
-"""Command line: `python -m glm_core chat | export | import | workspaces | bench turns|concurrency|quant|memory | estimate`."""
+"""Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|quant|memory |
+estimate`."""
 
 from __future__ import annotations
 
@@ -158,6 +159,31 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The HTTP API alone (no portal), on one model: for scripts, notebooks and other front ends."""
+    import uvicorn
+
+    from .api import create_app, load_api_config
+    from .backends.hub import EngineHub
+
+    config = load_api_config()  # a bad key setting fails here, before the model loads
+    if not config.keys_configured and not config.open_to_network:
+        print("[serve] no API keys configured (GLM_API_KEYS): only clients on this machine are answered",
+              file=sys.stderr)
+    hub = EngineHub()
+
+    def progress(_fraction: float, message: str) -> None:
+        print(f"[load] {message}", file=sys.stderr)
+
+    hub.load(ModelSpec(args.model, args.precision, args.device, args.family, args.group_size), progress)
+    try:
+        uvicorn.run(create_app(lambda: hub.engine, config), host=args.host, port=args.port,
+                    log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        hub.unload()
+    return 0
+
+
 def existing_workspace(store: Store, workspace: str) -> str:
     check_cli_workspace_id(workspace)
     if not store.workspace_exists(workspace):
@@ -219,12 +245,18 @@ def cmd_bench_turns(args) -> int:
 def cmd_bench_concurrency(args) -> int:
     from .bench.concurrency import format_concurrency_report, run_concurrency_bench
 
-    streams = sorted({int(n) for n in _levels(args.streams)})
-    if not streams or streams[0] < 1:
-        raise ValueError("--streams takes whole numbers of at least 1, e.g. 1,4,16")
+    streams = _stream_counts(args.streams)
     loaded = load_from_args(args)
     result = run_concurrency_bench(loaded, streams, args.max_new_tokens, args.repeats)
     print(json.dumps(result) if args.json else format_concurrency_report(result))
+    return 0
+
+
+def cmd_bench_api(args) -> int:
+    from .bench.api import format_api_report, run_api_bench
+
+    result = run_api_bench(load_from_args(args), _stream_counts(args.streams), args.max_new_tokens, args.turn_tokens)
+    print(json.dumps(result) if args.json else format_api_report(result))
     return 0
 
 
@@ -240,6 +272,16 @@ def cmd_bench_quant(args) -> int:
         results = run_quant_bench(args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size)
     print(json.dumps(results) if args.json else format_quant_report(results))
     return 0 if all("error" not in r for r in results) else 1
+
+
+def _stream_counts(text: str) -> list[int]:
+    try:
+        streams = sorted({int(n) for n in _levels(text)})
+    except ValueError:
+        streams = []
+    if not streams or streams[0] < 1:
+        raise ValueError("--streams takes whole numbers of at least 1, e.g. 1,4,16")
+    return streams
 
 
 def _levels(text: str) -> list[str]:
@@ -313,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue the newest conversation with this title in the workspace, or start it")
     chat.set_defaults(func=cmd_chat)
 
+    serve = sub.add_parser("serve", help="serve the HTTP API (OpenAI-compatible and the seeds' routes) alone")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
+
     export = sub.add_parser("export", help="export a workspace's conversations")
     export.add_argument("--workspace", required=True)
     export.add_argument("--format", choices=list(EXPORT_FORMATS), default="json",
@@ -373,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     memory.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     memory.set_defaults(func=cmd_bench_memory)
+
+    api = bench_sub.add_parser("api", help="through the HTTP API: turn-10/turn-1 time to first token, tokens/s")
+    add_model_options(api)
+    api.add_argument("--streams", default="1,4,16", help="concurrent streams to measure, comma-separated")
+    api.add_argument("--max-new-tokens", type=int, default=64, help="tokens per stream")
+    api.add_argument("--turn-tokens", type=int, default=32, help="reply length per turn of the 10-turn chat")
+    api.add_argument("--json", action="store_true", help="print one JSON object")
+    api.set_defaults(func=cmd_bench_api)
 
     estimate = sub.add_parser("estimate", help="predict memory per precision level from a config.json alone")
     estimate.add_argument("--config", required=True,

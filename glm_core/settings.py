@@ -13,6 +13,7 @@ GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
 GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
 GLM_MODEL_DIRS  folders (separated by the path separator, ":" on Linux) under which an admin may load a model
                 from the pages; unset: any path
+GLM_API_*       the HTTP API's keys and limits: read in glm_core/api/config.py
 """
 
 from __future__ import annotations

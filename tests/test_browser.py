@@ -177,3 +177,33 @@ def test_quantization_page(server, page, tmp_path):
     expect(page.get_by_test_id("stVegaLiteChart")).to_have_count(2, timeout=60_000)
     expect(page.get_by_test_id("stDownloadButton")).to_contain_text("Download every run as CSV")
     page.set_viewport_size({"width": 1400, "height": 1500})
+
+
+def test_portal_chat_and_an_api_client_at_the_same_time(server, page):
+    """One process, one model, one batch: a browser chat and an `openai` client streaming on the portal's port."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from playwright.sync_api import expect
+
+    page.goto(server)
+    box = page.get_by_test_id("stChatInputTextArea")
+    expect(box).to_be_enabled(timeout=240_000)
+    api = openai.OpenAI(base_url=f"{server}/v1", api_key="unused: no keys, this machine", max_retries=0, timeout=120)
+
+    def api_reply() -> str:
+        chunks = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Name three colors."}],
+                                             max_tokens=48, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(1) as pool:
+        box.fill("What is the capital of France?")
+        box.press("Enter")
+        from_api = pool.submit(api_reply)
+        messages = page.get_by_test_id("stChatMessage")
+        expect(messages).to_have_count(2, timeout=120_000)
+        expect(messages.nth(1)).to_contain_text("Paris", timeout=120_000)  # the page's reply streams meanwhile
+        assert from_api.result(timeout=120).strip()
+    alone = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Name three colors."}],
+                                        max_tokens=48, temperature=0).choices[0].message.content
+    assert alone == from_api.result()  # greedy: the batched reply is the reply alone

@@ -1,0 +1,285 @@
+"""Chat page (Home.py runs it): the workspace's conversations in the sidebar; talk to the shared model; each reply
+shows its figures."""
+
+import streamlit as st
+
+from app_shared import admin_panel, ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
+from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, SamplingParams, Started, Truncated
+from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
+from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChanged, NotFound, StorageError
+from glm_core.conversations.turn import start_turn
+from glm_core.protocol import MAX_PROMPT_CHARS, MAX_SYSTEM_PROMPT_CHARS
+from glm_core.safe_markdown import StreamWithoutImages, no_remote_images
+
+LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
+
+st.set_page_config(page_title="GLM Chat", page_icon="💬", layout="wide")
+workspace = open_workspace()
+store = get_store()
+state = st.session_state
+
+
+# ---- the current conversation: its id lives in the session (and, once stored, in the URL as ?c=) -------------
+
+if state.get("conversation_workspace") != workspace:  # first run, or another user signed in on this session
+    state.pop("conversation_id", None)
+    state.conversation_workspace = workspace
+if "conversation_id" not in state:
+    from_url = st.query_params.get("c")
+    state.conversation_id = from_url if from_url and store.get_conversation(workspace, from_url) else new_conversation_id()
+# Read from the store on every run: another tab of this workspace may have changed it. Not stored yet: a draft,
+# stored with its first message.
+conversation = store.get_conversation(workspace, state.conversation_id) or Conversation(id=state.conversation_id)
+stored = conversation.updated_at is not None
+if stored:
+    st.query_params["c"] = conversation.id
+elif "c" in st.query_params:
+    del st.query_params["c"]
+
+
+def switch_to(conversation_id: str) -> None:
+    state.conversation_id = conversation_id
+    state.pop("editing", None)
+
+
+def forget(conversation_id: str) -> None:
+    engine_now = get_hub().engine
+    if engine_now is not None:
+        engine_now.forget(conversation_id)
+
+
+def rename(conversation_id: str) -> None:
+    store.rename_conversation(workspace, conversation_id, state.get(f"title_{conversation_id}", ""))
+
+
+@st.dialog("Delete this conversation?", on_dismiss=lambda: state.pop("pending_delete", None))
+def confirm_delete(conversation_id: str, title: str) -> None:
+    st.markdown(f"**{plain(title)}** and all its messages will be deleted. This cannot be undone.")
+    left, right = st.columns(2)
+    if left.button("Delete", type="primary", key="confirm_delete", width="stretch"):
+        store.delete_conversation(workspace, conversation_id)
+        forget(conversation_id)
+        state.pop("pending_delete", None)
+        if state.conversation_id == conversation_id:
+            switch_to(new_conversation_id())
+        st.rerun()
+    if right.button("Cancel", key="cancel_delete", width="stretch"):
+        state.pop("pending_delete", None)
+        st.rerun()
+
+
+engine = ensure_engine()
+
+with st.sidebar:
+    st.header("Conversations")
+    st.button("New conversation", key="new_conversation", width="stretch",
+              on_click=lambda: switch_to(new_conversation_id()))
+    search = st.text_input("Search titles and messages", key="conversation_search", placeholder="Search")
+    summaries = store.list_conversations(workspace, search)
+    if not summaries:
+        st.caption("Nothing matches." if search.strip() else "No conversations yet.")
+    for summary in summaries[:LIST_LIMIT]:
+        st.button(plain(summary.title), key=f"open_{summary.id}", on_click=switch_to, args=(summary.id,),
+                  type="primary" if summary.id == conversation.id else "secondary", width="stretch",
+                  help=f"{summary.message_count} messages")
+    if len(summaries) > LIST_LIMIT:
+        st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
+    if stored:
+        title_now = next((s.title for s in summaries if s.id == conversation.id), conversation.title)
+        with st.expander("Rename or delete this conversation"):
+            st.text_input("Title", value=title_now, key=f"title_{conversation.id}", max_chars=200)
+            left, right = st.columns(2)
+            left.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
+            right.button("Delete…", key="delete_conversation", width="stretch",
+                         on_click=lambda: state.update(pending_delete=(conversation.id, title_now)))
+
+    st.header("Model")
+    if engine is not None:
+        card = engine.card()
+        st.markdown(f"**{card['name']}**")
+        st.caption(
+            f"family {card['family']} · {card['precision']} · {card['device']} · "
+            f"{card['parameters'] / 1e6:,.0f}M parameters · loaded in {card['load_seconds']:.1f} s"
+        )
+        if "checkpoint" in card:
+            st.caption(card["checkpoint"])
+        memory = engine.memory_report()
+        st.caption(
+            f"weights {card['weights_bytes'] / 2**20:,.0f} MiB "
+            f"({card['quantized_weights_bytes'] / 2**20:,.0f} MiB quantized) · "
+            f"KV cache {card['kv_bytes_per_token'] / 1024:,.1f} KiB/token · "
+            f"{memory['source']} {memory['current'] / 2**20:,.0f} MiB (peak {memory['peak'] / 2**20:,.0f} MiB) · "
+            f"kept caches {memory['kv_cache_bytes'] / 2**20:,.1f} MiB for {memory['kv_cache_conversations']} conversation(s)"
+        )
+        load = engine.load_report()
+        st.caption(f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
+                   f"{load['waiting']} waiting")
+    if admin_panel():
+        with st.expander("Load another model", expanded=engine is None), st.form("load_model"):
+            current = engine.spec if engine is not None else ModelSpec.from_settings()
+            path = st.text_input(
+                "Model folder or .gguf file", value=current.path, help="'embedded' is the built-in model", key="load_path"
+            )
+            precision = st.selectbox("Precision", ["auto", "fp32", "bf16", "fp16", "int8", "int4"], key="load_precision")
+            device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="load_device")
+            family = st.selectbox(
+                "ChatGLM family", ["auto", "chatglm2", "chatglm3"], key="load_family",
+                help="For ChatGLM checkpoints in the original layout: overrides what the folder suggests",
+            )
+            if st.form_submit_button("Load", key="load_button"):
+                spec = ModelSpec(path.strip() or "embedded", precision, device, family)
+                engine = load_with_progress(spec)  # on failure it shows why and returns the running engine
+                if engine is not None and engine.spec == spec:
+                    st.rerun()  # redraw the model card
+    else:
+        st.caption("Only admins load another model.")
+
+    st.header("Generation")
+    max_length = st.number_input("Max length (context + reply tokens)", 64, 131072, 8192, step=512, key="max_length")
+    max_new_tokens = st.slider("Max new tokens", 1, 4096, 1024, key="max_new_tokens")
+    temperature = st.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.8, 0.05, key="temperature")
+    top_p = st.slider("Top p", 0.05, 1.0, 0.8, 0.05, key="top_p")
+    top_k = st.number_input("Top k (0 = off)", 0, 1000, 0, key="top_k")
+    repetition_penalty = st.slider("Repetition penalty", 0.5, 2.0, 1.0, 0.05, key="repetition_penalty")
+    system_prompt = st.text_area("System prompt", "", key="system_prompt", max_chars=MAX_SYSTEM_PROMPT_CHARS)
+
+if state.get("pending_delete"):
+    confirm_delete(*state.pending_delete)
+
+st.title("GLM Chat")
+if stored:
+    st.caption(plain(conversation.title))
+if engine is None:
+    st.info("No model is loaded. Choose one in the sidebar.")
+
+# ---- what this run does: a new prompt, or a regenerate / edit requested by a button of the previous run ---------
+
+prompt = st.chat_input("Ask anything", max_chars=MAX_PROMPT_CHARS, submit_mode="stop", disabled=engine is None)
+# {"keep": messages kept, "prompt": new prompt or None, "last": id of the last message the page showed}
+action = state.pop("pending_action", None)
+last_shown = conversation.messages[-1].id if conversation.messages else None
+if prompt is not None and prompt.strip():
+    action = {"keep": len(conversation.messages), "prompt": prompt.strip(), "last": last_shown}
+if engine is None:
+    action = None
+if action is not None and action["last"] != last_shown:  # a button drawn before another tab changed this conversation
+    st.error(CONVERSATION_CHANGED)
+    if action["prompt"]:
+        st.code(action["prompt"], language=None, wrap_lines=True)
+    action = None
+last_user = conversation.last_index("user")
+
+
+def regenerate(keep: int, last: int | None) -> None:
+    """Reply again to the last prompt: the old reply goes, and the engine's cache rolls back to the prompt.
+    `last`: the last message when the button was drawn (a stale button in a second tab is refused)."""
+    state.pending_action = {"keep": keep, "prompt": None, "last": last}
+
+
+def send_edit(keep: int, last: int | None) -> None:
+    text = (state.get("edit_text") or "").strip()
+    state.pop("editing", None)
+    if text:
+        state.pending_action = {"keep": keep, "prompt": text, "last": last}
+
+
+def show_message(message: ChatMessage) -> None:
+    st.markdown(no_remote_images(message.content))  # HTML shows as text; images become links
+    if message.error:
+        st.error(message.error)
+    line = message.stats_line() if message.role == "assistant" else ""
+    if line:
+        st.caption(line)
+
+
+shown = conversation.messages[: action["keep"]] if action else conversation.messages
+for index, message in enumerate(shown):
+    with st.chat_message(message.role):
+        idle = action is None and engine is not None
+        if idle and index == last_user and state.get("editing") == message.id:
+            st.text_area("Edit your message", value=message.content, key="edit_text", max_chars=MAX_PROMPT_CHARS)
+            left, right = st.columns(2)
+            left.button("Send", key="edit_send", on_click=send_edit, args=(index, last_shown), type="primary", width="stretch")
+            right.button("Cancel", key="edit_cancel", on_click=lambda: state.pop("editing", None), width="stretch")
+            continue
+        show_message(message)
+        if idle and index == last_user:
+            buttons = st.container(horizontal=True)
+            buttons.button("Edit", key="edit", on_click=lambda mid=message.id: state.update(editing=mid))
+            if index == len(shown) - 1:  # the prompt has no reply (it was taken back or failed): ask again
+                buttons.button("Get a reply", key="regenerate", on_click=regenerate, args=(index + 1, last_shown))
+        elif idle and index == len(shown) - 1 and message.role == "assistant" and last_user is not None:
+            st.button("Regenerate", key="regenerate", on_click=regenerate, args=(last_user + 1, last_shown))
+
+if action is not None:
+    turn = None
+    try:
+        params = SamplingParams(
+            max_length=int(max_length),
+            max_new_tokens=min(int(max_new_tokens), int(max_length) - 1),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            repetition_penalty=float(repetition_penalty),
+        ).validate()
+        turn = start_turn(store, engine, workspace, conversation, keep=action["keep"], prompt=action["prompt"],
+                          params=params, system_prompt=system_prompt, owner=workspace,
+                          expected_last_id=action.get("last"))
+    except (ValueError, ConversationBusy, NotFound, ConversationChanged, StorageError, QueueFull, EngineClosed) as exc:
+        if isinstance(exc, QueueFull):
+            st.error(f"The model is busy, try again in a moment. {exc}")
+        elif isinstance(exc, EngineClosed):
+            st.error(f"Not sent: {exc}. Send it again once the model has loaded.")
+        elif isinstance(exc, StorageError):
+            st.error(f"Not sent: {exc}. Send it again in a moment.")
+        else:
+            st.error(str(exc))
+        if action["prompt"]:
+            st.code(action["prompt"], language=None, wrap_lines=True)  # nothing typed is lost
+
+    if turn is not None:
+        if action["prompt"] is not None:
+            with st.chat_message("user"):
+                st.markdown(no_remote_images(action["prompt"]))
+        with st.chat_message("assistant"):
+            status, notes = st.empty(), []
+
+            def on_event(event):
+                if isinstance(event, Queued):
+                    status.info(f"Waiting for a place in the batch: {event.position - 1} request(s) ahead of yours."
+                                if event.position > 1 else "Waiting for a place in the batch: yours is next.")
+                elif isinstance(event, Started):
+                    status.empty()
+                elif isinstance(event, Truncated):
+                    notes.append(event.describe())
+
+            try:
+                st.write_stream(StreamWithoutImages().wrap(turn.text_stream(on_event)))
+            finally:
+                # Also runs when the user presses stop or leaves: the partial reply is kept and marked stopped.
+                result = turn.finish()
+        # Redraw from the store, so the new turn gets its buttons and the sidebar lists it; what is not stored
+        # (notes, a reply that failed) is shown once after the redraw.
+        failed = result.reply.error if result.reply is not None else "The model did not answer in time."
+        if result.storage_error:
+            failed = f"The reply could not be stored ({result.storage_error}); it is shown below once."
+        state.after_turn = {
+            "notes": notes,
+            "error": failed if result.message is None else None,
+            "handback": action["prompt"] if result.prompt_taken_back else None,
+            "unstored": result.reply.text if result.storage_error and result.reply is not None else None,
+        }
+        st.rerun()
+
+after_turn = state.pop("after_turn", None)
+if after_turn:
+    for note in after_turn["notes"]:
+        st.info(note)
+    if after_turn["error"]:
+        st.error(after_turn["error"])
+    if after_turn.get("unstored"):
+        with st.chat_message("assistant"):
+            st.markdown(no_remote_images(after_turn["unstored"]))
+    if after_turn["handback"]:
+        st.caption("Your message was not added to the conversation; here it is to edit and resend:")
+        st.code(after_turn["handback"], language=None)
