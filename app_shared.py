@@ -10,6 +10,7 @@ import streamlit as st
 from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
 from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.telemetry.gpu_monitor import Monitor
+from glm_core.backends.config import configured_backends, conversation_backend
 from glm_core.backends.hub import EngineHub
 from glm_core.conversations.store import Store
 from glm_core.conversations.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
@@ -19,8 +20,33 @@ WORKSPACE_PARAM = "ws"
 
 @st.cache_resource(show_spinner=False)
 def get_hub() -> EngineHub:
-    """One hub per server process: every browser session shares the loaded model and its engine."""
-    return EngineHub()
+    """One hub per server process: every browser session shares the loaded model and the remote backends, as
+    secrets.toml's [backends] or GLM_BACKENDS name them (a configuration that cannot be read is shown, and the
+    portal falls back to the one local model)."""
+    hub = EngineHub()
+    try:
+        hub.configure(configured_backends(_secret_section("backends")))
+    except ValueError as exc:
+        hub.config_error = f"The backends configuration was not used: {exc}"
+        hub.configure(configured_backends(None, env={}))
+    return hub
+
+
+def _secret_section(name: str) -> dict | None:
+    try:
+        value = st.secrets.get(name)
+    except FileNotFoundError as exc:
+        if getattr(exc, "error_id", None) == "no-secrets-found":
+            return None
+        raise
+    return dict(value) if value else None
+
+
+def is_admin() -> bool:
+    """Whether this browser session may change what everyone uses (add or remove backends). Hook for the admin
+    roles of issue 15: until they exist, nobody may from the UI, and backends are configured by whoever runs the
+    portal (GLM_BACKENDS, secrets.toml); EngineHub.add_remote and remove are what an admin page calls."""
+    return False
 
 
 @st.cache_resource(show_spinner=False)
@@ -71,11 +97,25 @@ def ensure_engine() -> Backend | None:
     hub = get_hub()
     if hub.engine is not None:
         return hub.engine
-    spec = ModelSpec.from_settings()
+    spec = hub.local_spec or ModelSpec.from_settings()
     if hub.last_error_spec == spec:
         st.error(f"Could not load the model: {hub.last_error}")
         return None
     return load_with_progress(spec)
+
+
+def backend_choice(stored: str | None) -> tuple[str | None, str | None]:
+    """The backend name a conversation talks to (see conversation_backend) and a note when its own is gone."""
+    hub = get_hub()
+    return conversation_backend(stored, hub.names(), hub.default_name)
+
+
+def backend_named(name: str | None) -> Backend | None:
+    """The named backend; the local one is loaded on first use (with its progress bar)."""
+    hub = get_hub()
+    if name is None or hub.is_local(name):
+        return ensure_engine()
+    return hub.get(name)
 
 
 # ---- who may see what --------------------------------------------------------------------------------------

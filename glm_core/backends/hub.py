@@ -32,6 +32,7 @@ class EngineHub:
         self.last_error: str | None = None
         self.last_error_spec: ModelSpec | None = None
         self.configured = False
+        self.config_error: str | None = None  # why the configured backends were not used (shown by the portal)
         if entries is not None:
             self.configure(entries)
 

@@ -277,7 +277,7 @@ class RemoteBackend:
         (vLLM, SGLang), else None. There is no batch limit known here."""
         with self._lock:
             here = len(self._active)
-        metrics = self.metrics() or {}
+        metrics = self.metrics(wait=False) or {}
         return {"running": int(metrics["running"]) if "running" in metrics else here,
                 "waiting": int(metrics["waiting"]) if "waiting" in metrics else 0,
                 "max_batch": None, "in_flight_here": here}
@@ -331,13 +331,20 @@ class RemoteBackend:
         except Exception as exc:  # noqa: BLE001 (closed meanwhile, or an answer that is no model list)
             self._models_error = f"{self.target.host}: {_one_line(str(exc)) or type(exc).__name__}"
 
-    def metrics(self, max_age_s: float = 2.0) -> dict | None:
+    def metrics(self, max_age_s: float = 2.0, wait: bool = True) -> dict | None:
         """The server's Prometheus figures (KV-cache usage 0..1, running, waiting) when it serves /metrics;
-        None when it does not or cannot be reached. Cached for `max_age_s`."""
+        None when it does not or cannot be reached. Cached for `max_age_s`; with `wait=False`, the cached figures
+        at once and a refresh in the background (a page redraw never waits on a slow server)."""
         now = time.monotonic()
         if now - self._metrics_at < max_age_s:
             return self._metrics
         self._metrics_at = now
+        if not wait:
+            threading.Thread(target=self._fetch_metrics, daemon=True, name="glm-remote-metrics").start()
+            return self._metrics
+        return self._fetch_metrics()
+
+    def _fetch_metrics(self) -> dict | None:
         request = urllib.request.Request(f"{self.target.server_root}/metrics",
                                          headers={"Authorization": f"Bearer {self._key}"})
         try:
