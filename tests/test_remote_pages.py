@@ -82,3 +82,10 @@ def test_gpu_monitor_shows_a_remote_servers_metrics(data_dir, remotes):
     assert not page.exception
     text = " ".join(m.value for m in page.markdown) + " ".join(c.value for c in page.caption)
     assert "srv\\-slow" in text and "KV cache 25 % used · 0 running · 0 waiting" in text
+
+
+def test_quantization_page_says_remote_models_are_measured_on_their_server(data_dir, remotes):
+    page = AppTest.from_file(str(ROOT / "pages" / "2_Quantization.py"), default_timeout=60)
+    page.run()
+    assert not page.exception
+    assert any("srv\\-words" in i.value and "measured on it" in i.value for i in page.info)
