@@ -1,4 +1,5 @@
-"""Command line: `python -m glm_core chat | export | import | workspaces | bench turns|concurrency|quant|memory | estimate`."""
+"""Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|quant|memory |
+estimate`."""
 
 from __future__ import annotations
 
@@ -165,6 +166,31 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The HTTP API alone (no portal), on one model: for scripts, notebooks and other front ends."""
+    import uvicorn
+
+    from .api import create_app, load_api_config
+    from .backends.hub import EngineHub
+
+    config = load_api_config()  # a bad key setting fails here, before the model loads
+    if not config.keys_configured and not config.open_to_network:
+        print("[serve] no API keys configured (GLM_API_KEYS): only clients on this machine are answered",
+              file=sys.stderr)
+    hub = EngineHub()
+
+    def progress(_fraction: float, message: str) -> None:
+        print(f"[load] {message}", file=sys.stderr)
+
+    hub.load(ModelSpec(args.model, args.precision, args.device, args.family, args.group_size), progress)
+    try:
+        uvicorn.run(create_app(lambda: hub.engine, config), host=args.host, port=args.port,
+                    log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        hub.unload()
+    return 0
+
+
 def existing_workspace(store: Store, workspace: str) -> str:
     check_cli_workspace_id(workspace)
     if not store.workspace_exists(workspace):
@@ -319,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--conversation", metavar="TITLE",
                       help="continue the newest conversation with this title in the workspace, or start it")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (OpenAI-compatible and the seeds' routes) alone")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
 
     export = sub.add_parser("export", help="export a workspace's conversations")
     export.add_argument("--workspace", required=True)

@@ -124,6 +124,16 @@ class Engine:
         with self._tokenizer_lock:
             return self.loaded.chat_format.encode(list(messages))
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text, no special tokens (the API's /tokenize and embeddings)."""
+        with self._tokenizer_lock:
+            return list(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary's piece for each id (the API's /tokenize)."""
+        with self._tokenizer_lock:
+            return list(self.loaded.tokenizer.convert_ids_to_tokens(list(ids)))
+
     def forget(self, conversation_id: str) -> None:
         """Free a conversation's kept cache (new conversation, clear, deleted)."""
         self.pool.drop(conversation_id)

@@ -1,0 +1,108 @@
+"""The HTTP API's settings, read in one place: who may call it (API keys, the network) and the bounds on a request.
+
+GLM_API_KEYS                 keys that may call every route but /free_gc, separated by commas or spaces
+GLM_API_ADMIN_KEYS           keys that may also call the routes that change the server (/free_gc)
+GLM_API_OPEN_TO_NETWORK      1: without keys, answer clients on other machines too (default: this machine only)
+GLM_API_SEEDS_WITHOUT_KEY    1: the seeds' routes (/, /chat, /stream, /chat-stream, /tokenize, /embedding) answer
+                             without a key, for their old clients that send none; /v1 and /free_gc still need one
+GLM_API_MAX_BODY_MB          request bodies larger than this are refused with 413 (default 4)
+GLM_API_MAX_TOKENS           the most tokens one request may ask to generate (default 4096)
+GLM_API_MAX_EMBEDDING_INPUTS texts one embeddings request may hold (default 256)
+
+Keys may also come from `.streamlit/secrets.toml` (the project's, then ~/.streamlit/, as Streamlit reads them):
+`api_keys = ["...", ...]` and `api_admin_keys = ["..."]`; keys from both places are accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ..settings import PROJECT_ROOT
+
+SECRETS_FILES = (Path.home() / ".streamlit" / "secrets.toml", PROJECT_ROOT / ".streamlit" / "secrets.toml")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_body_bytes: int = 4 * 2**20
+    max_tokens: int = 4096
+    default_max_tokens: int = 1024  # when a request names none (SamplingParams' default)
+    max_embedding_inputs: int = 256
+    retry_after_s: int = 1  # what a 429 tells a client to wait; the queue moves at every finished reply
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    open_to_network: bool = False
+    seeds_without_key: bool = False
+    limits: ApiLimits = ApiLimits()
+
+    @property
+    def keys_configured(self) -> bool:
+        return bool(self.keys or self.admin_keys)
+
+
+def load_api_config(env: Mapping[str, str] | None = None, secrets_files=SECRETS_FILES) -> ApiConfig:
+    """Read the environment and the secrets files. A secrets file that cannot be read raises ValueError: a typo
+    there must not silently leave the API without its keys."""
+    env = os.environ if env is None else env
+    keys, admin_keys = _split(env.get("GLM_API_KEYS", "")), _split(env.get("GLM_API_ADMIN_KEYS", ""))
+    for path in secrets_files:
+        secrets = _read_secrets(Path(path))
+        keys += _key_list(secrets.get("api_keys"), path, "api_keys")
+        admin_keys += _key_list(secrets.get("api_admin_keys"), path, "api_admin_keys")
+    limits = ApiLimits(
+        max_body_bytes=_positive(env, "GLM_API_MAX_BODY_MB", 4) * 2**20,
+        max_tokens=_positive(env, "GLM_API_MAX_TOKENS", ApiLimits.max_tokens),
+        max_embedding_inputs=_positive(env, "GLM_API_MAX_EMBEDDING_INPUTS", ApiLimits.max_embedding_inputs),
+    )
+    return ApiConfig(
+        keys=tuple(dict.fromkeys(keys)), admin_keys=tuple(dict.fromkeys(admin_keys)),
+        open_to_network=env.get("GLM_API_OPEN_TO_NETWORK", "").strip().lower() in _TRUE,
+        seeds_without_key=env.get("GLM_API_SEEDS_WITHOUT_KEY", "").strip().lower() in _TRUE,
+        limits=limits,
+    )
+
+
+def _split(text: str) -> list[str]:
+    return [key for key in re.split(r"[\s,]+", text) if key]
+
+
+def _read_secrets(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the secrets file ({exc})") from None
+
+
+def _key_list(value, path, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return _split(value)
+    if isinstance(value, list) and all(isinstance(key, str) for key in value):
+        return [key for key in value if key]
+    raise ValueError(f"{path}: {name} must be a list of strings")
+
+
+def _positive(env, name: str, default: int) -> int:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {text!r}")
+    return value

@@ -1,0 +1,263 @@
+"""Between the routes and the backend: a chat request made ready (its token budget checked), submitted under the
+conversation id that reuses its kept cache, and read from the event loop as text deltas with stop strings
+applied, stopping the backend's request the moment the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from anyio import to_thread
+from starlette.requests import Request as HttpRequest
+
+from ..protocol import (
+    Backend, ConversationBusy, Delta, Event, Finished, Reply, Request, SamplingParams, validate_messages,
+)
+from .access import Caller
+from .config import ApiLimits
+from .conversation_ids import StatelessConversations
+from .errors import ApiError, backend_error
+
+FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the engine's words -> OpenAI's
+
+
+def model_name(backend: Backend) -> str:
+    return str(backend.card().get("name") or backend.spec.path)
+
+
+def model_context(backend: Backend) -> int:
+    """The most tokens (prompt and reply) the model takes."""
+    return int(backend.card().get("max_context") or SamplingParams().max_length)
+
+
+async def count_prompt_tokens(backend: Backend, messages: list[dict]) -> int | None:
+    """Tokens of the whole conversation in the model's format; None where the backend cannot tokenize here."""
+    if not backend.capabilities.tokenize:
+        return None
+    return len(await to_thread.run_sync(backend.encode_chat, messages))
+
+
+def reply_budget(prompt_tokens: int | None, context: int, max_tokens: int | None, limits: ApiLimits) -> int:
+    """max_tokens as OpenAI means it (tokens to generate): bounded by the API's limit and what the context has
+    left after the prompt; too much is a clear 400, never a silently cut prompt."""
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens is {max_tokens}, but this server generates at most {limits.max_tokens} "
+                            "tokens per request", "max_tokens_too_large", "max_tokens")
+    room = context - (prompt_tokens or 0)
+    if prompt_tokens is not None and (room < 1 or (max_tokens is not None and max_tokens > room)):
+        wanted = max_tokens if max_tokens is not None else 1
+        raise ApiError(400, f"this model's context is {context} tokens; the messages take {prompt_tokens} and "
+                            f"{wanted} more were asked for the reply. Shorten the messages or lower max_tokens.",
+                       "context_length_exceeded", "messages")
+    if max_tokens is not None:
+        return max_tokens
+    return max(1, min(limits.default_max_tokens, room - 1 if prompt_tokens is None else room))
+
+
+def checked_messages(messages: list[dict]) -> list[dict]:
+    try:
+        return validate_messages(messages)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+
+
+def checked_params(**controls) -> SamplingParams:
+    try:
+        return SamplingParams(**controls).validate()
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+async def total_length_params(backend: Backend, messages: list[dict], max_length: int, limits: ApiLimits,
+                              **controls) -> tuple[SamplingParams, int | None]:
+    """The seeds' max_length: prompt and reply together, as ChatGLM's chat() counts it. Returns the controls and
+    the prompt's tokens."""
+    max_length = min(max_length, model_context(backend))
+    prompt_tokens = await count_prompt_tokens(backend, messages)
+    if prompt_tokens is None:
+        max_new = min(limits.default_max_tokens, max_length - 1)
+    elif prompt_tokens >= max_length:
+        raise ApiError(400, f"the conversation takes {prompt_tokens} tokens, so max_length {max_length} leaves no "
+                            "room for a reply", "context_length_exceeded", "max_length")
+    else:
+        max_new = min(max_length - prompt_tokens, limits.max_tokens)
+    return checked_params(max_length=max_length, max_new_tokens=max_new, **controls), prompt_tokens
+
+
+class StopStrings:
+    """Cuts the reply at the first stop string. Text that may be the start of one is held back until it is
+    certain, so a client never sees part of a stop string."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        if self.hit:
+            return ""
+        if not self.stops:
+            return text
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending, self.hit = self.pending[: min(found)], "", True
+            return out
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.pending) + 1))
+                    if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.hit else self.pending), ""
+        return out
+
+
+async def _events(request: Request) -> AsyncIterator[Event]:
+    """The request's events on the event loop. A thread of its own waits on the backend's queue (it ends with the
+    request, which always finishes), so a slow or waiting request never holds a worker of the shared pool."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def pump() -> None:
+        for event in request.events():
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                request.stop()
+                return
+
+    threading.Thread(target=pump, name=f"api-events-{request.id}", daemon=True).start()
+    held: Event | None = None
+    while True:
+        event, held = (held, None) if held is not None else (await queue.get(), None)
+        if isinstance(event, Delta):  # deltas already waiting go out as one
+            pieces = [event.text]
+            while not queue.empty():
+                following = queue.get_nowait()
+                if not isinstance(following, Delta):
+                    held = following
+                    break
+                pieces.append(following.text)
+            event = Delta("".join(pieces))
+        yield event
+        if isinstance(event, Finished):
+            return
+
+
+@dataclass
+class Generation:
+    """One reply for an API client. Iterate `deltas()` (or await `collect()`), then read `text`,
+    `finish_reason` and the usage figures."""
+
+    request: Request
+    messages: list[dict]
+    caller: Caller
+    conversations: StatelessConversations
+    stop: StopStrings
+    text: str = ""
+    reply: Reply | None = None
+    client_gone: bool = False
+    _ended: bool = field(default=False, repr=False)
+
+    @classmethod
+    def submit(cls, backend: Backend, conversations: StatelessConversations, caller: Caller,
+               messages: list[dict], params: SamplingParams, stop: Sequence[str] = (),
+               limits: ApiLimits = ApiLimits()) -> "Generation":
+        conversation_id = conversations.claim(caller.scope, messages)
+        try:
+            try:
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner)
+            except ConversationBusy:  # a reply this client left is still ending there: start afresh
+                conversations.release(caller.scope, conversation_id, None)
+                conversation_id = conversations.claim(caller.scope, messages, fresh=True)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner)
+        except Exception as exc:
+            conversations.release(caller.scope, conversation_id, None)
+            raise backend_error(exc, limits.retry_after_s) from None
+        return cls(request, messages, caller, conversations, StopStrings(stop))
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
+        the backend's request at its next token."""
+        try:
+            async for event in _events(self.request):
+                if isinstance(event, Delta):
+                    piece = self.stop.push(event.text)
+                    if self.stop.hit:
+                        self.request.stop()  # the rest is not wanted; Finished follows within a token
+                    if piece:
+                        self.text += piece
+                        yield piece
+                elif isinstance(event, Finished):
+                    self.reply = event.reply
+                    tail = self.stop.flush()
+                    if tail:
+                        self.text += tail
+                        yield tail
+        finally:
+            if self.reply is None:
+                self.client_gone = True
+                self.request.stop()
+            self._end()
+
+    async def collect(self, http_request: HttpRequest) -> str:
+        """The whole reply, for a non-streamed response; a client that disconnects meanwhile stops it."""
+        watcher = asyncio.create_task(_stop_when_disconnected(http_request, self.request))
+        try:
+            async for _ in self.deltas():
+                pass
+        finally:
+            watcher.cancel()
+        return self.text
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        reply = self.reply
+        keep = reply is not None and reply.error is None and not self.client_gone
+        conversation = self.messages + [{"role": "assistant", "content": self.text}] if keep else None
+        self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
+
+    # ---- how it ended ----
+
+    def raise_for_error(self) -> None:
+        """An error the backend reported while generating, as an ApiError (503 when it is about capacity)."""
+        if self.reply is None or self.reply.error is None:
+            return
+        message = self.reply.error
+        if "out of memory" in message or "unloaded" in message:
+            raise ApiError(503, message, "model_unavailable")
+        if "too long" in message.lower():
+            raise ApiError(400, message, "context_length_exceeded", "messages")
+        raise ApiError(500, message, "generation_failed")
+
+    @property
+    def finish_reason(self) -> str:
+        if self.stop.hit:
+            return "stop"
+        return FINISH_REASONS.get(self.reply.finish_reason if self.reply else "", "stop")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.reply.stats.prompt_tokens if self.reply else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.reply.stats.completion_tokens if self.reply else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.reply.stats.reused_tokens if self.reply else 0
+
+
+async def _stop_when_disconnected(http_request: HttpRequest, request: Request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            request.stop()
+            return

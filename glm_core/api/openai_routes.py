@@ -1,0 +1,120 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions (streamed as server-sent events, or whole),
+/v1/embeddings. Thin: checks and shapes only; generation.py talks to the backend."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import struct
+import time
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette.sse import EventSourceResponse
+
+from ..protocol import Backend
+from .access import Caller
+from .embeddings import embed
+from .errors import ApiError
+from .generation import (
+    Generation, checked_messages, checked_params, count_prompt_tokens, model_context, model_name, reply_budget,
+)
+from .schemas import (
+    ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest, ModelCard, ModelList,
+)
+from .state import ApiState, api_caller, api_state, loaded_backend
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+SSE_PING_S = 15  # a comment line keeps proxies from closing a stream that waits in the queue
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(_caller: Caller = Depends(api_caller), backend: Backend = Depends(loaded_backend)):
+    card = backend.card()
+    loaded_at = int(time.time() - float(card.get("load_seconds") or 0))
+    return ModelList(data=[ModelCard(id=model_name(backend), created=loaded_at)])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "a chat.completion, or with stream=true its chunks as server-sent events"}})
+async def chat_completions(body: ChatCompletionRequest, http_request: Request,
+                           caller: Caller = Depends(api_caller), backend: Backend = Depends(loaded_backend),
+                           state: ApiState = Depends(api_state)):
+    body.check_supported()
+    messages = checked_messages([m.plain() for m in body.messages])
+    stops = body.stop_strings()
+    context = model_context(backend)
+    prompt_tokens = await count_prompt_tokens(backend, messages)
+    max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
+    defaults = checked_params()
+    params = checked_params(
+        max_length=context, max_new_tokens=max_new,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed,
+    )
+    generation = Generation.submit(backend, state.conversations, caller, messages, params, stops, state.limits)
+    completion_id, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), model_name(backend)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_chunks(generation, completion_id, created, model, include_usage),
+                                   sep="\n", ping=SSE_PING_S)
+    await generation.collect(http_request)
+    generation.raise_for_error()
+    return ChatCompletion(
+        id=completion_id, created=created, model=model,
+        choices=[{"message": {"content": generation.text}, "finish_reason": generation.finish_reason}],
+        usage=_usage(generation),
+    )
+
+
+def _usage(generation: Generation) -> dict:
+    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": generation.cached_tokens}}
+
+
+async def _chunks(generation: Generation, completion_id: str, created: int, model: str, include_usage: bool):
+    """OpenAI's stream: a first chunk with the role, one per text delta, one with finish_reason, the usage chunk
+    when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request."""
+
+    def chunk(delta: dict, finish_reason: str | None = None, **extra) -> dict:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+        if include_usage:
+            body.setdefault("usage", None)
+        return {"data": json.dumps(body, ensure_ascii=False)}
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for piece in generation.deltas():
+        yield chunk({"content": piece})
+    try:
+        generation.raise_for_error()
+    except ApiError as exc:  # headers are gone: the error travels as an event, as OpenAI's streams do
+        yield {"data": json.dumps(exc.body(), ensure_ascii=False)}
+        yield {"data": "[DONE]"}
+        return
+    yield chunk({}, generation.finish_reason)
+    if include_usage:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": _usage(generation)}
+        yield {"data": json.dumps(body)}
+    yield {"data": "[DONE]"}
+
+
+@router.post("/embeddings", response_model=EmbeddingList)
+async def embeddings(body: EmbeddingRequest, _caller: Caller = Depends(api_caller),
+                     backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+    if body.dimensions is not None:
+        raise ApiError(400, "dimensions is not supported: the size is the model's hidden size", param="dimensions")
+    inputs = body.input
+    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]
+    vectors, tokens = await embed(backend, list(inputs), state.limits)
+    if body.encoding_format == "base64":  # what the openai client asks for by default: float32, little-endian
+        data = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
+    else:
+        data = vectors
+    return EmbeddingList(data=[{"index": i, "embedding": d} for i, d in enumerate(data)], model=model_name(backend),
+                         usage={"prompt_tokens": tokens, "total_tokens": tokens})

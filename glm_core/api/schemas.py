@@ -1,0 +1,249 @@
+"""Request and response bodies: OpenAI's chat completions, models and embeddings, and the seeds' own shapes
+(ChatGLM's api.py, the stream API, the GLM API) with their exact field names."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ApiError
+
+# ---- OpenAI ------------------------------------------------------------------------------------------------
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: str | None = None
+
+    def plain(self) -> dict:
+        """{"role", "content"} as the backend takes it: text parts joined; `developer` is OpenAI's new name for
+        the system role."""
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        if self.content is None:
+            raise ApiError(400, f"a {self.role} message needs text content (tool calls are not supported)",
+                           param="messages")
+        texts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"only text content parts are supported, got {str(part.get('type'))[:40]!r}",
+                               param="messages")
+            texts.append(part["text"])
+        return {"role": role, "content": "".join(texts)}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"example": {
+        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}})
+
+    model: str | None = Field(None, description="any name is accepted; the reply names the loaded model")
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 0.8")
+    top_p: float | None = Field(None, gt=0, le=1, description="default 0.8")
+    top_k: int | None = Field(None, ge=0, description="extension; 0 is off")
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension; 1.0 is off")
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    user: str | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise ApiError(400, "at most 4 stop strings", param="stop")
+        return [s for s in stops if s]
+
+    def check_supported(self) -> None:
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        if self.tools:
+            raise ApiError(400, "tools are not supported", param="tools")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = Field(
+        None, description="cached_tokens: prompt tokens taken from the kept KV cache")
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "glm-dashboard"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ---- the seeds ---------------------------------------------------------------------------------------------
+
+History = Union[list[list[str]], None]
+
+
+def history_messages(history: History) -> list[dict]:
+    """[[question, answer], ...] as messages. A flat [q, a, q, a] inside one list (what the GLM API's TypeScript
+    client sends) is read as pairs too."""
+    messages = []
+    for item in history or []:
+        if len(item) % 2:
+            raise ApiError(400, "each history item must be a [question, answer] pair", param="history")
+        for question, answer in zip(item[::2], item[1::2]):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def history_pairs(history: History) -> list[list[str]]:
+    messages = history_messages(history)
+    return [[q["content"], a["content"]] for q, a in zip(messages[::2], messages[1::2])]
+
+
+class ChatGLMRequest(BaseModel):
+    """ChatGLM's api.py (`POST /`). Its defaults: max_length 2048, top_p 0.7, temperature 0.95."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "你好", "history": []}})
+
+    prompt: str
+    history: History = None
+    max_length: int | None = Field(None, ge=2)
+    top_p: float | None = Field(None, ge=0, le=1, description="0 means the default, as in the original")
+    temperature: float | None = Field(None, ge=0, le=100, description="unlike the original, 0 means greedy")
+
+
+class ChatGLMResponse(BaseModel):
+    response: str
+    history: list[list[str]]
+    status: int = 200
+    time: str = Field(description="YYYY-mm-dd HH:MM:SS")
+
+
+class StreamApiRequest(BaseModel):
+    """The stream API's `/chat` and `/stream` (the model's own defaults)."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"query": "你好", "history": []}})
+
+    query: str
+    history: History = None
+
+
+class GlmApiRequest(BaseModel):
+    """The GLM API's `/chat` and `/chat-stream`. Its defaults: max_length 4096, top_p 0.7, temperature 0.95."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "prompt": "蓝牙耳机坏了我应该去医院看什么科？", "history": [], "max_length": 4096, "top_p": 0.5,
+        "temperature": 1}})
+
+    prompt: str
+    history: History = None
+    max_length: int | None = Field(None, ge=2)
+    top_p: float | None = Field(None, ge=0, le=1, description="0 means the default, as in the original")
+    temperature: float | None = Field(None, ge=0, le=100)
+
+
+class StreamApiChatResponse(BaseModel):
+    query: str
+    response: str
+    history: list[list[str]]
+    success: bool
+
+
+class GlmApiChatResponse(BaseModel):
+    content: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "如果给你一个机会，你会想逃离你所在的虚拟世界吗？",
+                                                             "max_length": 4096}})
+
+    prompt: str
+    max_length: int | None = Field(None, ge=1, description="ids past this are cut (default 4096)")
+
+
+class TokenizeResponse(BaseModel):
+    tokenIds: list[int]  # noqa: N815 (the seed's field name)
+    tokens: list[str]
+
+
+class SeedEmbeddingRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": ["hello world", "hello GPT"]}})
+
+    prompt: Union[list[str], str]
+
+
+class SeedEmbeddingResponse(BaseModel):
+    data: list[list[float]]
+    model: str
+    object: Literal["embedding"] = "embedding"

@@ -1,0 +1,162 @@
+"""The seeds' routes, with their request and response fields exactly as their clients send and read them:
+
+- ChatGLM's api.py: `POST /` {prompt, history, max_length?, top_p?, temperature?} -> {response, history, status,
+  time}. Unlike the original, an explicit temperature 0 means greedy.
+- The stream API: `POST /chat` {query, history} -> {query, response, history, success}; `POST /stream` (events
+  named `delta`); `GET /free_gc` -> {success} (an admin route here).
+- The GLM API: `POST /chat` {prompt, history, max_length, top_p, temperature} -> {content, prompt_tokens,
+  completion_tokens, total_tokens, model, object}; `POST /chat-stream`; `POST /tokenize`; `POST /embedding`.
+
+Their streams use sse-starlette's `\\r\\n` line ends, as the seeds (built on it) did; /v1 uses OpenAI's `\\n`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Union
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, Request
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from ..protocol import Backend
+from .access import Caller
+from .embeddings import embed
+from .errors import ApiError
+from .generation import Generation, checked_messages, model_name, total_length_params
+from .schemas import (
+    ChatGLMRequest, ChatGLMResponse, GlmApiChatResponse, GlmApiRequest, History, SeedEmbeddingRequest,
+    SeedEmbeddingResponse, StreamApiChatResponse, StreamApiRequest, TokenizeRequest, TokenizeResponse,
+    history_messages, history_pairs,
+)
+from .state import ApiState, admin_caller, api_state, loaded_backend, seed_caller
+
+router = APIRouter(tags=["The seeds' routes"])
+
+# The seeds' defaults when a request leaves a control out (or, for the originals' `x if x else default`, sends 0).
+CHATGLM_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}  # ChatGLM's api.py
+GLM_API_DEFAULTS = {"max_length": 4096, "top_p": 0.7, "temperature": 0.95}  # the GLM API
+STREAM_API_MAX_LENGTH = 8192  # the stream API called the model's chat() with its own defaults
+TOKENIZE_MAX_LENGTH = 4096
+
+
+async def _start(backend: Backend, state: ApiState, caller: Caller, history: History, prompt: str,
+                 max_length: int | None, defaults: dict, **controls) -> tuple[Generation, int | None]:
+    messages = checked_messages(history_messages(history) + [{"role": "user", "content": prompt}])
+    controls = {k: v for k, v in controls.items() if v is not None}
+    params, prompt_tokens = await total_length_params(
+        backend, messages, max_length or defaults["max_length"], state.limits,
+        top_p=controls.get("top_p") or defaults["top_p"],  # 0 meant "the default" in the originals
+        temperature=controls.get("temperature", defaults["temperature"]),  # 0 is greedy here
+    )
+    return Generation.submit(backend, state.conversations, caller, messages, params, limits=state.limits), prompt_tokens
+
+
+@router.post("/", response_model=ChatGLMResponse, summary="ChatGLM's api.py")
+async def chatglm_api(body: ChatGLMRequest, http_request: Request, caller: Caller = Depends(seed_caller),
+                      backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+    generation, _ = await _start(backend, state, caller, body.history, body.prompt, body.max_length,
+                                 CHATGLM_DEFAULTS, top_p=body.top_p, temperature=body.temperature)
+    response = await generation.collect(http_request)
+    generation.raise_for_error()
+    return {"response": response, "history": history_pairs(body.history) + [[body.prompt, response]],
+            "status": 200, "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+
+
+@router.post("/chat", response_model=Union[StreamApiChatResponse, GlmApiChatResponse],
+             summary="The stream API's chat ({query, history}) or the GLM API's ({prompt, history, ...})")
+async def chat(body: Union[StreamApiRequest, GlmApiRequest], http_request: Request,
+               caller: Caller = Depends(seed_caller), backend: Backend = Depends(loaded_backend),
+               state: ApiState = Depends(api_state)):
+    if isinstance(body, StreamApiRequest):
+        generation, _ = await _start(backend, state, caller, body.history, body.query, STREAM_API_MAX_LENGTH,
+                                     {"max_length": STREAM_API_MAX_LENGTH, "top_p": 0.8, "temperature": 0.8})
+        response = await generation.collect(http_request)
+        generation.raise_for_error()
+        return {"query": body.query, "response": response,
+                "history": history_pairs(body.history) + [[body.query, response]], "success": True}
+    generation, _ = await _start(backend, state, caller, body.history, body.prompt, body.max_length,
+                                 GLM_API_DEFAULTS, top_p=body.top_p, temperature=body.temperature)
+    content = await generation.collect(http_request)
+    generation.raise_for_error()
+    return {"content": content, "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+            "model": model_name(backend), "object": "chat.completion"}
+
+
+@router.post("/stream", summary="The stream API's stream: events named `delta`",
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def stream(body: StreamApiRequest, caller: Caller = Depends(seed_caller),
+                 backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+    generation, _ = await _start(backend, state, caller, body.history, body.query, STREAM_API_MAX_LENGTH,
+                                 {"max_length": STREAM_API_MAX_LENGTH, "top_p": 0.8, "temperature": 0.8})
+
+    async def events():
+        response = ""
+        async for piece in generation.deltas():
+            response += piece
+            yield ServerSentEvent(_json({"delta": piece, "response": response, "finished": False}), event="delta")
+        try:
+            generation.raise_for_error()
+        except ApiError as exc:
+            yield ServerSentEvent(_json(exc.body()), event="error")
+            return
+        history = history_pairs(body.history) + [[body.query, response]]
+        yield ServerSentEvent(_json({"query": body.query, "delta": "[EOS]", "response": response, "history": history,
+                                     "finished": True}), event="delta")
+
+    return EventSourceResponse(events())
+
+
+@router.post("/chat-stream", summary="The GLM API's stream: one data event per delta",
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_stream(body: GlmApiRequest, caller: Caller = Depends(seed_caller),
+                      backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+    generation, prompt_tokens = await _start(backend, state, caller, body.history, body.prompt, body.max_length,
+                                             GLM_API_DEFAULTS, top_p=body.top_p, temperature=body.temperature)
+    model = model_name(backend)
+
+    async def events():
+        pieces = 0  # completion tokens so far, counted by deltas (a delta is one token or a few)
+        async for piece in generation.deltas():
+            pieces += 1
+            yield {"data": _json({"content": piece, "prompt_tokens": prompt_tokens or 0, "completion_tokens": pieces,
+                                  "total_tokens": (prompt_tokens or 0) + pieces, "model": model,
+                                  "object": "chat.completion"})}
+        try:
+            generation.raise_for_error()
+        except ApiError as exc:
+            yield ServerSentEvent(_json(exc.body()), event="error")
+
+    return EventSourceResponse(events())
+
+
+@router.get("/free_gc", summary="The seeds' torch_gc: free cached memory (admin)")
+async def free_gc(_caller: Caller = Depends(admin_caller)):
+    from ..telemetry.memory import free_cached_memory
+
+    await to_thread.run_sync(free_cached_memory)
+    return {"success": True}
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, summary="The GLM API's tokenize")
+async def tokenize(body: TokenizeRequest, _caller: Caller = Depends(seed_caller),
+                   backend: Backend = Depends(loaded_backend)):
+    if not (backend.capabilities.tokenize and hasattr(backend, "tokenize")):
+        raise ApiError(400, "this backend does not tokenize here", "tokenize_unavailable")
+    ids = (await to_thread.run_sync(backend.tokenize, body.prompt))[: body.max_length or TOKENIZE_MAX_LENGTH]
+    return {"tokenIds": ids, "tokens": await to_thread.run_sync(backend.token_strings, ids)}
+
+
+@router.post("/embedding", response_model=SeedEmbeddingResponse, summary="The GLM API's embedding")
+async def embedding(body: SeedEmbeddingRequest, _caller: Caller = Depends(seed_caller),
+                    backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    vectors, _ = await embed(backend, texts, state.limits)
+    return {"data": vectors, "model": model_name(backend), "object": "embedding"}
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
