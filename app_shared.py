@@ -97,7 +97,7 @@ def ensure_engine() -> Backend | None:
     hub = get_hub()
     if hub.engine is not None:
         return hub.engine
-    spec = hub.local_spec or ModelSpec.from_settings()
+    spec = hub.default_local_spec()
     if hub.last_error_spec == spec:
         st.error(f"Could not load the model: {hub.last_error}")
         return None

@@ -43,6 +43,7 @@ class BackendEntry:
     name: str
     spec: ModelSpec
     api_key: str | None = field(default=None, repr=False, compare=False)  # never printed, logged or shown
+    from_settings: bool = field(default=False, compare=False)  # no backend configured: GLM_MODEL_PATH as it is now
 
     @property
     def remote(self) -> bool:
@@ -129,7 +130,7 @@ def configured_backends(secrets_section: Mapping | None = None, env: Mapping[str
     spec = ModelSpec.from_settings()
     if is_remote(spec.path):
         return [make_entry(DEFAULT_LOCAL_NAME, spec.path, env=env)]
-    return [BackendEntry(DEFAULT_LOCAL_NAME, spec)]
+    return [BackendEntry(DEFAULT_LOCAL_NAME, spec, from_settings=True)]
 
 
 def conversation_backend(stored: str | None, available: list[str], default: str | None) -> tuple[str | None, str | None]:

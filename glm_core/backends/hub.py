@@ -47,6 +47,7 @@ class EngineHub:
                     self._remotes[entry.name] = RemoteBackend(entry.spec, api_key=entry.api_key, name=entry.name)
                 else:
                     self.local_name, self.local_spec = entry.name, entry.spec
+                    self._local_follows_settings = entry.from_settings
             self._order = [e.name for e in entries]
 
     # ---- what is offered -----------------------------------------------------------------------------------
@@ -74,6 +75,12 @@ class EngineHub:
         if name == self.local_name:
             return self._engine
         return self._remotes.get(name) if name else None
+
+    def default_local_spec(self) -> ModelSpec:
+        """What the local slot loads on first use: the configured local entry, else the settings as they are now."""
+        if self.local_spec is None or getattr(self, "_local_follows_settings", False):
+            return ModelSpec.from_settings()
+        return self.local_spec
 
     def is_local(self, name: str | None) -> bool:
         return name == self.local_name
