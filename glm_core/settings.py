@@ -11,6 +11,8 @@ GLM_MAX_WAITING requests that may wait for a place in the batch (default 64); pa
 GLM_MAX_WAITING_PER_OWNER requests one workspace or API key may have waiting (default 3; one may run)
 GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
 GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
+GLM_BACKENDS    several backends, `name=model-or-URL; ...` (see backends/config.py); remote keys: GLM_BACKEND_<NAME>_KEY,
+                GLM_REMOTE_API_KEY; GLM_REMOTE_TIMEOUT_S bounds the wait for a server's next streamed chunk
 """
 
 from __future__ import annotations
