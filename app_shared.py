@@ -18,6 +18,7 @@ from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
 from glm_core.access import AttemptThrottle, PathNotAllowed, RolePolicy, check_model_path, refusal, throttle_keys
 from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.telemetry.gpu_monitor import Monitor
+from glm_core.backends.config import configured_backends, conversation_backend
 from glm_core.backends.hub import EngineHub
 from glm_core.conversations.store import Store
 from glm_core.conversations.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
@@ -28,8 +29,26 @@ log = logging.getLogger(__name__)
 
 @st.cache_resource(show_spinner=False)
 def get_hub() -> EngineHub:
-    """One hub per server process: every browser session shares the loaded model and its engine."""
-    return EngineHub()
+    """One hub per server process: every browser session shares the loaded model and the remote backends, as
+    secrets.toml's [backends] or GLM_BACKENDS name them (a configuration that cannot be read is shown, and the
+    portal falls back to the one local model)."""
+    hub = EngineHub()
+    try:
+        hub.configure(configured_backends(_secret_section("backends")))
+    except ValueError as exc:
+        hub.config_error = f"The backends configuration was not used: {exc}"
+        hub.configure(configured_backends(None, env={}))
+    return hub
+
+
+def _secret_section(name: str) -> dict | None:
+    try:
+        value = st.secrets.get(name)
+    except FileNotFoundError as exc:
+        if getattr(exc, "error_id", None) == "no-secrets-found":
+            return None
+        raise
+    return dict(value) if value else None
 
 
 @st.cache_resource(show_spinner=False)
@@ -94,7 +113,7 @@ def ensure_engine() -> Backend | None:
     hub = get_hub()
     if hub.engine is not None:
         return hub.engine
-    spec = ModelSpec.from_settings()
+    spec = hub.default_local_spec()
     if hub.last_error_spec == spec:
         st.error(f"Could not load the model: {hub.last_error}")
         return None
@@ -136,6 +155,20 @@ def run_page(file_name: str) -> None:
 @functools.lru_cache(maxsize=8)
 def _compiled(path: str, _mtime_ns: int):
     return compile(Path(path).read_text(encoding="utf-8"), path, "exec")
+
+
+def backend_choice(stored: str | None) -> tuple[str | None, str | None]:
+    """The backend name a conversation talks to (see conversation_backend) and a note when its own is gone."""
+    hub = get_hub()
+    return conversation_backend(stored, hub.names(), hub.default_name)
+
+
+def backend_named(name: str | None) -> Backend | None:
+    """The named backend; the local one is loaded on first use (with its progress bar)."""
+    hub = get_hub()
+    if name is None or hub.is_local(name):
+        return ensure_engine()
+    return hub.get(name)
 
 
 # ---- who may see what --------------------------------------------------------------------------------------

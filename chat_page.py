@@ -3,7 +3,9 @@ shows its figures."""
 
 import streamlit as st
 
-from app_shared import admin_panel, ensure_engine, get_hub, get_store, load_with_progress, open_workspace, plain
+from app_shared import (
+    admin_panel, backend_choice, backend_named, get_hub, get_store, load_with_progress, open_workspace, plain,
+)
 from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, SamplingParams, Started, Truncated
 from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
 from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChanged, NotFound, StorageError

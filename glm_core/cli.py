@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .conversations.conversation import ChatMessage, Conversation
+from .backends.remote import RemoteBackend, is_remote
 from .engine import Engine
 from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
 from .models.loading import LoadedModel, load_model
@@ -24,7 +25,9 @@ WELCOME = "GLM chat on {name} ({precision}, {device}). Type to chat; 'clear' sta
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     settings = load_settings()
-    parser.add_argument("--model", default=settings.model_path, help="model folder or .gguf file (default: embedded)")
+    parser.add_argument("--model", default=settings.model_path,
+                        help="model folder or .gguf file (default: embedded); for chat also an OpenAI-compatible "
+                             "server, http(s)://host:port/v1#model-id (key: GLM_REMOTE_API_KEY)")
     parser.add_argument("--precision", default=settings.precision, help="auto, fp32, bf16, fp16, int8 or int4")
     parser.add_argument("--device", default=settings.device, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--family", default=settings.family, help="auto, chatglm2 or chatglm3 (ChatGLM folders)")
@@ -101,11 +104,14 @@ def cmd_chat(args) -> int:
     if args.conversation and not args.workspace:
         raise ValueError("--conversation needs --workspace (the workspace that keeps it)")
     log = TurnLog(check_cli_workspace_id(args.workspace) if args.workspace else None, args.conversation)
-    loaded = load_from_args(args)
-    engine = Engine(loaded)
+    if is_remote(args.model):
+        engine = RemoteBackend(args.model)  # nothing to load: the server holds the model
+    else:
+        engine = Engine(load_from_args(args))
+    card = engine.card()
     interactive = sys.stdin.isatty()
     if interactive:
-        print(WELCOME.format(**loaded.card()))
+        print(WELCOME.format(**card))
     try:
         while True:
             try:
@@ -125,7 +131,7 @@ def cmd_chat(args) -> int:
                 print("(conversation cleared)")
                 continue
             if interactive:
-                print(f"\n{loaded.name}: ", end="", flush=True)
+                print(f"\n{card['name']}: ", end="", flush=True)
             reply = log.ask(engine, prompt, params, args.system, recompute=args.recompute,
                             show=(lambda delta: print(delta, end="", flush=True)) if interactive else None)
             if interactive:
@@ -135,8 +141,9 @@ def cmd_chat(args) -> int:
                 continue
             if reply.error:
                 print(f"error: {reply.error}", file=sys.stderr)
-                if not interactive:
-                    print(json.dumps({"prompt": prompt, "error": reply.error}, ensure_ascii=False), flush=True)
+                if not interactive:  # a reply cut half-way keeps its text
+                    print(json.dumps({"prompt": prompt, "error": reply.error, "reply": reply.text}, ensure_ascii=False),
+                          flush=True)
                 continue
             if reply.dropped_messages:
                 print(f"(note: {reply.dropped_messages} oldest message(s) no longer fit and were dropped)", file=sys.stderr)

@@ -14,6 +14,8 @@ GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data
 GLM_MODEL_DIRS  folders (separated by the path separator, ":" on Linux) under which an admin may load a model
                 from the pages; unset: any path
 GLM_API_*       the HTTP API's keys and limits: read in glm_core/api/config.py
+GLM_BACKENDS    several backends, `name=model-or-URL; ...` (see backends/config.py); remote keys: GLM_BACKEND_<NAME>_KEY,
+                GLM_REMOTE_API_KEY; GLM_REMOTE_TIMEOUT_S bounds the wait for a server's next streamed chunk
 """
 
 from __future__ import annotations

@@ -48,12 +48,14 @@ engine = hub.engine
 if engine is None:
     st.info(f"No model is loaded. The chat page loads the default model ({plain(ModelSpec.from_settings().path)}) "
             "on its next visit.")
-else:
+elif engine.capabilities.local_model:
     card, load = engine.card(), engine.load_report()
     st.markdown(f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
                 f"weights {format_bytes(card['weights_bytes'])}")
     st.caption(f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
                f"{load['waiting']} waiting")
+else:
+    st.markdown(f"**Model:** {plain(engine.card()['name'])} on a remote server: see Remote servers below.")
 if admin:
     actions = st.container(horizontal=True)
     if actions.button("Free cached memory", key="free_memory",
@@ -104,6 +106,35 @@ def show_gpus(reading) -> None:
         }), hide_index=True, key=f"gpu_{gpu.index}_processes")
 
 
+def show_remote_servers() -> None:
+    """Each remote backend, with what its Prometheus /metrics says (vLLM, SGLang) when it serves one."""
+    remotes = [(name, hub.get(name)) for name in hub.names() if not hub.is_local(name)]
+    if engine is not None and not engine.capabilities.local_model:
+        remotes.insert(0, (hub.local_name, engine))
+    if not remotes:
+        return
+    st.header("Remote servers")
+    st.caption("Their GPUs and memory are measured on their own machines; what a server's /metrics tells is shown here.")
+    for name, backend in remotes:
+        card = backend.card()
+        figures = backend.metrics()
+        line = f"**{plain(name)}** · {plain(card['name'])} at {plain(card['server'])}"
+        if figures is None:
+            st.markdown(line)
+            st.caption("No metrics for this model: the server has no /metrics route (llama.cpp needs --metrics), "
+                       "reports none for this model, or cannot be reached.")
+            continue
+        parts = []
+        if "kv_cache_usage" in figures:
+            parts.append(f"KV cache {figures['kv_cache_usage'] * 100:.0f} % used")
+        if "running" in figures:
+            parts.append(f"{figures['running']:.0f} running")
+        if "waiting" in figures:
+            parts.append(f"{figures['waiting']:.0f} waiting")
+        st.markdown(line)
+        st.caption(" · ".join(parts) or "its /metrics has none of the figures shown here")
+
+
 def show_history() -> None:
     points = monitor.history.points()
     if len(points) < 2:
@@ -140,6 +171,8 @@ def live_figures() -> None:
     available.metric("Host memory available", format_bytes(sample.host["available"]))
     rss.metric("This process (RSS)", format_bytes(sample.process["current"]))
     peak.metric("This process, peak RSS", format_bytes(sample.process["peak"]))
+
+    show_remote_servers()
 
     st.header(f"Last {monitor.history_s / 60:g} minutes")
     show_history()

@@ -21,7 +21,12 @@ st.set_page_config(page_title="Quantization", page_icon="⚖️", layout="wide")
 workspace = open_workspace()
 admin = admin_panel()
 runner = get_bench_runner()
-engine = get_hub().engine
+hub = get_hub()
+engine = hub.engine
+remote_names = [n for n in hub.names() if not hub.is_local(n)]
+if engine is not None and not engine.capabilities.local_model:
+    remote_names.insert(0, hub.local_name)
+    engine = None  # a remote model in the local slot: nothing here to benchmark
 
 st.title("Memory and speed per precision level")
 st.caption(
@@ -31,6 +36,11 @@ st.caption(
     "config.json files run with random weights; perplexity needs real weights. GB = 10⁹ bytes, as the published "
     "tables count."
 )
+
+if remote_names:
+    st.info(f"Remote models ({plain(', '.join(remote_names))}) are not benchmarked here: their memory and precision "
+            "are their server's, measured on it (vLLM: `--dtype`, `--quantization`, and its /metrics; the GPU monitor "
+            "shows what those tell). This page runs presets and local model folders.")
 
 # ---- what to run ---------------------------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ with table_area:
             "Started": [datetime.fromtimestamp(s.created_at, timezone.utc) for s in listed],
             "Last active": [datetime.fromtimestamp(s.updated_at, timezone.utc) for s in listed],
             "Models": [", ".join(s.models) for s in listed],
+            "Talks to": [s.backend or "(default)" for s in listed],
             "Prompt tokens": [s.prompt_tokens for s in listed],
             "Completion tokens": [s.completion_tokens for s in listed],
             "Unfinished replies": [s.unfinished for s in listed],

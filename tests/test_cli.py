@@ -189,3 +189,23 @@ def test_a_reply_survives_the_process_being_killed_mid_generation(tiny_model_dir
     assert store.recover_interrupted() == 1  # what the portal does when it starts
     reply = store.get_conversation("crash", summary.id).messages[1]
     assert reply.status == "interrupted" and reply.content and "interrupted" in reply.stats_line()
+
+
+def test_chat_through_a_remote_server():
+    """`chat --model http://...`: the same JSON lines through an OpenAI-compatible server; a reply cut half-way
+    keeps its text with a one-line reason."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from faulty_openai_server import FaultyServer
+
+    server = FaultyServer().start()
+    try:
+        ok = run_cli("chat", "--model", f"{server.url}#words", "--max-new-tokens", "3", stdin="hi\n", timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        line = json.loads(ok.stdout)
+        assert line["reply"] == "word0 word1 word2" and line["completion_tokens"] == 3 and line["prompt_tokens"] == 7
+        cut = run_cli("chat", "--model", f"{server.url}#cut", stdin="hi\n", timeout=60)
+        line = json.loads(cut.stdout)
+        assert line["reply"] == "word0 word1 word2" and "lost in the middle of the reply" in line["error"]
+        assert "error: the connection to 127.0.0.1" in cut.stderr and "Traceback" not in cut.stderr
+    finally:
+        server.stop()

@@ -142,3 +142,38 @@ def test_owner_workspace_is_random_and_stable(store):
     assert store.workspace_for_owner("https://idp|alice") == first
     assert store.workspace_for_owner("https://idp|bob") != first
     assert is_url_workspace_id(first) and store.workspace_owner(first) == "https://idp|alice"
+
+
+def test_a_version_1_file_is_migrated_and_conversations_remember_their_backend(tmp_path):
+    """Databases written before conversations had a backend open as before: the column is added, NULL = default."""
+    import re
+    import sqlite3
+
+    from glm_core.conversations import store as store_module
+
+    v1_schema, found = re.subn(r",\s*backend TEXT[^\n]*\n", "\n", store_module._SCHEMA)
+    assert found == 1
+    db = sqlite3.connect(tmp_path / store_module.DB_NAME)
+    db.executescript(v1_schema)
+    db.execute("PRAGMA user_version=1")
+    db.execute("INSERT INTO workspaces (id, owner, created_at) VALUES ('ws1', NULL, 1)")
+    db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at) VALUES ('c1', 'ws1', 'Old', 1, 1)")
+    db.commit()
+    db.close()
+
+    store = Store(tmp_path)
+    store2 = Store(tmp_path)  # a second open finds it migrated
+    with sqlite3.connect(store.path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+    old = store2.get_conversation("ws1", "c1")
+    assert old.title == "Old" and old.backend is None
+    store.set_backend("ws1", "c1", "glm4")
+    assert store.get_conversation("ws1", "c1").backend == "glm4"
+    assert store.list_conversations("ws1")[0].backend == "glm4"
+    with pytest.raises(NotFound):
+        store.set_backend("other-ws", "c1", "glm4")
+
+    # A new conversation stores the backend it was started with.
+    conversation = Conversation(backend="vllm")
+    store.begin_turn("ws1", conversation, 0, ChatMessage("user", "hi"), ChatMessage("assistant", ""))
+    assert store.get_conversation("ws1", conversation.id).backend == "vllm"

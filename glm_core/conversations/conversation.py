@@ -93,6 +93,7 @@ class Conversation:
     messages: list[ChatMessage] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     updated_at: float | None = None
+    backend: str | None = None  # the backend it talks to, by name (None: the portal's default)
 
     def model_messages(self, system_prompt: str = "", upto: int | None = None, new_prompt: str | None = None) -> list[dict]:
         """What the engine sees: a system message, then the first `upto` messages (all by default), then the new prompt.

@@ -22,7 +22,7 @@ from ..settings import load_settings
 from .workspace import new_workspace_id
 
 DB_NAME = "conversations.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROLES = ("system", "user", "assistant")
 
 _SCHEMA = f"""
@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     workspace TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
     title TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    backend TEXT                    -- the backend (by its name in GLM_BACKENDS) it talks to; NULL: the default
 );
 CREATE INDEX IF NOT EXISTS conversations_by_workspace ON conversations(workspace, updated_at DESC);
 CREATE TABLE IF NOT EXISTS messages (
@@ -57,6 +58,11 @@ CREATE TABLE IF NOT EXISTS messages (
     UNIQUE (conversation_id, position)
 );
 """
+
+# Steps from one schema version to the next, applied in order to an existing file (a new file gets _SCHEMA).
+_MIGRATIONS = {
+    2: ["ALTER TABLE conversations ADD COLUMN backend TEXT"],  # each conversation remembers its backend
+}
 
 _ROW_FIELDS = ("role", "content", "created_at", "updated_at", "status", "finish_reason", "error", "model", "precision",
                "params", *STATS_FIELDS)
@@ -95,6 +101,7 @@ class ConversationSummary:
     prompt_tokens: int
     completion_tokens: int
     unfinished: int  # assistant messages partial or interrupted
+    backend: str | None = None  # the backend it talks to (None: the default)
 
 
 @dataclass
@@ -117,8 +124,20 @@ class Store:
         with self._connect() as db:
             # WAL: readers never block the writer, and a committed transaction survives a killed process.
             db.execute("PRAGMA journal_mode=WAL")
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # new file (later: migrations by version)
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # new file
                 db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older file up to SCHEMA_VERSION, one step per version, each in one transaction (a second process
+        opening the file meanwhile waits, then finds it done)."""
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS.get(step, []):
+                    db.execute(statement)
+            if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -203,7 +222,7 @@ class Store:
             args += [pattern, pattern]
         with self._connect() as db:
             rows = db.execute(
-                f"""SELECT c.id, c.title, c.created_at, c.updated_at, COUNT(m.id),
+                f"""SELECT c.id, c.title, c.created_at, c.updated_at, c.backend, COUNT(m.id),
                            GROUP_CONCAT(DISTINCT m.model), COALESCE(SUM(m.prompt_tokens), 0),
                            COALESCE(SUM(m.completion_tokens), 0),
                            SUM(CASE WHEN m.status != 'complete' THEN 1 ELSE 0 END)
@@ -213,8 +232,8 @@ class Store:
             ).fetchall()
         return [
             ConversationSummary(cid, title, created, updated, count, sorted((models or "").split(",")) if models else [],
-                                int(prompt), int(completion), int(unfinished or 0))
-            for cid, title, created, updated, count, models, prompt, completion, unfinished in rows
+                                int(prompt), int(completion), int(unfinished or 0), backend)
+            for cid, title, created, updated, backend, count, models, prompt, completion, unfinished in rows
         ]
 
     def get_conversation(self, workspace: str, conversation_id: str) -> Conversation | None:
@@ -225,7 +244,7 @@ class Store:
         """Conversations with their messages, newest first: `ids` of this workspace (unknown ones are skipped),
         or all of it."""
         with self._connect() as db:
-            query = "SELECT id, title, created_at, updated_at FROM conversations WHERE workspace = ?"
+            query = "SELECT id, title, created_at, updated_at, backend FROM conversations WHERE workspace = ?"
             args: list = [workspace]
             if ids is not None:
                 ids = list(ids)
@@ -234,7 +253,7 @@ class Store:
                 query += f" AND id IN ({','.join('?' * len(ids))})"
                 args += ids
             heads = db.execute(query + " ORDER BY updated_at DESC, rowid DESC", args).fetchall()
-            conversations = [Conversation(id=i, title=t, created_at=c, updated_at=u) for i, t, c, u in heads]
+            conversations = [Conversation(id=i, title=t, created_at=c, updated_at=u, backend=b) for i, t, c, u, b in heads]
             for conversation in conversations:
                 rows = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY position",
                                   (conversation.id,)).fetchall()
@@ -246,6 +265,14 @@ class Store:
         with self._connect() as db:
             changed = db.execute("UPDATE conversations SET title = ? WHERE id = ? AND workspace = ?",
                                  (title, conversation_id, workspace)).rowcount
+        if not changed:
+            raise NotFound("no such conversation in this workspace")
+
+    def set_backend(self, workspace: str, conversation_id: str, backend: str | None) -> None:
+        """Switch the backend a conversation talks to (its history goes along; replies keep their model)."""
+        with self._connect() as db:
+            changed = db.execute("UPDATE conversations SET backend = ? WHERE id = ? AND workspace = ?",
+                                 (backend, conversation_id, workspace)).rowcount
         if not changed:
             raise NotFound("no such conversation in this workspace")
 
@@ -275,8 +302,9 @@ class Store:
                 title = clean_title(conversation.title or title_from_prompt(prompt.content if prompt else ""))
                 db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)",
                            (workspace, now))
-                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                           (conversation.id, workspace, title, conversation.created_at, now))
+                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at, backend) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           (conversation.id, workspace, title, conversation.created_at, now, conversation.backend))
                 conversation.title, created = title, True
             elif row[0] != workspace:
                 raise NotFound("no such conversation in this workspace")

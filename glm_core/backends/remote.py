@@ -1,0 +1,466 @@
+"""A backend over any OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, Ollama, this project's `serve`).
+
+The model spec is a URL: `http(s)://host:port/v1`, optionally `#model-id` (without it, the server's first model);
+the API key comes from the backend's configuration or GLM_REMOTE_API_KEY, never from the spec, so it is never
+shown or stored with a conversation. Each request streams one chat completion; the whole history is sent every
+time (regenerate and edit just send a shorter one), and the kept KV cache is the server's business (vLLM prefix
+caching, SGLang radix cache). Stop closes the HTTP stream: vLLM, SGLang and llama.cpp abort a request whose client
+went away.
+
+Torch-free: the portal can front servers without a local model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from ..protocol import (
+    Capabilities, ConversationBusy, EngineClosed, ModelSpec, Reply, ReplyStats, Request, SamplingParams, Started,
+    validate_messages,
+)
+
+log = logging.getLogger(__name__)
+
+REMOTE_PRECISION = "remote"  # what a reply records as its precision: the server's choice, unknown here
+KEY_ENV = "GLM_REMOTE_API_KEY"
+CONNECT_TIMEOUT_S = 5.0
+# Between two streamed chunks (and for the first one, which waits for the server's queue and prefill).
+READ_TIMEOUT_S = float(os.environ.get("GLM_REMOTE_TIMEOUT_S") or 120)
+INFO_TTL_S = 30.0  # how long the server's model list and metrics are reused before asking again
+UNKNOWN_REMOTELY = ("precision and quantization, weights and device memory, the kept KV cache: the server's own; "
+                    "see its metrics or logs")
+
+
+def is_remote(path: str) -> bool:
+    return path.strip().lower().startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    base_url: str  # ends with /v1 (or whatever path the server's OpenAI routes live under)
+    model: str  # "" = the server's first model
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).netloc
+
+    @property
+    def server_root(self) -> str:
+        """The URL without its API path: where vLLM and SGLang serve /metrics and /health."""
+        parts = urlsplit(self.base_url)
+        path = re.sub(r"/v1/?$", "", parts.path)
+        return urlunsplit((parts.scheme, parts.netloc, path, "", "")).rstrip("/")
+
+    @property
+    def spec_path(self) -> str:
+        return f"{self.base_url}#{self.model}" if self.model else self.base_url
+
+
+def parse_target(path: str) -> RemoteTarget:
+    """`http(s)://host:port[/path][#model]`; a URL without a path gets `/v1`. Raises ValueError with a reason."""
+    text = path.strip()
+    if not is_remote(text):
+        raise ValueError(f"a remote model is an http:// or https:// URL, got {text!r:.80}")
+    parts = urlsplit(text)
+    if not parts.hostname:
+        raise ValueError(f"no host in {text!r:.80}")
+    if parts.username or parts.password:
+        raise ValueError("put the API key in the backend's key setting or GLM_REMOTE_API_KEY, not in the URL")
+    if parts.query:
+        raise ValueError("a remote model URL takes no query string; name the model after '#'")
+    try:
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError as exc:
+        raise ValueError(f"bad port in {text!r:.80}") from exc
+    api_path = parts.path.rstrip("/") or "/v1"
+    base_url = urlunsplit((parts.scheme.lower(), parts.netloc, api_path, "", ""))
+    return RemoteTarget(base_url, parts.fragment.strip())
+
+
+def remote_spec(path: str) -> ModelSpec:
+    """The ModelSpec of a remote model, normalised (precision and device are the server's)."""
+    return ModelSpec(path=parse_target(path).spec_path, precision=REMOTE_PRECISION, device="remote")
+
+
+# ---- Prometheus /metrics (vLLM, SGLang) -----------------------------------------------------------------------
+
+# Metric names by server and version; the first present wins. vLLM renamed gpu_cache_usage_perc to
+# kv_cache_usage_perc in V1; SGLang reports token_usage (KV pool used, 0..1).
+_METRICS = {
+    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"),
+    "running": ("vllm:num_requests_running", "sglang:num_running_reqs"),
+    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs"),
+    "prefix_cache_hit_rate": ("vllm:gpu_prefix_cache_hit_rate", "sglang:cache_hit_rate"),
+}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([^\s]+)")
+
+
+def parse_prometheus(text: str, model: str | None = None) -> dict[str, float]:
+    """The figures the GPU monitor shows, from a Prometheus text exposition. Samples of the same metric are
+    summed over label sets (several models or engines); with `model`, only samples labelled with it (or with no
+    model label) count."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        if model and labels and "model_name=" in labels and f'model_name="{model}"' not in labels:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        sums[name] = sums.get(name, 0.0) + number
+    figures = {}
+    for key, names in _METRICS.items():
+        for name in names:
+            if name in sums:
+                figures[key] = sums[name]
+                figures[f"{key}_metric"] = name
+                break
+    return {k: v for k, v in figures.items() if not k.endswith("_metric")}
+
+
+# ---- errors, each one line -------------------------------------------------------------------------------------
+
+
+def describe_error(exc: BaseException, target: RemoteTarget, model: str, mid_reply: bool = False) -> str:
+    """One line for the UI and the CLI: what went wrong with which server."""
+    import openai
+
+    where = target.host
+    status = getattr(exc, "status_code", None)
+    detail = _server_message(exc)
+    if isinstance(exc, openai.APITimeoutError):
+        return f"{where} did not answer within {READ_TIMEOUT_S:.0f} s" + (" (the reply so far is kept)" if mid_reply else "")
+    if isinstance(exc, openai.APIConnectionError) or (mid_reply and status is None):
+        cause = _root_cause(exc)
+        if mid_reply:
+            return f"the connection to {where} was lost in the middle of the reply ({cause}); the reply so far is kept"
+        return f"cannot reach the server at {where} ({cause})"
+    if status == 401:
+        return f"{where} refused the API key (401 unauthorized): set the backend's key or {KEY_ENV}"
+    if status == 403:
+        return f"{where} does not allow this (403 forbidden){detail}"
+    if status == 404:
+        return f"{where} has no model {model!r} (404){detail}"
+    if status == 429:
+        return f"{where} is busy (429 too many requests); try again shortly{detail}"
+    if status is not None and status >= 500:
+        return f"{where} failed (HTTP {status}){detail}"
+    if status is not None:
+        return f"{where} rejected the request (HTTP {status}){detail}"
+    return f"{where}: {type(exc).__name__}{detail or ': ' + _one_line(str(exc))}"
+
+
+def _server_message(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
+    message = None
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else inner if isinstance(inner, str) else None
+        message = message or body.get("message") or body.get("detail")
+    elif isinstance(body, str):
+        message = body
+    if not message:
+        message = getattr(exc, "message", None)
+    return f": {_one_line(str(message))}" if message else ""
+
+
+def _root_cause(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    text = _one_line(str(seen)) or type(seen).__name__
+    if "refused" in text.lower():
+        return "connection refused"
+    return text
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---- the backend -----------------------------------------------------------------------------------------------
+
+
+class RemoteBackend:
+    """Chat completions streamed from one model of an OpenAI-compatible server, behind the Backend protocol."""
+
+    capabilities = Capabilities()  # nothing local: no memory figures, no kept cache here, no tokenizer
+
+    def __init__(self, spec: ModelSpec | str, api_key: str | None = None, name: str | None = None,
+                 timeout_s: float | None = None):
+        import openai
+
+        path = spec.path if isinstance(spec, ModelSpec) else spec
+        self.target = parse_target(path)
+        self.spec = remote_spec(path)
+        self.name = name or self.target.model or self.target.host
+        self._key = api_key or os.environ.get(KEY_ENV) or "EMPTY"  # vLLM's convention for "no key"
+        self._timeout = timeout_s or READ_TIMEOUT_S
+        # No retries: a stream must not be resent behind the user's back; a failed request is shown and can be sent
+        # again. A new connection per request means a server that comes back is used again without a restart.
+        self._client = openai.OpenAI(base_url=self.target.base_url, api_key=self._key, max_retries=0,
+                                     timeout=openai.Timeout(self._timeout, connect=CONNECT_TIMEOUT_S))
+        self._lock = threading.Lock()
+        self._active: dict[str, Request] = {}
+        self._closed = False
+        self._models: list[dict] | None = None  # the server's /v1/models answer, cached
+        self._models_at = 0.0
+        self._models_error: str | None = None
+        self._metrics: dict | None = None
+        self._metrics_at = 0.0
+
+    # ---- the Backend surface -------------------------------------------------------------------------------
+
+    def submit(self, conversation_id: str, messages: Sequence[dict], params: SamplingParams | None = None,
+               recompute: bool = False, owner: str | None = None) -> Request:
+        """Start streaming a reply. `recompute` cannot be honoured remotely (the server's cache is its own) and
+        `owner` is the server's business (its own limits answer 429)."""
+        params = (params or SamplingParams()).validate()
+        request = Request(conversation_id, validate_messages(messages), params, recompute)
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("this remote backend was removed just now")
+            if conversation_id in self._active:
+                raise ConversationBusy("a reply for this conversation is still being generated")
+            self._active[conversation_id] = request
+        threading.Thread(target=self._run, args=(request,), name=f"glm-remote-{request.id}", daemon=True).start()
+        return request
+
+    def forget(self, conversation_id: str) -> None:
+        """Nothing is kept here; the server evicts its own prefix cache."""
+
+    def card(self) -> dict:
+        """Which server and model, and what cannot be known from here. Never blocks on the network: the server's
+        model list is fetched in the background and shown once known."""
+        self._refresh_models_in_background()
+        info = self._model_info()
+        card = {
+            "name": self.model_id or "(the server's first model)",
+            "family": info.get("owned_by") and f"remote ({info['owned_by']})" or "remote",
+            "precision": REMOTE_PRECISION,
+            "device": self.target.host,
+            "source": self.target.base_url,
+            "backend": "remote",
+            "server": self.target.host,
+            "unknown_remotely": UNKNOWN_REMOTELY,
+        }
+        if info.get("max_model_len"):
+            card["max_context"] = int(info["max_model_len"])
+        if self._models_error:
+            card["status"] = self._models_error
+        elif self._models is not None:
+            card["status"] = "reachable"
+        return card
+
+    def memory_report(self) -> dict:
+        """Empty: the server's memory is measured on the server (its /metrics, where it has one)."""
+        return {}
+
+    def load_report(self) -> dict:
+        """This portal's requests in flight; the server's own running and waiting counts when its /metrics says
+        (vLLM, SGLang), else None. There is no batch limit known here."""
+        with self._lock:
+            here = len(self._active)
+        metrics = self.metrics(wait=False) or {}
+        return {"running": int(metrics["running"]) if "running" in metrics else here,
+                "waiting": int(metrics["waiting"]) if "waiting" in metrics else 0,
+                "max_batch": None, "in_flight_here": here}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = list(self._active.values())
+        for request in pending:
+            request.stop()
+        for request in pending:
+            request.wait(timeout=10)
+        self._client.close()
+
+    # ---- what the server says about itself ------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        if self.target.model:
+            return self.target.model
+        models = self._models or []
+        return str(models[0].get("id", "")) if models else ""
+
+    def list_models(self, timeout_s: float = 3.0) -> list[dict]:
+        """The server's /v1/models entries (raises the client's error when the server cannot be asked)."""
+        page = self._client.with_options(timeout=timeout_s).models.list()
+        models = [m.model_dump() if hasattr(m, "model_dump") else dict(m) for m in page.data]
+        with self._lock:
+            self._models, self._models_at, self._models_error = models, time.monotonic(), None
+        return models
+
+    def _model_info(self) -> dict:
+        models = self._models or []
+        wanted = self.model_id
+        return next((m for m in models if m.get("id") == wanted), {})
+
+    def _refresh_models_in_background(self) -> None:
+        if time.monotonic() - self._models_at < INFO_TTL_S:
+            return
+        self._models_at = time.monotonic()  # one refresh at a time
+        threading.Thread(target=self._refresh_models, daemon=True, name="glm-remote-models").start()
+
+    def _refresh_models(self) -> None:
+        import openai
+
+        try:
+            if not self._closed:
+                self.list_models()
+        except openai.OpenAIError as exc:
+            self._models_error = describe_error(exc, self.target, self.model_id)
+        except Exception as exc:  # noqa: BLE001 (closed meanwhile, or an answer that is no model list)
+            self._models_error = f"{self.target.host}: {_one_line(str(exc)) or type(exc).__name__}"
+
+    def metrics(self, max_age_s: float = 2.0, wait: bool = True) -> dict | None:
+        """The server's Prometheus figures (KV-cache usage 0..1, running, waiting) when it serves /metrics;
+        None when it does not or cannot be reached. Cached for `max_age_s`; with `wait=False`, the cached figures
+        at once and a refresh in the background (a page redraw never waits on a slow server)."""
+        now = time.monotonic()
+        if now - self._metrics_at < max_age_s:
+            return self._metrics
+        self._metrics_at = now
+        if not wait:
+            threading.Thread(target=self._fetch_metrics, daemon=True, name="glm-remote-metrics").start()
+            return self._metrics
+        return self._fetch_metrics()
+
+    def _fetch_metrics(self) -> dict | None:
+        request = urllib.request.Request(f"{self.target.server_root}/metrics",
+                                         headers={"Authorization": f"Bearer {self._key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                text = response.read(8 * 2**20).decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, ValueError):
+            self._metrics = None
+            return None
+        figures = parse_prometheus(text, self.model_id or None)
+        self._metrics = figures or None
+        return self._metrics
+
+    # ---- one request, on its own thread ---------------------------------------------------------------------
+
+    def _body(self, request: Request, model: str) -> dict:
+        p = request.params
+        extra: dict = {}
+        if p.top_k:
+            extra["top_k"] = p.top_k  # vLLM, SGLang, llama.cpp accept it outside the OpenAI schema
+        if p.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = p.repetition_penalty  # vLLM, SGLang (llama.cpp: repeat_penalty)
+        body = dict(model=model, messages=request.messages, stream=True, stream_options={"include_usage": True},
+                    max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p)
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if extra:
+            body["extra_body"] = extra
+        return body
+
+    def _run(self, request: Request) -> None:
+        import openai
+
+        started = time.perf_counter()
+        stats = ReplyStats(queue_s=0.0)
+        finish_reason, error, stream = "", None, None
+        first_at = last_at = None
+        chunks = 0
+        watcher_done = threading.Event()
+        holder: dict = {}
+
+        def close_on_stop() -> None:
+            # Stop must work while the server is silent too (queued, prefilling): closing the response from here
+            # makes the reading thread's next read fail, and the server sees its client go away.
+            while not watcher_done.wait(0.05):
+                if request.stop_requested and holder.get("stream") is not None:
+                    holder["stream"].close()
+                    return
+
+        watcher = threading.Thread(target=close_on_stop, daemon=True, name=f"glm-remote-stop-{request.id}")
+        watcher.start()
+        model = self.target.model
+        try:
+            if not model:
+                model = self.model_id or (self.list_models(timeout_s=CONNECT_TIMEOUT_S) and self.model_id)
+                if not model:
+                    raise RuntimeError(f"{self.target.host} lists no model")
+            if request.stop_requested:
+                finish_reason = "stopped"
+            else:
+                stream = self._client.chat.completions.create(**self._body(request, model))
+                holder["stream"] = stream
+                request.emit(Started())
+                for chunk in stream:
+                    if request.stop_requested:
+                        finish_reason = "stopped"
+                        break
+                    if chunk.usage is not None:
+                        stats.prompt_tokens = chunk.usage.prompt_tokens or 0
+                        stats.completion_tokens = chunk.usage.completion_tokens or 0
+                        cached = getattr(chunk.usage, "prompt_tokens_details", None)
+                        stats.reused_tokens = (getattr(cached, "cached_tokens", None) or 0) if cached else 0
+                    for choice in chunk.choices or []:
+                        text = choice.delta.content if choice.delta is not None else None
+                        if text:
+                            now = time.perf_counter()
+                            first_at = first_at or now
+                            last_at = now
+                            chunks += 1
+                            request.emit_text(text)
+                        if choice.finish_reason:
+                            finish_reason = {"stop": "eos", "length": "length"}.get(choice.finish_reason,
+                                                                                  choice.finish_reason)
+                if not finish_reason:
+                    if not request.stop_requested:
+                        # Every OpenAI-compatible server ends a finished choice with its finish_reason; a stream that
+                        # ends without one was cut (the server died, a proxy timed out).
+                        raise ConnectionError("the stream ended before the reply was finished")
+                    finish_reason = "stopped"
+        except Exception as exc:  # noqa: BLE001 (every failure becomes the reply's one-line error)
+            if request.stop_requested:
+                finish_reason = "stopped"  # closing the stream on stop makes the read fail: that is the stop
+            else:
+                finish_reason = "error"
+                if isinstance(exc, openai.OpenAIError):
+                    error = describe_error(exc, self.target, model or self.model_id, mid_reply=chunks > 0)
+                else:
+                    where = self.target.host
+                    error = (f"the connection to {where} was lost in the middle of the reply "
+                             f"({_root_cause(exc)}); the reply so far is kept" if chunks else
+                             f"{where}: {_one_line(str(exc)) or type(exc).__name__}")
+                error = error.replace(self._key, "***") if self._key != "EMPTY" else error
+                log.warning("remote request %s to %s failed: %s", request.id, self.target.host, error)
+        finally:
+            watcher_done.set()
+            if stream is not None:
+                stream.close()  # on stop: the server sees the client go away and aborts the request
+            end = time.perf_counter()
+            stats.total_s = end - started
+            if first_at is not None:
+                stats.ttft_s = first_at - started
+                counted = stats.completion_tokens or chunks
+                if last_at > first_at and counted > 1:
+                    stats.decode_tokens_per_s = (counted - 1) / (last_at - first_at)
+            if not stats.completion_tokens:
+                stats.completion_tokens = chunks  # a server without usage: chunks are about tokens
+            stats.prefill_tokens = max(stats.prompt_tokens - stats.reused_tokens, 0)
+            with self._lock:
+                self._active.pop(request.conversation_id, None)
+            request.finish(Reply(text=request.text_so_far, finish_reason=finish_reason, stats=stats, error=error))

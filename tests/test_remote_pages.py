@@ -1,0 +1,91 @@
+"""The portal with a remote backend beside the local one, through AppTest: a conversation switches its model (only
+that conversation), streams from the server, keeps a cut reply with its one-line reason; the Conversations page
+filters by model; the GPU monitor shows a vLLM server's /metrics figures."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app_shared import get_hub, get_store
+from conftest import ROOT
+from glm_core.backends.config import make_entry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from faulty_openai_server import FaultyServer  # noqa: E402
+
+
+@pytest.fixture
+def server():
+    s = FaultyServer().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def remotes(server):
+    hub = get_hub()
+    names = []
+    for model in ("words", "cut", "slow"):
+        hub.add_remote(make_entry(f"srv-{model}", f"{server.url}#{model}", env={}))
+        names.append(f"srv-{model}")
+    yield names
+    for name in names:
+        hub.remove(name)
+
+
+def home(backend: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60)
+    if backend:
+        at.session_state["draft_backend"] = backend  # as if chosen in the sidebar: no local model needed
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_a_conversation_talks_to_a_remote_model_and_remembers_it(data_dir, remotes):
+    at = home("srv-words")
+    sidebar = " ".join(c.value for c in at.sidebar.caption)
+    assert "remote server 127\\.0\\.0\\.1" in sidebar and "Not known here" in sidebar
+    assert at.selectbox(key=next(s.key for s in at.selectbox if s.key.startswith("backend_"))).value == "srv-words"
+    at.chat_input[0].set_value("hello").run()
+    assert not at.exception
+    reply = at.chat_message[1]
+    assert reply.markdown[0].value.startswith("word0 word1")
+    assert "completion" in reply.caption[0].value and "words (remote)" in reply.caption[0].value
+    ws, cid = at.query_params["ws"], at.session_state.conversation_id
+    assert get_store().get_conversation(ws, cid).backend == "srv-words"
+
+    # Switch this conversation to another model: stored with it; the next turn goes there.
+    at.selectbox(key=f"backend_{cid}").set_value("srv-cut").run()
+    assert get_store().get_conversation(ws, cid).backend == "srv-cut"
+    at.chat_input[0].set_value("and again").run()
+    assert not at.exception
+    cut = at.chat_message[3]
+    assert cut.markdown[0].value == "word0 word1 word2"  # the partial reply is kept
+    assert "lost in the middle of the reply" in cut.error[0].value
+
+    # The Conversations page filters by model.
+    page = AppTest.from_file(str(ROOT / "pages" / "3_Conversations.py"), default_timeout=60)
+    page.session_state["workspace"] = ws
+    page.run()
+    assert not page.exception
+    page.multiselect(key="filter_models").set_value(["cut"]).run()
+    assert not page.exception and any("1 of 1" in c.value for c in page.caption)
+    assert list(page.dataframe[0].value["Talks to"]) == ["srv-cut"]
+
+
+def test_gpu_monitor_shows_a_remote_servers_metrics(data_dir, remotes):
+    page = AppTest.from_file(str(ROOT / "pages" / "1_GPU_monitor.py"), default_timeout=60)
+    page.run()
+    assert not page.exception
+    text = " ".join(m.value for m in page.markdown) + " ".join(c.value for c in page.caption)
+    assert "srv\\-slow" in text and "KV cache 25 % used · 0 running · 0 waiting" in text
+
+
+def test_quantization_page_says_remote_models_are_measured_on_their_server(data_dir, remotes):
+    page = AppTest.from_file(str(ROOT / "pages" / "2_Quantization.py"), default_timeout=60)
+    page.run()
+    assert not page.exception
+    assert any("srv\\-words" in i.value and "measured on it" in i.value for i in page.info)

@@ -1,0 +1,125 @@
+"""The remote backend against this project's own OpenAI-compatible server (`python -m glm_core serve`, another
+process, tiny model, FP32): a greedy reply through it equals the local engine's; stop closes the stream and the
+server's running count drops; the portal chats through it; the server killed mid-reply leaves the partial reply
+with a one-line reason. The last test kills the server, so it stays last."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app_shared import get_hub
+from conftest import ROOT
+from glm_core import SamplingParams
+from glm_core.backends.config import make_entry
+from glm_core.backends.remote import RemoteBackend
+from glm_core.engine import Engine
+
+PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+def health(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_model_dir, tmp_path_factory):
+    from api_helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLM_DATA_DIR": str(tmp_path_factory.mktemp("serve-data"))}
+    env.pop("GLM_API_KEYS", None)
+    process = subprocess.Popen([sys.executable, "-m", "glm_core", "serve", "--model", str(tiny_model_dir),
+                                "--precision", "fp32", "--device", "cpu", "--port", str(port), "--log-level", "warning"],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            health(port)
+            break
+        except OSError:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)
+    yield process, port
+    process.kill()
+    process.wait()
+
+
+def test_a_reply_through_serve_equals_the_local_engines(serve, tiny_loaded):
+    """Same model, prompt and controls: greedy, and sampled with a seed (the tiny model's greedy reply is special
+    tokens only, which decode to nothing; a seeded sample shows the text itself is equal)."""
+    _, port = serve
+    remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")  # the server's one model
+    engine = Engine(tiny_loaded)
+    try:
+        for params in (SamplingParams(max_new_tokens=24, temperature=0),
+                       SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1.0, seed=7)):
+            through = remote.submit("c1", PROMPT, params).wait(60)
+            local = engine.submit("c1", PROMPT, params).wait(60)
+            assert through.error is None and through.text == local.text, params
+            assert through.stats.completion_tokens == local.stats.completion_tokens == 24
+            assert through.stats.prompt_tokens == local.stats.prompt_tokens  # the server's usage
+            assert through.finish_reason == "length"
+    finally:
+        engine.close()
+    assert through.text.strip() and through.stats.ttft_s > 0 and through.stats.decode_tokens_per_s > 0
+    card = remote.card()
+    assert card["backend"] == "remote" and card["device"] == f"127.0.0.1:{port}"
+
+
+def test_stop_closes_the_stream_and_serve_stops_generating(serve):
+    _, port = serve
+    remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")
+    request = remote.submit("c2", PROMPT, SamplingParams(max_new_tokens=3000, max_length=4096))
+    deadline = time.monotonic() + 60
+    while len(request.text_so_far) < 20:
+        assert time.monotonic() < deadline and not request.done
+        time.sleep(0.02)
+    assert health(port)["running"] == 1
+    request.stop()
+    reply = request.wait(10)
+    assert reply.finish_reason == "stopped" and reply.text and reply.error is None
+    deadline = time.monotonic() + 10
+    while health(port)["running"] != 0:  # the server saw its client go away and stopped the request
+        assert time.monotonic() < deadline, health(port)
+        time.sleep(0.05)
+
+
+def test_the_portal_chats_through_serve(serve, data_dir):
+    _, port = serve
+    hub = get_hub()
+    hub.add_remote(make_entry("serve", f"http://127.0.0.1:{port}/v1", env={}))
+    try:
+        at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120)
+        at.session_state["draft_backend"] = "serve"
+        at.run()
+        at.slider(key="max_new_tokens").set_value(8).run()
+        at.chat_input[0].set_value("Hello there").run()
+        assert not at.exception and not at.error
+        reply = at.chat_message[1]
+        assert "completion 8 tokens" in reply.caption[0].value and "(remote)" in reply.caption[0].value
+    finally:
+        hub.remove("serve")
+
+
+def test_serve_killed_mid_reply_keeps_the_partial_reply(serve):
+    process, port = serve
+    remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")
+    request = remote.submit("c3", PROMPT, SamplingParams(max_new_tokens=3000, max_length=4096))
+    deadline = time.monotonic() + 60
+    while len(request.text_so_far) < 20:
+        assert time.monotonic() < deadline and not request.done
+        time.sleep(0.02)
+    process.kill()
+    reply = request.wait(30)
+    assert reply.finish_reason == "error" and reply.text.startswith(request.text_so_far[:20])
+    assert "lost in the middle of the reply" in reply.error and "\n" not in reply.error
+    again = remote.submit("c3", PROMPT, SamplingParams(max_new_tokens=4)).wait(30)
+    assert again.error == f"cannot reach the server at 127.0.0.1:{port} (connection refused)"
