@@ -37,6 +37,9 @@ if stored:
     st.query_params["c"] = conversation.id
 elif "c" in st.query_params:
     del st.query_params["c"]
+# Which backend this conversation talks to: its own (stored with it), or for a draft the one chosen for it.
+backend_name, backend_note = backend_choice(conversation.backend if stored else state.get("draft_backend"))
+conversation.backend = backend_name  # a draft is stored with it
 
 
 def switch_to(conversation_id: str) -> None:
@@ -48,6 +51,15 @@ def forget(conversation_id: str) -> None:
     engine_now = get_hub().engine
     if engine_now is not None:
         engine_now.forget(conversation_id)
+
+
+def choose_backend(conversation_id: str, is_stored: bool) -> None:
+    """Switch this conversation's model: only this conversation, for every tab that opens it; nobody else's."""
+    name = state.get(f"backend_{conversation_id}")
+    if is_stored:
+        store.set_backend(workspace, conversation_id, name)
+    else:
+        state.draft_backend = name
 
 
 def rename(conversation_id: str) -> None:
@@ -70,7 +82,7 @@ def confirm_delete(conversation_id: str, title: str) -> None:
         st.rerun()
 
 
-engine = ensure_engine()
+engine = backend_named(backend_name)
 
 with st.sidebar:
     st.header("Conversations")
@@ -96,7 +108,23 @@ with st.sidebar:
                          on_click=lambda: state.update(pending_delete=(conversation.id, title_now)))
 
     st.header("Model")
-    if engine is not None:
+    names = get_hub().names()
+    if len(names) > 1:
+        st.selectbox("Model for this conversation", names, index=names.index(backend_name) if backend_name in names
+                     else 0, key=f"backend_{conversation.id}", on_change=choose_backend, args=(conversation.id, stored),
+                     help="Only this conversation switches; its history is sent to the model it talks to now.")
+    if get_hub().config_error:
+        st.warning(get_hub().config_error)
+    if engine is not None and engine.card().get("backend") == "remote":
+        card = engine.card()
+        st.markdown(f"**{plain(card['name'])}**")
+        st.caption(f"remote server {plain(card['server'])} · {plain(card.get('status', 'asking the server...'))}"
+                   + (f" · context {card['max_context']:,} tokens" if card.get("max_context") else ""))
+        st.caption(f"Not known here: {plain(card['unknown_remotely'])}.")
+        load = engine.load_report()
+        st.caption(f"the server is generating {load['running']} request(s) · {load['waiting']} waiting · "
+                   f"{load['in_flight_here']} from this portal")
+    elif engine is not None:
         card = engine.card()
         st.markdown(f"**{card['name']}**")
         st.caption(
@@ -151,6 +179,10 @@ if state.get("pending_delete"):
 st.title("GLM Chat")
 if stored:
     st.caption(plain(conversation.title))
+if len(get_hub().names()) > 1 and backend_name is not None:
+    st.caption(f"Talking to {plain(backend_name)}" + (f" ({plain(engine.card()['name'])})" if engine else ""))
+if backend_note:
+    st.info(backend_note)
 if engine is None:
     st.info("No model is loaded. Choose one in the sidebar.")
 

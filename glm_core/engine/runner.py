@@ -131,10 +131,14 @@ class Runner:
         return ended
 
     def close(self) -> list[tuple[Request, Reply]]:
-        """End everything running (the scheduler is closing): partial replies are kept and marked stopped."""
+        """End everything running (the scheduler is closing): partial replies are kept and marked stopped; a reply
+        with no text yet ends as an error, so its prompt goes back to its author."""
         ended = []
         for sequence in self.prefilling + self.decoding:
-            ended.append((sequence.request, self._reply(sequence, "stopped")))
+            reply = self._reply(sequence, "stopped")
+            if not reply.text:
+                reply.finish_reason, reply.error = "error", "the model was unloaded before this reply started"
+            ended.append((sequence.request, reply))
         self.prefilling, self.decoding = [], []
         if self.slots is not None:
             self.slots.clear()
