@@ -243,7 +243,9 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_memory(data_dir, tiny_model_dir):
+def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_memory(data_dir, tiny_model_dir,
+                                                                                        monkeypatch):
+    monkeypatch.setenv("GLM_MAX_BATCH", "5")  # five run, five wait, as in the issue
     store, hub = Store(data_dir), EngineHub()
     first = ModelSpec("embedded", "bf16", "cpu")
     hub.load(first)
