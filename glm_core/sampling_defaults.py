@@ -43,6 +43,12 @@ _LIMITS = {  # what a recommendation may hold to be taken (anything else in a fi
     "top_k": (0, 2**31), "repetition_penalty": (1e-6, 100.0),
 }
 _INTEGERS = {"max_length", "max_new_tokens", "top_k"}
+# What the chat page's controls offer; a default outside is brought to the nearest end.
+CONTROL_RANGES = {"max_length": (64, 131072), "max_new_tokens": (1, 4096), "temperature": (0.0, 2.0),
+                  "top_p": (0.05, 1.0), "top_k": (0, 1000), "repetition_penalty": (0.5, 2.0)}
+LABELS = {"max_length": "max length", "max_new_tokens": "max new tokens", "temperature": "temperature",
+          "top_p": "top p", "top_k": "top k", "repetition_penalty": "repetition penalty"}
+YOURS = "your setting"
 
 
 def read_generation_config(folder: Path | str | None) -> dict:
@@ -100,16 +106,29 @@ def model_defaults(family: str, name: str, generation_config: dict | None = None
 def effective_controls(defaults: dict, overrides: dict) -> dict:
     """The controls a person gets: their own (valid) changes over the model's defaults.
 
-    Returns {control: (value, source)}; a changed control's source is "your setting".
+    Returns {control: (value, source)}, each value within CONTROL_RANGES; a changed control's source is YOURS.
     """
     out = {}
     for control in CONTROLS:
         own = _valid(control, overrides.get(control))
-        if own is not None:
-            out[control] = (own, "your setting")
-        else:
-            out[control] = (defaults[control], defaults["sources"][control])
+        value, source = (own, YOURS) if own is not None else (defaults[control], defaults["sources"][control])
+        low, high = CONTROL_RANGES[control]
+        out[control] = (min(max(value, low), high), source)
     return out
+
+
+def describe_sources(controls: dict, defaults: dict) -> list[str]:
+    """One line per source, for the sidebar: "SmolLM2 model card: temperature 0.2, top p 0.9", and the person's
+    own settings with the model's default beside each."""
+    by_source: dict[str, list[str]] = {}
+    for control, (value, source) in controls.items():
+        text = f"{LABELS[control]} {value:g}"
+        if source == YOURS:
+            text += f" (model: {defaults[control]:g})"
+        by_source.setdefault(source, []).append(text)
+    yours = by_source.pop(YOURS, None)
+    lines = [f"{source}: {', '.join(items)}" for source, items in by_source.items()]
+    return lines + ([f"{YOURS}s: {', '.join(yours)}"] if yours else [])
 
 
 def clean_overrides(overrides: dict, defaults: dict) -> dict:

@@ -129,27 +129,36 @@ def test_switching_back_resumes_the_kept_cache(store):
     assert "(0 from cache)" not in at.chat_message[-1].caption[0].value
 
 
-def test_regenerate_and_edit_the_last_prompt(store):
+def test_regenerate_adds_a_version_and_edit_starts_a_branch(store):
     at = short_replies(open_page())
     chat(at, "Say something")
     chat(at, "Say more")
     ws, cid = workspace_of(at), at.query_params["c"]
     before = store.get_conversation(ws, cid).messages
-    at.button(key="regenerate").click().run()
+    at.button(key=f"regenerate_{before[3].id}").click().run()
     after = store.get_conversation(ws, cid).messages
     assert [m.content for m in after[:3]] == [m.content for m in before[:3]] and len(after) == 4
     assert after[3].id != before[3].id and after[3].content == before[3].content  # greedy: the same reply again
     # The cache rolled back to the end of the prompt: everything but the last prompt token came from it.
     assert after[3].stats["reused_tokens"] == after[3].stats["prompt_tokens"] - 1
+    # The old reply is kept as version 1 of 2.
+    assert at.chat_message[3].caption[-1].value == "2/2" and at.button(key=f"next_{after[3].id}").disabled
+    at.button(key=f"previous_{after[3].id}").click().run()
+    assert store.get_conversation(ws, cid).messages[3].id == before[3].id and at.chat_message[3].caption[-1].value == "1/2"
+    assert at.get("code")[-1].value == before[3].content  # the copy button's text: the reply as written
 
-    at.button(key="edit").click().run()
-    assert at.text_area(key="edit_text").value == "Say more"
+    # Edit the first prompt: a branch from the start; the whole first branch stays.
+    at.button(key=f"edit_{before[0].id}").click().run()
+    assert at.text_area(key="edit_text").value == "Say something"
     at.text_area(key="edit_text").set_value("Say less").run()
     at.button(key="edit_send").click().run()
-    edited = store.get_conversation(ws, cid).messages
-    assert [m.content for m in edited[:3]] == ["Say something", before[1].content, "Say less"] and len(edited) == 4
-    assert edited[3].stats["reused_tokens"] >= len(before[0].content) // 8  # the shared prefix came from the cache
-    assert [m.markdown[0].value for m in at.chat_message][2] == "Say less"
+    edited = store.get_conversation(ws, cid)
+    assert [m.content for m in edited.messages][0] == "Say less" and len(edited.messages) == 2
+    assert [m.markdown[0].value for m in at.chat_message] == ["Say less", edited.messages[1].content]
+    at.button(key=f"previous_{edited.messages[0].id}").click().run()
+    back = store.get_conversation(ws, cid).messages
+    assert [m.content for m in back][:3] == ["Say something", before[1].content, "Say more"] and back[3].id == before[3].id
+    assert len(at.chat_message) == 4 and at.chat_message[0].caption[-1].value == "1/2"
 
 
 def test_a_prompt_too_long_is_handed_back_and_nothing_is_stored(store):

@@ -4,8 +4,8 @@ workspace's own changes on top (glm_core.sampling_defaults is torch-free and tes
 import json
 
 from glm_core.sampling_defaults import (
-    GENERATION_CONFIG, OURS, clean_overrides, effective_controls, from_generation_config, model_defaults,
-    read_generation_config,
+    GENERATION_CONFIG, OURS, clean_overrides, describe_sources, effective_controls, from_generation_config,
+    model_defaults, read_generation_config,
 )
 
 
@@ -50,3 +50,11 @@ def test_a_workspace_keeps_its_own_changes_over_the_defaults():
     controls = effective_controls(defaults, overrides)
     assert controls["temperature"] == (0.3, "your setting")
     assert controls["top_p"] == (0.8, "ChatGLM2/3 documented defaults")
+    assert describe_sources(controls, defaults) == [
+        "ChatGLM2/3 documented defaults: max length 8192, top p 0.8",
+        "this app's defaults: max new tokens 1024, top k 0, repetition penalty 1.1",
+        "your settings: temperature 0.3 (model: 0.8)",
+    ]
+    # A default beyond what the page's controls offer is brought within them.
+    assert effective_controls(model_defaults("x", "y", {"max_new_tokens": 100_000, "max_length": 200_000}), {})[
+        "max_new_tokens"] == (4096, GENERATION_CONFIG)

@@ -54,11 +54,14 @@ def test_regenerate_adds_versions_and_edit_starts_a_branch(store):
     c = store.get_conversation(ws, c.id)
     assert [m.content for m in c.messages] == ["one", "1", "two", "2 again"]
     assert [m.content for m in c.versions(c.messages[3])] == ["2", "2 again"] and len(c.tree) == 5
+    first_version = c.versions(c.messages[3])[0].id
+    assert c.version_switch(c.messages[3]) == (2, 2, first_version, None)
+    assert c.version_switch(c.messages[2]) == (1, 1, None, None)
     # Edit the last prompt and resend it: a branch from the first reply.
     c = add_turn(store, ws, c, "three", "3", keep=2)
     assert [m.content for m in c.messages] == ["one", "1", "three", "3"]
     assert [m.content for m in c.versions(c.messages[2])] == ["two", "three"]
-    # Flip back to the first branch: its newest reply comes with it.
+    # Flip back to the first branch: it comes back as it was left (its newest reply, chosen last).
     store.choose_version(ws, c.id, c.versions(c.messages[2])[0].id)
     c = store.get_conversation(ws, c.id)
     assert [m.content for m in c.messages] == ["one", "1", "two", "2 again"]
@@ -71,9 +74,13 @@ def test_regenerate_adds_versions_and_edit_starts_a_branch(store):
     c = store.get_conversation(ws, c.id)
     assert [m.content for m in c.messages] == ["one", "1", "two", "2"] and len(c.tree) == 7
     prompt_id, reply_id, _ = store.begin_turn(ws, c, 2, ChatMessage("user", "too long"), ChatMessage("assistant", ""))
-    store.delete_messages(ws, [reply_id, prompt_id])  # without it: the newest remaining branch
+    store.delete_messages(ws, [reply_id, prompt_id])  # without it: the branch chosen last
     c = store.get_conversation(ws, c.id)
-    assert [m.content for m in c.messages] == ["one", "1", "three", "3"] and len(c.tree) == 7
+    assert [m.content for m in c.messages] == ["one", "1", "two", "2"] and len(c.tree) == 7
+    # Flipping to the other branch and back keeps the version chosen inside each.
+    store.choose_version(ws, c.id, c.versions(c.messages[2])[1].id)
+    store.choose_version(ws, c.id, c.versions(c.messages[2])[0].id)
+    assert [m.content for m in store.get_conversation(ws, c.id).messages] == ["one", "1", "two", "2"]
     # Editing the first prompt makes a second first message.
     c = add_turn(store, ws, c, "zero", "0", keep=0)
     assert [m.content for m in c.messages] == ["zero", "0"]

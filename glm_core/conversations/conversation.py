@@ -53,6 +53,7 @@ class ChatMessage:
     status: str = "complete"
     id: int | None = None  # row id in the store
     parent_id: int | None = None  # the message this one answers or follows; None for a first message
+    chosen_at: float | None = None  # when this version was last chosen (made, or flipped to); see chosen_path
 
     @property
     def stopped(self) -> bool:
@@ -93,25 +94,30 @@ class ChatMessage:
         return " · ".join(parts)
 
 
-def chosen_path(tree: list[ChatMessage], chosen_id: int | None) -> list[ChatMessage]:
-    """The path through `tree` (messages in creation order, parents first) that passes through `chosen_id`: its
-    ancestors, itself, then the newest child at each step. An unknown id: the path through the newest first message."""
+def chosen_path(tree: list[ChatMessage], chosen_id: int | None = None) -> list[ChatMessage]:
+    """The chosen path through `tree` (messages in creation order, parents first): from the first messages down,
+    at each step the child chosen last (`chosen_at`: flipping to a version or adding one chooses it and its
+    ancestors), so flipping back to a branch shows it as it was left. With `chosen_id`: the path through it."""
     by_id = {m.id: m for m in tree}
     children: dict[int | None, list[ChatMessage]] = {}
     for m in tree:
         children.setdefault(m.parent_id if m.parent_id in by_id else None, []).append(m)
-    if chosen_id not in by_id:
-        if not children.get(None):
-            return []
-        chosen_id = children[None][-1].id
-    path = []
-    node: ChatMessage | None = by_id[chosen_id]
-    while node is not None:
-        path.append(node)
-        node = by_id.get(node.parent_id)
-    path.reverse()
+
+    def preferred(options: list[ChatMessage]) -> ChatMessage:
+        return max(reversed(options), key=lambda m: m.chosen_at or 0.0)  # a tie: the newest
+
+    if chosen_id in by_id:
+        path, node = [], by_id[chosen_id]
+        while node is not None:
+            path.append(node)
+            node = by_id.get(node.parent_id)
+        path.reverse()
+    elif children.get(None):
+        path = [preferred(children[None])]
+    else:
+        return []
     while children.get(path[-1].id):
-        path.append(children[path[-1].id][-1])
+        path.append(preferred(children[path[-1].id]))
     return path
 
 
@@ -128,7 +134,7 @@ class Conversation:
     archived: bool = False
 
     @classmethod
-    def from_tree(cls, tree: list[ChatMessage], chosen_id: int | None, **fields_) -> "Conversation":
+    def from_tree(cls, tree: list[ChatMessage], chosen_id: int | None = None, **fields_) -> "Conversation":
         return cls(messages=chosen_path(tree, chosen_id), tree=tree, **fields_)
 
     def versions(self, message: ChatMessage) -> list[ChatMessage]:
@@ -139,6 +145,15 @@ class Conversation:
         known = {m.id for m in self.tree}
         parent = message.parent_id if message.parent_id in known else None
         return [m for m in self.tree if (m.parent_id if m.parent_id in known else None) == parent]
+
+    def version_switch(self, message: ChatMessage) -> tuple[int, int, int | None, int | None]:
+        """For ‹ 2/3 ›: the message's place among its versions (from 1), how many there are, and the ids of the
+        previous and next version (None at either end)."""
+        versions = self.versions(message)
+        place = next(i for i, m in enumerate(versions) if m is message or (m.id is not None and m.id == message.id))
+        before = versions[place - 1].id if place > 0 else None
+        after = versions[place + 1].id if place + 1 < len(versions) else None
+        return place + 1, len(versions), before, after
 
     def every_message(self) -> list[ChatMessage]:
         return self.tree or self.messages

@@ -73,13 +73,14 @@ _ROW_FIELDS = ("role", "content", "created_at", "updated_at", "status", "finish_
 
 # Version 2: a message's place is its parent, not a position, so one prompt can have several replies and one reply
 # several follow-ups. SQLite cannot drop the UNIQUE (conversation_id, position) constraint, so the table is rebuilt
-# (SQLite's documented procedure) and each message's parent is the one before it. `current_id` is the message the
-# chosen path passes through (see conversation.chosen_path).
+# (SQLite's documented procedure) and each message's parent is the one before it. `chosen_at` is when a version was
+# last chosen (made, or flipped to): the chosen path takes the child chosen last at each step (conversation.chosen_path).
 _MIGRATE_TO_2 = f"""
 CREATE TABLE messages_v2 (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     parent_id INTEGER REFERENCES messages_v2(id) ON DELETE CASCADE,
+    chosen_at REAL,
     role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
     content TEXT NOT NULL,
     created_at REAL NOT NULL,
@@ -92,19 +93,18 @@ CREATE TABLE messages_v2 (
     params TEXT,
     {", ".join(f"{name} REAL" for name in STATS_FIELDS)}
 );
-INSERT INTO messages_v2 (id, conversation_id, parent_id, {", ".join(_ROW_FIELDS)})
-    SELECT id, conversation_id, LAG(id) OVER (PARTITION BY conversation_id ORDER BY position), {", ".join(_ROW_FIELDS)}
+INSERT INTO messages_v2 (id, conversation_id, parent_id, chosen_at, {", ".join(_ROW_FIELDS)})
+    SELECT id, conversation_id, LAG(id) OVER (PARTITION BY conversation_id ORDER BY position), created_at,
+           {", ".join(_ROW_FIELDS)}
     FROM messages;
 DROP TABLE messages;
 ALTER TABLE messages_v2 RENAME TO messages;
 CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
 CREATE INDEX messages_by_parent ON messages(parent_id);
-ALTER TABLE conversations ADD COLUMN current_id INTEGER;
 ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE conversations ADD COLUMN archived INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE conversations ADD COLUMN share_token TEXT;
 CREATE UNIQUE INDEX conversations_by_share_token ON conversations(share_token) WHERE share_token IS NOT NULL;
-UPDATE conversations SET current_id = (SELECT MAX(id) FROM messages m WHERE m.conversation_id = conversations.id);
 CREATE TABLE workspace_settings (
     workspace TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
     name TEXT NOT NULL,
@@ -122,8 +122,12 @@ CREATE TABLE system_prompt_presets (
 
 MIGRATIONS = {1: _SCHEMA_V1, 2: _MIGRATE_TO_2}  # version -> the SQL that brings the version before it there
 
-_MESSAGE_COLUMNS = "id, parent_id, " + ", ".join(_ROW_FIELDS)
-_CONVERSATION_COLUMNS = "id, title, created_at, updated_at, current_id, pinned, archived"
+_MESSAGE_COLUMNS = "id, parent_id, chosen_at, " + ", ".join(_ROW_FIELDS)
+_CONVERSATION_COLUMNS = "id, title, created_at, updated_at, pinned, archived"
+# A message and its ancestors: choosing a version chooses the path down to it.
+_MARK_CHOSEN = """WITH RECURSIVE up(id) AS (
+    SELECT ? UNION ALL SELECT m.parent_id FROM messages m JOIN up ON m.id = up.id WHERE m.parent_id IS NOT NULL)
+UPDATE messages SET chosen_at = ? WHERE id IN (SELECT id FROM up)"""
 _INT_STATS = {"prompt_tokens", "reused_tokens", "prefill_tokens", "completion_tokens"}
 
 
@@ -305,22 +309,23 @@ class Store:
             return [self._conversation_from_row(db, head) for head in heads]
 
     def _conversation_from_row(self, db: sqlite3.Connection, head: tuple) -> Conversation:
-        cid, title, created, updated, current_id, pinned, archived = head
+        cid, title, created, updated, pinned, archived = head
         rows = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
                           (cid,)).fetchall()
-        return Conversation.from_tree([self._message_from_row(row) for row in rows], current_id, id=cid, title=title,
+        return Conversation.from_tree([self._message_from_row(row) for row in rows], id=cid, title=title,
                                       created_at=created, updated_at=updated, pinned=bool(pinned),
                                       archived=bool(archived))
 
     def choose_version(self, workspace: str, conversation_id: str, message_id: int) -> None:
-        """Show the path through `message_id` (a version of a reply, a branch of a prompt) from now on."""
-        with self._connect() as db:
-            changed = db.execute(
-                "UPDATE conversations SET current_id = ? WHERE id = ? AND workspace = ? AND EXISTS "
-                "(SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?)",
-                (message_id, conversation_id, workspace, message_id, conversation_id)).rowcount
-        if not changed:
-            raise NotFound("no such message in this conversation")
+        """Show the path through `message_id` (a version of a reply, a branch of a prompt) from now on, with the
+        versions below it that were chosen last."""
+        with self._transaction() as db:
+            owned = db.execute(
+                "SELECT 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.id = ? AND c.id = ? AND c.workspace = ?", (message_id, conversation_id, workspace)).fetchone()
+            if owned is None:
+                raise NotFound("no such message in this conversation")
+            db.execute(_MARK_CHOSEN, (message_id, time.time()))
 
     def set_pinned(self, workspace: str, conversation_id: str, pinned: bool) -> None:
         self._set_flag(workspace, conversation_id, "pinned", pinned)
@@ -458,12 +463,12 @@ class Store:
                 raise NotFound("that message was deleted meanwhile")
             prompt_id = None
             if prompt is not None:
-                prompt.status, prompt.parent_id = "complete", parent
+                prompt.status, prompt.parent_id, prompt.chosen_at = "complete", parent, now
                 prompt_id = parent = self._insert_message(db, conversation.id, prompt)
-            reply.status, reply.parent_id = "partial", parent
+            reply.status, reply.parent_id, reply.chosen_at = "partial", parent, now
             reply_id = self._insert_message(db, conversation.id, reply)
-            db.execute("UPDATE conversations SET updated_at = ?, current_id = ? WHERE id = ?",
-                       (now, reply_id, conversation.id))
+            db.execute(_MARK_CHOSEN, (reply_id, now))  # the path the reply was asked on, even if another tab moved
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation.id))
         return prompt_id, reply_id, created
 
     def write_partial(self, workspace: str, message_id: int, content: str) -> None:
@@ -492,19 +497,14 @@ class Store:
 
     def delete_messages(self, workspace: str, message_ids: Iterable[int], chosen_before: int | None = None) -> None:
         """Take back a turn that produced nothing (the prompt is handed back to the user to edit). Their replies
-        go with them; a chosen path through them goes back to `chosen_before` (the message it went through before
-        the turn), else to their parent's newest remaining branch."""
+        go with them; the chosen path goes back through `chosen_before` (where it went before the turn)."""
         with self._transaction() as db:
             for message_id in message_ids:
                 conversation_id = self._owned_message(db, workspace, message_id)
-                parent = db.execute("SELECT parent_id FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
                 db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-                db.execute("UPDATE conversations SET current_id = ? WHERE id = ? AND current_id NOT IN "
-                           "(SELECT id FROM messages WHERE conversation_id = ?)", (parent, conversation_id, conversation_id))
-                if chosen_before is not None:
-                    db.execute("UPDATE conversations SET current_id = ? WHERE id = ? AND EXISTS "
-                               "(SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?)",
-                               (chosen_before, conversation_id, chosen_before, conversation_id))
+            if chosen_before is not None and db.execute(
+                    "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?", (chosen_before, conversation_id)).fetchone():
+                db.execute(_MARK_CHOSEN, (chosen_before, time.time()))
 
     def recover_interrupted(self) -> int:
         """Mark every reply left partial as interrupted: call when a server starts, before it generates anything
@@ -518,8 +518,8 @@ class Store:
         """Add whole conversations, all or none (one transaction). Each gets a new id; times are kept.
 
         A conversation with a `tree` keeps every version: its messages' `id` and `parent_id` are the file's own
-        numbers (parents first), mapped to new rows; the chosen path is the one through the last of `messages`.
-        Without a tree, `messages` is one line.
+        numbers (parents first), mapped to new rows; `messages` (the chosen path) stays the chosen path. Without a
+        tree, `messages` is one line.
         """
         ids = []
         with self._transaction() as db:
@@ -532,12 +532,13 @@ class Store:
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (conversation.id, workspace, clean_title(conversation.title),
                                                             conversation.created_at, updated, int(conversation.pinned),
                                                             int(conversation.archived)))
-                chosen = conversation.messages[-1] if conversation.messages else None
+                now, on_path = time.time(), {id(m) for m in conversation.messages}
                 new_ids: dict[int, int] = {}
-                current = previous = None
+                previous = None
                 for message in conversation.tree or conversation.messages:
                     if message.status == "partial":  # nobody is generating it here
                         message.status = "interrupted"
+                    message.chosen_at = now if id(message) in on_path else message.created_at
                     if conversation.tree:
                         local_id, parent = message.id, message.parent_id
                         message.parent_id = new_ids[parent] if parent is not None else None
@@ -546,9 +547,6 @@ class Store:
                     previous = self._insert_message(db, conversation.id, message)
                     if local_id is not None:
                         new_ids[local_id] = previous
-                    if message is chosen:
-                        current = previous
-                db.execute("UPDATE conversations SET current_id = ? WHERE id = ?", (current, conversation.id))
                 ids.append(conversation.id)
         return ids
 
@@ -570,9 +568,9 @@ class Store:
             raise ValueError(f"unknown role {m.role!r}")
         stats = m.stats or {}
         cursor = db.execute(
-            f"INSERT INTO messages (conversation_id, parent_id, {', '.join(_ROW_FIELDS)}) "
-            f"VALUES ({', '.join('?' * (len(_ROW_FIELDS) + 2))})",
-            (conversation_id, m.parent_id, m.role, m.content, m.created_at, m.updated_at or m.created_at, m.status,
+            f"INSERT INTO messages (conversation_id, parent_id, chosen_at, {', '.join(_ROW_FIELDS)}) "
+            f"VALUES ({', '.join('?' * (len(_ROW_FIELDS) + 3))})",
+            (conversation_id, m.parent_id, m.chosen_at if m.chosen_at is not None else m.created_at, m.role, m.content, m.created_at, m.updated_at or m.created_at, m.status,
              m.finish_reason, m.error, m.model, m.precision,
              json.dumps(m.params, ensure_ascii=False) if m.params is not None else None,
              *(stats.get(name) for name in STATS_FIELDS)),
@@ -582,7 +580,7 @@ class Store:
 
     @staticmethod
     def _message_from_row(row: tuple) -> ChatMessage:
-        (mid, parent_id, role, content, created, updated, status, finish, error, model, precision, params,
+        (mid, parent_id, chosen_at, role, content, created, updated, status, finish, error, model, precision, params,
          *stat_values) = row
         stats = None
         if any(v is not None for v in stat_values):
@@ -590,7 +588,8 @@ class Store:
                      for name, v in zip(STATS_FIELDS, stat_values)}
         return ChatMessage(role=role, content=content, created_at=created, updated_at=updated,
                            params=json.loads(params) if params else None, model=model, precision=precision,
-                           stats=stats, finish_reason=finish, error=error, status=status, id=mid, parent_id=parent_id)
+                           stats=stats, finish_reason=finish, error=error, status=status, id=mid, parent_id=parent_id,
+                           chosen_at=chosen_at)
 
 
 def clean_title(title: str) -> str:
