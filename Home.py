@@ -175,7 +175,8 @@ with st.sidebar:
     top_k = st.number_input("Top k (0 = off)", 0, 1000, key="top_k", on_change=keep_control, help=source_of("top_k"))
     repetition_penalty = st.slider("Repetition penalty", 0.5, 2.0, step=0.05, key="repetition_penalty",
                                    on_change=keep_control, help=source_of("repetition_penalty"))
-    for line in describe_sources(effective_controls(defaults, {n: state[n] for n in CONTROLS}), defaults):
+    own = clean_overrides({name: state[name] for name in CONTROLS}, defaults)
+    for line in describe_sources(effective_controls(defaults, own), defaults):
         st.caption(plain(line))
     st.button("Reset to the model's defaults", key="reset_controls", on_click=reset_controls, width="stretch")
 
@@ -196,17 +197,17 @@ with st.sidebar:
         else:
             state.preset_choice, state.preset_name = name, ""
 
-    st.selectbox("System prompt preset", list(presets), index=None, key="preset_choice", on_change=apply_preset,
-                 placeholder="Choose a preset" if presets else "No presets yet: save one below")
     system_prompt = st.text_area("System prompt", key="system_prompt",
                                  on_change=lambda: store.set_setting(workspace, "system_prompt", state.system_prompt))
-    with st.expander("Save or delete presets"):
-        st.text_input("Preset name", key="preset_name", max_chars=60)
+    with st.expander(f"System-prompt presets ({len(presets)})"):
+        choice = st.selectbox("Preset", list(presets), index=None, key="preset_choice",
+                              placeholder="Choose a preset" if presets else "None yet: save one below")
         left, right = st.columns(2)
-        left.button("Save as preset", key="save_preset", on_click=save_preset, width="stretch")
-        right.button("Delete chosen", key="delete_preset", width="stretch", disabled=not state.get("preset_choice"),
-                     on_click=lambda: (store.delete_preset(workspace, state.preset_choice),
-                                       state.update(preset_choice=None)))
+        left.button("Use", key="use_preset", on_click=apply_preset, disabled=choice is None, width="stretch")
+        right.button("Delete", key="delete_preset", disabled=choice is None, width="stretch",
+                     on_click=lambda: (store.delete_preset(workspace, choice), state.update(preset_choice=None)))
+        st.text_input("Name for the system prompt above", key="preset_name", max_chars=60)
+        st.button("Save as preset", key="save_preset", on_click=save_preset, width="stretch")
         if "preset_error" in state:
             st.error(state.pop("preset_error"))
 

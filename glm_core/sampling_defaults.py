@@ -96,7 +96,7 @@ def model_defaults(family: str, name: str, generation_config: dict | None = None
             if control not in values:
                 values[control], sources[control] = value, source
     if max_context and values["max_length"] > max_context:
-        values["max_length"], sources["max_length"] = max_context, f"the model's context ({sources['max_length']} says more)"
+        values["max_length"], sources["max_length"] = max_context, "the model's context length"
     if values["max_new_tokens"] >= values["max_length"]:
         values["max_new_tokens"] = values["max_length"] - 1
     picked = [source for source, _ in layers if source in sources.values()]

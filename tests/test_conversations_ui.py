@@ -351,3 +351,76 @@ def test_open_in_chat_from_the_conversations_page(store):
     at.multiselect(key="export_selection").set_value([found]).run()
     at.button(key="open_in_chat").click().run()
     assert not at.exception and at.chat_message[0].markdown[0].value == "Find me later"
+
+
+def test_sampling_defaults_come_from_the_model_and_a_workspace_keeps_its_own(store):
+    at = open_page()
+    ws = workspace_of(at)
+    sidebar = " ".join(c.value for c in at.sidebar.caption).replace("\\", "")  # drop plain()'s escapes
+    assert "the model's context length: max length 4096" in sidebar
+    assert "this app's defaults: max new tokens 1024, temperature 0.7" in sidebar  # the tiny model recommends nothing
+    assert at.slider(key="temperature").value == 0.7 and at.slider(key="repetition_penalty").value == 1.1
+    assert "from this app's defaults" in at.slider(key="temperature").help
+    at.slider(key="temperature").set_value(0.3).run()
+    assert store.get_setting(ws, "sampling") == {"temperature": 0.3}
+    assert "your settings: temperature 0.3 (model: 0.7)" in " ".join(c.value for c in at.sidebar.caption).replace("\\", "")
+    again = open_page(ws=ws)  # another visit of the same workspace
+    assert again.slider(key="temperature").value == 0.3 and again.slider(key="top_p").value == 0.9
+    again.button(key="reset_controls").click().run()
+    assert again.slider(key="temperature").value == 0.7 and store.get_setting(ws, "sampling") == {}
+
+
+def test_system_prompt_presets_pin_and_archive(store):
+    at = short_replies(open_page())
+    ws = workspace_of(at)
+    at.text_area(key="system_prompt").set_value("Answer like a pirate.").run()
+    at.text_input(key="preset_name").set_value("Pirate").run()
+    at.button(key="save_preset").click().run()
+    assert store.list_presets(ws) == {"Pirate": "Answer like a pirate."}
+    at.text_area(key="system_prompt").set_value("").run()
+    assert at.selectbox(key="preset_choice").value == "Pirate"
+    at.button(key="use_preset").click().run()
+    assert at.text_area(key="system_prompt").value == "Answer like a pirate."
+    assert open_page(ws=ws).text_area(key="system_prompt").value == "Answer like a pirate."  # kept for the workspace
+    chat(at, "Ahoy")
+    assert store.get_conversation(ws, at.query_params["c"]).messages[1].params["system_prompt"] == "Answer like a pirate."
+    at.button(key="delete_preset").click().run()
+    assert store.list_presets(ws) == {} and not at.exception
+
+    first = at.query_params["c"]
+    at.button(key="new_conversation").click().run()
+    chat(at, "Second")
+    second = at.query_params["c"]
+    assert listed(at) == [second, first]
+    at.button(key=f"open_{first}").click().run()
+    at.button(key="pin_conversation").click().run()
+    assert listed(at) == [first, second] and at.button(key=f"open_{first}").label.startswith("📌")
+    at.button(key="archive_conversation").click().run()
+    assert listed(at) == [second]
+    at.toggle(key="show_archived").set_value(True).run()
+    assert listed(at) == [first]
+
+
+def test_a_share_link_shows_that_conversation_only_read_only_until_revoked(store):
+    at = short_replies(open_page())
+    chat(at, "Shared question " + HOSTILE)
+    shared = at.query_params["c"]
+    at.button(key="new_conversation").click().run()
+    chat(at, "Private question")
+    at.button(key=f"open_{shared}").click().run()
+    at.button(key="share_conversation").click().run()
+    link = at.sidebar.code[0].value
+    token = link.split("share=")[1]
+    assert link.endswith(f"/Shared?share={token}") and store.share_token(workspace_of(at), shared) == token
+
+    viewer = open_page(str(ROOT / "pages" / "4_Shared.py"))
+    viewer.query_params["share"] = token
+    viewer.run()
+    assert [m.markdown[0].value for m in viewer.chat_message][0] == "Shared question " + HOSTILE
+    assert len(viewer.chat_message) == 2 and "Private question" not in json.dumps([m.value for m in viewer.markdown])
+    assert not viewer.button and not viewer.chat_input and not viewer.text_area and "ws" not in viewer.query_params
+    assert not any(e.proto.allow_html for e in markdown_like(viewer))
+
+    at.button(key="revoke_share").click().run()
+    viewer.run()
+    assert not viewer.chat_message and "not valid" in viewer.info[0].value
