@@ -254,7 +254,7 @@ def message_actions(index: int, message: ChatMessage, idle: bool) -> None:
     if count > 1:
         row.button("‹", key=f"previous_{message.id}", on_click=choose, args=(before,), type="tertiary",
                    disabled=not idle or before is None, help="Previous version")
-        row.caption(f"{place}/{count}")
+        row.caption(f"{place}/{count}", width="content")
         row.button("›", key=f"next_{message.id}", on_click=choose, args=(after,), type="tertiary",
                    disabled=not idle or after is None, help="Next version")
     with row.popover("Copy", icon=":material/content_copy:", type="tertiary", key=f"copy_{message.id}"):

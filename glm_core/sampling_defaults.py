@@ -126,8 +126,9 @@ def describe_sources(controls: dict, defaults: dict) -> list[str]:
         if source == YOURS:
             text += f" (model: {defaults[control]:g})"
         by_source.setdefault(source, []).append(text)
-    yours = by_source.pop(YOURS, None)
+    yours, ours = by_source.pop(YOURS, None), by_source.pop(OURS, None)  # the model's own first
     lines = [f"{source}: {', '.join(items)}" for source, items in by_source.items()]
+    lines += [f"{OURS}: {', '.join(ours)}"] if ours else []
     return lines + ([f"{YOURS}s: {', '.join(yours)}"] if yours else [])
 
 

@@ -312,7 +312,9 @@ def test_versions_defaults_copy_and_share_link(data_dir, server, page, output_di
     copy_buttons.nth(1).get_by_role("button").click()
     expect(page.get_by_test_id("stPopoverBody").get_by_test_id("stCode")).to_contain_text("$e^{i\\pi} + 1 = 0$")
     page.keyboard.press("Escape")
-    page.screenshot(path=str(output_dir / "versions_and_sidebar_defaults.png"), full_page=True)
+    page.screenshot(path=str(output_dir / "versions.png"), full_page=True)
+    sidebar.get_by_role("button", name="Reset to the model's defaults").scroll_into_view_if_needed()
+    page.screenshot(path=str(output_dir / "sidebar_defaults.png"))
 
     sidebar.get_by_text("Rename, pin, archive, share or delete").click()
     sidebar.get_by_role("button", name="Share a read-only link").click()
