@@ -206,7 +206,7 @@ with st.sidebar:
         left.button("Use", key="use_preset", on_click=apply_preset, disabled=choice is None, width="stretch")
         right.button("Delete", key="delete_preset", disabled=choice is None, width="stretch",
                      on_click=lambda: (store.delete_preset(workspace, choice), state.update(preset_choice=None)))
-        st.text_input("Name for the system prompt above", key="preset_name", max_chars=60)
+        st.text_input("Preset name (saves the text above)", key="preset_name", max_chars=60)
         st.button("Save as preset", key="save_preset", on_click=save_preset, width="stretch")
         if "preset_error" in state:
             st.error(state.pop("preset_error"))

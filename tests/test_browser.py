@@ -108,7 +108,7 @@ def test_stop_keeps_the_partial_reply(server, page):
     expect(box).to_be_enabled(timeout=60_000)
     # Any interaction reruns the page, which redraws the history from the conversation:
     # the stopped reply is still there, with its figures, marked stopped.
-    system_prompt = page.get_by_label("System prompt")
+    system_prompt = page.get_by_label("System prompt", exact=True)
     system_prompt.fill("Be brief.")
     system_prompt.press("Control+Enter")
     expect(messages.nth(1)).to_contain_text("stopped", timeout=60_000)
