@@ -19,9 +19,9 @@ from .store import NotFound, Store
 
 FLUSH_EVERY_S = 1.0
 # A browser redraws the whole reply's Markdown for every delta it gets, and each delta costs the page's thread (and
-# the browser, on the same machine here) work that competes with the model for the CPU and the GIL: handed every
-# token, the page streamed at 15.1 tokens/s where the engine alone did 22. The deltas that arrive within this
-# interval are sent as one (see docs/BENCHMARKS.md for the figures with it).
+# the browser, on the same machine here) work that competes with the model for the CPU and the GIL (issue 16: the
+# page streamed at 15.1 tokens/s where the engine alone did 22). Deltas that arrive within this interval go out as
+# one: while a reply streams, the page's threads then take under 1 % of a core (docs/BENCHMARKS.md).
 REDRAW_EVERY_S = 0.1
 
 
