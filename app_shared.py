@@ -20,6 +20,8 @@ from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.telemetry.gpu_monitor import Monitor
 from glm_core.backends.config import configured_backends, conversation_backend
 from glm_core.backends.hub import EngineHub
+from glm_core.conversations.conversation import ChatMessage
+from glm_core.safe_markdown import no_remote_images
 from glm_core.conversations.store import Store
 from glm_core.conversations.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
 
@@ -315,6 +317,41 @@ def open_workspace() -> str:
     if st.query_params.get(WORKSPACE_PARAM) != workspace:
         st.query_params[WORKSPACE_PARAM] = workspace
     return workspace
+
+
+def require_signed_in() -> None:
+    """For pages that open no workspace (a share link): the access password, and with Streamlit auth configured,
+    any signed-in user (the portal is the team's, not the internet's)."""
+    require_access_password()
+    user = st.user.to_dict()
+    if auth_configured(user) and user_identity(user) is None:
+        st.title("GLM Chat")
+        st.info("Sign in to see this conversation.")
+        if st.button("Sign in", key="sign_in"):
+            st.login()
+        st.stop()
+
+
+SHARE_PAGE = "Shared"  # pages/4_Shared.py
+
+
+def share_url(token: str) -> str:
+    """The address of a share link, on this server as the browser reached it."""
+    base = (st.context.url or "").split("?")[0].rstrip("/")
+    for page in ("/Conversations", "/GPU_monitor", "/Quantization", f"/{SHARE_PAGE}"):
+        base = base.removesuffix(page)
+    return f"{base}/{SHARE_PAGE}?share={token}"
+
+
+def show_message(message: ChatMessage) -> None:
+    """A stored message: Markdown without unsafe HTML (any HTML in it shows as text; code blocks are highlighted
+    and $...$ renders as LaTeX), its error, and a reply's figures."""
+    st.markdown(no_remote_images(message.content))  # images from other hosts become links
+    if message.error:
+        st.error(message.error)
+    line = message.stats_line() if message.role == "assistant" else ""
+    if line:
+        st.caption(line)
 
 
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>:$&=^])")

@@ -5,6 +5,7 @@ import streamlit as st
 
 from app_shared import (
     admin_panel, backend_choice, backend_named, get_hub, get_store, load_with_progress, open_workspace, plain,
+    share_url, show_message,
 )
 from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, SamplingParams, Started, Truncated
 from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
@@ -12,6 +13,9 @@ from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChang
 from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS, MAX_SYSTEM_PROMPT_CHARS
 from glm_core.safe_markdown import StreamWithoutImages, no_remote_images
+from glm_core.sampling_defaults import (
+    CONTROLS, LABELS, clean_overrides, describe_sources, effective_controls, model_defaults,
+)
 
 LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
 
@@ -89,23 +93,38 @@ with st.sidebar:
     st.button("New conversation", key="new_conversation", width="stretch",
               on_click=lambda: switch_to(new_conversation_id()))
     search = st.text_input("Search titles and messages", key="conversation_search", placeholder="Search")
-    summaries = store.list_conversations(workspace, search)
+    show_archived = st.toggle("Show archived", key="show_archived")
+    summaries = store.list_conversations(workspace, search, archived=show_archived)
     if not summaries:
-        st.caption("Nothing matches." if search.strip() else "No conversations yet.")
+        st.caption("Nothing matches." if search.strip() else "No archived conversations." if show_archived
+                   else "No conversations yet.")
     for summary in summaries[:LIST_LIMIT]:
-        st.button(plain(summary.title), key=f"open_{summary.id}", on_click=switch_to, args=(summary.id,),
-                  type="primary" if summary.id == conversation.id else "secondary", width="stretch",
-                  help=f"{summary.message_count} messages")
+        st.button(("📌 " if summary.pinned else "") + plain(summary.title), key=f"open_{summary.id}", on_click=switch_to,
+                  args=(summary.id,), type="primary" if summary.id == conversation.id else "secondary",
+                  width="stretch", help=f"{summary.message_count} messages")
     if len(summaries) > LIST_LIMIT:
         st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
     if stored:
-        title_now = next((s.title for s in summaries if s.id == conversation.id), conversation.title)
-        with st.expander("Rename or delete this conversation"):
-            st.text_input("Title", value=title_now, key=f"title_{conversation.id}", max_chars=200)
+        with st.expander("Rename, pin, archive, share or delete"):
+            st.text_input("Title", value=conversation.title, key=f"title_{conversation.id}", max_chars=200)
+            st.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
             left, right = st.columns(2)
-            left.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
-            right.button("Delete…", key="delete_conversation", width="stretch",
-                         on_click=lambda: state.update(pending_delete=(conversation.id, title_now)))
+            left.button("Unpin" if conversation.pinned else "Pin", key="pin_conversation", width="stretch",
+                        on_click=store.set_pinned, args=(workspace, conversation.id, not conversation.pinned))
+            right.button("Unarchive" if conversation.archived else "Archive", key="archive_conversation",
+                         width="stretch",
+                         on_click=store.set_archived, args=(workspace, conversation.id, not conversation.archived))
+            token = store.share_token(workspace, conversation.id)
+            if token is None:
+                st.button("Share a read-only link", key="share_conversation", width="stretch",
+                          on_click=store.share, args=(workspace, conversation.id))
+            else:
+                st.caption("Anyone with this link sees this conversation, read-only, and nothing else:")
+                st.code(share_url(token), language=None, wrap_lines=True)
+                st.button("Stop sharing", key="revoke_share", width="stretch",
+                          on_click=store.revoke_share, args=(workspace, conversation.id))
+            st.button("Delete…", key="delete_conversation", width="stretch",
+                      on_click=lambda: state.update(pending_delete=(conversation.id, conversation.title)))
 
     st.header("Model")
     names = get_hub().names()
@@ -165,13 +184,68 @@ with st.sidebar:
         st.caption("Only admins load another model.")
 
     st.header("Generation")
-    max_length = st.number_input("Max length (context + reply tokens)", 64, 131072, 8192, step=512, key="max_length")
-    max_new_tokens = st.slider("Max new tokens", 1, 4096, 1024, key="max_new_tokens")
-    temperature = st.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.8, 0.05, key="temperature")
-    top_p = st.slider("Top p", 0.05, 1.0, 0.8, 0.05, key="top_p")
-    top_k = st.number_input("Top k (0 = off)", 0, 1000, 0, key="top_k")
-    repetition_penalty = st.slider("Repetition penalty", 0.5, 2.0, 1.0, 0.05, key="repetition_penalty")
-    system_prompt = st.text_area("System prompt", "", key="system_prompt", max_chars=MAX_SYSTEM_PROMPT_CHARS)
+    # The model's defaults (and where each came from) under this workspace's own changes, which are kept.
+    defaults = engine.card().get("sampling_defaults") if engine is not None else None
+    defaults = defaults or model_defaults("", "", {})
+    controls = effective_controls(defaults, store.get_setting(workspace, "sampling", {}))
+    if state.get("controls_for") != (workspace, defaults):  # first run, another model, another workspace
+        state.update({name: value for name, (value, _) in controls.items()}, controls_for=(workspace, defaults))
+
+    def keep_control() -> None:
+        store.set_setting(workspace, "sampling", clean_overrides({name: state[name] for name in CONTROLS}, defaults))
+
+    def reset_controls() -> None:
+        store.set_setting(workspace, "sampling", {})
+        state.update({name: value for name, (value, _) in effective_controls(defaults, {}).items()})
+
+    def source_of(name: str) -> str:
+        return f"{LABELS[name].capitalize()} default: {defaults[name]:g}, from {defaults['sources'][name]}"
+
+    max_length = st.number_input("Max length (context + reply tokens)", 64, 131072, step=512, key="max_length",
+                                 on_change=keep_control, help=source_of("max_length"))
+    max_new_tokens = st.slider("Max new tokens", 1, 4096, key="max_new_tokens", on_change=keep_control,
+                               help=source_of("max_new_tokens"))
+    temperature = st.slider("Temperature (0 = greedy)", 0.0, 2.0, step=0.05, key="temperature",
+                            on_change=keep_control, help=source_of("temperature"))
+    top_p = st.slider("Top p", 0.05, 1.0, step=0.05, key="top_p", on_change=keep_control, help=source_of("top_p"))
+    top_k = st.number_input("Top k (0 = off)", 0, 1000, key="top_k", on_change=keep_control, help=source_of("top_k"))
+    repetition_penalty = st.slider("Repetition penalty", 0.5, 2.0, step=0.05, key="repetition_penalty",
+                                   on_change=keep_control, help=source_of("repetition_penalty"))
+    own = clean_overrides({name: state[name] for name in CONTROLS}, defaults)
+    for line in describe_sources(effective_controls(defaults, own), defaults):
+        st.caption(plain(line))
+    st.button("Reset to the model's defaults", key="reset_controls", on_click=reset_controls, width="stretch")
+
+    # System prompt: this workspace's presets fill it; it is kept for the workspace as typed.
+    presets = store.list_presets(workspace)
+    if "system_prompt" not in state:
+        state.system_prompt = store.get_setting(workspace, "system_prompt", "")
+
+    def apply_preset() -> None:
+        state.system_prompt = presets.get(state.preset_choice, "")
+        store.set_setting(workspace, "system_prompt", state.system_prompt)
+
+    def save_preset() -> None:
+        try:
+            name = store.save_preset(workspace, state.get("preset_name", ""), state.system_prompt)
+        except ValueError as exc:
+            state.preset_error = str(exc)
+        else:
+            state.preset_choice, state.preset_name = name, ""
+
+    system_prompt = st.text_area("System prompt", key="system_prompt", max_chars=MAX_SYSTEM_PROMPT_CHARS,
+                                 on_change=lambda: store.set_setting(workspace, "system_prompt", state.system_prompt))
+    with st.expander(f"System-prompt presets ({len(presets)})"):
+        choice = st.selectbox("Preset", list(presets), index=None, key="preset_choice",
+                              placeholder="Choose a preset" if presets else "None yet: save one below")
+        left, right = st.columns(2)
+        left.button("Use", key="use_preset", on_click=apply_preset, disabled=choice is None, width="stretch")
+        right.button("Delete", key="delete_preset", disabled=choice is None, width="stretch",
+                     on_click=lambda: (store.delete_preset(workspace, choice), state.update(preset_choice=None)))
+        st.text_input("Preset name (saves the text above)", key="preset_name", max_chars=60)
+        st.button("Save as preset", key="save_preset", on_click=save_preset, width="stretch")
+        if "preset_error" in state:
+            st.error(state.pop("preset_error"))
 
 if state.get("pending_delete"):
     confirm_delete(*state.pending_delete)
@@ -201,49 +275,63 @@ if action is not None and action["last"] != last_shown:  # a button drawn before
     if action["prompt"]:
         st.code(action["prompt"], language=None, wrap_lines=True)
     action = None
-last_user = conversation.last_index("user")
 
 
 def regenerate(keep: int, last: int | None) -> None:
-    """Reply again to the last prompt: the old reply goes, and the engine's cache rolls back to the prompt.
+    """Another version of the reply after the first `keep` messages (the old one stays, to flip back to).
     `last`: the last message when the button was drawn (a stale button in a second tab is refused)."""
     state.pending_action = {"keep": keep, "prompt": None, "last": last}
 
 
 def send_edit(keep: int, last: int | None) -> None:
+    """The edited prompt starts a branch after the first `keep` messages (the original stays, to flip back to)."""
     text = (state.get("edit_text") or "").strip()
     state.pop("editing", None)
     if text:
         state.pending_action = {"keep": keep, "prompt": text, "last": last}
 
 
-def show_message(message: ChatMessage) -> None:
-    st.markdown(no_remote_images(message.content))  # HTML shows as text; images become links
-    if message.error:
-        st.error(message.error)
-    line = message.stats_line() if message.role == "assistant" else ""
-    if line:
-        st.caption(line)
+def choose(message_id: int) -> None:
+    store.choose_version(workspace, conversation.id, message_id)
+
+
+def message_actions(index: int, message: ChatMessage, idle: bool) -> None:
+    """Under a message: ‹ 2/3 › between its versions, copy, and Edit (a prompt) or Regenerate (a reply)."""
+    row = st.container(horizontal=True, vertical_alignment="center")
+    place, count, before, after = conversation.version_switch(message)
+    if count > 1:
+        row.button("‹", key=f"previous_{message.id}", on_click=choose, args=(before,), type="tertiary",
+                   disabled=not idle or before is None, help="Previous version")
+        row.caption(f"{place}/{count}", width="content")
+        row.button("›", key=f"next_{message.id}", on_click=choose, args=(after,), type="tertiary",
+                   disabled=not idle or after is None, help="Next version")
+    with row.popover("Copy", icon=":material/content_copy:", type="tertiary", key=f"copy_{message.id}"):
+        st.code(message.content, language="markdown", wrap_lines=True)  # its copy button copies the raw text
+    if not idle:
+        return
+    if message.role == "user":
+        row.button("Edit", key=f"edit_{message.id}", type="tertiary", icon=":material/edit:",
+                   on_click=lambda: state.update(editing=message.id))
+        if index == len(conversation.messages) - 1:  # the prompt has no reply (it was taken back or failed)
+            row.button("Get a reply", key=f"regenerate_{message.id}", type="tertiary", on_click=regenerate,
+                       args=(index + 1, last_shown))
+    elif message.role == "assistant" and index > 0 and conversation.messages[index - 1].role == "user":
+        row.button("Regenerate", key=f"regenerate_{message.id}", type="tertiary", icon=":material/refresh:",
+                   on_click=regenerate, args=(index, last_shown))
 
 
 shown = conversation.messages[: action["keep"]] if action else conversation.messages
 for index, message in enumerate(shown):
     with st.chat_message(message.role):
         idle = action is None and engine is not None
-        if idle and index == last_user and state.get("editing") == message.id:
+        if idle and message.role == "user" and state.get("editing") == message.id:
             st.text_area("Edit your message", value=message.content, key="edit_text", max_chars=MAX_PROMPT_CHARS)
             left, right = st.columns(2)
             left.button("Send", key="edit_send", on_click=send_edit, args=(index, last_shown), type="primary", width="stretch")
             right.button("Cancel", key="edit_cancel", on_click=lambda: state.pop("editing", None), width="stretch")
             continue
         show_message(message)
-        if idle and index == last_user:
-            buttons = st.container(horizontal=True)
-            buttons.button("Edit", key="edit", on_click=lambda mid=message.id: state.update(editing=mid))
-            if index == len(shown) - 1:  # the prompt has no reply (it was taken back or failed): ask again
-                buttons.button("Get a reply", key="regenerate", on_click=regenerate, args=(index + 1, last_shown))
-        elif idle and index == len(shown) - 1 and message.role == "assistant" and last_user is not None:
-            st.button("Regenerate", key="regenerate", on_click=regenerate, args=(last_user + 1, last_shown))
+        message_actions(index, message, idle)
 
 if action is not None:
     turn = None

@@ -1,13 +1,12 @@
 """GPU monitor page: the loaded model and two ways to free memory, then live figures refreshed every couple of
 seconds (each NVIDIA GPU and its processes, this process's allocator, host memory) and the last minutes as charts."""
 
-from datetime import datetime
-
 import pandas as pd
 import streamlit as st
 
 from app_shared import admin_panel, get_hub, get_monitor, open_workspace, plain
 from glm_core import ModelSpec
+from glm_core.telemetry.charts import time_chart
 from glm_core.telemetry.memory import MemoryInUse, format_bytes, free_cached_memory
 
 st.set_page_config(page_title="GPU monitor", page_icon="📈", layout="wide")
@@ -140,15 +139,12 @@ def show_history() -> None:
     if len(points) < 2:
         st.caption(f"Collecting samples every {monitor.interval_s:g} s …")
         return
-    table = pd.DataFrame(points)
-    table["time"] = [datetime.fromtimestamp(t) for t in table["time"]]
-    memory = [column for column in table if column == "host used" or column.endswith(("RSS", "memory used"))]
-    table[memory] = table[memory] / 2**30
-    utilization = [column for column in table if column.endswith("utilization")]
+    memory = [column for column in points[-1] if column == "host used" or column.endswith(("RSS", "memory used"))]
+    utilization = [column for column in points[-1] if column.endswith("utilization")]
     left, right = st.columns(2) if utilization else (st.container(), None)
-    left.line_chart(table, x="time", y=memory, x_label="", y_label="memory (GiB)")
+    left.vega_lite_chart(time_chart(points, memory, "memory (GiB)", monitor.history_s, scale=2**30), width="stretch")
     if utilization:
-        right.line_chart(table, x="time", y=utilization, x_label="", y_label="GPU utilization (%)")
+        right.vega_lite_chart(time_chart(points, utilization, "GPU utilization (%)", monitor.history_s), width="stretch")
 
 
 @st.fragment(run_every=monitor.interval_s)

@@ -70,6 +70,9 @@ with table_area:
             "Prompt tokens": [s.prompt_tokens for s in listed],
             "Completion tokens": [s.completion_tokens for s in listed],
             "Unfinished replies": [s.unfinished for s in listed],
+            "Pinned": [s.pinned for s in listed],
+            "Archived": [s.archived for s in listed],
+            "Shared": [s.shared for s in listed],
         }
     )
     st.caption(f"{len(listed)} of {len(everything)} conversation(s)")

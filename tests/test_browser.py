@@ -1,5 +1,6 @@
 """Real browser: `streamlit run Home.py`, Debian's chromium driven by Playwright, a prompt and its reply."""
 
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import OUTPUT_DIR, ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -107,7 +108,7 @@ def test_stop_keeps_the_partial_reply(server, page):
     expect(box).to_be_enabled(timeout=60_000)
     # Any interaction reruns the page, which redraws the history from the conversation:
     # the stopped reply is still there, with its figures, marked stopped.
-    system_prompt = page.get_by_label("System prompt")
+    system_prompt = page.get_by_label("System prompt", exact=True)
     system_prompt.fill("Be brief.")
     system_prompt.press("Control+Enter")
     expect(messages.nth(1)).to_contain_text("stopped", timeout=60_000)
@@ -207,3 +208,160 @@ def test_portal_chat_and_an_api_client_at_the_same_time(server, page):
     alone = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Name three colors."}],
                                         max_tokens=48, temperature=0).choices[0].message.content
     assert alone == from_api.result()  # greedy: the batched reply is the reply alone
+
+
+def stored_workspace(data_dir, sampling=None):
+    """A workspace made here, opened by URL (the server shares GLM_DATA_DIR), with its own sampling settings."""
+    from glm_core.conversations.store import Store
+
+    store = Store(data_dir)
+    ws = store.create_workspace()
+    if sampling:
+        store.set_setting(ws, "sampling", sampling)
+    return store, ws
+
+
+# Records, in the page, when the streaming reply's text grows: [(ms, characters), ...].
+WATCH_REPLY = """(index) => {
+    window.growth = [];
+    const observer = new MutationObserver(() => {
+        const message = document.querySelectorAll('[data-testid="stChatMessage"]')[index];
+        const text = message && [...message.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+            .find(element => !element.closest('[data-testid="stAlert"]'));  // not "Waiting for the model"
+        const length = text ? text.innerText.length : 0;
+        const last = window.growth.length ? window.growth[window.growth.length - 1][1] : 0;
+        if (length > last) window.growth.push([performance.now(), length]);
+    });
+    observer.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def seen_speed(page, reply_index: int) -> dict:
+    """Tokens/s as the reader saw them (completion tokens after the first, over the time the text took to grow to
+    its final length) against the engine's figure on the reply's stats line."""
+    import re
+
+    message = page.get_by_test_id("stChatMessage").nth(reply_index)
+    stats = message.get_by_test_id("stCaptionContainer").first.inner_text()
+    tokens = int(re.search(r"completion ([\d,]+) tokens", stats).group(1).replace(",", ""))
+    engine = float(re.search(r"([\d.]+) tokens/s", stats).group(1))
+    growth = page.evaluate("window.growth")
+    Path(OUTPUT_DIR / f"speed-growth-{reply_index}-{time.time():.0f}.json").write_text(json.dumps([stats, growth]))
+    final = growth[-1][1]
+    start = growth[0][0]
+    end = next(t for t, length in growth if length >= 0.98 * final)
+    seconds = (end - start) / 1000
+    return {"tokens": tokens, "characters": final, "seconds": seconds, "engine": engine,
+            "browser": (tokens - 1) / seconds, "characters_per_s": final / seconds}
+
+
+def engine_alone(prompts, sampling) -> list[float]:
+    """Decode tokens/s of the same greedy replies from the embedded model in this process, one at a time."""
+    from glm_core import ModelSpec, SamplingParams
+    from glm_core.backends.hub import EngineHub
+
+    hub = EngineHub()
+    engine = hub.load(ModelSpec("embedded"))
+    try:
+        params = SamplingParams(top_p=0.9, **sampling)
+        return [engine.submit(f"alone-{i}", [{"role": "user", "content": prompt}], params).wait().stats.decode_tokens_per_s
+                for i, prompt in enumerate(prompts)]
+    finally:
+        hub.unload()
+
+
+def test_browser_speed_matches_the_engine(data_dir, server, output_dir):
+    """Two sessions stream a long greedy reply each, at once; each reader sees the tokens arrive within 10 % of the
+    engine's figure for the same reply (the page coalesces deltas instead of redrawing per token)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    sampling = {"max_new_tokens": 200, "temperature": 0.0, "repetition_penalty": 1.1}
+    prompts = ("Write a long story about a dragon who learns to bake bread.",
+               "Write a long story about a robot who learns to paint.")
+    results = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        pages = []
+        for prompt in prompts:
+            _, ws = stored_workspace(data_dir, sampling)
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.goto(f"{server}/?ws={ws}")
+            expect(page.get_by_test_id("stChatInputTextArea")).to_be_enabled(timeout=240_000)
+            page.evaluate(WATCH_REPLY, 1)
+            page.get_by_test_id("stChatInputTextArea").fill(prompt)
+            pages.append(page)
+        for page in pages:
+            page.get_by_test_id("stChatInputTextArea").press("Enter")
+        for index, page in enumerate(pages):
+            expect(page.get_by_test_id("stChatMessage").nth(1)).to_contain_text("tokens/s", timeout=600_000)
+            results.append(seen_speed(page, 1))
+            page.screenshot(path=str(output_dir / f"test_browser_speed_session_{index + 1}.png"), full_page=True)
+        browser.close()
+    alone = engine_alone(prompts, sampling)  # the same replies with no page drawing them (the server idles now)
+    for index, (r, solo) in enumerate(zip(results, alone), start=1):
+        print(f"\nsession {index}: {r['tokens']} tokens, {r['characters']} characters in {r['seconds']:.1f} s: "
+              f"browser {r['browser']:.1f} tokens/s ({r['characters_per_s']:.0f} characters/s), stats line "
+              f"{r['engine']:.1f} tokens/s, ratio {r['browser'] / r['engine']:.2f}; the engine alone, same reply: "
+              f"{solo:.1f} tokens/s, browser / alone {r['browser'] / solo:.2f}")
+    for r in results:
+        assert r["tokens"] > 50
+        assert r["browser"] >= 0.9 * r["engine"], r
+
+
+def test_versions_defaults_copy_and_share_link(data_dir, server, page, output_dir):
+    """Regenerate adds a version to flip between; the sidebar shows where each default came from; each message has
+    a copy button; a share link opened in another browser context shows that conversation only, read-only."""
+    from playwright.sync_api import expect
+
+    from glm_core.conversations.conversation import ChatMessage, Conversation
+
+    store, ws = stored_workspace(data_dir, {"max_new_tokens": 24, "temperature": 0.0})
+    code_and_math = ("Here is code:\n\n```python\ndef square(x):\n    return x ** 2\n```\n\n"
+                     "and Euler's identity: $e^{i\\pi} + 1 = 0$")
+    [other] = store.import_conversations(ws, [Conversation(title="Not shared", messages=[
+        ChatMessage("user", "A private question"), ChatMessage("assistant", "A private answer")])])
+    [cid] = store.import_conversations(ws, [Conversation(title="Versions", messages=[
+        ChatMessage("user", "Show me code and maths"), ChatMessage("assistant", code_and_math)])])
+    page.goto(f"{server}/?ws={ws}&c={cid}")
+    messages = page.get_by_test_id("stChatMessage")
+    expect(messages).to_have_count(2, timeout=240_000)
+    # Code is highlighted and LaTeX rendered by Streamlit's Markdown.
+    expect(messages.nth(1).locator(".katex").first).to_be_visible()
+    expect(messages.nth(1).get_by_test_id("stCode")).to_contain_text("return x ** 2")
+    sidebar = page.get_by_test_id("stSidebar")
+    expect(sidebar).to_contain_text("SmolLM2 model card: top p 0.9")  # the model's default, and where it came from
+    expect(sidebar).to_contain_text("your settings: max new tokens 24 (model: 1024), temperature 0 (model: 0.2)")
+    page.get_by_role("button", name="Regenerate").click()
+    expect(messages.nth(1)).to_contain_text("tokens/s", timeout=120_000)
+    expect(messages.nth(1)).to_contain_text("2/2", timeout=60_000)
+    page.get_by_role("button", name="‹").click()
+    expect(messages.nth(1)).to_contain_text("1/2", timeout=60_000)
+    expect(messages.nth(1)).to_contain_text("Euler")
+    copy_buttons = page.get_by_test_id("stPopover")
+    expect(copy_buttons).to_have_count(2)  # one per message
+    copy_buttons.nth(1).get_by_role("button").click()
+    expect(page.get_by_test_id("stPopoverBody").get_by_test_id("stCode")).to_contain_text("$e^{i\\pi} + 1 = 0$")
+    page.keyboard.press("Escape")
+    page.screenshot(path=str(output_dir / "versions.png"), full_page=True)
+    sidebar.get_by_role("button", name="Reset to the model's defaults").scroll_into_view_if_needed()
+    page.screenshot(path=str(output_dir / "sidebar_defaults.png"))
+
+    sidebar.get_by_text("Rename, pin, archive, share or delete").click()
+    sidebar.get_by_role("button", name="Share a read-only link").click()
+    link = sidebar.get_by_test_id("stCode").inner_text().strip()
+    assert link.startswith(server) and "/Shared?share=" in link and ws not in link
+
+    viewer = page.context.browser.new_context(viewport={"width": 1000, "height": 800}).new_page()
+    viewer.goto(link)
+    shown = viewer.get_by_test_id("stChatMessage")
+    expect(shown).to_have_count(2, timeout=120_000)
+    expect(shown.nth(0)).to_contain_text("Show me code and maths")
+    main = viewer.get_by_test_id("stMain")
+    expect(main).to_contain_text("Shared read-only")
+    assert "A private" not in viewer.content() and ws not in viewer.url and other not in viewer.content()
+    assert viewer.get_by_test_id("stChatInput").count() == 0 and viewer.get_by_role("button", name="Regenerate").count() == 0
+    viewer.screenshot(path=str(output_dir / "shared_conversation.png"), full_page=True)
+    store.revoke_share(ws, cid)
+    viewer.reload()
+    expect(viewer.get_by_test_id("stMain")).to_contain_text("not valid", timeout=60_000)
+    viewer.context.close()

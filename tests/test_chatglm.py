@@ -35,6 +35,8 @@ def test_logits_equal_an_independent_chatglm2_forward(glm2):
     loaded, logits = logits_of(folder, IDS)
     torch.testing.assert_close(logits, reference_logits(sd, config, IDS), atol=2e-4, rtol=2e-4)
     assert loaded.family == "ChatGLM2" and loaded.card()["family"] == "ChatGLM2"
+    defaults = loaded.card()["sampling_defaults"]
+    assert (defaults["temperature"], defaults["top_p"], defaults["source"]) == (0.8, 0.8, "ChatGLM2/3 documented defaults")
     assert loaded.model.config.num_key_value_heads == 2 and loaded.model.config.head_dim == 16
 
 
@@ -330,8 +332,13 @@ def test_glm4_hf_folder_loads_through_auto_classes(tmp_path, tiny_model_dir):
     folder = tmp_path / "glm-4-tiny-chat-hf"
     GlmForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(  # as glm-4-9b-chat-hf ships it
+        '{"do_sample": true, "eos_token_id": [2], "max_length": 128000, "temperature": 0.8, "top_p": 0.8}')
     loaded = load_model(ModelSpec(str(folder), "fp32", "cpu"))
     assert loaded.family == "GLM-4"
+    defaults = loaded.card()["sampling_defaults"]
+    assert (defaults["temperature"], defaults["top_p"], defaults["source"]) == (0.8, 0.8, "generation_config.json")
+    assert defaults["max_length"] == 128000 and defaults["sources"]["repetition_penalty"] == "this app's defaults"
     engine = Engine(loaded)
     try:
         reply = engine.submit("c", [{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=5)).wait()

@@ -129,27 +129,36 @@ def test_switching_back_resumes_the_kept_cache(store):
     assert "(0 from cache)" not in at.chat_message[-1].caption[0].value
 
 
-def test_regenerate_and_edit_the_last_prompt(store):
+def test_regenerate_adds_a_version_and_edit_starts_a_branch(store):
     at = short_replies(open_page())
     chat(at, "Say something")
     chat(at, "Say more")
     ws, cid = workspace_of(at), at.query_params["c"]
     before = store.get_conversation(ws, cid).messages
-    at.button(key="regenerate").click().run()
+    at.button(key=f"regenerate_{before[3].id}").click().run()
     after = store.get_conversation(ws, cid).messages
     assert [m.content for m in after[:3]] == [m.content for m in before[:3]] and len(after) == 4
     assert after[3].id != before[3].id and after[3].content == before[3].content  # greedy: the same reply again
     # The cache rolled back to the end of the prompt: everything but the last prompt token came from it.
     assert after[3].stats["reused_tokens"] == after[3].stats["prompt_tokens"] - 1
+    # The old reply is kept as version 1 of 2.
+    assert at.chat_message[3].caption[-1].value == "2/2" and at.button(key=f"next_{after[3].id}").disabled
+    at.button(key=f"previous_{after[3].id}").click().run()
+    assert store.get_conversation(ws, cid).messages[3].id == before[3].id and at.chat_message[3].caption[-1].value == "1/2"
+    assert at.get("code")[-1].value == before[3].content  # the copy button's text: the reply as written
 
-    at.button(key="edit").click().run()
-    assert at.text_area(key="edit_text").value == "Say more"
+    # Edit the first prompt: a branch from the start; the whole first branch stays.
+    at.button(key=f"edit_{before[0].id}").click().run()
+    assert at.text_area(key="edit_text").value == "Say something"
     at.text_area(key="edit_text").set_value("Say less").run()
     at.button(key="edit_send").click().run()
-    edited = store.get_conversation(ws, cid).messages
-    assert [m.content for m in edited[:3]] == ["Say something", before[1].content, "Say less"] and len(edited) == 4
-    assert edited[3].stats["reused_tokens"] >= len(before[0].content) // 8  # the shared prefix came from the cache
-    assert [m.markdown[0].value for m in at.chat_message][2] == "Say less"
+    edited = store.get_conversation(ws, cid)
+    assert [m.content for m in edited.messages][0] == "Say less" and len(edited.messages) == 2
+    assert [m.markdown[0].value for m in at.chat_message] == ["Say less", edited.messages[1].content]
+    at.button(key=f"previous_{edited.messages[0].id}").click().run()
+    back = store.get_conversation(ws, cid).messages
+    assert [m.content for m in back][:3] == ["Say something", before[1].content, "Say more"] and back[3].id == before[3].id
+    assert len(at.chat_message) == 4 and at.chat_message[0].caption[-1].value == "1/2"
 
 
 def test_a_prompt_too_long_is_handed_back_and_nothing_is_stored(store):
@@ -342,3 +351,76 @@ def test_open_in_chat_from_the_conversations_page(store):
     at.multiselect(key="export_selection").set_value([found]).run()
     at.button(key="open_in_chat").click().run()
     assert not at.exception and at.chat_message[0].markdown[0].value == "Find me later"
+
+
+def test_sampling_defaults_come_from_the_model_and_a_workspace_keeps_its_own(store):
+    at = open_page()
+    ws = workspace_of(at)
+    sidebar = " ".join(c.value for c in at.sidebar.caption).replace("\\", "")  # drop plain()'s escapes
+    assert "the model's context length: max length 4096" in sidebar
+    assert "this app's defaults: max new tokens 1024, temperature 0.7" in sidebar  # the tiny model recommends nothing
+    assert at.slider(key="temperature").value == 0.7 and at.slider(key="repetition_penalty").value == 1.1
+    assert "from this app's defaults" in at.slider(key="temperature").help
+    at.slider(key="temperature").set_value(0.3).run()
+    assert store.get_setting(ws, "sampling") == {"temperature": 0.3}
+    assert "your settings: temperature 0.3 (model: 0.7)" in " ".join(c.value for c in at.sidebar.caption).replace("\\", "")
+    again = open_page(ws=ws)  # another visit of the same workspace
+    assert again.slider(key="temperature").value == 0.3 and again.slider(key="top_p").value == 0.9
+    again.button(key="reset_controls").click().run()
+    assert again.slider(key="temperature").value == 0.7 and store.get_setting(ws, "sampling") == {}
+
+
+def test_system_prompt_presets_pin_and_archive(store):
+    at = short_replies(open_page())
+    ws = workspace_of(at)
+    at.text_area(key="system_prompt").set_value("Answer like a pirate.").run()
+    at.text_input(key="preset_name").set_value("Pirate").run()
+    at.button(key="save_preset").click().run()
+    assert store.list_presets(ws) == {"Pirate": "Answer like a pirate."}
+    at.text_area(key="system_prompt").set_value("").run()
+    assert at.selectbox(key="preset_choice").value == "Pirate"
+    at.button(key="use_preset").click().run()
+    assert at.text_area(key="system_prompt").value == "Answer like a pirate."
+    assert open_page(ws=ws).text_area(key="system_prompt").value == "Answer like a pirate."  # kept for the workspace
+    chat(at, "Ahoy")
+    assert store.get_conversation(ws, at.query_params["c"]).messages[1].params["system_prompt"] == "Answer like a pirate."
+    at.button(key="delete_preset").click().run()
+    assert store.list_presets(ws) == {} and not at.exception
+
+    first = at.query_params["c"]
+    at.button(key="new_conversation").click().run()
+    chat(at, "Second")
+    second = at.query_params["c"]
+    assert listed(at) == [second, first]
+    at.button(key=f"open_{first}").click().run()
+    at.button(key="pin_conversation").click().run()
+    assert listed(at) == [first, second] and at.button(key=f"open_{first}").label.startswith("📌")
+    at.button(key="archive_conversation").click().run()
+    assert listed(at) == [second]
+    at.toggle(key="show_archived").set_value(True).run()
+    assert listed(at) == [first]
+
+
+def test_a_share_link_shows_that_conversation_only_read_only_until_revoked(store):
+    at = short_replies(open_page())
+    chat(at, "Shared question " + HOSTILE)
+    shared = at.query_params["c"]
+    at.button(key="new_conversation").click().run()
+    chat(at, "Private question")
+    at.button(key=f"open_{shared}").click().run()
+    at.button(key="share_conversation").click().run()
+    link = at.sidebar.code[0].value
+    token = link.split("share=")[1]
+    assert link.endswith(f"/Shared?share={token}") and store.share_token(workspace_of(at), shared) == token
+
+    viewer = open_page(str(ROOT / "pages" / "4_Shared.py"))
+    viewer.query_params["share"] = token
+    viewer.run()
+    assert [m.markdown[0].value for m in viewer.chat_message][0] == "Shared question " + HOSTILE
+    assert len(viewer.chat_message) == 2 and "Private question" not in json.dumps([m.value for m in viewer.markdown])
+    assert not viewer.button and not viewer.chat_input and not viewer.text_area and "ws" not in viewer.query_params
+    assert not any(e.proto.allow_html for e in markdown_like(viewer))
+
+    at.button(key="revoke_share").click().run()
+    viewer.run()
+    assert not viewer.chat_message and "not valid" in viewer.info[0].value

@@ -92,6 +92,41 @@ def test_json_round_trip_into_an_empty_workspace_is_identical(store, filled):
     assert again == first
 
 
+def test_versions_travel_in_json_and_the_chosen_path_in_the_other_formats(store):
+    ws = store.create_workspace()
+    c = store.get_conversation(ws, store_conversation(store, ws, "Versions", [
+        ChatMessage("user", "q"), reply("first answer"), ChatMessage("user", "more?"), reply("more")]))
+    _, second, _ = store.begin_turn(ws, c, 1, None, ChatMessage("assistant", ""))  # regenerate the first answer
+    store.finish_reply(ws, second, "second answer", STATS, "eos", None)
+    c = store.get_conversation(ws, c.id)
+    assert [m.content for m in c.messages] == ["q", "second answer"] and len(c.tree) == 5
+
+    document = json.loads(export_conversations([c], "json"))
+    [exported] = document["conversations"]
+    assert document["version"] == 2 and len(exported["messages"]) == 5
+    assert [(m["id"], m["parent"]) for m in exported["messages"]] == [(1, None), (2, 1), (3, 2), (4, 3), (5, 1)]
+    assert exported["chosen"] == 5
+    for fmt in ("md", "csv", "html", "jsonl"):
+        text = export_conversations([c], fmt).decode()
+        assert "second answer" in text and "first answer" not in text and "more?" not in text
+
+    [copy] = import_file(store, ws, json.dumps(document).encode())
+    imported = store.get_conversation(ws, copy)
+    assert [m.content for m in imported.messages] == ["q", "second answer"]
+    assert [m.content for m in imported.versions(imported.messages[1])] == ["first answer", "second answer"]
+    store.choose_version(ws, copy, imported.messages[1].parent_id + 1)  # the first answer, and its follow-up
+    assert [m.content for m in store.get_conversation(ws, copy).messages] == ["q", "first answer", "more?", "more"]
+
+
+def test_version_1_exports_still_import(store):
+    ws = store.create_workspace()
+    [cid] = import_file(store, ws, own(conversations=[{"title": "old", "created_at": "2025-01-01T00:00:00Z", "messages": [
+        {"role": "user", "content": "q1", "created_at": "2025-01-01T00:00:00Z"},
+        {"role": "assistant", "content": "a1", "created_at": "2025-01-01T00:00:00Z", "stats": STATS}]}]))
+    c = store.get_conversation(ws, cid)
+    assert [m.content for m in c.messages] == ["q1", "a1"] and c.messages[1].parent_id == c.messages[0].id
+
+
 def test_markdown_export_keeps_text_and_closes_open_fences(store, filled):
     conversations = store.get_conversations(filled)
     text = export_conversations(conversations, "md").decode("utf-8")
@@ -200,7 +235,17 @@ REJECTED = [
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     (b'{"foo": 1}', "not a format we import"),
     (b"42", "not a format we import"),
-    (own(version=2), "version"),
+    (own(version=3), "version"),
+    (own(version=2, conversations=[{"title": "t", "created_at": "2026-01-01T00:00:00Z", "messages": [
+        {"id": 1, "role": "user", "content": "q", "created_at": "2026-01-01T00:00:00Z"},
+        {"id": 2, "parent": 3, "role": "assistant", "content": "a", "created_at": "2026-01-01T00:00:00Z"}]}]),
+     "conversations[0].messages[1].parent: expected null or the id of a message before this one"),
+    (own(version=2, conversations=[{"title": "t", "created_at": "2026-01-01T00:00:00Z", "chosen": 9, "messages": [
+        {"id": 1, "role": "user", "content": "q", "created_at": "2026-01-01T00:00:00Z"}]}]), "conversations[0].chosen"),
+    (own(version=2, conversations=[{"title": "t", "created_at": "2026-01-01T00:00:00Z", "messages": [
+        {"id": 1, "role": "user", "content": "q", "created_at": "2026-01-01T00:00:00Z"},
+        {"id": 1, "parent": 1, "role": "assistant", "content": "a", "created_at": "2026-01-01T00:00:00Z"}]}]),
+     "conversations[0].messages[1].id: expected a whole number, distinct"),
     (own(format="something-else"), "format"),
     (own(conversations={"a": 1}), "conversations: expected a list"),
     (bad_second_conversation(), "conversations[1].messages[0].role: expected one of system, user, assistant, got 'tool'"),

@@ -1,6 +1,7 @@
 """The GPU monitor page through Streamlit's AppTest, with a fake NVML module injected through
 glm_core.telemetry.gpu_monitor.default_nvml (the page's process-wide monitor is rebuilt around it)."""
 
+import json
 import os
 
 import pynvml
@@ -89,8 +90,13 @@ def test_history_charts_once_samples_are_there(nvml):
     for _ in range(3):
         monitor.record()
     at = open_monitor()
-    assert len(at.get("vega_lite_chart")) == 2  # memory, and GPU utilization
+    charts = [json.loads(chart.proto.spec) for chart in at.get("vega_lite_chart")]
+    assert len(charts) == 2  # memory, and GPU utilization
     assert "Collecting samples" not in texts(at.caption)
+    for chart in charts:  # clock time over the whole window, labelled by minute
+        x = chart["encoding"]["x"]
+        assert x["axis"]["format"] == "%H:%M" and x["axis"]["tickCount"]["interval"] == "minute"
+        assert x["scale"]["domain"][1] - x["scale"]["domain"][0] == monitor.history_s * 1000
 
 
 def test_free_cached_memory_reports_what_it_freed(nvml):

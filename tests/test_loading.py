@@ -18,6 +18,7 @@ def test_embedded_model_card(embedded_fp32):
     assert card["name"] == "SmolLM2-135M-Instruct"
     assert card["precision"] == "FP32" and card["device"] == "cpu"
     assert 130e6 < card["parameters"] < 140e6 and card["max_context"] == 8192
+    assert card["sampling_defaults"]["sources"]["temperature"] == "SmolLM2 model card"
     assert next(embedded_fp32.model.parameters()).dtype == torch.float32
 
 

@@ -43,19 +43,114 @@ def test_turns_are_stored_with_their_figures(store):
     assert user.created_at <= reply.created_at <= conversation.updated_at
 
 
-def test_regenerate_and_edit_replace_the_tail(store):
+def test_regenerate_adds_versions_and_edit_starts_a_branch(store):
     ws = store.create_workspace()
     c = add_turn(store, ws, Conversation(), "one", "1")
     c = add_turn(store, ws, c, "two", "2")
-    # Regenerate: keep everything up to the last prompt, store a new reply.
+    # Regenerate: another reply to the last prompt; the chosen path goes through the new version.
     _, reply_id, created = store.begin_turn(ws, c, 3, None, ChatMessage("assistant", ""))
     assert not created
     store.finish_reply(ws, reply_id, "2 again", STATS, "eos", None)
     c = store.get_conversation(ws, c.id)
     assert [m.content for m in c.messages] == ["one", "1", "two", "2 again"]
-    # Edit and resend the last prompt.
+    assert [m.content for m in c.versions(c.messages[3])] == ["2", "2 again"] and len(c.tree) == 5
+    first_version = c.versions(c.messages[3])[0].id
+    assert c.version_switch(c.messages[3]) == (2, 2, first_version, None)
+    assert c.version_switch(c.messages[2]) == (1, 1, None, None)
+    # Edit the last prompt and resend it: a branch from the first reply.
     c = add_turn(store, ws, c, "three", "3", keep=2)
     assert [m.content for m in c.messages] == ["one", "1", "three", "3"]
+    assert [m.content for m in c.versions(c.messages[2])] == ["two", "three"]
+    # Flip back to the first branch: it comes back as it was left (its newest reply, chosen last).
+    store.choose_version(ws, c.id, c.versions(c.messages[2])[0].id)
+    c = store.get_conversation(ws, c.id)
+    assert [m.content for m in c.messages] == ["one", "1", "two", "2 again"]
+    store.choose_version(ws, c.id, c.versions(c.messages[3])[0].id)
+    c = store.get_conversation(ws, c.id)
+    assert [m.content for m in c.messages] == ["one", "1", "two", "2"]
+    # A turn taken back (nothing came out) leaves the path where it was before.
+    prompt_id, reply_id, _ = store.begin_turn(ws, c, 2, ChatMessage("user", "too long"), ChatMessage("assistant", ""))
+    store.delete_messages(ws, [reply_id, prompt_id], chosen_before=c.messages[-1].id)
+    c = store.get_conversation(ws, c.id)
+    assert [m.content for m in c.messages] == ["one", "1", "two", "2"] and len(c.tree) == 7
+    prompt_id, reply_id, _ = store.begin_turn(ws, c, 2, ChatMessage("user", "too long"), ChatMessage("assistant", ""))
+    store.delete_messages(ws, [reply_id, prompt_id])  # without it: the branch chosen last
+    c = store.get_conversation(ws, c.id)
+    assert [m.content for m in c.messages] == ["one", "1", "two", "2"] and len(c.tree) == 7
+    # Flipping to the other branch and back keeps the version chosen inside each.
+    store.choose_version(ws, c.id, c.versions(c.messages[2])[1].id)
+    store.choose_version(ws, c.id, c.versions(c.messages[2])[0].id)
+    assert [m.content for m in store.get_conversation(ws, c.id).messages] == ["one", "1", "two", "2"]
+    # Editing the first prompt makes a second first message.
+    c = add_turn(store, ws, c, "zero", "0", keep=0)
+    assert [m.content for m in c.messages] == ["zero", "0"]
+    assert [m.content for m in c.versions(c.messages[0])] == ["one", "zero"]
+
+
+def test_a_version_1_database_is_migrated(data_dir):
+    import sqlite3
+
+    from glm_core.conversations.store import DB_NAME, MIGRATIONS
+
+    data_dir.mkdir(parents=True)
+    db = sqlite3.connect(data_dir / DB_NAME)
+    db.executescript(MIGRATIONS[1])
+    db.execute("INSERT INTO workspaces VALUES ('w', NULL, 1.0)")
+    db.execute("INSERT INTO conversations VALUES ('c1', 'w', 'Old', 1.0, 2.0)")
+    for position, (role, text) in enumerate([("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]):
+        db.execute("INSERT INTO messages (conversation_id, position, role, content, created_at, updated_at, status, "
+                   "completion_tokens) VALUES ('c1', ?, ?, ?, 1.0, 1.0, 'complete', 3)", (position, role, text))
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = Store(data_dir)
+    c = store.get_conversation("w", "c1")
+    assert [m.content for m in c.messages] == ["q1", "a1", "q2", "a2"] and c.messages[3].stats["completion_tokens"] == 3
+    assert [m.parent_id for m in c.messages] == [None] + [m.id for m in c.messages[:3]]
+    c = add_turn(store, "w", c, "q2 edited", "a2'", keep=2)  # versions work on migrated conversations
+    assert [m.content for m in c.versions(c.messages[2])] == ["q2", "q2 edited"]
+    assert Store(data_dir).get_conversation("w", "c1").messages == c.messages  # opening it again changes nothing
+
+
+def test_pin_archive_share_presets_and_settings(store):
+    ws, other = store.create_workspace(), store.create_workspace()
+    a = add_turn(store, ws, Conversation(), "apples", "red")
+    b = add_turn(store, ws, Conversation(), "bananas", "yellow")
+    store.set_pinned(ws, a.id, True)
+    assert [s.id for s in store.list_conversations(ws)] == [a.id, b.id]  # pinned first
+    store.set_archived(ws, b.id, True)
+    assert [s.id for s in store.list_conversations(ws, archived=False)] == [a.id]
+    assert [s.id for s in store.list_conversations(ws, archived=True)] == [b.id]
+    assert len(store.list_conversations(ws)) == 2
+
+    token = store.share(ws, a.id)
+    assert store.share(ws, a.id) == token and store.share_token(ws, a.id) == token and len(token) == 32
+    assert [m.content for m in store.shared_conversation(token).messages] == ["apples", "red"]
+    assert store.list_conversations(ws)[0].shared
+    for forged in (None, "", token[:-1], token + "x", "' OR 1=1 --", 42):
+        assert store.shared_conversation(forged) is None
+    store.revoke_share(ws, a.id)
+    assert store.shared_conversation(token) is None and store.share(ws, a.id) != token
+
+    # Another workspace reaches none of it.
+    for action in (lambda: store.set_pinned(other, a.id, False), lambda: store.set_archived(other, a.id, False),
+                   lambda: store.share(other, a.id), lambda: store.choose_version(other, a.id, a.messages[0].id)):
+        with pytest.raises(NotFound):
+            action()
+    store.revoke_share(other, a.id)
+    assert store.share_token(ws, a.id) is not None and store.share_token(other, a.id) is None
+
+    assert store.save_preset(ws, "  Terse\n pirate ", "Answer like a pirate, briefly.") == "Terse pirate"
+    store.save_preset(ws, "Formal", "Be formal.")
+    assert store.list_presets(ws) == {"Formal": "Be formal.", "Terse pirate": "Answer like a pirate, briefly."}
+    assert store.list_presets(other) == {}
+    with pytest.raises(ValueError):
+        store.save_preset(ws, "", "x")
+    store.delete_preset(ws, "Formal")
+    assert list(store.list_presets(ws)) == ["Terse pirate"]
+
+    store.set_setting(ws, "sampling", {"temperature": 0.3})
+    assert store.get_setting(ws, "sampling") == {"temperature": 0.3} and store.get_setting(other, "sampling", {}) == {}
 
 
 def test_workspaces_are_isolated_in_every_query(store):

@@ -1,4 +1,10 @@
-"""Conversations and their messages as the store keeps them and the pages show them."""
+"""Conversations and their messages as the store keeps them and the pages show them.
+
+A conversation is a tree: each message has a parent (None for a first message). Regenerate adds a sibling reply
+(another version of it), Edit a sibling prompt (a branch). The conversation shown, sent to the model and
+exported in the linear formats is one path through the tree, the chosen path: from the first message down to the
+chosen message, then on through the newest child at each step.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +52,8 @@ class ChatMessage:
     error: str | None = None
     status: str = "complete"
     id: int | None = None  # row id in the store
+    parent_id: int | None = None  # the message this one answers or follows; None for a first message
+    chosen_at: float | None = None  # when this version was last chosen (made, or flipped to); see chosen_path
 
     @property
     def stopped(self) -> bool:
@@ -86,14 +94,70 @@ class ChatMessage:
         return " · ".join(parts)
 
 
+def chosen_path(tree: list[ChatMessage], chosen_id: int | None = None) -> list[ChatMessage]:
+    """The chosen path through `tree` (messages in creation order, parents first): from the first messages down,
+    at each step the child chosen last (`chosen_at`: flipping to a version or adding one chooses it and its
+    ancestors), so flipping back to a branch shows it as it was left. With `chosen_id`: the path through it."""
+    by_id = {m.id: m for m in tree}
+    children: dict[int | None, list[ChatMessage]] = {}
+    for m in tree:
+        children.setdefault(m.parent_id if m.parent_id in by_id else None, []).append(m)
+
+    def preferred(options: list[ChatMessage]) -> ChatMessage:
+        return max(reversed(options), key=lambda m: m.chosen_at or 0.0)  # a tie: the newest
+
+    if chosen_id in by_id:
+        path, node = [], by_id[chosen_id]
+        while node is not None:
+            path.append(node)
+            node = by_id.get(node.parent_id)
+        path.reverse()
+    elif children.get(None):
+        path = [preferred(children[None])]
+    else:
+        return []
+    while children.get(path[-1].id):
+        path.append(preferred(children[path[-1].id]))
+    return path
+
+
 @dataclass
 class Conversation:
     id: str = field(default_factory=new_conversation_id)
     title: str = ""
-    messages: list[ChatMessage] = field(default_factory=list)
+    messages: list[ChatMessage] = field(default_factory=list)  # the chosen path
     created_at: float = field(default_factory=time.time)
     updated_at: float | None = None
     backend: str | None = None  # the backend it talks to, by name (None: the portal's default)
+    # Every version of every message, parents first; empty when the conversation is one line (`messages`).
+    tree: list[ChatMessage] = field(default_factory=list)
+    pinned: bool = False
+    archived: bool = False
+
+    @classmethod
+    def from_tree(cls, tree: list[ChatMessage], chosen_id: int | None = None, **fields_) -> "Conversation":
+        return cls(messages=chosen_path(tree, chosen_id), tree=tree, **fields_)
+
+    def versions(self, message: ChatMessage) -> list[ChatMessage]:
+        """`message` and its siblings (the other replies to the same prompt, the other edits of a prompt), oldest
+        first."""
+        if not self.tree:
+            return [message]
+        known = {m.id for m in self.tree}
+        parent = message.parent_id if message.parent_id in known else None
+        return [m for m in self.tree if (m.parent_id if m.parent_id in known else None) == parent]
+
+    def version_switch(self, message: ChatMessage) -> tuple[int, int, int | None, int | None]:
+        """For ‹ 2/3 ›: the message's place among its versions (from 1), how many there are, and the ids of the
+        previous and next version (None at either end)."""
+        versions = self.versions(message)
+        place = next(i for i, m in enumerate(versions) if m is message or (m.id is not None and m.id == message.id))
+        before = versions[place - 1].id if place > 0 else None
+        after = versions[place + 1].id if place + 1 < len(versions) else None
+        return place + 1, len(versions), before, after
+
+    def every_message(self) -> list[ChatMessage]:
+        return self.tree or self.messages
 
     def model_messages(self, system_prompt: str = "", upto: int | None = None, new_prompt: str | None = None) -> list[dict]:
         """What the engine sees: a system message, then the first `upto` messages (all by default), then the new prompt.

@@ -1,10 +1,11 @@
 """Export and import of conversations.
 
-Export formats: `json` (this project's format, full fidelity: what import reads back), `md`, `csv` (one row per
-message), `html` (a standalone page; every piece of text is escaped, and the page may run no script) and `jsonl`
-(ChatGLM fine-tuning data: one line per finished reply, `{"prompt", "response", "history": [[q, a], ...]}`).
+Export formats: `json` (this project's format, full fidelity: every version of every message, with its parent,
+and the chosen path; what import reads back), `md`, `csv` (one row per message), `html` (a standalone page; every
+piece of text is escaped, and the page may run no script) and `jsonl` (ChatGLM fine-tuning data: one line per
+finished reply, `{"prompt", "response", "history": [[q, a], ...]}`). All but `json` hold the chosen path only.
 
-Import reads JSON: this project's format; an OpenAI-style `{"messages": [...]}` (or a list of such objects, or
+Import reads JSON: this project's format (version 1, one line per conversation, or 2, with versions); an OpenAI-style `{"messages": [...]}` (or a list of such objects, or
 a bare list of messages); ChatGLM history pairs `[[q, a], ...]` (or one `{"prompt", "response", "history"}`
 sample). The whole file is checked before anything is stored, against the limits below; any problem rejects the
 file with a message that says where and what, and the store is not touched.
@@ -27,7 +28,7 @@ from ..protocol import SamplingParams
 from .store import Store
 
 FORMAT_NAME = "glm-chat-dashboard/conversations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: messages carry "id" and "parent" (reply versions and branches), conversations "chosen"
 MAX_IMPORT_BYTES = 20 * 2**20  # 20 MiB: a few thousand long conversations; a bigger file is refused unread
 MAX_IMPORT_CONVERSATIONS = 5_000
 MAX_IMPORT_MESSAGES = 10_000  # per conversation
@@ -83,32 +84,49 @@ def to_json(conversations: list[Conversation]) -> str:
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "exported_at": iso_time(time.time()),
-        "conversations": [
-            {
-                "id": c.id,
-                "title": c.title,
-                "created_at": iso_time(c.created_at),
-                "updated_at": iso_time(c.updated_at or c.created_at),
-                "messages": [
-                    {
-                        "role": m.role,
-                        "content": m.content,
-                        "created_at": iso_time(m.created_at),
-                        "status": m.status,
-                        "finish_reason": m.finish_reason,
-                        "error": m.error,
-                        "model": m.model,
-                        "precision": m.precision,
-                        "params": m.params,
-                        "stats": m.stats,
-                    }
-                    for m in c.messages
-                ],
-            }
-            for c in conversations
-        ],
+        "conversations": [_conversation_json(c) for c in conversations],
     }
     return json.dumps(document, ensure_ascii=False, indent=1)
+
+
+def _conversation_json(c: Conversation) -> dict:
+    """Every message, parents first, numbered from 1 in the file; "chosen" is the number of the last message of
+    the chosen path."""
+    every = c.every_message()
+    number = {id(m): n for n, m in enumerate(every, start=1)}
+    by_store_id = {m.id: n for n, m in enumerate(every, start=1) if m.id is not None}
+
+    def parent(n: int, m: ChatMessage):
+        if not c.tree:  # one line
+            return n - 1 or None
+        return by_store_id.get(m.parent_id)
+
+    return {
+        "id": c.id,
+        "title": c.title,
+        "created_at": iso_time(c.created_at),
+        "updated_at": iso_time(c.updated_at or c.created_at),
+        "pinned": c.pinned,
+        "archived": c.archived,
+        "chosen": number[id(c.messages[-1])] if c.messages else None,
+        "messages": [
+            {
+                "id": n,
+                "parent": parent(n, m),
+                "role": m.role,
+                "content": m.content,
+                "created_at": iso_time(m.created_at),
+                "status": m.status,
+                "finish_reason": m.finish_reason,
+                "error": m.error,
+                "model": m.model,
+                "precision": m.precision,
+                "params": m.params,
+                "stats": m.stats,
+            }
+            for n, m in enumerate(every, start=1)
+        ],
+    }
 
 
 def _speaker(m: ChatMessage) -> str:
@@ -357,7 +375,7 @@ def _read_own_format(doc: dict) -> list[Conversation]:
         _fail("format", f"expected {FORMAT_NAME!r}, got {str(doc.get('format'))[:60]!r}")
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        _fail("version", f"this app reads version {FORMAT_VERSION}, the file says {str(version)[:20]!r}")
+        _fail("version", f"this app reads versions 1 to {FORMAT_VERSION}, the file says {str(version)[:20]!r}")
     items = _expect(doc.get("conversations"), list, "conversations", "a list of conversations")
     conversations = []
     for i, item in enumerate(items):
@@ -365,15 +383,39 @@ def _read_own_format(doc: dict) -> list[Conversation]:
         _expect(item, dict, where, "a conversation object")
         messages = _expect(item.get("messages"), list, f"{where}.messages", "a list of messages")
         _check_count(messages, f"{where}.messages")
-        conversation = Conversation(
-            title=_read_title(item.get("title", ""), f"{where}.title"),
-            created_at=_read_time(item.get("created_at"), f"{where}.created_at"),
-            messages=[_read_own_message(m, f"{where}.messages[{j}]") for j, m in enumerate(messages)],
-        )
+        read = [_read_own_message(m, f"{where}.messages[{j}]") for j, m in enumerate(messages)]
+        head = dict(title=_read_title(item.get("title", ""), f"{where}.title"),
+                    created_at=_read_time(item.get("created_at"), f"{where}.created_at"),
+                    pinned=item.get("pinned") is True, archived=item.get("archived") is True)
+        if any(m.id is not None for m in read):
+            tree, chosen = _read_tree(read, messages, item.get("chosen"), where)
+            conversation = Conversation.from_tree(tree, chosen, **head)
+        else:  # version 1, or a hand-written file: one line
+            conversation = Conversation(messages=read, **head)
         if item.get("updated_at") is not None:
             conversation.updated_at = _read_time(item["updated_at"], f"{where}.updated_at")
         conversations.append(conversation)
     return conversations
+
+
+def _read_tree(read: list[ChatMessage], raw: list[dict], chosen, where: str) -> tuple[list[ChatMessage], int]:
+    """Check the numbering: every message has a distinct whole-number "id" and its "parent" is null or a message
+    before it; "chosen" is one of the ids (default: the last message)."""
+    seen: set[int] = set()
+    for j, (m, item) in enumerate(zip(read, raw)):
+        here = f"{where}.messages[{j}]"
+        if isinstance(m.id, bool) or not isinstance(m.id, int) or m.id in seen:
+            _fail(f"{here}.id", "expected a whole number, distinct from the other messages' ids")
+        parent = item.get("parent")
+        if parent is not None and (isinstance(parent, bool) or parent not in seen):
+            _fail(f"{here}.parent", "expected null or the id of a message before this one")
+        m.parent_id = parent
+        seen.add(m.id)
+    if chosen is None:
+        chosen = read[-1].id if read else None
+    elif isinstance(chosen, bool) or chosen not in seen:
+        _fail(f"{where}.chosen", "expected the id of one of the conversation's messages")
+    return read, chosen
 
 
 def _optional_text(m: dict, key: str, where: str) -> str | None:
@@ -410,7 +452,11 @@ def _read_own_message(m, where: str) -> ChatMessage:
             if value > MAX_IMPORT_NUMBER:
                 _fail(f"{where}.stats.{key}", f"{value:.3g} is too large")
         stats = {name: stats.get(name, 0) for name in STATS_FIELDS}
+    message_id = m.get("id")
+    if message_id is not None:
+        _expect(message_id, int, f"{where}.id", "a whole number")
     return ChatMessage(
+        id=message_id,
         role=role,
         content=_expect(m.get("content"), str, f"{where}.content", "text"),
         created_at=_read_time(m.get("created_at"), f"{where}.created_at"),

@@ -3,11 +3,17 @@
 Every read and write names its workspace, and every query filters by it: a conversation id from another
 workspace finds nothing. A connection per operation keeps it safe to share one Store between the threads of
 every browser session (and between processes: the portal and the CLI may use the same file at once).
+
+The schema is version 1 plus migrations, applied in order in one transaction when a file is opened (a new file
+goes through the same steps): version 2 makes messages a tree (reply versions and branches) and adds pins,
+archives, share links, workspace settings and system-prompt presets.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -22,10 +28,14 @@ from ..settings import load_settings
 from .workspace import new_workspace_id
 
 DB_NAME = "conversations.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROLES = ("system", "user", "assistant")
+SHARE_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24): 192 random bits
+PRESET_NAME_MAX_CHARS = 60
+PRESET_TEXT_MAX_CHARS = 32_000
+MAX_PRESETS = 100  # per workspace
 
-_SCHEMA = f"""
+_SCHEMA_V1 = f"""
 CREATE TABLE IF NOT EXISTS workspaces (
     id TEXT PRIMARY KEY,
     owner TEXT UNIQUE,              -- signed-in identity (Streamlit auth); NULL for a browser's URL workspace
@@ -36,8 +46,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     workspace TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
     title TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    backend TEXT                    -- the backend (by its name in GLM_BACKENDS) it talks to; NULL: the default
+    updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS conversations_by_workspace ON conversations(workspace, updated_at DESC);
 CREATE TABLE IF NOT EXISTS messages (
@@ -59,14 +68,69 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 """
 
-# Steps from one schema version to the next, applied in order to an existing file (a new file gets _SCHEMA).
-_MIGRATIONS = {
-    2: ["ALTER TABLE conversations ADD COLUMN backend TEXT"],  # each conversation remembers its backend
-}
-
 _ROW_FIELDS = ("role", "content", "created_at", "updated_at", "status", "finish_reason", "error", "model", "precision",
                "params", *STATS_FIELDS)
-_MESSAGE_COLUMNS = "id, position, " + ", ".join(_ROW_FIELDS)
+
+# Version 2: a message's place is its parent, not a position, so one prompt can have several replies and one reply
+# several follow-ups. SQLite cannot drop the UNIQUE (conversation_id, position) constraint, so the table is rebuilt
+# (SQLite's documented procedure) and each message's parent is the one before it. `chosen_at` is when a version was
+# last chosen (made, or flipped to): the chosen path takes the child chosen last at each step (conversation.chosen_path).
+_MIGRATE_TO_2 = f"""
+CREATE TABLE messages_v2 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    parent_id INTEGER REFERENCES messages_v2(id) ON DELETE CASCADE,
+    chosen_at REAL,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('complete', 'partial', 'interrupted')),
+    finish_reason TEXT,
+    error TEXT,
+    model TEXT,
+    precision TEXT,
+    params TEXT,
+    {", ".join(f"{name} REAL" for name in STATS_FIELDS)}
+);
+INSERT INTO messages_v2 (id, conversation_id, parent_id, chosen_at, {", ".join(_ROW_FIELDS)})
+    SELECT id, conversation_id, LAG(id) OVER (PARTITION BY conversation_id ORDER BY position), created_at,
+           {", ".join(_ROW_FIELDS)}
+    FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_v2 RENAME TO messages;
+CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+CREATE INDEX messages_by_parent ON messages(parent_id);
+ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN archived INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN share_token TEXT;
+CREATE UNIQUE INDEX conversations_by_share_token ON conversations(share_token) WHERE share_token IS NOT NULL;
+CREATE TABLE workspace_settings (
+    workspace TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,            -- JSON
+    PRIMARY KEY (workspace, name)
+);
+CREATE TABLE system_prompt_presets (
+    workspace TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (workspace, name)
+);
+"""
+
+# Version 3: each conversation remembers the backend (by its name in GLM_BACKENDS) it talks to; NULL: the default.
+_MIGRATE_TO_3 = "ALTER TABLE conversations ADD COLUMN backend TEXT;\n"
+
+MIGRATIONS = {1: _SCHEMA_V1, 2: _MIGRATE_TO_2, 3: _MIGRATE_TO_3}  # version -> the SQL that brings the version before it there
+
+_MESSAGE_COLUMNS = "id, parent_id, chosen_at, " + ", ".join(_ROW_FIELDS)
+_CONVERSATION_COLUMNS = "id, title, created_at, updated_at, pinned, archived, backend"
+# A message and its ancestors: choosing a version chooses the path down to it.
+_MARK_CHOSEN = """WITH RECURSIVE up(id) AS (
+    SELECT ? UNION ALL SELECT m.parent_id FROM messages m JOIN up ON m.id = up.id WHERE m.parent_id IS NOT NULL)
+UPDATE messages SET chosen_at = ? WHERE id IN (SELECT id FROM up)"""
 _INT_STATS = {"prompt_tokens", "reused_tokens", "prefill_tokens", "completion_tokens"}
 
 
@@ -101,6 +165,9 @@ class ConversationSummary:
     prompt_tokens: int
     completion_tokens: int
     unfinished: int  # assistant messages partial or interrupted
+    pinned: bool = False
+    archived: bool = False
+    shared: bool = False
     backend: str | None = None  # the backend it talks to (None: the default)
 
 
@@ -124,21 +191,31 @@ class Store:
         with self._connect() as db:
             # WAL: readers never block the writer, and a committed transaction survives a killed process.
             db.execute("PRAGMA journal_mode=WAL")
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # new file
-                db.executescript(_SCHEMA)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._migrate()
+            if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self._migrate(db)
 
-    def _migrate(self) -> None:
-        """Bring an older file up to SCHEMA_VERSION, one step per version, each in one transaction (a second process
-        opening the file meanwhile waits, then finds it done)."""
-        with self._transaction() as db:
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring the file to SCHEMA_VERSION in one transaction (another process opening it at once waits, then
+        finds it done). Foreign keys are off meanwhile, as SQLite's table-rebuild procedure requires."""
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.execute("BEGIN IMMEDIATE")
+        try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{DB_NAME} is schema version {version}, newer than this app ({SCHEMA_VERSION})")
             for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS.get(step, []):
-                    db.execute(statement)
-            if version < SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                for statement in MIGRATIONS[step].split(";\n"):  # executescript would commit half-way
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={step}")
+            if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                raise RuntimeError(f"{DB_NAME}: the migration left a dangling reference; nothing was changed")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        db.execute("PRAGMA foreign_keys=ON")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -212,9 +289,13 @@ class Store:
 
     # ---- conversations -------------------------------------------------------------------------------------
 
-    def list_conversations(self, workspace: str, search: str = "") -> list[ConversationSummary]:
-        """The workspace's conversations, newest activity first; `search` matches titles and message text."""
+    def list_conversations(self, workspace: str, search: str = "", archived: bool | None = None) -> list[ConversationSummary]:
+        """The workspace's conversations, pinned first, then newest activity first; `search` matches titles and the
+        text of every version of every message; `archived` True or False lists only those (None: all)."""
         where, args = "c.workspace = ?", [workspace]
+        if archived is not None:
+            where += " AND c.archived = ?"
+            args.append(int(archived))
         if search.strip():
             pattern = f"%{_escape_like(search.strip())}%"
             where += (" AND (c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages s "
@@ -225,15 +306,18 @@ class Store:
                 f"""SELECT c.id, c.title, c.created_at, c.updated_at, c.backend, COUNT(m.id),
                            GROUP_CONCAT(DISTINCT m.model), COALESCE(SUM(m.prompt_tokens), 0),
                            COALESCE(SUM(m.completion_tokens), 0),
-                           SUM(CASE WHEN m.status != 'complete' THEN 1 ELSE 0 END)
+                           SUM(CASE WHEN m.status != 'complete' THEN 1 ELSE 0 END),
+                           c.pinned, c.archived, c.share_token IS NOT NULL
                     FROM conversations c LEFT JOIN messages m ON m.conversation_id = c.id
-                    WHERE {where} GROUP BY c.id ORDER BY c.updated_at DESC, c.rowid DESC""",
+                    WHERE {where} GROUP BY c.id ORDER BY c.pinned DESC, c.updated_at DESC, c.rowid DESC""",
                 args,
             ).fetchall()
         return [
             ConversationSummary(cid, title, created, updated, count, sorted((models or "").split(",")) if models else [],
-                                int(prompt), int(completion), int(unfinished or 0), backend)
-            for cid, title, created, updated, backend, count, models, prompt, completion, unfinished in rows
+                                int(prompt), int(completion), int(unfinished or 0), bool(pinned), bool(archived),
+                                bool(shared), backend)
+            for cid, title, created, updated, backend, count, models, prompt, completion, unfinished, pinned, archived,
+            shared in rows
         ]
 
     def get_conversation(self, workspace: str, conversation_id: str) -> Conversation | None:
@@ -241,10 +325,10 @@ class Store:
         return found[0] if found else None
 
     def get_conversations(self, workspace: str, ids: Iterable[str] | None = None) -> list[Conversation]:
-        """Conversations with their messages, newest first: `ids` of this workspace (unknown ones are skipped),
-        or all of it."""
+        """Conversations with every version of their messages and the chosen path, newest first: `ids` of this
+        workspace (unknown ones are skipped), or all of it."""
         with self._connect() as db:
-            query = "SELECT id, title, created_at, updated_at, backend FROM conversations WHERE workspace = ?"
+            query = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE workspace = ?"
             args: list = [workspace]
             if ids is not None:
                 ids = list(ids)
@@ -253,12 +337,119 @@ class Store:
                 query += f" AND id IN ({','.join('?' * len(ids))})"
                 args += ids
             heads = db.execute(query + " ORDER BY updated_at DESC, rowid DESC", args).fetchall()
-            conversations = [Conversation(id=i, title=t, created_at=c, updated_at=u, backend=b) for i, t, c, u, b in heads]
-            for conversation in conversations:
-                rows = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY position",
-                                  (conversation.id,)).fetchall()
-                conversation.messages = [self._message_from_row(row) for row in rows]
-        return conversations
+            return [self._conversation_from_row(db, head) for head in heads]
+
+    def _conversation_from_row(self, db: sqlite3.Connection, head: tuple) -> Conversation:
+        cid, title, created, updated, pinned, archived, backend = head
+        rows = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
+                          (cid,)).fetchall()
+        return Conversation.from_tree([self._message_from_row(row) for row in rows], id=cid, title=title,
+                                      created_at=created, updated_at=updated, pinned=bool(pinned),
+                                      archived=bool(archived), backend=backend)
+
+    def choose_version(self, workspace: str, conversation_id: str, message_id: int) -> None:
+        """Show the path through `message_id` (a version of a reply, a branch of a prompt) from now on, with the
+        versions below it that were chosen last."""
+        with self._transaction() as db:
+            owned = db.execute(
+                "SELECT 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.id = ? AND c.id = ? AND c.workspace = ?", (message_id, conversation_id, workspace)).fetchone()
+            if owned is None:
+                raise NotFound("no such message in this conversation")
+            db.execute(_MARK_CHOSEN, (message_id, time.time()))
+
+    def set_pinned(self, workspace: str, conversation_id: str, pinned: bool) -> None:
+        self._set_flag(workspace, conversation_id, "pinned", pinned)
+
+    def set_archived(self, workspace: str, conversation_id: str, archived: bool) -> None:
+        self._set_flag(workspace, conversation_id, "archived", archived)
+
+    def _set_flag(self, workspace: str, conversation_id: str, column: str, value: bool) -> None:
+        with self._connect() as db:
+            changed = db.execute(f"UPDATE conversations SET {column} = ? WHERE id = ? AND workspace = ?",
+                                 (int(value), conversation_id, workspace)).rowcount
+        if not changed:
+            raise NotFound("no such conversation in this workspace")
+
+    # ---- share links: a random token per conversation, revocable; it opens that conversation only, read-only ---
+
+    def share(self, workspace: str, conversation_id: str) -> str:
+        """The conversation's share token, made on first use."""
+        with self._transaction() as db:
+            row = db.execute("SELECT share_token FROM conversations WHERE id = ? AND workspace = ?",
+                             (conversation_id, workspace)).fetchone()
+            if row is None:
+                raise NotFound("no such conversation in this workspace")
+            if row[0]:
+                return row[0]
+            token = secrets.token_urlsafe(24)
+            db.execute("UPDATE conversations SET share_token = ? WHERE id = ?", (token, conversation_id))
+            return token
+
+    def share_token(self, workspace: str, conversation_id: str) -> str | None:
+        with self._connect() as db:
+            row = db.execute("SELECT share_token FROM conversations WHERE id = ? AND workspace = ?",
+                             (conversation_id, workspace)).fetchone()
+        return row[0] if row else None
+
+    def revoke_share(self, workspace: str, conversation_id: str) -> None:
+        """The old link stops working at once; sharing again makes a new token."""
+        with self._connect() as db:
+            db.execute("UPDATE conversations SET share_token = NULL WHERE id = ? AND workspace = ?",
+                       (conversation_id, workspace))
+
+    def shared_conversation(self, token: object) -> Conversation | None:
+        """The one conversation a share token opens, or None (malformed, unknown or revoked)."""
+        if not isinstance(token, str) or not SHARE_TOKEN_RE.fullmatch(token):
+            return None
+        with self._connect() as db:
+            head = db.execute(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE share_token = ?",
+                              (token,)).fetchone()
+            return self._conversation_from_row(db, head) if head else None
+
+    # ---- per-workspace settings and system-prompt presets ------------------------------------------------------
+
+    def get_setting(self, workspace: str, name: str, default=None):
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM workspace_settings WHERE workspace = ? AND name = ?",
+                             (workspace, name)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, workspace: str, name: str, value) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, time.time()))
+            db.execute("INSERT INTO workspace_settings (workspace, name, value) VALUES (?, ?, ?) "
+                       "ON CONFLICT (workspace, name) DO UPDATE SET value = excluded.value",
+                       (workspace, name, json.dumps(value, ensure_ascii=False)))
+
+    def list_presets(self, workspace: str) -> dict[str, str]:
+        """The workspace's system-prompt presets, by name, in name order."""
+        with self._connect() as db:
+            rows = db.execute("SELECT name, text FROM system_prompt_presets WHERE workspace = ? ORDER BY name COLLATE NOCASE",
+                              (workspace,)).fetchall()
+        return dict(rows)
+
+    def save_preset(self, workspace: str, name: str, text: str) -> str:
+        """Add or replace a preset; returns its cleaned name. ValueError when the name or text does not fit."""
+        name = " ".join(str(name).split())
+        if not name or len(name) > PRESET_NAME_MAX_CHARS:
+            raise ValueError(f"a preset needs a name of 1 to {PRESET_NAME_MAX_CHARS} characters")
+        if len(text) > PRESET_TEXT_MAX_CHARS:
+            raise ValueError(f"a preset holds at most {PRESET_TEXT_MAX_CHARS:,} characters")
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, time.time()))
+            count = db.execute("SELECT COUNT(*) FROM system_prompt_presets WHERE workspace = ? AND name != ?",
+                               (workspace, name)).fetchone()[0]
+            if count >= MAX_PRESETS:
+                raise ValueError(f"a workspace keeps at most {MAX_PRESETS} presets; delete one first")
+            db.execute("INSERT INTO system_prompt_presets (workspace, name, text, created_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (workspace, name) DO UPDATE SET text = excluded.text",
+                       (workspace, name, text, time.time()))
+        return name
+
+    def delete_preset(self, workspace: str, name: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM system_prompt_presets WHERE workspace = ? AND name = ?", (workspace, name))
 
     def rename_conversation(self, workspace: str, conversation_id: str, title: str) -> None:
         title = clean_title(title)
@@ -285,8 +476,10 @@ class Store:
 
     def begin_turn(self, workspace: str, conversation: Conversation, keep: int, prompt: ChatMessage | None,
                    reply: ChatMessage, expected_last_id=ANY_LAST) -> tuple[int | None, int, bool]:
-        """In one transaction: create the conversation if it is new, drop its messages from position `keep` on
-        (regenerate, edit), append `prompt` (None: reply to the kept messages) and the `reply` row, marked partial.
+        """In one transaction: create the conversation if it is new, then after the first `keep` messages of its
+        chosen path add `prompt` (None: reply to them as they are) and the `reply` row, marked partial. Nothing is
+        deleted: a regenerated reply becomes another version, an edited prompt another branch, and the new reply
+        is where the chosen path now goes.
 
         With `expected_last_id` (the id of the last message the page showed, None for an empty conversation), a
         conversation whose last message is another one now raises ConversationChanged and nothing is written:
@@ -309,18 +502,22 @@ class Store:
             elif row[0] != workspace:
                 raise NotFound("no such conversation in this workspace")
             if expected_last_id is not ANY_LAST:
-                last = db.execute("SELECT id FROM messages WHERE conversation_id = ? ORDER BY position DESC LIMIT 1",
+                head = db.execute(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
                                   (conversation.id,)).fetchone()
-                if (last[0] if last else None) != expected_last_id:
+                path = self._conversation_from_row(db, head).messages
+                if (path[-1].id if path else None) != expected_last_id:
                     raise ConversationChanged(CONVERSATION_CHANGED)
-            db.execute("DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (conversation.id, keep))
-            position, prompt_id = keep, None
+            parent = conversation.messages[keep - 1].id if keep > 0 else None
+            if parent is not None and db.execute("SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
+                                                 (parent, conversation.id)).fetchone() is None:
+                raise NotFound("that message was deleted meanwhile")
+            prompt_id = None
             if prompt is not None:
-                prompt.status = "complete"
-                prompt_id = self._insert_message(db, conversation.id, position, prompt)
-                position += 1
-            reply.status = "partial"
-            reply_id = self._insert_message(db, conversation.id, position, reply)
+                prompt.status, prompt.parent_id, prompt.chosen_at = "complete", parent, now
+                prompt_id = parent = self._insert_message(db, conversation.id, prompt)
+            reply.status, reply.parent_id, reply.chosen_at = "partial", parent, now
+            reply_id = self._insert_message(db, conversation.id, reply)
+            db.execute(_MARK_CHOSEN, (reply_id, now))  # the path the reply was asked on, even if another tab moved
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation.id))
         return prompt_id, reply_id, created
 
@@ -348,12 +545,16 @@ class Store:
             row = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
         return self._message_from_row(row)
 
-    def delete_messages(self, workspace: str, message_ids: Iterable[int]) -> None:
-        """Take back a turn that produced nothing (the prompt is handed back to the user to edit)."""
+    def delete_messages(self, workspace: str, message_ids: Iterable[int], chosen_before: int | None = None) -> None:
+        """Take back a turn that produced nothing (the prompt is handed back to the user to edit). Their replies
+        go with them; the chosen path goes back through `chosen_before` (where it went before the turn)."""
         with self._transaction() as db:
             for message_id in message_ids:
-                self._owned_message(db, workspace, message_id)
+                conversation_id = self._owned_message(db, workspace, message_id)
                 db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            if chosen_before is not None and db.execute(
+                    "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?", (chosen_before, conversation_id)).fetchone():
+                db.execute(_MARK_CHOSEN, (chosen_before, time.time()))
 
     def recover_interrupted(self) -> int:
         """Mark every reply left partial as interrupted: call when a server starts, before it generates anything
@@ -364,7 +565,12 @@ class Store:
     # ---- import --------------------------------------------------------------------------------------------
 
     def import_conversations(self, workspace: str, conversations: list[Conversation]) -> list[str]:
-        """Add whole conversations, all or none (one transaction). Each gets a new id; times are kept."""
+        """Add whole conversations, all or none (one transaction). Each gets a new id; times are kept.
+
+        A conversation with a `tree` keeps every version: its messages' `id` and `parent_id` are the file's own
+        numbers (parents first), mapped to new rows; `messages` (the chosen path) stays the chosen path. Without a
+        tree, `messages` is one line.
+        """
         ids = []
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)",
@@ -372,12 +578,25 @@ class Store:
             for conversation in conversations:
                 conversation.id = new_conversation_id()
                 updated = conversation.updated_at or max([conversation.created_at] + [m.created_at for m in conversation.messages])
-                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                           (conversation.id, workspace, clean_title(conversation.title), conversation.created_at, updated))
-                for position, message in enumerate(conversation.messages):
+                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at, pinned, archived) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (conversation.id, workspace, clean_title(conversation.title),
+                                                            conversation.created_at, updated, int(conversation.pinned),
+                                                            int(conversation.archived)))
+                now, on_path = time.time(), {id(m) for m in conversation.messages}
+                new_ids: dict[int, int] = {}
+                previous = None
+                for message in conversation.tree or conversation.messages:
                     if message.status == "partial":  # nobody is generating it here
                         message.status = "interrupted"
-                    self._insert_message(db, conversation.id, position, message)
+                    message.chosen_at = now if id(message) in on_path else message.created_at
+                    if conversation.tree:
+                        local_id, parent = message.id, message.parent_id
+                        message.parent_id = new_ids[parent] if parent is not None else None
+                    else:  # one line: each message follows the one before
+                        local_id, message.parent_id = None, previous
+                    previous = self._insert_message(db, conversation.id, message)
+                    if local_id is not None:
+                        new_ids[local_id] = previous
                 ids.append(conversation.id)
         return ids
 
@@ -394,14 +613,14 @@ class Store:
         return row[0]
 
     @staticmethod
-    def _insert_message(db: sqlite3.Connection, conversation_id: str, position: int, m: ChatMessage) -> int:
+    def _insert_message(db: sqlite3.Connection, conversation_id: str, m: ChatMessage) -> int:
         if m.role not in ROLES:
             raise ValueError(f"unknown role {m.role!r}")
         stats = m.stats or {}
         cursor = db.execute(
-            f"INSERT INTO messages (conversation_id, position, {', '.join(_ROW_FIELDS)}) "
-            f"VALUES ({', '.join('?' * (len(_ROW_FIELDS) + 2))})",
-            (conversation_id, position, m.role, m.content, m.created_at, m.updated_at or m.created_at, m.status,
+            f"INSERT INTO messages (conversation_id, parent_id, chosen_at, {', '.join(_ROW_FIELDS)}) "
+            f"VALUES ({', '.join('?' * (len(_ROW_FIELDS) + 3))})",
+            (conversation_id, m.parent_id, m.chosen_at if m.chosen_at is not None else m.created_at, m.role, m.content, m.created_at, m.updated_at or m.created_at, m.status,
              m.finish_reason, m.error, m.model, m.precision,
              json.dumps(m.params, ensure_ascii=False) if m.params is not None else None,
              *(stats.get(name) for name in STATS_FIELDS)),
@@ -411,7 +630,7 @@ class Store:
 
     @staticmethod
     def _message_from_row(row: tuple) -> ChatMessage:
-        (mid, _position, role, content, created, updated, status, finish, error, model, precision, params,
+        (mid, parent_id, chosen_at, role, content, created, updated, status, finish, error, model, precision, params,
          *stat_values) = row
         stats = None
         if any(v is not None for v in stat_values):
@@ -419,7 +638,8 @@ class Store:
                      for name, v in zip(STATS_FIELDS, stat_values)}
         return ChatMessage(role=role, content=content, created_at=created, updated_at=updated,
                            params=json.loads(params) if params else None, model=model, precision=precision,
-                           stats=stats, finish_reason=finish, error=error, status=status, id=mid)
+                           stats=stats, finish_reason=finish, error=error, status=status, id=mid, parent_id=parent_id,
+                           chosen_at=chosen_at)
 
 
 def clean_title(title: str) -> str:

@@ -24,6 +24,11 @@ from .store import ANY_LAST, NotFound, StorageError, Store
 
 FLUSH_EVERY_S = 1.0
 log = logging.getLogger(__name__)
+# A browser redraws the whole reply's Markdown for every delta it gets, and each delta costs the page's thread (and
+# the browser, on the same machine here) work that competes with the model for the CPU and the GIL (issue 16: the
+# page streamed at 15.1 tokens/s where the engine alone did 22). Deltas that arrive within this interval go out as
+# one: while a reply streams, the page's threads then take under 1 % of a core (docs/BENCHMARKS.md).
+REDRAW_EVERY_S = 0.1
 
 
 @dataclass
@@ -36,22 +41,31 @@ class TurnResult:
 
 class Turn:
     def __init__(self, store: Store, workspace: str, conversation_id: str, request: Request, prompt_id: int | None,
-                 reply_id: int, created_conversation: bool, flush_every_s: float = FLUSH_EVERY_S, trimmed: int = 0):
+                 reply_id: int, created_conversation: bool, flush_every_s: float = FLUSH_EVERY_S, trimmed: int = 0,
+                 chosen_before: int | None = None):
         self.store, self.workspace, self.conversation_id, self.request = store, workspace, conversation_id, request
         self.prompt_id, self.reply_id, self.created_conversation = prompt_id, reply_id, created_conversation
+        self.chosen_before = chosen_before  # the message the conversation's chosen path went through before
         self.flush_every_s = flush_every_s
         self.trimmed = trimmed  # oldest messages not even sent (the request size limit); added to Truncated
         self._text = ""
 
-    def text_stream(self, on_event: Callable[[Event], None] | None = None) -> Iterator[str]:
-        """The reply's text deltas (for st.write_stream or a terminal); writes the text so far every second."""
+    def text_stream(self, on_event: Callable[[Event], None] | None = None,
+                    redraw_every_s: float = REDRAW_EVERY_S) -> Iterator[str]:
+        """The reply's text deltas (for st.write_stream or a terminal), at most one per `redraw_every_s`: after
+        each one it waits out the interval (releasing the CPU to the model), then takes everything that arrived
+        meanwhile as one delta. Writes the text so far every second."""
         last_flush = time.monotonic()
         for delta in self.request.text_stream(self._counting_trimmed(on_event)):
             self._text += delta
             if time.monotonic() - last_flush >= self.flush_every_s:
                 self._write_partial()
                 last_flush = time.monotonic()
+            shown_at = time.monotonic()
             yield delta
+            wait = redraw_every_s - (time.monotonic() - shown_at)
+            if wait > 0 and not self.request.done:
+                time.sleep(wait)
 
     def _counting_trimmed(self, on_event):
         if on_event is None or not self.trimmed:
@@ -101,7 +115,8 @@ class Turn:
             if self.created_conversation:  # its first prompt was taken back: nothing is left to keep
                 self.store.delete_conversation(self.workspace, self.conversation_id)
             else:
-                self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None])
+                self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None],
+                                           self.chosen_before)
             return TurnResult(reply, None, self.prompt_id is not None)
         try:
             message = self.store.finish_reply(self.workspace, self.reply_id, reply.text, asdict(reply.stats),
@@ -114,8 +129,9 @@ class Turn:
 def start_turn(store: Store, backend: Backend, workspace: str, conversation: Conversation, *, keep: int,
                prompt: str | None, params: SamplingParams, system_prompt: str = "", recompute: bool = False,
                owner: str | None = None, expected_last_id=ANY_LAST) -> Turn:
-    """Ask for a reply to the first `keep` messages of `conversation` plus `prompt` (None: reply to them as they
-    are, e.g. regenerate). Stored messages from `keep` on are replaced.
+    """Ask for a reply to the first `keep` messages of `conversation` (its chosen path) plus `prompt` (None: reply
+    to them as they are, e.g. regenerate). Stored messages from `keep` on stay, as other versions: a regenerated
+    reply is another version of it, an edited prompt another branch.
 
     `owner` is the workspace the backend counts the request against (its per-workspace queue limit).
     `expected_last_id`: the id of the last message the asking page showed (None: it showed none); if the stored
@@ -137,4 +153,6 @@ def start_turn(store: Store, backend: Backend, workspace: str, conversation: Con
     except BaseException:
         request.stop()
         raise
-    return Turn(store, workspace, conversation.id, request, prompt_id, reply_id, created, trimmed=trimmed)
+    chosen_before = conversation.messages[-1].id if conversation.messages else None
+    return Turn(store, workspace, conversation.id, request, prompt_id, reply_id, created, trimmed=trimmed,
+                chosen_before=chosen_before)

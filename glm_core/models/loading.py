@@ -29,6 +29,7 @@ from .precision import Precision, parse_precision, resolve_device
 from .quant import quantize_loaded_model, weight_bytes
 from ..telemetry.memory import kv_bytes_per_token, trim_c_heap
 from ..protocol import ModelLoadError, ModelSpec
+from ..sampling_defaults import model_defaults, read_generation_config
 from ..settings import EMBEDDED, load_settings
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,9 @@ def _load_chatglm(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, 
         extra["checkpoint"] = (
             f"pre-quantized INT{cfg['quantization_bit']} (THUDM), read as {precision.label} while loading"
         )
-    return model, tokenizer, chat_format, path.name, FAMILY_LABELS[family], int(cfg.get("seq_length", 8192)), extra
+    max_context = int(cfg.get("seq_length", 8192))
+    extra["sampling_defaults"] = model_defaults(FAMILY_LABELS[family], path.name, read_generation_config(path), max_context)
+    return model, tokenizer, chat_format, path.name, FAMILY_LABELS[family], max_context, extra
 
 
 def _load_chatglm6b(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, device, progress):
@@ -350,7 +353,10 @@ def _load_auto(kind: str, path: Path, precision: Precision, device, progress, gr
         raise ModelLoadError(f"{name}: {exc}") from None
     model_type = getattr(model.config, "model_type", "unknown")
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31
-    return model, tokenizer, chat_format, name, FAMILY_LABELS.get(model_type, model_type), max_context, extra
+    family = FAMILY_LABELS.get(model_type, model_type)
+    # The file itself, not GenerationConfig: its library defaults (top_k 50, ...) are no recommendation.
+    extra["sampling_defaults"] = model_defaults(family, name, read_generation_config(folder), max_context)
+    return model, tokenizer, chat_format, name, family, max_context, extra
 
 
 def _from_pretrained(folder: Path, name: str, precision: Precision, device, progress, group_size: int):

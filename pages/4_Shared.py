@@ -1,0 +1,20 @@
+"""A conversation opened by its share link (?share=TOKEN): that conversation only, read-only, as its chosen path."""
+
+import streamlit as st
+
+from app_shared import get_store, plain, require_signed_in, show_message
+
+st.set_page_config(page_title="Shared conversation", page_icon="🔗", layout="centered")
+require_signed_in()  # no workspace is opened: the link shows the one conversation and nothing of anyone's
+
+conversation = get_store().shared_conversation(st.query_params.get("share"))
+if conversation is None:
+    st.title("Shared conversation")
+    st.info("This link is not valid, or its owner stopped sharing the conversation.")
+    st.stop()
+
+st.title(plain(conversation.title))
+st.caption(f"Shared read-only · {len(conversation.messages)} messages")
+for message in conversation.messages:
+    with st.chat_message(message.role):
+        show_message(message)
