@@ -276,7 +276,8 @@ def test_a_stale_regenerate_from_a_second_tab_changes_nothing(tiny_env):
     ws, cid = first.query_params["ws"], first.session_state.conversation_id
     second = chat(open_page(ws=ws, c=cid), "Second question")  # another tab adds a turn
     assert len(tiny_env.get_conversation(ws, cid).messages) == 4
-    first.button(key="regenerate").click().run()  # drawn before that turn
+    reply_id = tiny_env.get_conversation(ws, cid).messages[1].id
+    first.button(key=f"regenerate_{reply_id}").click().run()  # drawn before that turn
     assert not first.exception and any("changed in another tab" in e.value for e in first.error)
     stored = tiny_env.get_conversation(ws, cid)
     assert [m.content for m in stored.messages if m.role == "user"] == ["First question", "Second question"]

@@ -241,15 +241,12 @@ def test_owner_workspace_is_random_and_stable(store):
 
 def test_a_version_1_file_is_migrated_and_conversations_remember_their_backend(tmp_path):
     """Databases written before conversations had a backend open as before: the column is added, NULL = default."""
-    import re
     import sqlite3
 
     from glm_core.conversations import store as store_module
 
-    v1_schema, found = re.subn(r",\s*backend TEXT[^\n]*\n", "\n", store_module._SCHEMA)
-    assert found == 1
     db = sqlite3.connect(tmp_path / store_module.DB_NAME)
-    db.executescript(v1_schema)
+    db.executescript(store_module.MIGRATIONS[1])
     db.execute("PRAGMA user_version=1")
     db.execute("INSERT INTO workspaces (id, owner, created_at) VALUES ('ws1', NULL, 1)")
     db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at) VALUES ('c1', 'ws1', 'Old', 1, 1)")
