@@ -69,8 +69,11 @@ class SlotCache(Cache):
         keep = min(self.capacity, capacity)
         n = self.occupied
         for i in range(self.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            # Always ordinary tensors (never inference tensors, whichever mode the caller is in): a compiled
+            # decode step guards on that, and buffers of either kind would compile twice.
+            with torch.inference_mode(False):
+                k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if i < len(self.keys) and n:
                 k[:n, :, :keep] = self.keys[i][:n, :, :keep]
                 v[:n, :, :keep] = self.values[i][:n, :, :keep]
@@ -89,11 +92,16 @@ class SlotCache(Cache):
         elif _round_up(longest + 1, CAPACITY_STEP) * 2 <= self.capacity:
             self.capacity_to(longest + 1)
 
+    def reserve(self, capacity: int) -> None:
+        """Make every slot hold at least `capacity` positions (the compiled decode step's fixed capacity)."""
+        self._ensure(capacity)
+
     def capacity_to(self, needed: int) -> None:
         capacity = _round_up(needed, CAPACITY_STEP)
         for i in range(self.num_layers):
-            self.keys[i] = self.keys[i][:, :, :capacity].clone()
-            self.values[i] = self.values[i][:, :, :capacity].clone()
+            with torch.inference_mode(False):
+                self.keys[i] = self.keys[i][:, :, :capacity].clone()
+                self.values[i] = self.values[i][:, :, :capacity].clone()
         self.capacity = capacity
 
     def add(self, cache: DynamicCache) -> int:
