@@ -47,9 +47,12 @@ def capacity_bucket(positions: int) -> int:
     return capacity
 
 
-def configure_compile_cache(cache_dir: Path) -> Path:
-    """Put inductor's on-disk caches (FX graph and AOT autograd, kernels) under `cache_dir`, unless the
-    environment already chose a place. Must run before the first compile."""
+def configure_compile_cache(cache_dir: Path, exact: bool = False) -> Path:
+    """Put inductor's on-disk caches (FX graph and AOT autograd, kernels) under `cache_dir`/inductor, unless the
+    environment already chose a place; `exact`: in `cache_dir` itself, whatever the environment says (bench
+    decode's cold cache). Inductor reads the place at each compile."""
+    if exact:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor")))
     import torch._inductor.config as inductor_config
 
