@@ -1,5 +1,5 @@
-"""Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|quant|memory |
-estimate`."""
+"""Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|decode|quant|
+memory | estimate`."""
 
 from __future__ import annotations
 
@@ -291,6 +291,20 @@ def _stream_counts(text: str) -> list[int]:
     return streams
 
 
+def cmd_bench_decode(args) -> int:
+    import torch
+
+    from .bench.decode import format_decode_report, run_decode_bench
+
+    streams = _stream_counts(args.streams)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_decode_bench(args.model, _levels(args.levels), args.device, streams, args.max_new_tokens,
+                               args.repeats, args.group_size)
+    print(json.dumps(results) if args.json else format_decode_report(results))
+    return 0
+
+
 def _levels(text: str) -> list[str]:
     return [level.strip().lower() for level in text.split(",") if level.strip()]
 
@@ -401,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     concurrency.add_argument("--repeats", type=int, default=1, help="runs per stream count; the fastest is kept")
     concurrency.add_argument("--json", action="store_true", help="print one JSON object")
     concurrency.set_defaults(func=cmd_bench_concurrency)
+
+    decode = bench_sub.add_parser("decode", help="compiled decode path: generate vs engine eager vs compiled, compile time")
+    add_model_options(decode)
+    decode.set_defaults(model="embedded")
+    decode.add_argument("--levels", default="bf16,int8,int4", help="comma-separated precision levels")
+    decode.add_argument("--streams", default="1,4", help="comma-separated numbers of concurrent streams")
+    decode.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per stream")
+    decode.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    decode.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    decode.add_argument("--json", action="store_true", help="print a JSON list, one object per level and streams")
+    decode.set_defaults(func=cmd_bench_decode)
 
     quant = bench_sub.add_parser("quant", help="per precision level: memory, speed and perplexity")
     add_model_options(quant)

@@ -9,7 +9,9 @@ GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches, and of the
 GLM_MAX_BATCH   conversations decoded together (default: 16 on CPU, 64 on CUDA); more wait first-come-first-served
 GLM_MAX_WAITING requests that may wait for a place in the batch (default 64); past it: "busy, try again"
 GLM_MAX_WAITING_PER_OWNER requests one workspace or API key may have waiting (default 3; one may run)
-GLM_CACHE_DIR   where converted models are kept (default ~/.cache/glm-dashboard)
+GLM_CACHE_DIR   where converted models (and compiled decode graphs, under inductor/) are kept (default ~/.cache/glm-dashboard)
+GLM_COMPILE     auto | on | off: the compiled decode fast path (auto: on where it measured faster, see
+                glm_core/engine/fast_decode.py)
 GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
 GLM_MODEL_DIRS  folders (separated by the path separator, ":" on Linux) under which an admin may load a model
                 from the pages; unset: any path
@@ -43,6 +45,7 @@ class Settings:
     cache_dir: Path
     data_dir: Path
     model_dirs: tuple[Path, ...] = ()  # empty: the pages may load any path
+    compile: str = "auto"
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -66,7 +69,15 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
         data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
         model_dirs=tuple(Path(p).expanduser() for p in (env.get("GLM_MODEL_DIRS") or "").split(os.pathsep) if p.strip()),
+        compile=_choice(env, "GLM_COMPILE", ("auto", "on", "off")),
     )
+
+
+def _choice(env, name: str, choices: tuple[str, ...]) -> str:
+    text = (env.get(name) or choices[0]).strip().lower()
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {env[name]!r}")
+    return text
 
 
 def _positive_int(env, name: str) -> int | None:

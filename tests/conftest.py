@@ -102,3 +102,6 @@ def env_cleanup(monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No test compiles a decode graph unless it asks for one (Engine(..., compile="on"), tests/test_fast_decode.py):
+    # a compile takes from seconds (tiny models) to minutes (SmolLM2) on a 2-core machine.
+    os.environ["GLM_COMPILE"] = "off"

@@ -71,8 +71,11 @@ class SlotCache(Cache):
         shape = (new_rows, self.kv_heads, capacity, self.head_dim)
         n, keep = self.occupied, self.capacity
         for i in range(self.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            # Always ordinary tensors (never inference tensors, whichever mode the caller is in): a compiled
+            # decode step guards on that, and buffers of either kind would compile twice.
+            with torch.inference_mode(False):
+                k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if i < len(self.keys):
                 k[:n, :, :keep] = self.keys[i][:n]
                 v[:n, :, :keep] = self.values[i][:n]
@@ -81,6 +84,11 @@ class SlotCache(Cache):
                 self.keys.append(k)
                 self.values.append(v)
         self.capacity, self.rows = capacity, new_rows
+
+    def reserve(self, capacity: int, rows: int) -> None:
+        """Make the buffers hold at least `rows` slots of `capacity` positions (a compiled decode step's fixed
+        shape: its batch bucket and its capacity)."""
+        self._ensure(capacity, rows)
 
     def add(self, cache: DynamicCache) -> int:
         """Copy a sequence's cache (batch 1) into the next free slot; returns the slot."""

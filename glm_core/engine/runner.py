@@ -91,6 +91,7 @@ class Runner:
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[i] occupies slot i
         self.slots: SlotCache | None = None
+        self.fast = None  # a fast_decode.FastDecode when the compiled decode path is on (the engine sets it)
 
     # ---- what the scheduler asks -------------------------------------------------------------------------
 
@@ -257,6 +258,11 @@ class Runner:
 
     @torch.inference_mode()
     def _forward_batch(self, tokens: list[int]) -> torch.Tensor:
+        if self.fast is not None:  # the compiled step, when its graph is ready (else None: decode eagerly)
+            logits = self.fast.try_decode(tokens, self.slots)
+            if logits is not None:
+                self.slots.advance()
+                return logits
         model, device = self.loaded.model, self.loaded.device
         positions, mask = self.slots.prepare_decode()
         if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":

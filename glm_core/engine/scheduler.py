@@ -27,6 +27,7 @@ from ..protocol import (
 )
 from ..settings import load_settings
 from ..telemetry.memory import device_memory
+from .fast_decode import start_fast_path
 from .kv_pool import KVCachePool
 from .runner import OUT_OF_MEMORY, Runner
 
@@ -44,7 +45,8 @@ class Engine:
 
     capabilities = Capabilities(local_model=True, kept_cache=True, recompute=True, tokenize=True)
 
-    def __init__(self, loaded: LoadedModel, kv_cache_bytes: int | None = None, max_batch: int | None = None):
+    def __init__(self, loaded: LoadedModel, kv_cache_bytes: int | None = None, max_batch: int | None = None,
+                 compile: str | None = None):
         settings = load_settings()
         self.loaded = loaded
         self.spec = loaded.spec
@@ -56,6 +58,10 @@ class Engine:
         # Fast tokenizers are not thread-safe ("Already borrowed"): every use goes through this lock.
         self._tokenizer_lock = threading.Lock()
         self.runner = Runner(loaded, self.pool, self._tokenizer_lock, self.max_batch, batch_kv_bytes=max(budget, 2**26))
+        # The compiled decode path compiles in its own thread; the worker decodes eagerly until a graph is ready.
+        self.fast = (start_fast_path(loaded, self.max_batch, compile or settings.compile, settings.cache_dir)
+                     if self.runner.batched else None)
+        self.runner.fast = self.fast
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: dict[str, Request] = {}
@@ -142,7 +148,8 @@ class Engine:
 
     def card(self) -> dict:
         return {**self.loaded.card(), "backend": "local", "max_batch": self.max_batch,
-                "batched_decode": self.runner.batched}
+                "batched_decode": self.runner.batched,
+                "fast_path": self.fast.status() if self.fast is not None else "off"}
 
     def memory_report(self) -> dict:
         """Device memory (CUDA allocator or process RSS), the kept KV caches and the running batch's cache."""
@@ -172,6 +179,8 @@ class Engine:
         for _task, future in self._tasks:
             future.cancel()
         self._worker.join(timeout=60)
+        if self.fast is not None:
+            self.fast.close()
         self.pool.clear()
         gc.collect()
 

@@ -210,8 +210,10 @@ class WeightOnlyInt4Linear(_WeightOnlyLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            block_rows = cpu_int4_block_rows()
-            if x.shape[0] < INT4_DENSE_MIN_ROWS or not block_rows or self.out_features % block_rows:
+            # Few rows (every decode step) never ask for the block layout: that probe is a cached Python call
+            # which torch.compile cannot trace, and the compiled decode step must stay one graph.
+            block_rows = None if x.shape[0] < INT4_DENSE_MIN_ROWS else cpu_int4_block_rows()
+            if not block_rows or self.out_features % block_rows:
                 return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
             unpack, row_multiple = lambda rows: unpack_int4_for_cpu(rows, self.in_features, block_rows), block_rows
         elif x.device.type == "cuda":

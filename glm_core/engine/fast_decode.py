@@ -1,0 +1,330 @@
+"""The compiled decode step (gpt-fast's recipe): static shapes, one graph per (batch bucket, KV capacity).
+
+The runner's slot cache already keeps one buffer per layer [slots, kv_heads, capacity, head_dim] with the running
+rows in slots 0..n-1. The fast path decodes over a view of the first `b` slots, `b` the batch rounded up to a
+bucket (1, 2, 4, 8, 16, ... up to the batch limit; the pad rows decode a dummy token into free slots, whose
+contents nobody reads), and attends over the whole capacity with a mask, so every shape in the graph is fixed by
+(b, capacity). Capacities are powers of two from 256, so a conversation meets a handful of graphs, not one per
+256 positions.
+
+Graphs compile in a background thread on dummy buffers of the same shapes (torch.compile guards on shapes,
+strides and dtypes, so the worker's call with the real buffers reuses them); until a graph is ready the runner
+decodes eagerly. Inductor's caches (FX graph, AOT autograd) live under GLM_CACHE_DIR/inductor, so a restart
+recompiles from disk. A compile failure turns the fast path off with the reason on the model card.
+
+Exactness: the compiled step computes the same function as the eager one; masked positions weigh exactly 0 in the
+softmax, so attending over the whole capacity changes nothing but the order of float additions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.attention
+from transformers.cache_utils import Cache
+
+log = logging.getLogger(__name__)
+
+MIN_CAPACITY = 256  # the slot cache's own growth step: the smallest graph capacity
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def batch_bucket(n: int, max_batch: int) -> int:
+    """Rows the graph decodes for `n` running rows: the next bucket, capped at the batch limit (its own bucket)."""
+    return min(next((b for b in BATCH_BUCKETS if b >= n), max_batch), max_batch)
+
+
+def capacity_bucket(positions: int) -> int:
+    """KV capacity of the graph that holds `positions` positions: a power of two from MIN_CAPACITY."""
+    capacity = MIN_CAPACITY
+    while capacity < positions:
+        capacity *= 2
+    return capacity
+
+
+def configure_compile_cache(cache_dir: Path, exact: bool = False) -> Path:
+    """Put inductor's on-disk caches (FX graph and AOT autograd, kernels) under `cache_dir`/inductor, unless the
+    environment already chose a place; `exact`: in `cache_dir` itself, whatever the environment says (bench
+    decode's cold cache). Inductor reads the place at each compile."""
+    if exact:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor")))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    inductor_config.autotune_local_cache = True
+    try:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True
+    except (ImportError, AttributeError):
+        pass
+    return folder
+
+
+class StaticSlots(Cache):
+    """The cache a compiled step sees: per-layer buffers [b, kv_heads, capacity, head_dim]; row r writes its new
+    key/value at positions[r] and every layer attends over the whole capacity (the mask hides the rest)."""
+
+    is_compileable = True
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor):
+        super().__init__(layers=[])
+        self.keys, self.values, self.positions = keys, values, positions
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        self.capacity = keys[0].shape[2]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self.rows, :, self.positions] = key_states[:, :, 0]
+        values[self.rows, :, self.positions] = value_states[:, :, 0]
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.capacity - 1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.capacity - 1
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def decode_step(model, input_ids, positions, mask, keys, values):
+    """One token per row over static buffers: input_ids [b, 1], positions [b], mask [b, 1, 1, capacity] (bool,
+    True = attend), keys/values per layer [b, kv_heads, capacity, head_dim]. Returns logits [b, vocab]."""
+    cache = StaticSlots(keys, values, positions)
+    # The fused CPU attention kernel is built for blocks of queries: for one query over a masked 256-position
+    # capacity it took 300 us a layer (SmolLM2 INT4, 17 of 35 ms a step); the math form lets inductor fuse
+    # scores, mask, softmax and weighted sum instead.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = model(input_ids=input_ids, position_ids=positions[:, None], attention_mask=mask, past_key_values=cache,
+                    use_cache=True)
+    return out.logits[:, -1]
+
+
+def step_inputs(tokens: list[int], lengths: list[int], rows: int, capacity: int, device) -> tuple:
+    """input_ids, positions and mask for `rows` rows; rows past the running ones decode token 0 at position 0
+    (a pad row attends to its position 0 only, so its softmax has a term and no NaN appears)."""
+    pad = rows - len(tokens)
+    input_ids = torch.tensor(tokens + [0] * pad, dtype=torch.long, device=device)[:, None]
+    positions = torch.tensor(lengths + [0] * pad, dtype=torch.long, device=device)
+    mask = torch.arange(capacity, device=device)[None, :] <= positions[:, None]
+    return input_ids, positions, mask[:, None, None, :]
+
+
+def compile_wanted(mode: str, loaded) -> tuple[bool, str]:
+    """Whether GLM_COMPILE=`mode` turns the fast path on for this model, and why not when it does not.
+
+    auto: on for CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode) and, on
+    CPU, for the levels where it measured faster (bench decode, docs/BENCHMARKS.md "Compiled decode"): INT4,
+    INT8 and BF16; at FP32 the step is bound by the float matmuls that eager already calls, and compiling
+    measured no faster (72 vs 73 ms a step, SmolLM2-135M, one thread), so auto leaves it off there.
+    """
+    if mode == "off":
+        return False, "off (GLM_COMPILE=off)"
+    if not getattr(loaded.model, "batchable", True):
+        return False, "off (this model decodes one row at a time)"
+    if mode == "on" or loaded.device.type == "cuda":
+        return True, ""
+    if loaded.device.type != "cpu":
+        return False, f"off (auto: not measured on {loaded.device.type})"
+    if loaded.precision.label.lower() == "fp32":
+        return False, "off (auto: no faster than eager at FP32 on CPU)"
+    return True, ""
+
+
+class FastDecode:
+    """The compiled graphs of one model and their state: compiling | ready | failed: reason.
+
+    `try_decode(tokens, slots)` runs a compiled step if the graph for the batch's (bucket, capacity) is ready,
+    and otherwise queues that graph for the background thread and returns None (the runner decodes eagerly):
+    the worker never compiles.
+    """
+
+    def __init__(self, model, device: torch.device, max_batch: int, capacities: tuple[int, ...] = (MIN_CAPACITY,),
+                 buckets: tuple[int, ...] | None = None):
+        self.model, self.device, self.max_batch = model, device, max_batch
+        self.buckets = buckets or tuple(sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}))
+        self.layout: tuple | None = None  # (layers, kv_heads, head_dim, dtype) of the KV cache, from a probe
+        self.state = "compiling"
+        self.error: str | None = None
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._ready: set[tuple[int, int]] = set()
+        self.steps = 0  # compiled steps run
+        self._queue: list[tuple[int, int]] = [(b, c) for c in capacities for b in self.buckets]
+        self._queued = set(self._queue)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._compiled = self._compile_fn()
+        self._thread = threading.Thread(target=self._compile_forever, name="glm-compile", daemon=True)
+        self._thread.start()
+
+    def _compile_fn(self):
+        import torch._dynamo.config as dynamo_config
+
+        # One static graph per (bucket, capacity), all of the same Python function: dynamo must keep every one
+        # (its default limit is 8 per function) and never turn the batch or the capacity into a symbol.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+        if hasattr(dynamo_config, "cache_size_limit"):
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
+        if self.device.type == "cuda":
+            return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        return torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+    # ---- the state the card shows -----------------------------------------------------------------------
+
+    def status(self) -> str:
+        return f"failed: {self.error}" if self.state == "failed" else self.state
+
+    def fail(self, reason: str) -> None:
+        log.error("decode fast path off: %s", reason)
+        with self._cond:
+            self.state, self.error = "failed", reason
+            self._queue.clear()
+            self._cond.notify_all()
+
+    # ---- the worker's side ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def try_decode(self, tokens: list[int], slots) -> torch.Tensor | None:
+        """Logits [len(tokens), vocab] of one compiled step over the slot cache `slots` (rows 0..n-1, lengths
+        `slots.lengths`), or None when no graph is ready for it (then nothing was touched)."""
+        if self.state == "failed" or self.layout is None:
+            return None
+        n = len(tokens)
+        if n > self.max_batch or slots.occupied != n:
+            return None
+        key = (batch_bucket(n, self.max_batch), capacity_bucket(max(slots.capacity, max(slots.lengths) + 1)))
+        if key not in self._ready:
+            self._request(key)
+            return None
+        if (slots.num_layers, slots.kv_heads, slots.head_dim, slots.dtype) != self.layout:
+            self.fail(f"the batch cache {slots.num_layers, slots.kv_heads, slots.head_dim, slots.dtype} differs "
+                      f"from the compiled one {self.layout}")
+            return None
+        slots.reserve(key[1], key[0])  # capacities are multiples of the slot cache's step: the buffers get exactly it
+        rows, capacity = key
+        input_ids, positions, mask = step_inputs(tokens, list(slots.lengths), rows, capacity, self.device)
+        try:
+            logits = self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in slots.keys],
+                                    [v[:rows] for v in slots.values])
+        except Exception as exc:  # it only wrote this step's positions, which the eager step writes again
+            log.exception("the compiled decode step failed; decoding stays eager")
+            self.fail(_reason(exc))
+            return None
+        self.steps += 1
+        return logits[:n]
+
+    def _request(self, key: tuple[int, int]) -> None:
+        with self._cond:
+            if key in self._queued or self.state == "failed":
+                return
+            self._queued.add(key)
+            self._queue.append(key)
+            self.state = "compiling"
+            self._cond.notify_all()
+
+    def ready_keys(self) -> set[tuple[int, int]]:
+        return set(self._ready)
+
+    def wait_ready(self, timeout: float | None = None) -> str:
+        """Block until nothing is left to compile or compiling failed (tests, benchmarks); returns the status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.state == "compiling":
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+        return self.status()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # ---- the background thread --------------------------------------------------------------------------
+
+    def _compile_forever(self) -> None:
+        try:  # compiling yields the cores to the worker (Linux: nice is per thread, and gcc inherits it)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        try:
+            self.layout = self._probe_layout()
+        except Exception as exc:
+            self.fail(_reason(exc))
+            return
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                key = self._queue[0]
+            started = time.perf_counter()
+            try:
+                self._warm(key)
+            except Exception as exc:  # any compile error: eager serves on, the card says why
+                log.exception("compiling the decode step %s failed", key)
+                self.fail(_reason(exc))
+                return
+            with self._cond:
+                self.compile_seconds[key] = time.perf_counter() - started
+                self._ready.add(key)
+                self._queue.pop(0)
+                if not self._queue and self.state == "compiling":
+                    self.state = "ready"
+                self._cond.notify_all()
+            log.info("decode graph (batch %d, capacity %d) ready in %.1f s", *key, self.compile_seconds[key])
+
+    @torch.inference_mode()
+    def _probe_layout(self) -> tuple:
+        """The KV cache's layout, read from a one-token eager forward (what prefill will hand the slot cache)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,
+                   use_cache=True)
+        keys = cache.layers[0].keys
+        return len(cache.layers), keys.shape[1], keys.shape[3], keys.dtype
+
+    @torch.inference_mode()
+    def _warm(self, key: tuple[int, int]) -> None:
+        """Compile the graph for `key` by running it on dummy buffers made as the slot cache makes its own
+        (ordinary tensors, a [:rows] view): same shapes, strides and kinds, so the worker's call reuses the
+        graph. CUDA graphs record on a later call: twice there."""
+        rows, capacity = key
+        layers, kv_heads, head_dim, dtype = self.layout
+        with torch.inference_mode(False):
+            shape = (rows, kv_heads, capacity, head_dim)
+            keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+            values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        input_ids, positions, mask = step_inputs([0] * rows, [0] * rows, rows, capacity, self.device)
+        for _ in range(2 if self.device.type == "cuda" else 1):
+            self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in keys],
+                           [v[:rows] for v in values])
+
+
+def _reason(exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def start_fast_path(loaded, max_batch: int, mode: str, cache_dir: Path) -> FastDecode | None:
+    """The fast path for an engine, compiling in the background; None where it is off (the reason is logged)."""
+    wanted, why_not = compile_wanted(mode, loaded)
+    if not wanted:
+        log.info("decode fast path %s", why_not)
+        return None
+    configure_compile_cache(cache_dir)
+    return FastDecode(loaded.model, loaded.device, max_batch)

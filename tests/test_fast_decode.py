@@ -1,0 +1,162 @@
+"""The compiled decode path: the same greedy tokens as eager (alone and in a batch), eager while compiling, a
+failed compile falls back to eager and says why, GLM_COMPILE=off changes nothing.
+
+Compiles are the cost here (seconds for the tiny models, a minute or more for SmolLM2 on 2 cores): each model's
+engine compiles once per module and inductor's on-disk cache (GLM_CACHE_DIR/inductor) is shared across runs.
+"""
+
+import uuid
+
+import pytest
+
+from glm_core import SamplingParams
+from glm_core.engine import Engine
+from glm_core.engine import fast_decode
+from glm_core.engine.fast_decode import FastDecode, batch_bucket, capacity_bucket, compile_wanted
+from glm_core.models import load_model
+from glm_core import ModelSpec
+from glm_core.settings import load_settings
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea, then explain it line by line in detail.",
+    "Hi",
+]
+
+
+def greedy_jobs(lengths):
+    return [([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_new_tokens=n))
+            for prompt, n in zip(PROMPTS, lengths)]
+
+
+def replies(engine, jobs, together=True):
+    if together:
+        requests = [engine.submit(uuid.uuid4().hex, messages, params) for messages, params in jobs]
+        return [r.wait(300) for r in requests]
+    return [engine.submit(uuid.uuid4().hex, messages, params).wait(300) for messages, params in jobs]
+
+
+def compiled_engine(loaded, max_batch):
+    engine = Engine(loaded, max_batch=max_batch, compile="on")
+    assert engine.card()["fast_path"] in ("compiling", "ready")
+    assert engine.fast.wait_ready(600) == "ready", engine.card()["fast_path"]
+    return engine
+
+
+def assert_same(got, want):
+    for g, w in zip(got, want):
+        assert g.error is None and w.error is None, (g.error, w.error)
+        assert (g.text, g.finish_reason, g.stats.completion_tokens) == (w.text, w.finish_reason,
+                                                                       w.stats.completion_tokens)
+
+
+def check_exact(loaded, lengths, max_batch):
+    jobs = greedy_jobs(lengths)
+    eager = Engine(loaded, max_batch=max_batch)  # GLM_COMPILE=off in tests: the eager path
+    try:
+        assert eager.card()["fast_path"] == "off"
+        want_alone, want_batch = replies(eager, jobs, together=False), replies(eager, jobs)
+    finally:
+        eager.close()
+    engine = compiled_engine(loaded, max_batch)
+    try:
+        steps = engine.fast.steps
+        got_alone = replies(engine, jobs, together=False)  # batch 1: the bucket-1 graph
+        assert engine.fast.steps > steps
+        got_batch = replies(engine, jobs)  # rows that finish early leave: buckets change under the others
+        assert engine.card()["fast_path"] == "ready"
+    finally:
+        engine.close()
+    assert_same(got_alone, want_alone)
+    assert_same(got_batch, want_batch)
+    assert_same(want_batch, want_alone)
+
+
+def test_buckets_and_capacities():
+    assert [batch_bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert batch_bucket(5, 6) == 6 and batch_bucket(3, 3) == 3  # never more rows than the slot cache has
+    assert [capacity_bucket(p) for p in (1, 256, 257, 700, 2000)] == [256, 256, 512, 1024, 2048]
+
+
+@pytest.mark.parametrize("fixture", ["glm2", "glm3"])
+def test_compiled_greedy_tokens_equal_eager_on_chatglm(request, fixture):
+    loaded = load_model(ModelSpec(str(request.getfixturevalue(fixture)[0]), "fp32", "cpu"))
+    check_exact(loaded, [12, 4, 10], max_batch=4)
+
+
+@pytest.mark.slow
+def test_compiled_greedy_tokens_equal_eager_on_the_embedded_model(embedded_fp32):
+    check_exact(embedded_fp32, [16, 5], max_batch=2)
+
+
+def test_engine_serves_eagerly_while_compiling_and_switches_when_ready(tiny_loaded, monkeypatch):
+    gate = __import__("threading").Event()
+    warm = FastDecode._warm
+
+    def slow_warm(self, key):
+        gate.wait(60)
+        return warm(self, key)
+
+    monkeypatch.setattr(FastDecode, "_warm", slow_warm)
+    engine = Engine(tiny_loaded, max_batch=1, compile="on")
+    try:
+        jobs = greedy_jobs([6])
+        first = replies(engine, jobs)[0]  # served while the graph is held back
+        assert first.error is None and first.stats.completion_tokens == 6
+        assert engine.card()["fast_path"] == "compiling" and engine.fast.steps == 0
+        gate.set()
+        assert engine.fast.wait_ready(300) == "ready"
+        again = replies(engine, jobs)[0]
+        assert engine.fast.steps > 0 and again.text == first.text
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_a_compile_failure_falls_back_to_eager_and_says_why(tiny_loaded, monkeypatch):
+    def broken(self, key):
+        raise RuntimeError("inductor exploded\nlong traceback")
+
+    monkeypatch.setattr(FastDecode, "_warm", broken)
+    engine = Engine(tiny_loaded, max_batch=2, compile="on")
+    try:
+        assert engine.fast.wait_ready(60) == "failed: RuntimeError: inductor exploded"
+        assert engine.card()["fast_path"] == "failed: RuntimeError: inductor exploded"
+        reply = replies(engine, greedy_jobs([5, 5]))
+        assert all(r.error is None and r.stats.completion_tokens == 5 for r in reply)
+    finally:
+        engine.close()
+
+
+def test_a_failing_compiled_step_falls_back_to_eager_for_that_step(tiny_loaded):
+    engine = compiled_engine(tiny_loaded, max_batch=1)
+    try:
+        want = replies(engine, greedy_jobs([6]))[0]
+
+        def broken(*args):
+            raise RuntimeError("graph failed at run time")
+
+        engine.fast._compiled = broken
+        got = replies(engine, greedy_jobs([6]))[0]
+        assert engine.card()["fast_path"] == "failed: RuntimeError: graph failed at run time"
+        assert got.error is None and got.text == want.text
+    finally:
+        engine.close()
+
+
+def test_glm_compile_setting(tiny_loaded, monkeypatch):
+    assert load_settings({}).compile == "auto"
+    assert load_settings({"GLM_COMPILE": "ON"}).compile == "on"
+    with pytest.raises(ValueError, match="GLM_COMPILE"):
+        load_settings({"GLM_COMPILE": "sometimes"})
+    assert compile_wanted("off", tiny_loaded)[0] is False
+    assert compile_wanted("on", tiny_loaded)[0] is True
+    assert compile_wanted("auto", tiny_loaded)[0] is False  # FP32 on CPU: measured no faster
+    started = []
+    monkeypatch.setattr(fast_decode, "FastDecode", lambda *a, **k: started.append(a))
+    engine = Engine(tiny_loaded)  # GLM_COMPILE=off (tests/conftest.py): nothing compiles, the card says off
+    try:
+        assert engine.fast is None and engine.runner.fast is None and engine.card()["fast_path"] == "off"
+    finally:
+        engine.close()
+    assert not started
