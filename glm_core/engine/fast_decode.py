@@ -124,10 +124,10 @@ def step_inputs(tokens: list[int], lengths: list[int], rows: int, capacity: int,
 def compile_wanted(mode: str, loaded) -> tuple[bool, str]:
     """Whether GLM_COMPILE=`mode` turns the fast path on for this model, and why not when it does not.
 
-    auto: on for CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode) and, on
-    CPU, for the levels where it measured faster (bench decode, docs/BENCHMARKS.md "Compiled decode"): INT4,
-    INT8 and BF16; at FP32 the step is bound by the float matmuls that eager already calls, and compiling
-    measured no faster (72 vs 73 ms a step, SmolLM2-135M, one thread), so auto leaves it off there.
+    auto: on for CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On CPU it
+    stays off until `bench decode` figures on record show a gain: at FP32 compiling measured no faster (72 vs 73 ms
+    a step, SmolLM2-135M, one thread), and a compile takes minutes of the same two cores the users' replies need.
+    GLM_COMPILE=on turns it on anywhere.
     """
     if mode == "off":
         return False, "off (GLM_COMPILE=off)"
@@ -135,11 +135,7 @@ def compile_wanted(mode: str, loaded) -> tuple[bool, str]:
         return False, "off (this model decodes one row at a time)"
     if mode == "on" or loaded.device.type == "cuda":
         return True, ""
-    if loaded.device.type != "cpu":
-        return False, f"off (auto: not measured on {loaded.device.type})"
-    if loaded.precision.label.lower() == "fp32":
-        return False, "off (auto: no faster than eager at FP32 on CPU)"
-    return True, ""
+    return False, f"off (auto: on {loaded.device.type}, only with GLM_COMPILE=on)"
 
 
 class FastDecode:
