@@ -118,6 +118,18 @@ def test_versions_travel_in_json_and_the_chosen_path_in_the_other_formats(store)
     assert [m.content for m in store.get_conversation(ws, copy).messages] == ["q", "first answer", "more?", "more"]
 
 
+def test_the_backend_a_conversation_talks_to_travels_in_json(store):
+    ws = store.create_workspace()
+    remote = store_conversation(store, ws, "On vLLM", [ChatMessage("user", "q"), reply("a")])
+    store.set_backend(ws, remote, "vllm-a100")
+    store_conversation(store, ws, "On the default", [ChatMessage("user", "q"), reply("a")])
+    data = export_conversations(store.get_conversations(ws), "json")
+    target = store.create_workspace()
+    import_file(store, target, data)
+    assert {c.title: c.backend for c in store.get_conversations(target)} == {"On vLLM": "vllm-a100",
+                                                                            "On the default": None}
+
+
 def test_version_1_exports_still_import(store):
     ws = store.create_workspace()
     [cid] = import_file(store, ws, own(conversations=[{"title": "old", "created_at": "2025-01-01T00:00:00Z", "messages": [
@@ -246,6 +258,10 @@ REJECTED = [
         {"id": 1, "role": "user", "content": "q", "created_at": "2026-01-01T00:00:00Z"},
         {"id": 1, "parent": 1, "role": "assistant", "content": "a", "created_at": "2026-01-01T00:00:00Z"}]}]),
      "conversations[0].messages[1].id: expected a whole number, distinct"),
+    (own(version=2, conversations=[{"title": "t", "created_at": "2026-01-01T00:00:00Z", "backend": "<b>x</b>",
+                                    "messages": []}]), "conversations[0].backend: a backend name is 1-40 letters"),
+    (own(version=2, conversations=[{"title": "t", "created_at": "2026-01-01T00:00:00Z", "backend": 7,
+                                    "messages": []}]), "conversations[0].backend: expected a backend name, got int"),
     (own(format="something-else"), "format"),
     (own(conversations={"a": 1}), "conversations: expected a list"),
     (bad_second_conversation(), "conversations[1].messages[0].role: expected one of system, user, assistant, got 'tool'"),

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
+from ..backends.config import check_name
 from ..protocol import SamplingParams
 from .store import Store
 
@@ -108,6 +109,7 @@ def _conversation_json(c: Conversation) -> dict:
         "updated_at": iso_time(c.updated_at or c.created_at),
         "pinned": c.pinned,
         "archived": c.archived,
+        "backend": c.backend,
         "chosen": number[id(c.messages[-1])] if c.messages else None,
         "messages": [
             {
@@ -386,7 +388,8 @@ def _read_own_format(doc: dict) -> list[Conversation]:
         read = [_read_own_message(m, f"{where}.messages[{j}]") for j, m in enumerate(messages)]
         head = dict(title=_read_title(item.get("title", ""), f"{where}.title"),
                     created_at=_read_time(item.get("created_at"), f"{where}.created_at"),
-                    pinned=item.get("pinned") is True, archived=item.get("archived") is True)
+                    pinned=item.get("pinned") is True, archived=item.get("archived") is True,
+                    backend=_read_backend(item.get("backend"), f"{where}.backend"))
         if any(m.id is not None for m in read):
             tree, chosen = _read_tree(read, messages, item.get("chosen"), where)
             conversation = Conversation.from_tree(tree, chosen, **head)
@@ -396,6 +399,18 @@ def _read_own_format(doc: dict) -> list[Conversation]:
             conversation.updated_at = _read_time(item["updated_at"], f"{where}.updated_at")
         conversations.append(conversation)
     return conversations
+
+
+def _read_backend(value, where: str) -> str | None:
+    """The backend the conversation talked to, by name (None: the portal's default). A name this portal does not
+    have is kept: the conversation then talks to the default and the page says so."""
+    if value is None:
+        return None
+    name = _expect(value, str, where, "a backend name")
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        _fail(where, str(exc))
 
 
 def _read_tree(read: list[ChatMessage], raw: list[dict], chosen, where: str) -> tuple[list[ChatMessage], int]:

@@ -578,10 +578,10 @@ class Store:
             for conversation in conversations:
                 conversation.id = new_conversation_id()
                 updated = conversation.updated_at or max([conversation.created_at] + [m.created_at for m in conversation.messages])
-                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at, pinned, archived) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (conversation.id, workspace, clean_title(conversation.title),
-                                                            conversation.created_at, updated, int(conversation.pinned),
-                                                            int(conversation.archived)))
+                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at, pinned, archived, "
+                           "backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (conversation.id, workspace, clean_title(conversation.title), conversation.created_at,
+                            updated, int(conversation.pinned), int(conversation.archived), conversation.backend))
                 now, on_path = time.time(), {id(m) for m in conversation.messages}
                 new_ids: dict[int, int] = {}
                 previous = None
