@@ -15,6 +15,7 @@ from .engine import Engine
 from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
 from .models.loading import LoadedModel, load_model
 from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
+from .sampling_defaults import CONTROLS, YOURS, describe_sources, model_defaults
 from .settings import load_settings
 from .conversations.store import Store, clean_title
 from .conversations.turn import start_turn
@@ -91,16 +92,23 @@ class TurnLog:
         return result.reply
 
 
+def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
+    """The CLI's sampling: the options given, the model's own defaults for the rest (as the chat page does);
+    also one line per source of the values."""
+    defaults = card.get("sampling_defaults") or model_defaults("", "", {})
+    given = {control: getattr(args, control) for control in CONTROLS if getattr(args, control) is not None}
+    values = {control: given.get(control, defaults[control]) for control in CONTROLS}
+    if "max_new_tokens" not in given and "max_length" in given:
+        values["max_new_tokens"] = min(values["max_new_tokens"], values["max_length"] - 1)
+    params = SamplingParams(**values, seed=args.seed).validate()
+    sources = describe_sources({c: (values[c], YOURS if c in given else defaults["sources"][c]) for c in CONTROLS},
+                               defaults)
+    return params, sources
+
+
 def cmd_chat(args) -> int:
-    params = SamplingParams(
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    ).validate()
+    given = {control: getattr(args, control) for control in CONTROLS if getattr(args, control) is not None}
+    SamplingParams(**given, seed=args.seed).validate()  # a bad option fails before any model loads
     if args.conversation and not args.workspace:
         raise ValueError("--conversation needs --workspace (the workspace that keeps it)")
     log = TurnLog(check_cli_workspace_id(args.workspace) if args.workspace else None, args.conversation)
@@ -109,9 +117,11 @@ def cmd_chat(args) -> int:
     else:
         engine = Engine(load_from_args(args))
     card = engine.card()
+    params, sources = chat_params(args, card)
     interactive = sys.stdin.isatty()
     if interactive:
         print(WELCOME.format(**card))
+        print("Sampling: " + "; ".join(sources))
     try:
         while True:
             try:
@@ -360,13 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal; with piped stdin, one JSON line per reply")
     add_model_options(chat)
-    defaults = SamplingParams()
-    chat.add_argument("--max-length", type=int, default=defaults.max_length)
-    chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    chat.add_argument("--temperature", type=float, default=defaults.temperature, help="0 means greedy")
-    chat.add_argument("--top-p", type=float, default=defaults.top_p)
-    chat.add_argument("--top-k", type=int, default=defaults.top_k)
-    chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    # Unset sampling options take the model's defaults (its generation_config.json, else its family's documented
+    # values, else this app's), as the chat page does.
+    chat.add_argument("--max-length", type=int, help="context budget in tokens (default: the model's)")
+    chat.add_argument("--max-new-tokens", type=int, help="reply length limit (default: the model's)")
+    chat.add_argument("--temperature", type=float, help="0 means greedy (default: the model's)")
+    chat.add_argument("--top-p", type=float, help="(default: the model's)")
+    chat.add_argument("--top-k", type=int, help="0 means off (default: the model's)")
+    chat.add_argument("--repetition-penalty", type=float, help="(default: the model's)")
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--system", default="", help="system prompt")
     chat.add_argument("--recompute", action="store_true",

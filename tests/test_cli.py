@@ -96,6 +96,29 @@ def test_chat_stores_its_turns_and_continues_a_conversation_by_title(tiny_model_
     assert json.loads(again.stdout)["prompt_tokens"] == reply.stats["prompt_tokens"]
 
 
+def test_chat_takes_the_models_sampling_defaults_unless_an_option_is_given(tiny_model_dir, data_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "max_new_tokens": 6, "repetition_penalty": 1.3, "eos_token_id": 2}))
+    base = ("chat", "--model", str(folder), "--precision", "fp32", "--workspace", "defaults")
+    plain = run_cli(*base, "--conversation", "plain", stdin="Tell me a story\n")
+    given = run_cli(*base, "--conversation", "given", "--max-new-tokens", "3", "--temperature", "0.5",
+                    "--seed", "1", stdin="Tell me a story\n")
+    assert plain.returncode == 0 and given.returncode == 0, (plain.stderr, given.stderr)
+    stored = {c.title: c.messages[-1] for c in Store(data_dir).get_conversations("defaults")}
+    # generation_config.json: greedy, 6 new tokens, its penalty; ours fill the rest (top_p 0.9)
+    assert json.loads(plain.stdout)["completion_tokens"] == 6 and json.loads(given.stdout)["completion_tokens"] == 3
+    assert {k: stored["plain"].params[k] for k in ("temperature", "max_new_tokens", "repetition_penalty", "top_p")} \
+        == {"temperature": 0, "max_new_tokens": 6, "repetition_penalty": 1.3, "top_p": 0.9}
+    assert {k: stored["given"].params[k] for k in ("temperature", "max_new_tokens", "repetition_penalty")} \
+        == {"temperature": 0.5, "max_new_tokens": 3, "repetition_penalty": 1.3}
+    bad = run_cli(*base, "--top-p", "7", stdin="hi\n")
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "[load]" not in bad.stderr  # refused before loading
+
+
 def test_chat_options_are_checked(tiny_model_dir):
     no_workspace = tiny_chat(tiny_model_dir, "--conversation", "x", stdin="hi\n")
     assert no_workspace.returncode == 2 and "--conversation needs --workspace" in no_workspace.stderr
