@@ -163,6 +163,9 @@ with st.sidebar:
         load = engine.load_report()
         st.caption(f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
                    f"{load['waiting']} waiting")
+        fast = card["fast_path"]  # off | compiling | ready | failed: reason
+        st.caption(f"decode fast path: {card['fast_path_scope'] if fast == 'off' else plain(fast)}"
+                   + ("" if fast == "off" else f" · {card['fast_path_scope']}"))
     if admin_panel():
         with st.expander("Load another model", expanded=engine is None), st.form("load_model"):
             current = engine.spec if engine is not None else ModelSpec.from_settings()

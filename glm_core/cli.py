@@ -284,9 +284,10 @@ def cmd_bench_quant(args) -> int:
     if args.in_process:  # one level, measured in this process (run_quant_bench starts one such process per level)
         path, real = resolve_bench_model(args.model)
         spec = ModelSpec(path, levels[0], args.device, args.family, args.group_size)
-        results = [measure_level(spec, args.decode_tokens, args.eval_tokens, real)]
+        results = [measure_level(spec, args.decode_tokens, args.eval_tokens, real, args.compiled)]
     else:
-        results = run_quant_bench(args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size)
+        results = run_quant_bench(args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size,
+                                  args.compiled)
     print(json.dumps(results) if args.json else format_quant_report(results))
     return 0 if all("error" not in r for r in results) else 1
 
@@ -444,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--levels", default="fp32,bf16,int8,int4", help="comma-separated precision levels")
     quant.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens for the decode speed")
     quant.add_argument("--eval-tokens", type=int, default=1024, help="tokens of the evaluation text for perplexity")
+    quant.add_argument("--compiled", action="store_true",
+                       help="also the perplexity through the compiled decode step (compiles its graphs first)")
     quant.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     quant.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     quant.set_defaults(func=cmd_bench_quant)

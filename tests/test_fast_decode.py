@@ -12,7 +12,7 @@ import pytest
 from glm_core import SamplingParams
 from glm_core.engine import Engine
 from glm_core.engine import fast_decode
-from glm_core.engine.fast_decode import FastDecode, batch_bucket, capacity_bucket, compile_wanted
+from glm_core.engine.fast_decode import FastDecode, batch_bucket, capacity_bucket, compile_plan
 from glm_core.models import load_model
 from glm_core import ModelSpec
 from glm_core.settings import load_settings
@@ -149,14 +149,72 @@ def test_glm_compile_setting(tiny_loaded, monkeypatch):
     assert load_settings({"GLM_COMPILE": "ON"}).compile == "on"
     with pytest.raises(ValueError, match="GLM_COMPILE"):
         load_settings({"GLM_COMPILE": "sometimes"})
-    assert compile_wanted("off", tiny_loaded)[0] is False
-    assert compile_wanted("on", tiny_loaded)[0] is True
-    assert compile_wanted("auto", tiny_loaded)[0] is False  # CPU: only with GLM_COMPILE=on
+    assert compile_plan("off", tiny_loaded, 16) == ((), "off (GLM_COMPILE=off)")
+    assert compile_plan("on", tiny_loaded, 16)[0] == (1, 2, 4, 8, 16)
+    assert compile_plan("on", tiny_loaded, 6)[0] == (1, 2, 4, 6)
+    assert compile_plan("auto", tiny_loaded, 16)[0] == (1,)  # CPU: one row (where it measured faster)
     started = []
     monkeypatch.setattr(fast_decode, "FastDecode", lambda *a, **k: started.append(a))
     engine = Engine(tiny_loaded)  # GLM_COMPILE=off (tests/conftest.py): nothing compiles, the card says off
     try:
         assert engine.fast is None and engine.runner.fast is None and engine.card()["fast_path"] == "off"
+        assert engine.card()["fast_path_scope"] == "off (GLM_COMPILE=off)"
     finally:
         engine.close()
     assert not started
+
+
+def test_perplexity_through_the_compiled_step_equals_eager(tiny_loaded):
+    """bench quant --compiled: the same text, tokens and windows teacher-forced through the compiled decode step
+    give the eager forward's perplexity (FP32: equal up to the order of float additions)."""
+    from glm_core.bench.quant import EVAL_TEXT, perplexity, perplexity_compiled
+
+    text = EVAL_TEXT.read_text()
+    eager = perplexity(tiny_loaded, text, 300, window=128)
+    compiled = perplexity_compiled(tiny_loaded, text, 300, window=128)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert perplexity_compiled(tiny_loaded, text, 300, window=64) != pytest.approx(eager, rel=1e-4)  # windows count
+
+
+def test_auto_on_cpu_compiles_one_row_and_decodes_batches_eagerly(tiny_loaded):
+    jobs = greedy_jobs([8, 8, 8])
+    eager = Engine(tiny_loaded, max_batch=4)
+    try:
+        want = replies(eager, jobs)
+    finally:
+        eager.close()
+    engine = Engine(tiny_loaded, max_batch=4, compile="auto")
+    try:
+        assert engine.fast.wait_ready(600) == "ready"
+        assert "batched steps decode eagerly" in engine.card()["fast_path_scope"]
+        alone = replies(engine, jobs[:1])[0]
+        steps = engine.fast.steps
+        assert steps > 0  # one row: the compiled graph
+        assert_same([alone], want[:1])
+        assert_same(replies(engine, jobs), want)  # three rows: eager, and no batched graph was ever queued
+        assert {rows for rows, _ in engine.fast.ready_keys()} == {1} and engine.fast.status() == "ready"
+    finally:
+        engine.close()
+
+
+def test_graphs_compile_only_while_the_engine_is_idle(tiny_loaded, monkeypatch):
+    """Compiling holds the GIL for long stretches, so a graph a reply asks for (its context outgrew the capacity)
+    compiles after that reply, never during it."""
+    started = []
+    warm = FastDecode._warm
+
+    def recording_warm(self, key):
+        started.append((key, engine._idle()))
+        return warm(self, key)
+
+    monkeypatch.setattr(FastDecode, "_warm", recording_warm)
+    engine = Engine(tiny_loaded, max_batch=1, compile="on")
+    try:
+        assert engine.fast.wait_ready(300) == "ready"
+        reply = replies(engine, greedy_jobs([300]))[0]  # past 256 positions: it asks for the 512 graph
+        assert reply.error is None and reply.stats.completion_tokens == 300
+        assert engine.fast.wait_ready(300) == "ready"
+        assert [key for key, _ in started] == [(1, 256), (1, 512)]
+        assert all(idle for _, idle in started), started
+    finally:
+        engine.close()

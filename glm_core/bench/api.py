@@ -85,7 +85,7 @@ def _streams(port: int, n: int, max_tokens: int) -> dict:
 
 def run_api_bench(loaded: LoadedModel, streams: list[int], max_new_tokens: int = 64, turn_tokens: int = 32) -> dict:
     loaded.chat_format = _NoStop(loaded.chat_format)
-    engine = Engine(loaded, max_batch=max(streams + [4]))
+    engine = Engine(loaded, max_batch=max(streams + [4]), compile="off")  # bench decode measures compiled
     config = ApiConfig(keys=tuple(f"bench-key-{i}" for i in range(max(streams + [2]))),
                        limits=ApiLimits(max_tokens=max(max_new_tokens, turn_tokens)))
     server = uvicorn.Server(uvicorn.Config(create_app(lambda: engine, config), host="127.0.0.1", port=0,

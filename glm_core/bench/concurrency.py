@@ -85,7 +85,7 @@ def _newcomer(engine: Engine, max_new_tokens: int) -> float:
 def run_concurrency_bench(loaded: LoadedModel, streams: list[int], max_new_tokens: int = 128,
                           repeats: int = 1) -> dict:
     loaded.chat_format = _NoStop(loaded.chat_format)
-    engine = Engine(loaded, max_batch=max(streams + [4]))
+    engine = Engine(loaded, max_batch=max(streams + [4]), compile="off")  # bench decode measures compiled
     try:
         _run(engine, 1, 8)  # warm-up: one-off costs (allocator, kernels) that no figure should carry
         runs = []

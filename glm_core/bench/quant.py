@@ -101,7 +101,50 @@ def perplexity(loaded: LoadedModel, text: str, max_tokens: int, window: int = 51
     return math.exp(total_nll / count)
 
 
-def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: bool) -> dict:
+@torch.inference_mode()
+def perplexity_compiled(loaded: LoadedModel, text: str, max_tokens: int, window: int = 512) -> float:
+    """`perplexity` through the engine's compiled decode step (what GLM_COMPILE=on replies are drawn from): the
+    same tokens and windows, teacher-forced one token at a time over a one-row slot cache. Compiles the graphs it
+    needs first (inductor's on-disk cache under GLM_CACHE_DIR makes a rerun quick)."""
+    from transformers import DynamicCache
+
+    from ..engine.fast_decode import FastDecode, capacity_bucket, configure_compile_cache
+    from ..engine.kv_slots import SlotCache
+
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    configure_compile_cache(load_settings().cache_dir)
+    capacities, capacity = [], capacity_bucket(1)
+    while capacity < capacity_bucket(min(window, len(ids))):
+        capacities.append(capacity)
+        capacity *= 2
+    fast = FastDecode(loaded.model, loaded.device, max_batch=1, capacities=tuple(capacities + [capacity]))
+    try:
+        status = fast.wait_ready()
+        if status != "ready":
+            raise RuntimeError(f"the compiled decode step is not available: {status}")
+        layers, kv_heads, head_dim, dtype = fast.layout
+        slots = SlotCache(layers, kv_heads, head_dim, dtype, loaded.device, slots=1)
+        total_nll, count = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start : start + window + 1]
+            if len(chunk) < 2:
+                break
+            slots.clear()
+            slots.add(DynamicCache(config=loaded.model.config))
+            for token, target in zip(chunk[:-1], chunk[1:]):
+                logits = fast.try_decode([token], slots)
+                if logits is None:
+                    raise RuntimeError("the compiled decode step declined a shape it had compiled")
+                slots.advance()
+                target_t = torch.tensor([target], device=loaded.device)
+                total_nll += torch.nn.functional.cross_entropy(logits.float(), target_t, reduction="sum").item()
+                count += 1
+    finally:
+        fast.close()
+    return math.exp(total_nll / count)
+
+
+def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: bool, compiled: bool = False) -> dict:
     """One level, in this process: the peaks are only meaningful in a fresh process (see run_quant_bench)."""
     from ..engine.scheduler import Engine
 
@@ -114,7 +157,7 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
     load_s = time.perf_counter() - started
     load_peak = device_memory(device_obj)["peak"] - before  # what quantizing while reading saves shows here
     weights = loaded.weights
-    engine = Engine(loaded)
+    engine = Engine(loaded, compile="off")  # the eager engine: bench decode measures the compiled path
     try:
         messages = [{"role": "user", "content": PROMPT}]
         engine.submit(uuid.uuid4().hex, messages, SamplingParams(temperature=0, max_new_tokens=4)).wait()  # warm-up
@@ -124,6 +167,8 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
     finally:
         engine.close()
     ppl = perplexity(loaded, EVAL_TEXT.read_text(), eval_tokens) if real and eval_tokens else None
+    ppl_compiled = (perplexity_compiled(loaded, EVAL_TEXT.read_text(), eval_tokens)
+                    if compiled and real and eval_tokens else None)
     memory = device_memory(loaded.device)
     return {
         "level": spec.precision,
@@ -141,18 +186,19 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
         "decode_tokens": reply.stats.completion_tokens,
         "decode_tokens_per_s": reply.stats.decode_tokens_per_s,
         "perplexity": ppl,
+        "perplexity_compiled": ppl_compiled,
     }
 
 
 def run_quant_bench(model: str, levels: list[str], device: str = "auto", decode_tokens: int = 64,
-                    eval_tokens: int = 1024, group_size: int = DEFAULT_GROUP_SIZE) -> list[dict]:
+                    eval_tokens: int = 1024, group_size: int = DEFAULT_GROUP_SIZE, compiled: bool = False) -> list[dict]:
     """Every level in a fresh process of its own; the results in level order."""
     path, real = resolve_bench_model(model)
     results = []
     for level in levels:
         command = [sys.executable, "-m", "glm_core", "bench", "quant", "--model", path, "--levels", level,
                    "--device", device, "--group-size", str(group_size), "--decode-tokens", str(decode_tokens), "--eval-tokens",
-                   str(eval_tokens if real else 0), "--in-process", "--json"]
+                   str(eval_tokens if real else 0), "--in-process", "--json"] + (["--compiled"] if compiled else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -169,7 +215,8 @@ def format_quant_report(results: list[dict]) -> str:
     lines = [
         f"bench quant: {head.get('model', '?')} on {head.get('device', '?')} "
         f"(peaks = {head.get('memory_source', '?')} growth: while loading; while loading and generating)",
-        "level  weights MiB  load peak MiB  peak MiB  ttft ms  decode tok/s  perplexity  vs BF16: weights  decode",
+        "level  weights MiB  load peak MiB  peak MiB  ttft ms  decode tok/s  perplexity  vs BF16: weights  decode"
+        + ("  compiled perplexity" if any(r.get("perplexity_compiled") is not None for r in ok) else ""),
     ]
     for r in results:
         if "error" in r:
@@ -183,5 +230,6 @@ def format_quant_report(results: list[dict]) -> str:
             f"{r['peak_bytes'] / 2**20:>8,.0f}  "
             f"{r['ttft_s'] * 1000:>7.0f}  {r['decode_tokens_per_s']:>12.1f}  {ppl:>10}  "
             f"{ratio_w:>15}  {ratio_d:>6}"
+            + (f"  {r['perplexity_compiled']:>19.2f}" if r.get("perplexity_compiled") is not None else "")
         )
     return "\n".join(lines)

@@ -97,7 +97,7 @@ def _decode_rates(engine: Engine, tokens: int, repeats: int) -> tuple[float, flo
 
 
 def run_turns_bench(loaded: LoadedModel, max_new_tokens: int = 48, decode_tokens: int = 128, repeats: int = 3) -> dict:
-    engine = Engine(loaded)
+    engine = Engine(loaded, compile="off")  # the eager engine: bench decode measures the compiled path
     try:
         warm = uuid.uuid4().hex  # first calls pay one-off costs (allocator, kernels) that neither side should carry
         engine.submit(warm, [{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_new_tokens=8)).wait()

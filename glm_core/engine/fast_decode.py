@@ -8,8 +8,8 @@ contents nobody reads), and attends over the whole capacity with a mask, so ever
 256 positions.
 
 Graphs compile in a background thread on dummy buffers of the same shapes (torch.compile guards on shapes,
-strides and dtypes, so the worker's call with the real buffers reuses them); until a graph is ready the runner
-decodes eagerly. Inductor's caches (FX graph, AOT autograd) live under GLM_CACHE_DIR/inductor, so a restart
+strides and dtypes, so the worker's call with the real buffers reuses them), each once the engine has paused
+(IDLE_BEFORE_COMPILE_S); until a graph is ready the runner decodes eagerly. Inductor's caches (FX graph, AOT autograd) live under GLM_CACHE_DIR/inductor, so a restart
 recompiles from disk. A compile failure turns the fast path off with the reason on the model card.
 
 Exactness: the compiled step computes the same function as the eager one; masked positions weigh exactly 0 in the
@@ -31,6 +31,10 @@ from transformers.cache_utils import Cache
 log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 256  # the slot cache's own growth step: the smallest graph capacity
+# A graph compiles only after the engine has generated nothing for this long: compiling runs Python (dynamo's
+# trace, inductor's lowering) that holds the GIL for up to a minute, and a reply decoded meanwhile crawls (BF16
+# on 2 cores: 1.2 tok/s instead of 28, measured), so compiles wait for a pause rather than share it.
+IDLE_BEFORE_COMPILE_S = 1.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -121,21 +125,24 @@ def step_inputs(tokens: list[int], lengths: list[int], rows: int, capacity: int,
     return input_ids, positions, mask[:, None, None, :]
 
 
-def compile_wanted(mode: str, loaded) -> tuple[bool, str]:
-    """Whether GLM_COMPILE=`mode` turns the fast path on for this model, and why not when it does not.
+def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], str]:
+    """The batch buckets GLM_COMPILE=`mode` compiles for this model (empty: the fast path is off) and a line that
+    says what the fast path covers, or why it is off.
 
-    auto: on for CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On CPU it
-    stays off until `bench decode` figures on record show a gain: at FP32 compiling measured no faster (72 vs 73 ms
-    a step, SmolLM2-135M, one thread), and a compile takes minutes of the same two cores the users' replies need.
-    GLM_COMPILE=on turns it on anywhere.
+    auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On
+    CPU, batch 1 only: `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M, 2 AVX2 cores) measured the
+    compiled step 1.3-1.5x eager at one stream and 0.95-0.97x at four, where the matrix products, not Python,
+    take the time; a batched step decodes eagerly. GLM_COMPILE=on compiles every bucket anywhere.
     """
+    every = tuple(sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}))
     if mode == "off":
-        return False, "off (GLM_COMPILE=off)"
+        return (), "off (GLM_COMPILE=off)"
     if not getattr(loaded.model, "batchable", True):
-        return False, "off (this model decodes one row at a time)"
+        return (), "off (this model decodes one row at a time)"
     if mode == "on" or loaded.device.type == "cuda":
-        return True, ""
-    return False, f"off (auto: on {loaded.device.type}, only with GLM_COMPILE=on)"
+        return every, f"compiled steps for batches of up to {max_batch} rows"
+    return (1,), ("compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on CPU, where "
+                  "compiling measured faster only for one row; GLM_COMPILE=on compiles every batch size)")
 
 
 class FastDecode:
@@ -147,8 +154,9 @@ class FastDecode:
     """
 
     def __init__(self, model, device: torch.device, max_batch: int, capacities: tuple[int, ...] = (MIN_CAPACITY,),
-                 buckets: tuple[int, ...] | None = None):
+                 buckets: tuple[int, ...] | None = None, idle=None):
         self.model, self.device, self.max_batch = model, device, max_batch
+        self.idle = idle or (lambda: True)  # whether the engine is generating nothing (compiles wait for that)
         self.buckets = buckets or tuple(sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}))
         self.layout: tuple | None = None  # (layers, kv_heads, head_dim, dtype) of the KV cache, from a probe
         self.state = "compiling"
@@ -200,6 +208,8 @@ class FastDecode:
         if n > self.max_batch or slots.occupied != n:
             return None
         key = (batch_bucket(n, self.max_batch), capacity_bucket(max(slots.capacity, max(slots.lengths) + 1)))
+        if key[0] not in self.buckets:  # a batch size this plan leaves eager
+            return None
         if key not in self._ready:
             self._request(key)
             return None
@@ -267,6 +277,8 @@ class FastDecode:
                 if self._closed:
                     return
                 key = self._queue[0]
+            if not self._wait_for_idle():
+                return
             started = time.perf_counter()
             try:
                 self._warm(key)
@@ -282,6 +294,21 @@ class FastDecode:
                     self.state = "ready"
                 self._cond.notify_all()
             log.info("decode graph (batch %d, capacity %d) ready in %.1f s", *key, self.compile_seconds[key])
+
+    def _wait_for_idle(self) -> bool:
+        """Wait until the engine has been idle for IDLE_BEFORE_COMPILE_S; False when closed meanwhile."""
+        quiet_since = None
+        while True:
+            with self._cond:
+                if self._closed:
+                    return False
+                if self.idle():
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since >= IDLE_BEFORE_COMPILE_S:
+                        return True
+                else:
+                    quiet_since = None
+                self._cond.wait(0.1)
 
     @torch.inference_mode()
     def _probe_layout(self) -> tuple:
@@ -316,11 +343,12 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def start_fast_path(loaded, max_batch: int, mode: str, cache_dir: Path) -> FastDecode | None:
-    """The fast path for an engine, compiling in the background; None where it is off (the reason is logged)."""
-    wanted, why_not = compile_wanted(mode, loaded)
-    if not wanted:
-        log.info("decode fast path %s", why_not)
-        return None
+def start_fast_path(loaded, max_batch: int, mode: str, cache_dir: Path, idle=None) -> tuple[FastDecode | None, str]:
+    """The fast path for an engine, compiling in the background whenever `idle()` (None where it is off), and
+    what it covers."""
+    buckets, scope = compile_plan(mode, loaded, max_batch)
+    log.info("decode fast path: %s", scope)
+    if not buckets:
+        return None, scope
     configure_compile_cache(cache_dir)
-    return FastDecode(loaded.model, loaded.device, max_batch)
+    return FastDecode(loaded.model, loaded.device, max_batch, buckets=buckets, idle=idle), scope

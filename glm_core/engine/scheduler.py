@@ -58,10 +58,6 @@ class Engine:
         # Fast tokenizers are not thread-safe ("Already borrowed"): every use goes through this lock.
         self._tokenizer_lock = threading.Lock()
         self.runner = Runner(loaded, self.pool, self._tokenizer_lock, self.max_batch, batch_kv_bytes=max(budget, 2**26))
-        # The compiled decode path compiles in its own thread; the worker decodes eagerly until a graph is ready.
-        self.fast = (start_fast_path(loaded, self.max_batch, compile or settings.compile, settings.cache_dir)
-                     if self.runner.batched else None)
-        self.runner.fast = self.fast
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: dict[str, Request] = {}
@@ -71,6 +67,12 @@ class Engine:
         self._tasks: deque[tuple[Callable, Future]] = deque()
         self._running = 0
         self._closed = False
+        # The compiled decode path compiles in its own thread while the engine is idle; the worker decodes eagerly
+        # until a graph is ready.
+        self.fast, self.fast_path_scope = (
+            start_fast_path(loaded, self.max_batch, compile or settings.compile, settings.cache_dir, self._idle)
+            if self.runner.batched else (None, "off (this model decodes one row at a time)"))
+        self.runner.fast = self.fast
         self._worker = threading.Thread(target=self._serve_forever, name="glm-engine", daemon=True)
         self._worker.start()
 
@@ -149,7 +151,8 @@ class Engine:
     def card(self) -> dict:
         return {**self.loaded.card(), "backend": "local", "max_batch": self.max_batch,
                 "batched_decode": self.runner.batched,
-                "fast_path": self.fast.status() if self.fast is not None else "off"}
+                "fast_path": self.fast.status() if self.fast is not None else "off",
+                "fast_path_scope": self.fast_path_scope}
 
     def memory_report(self) -> dict:
         """Device memory (CUDA allocator or process RSS), the kept KV caches and the running batch's cache."""
@@ -161,6 +164,10 @@ class Engine:
             "kv_cache_budget_bytes": usage["budget_bytes"],
             "batch_kv_bytes": self.runner.slot_bytes(),
         }
+
+    def _idle(self) -> bool:
+        """Nothing running, waiting or queued for the worker (when the fast path may compile)."""
+        return not self._running and not self._waiting and not self._tasks
 
     def load_report(self) -> dict:
         """Running sequences, waiting requests and the batch limit."""
