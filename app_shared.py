@@ -18,7 +18,7 @@ from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
 from glm_core.access import AttemptThrottle, PathNotAllowed, RolePolicy, check_model_path, refusal, throttle_keys
 from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.telemetry.gpu_monitor import Monitor
-from glm_core.backends.config import configured_backends, conversation_backend
+from glm_core.backends.config import configured_backends, conversation_backend, make_entry
 from glm_core.backends.hub import EngineHub
 from glm_core.conversations.conversation import ChatMessage
 from glm_core.safe_markdown import no_remote_images
@@ -163,6 +163,41 @@ def backend_choice(stored: str | None) -> tuple[str | None, str | None]:
     """The backend name a conversation talks to (see conversation_backend) and a note when its own is gone."""
     hub = get_hub()
     return conversation_backend(stored, hub.names(), hub.default_name)
+
+
+def remote_servers_panel() -> None:
+    """For admins: the remote servers offered beside the local model, one more to offer, or one to stop offering.
+    What is added here lasts until the portal restarts (GLM_BACKENDS or secrets.toml keep servers for good)."""
+    hub = get_hub()
+    for name in hub.names():
+        if hub.is_local(name):
+            continue
+        left, right = st.columns([3, 1], vertical_alignment="center")
+        left.caption(f"{plain(name)}: {plain(hub.get(name).card()['source'])}")
+        right.button("Remove", key=f"remove_backend_{name}", on_click=hub.remove, args=(name,),
+                     help="Conversations that talk to it go to the default model, and say so")
+    def add() -> None:
+        state = st.session_state
+        try:
+            hub.add_remote(make_entry(state.new_backend_name, state.new_backend_url,
+                                      api_key=state.new_backend_key.strip() or None))
+        except ValueError as exc:
+            state.backend_error = str(exc)
+        else:
+            state.new_backend_name = state.new_backend_url = ""
+        state.new_backend_key = ""  # never kept in the form, added or not
+
+    with st.form("add_backend"):
+        st.text_input("Name", key="new_backend_name", placeholder="glm4", max_chars=40)
+        st.text_input("Server", key="new_backend_url", placeholder="http://gpu1:8000/v1#THUDM/glm-4-9b-chat",
+                      help="An OpenAI-compatible server (vLLM, SGLang, llama.cpp, another portal's API); after # the "
+                           "model id, else the server's first model")
+        st.text_input("API key", key="new_backend_key", type="password",
+                      help="Optional; kept in this process only, never shown")
+        st.form_submit_button("Add server", key="add_backend", on_click=add)
+    if st.session_state.get("backend_error"):
+        st.error(st.session_state.pop("backend_error"))
+    st.caption("Servers added here last until the portal restarts; GLM_BACKENDS or secrets.toml keep them.")
 
 
 def backend_named(name: str | None) -> Backend | None:

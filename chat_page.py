@@ -5,7 +5,7 @@ import streamlit as st
 
 from app_shared import (
     admin_panel, backend_choice, backend_named, get_hub, get_store, load_with_progress, open_workspace, plain,
-    share_url, show_message,
+    remote_servers_panel, share_url, show_message,
 )
 from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, SamplingParams, Started, Truncated
 from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
@@ -57,17 +57,28 @@ def forget(conversation_id: str) -> None:
         engine_now.forget(conversation_id)
 
 
+def guarded(action, *args) -> bool:
+    """Run a change to a stored conversation; when the store cannot be written (disk full, locked) or the
+    conversation was deleted in another tab, leave the reason for the sidebar instead of a traceback."""
+    try:
+        action(*args)
+        return True
+    except (StorageError, NotFound) as exc:
+        state.sidebar_error = f"Nothing was changed: {exc}."
+        return False
+
+
 def choose_backend(conversation_id: str, is_stored: bool) -> None:
     """Switch this conversation's model: only this conversation, for every tab that opens it; nobody else's."""
     name = state.get(f"backend_{conversation_id}")
     if is_stored:
-        store.set_backend(workspace, conversation_id, name)
+        guarded(store.set_backend, workspace, conversation_id, name)
     else:
         state.draft_backend = name
 
 
 def rename(conversation_id: str) -> None:
-    store.rename_conversation(workspace, conversation_id, state.get(f"title_{conversation_id}", ""))
+    guarded(store.rename_conversation, workspace, conversation_id, state.get(f"title_{conversation_id}", ""))
 
 
 @st.dialog("Delete this conversation?", on_dismiss=lambda: state.pop("pending_delete", None))
@@ -75,11 +86,11 @@ def confirm_delete(conversation_id: str, title: str) -> None:
     st.markdown(f"**{plain(title)}** and all its messages will be deleted. This cannot be undone.")
     left, right = st.columns(2)
     if left.button("Delete", type="primary", key="confirm_delete", width="stretch"):
-        store.delete_conversation(workspace, conversation_id)
-        forget(conversation_id)
         state.pop("pending_delete", None)
-        if state.conversation_id == conversation_id:
-            switch_to(new_conversation_id())
+        if guarded(store.delete_conversation, workspace, conversation_id):
+            forget(conversation_id)
+            if state.conversation_id == conversation_id:
+                switch_to(new_conversation_id())
         st.rerun()
     if right.button("Cancel", key="cancel_delete", width="stretch"):
         state.pop("pending_delete", None)
@@ -104,25 +115,28 @@ with st.sidebar:
                   width="stretch", help=f"{summary.message_count} messages")
     if len(summaries) > LIST_LIMIT:
         st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
+    if state.get("sidebar_error"):
+        st.error(state.pop("sidebar_error"))
     if stored:
         with st.expander("Rename, pin, archive, share or delete"):
             st.text_input("Title", value=conversation.title, key=f"title_{conversation.id}", max_chars=200)
             st.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
             left, right = st.columns(2)
             left.button("Unpin" if conversation.pinned else "Pin", key="pin_conversation", width="stretch",
-                        on_click=store.set_pinned, args=(workspace, conversation.id, not conversation.pinned))
+                        on_click=guarded, args=(store.set_pinned, workspace, conversation.id, not conversation.pinned))
             right.button("Unarchive" if conversation.archived else "Archive", key="archive_conversation",
                          width="stretch",
-                         on_click=store.set_archived, args=(workspace, conversation.id, not conversation.archived))
+                         on_click=guarded, args=(store.set_archived, workspace, conversation.id,
+                                                 not conversation.archived))
             token = store.share_token(workspace, conversation.id)
             if token is None:
                 st.button("Share a read-only link", key="share_conversation", width="stretch",
-                          on_click=store.share, args=(workspace, conversation.id))
+                          on_click=guarded, args=(store.share, workspace, conversation.id))
             else:
                 st.caption("Anyone with this link sees this conversation, read-only, and nothing else:")
                 st.code(share_url(token), language=None, wrap_lines=True)
                 st.button("Stop sharing", key="revoke_share", width="stretch",
-                          on_click=store.revoke_share, args=(workspace, conversation.id))
+                          on_click=guarded, args=(store.revoke_share, workspace, conversation.id))
             st.button("Delete…", key="delete_conversation", width="stretch",
                       on_click=lambda: state.update(pending_delete=(conversation.id, conversation.title)))
 
@@ -183,8 +197,10 @@ with st.sidebar:
                 engine = load_with_progress(spec)  # on failure it shows why and returns the running engine
                 if engine is not None and engine.spec == spec:
                     st.rerun()  # redraw the model card
+        with st.expander("Remote servers"):
+            remote_servers_panel()
     else:
-        st.caption("Only admins load another model.")
+        st.caption("Only admins load another model or add servers.")
 
     st.header("Generation")
     # The model's defaults (and where each came from) under this workspace's own changes, which are kept.

@@ -127,7 +127,8 @@ def test_non_admins_chat_but_cannot_load_unload_free_or_run_large_benchmarks(tin
     home = open_page(HOME, secrets)
     assert "load_button" not in [b.key for b in home.button]
     assert "load_path" not in [t.key for t in home.text_input]
-    assert "Only admins load another model." in texts(home.sidebar.caption)
+    assert "Only admins load another model or add servers." in texts(home.sidebar.caption)
+    assert not any(b.key == "add_backend" for b in home.button)
     home.slider(key="max_new_tokens").set_value(4).run()
     home.chat_input[0].set_value("Hello").run()
     assert not home.exception and len(home.chat_message) == 2  # chatting works

@@ -115,6 +115,37 @@ def test_new_switch_rename_delete_and_search_in_the_sidebar(store):
     assert len(at.chat_message) == 0  # the current conversation was deleted: a new one is started
 
 
+def test_sidebar_changes_that_cannot_be_stored_say_why_and_change_nothing(store, monkeypatch):
+    from glm_core.conversations.store import NotFound, StorageError
+
+    at = short_replies(open_page())
+    chat(at, "Tell me about apples")
+    [apples] = store.list_conversations(workspace_of(at))
+
+    def full(*args):
+        raise StorageError("the conversation store could not be written: database or disk is full")
+
+    monkeypatch.setattr(Store, "rename_conversation", full)
+    monkeypatch.setattr(Store, "set_pinned", full)  # bound into the Pin button's callback when the page draws
+    at.text_input(key=f"title_{apples.id}").set_value("New title").run()
+    at.button(key="rename_conversation").click().run()
+    assert not at.exception and "disk is full" in at.sidebar.error[0].value
+    at.button(key="pin_conversation").click().run()
+    assert not at.exception and "Nothing was changed" in at.sidebar.error[0].value
+
+    def gone(*args):
+        raise NotFound("no such conversation in this workspace")
+
+    monkeypatch.setattr(Store, "delete_conversation", gone)
+    at.button(key="delete_conversation").click().run()
+    at.button(key="confirm_delete").click().run()
+    assert not at.exception and "no such conversation" in at.error[0].value
+    monkeypatch.undo()
+    assert store.get_conversation(workspace_of(at), apples.id).title == "Tell me about apples"
+    assert not store.get_conversation(workspace_of(at), apples.id).pinned
+    assert at.query_params["c"] == apples.id and len(at.chat_message) == 2  # still open, nothing lost
+
+
 def test_switching_back_resumes_the_kept_cache(store):
     at = short_replies(open_page())
     chat(at, "First conversation")

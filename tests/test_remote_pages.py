@@ -89,3 +89,39 @@ def test_quantization_page_says_remote_models_are_measured_on_their_server(data_
     page.run()
     assert not page.exception
     assert any("srv\\-words" in i.value and "measured on it" in i.value for i in page.info)
+
+
+def test_an_admin_adds_and_removes_a_remote_server_from_the_sidebar(data_dir, server):
+    hub = get_hub()
+    at = home()
+    try:
+        at.text_input(key="new_backend_name").set_value("team-vllm")
+        at.text_input(key="new_backend_url").set_value(f"{server.url}#words")
+        at.text_input(key="new_backend_key").set_value("sk-secret-key")
+        at.button(key="add_backend").click().run()
+        assert not at.exception and "team-vllm" in hub.names()
+        picker = next(s for s in at.selectbox if s.key.startswith("backend_"))
+        assert "team-vllm" in picker.options
+        listing = " ".join(c.value for c in at.sidebar.caption)
+        assert "team\\-vllm" in listing and "sk-secret-key" not in listing + " ".join(at.text_input.values)
+
+        # A bad entry says why, adds nothing, and the form is ready again.
+        at.text_input(key="new_backend_name").set_value("team-vllm")
+        at.text_input(key="new_backend_url").set_value(f"{server.url}#cut")
+        at.button(key="add_backend").click().run()
+        assert "exists already" in at.sidebar.error[0].value
+        at.text_input(key="new_backend_name").set_value("two words")
+        at.text_input(key="new_backend_url").set_value(f"{server.url}#cut")
+        at.button(key="add_backend").click().run()
+        assert "a backend name is" in at.sidebar.error[0].value
+        at.text_input(key="new_backend_name").set_value("not-a-server")
+        at.text_input(key="new_backend_url").set_value("/etc")
+        at.button(key="add_backend").click().run()
+        assert "only remote servers" in at.sidebar.error[0].value
+        assert sorted(n for n in hub.names() if not hub.is_local(n)) == ["team-vllm"]
+
+        at.button(key="remove_backend_team-vllm").click().run()
+        assert not at.exception and "team-vllm" not in hub.names()
+        assert not any(b.key == "remove_backend_team-vllm" for b in at.button)
+    finally:
+        hub.remove("team-vllm")

@@ -9,8 +9,9 @@ contents nobody reads), and attends over the whole capacity with a mask, so ever
 
 Graphs compile in a background thread on dummy buffers of the same shapes (torch.compile guards on shapes,
 strides and dtypes, so the worker's call with the real buffers reuses them), each once the engine has paused
-(IDLE_BEFORE_COMPILE_S); until a graph is ready the runner decodes eagerly. Inductor's caches (FX graph, AOT autograd) live under GLM_CACHE_DIR/inductor, so a restart
-recompiles from disk. A compile failure turns the fast path off with the reason on the model card.
+(IDLE_BEFORE_COMPILE_S); until a graph is ready the runner decodes eagerly. Inductor's caches (FX graph, AOT
+autograd) live under GLM_CACHE_DIR/inductor, so a restart recompiles from disk. A compile failure turns the fast
+path off with the reason on the model card.
 
 Exactness: the compiled step computes the same function as the eager one; masked positions weigh exactly 0 in the
 softmax, so attending over the whole capacity changes nothing but the order of float additions.
@@ -41,6 +42,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 def batch_bucket(n: int, max_batch: int) -> int:
     """Rows the graph decodes for `n` running rows: the next bucket, capped at the batch limit (its own bucket)."""
     return min(next((b for b in BATCH_BUCKETS if b >= n), max_batch), max_batch)
+
+
+def all_buckets(max_batch: int) -> tuple[int, ...]:
+    """Every batch bucket an engine of `max_batch` rows meets."""
+    return tuple(sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}))
 
 
 def capacity_bucket(positions: int) -> int:
@@ -134,13 +140,12 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     compiled step 1.3-1.5x eager at one stream and 0.95-0.97x at four, where the matrix products, not Python,
     take the time; a batched step decodes eagerly. GLM_COMPILE=on compiles every bucket anywhere.
     """
-    every = tuple(sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}))
     if mode == "off":
         return (), "off (GLM_COMPILE=off)"
     if not getattr(loaded.model, "batchable", True):
         return (), "off (this model decodes one row at a time)"
     if mode == "on" or loaded.device.type == "cuda":
-        return every, f"compiled steps for batches of up to {max_batch} rows"
+        return all_buckets(max_batch), f"compiled steps for batches of up to {max_batch} rows"
     return (1,), ("compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on CPU, where "
                   "compiling measured faster only for one row; GLM_COMPILE=on compiles every batch size)")
 
@@ -157,7 +162,7 @@ class FastDecode:
                  buckets: tuple[int, ...] | None = None, idle=None):
         self.model, self.device, self.max_batch = model, device, max_batch
         self.idle = idle or (lambda: True)  # whether the engine is generating nothing (compiles wait for that)
-        self.buckets = buckets or tuple(sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}))
+        self.buckets = buckets or all_buckets(max_batch)
         self.layout: tuple | None = None  # (layers, kv_heads, head_dim, dtype) of the KV cache, from a probe
         self.state = "compiling"
         self.error: str | None = None
