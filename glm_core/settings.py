@@ -8,7 +8,9 @@ GLM_INT4_GROUP_SIZE input channels per INT4 scale and zero (default 32)
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches, and of the running batch's (default 2048)
 GLM_MAX_BATCH   conversations decoded together (default: 16 on CPU, 64 on CUDA); more wait first-come-first-served
 GLM_MAX_WAITING requests that may wait for a place in the batch (default 64); past it: "busy, try again"
-GLM_MAX_WAITING_PER_OWNER requests one workspace or API key may have waiting (default 3; one may run)
+GLM_MAX_WAITING_PER_OWNER requests one workspace or API key may have waiting (default 3)
+GLM_MAX_RUNNING_PER_OWNER requests one workspace or API key may have running at once (default 1; raise it for keys
+                that batch-process)
 GLM_CACHE_DIR   where converted models (and compiled decode graphs, under inductor/) are kept (default ~/.cache/glm-dashboard)
 GLM_COMPILE     auto | on | off: the compiled decode fast path (auto: on where it measured faster, see
                 glm_core/engine/fast_decode.py)
@@ -42,6 +44,7 @@ class Settings:
     max_batch: int | None
     max_waiting: int
     max_waiting_per_owner: int
+    max_running_per_owner: int
     cache_dir: Path
     data_dir: Path
     model_dirs: tuple[Path, ...] = ()  # empty: the pages may load any path
@@ -66,6 +69,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_batch=max_batch,
         max_waiting=_positive_int(env, "GLM_MAX_WAITING") or 64,
         max_waiting_per_owner=_positive_int(env, "GLM_MAX_WAITING_PER_OWNER") or 3,
+        max_running_per_owner=_positive_int(env, "GLM_MAX_RUNNING_PER_OWNER") or 1,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
         data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
         model_dirs=tuple(Path(p).expanduser() for p in (env.get("GLM_MODEL_DIRS") or "").split(os.pathsep) if p.strip()),

@@ -2,6 +2,7 @@
 stop and get evicted without touching the others; the queue is first-come-first-served beyond the batch limit."""
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -245,6 +246,31 @@ def test_an_owner_with_a_reply_running_waits_while_others_start(tiny_loaded):
         assert other.wait(60).finish_reason == "length" and not second.done  # w2 started; w1's second waited
         first.stop()
         assert second.wait(60).finish_reason == "length"
+    finally:
+        engine.close()
+
+
+def test_an_owner_may_run_several_when_configured(tiny_loaded, monkeypatch):
+    monkeypatch.setenv("GLM_MAX_RUNNING_PER_OWNER", "2")
+    engine = Engine(tiny_loaded, max_batch=4)
+    hi = [{"role": "user", "content": "Hi"}]
+    long = SamplingParams(temperature=0, max_new_tokens=3000)
+    try:
+        mine = [engine.submit(f"k{i}", hi, long, owner="batch-key") for i in range(3)]
+
+        def load_becomes(running, waiting):
+            deadline = time.monotonic() + 60
+            while engine.load_report() != {"running": running, "waiting": waiting, "max_batch": 4}:
+                assert time.monotonic() < deadline, engine.load_report()
+                time.sleep(0.05)
+
+        load_becomes(2, 1)  # two of the key's requests decode together, the third waits with a free place
+        mine[0].stop()
+        assert mine[0].wait(60).stopped
+        load_becomes(2, 0)  # the third starts when one ends
+        for request in mine[1:]:
+            request.stop()
+            assert request.wait(60).stopped
     finally:
         engine.close()
 

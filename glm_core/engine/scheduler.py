@@ -6,7 +6,8 @@ batched decode step over every running sequence). One worker keeps the device si
 per-conversation KV caches live here (never in a browser session), under a byte budget.
 
 Bounded work: the waiting line holds at most `max_waiting` requests, and an owner (a workspace, an API key) has at
-most one request running and `max_waiting_per_owner` waiting; past that, submit raises QueueFull at once.
+most `max_running_per_owner` requests running (one by default) and `max_waiting_per_owner` waiting; past that,
+submit raises QueueFull at once.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Engine:
         self.max_batch = max_batch or settings.max_batch or default_max_batch(loaded.device)
         self.max_waiting = settings.max_waiting
         self.max_waiting_per_owner = settings.max_waiting_per_owner
+        self.max_running_per_owner = settings.max_running_per_owner
         # Fast tokenizers are not thread-safe ("Already borrowed"): every use goes through this lock.
         self._tokenizer_lock = threading.Lock()
         self.runner = Runner(loaded, self.pool, self._tokenizer_lock, self.max_batch, batch_kv_bytes=max(budget, 2**26))
@@ -229,7 +231,8 @@ class Engine:
         while self._waiting:
             request = self._waiting.popleft()
             owner = self._owners.get(request.id)
-            if self.runner.running + len(admitted) >= self.max_batch or (owner and self._running_owners[owner]):
+            if self.runner.running + len(admitted) >= self.max_batch or (
+                    owner and self._running_owners[owner] >= self.max_running_per_owner):
                 kept.append(request)
                 continue
             if owner:
