@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .conversations.conversation import ChatMessage, Conversation
 from .backends.remote import RemoteBackend, is_remote
+from .bench.concurrency import ReplyFailed
 from .engine import Engine
 from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
 from .models.loading import LoadedModel, load_model
@@ -260,11 +261,13 @@ def cmd_bench_turns(args) -> int:
 
 
 def cmd_bench_concurrency(args) -> int:
-    from .bench.concurrency import format_concurrency_report, run_concurrency_bench
+    from .bench.concurrency import format_concurrency_report, run_concurrency_bench, run_remote_concurrency_bench
 
     streams = _stream_counts(args.streams)
-    loaded = load_from_args(args)
-    result = run_concurrency_bench(loaded, streams, args.max_new_tokens, args.repeats)
+    if args.backend:  # a remote server: nothing loads here
+        result = run_remote_concurrency_bench(args.backend, streams, args.max_new_tokens, args.repeats)
+    else:
+        result = run_concurrency_bench(load_from_args(args), streams, args.max_new_tokens, args.repeats)
     print(json.dumps(result) if args.json else format_concurrency_report(result))
     return 0
 
@@ -425,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     concurrency.add_argument("--streams", default="1,4,16", help="comma-separated numbers of concurrent streams")
     concurrency.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per stream")
     concurrency.add_argument("--repeats", type=int, default=1, help="runs per stream count; the fastest is kept")
+    concurrency.add_argument("--backend", metavar="URL",
+                             help="measure an OpenAI-compatible server instead, http(s)://host:port/v1#model-id "
+                                  "(key: GLM_REMOTE_API_KEY), client side")
     concurrency.add_argument("--json", action="store_true", help="print one JSON object")
     concurrency.set_defaults(func=cmd_bench_concurrency)
 
@@ -495,6 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelLoadError, PromptTooLong, ValueError) as exc:
+    except (ModelLoadError, PromptTooLong, ValueError, ReplyFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -109,6 +109,28 @@ def test_the_portal_chats_through_serve(serve, data_dir):
         hub.remove("serve")
 
 
+def test_bench_concurrency_measures_a_remote_server_client_side(serve):
+    from glm_core.bench.concurrency import format_concurrency_report, run_remote_concurrency_bench
+
+    _, port = serve
+    result = run_remote_concurrency_bench(f"http://127.0.0.1:{port}/v1", [1, 3], max_new_tokens=12)
+    assert [run["streams"] for run in result["runs"]] == [1, 3] and result["runs"][0]["ratio_to_one_stream"] == 1
+    for run in result["runs"]:  # the server's usage: every stream's tokens counted
+        assert 0 < run["completion_tokens"] <= 12 * run["streams"] and run["aggregate_tokens_per_s"] > 0
+    assert result["device"] == f"remote http://127.0.0.1:{port}/v1" and result["newcomer_ttft_s"] > 0
+    assert "client side" in format_concurrency_report(result)
+
+
+def test_bench_concurrency_against_a_server_that_is_down_is_one_line(tmp_path):
+    from api_helpers import free_port
+
+    done = subprocess.run([sys.executable, "-m", "glm_core", "bench", "concurrency", "--backend",
+                           f"http://127.0.0.1:{free_port()}/v1#m", "--streams", "1"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the server"), done.stderr
+
+
 def test_serve_killed_mid_reply_keeps_the_partial_reply(serve):
     process, port = serve
     remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")

@@ -3,6 +3,10 @@
 Every figure of one run comes from the same loaded model and the same process, so the ratios to one stream are
 measured side by side. Greedy decoding with a fixed number of new tokens (the stop tokens are never sampled: the
 reply runs to its limit whatever the model would say), so every stream does the same amount of work.
+
+With a remote server (`--backend URL`) the same runs go through the RemoteBackend, client side: the figures
+include the network, and a server may end a reply at its end-of-turn token before the limit (the tokens it
+reported are what is counted).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from ..engine import Engine
 from ..models.loading import LoadedModel
-from ..protocol import Delta, SamplingParams
+from ..protocol import Backend, Delta, SamplingParams
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "the history of tea", "a city under the sea", "a chess match",
           "a mountain village", "the first computer", "a desert caravan"]
@@ -25,6 +29,10 @@ TOPICS = ["a lighthouse keeper", "a lost robot", "the history of tea", "a city u
 def _prompt(number: int) -> list[dict]:
     topic = TOPICS[number % len(TOPICS)]
     return [{"role": "user", "content": f"Write a long story about {topic} (story number {number + 1})."}]
+
+
+class ReplyFailed(RuntimeError):
+    """A reply of a benchmark run ended in an error (a server that is down, out of memory): no figure from it."""
 
 
 class _NoStop:
@@ -38,7 +46,7 @@ class _NoStop:
         return getattr(self._format, name)
 
 
-def _run(engine: Engine, streams: int, max_new_tokens: int) -> dict:
+def _run(engine: Backend, streams: int, max_new_tokens: int) -> dict:
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     started = time.perf_counter()
     requests = [engine.submit(uuid.uuid4().hex, _prompt(i), params) for i in range(streams)]
@@ -46,7 +54,7 @@ def _run(engine: Engine, streams: int, max_new_tokens: int) -> dict:
     wall = time.perf_counter() - started
     for reply in replies:
         if reply.error:
-            raise RuntimeError(reply.error)
+            raise ReplyFailed(reply.error)
     for request in requests:
         engine.forget(request.conversation_id)
     ttfts = [r.stats.queue_s + r.stats.ttft_s for r in replies]
@@ -65,15 +73,20 @@ def _run(engine: Engine, streams: int, max_new_tokens: int) -> dict:
     }
 
 
-def _newcomer(engine: Engine, max_new_tokens: int) -> float:
+def _first_text(request) -> None:
+    """Wait for a request's first text (or its end, for a reply that has none)."""
+    next((e for e in request.events() if isinstance(e, Delta)), None)
+
+
+def _newcomer(engine: Backend, max_new_tokens: int) -> float:
     """Three streams decoding; a fourth arrives once all three have streamed text: its time to first token."""
     long = SamplingParams(temperature=0, max_new_tokens=max(max_new_tokens, 64) * 4)
     running = [engine.submit(uuid.uuid4().hex, _prompt(i), long) for i in range(3)]
     for request in running:
-        next(e for e in request.events() if isinstance(e, Delta))
+        _first_text(request)
     newcomer = engine.submit(uuid.uuid4().hex, _prompt(3), SamplingParams(temperature=0, max_new_tokens=8))
     arrived = time.perf_counter()
-    next(e for e in newcomer.events() if isinstance(e, Delta))
+    _first_text(newcomer)
     ttft = time.perf_counter() - arrived
     newcomer.wait()
     for request in running:
@@ -82,23 +95,44 @@ def _newcomer(engine: Engine, max_new_tokens: int) -> float:
     return ttft
 
 
+def _measure(backend: Backend, streams: list[int], max_new_tokens: int, repeats: int) -> dict:
+    """The runs per stream count (with their ratio to one stream) and the newcomer's time to first token."""
+    _run(backend, 1, 8)  # warm-up: one-off costs (allocator, kernels, connections) that no figure should carry
+    runs = []
+    for n in streams:
+        measured = [_run(backend, n, max_new_tokens) for _ in range(repeats)]
+        runs.append(min(measured, key=lambda r: r["wall_s"]) if repeats > 1 else measured[0])
+    newcomer = statistics.median(_newcomer(backend, max_new_tokens) for _ in range(max(repeats, 1)))
+    base = runs[0]["aggregate_tokens_per_s"] if runs and runs[0]["streams"] == 1 else None
+    for r in runs:
+        r["ratio_to_one_stream"] = r["aggregate_tokens_per_s"] / base if base else None
+    return {"max_new_tokens": max_new_tokens, "runs": runs, "newcomer_ttft_s": newcomer}
+
+
+def run_remote_concurrency_bench(url: str, streams: list[int], max_new_tokens: int = 128, repeats: int = 1,
+                                 api_key: str | None = None) -> dict:
+    """The same runs against an OpenAI-compatible server (`http(s)://host:port/v1#model`), client side."""
+    from ..backends.remote import RemoteBackend
+
+    backend = RemoteBackend(url, api_key=api_key)
+    try:
+        figures = _measure(backend, streams, max_new_tokens, repeats)
+        card = backend.card()
+    finally:
+        backend.close()
+    return {"model": card["name"], "precision": card["precision"], "device": f"remote {card['source']}",
+            "torch": "-", "cpu": "-", "threads": "-", "batched_decode": None, **figures}
+
+
 def run_concurrency_bench(loaded: LoadedModel, streams: list[int], max_new_tokens: int = 128,
                           repeats: int = 1) -> dict:
     loaded.chat_format = _NoStop(loaded.chat_format)
     engine = Engine(loaded, max_batch=max(streams + [4]), compile="off")  # bench decode measures compiled
     try:
-        _run(engine, 1, 8)  # warm-up: one-off costs (allocator, kernels) that no figure should carry
-        runs = []
-        for n in streams:
-            measured = [_run(engine, n, max_new_tokens) for _ in range(repeats)]
-            runs.append(min(measured, key=lambda r: r["wall_s"]) if repeats > 1 else measured[0])
-        newcomer = statistics.median(_newcomer(engine, max_new_tokens) for _ in range(max(repeats, 1)))
+        figures = _measure(engine, streams, max_new_tokens, repeats)
     finally:
         engine.close()
         loaded.chat_format = loaded.chat_format._format
-    base = runs[0]["aggregate_tokens_per_s"] if runs and runs[0]["streams"] == 1 else None
-    for r in runs:
-        r["ratio_to_one_stream"] = r["aggregate_tokens_per_s"] / base if base else None
     return {
         "model": loaded.name,
         "precision": loaded.precision.label,
@@ -106,17 +140,17 @@ def run_concurrency_bench(loaded: LoadedModel, streams: list[int], max_new_token
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "max_new_tokens": max_new_tokens,
         "batched_decode": engine.runner.batched,
-        "runs": runs,
-        "newcomer_ttft_s": newcomer,
+        **figures,
     }
 
 
 def format_concurrency_report(r: dict) -> str:
+    where = (f"{r['device']}, client side" if r["device"].startswith("remote")
+             else f"{r['device']} (torch {r['torch']}, {r['threads']} threads)")
     lines = [
-        f"bench concurrency: {r['model']} {r['precision']} on {r['device']} (torch {r['torch']}, {r['threads']} "
-        f"threads), {r['max_new_tokens']} new tokens per stream, greedy",
+        f"bench concurrency: {r['model']} {r['precision']} on {where}, {r['max_new_tokens']} new tokens per stream, "
+        "greedy",
         "streams  aggregate tok/s  ratio to 1  per-stream tok/s  ttft median  ttft max",
     ]
     for run in r["runs"]:
