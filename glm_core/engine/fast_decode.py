@@ -112,13 +112,18 @@ def decode_step(model, input_ids, positions, mask, keys, values):
     """One token per row over static buffers: input_ids [b, 1], positions [b], mask [b, 1, 1, capacity] (bool,
     True = attend), keys/values per layer [b, kv_heads, capacity, head_dim]. Returns logits [b, vocab]."""
     cache = StaticSlots(keys, values, positions)
-    # The fused CPU attention kernel is built for blocks of queries: for one query over a masked 256-position
-    # capacity it took 300 us a layer (SmolLM2 INT4, 17 of 35 ms a step); the math form lets inductor fuse
-    # scores, mask, softmax and weighted sum instead.
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        out = model(input_ids=input_ids, position_ids=positions[:, None], attention_mask=mask, past_key_values=cache,
-                    use_cache=True)
+    out = model(input_ids=input_ids, position_ids=positions[:, None], attention_mask=mask, past_key_values=cache,
+                use_cache=True)
     return out.logits[:, -1]
+
+
+def math_attention():
+    """The attention form the compiled step is traced (and run) under. The fused CPU attention kernel is built for
+    blocks of queries: for one query over a masked 256-position capacity it took 300 us a layer (SmolLM2 INT4, 17
+    of 35 ms a step); the math form lets inductor fuse scores, mask, softmax and weighted sum instead. Entered
+    around the compiled call, not inside it: inside, the context manager is a call in the graph that AOT
+    autograd's cache refuses, and every restart then redid AOT autograd (10 of a warm compile's 17 s)."""
+    return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
 
 
 def step_inputs(tokens: list[int], lengths: list[int], rows: int, capacity: int, device) -> tuple:
@@ -226,8 +231,9 @@ class FastDecode:
         rows, capacity = key
         input_ids, positions, mask = step_inputs(tokens, list(slots.lengths), rows, capacity, self.device)
         try:
-            logits = self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in slots.keys],
-                                    [v[:rows] for v in slots.values])
+            with math_attention():
+                logits = self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in slots.keys],
+                                        [v[:rows] for v in slots.values])
         except Exception as exc:  # it only wrote this step's positions, which the eager step writes again
             log.exception("the compiled decode step failed; decoding stays eager")
             self.fail(_reason(exc))
@@ -339,8 +345,9 @@ class FastDecode:
             values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         input_ids, positions, mask = step_inputs([0] * rows, [0] * rows, rows, capacity, self.device)
         for _ in range(2 if self.device.type == "cuda" else 1):
-            self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in keys],
-                           [v[:rows] for v in values])
+            with math_attention():
+                self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in keys],
+                               [v[:rows] for v in values])
 
 
 def _reason(exc: Exception) -> str:
