@@ -142,7 +142,7 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
 
     auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On
     CPU, batch 1 only: `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M, 2 AVX2 cores) measured the
-    compiled step 1.3-1.5x eager at one stream and 0.95-0.97x at four, where the matrix products, not Python,
+    compiled step 1.36-1.52x eager at one stream and 0.91-0.98x at four, where the matrix products, not Python,
     take the time; a batched step decodes eagerly. GLM_COMPILE=on compiles every bucket anywhere.
     """
     if mode == "off":
