@@ -176,6 +176,7 @@ def remote_servers_panel() -> None:
         left.caption(f"{plain(name)}: {plain(hub.get(name).card()['source'])}")
         right.button("Remove", key=f"remove_backend_{name}", on_click=hub.remove, args=(name,),
                      help="Conversations that talk to it go to the default model, and say so")
+
     def add() -> None:
         state = st.session_state
         try:

@@ -93,11 +93,16 @@ class TurnLog:
         return result.reply
 
 
+def given_controls(args) -> dict:
+    """The sampling options given on the command line."""
+    return {control: getattr(args, control) for control in CONTROLS if getattr(args, control) is not None}
+
+
 def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
     """The CLI's sampling: the options given, the model's own defaults for the rest (as the chat page does);
     also one line per source of the values."""
     defaults = card.get("sampling_defaults") or model_defaults("", "", {})
-    given = {control: getattr(args, control) for control in CONTROLS if getattr(args, control) is not None}
+    given = given_controls(args)
     values = {control: given.get(control, defaults[control]) for control in CONTROLS}
     if "max_new_tokens" not in given and "max_length" in given:
         values["max_new_tokens"] = min(values["max_new_tokens"], values["max_length"] - 1)
@@ -108,8 +113,7 @@ def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
 
 
 def cmd_chat(args) -> int:
-    given = {control: getattr(args, control) for control in CONTROLS if getattr(args, control) is not None}
-    SamplingParams(**given, seed=args.seed).validate()  # a bad option fails before any model loads
+    SamplingParams(**given_controls(args), seed=args.seed).validate()  # a bad option fails before any model loads
     if args.conversation and not args.workspace:
         raise ValueError("--conversation needs --workspace (the workspace that keeps it)")
     log = TurnLog(check_cli_workspace_id(args.workspace) if args.workspace else None, args.conversation)
