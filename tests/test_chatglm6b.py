@@ -122,6 +122,24 @@ def test_process_response_as_the_original_chat():
     assert ChatGLM6BFormat.process_response("[[训练时间]]") == "2023年"
 
 
+@pytest.mark.parametrize("text", ["你好,世界!ok, fine? 是吗?[[训练时间]]好:对;", "  答:是 , 不是,  [[训练", "好?"])
+def test_replies_stream_through_process_response_without_taking_text_back(loaded_fp32, text):
+    """The runner's decoder for ChatGLM-6B: token by token, what is sent only grows, and the whole reply is what
+    the original chat() returned (full-width marks next to CJK characters, the placeholder replaced)."""
+    from glm_core.engine.runner import reply_decoder
+
+    ids = loaded_fp32.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = reply_decoder(loaded_fp32)
+    sent = ""
+    for token in ids:
+        sent += decoder.push(token)
+        assert ChatGLM6BFormat.process_response(loaded_fp32.tokenizer.decode(ids)).startswith(sent.lstrip())
+    sent += decoder.flush()
+    assert sent.lstrip() == ChatGLM6BFormat.process_response(text)
+    if "你好,世界" in text:
+        assert sent == "你好，世界！ok, fine? 是吗？2023年好：对；"
+
+
 # ---- the module against the original's forward -----------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from .generation import PREFILL_CHUNK, prefill
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop
 from .kv_slots import SlotCache
 from .sampling import sample_next
-from .textstream import IncrementalDecoder
+from .textstream import IncrementalDecoder, RewritingDecoder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Sequence:
     started: float
     stats: ReplyStats
     dropped: int = 0
-    decoder: IncrementalDecoder | None = None
+    decoder: IncrementalDecoder | RewritingDecoder | None = None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # ids the repetition penalty looks at
     generated: list[int] = field(default_factory=list)
@@ -64,6 +64,16 @@ class Sequence:
     @property
     def prefilled(self) -> bool:
         return self.fed >= len(self.ids)
+
+
+def reply_decoder(loaded: LoadedModel) -> IncrementalDecoder | RewritingDecoder:
+    """Token ids to text deltas; through the chat format's own rewrite of a reply where it has one (ChatGLM-6B's
+    process_response, applied while streaming)."""
+    decoder = IncrementalDecoder(loaded.tokenizer)
+    rewrite = getattr(loaded.chat_format, "process_response", None)
+    if rewrite is None:
+        return decoder
+    return RewritingDecoder(decoder, rewrite, loaded.chat_format.unsettled_tail)
 
 
 def slot_compatible(model) -> bool:
@@ -195,7 +205,7 @@ class Runner:
             seen = torch.tensor(ids, dtype=torch.long, device=loaded.device)
         return Sequence(
             request=request, ids=ids, cache=cache, fed=reused, prompt_length=len(ids), limit=min(params.max_new_tokens, max_length - len(ids)),
-            started=started, stats=stats, dropped=dropped, decoder=IncrementalDecoder(loaded.tokenizer),
+            started=started, stats=stats, dropped=dropped, decoder=reply_decoder(loaded),
             generator=generator, seen=seen,
         )
 

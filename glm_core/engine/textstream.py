@@ -35,3 +35,31 @@ class IncrementalDecoder:
         current = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return current[len(emitted) :] if len(current) > len(emitted) else ""
+
+
+class RewritingDecoder:
+    """Streams a reply through a whole-text rewrite (ChatGLM-6B's `process_response`) without ever taking back
+    text already sent: after each token, the rewrite of the settled part of the raw text (all but its last
+    `unsettled(raw)` characters, which a later character could still change) is sent beyond what was sent; the
+    end rewrites the whole text. The concatenated deltas are the rewrite of the whole reply, as the original
+    chat() returned it."""
+
+    def __init__(self, decoder: IncrementalDecoder, rewrite, unsettled):
+        self.decoder, self.rewrite, self.unsettled = decoder, rewrite, unsettled
+        self.raw = ""
+        self.sent = ""
+
+    def _send(self, final: bool) -> str:
+        settled = self.raw if final else self.raw[: len(self.raw) - self.unsettled(self.raw)]
+        text = self.rewrite(settled)
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+    def push(self, token_id: int) -> str:
+        self.raw += self.decoder.push(token_id)
+        return self._send(final=False)
+
+    def flush(self) -> str:
+        self.raw += self.decoder.flush()
+        return self._send(final=True)

@@ -150,6 +150,9 @@ class ChatGLM3Format:
         return self._message("user", messages[-1]["content"]) + [self.tokenizer.command("<|assistant|>")]
 
 
+TRAINING_TIME = "[[训练时间]]"  # a placeholder ChatGLM-6B may write, which its chat() replaced
+
+
 class ChatGLM6BFormat:
     """ChatGLM-6B (first generation), as its chat()/stream_chat() built the prompt: the bare query for a first
     turn; with history "[Round {i}]\\n问：{q}\\n答：{r}\\n" for i = 0.. then "[Round {n}]\\n问：{query}\\n答：";
@@ -194,8 +197,21 @@ class ChatGLM6BFormat:
     def process_response(text: str) -> str:
         """What the original chat() did to a decoded reply: strip, "[[训练时间]]" -> "2023年", and ASCII , ! : ; ?
         next to a CJK character -> their full-width forms."""
-        text = text.strip().replace("[[训练时间]]", "2023年")
+        text = text.strip().replace(TRAINING_TIME, "2023年")
         for ascii_mark, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
             text = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % full_width, text)
             text = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % full_width, text)
         return text
+
+
+    @staticmethod
+    def unsettled_tail(text: str) -> int:
+        """How many of `text`'s last characters process_response may still change once more text follows:
+        trailing whitespace (stripped only at the very end), a final ASCII mark (its form depends on the next
+        character), the start of a "[[训练时间]]" placeholder."""
+        hold = len(text) - len(text.rstrip())
+        if not hold and text and text[-1] in ",!:;?":
+            hold = 1
+        partial = next((k for k in range(min(len(TRAINING_TIME) - 1, len(text)), 0, -1)
+                        if text.endswith(TRAINING_TIME[:k])), 0)
+        return max(hold, partial)
