@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+HOME = str(ROOT / "Home.py")
 sys.path.insert(0, str(ROOT))
 OUTPUT_DIR = ROOT / "test-output"
 
@@ -105,3 +107,31 @@ def pytest_configure(config):
     # No test compiles a decode graph unless it asks for one (Engine(..., compile="on"), tests/test_fast_decode.py):
     # a compile takes from seconds (tiny models) to minutes (SmolLM2) on a 2-core machine.
     os.environ["GLM_COMPILE"] = "off"
+
+
+def open_page(path=HOME, ws=None, c=None, user=None, secrets=None):
+    """A page through Streamlit's AppTest, run once (it must not raise): optionally in workspace `ws`, on
+    conversation `c`, as signed-in `user`, with `secrets`."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(path, default_timeout=120)
+    if ws is not None:
+        at.query_params["ws"] = ws
+    if c is not None:
+        at.query_params["c"] = c
+    if user is not None:
+        at.user = user
+    if secrets is not None:
+        at.secrets = secrets
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def stop_process(process, timeout: float) -> None:
+    """Terminate a server started for a test; kill it if it does not end within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()

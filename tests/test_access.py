@@ -4,17 +4,15 @@ and the pages that apply them (AppTest on the tiny model)."""
 import logging
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub, get_throttle
-from conftest import ROOT
+from conftest import HOME, ROOT, open_page
 from glm_core.access import (
     USER_BENCH_MAX_GENERATE, AttemptThrottle, NotAllowed, PathNotAllowed, RolePolicy, check_benchmark,
     check_model_path,
 )
 from glm_core.bench.estimator import PRESETS
 
-HOME = str(ROOT / "Home.py")
 MONITOR = str(ROOT / "pages" / "1_GPU_monitor.py")
 QUANT = str(ROOT / "pages" / "2_Quantization.py")
 ALICE = {"is_logged_in": True, "sub": "alice-1", "iss": "https://idp.example", "email": "Alice@Example.com"}
@@ -100,17 +98,6 @@ def tiny_env(env_cleanup, tiny_model_dir):
     hub.unload()
 
 
-def open_page(path, secrets=None, user=None) -> AppTest:
-    at = AppTest.from_file(path, default_timeout=120)
-    if secrets is not None:
-        at.secrets = secrets
-    if user is not None:
-        at.user = user
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
 def texts(elements) -> str:
     return " ".join(e.value for e in elements)
 
@@ -124,7 +111,7 @@ def test_without_secrets_the_pages_say_everyone_is_admin_and_offer_every_control
 
 def test_non_admins_chat_but_cannot_load_unload_free_or_run_large_benchmarks(tiny_env):
     secrets = {"admin_password": "root pw"}
-    home = open_page(HOME, secrets)
+    home = open_page(HOME, secrets=secrets)
     assert "load_button" not in [b.key for b in home.button]
     assert "load_path" not in [t.key for t in home.text_input]
     assert "Only admins load another model or add servers." in texts(home.sidebar.caption)
@@ -133,18 +120,18 @@ def test_non_admins_chat_but_cannot_load_unload_free_or_run_large_benchmarks(tin
     home.chat_input[0].set_value("Hello").run()
     assert not home.exception and len(home.chat_message) == 2  # chatting works
 
-    monitor = open_page(MONITOR, secrets)
+    monitor = open_page(MONITOR, secrets=secrets)
     assert not [b for b in monitor.button if b.key in ("free_memory", "unload_model")]
     assert "for admins" in texts(monitor.caption)
 
-    quant = open_page(QUANT, secrets)
+    quant = open_page(QUANT, secrets=secrets)
     assert len(quant.radio(key="bench_choice").options) == 2  # no folder on the server
     assert quant.number_input(key="bench_generate").max == USER_BENCH_MAX_GENERATE
 
 
 def test_the_admin_password_makes_a_session_admin_and_wrong_ones_are_throttled(tiny_env, caplog):
     secrets = {"admin_password": "root pw"}
-    home = open_page(HOME, secrets)
+    home = open_page(HOME, secrets=secrets)
     with caplog.at_level(logging.WARNING, logger="glm_core.access"):
         for _ in range(5):
             home.text_input(key="admin_password_input").set_value("guess")
@@ -163,7 +150,7 @@ def test_the_admin_password_makes_a_session_admin_and_wrong_ones_are_throttled(t
 
 
 def test_access_password_attempts_are_throttled(tiny_env):
-    at = open_page(HOME, {"access_password": "open sesame"})
+    at = open_page(HOME, secrets={"access_password": "open sesame"})
     for _ in range(5):
         at.text_input(key="access_password_input").set_value("wrong")
         at.button(key="access_submit").click().run()
@@ -171,7 +158,7 @@ def test_access_password_attempts_are_throttled(tiny_env):
     at.button(key="access_submit").click().run()
     assert "Too many wrong passwords" in texts(at.error) and not at.chat_input
     # Another session of the same client (here: the same machine) waits too.
-    again = open_page(HOME, {"access_password": "open sesame"})
+    again = open_page(HOME, secrets={"access_password": "open sesame"})
     again.text_input(key="access_password_input").set_value("open sesame")
     again.button(key="access_submit").click().run()
     assert "Too many wrong passwords" in texts(again.error) and not again.chat_input
@@ -179,8 +166,8 @@ def test_access_password_attempts_are_throttled(tiny_env):
 
 def test_listed_admins_are_admin_when_signed_in(tiny_env):
     secrets = {"admins": ["alice@example.com"]}
-    assert "load_button" in [b.key for b in open_page(HOME, secrets, user=ALICE).button]
-    assert "load_button" not in [b.key for b in open_page(HOME, secrets, user=BOB).button]
+    assert "load_button" in [b.key for b in open_page(HOME, secrets=secrets, user=ALICE).button]
+    assert "load_button" not in [b.key for b in open_page(HOME, secrets=secrets, user=BOB).button]
 
 
 def test_an_admin_loads_only_inside_glm_model_dirs(tiny_env, env_cleanup, tmp_path, tiny_model_dir):

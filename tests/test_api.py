@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from api_helpers import ThreadServer, free_port, json_frames, raw_request, sse_frames
-from conftest import ROOT
+from conftest import ROOT, stop_process
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
 from glm_core.engine import Engine
@@ -472,11 +471,7 @@ def subprocess_server(tiny_model_dir, tmp_path):
 
     yield start
     for process, log in processes:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout=30)
         log.close()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OUTPUT_DIR, ROOT
+from conftest import OUTPUT_DIR, ROOT, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -53,11 +53,7 @@ def server(output_dir):
         process.kill()
         pytest.fail("streamlit did not come up within 120 s")
     yield url
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_process(process, timeout=20)
     log.close()
 
 

@@ -9,12 +9,11 @@ from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub
-from conftest import ROOT
+from conftest import HOME, ROOT, open_page
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import FORMAT_NAME
 from glm_core.conversations.store import Store
 
-HOME = str(ROOT / "Home.py")
 CONVERSATIONS = str(ROOT / "pages" / "3_Conversations.py")
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)> <b>bold?</b>'
 
@@ -30,21 +29,6 @@ def tiny_env(env_cleanup, tiny_model_dir, data_dir):
     env_cleanup.setenv("GLM_PRECISION", "fp32")
     yield data_dir
     hub.unload()
-
-
-def open_page(path=HOME, ws=None, c=None, user=None, secrets=None) -> AppTest:
-    at = AppTest.from_file(path, default_timeout=120)
-    if ws is not None:
-        at.query_params["ws"] = ws
-    if c is not None:
-        at.query_params["c"] = c
-    if user is not None:
-        at.user = user
-    if secrets is not None:
-        at.secrets = secrets
-    at.run()
-    assert not at.exception, at.exception
-    return at
 
 
 def chat(at: AppTest, text: str) -> AppTest:

@@ -74,14 +74,19 @@ def test_a_reply_through_serve_equals_the_local_engines(serve, tiny_loaded):
     assert card["backend"] == "remote" and card["device"] == f"127.0.0.1:{port}"
 
 
-def test_stop_closes_the_stream_and_serve_stops_generating(serve):
-    _, port = serve
-    remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")
-    request = remote.submit("c2", PROMPT, SamplingParams(max_new_tokens=3000, max_length=4096))
+def streaming_reply(remote: RemoteBackend, conversation_id: str):
+    """A long reply through `remote`, once its first 20 characters have arrived."""
+    request = remote.submit(conversation_id, PROMPT, SamplingParams(max_new_tokens=3000, max_length=4096))
     deadline = time.monotonic() + 60
     while len(request.text_so_far) < 20:
         assert time.monotonic() < deadline and not request.done
         time.sleep(0.02)
+    return request
+
+
+def test_stop_closes_the_stream_and_serve_stops_generating(serve):
+    _, port = serve
+    request = streaming_reply(RemoteBackend(f"http://127.0.0.1:{port}/v1"), "c2")
     assert health(port)["running"] == 1
     request.stop()
     reply = request.wait(10)
@@ -134,11 +139,7 @@ def test_bench_concurrency_against_a_server_that_is_down_is_one_line(tmp_path):
 def test_serve_killed_mid_reply_keeps_the_partial_reply(serve):
     process, port = serve
     remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")
-    request = remote.submit("c3", PROMPT, SamplingParams(max_new_tokens=3000, max_length=4096))
-    deadline = time.monotonic() + 60
-    while len(request.text_so_far) < 20:
-        assert time.monotonic() < deadline and not request.done
-        time.sleep(0.02)
+    request = streaming_reply(remote, "c3")
     process.kill()
     reply = request.wait(30)
     assert reply.finish_reason == "error" and reply.text.startswith(request.text_so_far[:20])
