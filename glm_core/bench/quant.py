@@ -86,15 +86,20 @@ def resolve_bench_model(path: str) -> tuple[str, bool]:
     return path, True
 
 
+def _windows(loaded: LoadedModel, text: str, max_tokens: int, window: int) -> list[list[int]]:
+    """The first `max_tokens` tokens of `text` in windows of `window` inputs, each with the next token to predict
+    (windows overlap by that one token)."""
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    chunks = [ids[start : start + window + 1] for start in range(0, len(ids) - 1, window)]
+    return [chunk for chunk in chunks if len(chunk) >= 2]
+
+
 @torch.inference_mode()
 def perplexity(loaded: LoadedModel, text: str, max_tokens: int, window: int = 512) -> float:
     """exp(mean next-token negative log-likelihood) over the first `max_tokens` tokens, in windows."""
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     total_nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[start : start + window + 1]], device=loaded.device)
-        if chunk.shape[1] < 2:
-            break
+    for window_ids in _windows(loaded, text, max_tokens, window):
+        chunk = torch.tensor([window_ids], device=loaded.device)
         logits = loaded.model(input_ids=chunk[:, :-1]).logits.float()
         nll = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
         total_nll, count = total_nll + nll.item(), count + chunk.shape[1] - 1
@@ -108,16 +113,14 @@ def perplexity_compiled(loaded: LoadedModel, text: str, max_tokens: int, window:
     needs first (inductor's on-disk cache under GLM_CACHE_DIR makes a rerun quick)."""
     from transformers import DynamicCache
 
-    from ..engine.fast_decode import FastDecode, capacity_bucket, configure_compile_cache
+    from ..engine.fast_decode import MIN_CAPACITY, FastDecode, capacity_bucket, configure_compile_cache
     from ..engine.kv_slots import SlotCache
 
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    windows = _windows(loaded, text, max_tokens, window)
     configure_compile_cache(load_settings().cache_dir)
-    capacities, capacity = [], capacity_bucket(1)
-    while capacity < capacity_bucket(min(window, len(ids))):
-        capacities.append(capacity)
-        capacity *= 2
-    fast = FastDecode(loaded.model, loaded.device, max_batch=1, capacities=tuple(capacities + [capacity]))
+    largest = capacity_bucket(max(map(len, windows)) - 1)  # a window of n tokens feeds n - 1 positions
+    capacities = tuple(MIN_CAPACITY << i for i in range((largest // MIN_CAPACITY).bit_length()))
+    fast = FastDecode(loaded.model, loaded.device, max_batch=1, capacities=capacities)
     try:
         status = fast.wait_ready()
         if status != "ready":
@@ -125,10 +128,7 @@ def perplexity_compiled(loaded: LoadedModel, text: str, max_tokens: int, window:
         layers, kv_heads, head_dim, dtype = fast.layout
         slots = SlotCache(layers, kv_heads, head_dim, dtype, loaded.device, slots=1)
         total_nll, count = 0.0, 0
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start : start + window + 1]
-            if len(chunk) < 2:
-                break
+        for chunk in windows:
             slots.clear()
             slots.add(DynamicCache(config=loaded.model.config))
             for token, target in zip(chunk[:-1], chunk[1:]):

@@ -92,7 +92,7 @@ class Engine:
 
         `recompute=True` feeds the same token ids as a kept cache would, but computes all of them from scratch:
         the baseline that shows what the kept cache saves, and the check that it changes nothing. `owner` (a
-        workspace or an API key) bounds one person's share: one running, a few waiting.
+        workspace or an API key) bounds one person's share: `max_running_per_owner` running, a few waiting.
         """
         params = (params or SamplingParams()).validate()
         request = Request(conversation_id, validate_messages(messages), params, recompute)
