@@ -7,14 +7,14 @@ from app_shared import (
     admin_panel, backend_choice, backend_named, get_hub, get_store, load_with_progress, open_workspace, plain,
     remote_servers_panel, share_url, show_message,
 )
-from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, SamplingParams, Started, Truncated
+from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, Started, Truncated
 from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
 from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChanged, NotFound, StorageError
 from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS, MAX_SYSTEM_PROMPT_CHARS
 from glm_core.safe_markdown import StreamWithoutImages, no_remote_images
 from glm_core.sampling_defaults import (
-    CONTROLS, LABELS, clean_overrides, describe_sources, effective_controls, model_defaults,
+    CONTROLS, LABELS, clean_overrides, compose_params, describe_sources, effective_controls, model_defaults,
 )
 
 LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
@@ -220,16 +220,16 @@ with st.sidebar:
     def source_of(name: str) -> str:
         return f"{LABELS[name].capitalize()} default: {defaults[name]:g}, from {defaults['sources'][name]}"
 
-    max_length = st.number_input("Max length (context + reply tokens)", 64, 131072, step=512, key="max_length",
-                                 on_change=keep_control, help=source_of("max_length"))
-    max_new_tokens = st.slider("Max new tokens", 1, 4096, key="max_new_tokens", on_change=keep_control,
-                               help=source_of("max_new_tokens"))
-    temperature = st.slider("Temperature (0 = greedy)", 0.0, 2.0, step=0.05, key="temperature",
-                            on_change=keep_control, help=source_of("temperature"))
-    top_p = st.slider("Top p", 0.05, 1.0, step=0.05, key="top_p", on_change=keep_control, help=source_of("top_p"))
-    top_k = st.number_input("Top k (0 = off)", 0, 1000, key="top_k", on_change=keep_control, help=source_of("top_k"))
-    repetition_penalty = st.slider("Repetition penalty", 0.5, 2.0, step=0.05, key="repetition_penalty",
-                                   on_change=keep_control, help=source_of("repetition_penalty"))
+    st.number_input("Max length (context + reply tokens)", 64, 131072, step=512, key="max_length",
+                    on_change=keep_control, help=source_of("max_length"))
+    st.slider("Max new tokens", 1, 4096, key="max_new_tokens", on_change=keep_control,
+              help=source_of("max_new_tokens"))
+    st.slider("Temperature (0 = greedy)", 0.0, 2.0, step=0.05, key="temperature", on_change=keep_control,
+              help=source_of("temperature"))
+    st.slider("Top p", 0.05, 1.0, step=0.05, key="top_p", on_change=keep_control, help=source_of("top_p"))
+    st.number_input("Top k (0 = off)", 0, 1000, key="top_k", on_change=keep_control, help=source_of("top_k"))
+    st.slider("Repetition penalty", 0.5, 2.0, step=0.05, key="repetition_penalty", on_change=keep_control,
+              help=source_of("repetition_penalty"))
     own = clean_overrides({name: state[name] for name in CONTROLS}, defaults)
     for line in describe_sources(effective_controls(defaults, own), defaults):
         st.caption(plain(line))
@@ -355,14 +355,8 @@ for index, message in enumerate(shown):
 if action is not None:
     turn = None
     try:
-        params = SamplingParams(
-            max_length=int(max_length),
-            max_new_tokens=min(int(max_new_tokens), int(max_length) - 1),
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            repetition_penalty=float(repetition_penalty),
-        ).validate()
+        # The person's own settings (the widgets that differ from the model's defaults) over those defaults.
+        params, _ = compose_params(defaults, saved=own)
         turn = start_turn(store, engine, workspace, conversation, keep=action["keep"], prompt=action["prompt"],
                           params=params, system_prompt=system_prompt, owner=workspace,
                           expected_last_id=action.get("last"))

@@ -16,7 +16,7 @@ from .engine import Engine
 from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
 from .models.loading import LoadedModel, load_model
 from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
-from .sampling_defaults import CONTROLS, YOURS, describe_sources, model_defaults
+from .sampling_defaults import CONTROLS, REQUEST, YOURS, compose_params, describe_sources, model_defaults
 from .settings import load_settings
 from .conversations.store import Store, clean_title
 from .conversations.turn import start_turn
@@ -99,21 +99,16 @@ def given_controls(args) -> dict:
 
 
 def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
-    """The CLI's sampling: the options given, the model's own defaults for the rest (as the chat page does);
-    also one line per source of the values."""
+    """The CLI's sampling: the options given, the model's own defaults for the rest (one composition for every
+    door, sampling_defaults.compose_params); also one line per source of the values."""
     defaults = card.get("sampling_defaults") or model_defaults("", "", {})
-    given = given_controls(args)
-    values = {control: given.get(control, defaults[control]) for control in CONTROLS}
-    if "max_new_tokens" not in given and "max_length" in given:
-        values["max_new_tokens"] = min(values["max_new_tokens"], values["max_length"] - 1)
-    params = SamplingParams(**values, seed=args.seed).validate()
-    sources = describe_sources({c: (values[c], YOURS if c in given else defaults["sources"][c]) for c in CONTROLS},
-                               defaults)
-    return params, sources
+    params, sources = compose_params(defaults, given_controls(args), seed=args.seed)
+    chosen = {c: (getattr(params, c), YOURS if sources[c] == REQUEST else sources[c]) for c in CONTROLS}
+    return params, describe_sources(chosen, defaults)
 
 
 def cmd_chat(args) -> int:
-    SamplingParams(**given_controls(args), seed=args.seed).validate()  # a bad option fails before any model loads
+    compose_params(None, given_controls(args), seed=args.seed)  # a bad option fails before any model loads
     if args.conversation and not args.workspace:
         raise ValueError("--conversation needs --workspace (the workspace that keeps it)")
     log = TurnLog(check_cli_workspace_id(args.workspace) if args.workspace else None, args.conversation)

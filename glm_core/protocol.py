@@ -67,6 +67,10 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # The controls the person or the client set (sampling_defaults.compose_params fills the rest from the model's
+    # defaults); a remote backend sends only these, so the server applies its own defaults to the others. None:
+    # every control was set.
+    explicit: frozenset[str] | None = field(default=None, compare=False)
 
     def validate(self) -> "SamplingParams":
         """Raise ValueError with a readable message when a control is out of range or not a plain number.
@@ -97,7 +101,12 @@ class SamplingParams:
         return self
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        del values["explicit"]
+        return values
+
+    def is_explicit(self, control: str) -> bool:
+        return self.explicit is None or control in self.explicit
 
 
 def _whole_number(name: str, value) -> None:

@@ -1,13 +1,16 @@
-"""Sampling defaults per model, and where each one came from (torch-free: the loader and the pages both use it).
+"""Sampling defaults per model, where each one came from, and the one place a request's controls are composed with
+them (torch-free: the loader, the pages, the CLI and the API all use it).
 
-Order of precedence, field by field:
+The model's defaults, field by field (`model_defaults`):
 1. the model folder's `generation_config.json`, when it sets the field (what the model's authors recommend);
-2. the family's documented defaults (the `chat()` signatures of the original ChatGLM code);
+2. the family's documented defaults, written out completely (the `chat()` signatures of the original ChatGLM
+   code: no repetition penalty, no top-k);
 3. a model's published recommendation we know of (the embedded SmolLM2's model card);
 4. ours.
 
-A person's own changes are kept per workspace on top of these (`effective_controls`); "reset to the model's
-defaults" drops them.
+Every door (chat page, CLI, HTTP API, remote backends) composes a request's controls with `compose_params`: the
+request's own field, else the person's saved setting, else the model's defaults above. A person's own changes are
+kept per workspace (`effective_controls` for the page's widgets); "reset to the model's defaults" drops them.
 """
 
 from __future__ import annotations
@@ -16,15 +19,23 @@ import json
 import math
 from pathlib import Path
 
+from .protocol import SamplingParams
+
 CONTROLS = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 
 GENERATION_CONFIG = "generation_config.json"
 OURS = "this app's defaults"
 
 # The original `chat()` / `stream_chat()` signatures: ChatGLM-6B max_length 2048, top_p 0.7, temperature 0.95;
-# ChatGLM2-6B and ChatGLM3-6B max_length 8192, top_p 0.8, temperature 0.8. None of them penalises repetition.
-_CHATGLM_6B = ("ChatGLM-6B documented defaults", {"max_length": 2048, "top_p": 0.7, "temperature": 0.95})
-_CHATGLM_2_3 = ("ChatGLM2/3 documented defaults", {"max_length": 8192, "top_p": 0.8, "temperature": 0.8})
+# ChatGLM2-6B and ChatGLM3-6B max_length 8192, top_p 0.8, temperature 0.8. None of them penalises repetition or
+# uses top-k (generate()'s repetition_penalty 1.0 and, since chat() passes its own logits processors, no top-k):
+# written out, so that ours (a penalty of 1.1) never fills them in. The reply's own room is not a sampling
+# control of chat() (it bounds the total), so max_new_tokens stays ours.
+_CHATGLM_ORIGINAL = {"top_k": 0, "repetition_penalty": 1.0}
+_CHATGLM_6B = ("ChatGLM-6B documented defaults",
+               {"max_length": 2048, "top_p": 0.7, "temperature": 0.95, **_CHATGLM_ORIGINAL})
+_CHATGLM_2_3 = ("ChatGLM2/3 documented defaults",
+                {"max_length": 8192, "top_p": 0.8, "temperature": 0.8, **_CHATGLM_ORIGINAL})
 # Keyed by the family label lower-cased without "-" ("ChatGLM-6B" -> "chatglm6b").
 FAMILY_DEFAULTS = {"chatglm": _CHATGLM_6B, "chatglm6b": _CHATGLM_6B, "chatglm1": _CHATGLM_6B,
                    "chatglm2": _CHATGLM_2_3, "chatglm3": _CHATGLM_2_3}
@@ -49,6 +60,7 @@ CONTROL_RANGES = {"max_length": (64, 131072), "max_new_tokens": (1, 4096), "temp
 LABELS = {"max_length": "max length", "max_new_tokens": "max new tokens", "temperature": "temperature",
           "top_p": "top p", "top_k": "top k", "repetition_penalty": "repetition penalty"}
 YOURS = "your setting"
+REQUEST = "the request"
 
 
 def read_generation_config(folder: Path | str | None) -> dict:
@@ -101,6 +113,57 @@ def model_defaults(family: str, name: str, generation_config: dict | None = None
         values["max_new_tokens"] = values["max_length"] - 1
     picked = [source for source, _ in layers if source in sources.values()]
     return {**values, "sources": sources, "source": picked[0] if picked else OURS}
+
+
+def compose_params(defaults: dict | None, given: dict | None = None, saved: dict | None = None,
+                   seed: int | None = None) -> tuple[SamplingParams, dict[str, str]]:
+    """The one composition of sampling controls, for every door: the request's own field (`given`: the CLI's
+    options, an API body's fields; None means left out), else the person's saved setting (`saved`: the page's
+    workspace settings), else the model's defaults (`model_defaults`; None: a model that recommends nothing).
+
+    Returns the validated params, whose `explicit` names what the request or the person set (a remote backend sends
+    only those), and each control's source. An out-of-range value in `given` raises ValueError with the reason; one
+    in `saved` is dropped (it was kept by an older version, not typed now). When the room for the reply was not
+    by the request, it shrinks to fit the max_length.
+    """
+    defaults = defaults or model_defaults("", "", {})
+    given = {control: value for control, value in (given or {}).items() if value is not None}
+    unknown = set(given) - set(CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown sampling controls: {', '.join(sorted(unknown))}")
+    saved = {control: value for control, value in (saved or {}).items()
+             if control in CONTROLS and control not in given and _valid(control, value) is not None}
+    values, sources = {}, {}
+    for control in CONTROLS:
+        if control in given:
+            values[control], sources[control] = given[control], REQUEST
+        elif control in saved:
+            values[control], sources[control] = saved[control], YOURS
+        else:
+            values[control], sources[control] = defaults[control], defaults["sources"][control]
+    if "max_new_tokens" not in given and isinstance(values["max_length"], int):
+        values["max_new_tokens"] = max(1, min(values["max_new_tokens"], values["max_length"] - 1))
+    params = SamplingParams(**values, seed=seed, explicit=frozenset(given) | frozenset(saved))
+    return params.validate(), sources
+
+
+def server_defaults(server: str, announced) -> dict:
+    """A remote server's defaults, in `model_defaults`' form: what its /v1/models entry announces (this project's
+    `serve` does, as `defaults`), control by control; the rest are the server's own business. Those are shown as
+    ours, but a remote backend never sends them (only what the person or the client set), so the server's own
+    apply."""
+    announced = announced if isinstance(announced, dict) else {}
+    theirs = announced.get("sources") if isinstance(announced.get("sources"), dict) else {}
+    values, sources = {}, {}
+    for control in CONTROLS:
+        value = _valid(control, announced.get(control))
+        if value is None:
+            values[control], sources[control] = OUR_DEFAULTS[control], f"{server}'s own (not known here, not sent)"
+        else:
+            origin = theirs.get(control)
+            values[control] = value
+            sources[control] = f"{server}: {origin[:80]}" if isinstance(origin, str) and origin else server
+    return {**values, "sources": sources, "source": f"the server {server}"}
 
 
 def effective_controls(defaults: dict, overrides: dict) -> dict:

@@ -14,6 +14,7 @@ from glm_core import SamplingParams
 from glm_core.backends.remote import RemoteBackend, is_remote, parse_prometheus, parse_target, remote_spec
 from glm_core.conversations.conversation import Conversation
 from glm_core.conversations.store import Store
+from glm_core.sampling_defaults import compose_params
 from glm_core.conversations.turn import start_turn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -97,7 +98,9 @@ def test_prometheus_figures_of_vllm_and_sglang():
 
 def test_streams_a_reply_with_usage_and_figures(server):
     backend = RemoteBackend(f"{server.url}#words")
-    request = backend.submit("c1", HELLO, SamplingParams(max_new_tokens=5, temperature=0, top_k=40, seed=3))
+    # Composed as every door composes them: only what was set is sent, the server's own defaults apply to the rest.
+    params, _ = compose_params(None, {"max_new_tokens": 5, "temperature": 0, "top_k": 40}, seed=3)
+    request = backend.submit("c1", HELLO, params)
     pieces = list(request.text_stream())
     reply = request.wait(5)
     assert "".join(pieces) == reply.text == "word0 word1 word2 word3 word4"
@@ -106,7 +109,8 @@ def test_streams_a_reply_with_usage_and_figures(server):
     assert reply.stats.ttft_s > 0 and reply.stats.total_s >= reply.stats.ttft_s
     sent = server.requests[-1]
     assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == 5
-    assert sent["messages"] == HELLO and sent["top_k"] == 40 and sent["seed"] == 3 and "repetition_penalty" not in sent
+    assert sent["messages"] == HELLO and sent["top_k"] == 40 and sent["seed"] == 3 and sent["temperature"] == 0
+    assert "repetition_penalty" not in sent and "top_p" not in sent
     card = backend.card()
     assert card["name"] == "words" and card["backend"] == "remote" and card["device"] == server.url.split("/")[2]
     assert "precision" in card["unknown_remotely"]

@@ -78,7 +78,12 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 def _is_loopback(host: str) -> bool:
+    """Whether a client address is this machine. A dual-stack listener (Streamlit's) sees an IPv4 client as
+    `::ffff:127.0.0.1`, whose `is_loopback` is False on Python 3.11: an IPv4-mapped address is its IPv4 address."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback

@@ -15,6 +15,7 @@ from starlette.requests import Request as HttpRequest
 from ..protocol import (
     Backend, ConversationBusy, Delta, Event, Finished, Reply, Request, SamplingParams, validate_messages,
 )
+from ..sampling_defaults import compose_params, model_defaults
 from .access import Caller
 from .config import ApiLimits
 from .conversation_ids import StatelessConversations
@@ -63,9 +64,15 @@ def checked_messages(messages: list[dict]) -> list[dict]:
         raise ApiError(400, str(exc), param="messages") from None
 
 
-def checked_params(**controls) -> SamplingParams:
+def sampling_defaults(backend: Backend) -> dict:
+    """The model's sampling defaults with their sources (what an omitted field becomes)."""
+    return backend.card().get("sampling_defaults") or model_defaults("", "", {})
+
+
+def checked_params(backend: Backend, seed: int | None = None, **given) -> SamplingParams:
+    """The request's controls (None: left out) over the model's defaults; a bad value is a 400."""
     try:
-        return SamplingParams(**controls).validate()
+        return compose_params(sampling_defaults(backend), given, seed=seed)[0]
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
 
@@ -83,7 +90,7 @@ async def total_length_params(backend: Backend, messages: list[dict], max_length
                             "room for a reply", "context_length_exceeded", "max_length")
     else:
         max_new = min(max_length - prompt_tokens, limits.max_tokens)
-    return checked_params(max_length=max_length, max_new_tokens=max_new, **controls), prompt_tokens
+    return checked_params(backend, max_length=max_length, max_new_tokens=max_new, **controls), prompt_tokens
 
 
 class StopStrings:

@@ -12,12 +12,14 @@ import time
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from ..protocol import Backend, SamplingParams
+from ..protocol import Backend
+from ..sampling_defaults import CONTROLS
 from .access import Caller
 from .embeddings import embed
 from .errors import ApiError
 from .generation import (
     Generation, checked_messages, checked_params, count_prompt_tokens, model_context, model_name, reply_budget,
+    sampling_defaults,
 )
 from .schemas import (
     ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest, ModelCard, ModelList,
@@ -32,7 +34,9 @@ SSE_PING_S = 15  # a comment line keeps proxies from closing a stream that waits
 async def list_models(_caller: Caller = Depends(api_caller), backend: Backend = Depends(loaded_backend)):
     card = backend.card()
     loaded_at = int(time.time() - float(card.get("load_seconds") or 0))
-    return ModelList(data=[ModelCard(id=model_name(backend), created=loaded_at)])
+    defaults = sampling_defaults(backend)
+    public = {**{control: defaults[control] for control in CONTROLS}, "sources": defaults["sources"]}
+    return ModelList(data=[ModelCard(id=model_name(backend), created=loaded_at, defaults=public)])
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
@@ -47,13 +51,10 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request,
     context = model_context(backend)
     prompt_tokens = await count_prompt_tokens(backend, messages)
     max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
-    defaults = SamplingParams()
-    params = checked_params(
-        max_length=context, max_new_tokens=max_new,
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed,
-    )
+    # Omitted fields take the model's own defaults (as vLLM's --generation-config auto); /v1/models lists them.
+    params = checked_params(backend, seed=body.seed, max_length=context, max_new_tokens=max_new,
+                            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                            repetition_penalty=body.repetition_penalty)
     generation = Generation.submit(backend, state.conversations, caller, messages, params, stops, state.limits)
     completion_id, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), model_name(backend)
     if body.stream:

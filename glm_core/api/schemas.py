@@ -109,6 +109,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "glm-dashboard"
+    # An extension: what an omitted sampling field becomes (the model's generation_config.json, its family's
+    # documented values, its card, ours) and where each value came from.
+    defaults: dict | None = None
 
 
 class ModelList(BaseModel):

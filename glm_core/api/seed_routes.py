@@ -24,7 +24,7 @@ from ..protocol import Backend
 from .access import Caller
 from .embeddings import embed
 from .errors import ApiError
-from .generation import Generation, checked_messages, model_name, total_length_params
+from .generation import Generation, checked_messages, model_name, sampling_defaults, total_length_params
 from .schemas import (
     ChatGLMRequest, ChatGLMResponse, GlmApiChatResponse, GlmApiRequest, History, SeedEmbeddingRequest,
     SeedEmbeddingResponse, StreamApiChatResponse, StreamApiRequest, TokenizeRequest, TokenizeResponse,
@@ -34,21 +34,23 @@ from .state import ApiState, admin_caller, api_state, loaded_backend, seed_calle
 
 router = APIRouter(tags=["The seeds' routes"])
 
-# The seeds' defaults when a request leaves a control out (or, for the originals' `x if x else default`, sends 0).
+# The seeds' own defaults when a request leaves a control out (or, for the originals' `x if x else default`, sends
+# 0); every other control takes the model's defaults (sampling_defaults.compose_params).
 CHATGLM_DEFAULTS = {"max_length": 2048, "top_p": 0.7, "temperature": 0.95}  # ChatGLM's api.py
 GLM_API_DEFAULTS = {"max_length": 4096, "top_p": 0.7, "temperature": 0.95}  # the GLM API
-STREAM_API_MAX_LENGTH = 8192  # the stream API called the model's chat() with its own defaults
+MODEL_DEFAULTS: dict = {}  # the stream API called the model's chat() with the model's own defaults
 TOKENIZE_MAX_LENGTH = 4096
 
 
 async def _start(backend: Backend, state: ApiState, caller: Caller, history: History, prompt: str,
-                 max_length: int | None, defaults: dict, **controls) -> tuple[Generation, int | None]:
+                 max_length: int | None, route_defaults: dict, top_p: float | None = None,
+                 temperature: float | None = None) -> tuple[Generation, int | None]:
     messages = checked_messages(history_messages(history) + [{"role": "user", "content": prompt}])
-    controls = {k: v for k, v in controls.items() if v is not None}
+    max_length = max_length or route_defaults.get("max_length") or sampling_defaults(backend)["max_length"]
     params, prompt_tokens = await total_length_params(
-        backend, messages, max_length or defaults["max_length"], state.limits,
-        top_p=controls.get("top_p") or defaults["top_p"],  # 0 meant "the default" in the originals
-        temperature=controls.get("temperature", defaults["temperature"]),  # 0 is greedy here
+        backend, messages, max_length, state.limits,
+        top_p=top_p or route_defaults.get("top_p"),  # 0 meant "the default" in the originals
+        temperature=route_defaults.get("temperature") if temperature is None else temperature,  # 0 is greedy here
     )
     return Generation.submit(backend, state.conversations, caller, messages, params, limits=state.limits), prompt_tokens
 
@@ -70,8 +72,7 @@ async def chat(body: Union[StreamApiRequest, GlmApiRequest], http_request: Reque
                caller: Caller = Depends(seed_caller), backend: Backend = Depends(loaded_backend),
                state: ApiState = Depends(api_state)):
     if isinstance(body, StreamApiRequest):
-        generation, _ = await _start(backend, state, caller, body.history, body.query, STREAM_API_MAX_LENGTH,
-                                     {"max_length": STREAM_API_MAX_LENGTH, "top_p": 0.8, "temperature": 0.8})
+        generation, _ = await _start(backend, state, caller, body.history, body.query, None, MODEL_DEFAULTS)
         response = await generation.collect(http_request)
         generation.raise_for_error()
         return {"query": body.query, "response": response,
@@ -90,8 +91,7 @@ async def chat(body: Union[StreamApiRequest, GlmApiRequest], http_request: Reque
              responses={200: {"content": {"text/event-stream": {}}}})
 async def stream(body: StreamApiRequest, caller: Caller = Depends(seed_caller),
                  backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
-    generation, _ = await _start(backend, state, caller, body.history, body.query, STREAM_API_MAX_LENGTH,
-                                 {"max_length": STREAM_API_MAX_LENGTH, "top_p": 0.8, "temperature": 0.8})
+    generation, _ = await _start(backend, state, caller, body.history, body.query, None, MODEL_DEFAULTS)
 
     async def events():
         response = ""

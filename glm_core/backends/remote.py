@@ -27,6 +27,7 @@ from ..protocol import (
     Capabilities, ConversationBusy, EngineClosed, ModelSpec, Reply, ReplyStats, Request, SamplingParams, Started,
     validate_messages,
 )
+from ..sampling_defaults import server_defaults
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ class RemoteBackend:
             "backend": "remote",
             "server": self.target.host,
             "unknown_remotely": UNKNOWN_REMOTELY,
+            "sampling_defaults": server_defaults(self.target.host, info.get("defaults")),
         }
         if info.get("max_model_len"):
             card["max_context"] = int(info["max_model_len"])
@@ -360,18 +362,21 @@ class RemoteBackend:
     # ---- one request, on its own thread ---------------------------------------------------------------------
 
     def _body(self, request: Request, model: str) -> dict:
+        """The request as the server takes it: only the controls the person or the client set (the server applies
+        its own defaults to the others, as a client talking to it directly would get)."""
         p = request.params
-        extra: dict = {}
-        if p.top_k:
-            extra["top_k"] = p.top_k  # vLLM, SGLang, llama.cpp accept it outside the OpenAI schema
-        if p.repetition_penalty != 1.0:
-            extra["repetition_penalty"] = p.repetition_penalty  # vLLM, SGLang (llama.cpp: repeat_penalty)
-        body = dict(model=model, messages=request.messages, stream=True, stream_options={"include_usage": True},
-                    max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p)
+        sent = {control: getattr(p, control) for control in ("max_new_tokens", "temperature", "top_p", "top_k",
+                                                             "repetition_penalty") if p.is_explicit(control)}
+        body = dict(model=model, messages=request.messages, stream=True, stream_options={"include_usage": True})
+        if "max_new_tokens" in sent:
+            body["max_tokens"] = sent.pop("max_new_tokens")
+        for name in ("temperature", "top_p"):
+            if name in sent:
+                body[name] = sent.pop(name)
         if p.seed is not None:
             body["seed"] = p.seed
-        if extra:
-            body["extra_body"] = extra
+        if sent:  # top_k and repetition_penalty: vLLM, SGLang and llama.cpp accept them outside the OpenAI schema
+            body["extra_body"] = sent
         return body
 
     def _run(self, request: Request) -> None:
