@@ -15,7 +15,9 @@ from pathlib import Path
 import streamlit as st
 
 from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
-from glm_core.access import AttemptThrottle, PathNotAllowed, RolePolicy, check_model_path, refusal, throttle_keys
+from glm_core.access import (
+    AttemptThrottle, PathNotAllowed, RolePolicy, check_model_path, is_local_client, refusal, throttle_keys,
+)
 from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.telemetry.gpu_monitor import Monitor
 from glm_core.backends.config import configured_backends, conversation_backend, make_entry
@@ -145,6 +147,7 @@ async def api_lifespan(_app):
             log.error("could not load the default model: %s", exc)
 
     threading.Thread(target=load_default, name="glm-load-default", daemon=True).start()
+    print(role_policy().startup_notice(), flush=True)
     yield
 
 
@@ -235,10 +238,16 @@ def get_throttle() -> AttemptThrottle:
     return AttemptThrottle()
 
 
+def client_address() -> str | None:
+    """This browser's address as the server saw it; None for this machine (Streamlit's answer for 127.0.0.1 and ::1,
+    and for a session with no browser connection, as under AppTest)."""
+    address = st.context.ip_address
+    return address if isinstance(address, str) and address else None
+
+
 def _attempt_keys() -> tuple[list[str], str]:
     session = st.session_state.setdefault("attempt_session", secrets.token_hex(8))
-    address = st.context.ip_address
-    client = address if isinstance(address, str) and address else "local"  # None: this machine (or a local proxy)
+    client = client_address() or "local"  # this machine (or a local proxy)
     return throttle_keys(session, client), client
 
 
@@ -285,7 +294,8 @@ def role_policy() -> RolePolicy:
 def is_admin() -> bool:
     """Whether this browser session may load, unload and switch models, free memory and run large benchmarks."""
     policy = role_policy()
-    return (policy.everyone_is_admin or policy.is_listed_admin(st.user.to_dict())
+    return ((policy.local_admins and is_local_client(client_address()))
+            or policy.is_listed_admin(st.user.to_dict())
             or (policy.admin_password is not None and st.session_state.get("admin_granted") is True))
 
 
@@ -294,8 +304,8 @@ def admin_panel() -> bool:
     policy = role_policy()
     admin = is_admin()
     with st.sidebar:
-        if policy.everyone_is_admin:
-            st.caption(policy.describe())
+        if policy.local_admins:
+            st.caption(policy.describe(local=admin))
         elif admin:
             st.caption("You are an admin on this portal.")
             if st.session_state.get("admin_granted"):

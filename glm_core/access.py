@@ -5,7 +5,8 @@ The pages apply these rules (app_shared); they live here, free of streamlit, so 
 - Roles. Admins load, unload and switch models, free memory, change the server's backends and run memory
   benchmarks above the size anyone may run. An admin is a signed-in identity listed in `.streamlit/secrets.toml`
   (`admins = ["alice@example.com", ...]`: emails, or `issuer|subject` identities), or a browser session that gave
-  `admin_password`. With no secrets file at all (one person on their own machine) everyone is admin.
+  `admin_password`. With no secrets file at all, only browsers on the server's own machine are admins (one person
+  on their own machine keeps every control; a colleague's browser on the network is a user).
 - Password attempts (the access password and the admin password) are throttled per browser session and per
   client address: past MAX_FAILURES wrong answers within WINDOW_S, answers are refused unread until the oldest
   failure leaves the window; every failure is logged with the client's address.
@@ -16,6 +17,7 @@ The pages apply these rules (app_shared); they live here, free of streamlit, so 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -54,7 +56,8 @@ class RolePolicy:
         return cls(True, admins, str(password) if password not in (None, "") else None)
 
     @property
-    def everyone_is_admin(self) -> bool:
+    def local_admins(self) -> bool:
+        """No secrets file: browsers on the server's own machine are admins, everyone else a user."""
         return not self.secrets_file
 
     def is_listed_admin(self, user_info: Mapping) -> bool:
@@ -65,11 +68,15 @@ class RolePolicy:
         identity = f"{user_info.get('iss') or ''}|{user_info.get('sub') or ''}".lower()
         return bool(email and email in self.admins) or (bool(user_info.get("sub")) and identity in self.admins)
 
-    def describe(self) -> str:
-        """One line for the pages: how one becomes admin here."""
-        if self.everyone_is_admin:
-            return "Everyone is an admin on this portal: it has no .streamlit/secrets.toml (fine for one person on " \
-                   "their own machine)."
+    def describe(self, local: bool = False) -> str:
+        """One line for the pages: how one becomes admin here (`local`: the reader's browser is on the server's own
+        machine)."""
+        if self.local_admins:
+            if local:
+                return "You are an admin: this portal has no .streamlit/secrets.toml, so browsers on the server's " \
+                       "own machine are admins and browsers elsewhere are users."
+            return "Only browsers on the server's own machine are admins here. To name others, the server's " \
+                   "owner sets `admins` (with sign-in) or `admin_password` in .streamlit/secrets.toml."
         ways = []
         if self.admins:
             ways.append("sign in as a listed admin")
@@ -80,6 +87,28 @@ class RolePolicy:
                    "stay as they are."
         return "Loading, unloading and switching models, freeing memory and large benchmarks are for admins: " + \
             " or ".join(ways) + "."
+
+    def startup_notice(self) -> str:
+        """What the portal prints when it starts: who is admin, and how to change it."""
+        if self.local_admins:
+            return "Admins: browsers on this machine only (no .streamlit/secrets.toml); others are users. Name " \
+                   "admins with `admins = [...]` (sign-in) or `admin_password` in .streamlit/secrets.toml."
+        return "Admins: " + self.describe()
+
+
+def is_local_client(address: str | None) -> bool:
+    """Whether a client address is the server's own machine. None is what Streamlit's `st.context.ip_address` gives
+    for 127.0.0.1 and ::1 (and outside a browser connection). A dual-stack listener sees an IPv4 client as
+    `::ffff:127.0.0.1`, whose `is_loopback` is False on Python 3.11: an IPv4-mapped address is its IPv4 address."""
+    if address is None:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address == "localhost"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 # ---- password attempts ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from app_shared import get_hub, get_throttle
 from conftest import HOME, ROOT, open_page
 from glm_core.access import (
     USER_BENCH_MAX_GENERATE, AttemptThrottle, NotAllowed, PathNotAllowed, RolePolicy, check_benchmark,
-    check_model_path,
+    check_model_path, is_local_client,
 )
 from glm_core.bench.estimator import PRESETS
 
@@ -22,18 +22,30 @@ BOB = {"is_logged_in": True, "sub": "bob-2", "iss": "https://idp.example", "emai
 # ---- the rules ---------------------------------------------------------------------------------------------
 
 
-def test_without_a_secrets_file_everyone_is_admin_and_with_one_only_the_named():
-    assert RolePolicy.from_secrets(None).everyone_is_admin
-    assert "Everyone is an admin" in RolePolicy.from_secrets(None).describe()
+def test_without_a_secrets_file_this_machines_browsers_are_admin_and_with_one_only_the_named():
+    open_policy = RolePolicy.from_secrets(None)
+    assert open_policy.local_admins
+    assert "You are an admin" in open_policy.describe(local=True)
+    assert "Only browsers on the server's own machine are admins" in open_policy.describe(local=False)
+    assert "admin_password" in open_policy.describe(local=False)  # how an admin is configured
+    assert "browsers on this machine only" in open_policy.startup_notice()
     policy = RolePolicy.from_secrets({"admins": ["alice@example.com", "https://idp.example|bob-2"]})
-    assert not policy.everyone_is_admin
+    assert not policy.local_admins
     assert policy.is_listed_admin(ALICE)  # by email, any case
     assert policy.is_listed_admin(BOB)  # by identity
     assert not policy.is_listed_admin({**ALICE, "is_logged_in": False})
     assert not policy.is_listed_admin({"is_logged_in": True, "sub": "eve", "iss": "x", "email": "eve@example.com"})
     # A secrets file that names nobody: nobody is admin, and the page says how to name one.
     nobody = RolePolicy.from_secrets({"access_password": "x"})
-    assert not nobody.everyone_is_admin and not nobody.is_listed_admin(ALICE) and "names no admins" in nobody.describe()
+    assert not nobody.local_admins and not nobody.is_listed_admin(ALICE) and "names no admins" in nobody.describe()
+
+
+def test_which_client_addresses_are_this_machine():
+    """Streamlit gives None for 127.0.0.1 and ::1; a dual-stack listener gives an IPv4 client as ::ffff:a.b.c.d."""
+    for local in (None, "127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "localhost"):
+        assert is_local_client(local), local
+    for remote in ("192.0.2.2", "::ffff:192.0.2.2", "fd00::2", "10.0.0.1", "", "not-an-address", "::"):
+        assert not is_local_client(remote), remote
 
 
 def test_password_attempts_are_throttled_per_session_and_per_client(caplog):
@@ -102,9 +114,9 @@ def texts(elements) -> str:
     return " ".join(e.value for e in elements)
 
 
-def test_without_secrets_the_pages_say_everyone_is_admin_and_offer_every_control(tiny_env):
-    home = open_page(HOME)
-    assert "Everyone is an admin" in texts(home.sidebar.caption) and home.button(key="load_button")
+def test_without_secrets_the_pages_offer_this_machines_browser_every_control(tiny_env):
+    home = open_page(HOME)  # AppTest's session is this machine's (no client address), as a browser on localhost
+    assert "You are an admin" in texts(home.sidebar.caption) and home.button(key="load_button")
     monitor = open_page(MONITOR)
     assert monitor.button(key="free_memory") and monitor.button(key="unload_model")
 

@@ -377,3 +377,53 @@ def test_versions_defaults_copy_and_share_link(data_dir, server, page, output_di
     viewer.reload()
     expect(viewer.get_by_test_id("stMain")).to_contain_text("not valid", timeout=60_000)
     viewer.context.close()
+
+
+def lan_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback: a browser reaching the portal through it arrives as a
+    colleague's browser on the network would, from a non-loopback address."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+def test_without_secrets_only_this_machines_browsers_are_admins(page, output_dir, tiny_model_dir):
+    """The portal started as a user starts it (default address: every interface, no secrets file): a browser on
+    the server's own machine is admin; one arriving from the network is a user, and the sidebar says how an admin
+    is configured. The portal prints who is admin when it starts."""
+    from playwright.sync_api import expect
+
+    lan = lan_address()
+    if lan is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to arrive from")
+    port = free_port()
+    log_path = output_dir / "streamlit-admin.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLM_MODEL_PATH": str(tiny_model_dir), "GLM_PRECISION": "fp32"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port),
+                                    "--server.headless", "true"], cwd=ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                assert process.poll() is None and time.time() < deadline, log_path.read_text()
+                time.sleep(0.5)
+        sidebar = page.get_by_test_id("stSidebar")
+        page.goto(f"http://{lan}:{port}")
+        expect(sidebar).to_contain_text("Only browsers on the server's own machine are admins", timeout=120_000)
+        expect(sidebar).to_contain_text("Only admins load another model")
+        assert page.get_by_test_id("stSidebar").get_by_text("Load another model", exact=True).count() == 0
+        page.goto(f"http://127.0.0.1:{port}")
+        expect(sidebar).to_contain_text("You are an admin", timeout=120_000)
+        expect(sidebar.get_by_text("Load another model", exact=True)).to_have_count(1)
+        assert "Admins: browsers on this machine only" in log_path.read_text()
+    finally:
+        stop_process(process, timeout=20)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from dataclasses import dataclass
 
+from ..access import is_local_client
 from .config import ApiConfig
 from .errors import ApiError
 
@@ -53,8 +53,8 @@ class Access:
         if not (self.config.open_to_network or _is_loopback(client)):
             raise ApiError(403, "without API keys configured, this server answers only clients on its own machine "
                                 "(set GLM_API_KEYS, or GLM_API_OPEN_TO_NETWORK=1)", "remote_client")
-        # Without keys, this machine's clients may do what the portal's users may (the portal without a secrets
-        # file makes everyone an admin); other machines' clients, when let in, may not change the server.
+        # Without keys, this machine's clients may do what the portal's admins may (the portal without a secrets
+        # file makes this machine's browsers admins); other machines' clients, when let in, may not change it.
         return Caller(None, admin=_is_loopback(client), client=client)
 
     def _match(self, given: str, client: str) -> Caller:
@@ -78,12 +78,4 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 def _is_loopback(host: str) -> bool:
-    """Whether a client address is this machine. A dual-stack listener (Streamlit's) sees an IPv4 client as
-    `::ffff:127.0.0.1`, whose `is_loopback` is False on Python 3.11: an IPv4-mapped address is its IPv4 address."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host == "localhost"
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    return bool(host) and is_local_client(host)
