@@ -20,7 +20,7 @@ from glm_core.access import (
 )
 from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.telemetry.gpu_monitor import Monitor
-from glm_core.backends.config import configured_backends, conversation_backend, make_entry
+from glm_core.backends.config import configured_backends, conversation_backend, typed_entry
 from glm_core.backends.hub import EngineHub
 from glm_core.conversations.conversation import ChatMessage
 from glm_core.safe_markdown import no_remote_images
@@ -183,8 +183,8 @@ def remote_servers_panel() -> None:
     def add() -> None:
         state = st.session_state
         try:
-            hub.add_remote(make_entry(state.new_backend_name, state.new_backend_url,
-                                      api_key=state.new_backend_key.strip() or None))
+            hub.add_remote(typed_entry(state.new_backend_name, state.new_backend_url,
+                                       api_key=state.new_backend_key.strip() or None))
         except ValueError as exc:
             state.backend_error = str(exc)
         else:

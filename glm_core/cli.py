@@ -4,13 +4,14 @@ memory | estimate`."""
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 
 from pathlib import Path
 
 from .conversations.conversation import ChatMessage, Conversation
-from .backends.remote import RemoteBackend, is_remote
+from .backends.remote import KEY_ENV, RemoteBackend, is_remote
 from .bench.concurrency import ReplyFailed
 from .engine import Engine
 from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
@@ -113,7 +114,8 @@ def cmd_chat(args) -> int:
         raise ValueError("--conversation needs --workspace (the workspace that keeps it)")
     log = TurnLog(check_cli_workspace_id(args.workspace) if args.workspace else None, args.conversation)
     if is_remote(args.model):
-        engine = RemoteBackend(args.model)  # nothing to load: the server holds the model
+        # Nothing to load: the server holds the model. The key is the one this shell configured for it.
+        engine = RemoteBackend(args.model, api_key=os.environ.get(KEY_ENV))
     else:
         engine = Engine(load_from_args(args))
     card = engine.card()

@@ -31,6 +31,7 @@ class FaultyServer(ThreadingHTTPServer):
         self.running = 0
         self.disconnects = 0
         self.requests: list[dict] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of every request, in order
         self.lock = threading.Lock()
 
     @property
@@ -65,6 +66,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": {"message": message, "type": "test", "code": status}})
 
     def _authorized(self) -> bool:
+        self.server.authorizations.append(self.headers.get("Authorization"))
         if self.server.key and self.headers.get("Authorization") != f"Bearer {self.server.key}":
             self._error(401, "invalid api key")
             return False

@@ -125,3 +125,35 @@ def test_an_admin_adds_and_removes_a_remote_server_from_the_sidebar(data_dir, se
         assert not any(b.key == "remove_backend_team-vllm" for b in at.button)
     finally:
         hub.remove("team-vllm")
+
+
+def test_configured_keys_go_only_to_the_urls_they_were_configured_with(data_dir, server, monkeypatch):
+    """The reproduction: with GLM_REMOTE_API_KEY and a configured backend's GLM_BACKEND_GLM4_KEY set, an admin adds a
+    server named glm4 at a typed URL without a key, and types a URL in "Load another model": the listener behind
+    both URLs must receive neither key. A configured backend still sends its own."""
+    from glm_core.backends.config import make_entry as configured_entry
+
+    monkeypatch.setenv("GLM_REMOTE_API_KEY", "sk-global")
+    monkeypatch.setenv("GLM_BACKEND_GLM4_KEY", "sk-glm4")
+    hub = get_hub()
+    at = home()
+    try:
+        at.text_input(key="new_backend_name").set_value("glm4")
+        at.text_input(key="new_backend_url").set_value(f"{server.url}#words")
+        at.button(key="add_backend").click().run()
+        assert not at.exception and "glm4" in hub.names()
+        assert hub.get("glm4").submit("c1", [{"role": "user", "content": "hi"}]).wait(30).error is None
+        at.text_input(key="load_path").set_value(f"{server.url}#words")
+        at.button(key="load_button").click().run()
+        assert not at.exception and hub.engine.card()["backend"] == "remote"
+        assert hub.engine.submit("c2", [{"role": "user", "content": "hi"}]).wait(30).error is None
+        assert server.authorizations and set(server.authorizations) == {"Bearer EMPTY"}, server.authorizations
+        # Configured (GLM_BACKENDS or secrets.toml) with that name and URL, the key is its own.
+        server.authorizations.clear()
+        configured = configured_entry("glm4", f"{server.url}#words")
+        assert configured.api_key == "sk-glm4"
+        monkeypatch.delenv("GLM_BACKEND_GLM4_KEY")
+        assert configured_entry("other", f"{server.url}#words").api_key == "sk-global"
+    finally:
+        hub.remove("glm4")
+        hub.unload()

@@ -6,8 +6,9 @@ model ("embedded", a folder, a .gguf file; GLM_PRECISION, GLM_DEVICE... apply) o
 
     GLM_BACKENDS="local=embedded; glm4=http://gpu1:8000/v1#THUDM/glm-4-9b-chat"
 
-A remote entry's API key comes from `GLM_BACKEND_<NAME>_KEY` (the name upper-cased, other characters as `_`), else
-GLM_REMOTE_API_KEY. From `.streamlit/secrets.toml`, a `[backends.NAME]` table per backend (secrets win over the
+A configured remote entry's API key comes from `GLM_BACKEND_<NAME>_KEY` (the name upper-cased, other characters as
+`_`), else GLM_REMOTE_API_KEY. A key goes only to the URL it was configured with: a server added in the page (or a
+URL typed in "Load another model") carries only the key typed with it, whatever its name. From `.streamlit/secrets.toml`, a `[backends.NAME]` table per backend (secrets win over the
 environment):
 
     [backends.glm4]
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from ..protocol import ModelSpec
-from .remote import is_remote, remote_spec
+from .remote import KEY_ENV, is_remote, remote_spec
 
 ENV = "GLM_BACKENDS"
 DEFAULT_LOCAL_NAME = "local"
@@ -63,15 +64,21 @@ def key_env_name(name: str) -> str:
 
 def make_entry(name: str, target: str, api_key: str | None = None, local_defaults: ModelSpec | None = None,
                env: Mapping[str, str] | None = None) -> BackendEntry:
-    """One backend from a name and a target (URL or local path). Raises ValueError with a reason."""
+    """One configured backend from a name and a target (URL or local path); a remote one without `api_key` takes
+    its key from `env` (the process environment by default). Raises ValueError with a reason."""
     env = os.environ if env is None else env
     name, target = check_name(name), target.strip()
     if not target:
         raise ValueError(f"backend {name!r} names no model")
     if is_remote(target):
-        return BackendEntry(name, remote_spec(target), api_key or env.get(key_env_name(name)) or None)
+        return BackendEntry(name, remote_spec(target), api_key or env.get(key_env_name(name)) or env.get(KEY_ENV) or None)
     base = local_defaults or ModelSpec.from_settings()
     return BackendEntry(name, replace(base, path=target))
+
+
+def typed_entry(name: str, target: str, api_key: str | None) -> BackendEntry:
+    """A server someone added in the page: only the key typed with it, never a configured one."""
+    return make_entry(name, target, api_key=api_key, env={})
 
 
 def parse_backends_env(text: str, local_defaults: ModelSpec | None = None,

@@ -32,6 +32,7 @@ class EngineHub:
         self.last_error: str | None = None
         self.last_error_spec: ModelSpec | None = None
         self.configured = False
+        self._configured_keys: dict[str, str | None] = {}  # configured remote URL -> its key
         self.config_error: str | None = None  # why the configured backends were not used (shown by the portal)
         if entries is not None:
             self.configure(entries)
@@ -44,6 +45,7 @@ class EngineHub:
             self.configured = True
             for entry in entries:
                 if entry.remote:
+                    self._configured_keys[entry.spec.path] = entry.api_key
                     self._remotes[entry.name] = RemoteBackend(entry.spec, api_key=entry.api_key, name=entry.name)
                 else:
                     self.local_name, self.local_spec = entry.name, entry.spec
@@ -118,7 +120,9 @@ class EngineHub:
                                         or remote and current.spec == _remote(spec)):
                 return current
             try:
-                backend = RemoteBackend(spec) if remote else self._load_local(spec, progress)
+                # A URL gets a key only when it is a configured backend's own URL (never for a typed one).
+                backend = (RemoteBackend(spec, api_key=self._configured_keys.get(spec.path)) if remote
+                           else self._load_local(spec, progress))
             except (ModelLoadError, ValueError) as exc:
                 self.last_error, self.last_error_spec = str(exc), spec
                 if isinstance(exc, ModelLoadError):

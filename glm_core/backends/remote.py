@@ -211,7 +211,9 @@ class RemoteBackend:
         self.target = parse_target(path)
         self.spec = remote_spec(path)
         self.name = name or self.target.model or self.target.host
-        self._key = api_key or os.environ.get(KEY_ENV) or "EMPTY"  # vLLM's convention for "no key"
+        # Only the key given with this URL (configuration decides which: backends/config.py); never one from the
+        # environment for a URL someone typed. "EMPTY" is vLLM's convention for "no key".
+        self._key = api_key or "EMPTY"
         self._timeout = timeout_s or READ_TIMEOUT_S
         # No retries: a stream must not be resent behind the user's back; a failed request is shown and can be sent
         # again. A new connection per request means a server that comes back is used again without a restart.
