@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import secrets
 import threading
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ from glm_core.telemetry.gpu_monitor import Monitor
 from glm_core.backends.config import configured_backends, conversation_backend, typed_entry
 from glm_core.backends.hub import EngineHub
 from glm_core.conversations.conversation import ChatMessage
-from glm_core.safe_markdown import no_remote_images
+from glm_core.safe_markdown import no_remote_images, plain  # noqa: F401 (plain: the pages' import)
 from glm_core.conversations.store import Store
 from glm_core.conversations.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
 
@@ -99,14 +98,14 @@ def load_with_progress(spec: ModelSpec, default: bool = False) -> Backend | None
             spec = ModelSpec(check_model_path(spec.path, load_settings().model_dirs), spec.precision, spec.device,
                              spec.family, spec.group_size)
         except PathNotAllowed as exc:
-            st.error(f"Could not load the model: {exc}")
+            st.error(f"Could not load the model: {plain(exc)}")
             return hub.engine
-    bar = st.progress(0.0, text=f"Loading {spec.path} ...")
+    bar = st.progress(0.0, text=f"Loading {plain(spec.path)} ...")
     try:
         return hub.load(spec, progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
                         if_none_loaded=default)
     except ModelLoadError as exc:
-        st.error(f"Could not load the model: {exc}")
+        st.error(f"Could not load the model: {plain(exc)}")
         return hub.engine
     finally:
         bar.empty()
@@ -119,7 +118,7 @@ def ensure_engine() -> Backend | None:
         return hub.engine
     spec = hub.default_local_spec()
     if hub.last_error_spec == spec:
-        st.error(f"Could not load the model: {hub.last_error}")
+        st.error(f"Could not load the model: {plain(hub.last_error)}")
         return None
     return load_with_progress(spec, default=True)
 
@@ -200,7 +199,7 @@ def remote_servers_panel() -> None:
                       help="Optional; kept in this process only, never shown")
         st.form_submit_button("Add server", key="add_backend", on_click=add)
     if st.session_state.get("backend_error"):
-        st.error(st.session_state.pop("backend_error"))
+        st.error(plain(st.session_state.pop("backend_error")))
     st.caption("Servers added here last until the portal restarts; GLM_BACKENDS or secrets.toml keep them.")
 
 
@@ -393,17 +392,10 @@ def show_message(message: ChatMessage) -> None:
     """A stored message: Markdown without unsafe HTML (any HTML in it shows as text; code blocks are highlighted
     and $...$ renders as LaTeX), its error, and a reply's figures."""
     st.markdown(no_remote_images(message.content))  # images from other hosts become links
-    if message.error:
-        st.error(message.error)
+    if message.error:  # another server's words, or an imported file's: shown as typed
+        st.error(plain(message.error))
     line = message.stats_line() if message.role == "assistant" else ""
     if line:
-        st.caption(line)
+        st.caption(plain(line))
 
 
-_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>:$&=^])")
-
-
-def plain(text: str) -> str:
-    """User text made safe for places that render Markdown (button labels, captions): every Markdown, directive
-    (`:red[...]`), emoji-shortcode and LaTeX character is escaped, so it shows exactly as typed."""
-    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)

@@ -116,7 +116,7 @@ with st.sidebar:
     if len(summaries) > LIST_LIMIT:
         st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
     if state.get("sidebar_error"):
-        st.error(state.pop("sidebar_error"))
+        st.error(plain(state.pop("sidebar_error")))
     if stored:
         with st.expander("Rename, pin, archive, share or delete"):
             st.text_input("Title", value=conversation.title, key=f"title_{conversation.id}", max_chars=200)
@@ -147,7 +147,7 @@ with st.sidebar:
                      else 0, key=f"backend_{conversation.id}", on_change=choose_backend, args=(conversation.id, stored),
                      help="Only this conversation switches; its history is sent to the model it talks to now.")
     if get_hub().config_error:
-        st.warning(get_hub().config_error)
+        st.warning(plain(get_hub().config_error))
     if engine is not None and engine.card().get("backend") == "remote":
         card = engine.card()
         st.markdown(f"**{plain(card['name'])}**")
@@ -159,13 +159,13 @@ with st.sidebar:
                    f"{load['in_flight_here']} from this portal")
     elif engine is not None:
         card = engine.card()
-        st.markdown(f"**{card['name']}**")
+        st.markdown(f"**{plain(card['name'])}**")
         st.caption(
-            f"family {card['family']} · {card['precision']} · {card['device']} · "
+            f"family {plain(card['family'])} · {card['precision']} · {plain(card['device'])} · "
             f"{card['parameters'] / 1e6:,.0f}M parameters · loaded in {card['load_seconds']:.1f} s"
         )
         if "checkpoint" in card:
-            st.caption(card["checkpoint"])
+            st.caption(plain(card["checkpoint"]))
         memory = engine.memory_report()
         st.caption(
             f"weights {card['weights_bytes'] / 2**20:,.0f} MiB "
@@ -275,7 +275,7 @@ if stored:
 if len(get_hub().names()) > 1 and backend_name is not None:
     st.caption(f"Talking to {plain(backend_name)}" + (f" ({plain(engine.card()['name'])})" if engine else ""))
 if backend_note:
-    st.info(backend_note)
+    st.info(plain(backend_note))
 if engine is None:
     st.info("No model is loaded. Choose one in the sidebar.")
 
@@ -362,13 +362,13 @@ if action is not None:
                           expected_last_id=action.get("last"))
     except (ValueError, ConversationBusy, NotFound, ConversationChanged, StorageError, QueueFull, EngineClosed) as exc:
         if isinstance(exc, QueueFull):
-            st.error(f"The model is busy, try again in a moment. {exc}")
+            st.error(f"The model is busy, try again in a moment. {plain(exc)}")
         elif isinstance(exc, EngineClosed):
-            st.error(f"Not sent: {exc}. Send it again once the model has loaded.")
+            st.error(f"Not sent: {plain(exc)}. Send it again once the model has loaded.")
         elif isinstance(exc, StorageError):
-            st.error(f"Not sent: {exc}. Send it again in a moment.")
+            st.error(f"Not sent: {plain(exc)}. Send it again in a moment.")
         else:
-            st.error(str(exc))
+            st.error(plain(exc))
         if action["prompt"]:
             st.code(action["prompt"], language=None, wrap_lines=True)  # nothing typed is lost
 
@@ -409,9 +409,9 @@ if action is not None:
 after_turn = state.pop("after_turn", None)
 if after_turn:
     for note in after_turn["notes"]:
-        st.info(note)
+        st.info(plain(note))
     if after_turn["error"]:
-        st.error(after_turn["error"])
+        st.error(plain(after_turn["error"]))
     if after_turn.get("unstored"):
         with st.chat_message("assistant"):
             st.markdown(no_remote_images(after_turn["unstored"]))

@@ -5,7 +5,7 @@ from datetime import datetime, time, timezone
 import pandas as pd
 import streamlit as st
 
-from app_shared import get_store, open_workspace
+from app_shared import get_store, open_workspace, plain
 from glm_core.conversations.store import StorageError
 from glm_core.conversations.exchange import (
     EXPORT_FORMATS, MAX_IMPORT_BYTES, ImportRejected, check_import_size, export_conversations, export_file_name,
@@ -34,7 +34,7 @@ if st.button("Import", key="import_button", disabled=uploaded is None):
         check_import_size(uploaded.size)  # before reading it
         imported = import_file(store, workspace, uploaded.getvalue())
     except (ImportRejected, StorageError) as exc:
-        st.error(f"Not imported: {exc}. Nothing was changed.")
+        st.error(f"Not imported: {plain(exc)}. Nothing was changed.")
     else:
         st.success(f"Imported {len(imported)} conversation(s).")
 

@@ -135,3 +135,10 @@ def stop_process(process, timeout: float) -> None:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+def shown(text: str) -> str:
+    """What a reader sees of Markdown that escapes every special character (glm_core.safe_markdown.plain)."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", text)

@@ -282,3 +282,37 @@ def test_a_stale_regenerate_from_a_second_tab_changes_nothing(tiny_env):
     stored = tiny_env.get_conversation(ws, cid)
     assert [m.content for m in stored.messages if m.role == "user"] == ["First question", "Second question"]
     assert second.session_state.conversation_id == cid
+
+
+def test_no_remote_image_hides_from_the_parser():
+    """The reproductions: an escaped backtick before an image, and a backtick fence whose info string holds a
+    backtick (no fence in CommonMark, so what follows is prose). Code blocks stay exactly as written."""
+    from glm_core.safe_markdown import no_remote_images
+
+    defused = "!" + ZERO_WIDTH_SPACE + "["
+    for text in ("\\` ![x](http://evil.example/a.png) `", "```a`b\n![x](http://evil.example/a.png)\n```",
+                 "[![x](http://evil.example/a.png)](https://e.x)", "`![in a code span](http://evil.example/a.png)`",
+                 "> quote ![x](http://evil.example/a.png)", "- item\n\n  ![x](http://evil.example/a.png)"):
+        shown = no_remote_images(text)
+        assert "![" not in shown and defused in shown, text
+        assert shown.replace(ZERO_WIDTH_SPACE, "") == text
+    code = "```rust\nlet v = vec![1, 2];\n```\n\n    indented ![kept](u)\n\ntext ![x](http://evil.example/a.png)"
+    shown = no_remote_images(code)
+    assert "let v = vec![1, 2];" in shown and "    indented ![kept](u)" in shown and "text " + defused in shown
+
+
+def test_outside_text_in_captions_and_error_boxes_shows_as_typed(tiny_env):
+    """An imported message's model name and error (or a remote server's error text) render as text, not
+    Markdown: no image, no link, no formatting."""
+    from glm_core.safe_markdown import plain
+
+    evil = "![pixel](http://evil.example/p.png) **loud** [link](http://evil.example)"
+    ws = tiny_env.create_workspace()
+    [cid] = tiny_env.import_conversations(ws, [Conversation(title="Imported", messages=[
+        ChatMessage("user", "hi"),
+        ChatMessage("assistant", "hello", model=evil, precision="FP32", error=evil, finish_reason="error")])])
+    at = open_page(ws=ws, c=cid)
+    reply = at.chat_message[1]
+    assert reply.error[0].value == plain(evil) and plain(evil) in reply.caption[0].value
+    for shown in (reply.error[0].value, reply.caption[0].value):
+        assert "![" not in shown and "](" not in shown and "**" not in shown

@@ -9,7 +9,7 @@ from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub
-from conftest import HOME, ROOT, open_page
+from conftest import HOME, ROOT, open_page, shown
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import FORMAT_NAME
 from glm_core.conversations.store import Store
@@ -141,7 +141,7 @@ def test_switching_back_resumes_the_kept_cache(store):
     reply = store.get_conversation(workspace_of(at), first).messages[-1]
     assert reply.stats["reused_tokens"] > 0  # the engine kept this conversation's cache under its stored id
     assert at.chat_message[-1].caption[0].value.startswith("prompt")
-    assert "(0 from cache)" not in at.chat_message[-1].caption[0].value
+    assert "(0 from cache)" not in shown(at.chat_message[-1].caption[0].value)
 
 
 def test_regenerate_adds_a_version_and_edit_starts_a_branch(store):
@@ -349,7 +349,7 @@ def test_conversations_page_imports_good_files_and_rejects_bad_ones(store):
     at.file_uploader(key="import_file").set_value(("bad.json", bad, "application/json")).run()
     at.button(key="import_button").click().run()
     [error] = at.error
-    assert "[0].role: expected one of system, user, assistant, got 'tool'" in error.value
+    assert "[0].role: expected one of system, user, assistant, got 'tool'" in shown(error.value)
     assert "Nothing was changed" in error.value and store.get_conversations(ws) == before
 
     at.file_uploader(key="import_file").set_value(("broken.json", b'{"messages": [', "application/json")).run()

@@ -9,7 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub, get_store
-from conftest import ROOT
+from conftest import ROOT, shown
 from glm_core.backends.config import make_entry
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,7 +53,7 @@ def test_a_conversation_talks_to_a_remote_model_and_remembers_it(data_dir, remot
     assert not at.exception
     reply = at.chat_message[1]
     assert reply.markdown[0].value.startswith("word0 word1")
-    assert "completion" in reply.caption[0].value and "words (remote)" in reply.caption[0].value
+    assert "completion" in reply.caption[0].value and "words (remote)" in shown(reply.caption[0].value)
     ws, cid = at.query_params["ws"], at.session_state.conversation_id
     assert get_store().get_conversation(ws, cid).backend == "srv-words"
 

@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub
-from conftest import ROOT
+from conftest import ROOT, shown
 from glm_core import SamplingParams
 from glm_core.backends.config import make_entry
 from glm_core.backends.remote import RemoteBackend
@@ -109,7 +109,7 @@ def test_the_portal_chats_through_serve(serve, data_dir):
         at.chat_input[0].set_value("Hello there").run()
         assert not at.exception and not at.error
         reply = at.chat_message[1]
-        assert "completion 8 tokens" in reply.caption[0].value and "(remote)" in reply.caption[0].value
+        assert "completion 8 tokens" in reply.caption[0].value and "(remote)" in shown(reply.caption[0].value)
     finally:
         hub.remove("serve")
 
