@@ -209,25 +209,40 @@ def test_bidirectional_prompt_and_2d_positions_matter(glm6b, loaded_fp32):
 # ---- loading: sharded / single bin, quantized while loading, pre-quantized THUDM checkpoints ----------------------
 
 
+@pytest.fixture(scope="module")
+def gentle(tmp_path_factory, ice_model):
+    """For the precision levels: the reference checkpoint's shapes with weights of std 0.15, whose logits move
+    smoothly with rounding (the reference's std 0.5 makes a 3-layer random model chaotic: bf16 alone moves its
+    logits by 30%). Their loss is measured against this folder's FP32 logits, which is the module
+    test_logits_equal_the_original_forward checks against THUDM's code."""
+    import sentencepiece as spm
+
+    config = chatglm6b_config(ice_model, vocab_size=spm.SentencePieceProcessor(model_file=str(ice_model)).get_piece_size())
+    folder = write_chatglm6b_checkpoint(tmp_path_factory.mktemp("gentle") / "chatglm-6b-gentle", ice_model, config,
+                                        chatglm6b_state_dict(config))
+    fp32 = load_model(ModelSpec(str(folder), "fp32", "cpu"))
+    ids = prompt_ids(fp32, "The capital of France is Paris.") + [17, 230]
+    with torch.inference_mode():
+        return folder, config, ids, fp32.model(input_ids=torch.tensor([ids])).logits[0]
+
+
 @pytest.mark.parametrize("level", ["bf16", "fp16"])
-def test_half_precision_levels(glm6b, level):
-    folder, config, sd = glm6b
+def test_half_precision_levels(gentle, level):
+    folder, config, ids, expected = gentle
     loaded = load_model(ModelSpec(str(folder), level, "cpu"))
     assert loaded.model.transformer.layers[0].attention.dense.weight.dtype == loaded.precision.dtype
-    ids = prompt_ids(loaded, "The capital of France is Paris.") + [17, 230]
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
-    rows, expected = original_logits("chatglm-6b", ids)
-    assert ((logits[rows] - expected).norm() / expected.norm()).item() < 0.03
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.03
 
 
 @pytest.mark.parametrize("level, tolerance", [("int8", 0.03), ("int4", 0.25)])
-def test_quantizes_while_loading(glm6b, level, tolerance):
+def test_quantizes_while_loading(gentle, level, tolerance):
     from torch import nn
 
     from glm_core.models.quant import WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear
 
-    folder, config, sd = glm6b
+    folder, config, ids, expected = gentle
     loaded = load_model(ModelSpec(str(folder), level, "cpu", group_size=32))
     layers = loaded.model.transformer.layers
     assert not [m for m in layers.modules() if isinstance(m, nn.Linear)]
@@ -237,11 +252,9 @@ def test_quantizes_while_loading(glm6b, level, tolerance):
     assert isinstance(embedding, WeightOnlyInt8Embedding)
     assert isinstance(loaded.model.lm_head, WeightOnlyInt8Linear) and loaded.model.lm_head.weight is embedding.weight
     assert loaded.weights["quantized"] > 0
-    ids = prompt_ids(loaded, "The capital of France is Paris.") + [17, 230]
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
-    rows, expected = original_logits("chatglm-6b", ids)
-    assert ((logits[rows] - expected).norm() / expected.norm()).item() < tolerance
+    assert ((logits - expected).norm() / expected.norm()).item() < tolerance
 
 
 @pytest.mark.parametrize("bits, embedding", [(4, False), (8, False), (4, True)])
