@@ -137,7 +137,8 @@ def test_process_response_as_the_original_chat():
     assert ChatGLM6BFormat.process_response("[[训练时间]]") == "2023年"
 
 
-@pytest.mark.parametrize("text", ["你好,世界!ok, fine? 是吗?[[训练时间]]好:对;", "  答:是 , 不是,  [[训练", "好?"])
+@pytest.mark.parametrize("text", ["你好,世界!ok, fine? 是吗?[[训练时间]]好:对;", "  答:是 , 不是,  [[训练", "好?",
+                                  "Yes , I 'm here . Don 't , he 's 你 ,好 ' s n"])
 def test_replies_stream_through_process_response_without_taking_text_back(loaded_fp32, text):
     """The runner's decoder for ChatGLM-6B: token by token, what is sent only grows, and the whole reply is what
     the original chat() returned (full-width marks next to CJK characters, the placeholder replaced)."""
