@@ -1,5 +1,10 @@
-"""Tiny ChatGLM2/ChatGLM3 checkpoints in the original THUDM layout (random weights, fp16 on disk), a SentencePiece
-BPE model with byte fallback trained here, and an independent plain-torch forward of the ChatGLM2 architecture."""
+"""Tiny ChatGLM-6B/ChatGLM2/ChatGLM3 checkpoints in the original THUDM layout (random weights from a fixed seed,
+fp16 on disk), SentencePiece models trained here, and an independent plain-torch forward of the ChatGLM2
+architecture.
+
+This module imports only torch and sentencepiece (never glm_core): tests/reference/make_reference.py imports it
+in the separate environment that runs THUDM's original code, and the checkpoints it builds there must be
+byte-identical to the ones the tests build here (tests/test_reference_fidelity.py checks their SHA-256)."""
 
 from __future__ import annotations
 
@@ -202,24 +207,34 @@ def reference_logits(sd: dict, config: dict, ids: list[int]) -> torch.Tensor:
     return x @ w["transformer.output_layer.weight"].T
 
 
-# ---- ChatGLM-6B (first generation): ice_text tokenizer, THUDM config and layout, a literal reference forward ----
+# ---- ChatGLM-6B (first generation): ice_text tokenizer, THUDM config and layout -------------------------------
+# (Its expected outputs are not written here: they are what THUDM's own code produced, tests/reference/.)
 
 ICE_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
-ICE_SYMBOLS = ["<n>", "<|tab|>"] + [f"<|blank_{i}|>" for i in range(2, 81)] + ICE_SPECIALS
+ICE_TEXT_SYMBOLS = ["<n>", "<|tab|>"] + [f"<|blank_{i}|>" for i in range(2, 81)]
+
+
+def _ice_rewrite(text: str) -> str:
+    """The training corpus in ice_text's form (newline, tab and blank runs as their pieces); training data only."""
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    for n in range(80, 1, -1):
+        text = text.replace(" " * n, f"<|blank_{n}|>")
+    return text
 
 
 def train_ice_sentencepiece(path: Path, vocab_size: int = 800) -> Path:
-    """An ice_text.model stand-in: <unk> <s> </s> <pad> at 0..3 as in the real one, then the newline, tab and
-    blank-run pieces and the special pieces as user-defined symbols; trained on the rewritten corpus."""
-    from glm_core.models.chatglm.ice_tokenizer import preprocess
-
-    corpus = [preprocess(line) for line in CORPUS + ["a\tb\n  c   d\n\n" + " " * 90 + "e"] * 5]
+    """An ice_text.model stand-in: <unk> <s> </s> <pad> at 0..3 as in the real one; the newline, tab and
+    blank-run pieces as user-defined symbols (matched in text, as "<n>" is id 4 in the real vocabulary); the
+    special pieces ([MASK] [gMASK] <sop> <eop> ...) as control symbols, so that SentencePiece decodes them to
+    nothing: the original chat() decodes the reply with its final <eop> (skip_special_tokens=False) and THUDM's
+    replies carry no "<eop>" text. Trained on the rewritten corpus."""
+    corpus = [_ice_rewrite(line) for line in CORPUS + ["a\tb\n  c   d\n\n" + " " * 90 + "e"] * 5]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=ICE_SYMBOLS,
-        hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=ICE_TEXT_SYMBOLS,
+        control_symbols=ICE_SPECIALS, hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2,
     )
     path.write_bytes(model.getvalue())
     return path
@@ -259,13 +274,15 @@ def chatglm6b_config(sp_path: Path, num_image_tokens: int = 0, **overrides) -> d
     return config
 
 
-def chatglm6b_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random fp16 weights under the original names, the stored rotary buffers and the tied output layer included."""
+def chatglm6b_state_dict(config: dict, seed: int = 0, std: float = 0.15) -> dict[str, torch.Tensor]:
+    """Random fp16 weights under the original names, the stored rotary buffers and the tied output layer included.
+    `std`: of the attention and MLP weights (with the tied output layer and the residual on the normalised input,
+    a small std makes a random model repeat its last input token; a larger one gives varied greedy replies)."""
     g = torch.Generator().manual_seed(seed)
     h, ffn, heads = config["hidden_size"], config["inner_hidden_size"], config["num_attention_heads"]
     rot = h // heads // 2
 
-    def rand(*shape, std=0.15):
+    def rand(*shape, std=std):
         return (torch.randn(*shape, generator=g) * std).half()
 
     sd = {"transformer.word_embeddings.weight": rand(config["vocab_size"], h, std=1.0)}
@@ -346,79 +363,68 @@ def write_chatglm6b_checkpoint(folder: Path, ice_model: Path, config: dict, sd: 
     return folder
 
 
-def glm6b_reference_logits(sd: dict, config: dict, ids: list[int]) -> torch.Tensor:
-    """THUDM/chatglm-6b's forward over the whole sequence, written out literally from its modeling_chatglm.py
-    (get_position_ids, get_masks, RotaryEmbedding with its fp16 inv_freq, apply_rotary_pos_emb_index,
-    attention_fn with the per-layer scaling coefficient and masked_fill(-10000), GLMBlock with alpha, GLU with
-    gelu_impl). [seq, hidden] layout, batch 1, fp32 (the original's CPU path after .float())."""
-    w = {k: v.float() for k, v in sd.items()}
-    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_layers"]
-    hn = hidden // heads
-    eps = config["layernorm_epsilon"]
-    n = len(ids)
+# ---- the checkpoints of the recorded reference outputs (tests/reference/) -----------------------------------
 
-    # get_position_ids (position_encoding_2d) and get_masks
-    context_length = ids.index(config["bos_token_id"])
-    mask_token = config["gmask_token_id"] if config["gmask_token_id"] in ids else config["mask_token_id"]
-    mask_position = ids.index(mask_token)
-    position_ids = torch.arange(n)
-    position_ids[context_length:] = mask_position
-    block_position_ids = torch.cat((torch.zeros(context_length, dtype=torch.long),
-                                    torch.arange(n - context_length) + 1))
-    attention_mask = torch.ones(n, n).tril_()
-    attention_mask[:, :context_length] = 1
-    attention_mask = attention_mask < 0.5  # True: masked
+REFERENCE_CHECKPOINTS = {
+    # name: (family, what it is)
+    "chatglm-6b": ("chatglm-6b", "3 layers (not 28: the residual scale stays sqrt(2 * 28)), fp16 weights, sharded .bin"),
+    "chatglm-6b-28-layers": ("chatglm-6b", "28 layers (the real count), fp16 weights, one .bin"),
+    "chatglm-6b-int8": ("chatglm-6b", "2 layers, pre-quantized as THUDM's chatglm-6b-int8 (int8 rows, fp16 scales)"),
+    "chatglm-6b-int4": ("chatglm-6b", "2 layers, pre-quantized as THUDM's chatglm-6b-int4 (two a byte, fp16 scales)"),
+    "chatglm2-6b": ("chatglm2-6b", "2 layers, fp16 weights, one .bin"),
+    "chatglm3-6b": ("chatglm3-6b", "2 layers, fp16 weights, sharded .bin with its index"),
+    "chatglm2-6b-int8": ("chatglm2-6b", "2 layers, pre-quantized as THUDM's chatglm2-6b-int8 layout"),
+    "chatglm2-6b-int4": ("chatglm2-6b", "2 layers, pre-quantized as THUDM's chatglm2-6b-int4 layout"),
+}
 
-    # RotaryEmbedding(hidden_size // (num_attention_heads * 2), base=10000, precision=torch.half)
-    dim = hidden // (heads * 2)
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))).half().float()
-    t = torch.arange(int(max(position_ids.max(), block_position_ids.max())) + 1, dtype=inv_freq.dtype)
-    freqs = torch.einsum("i,j->ij", t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos_cached, sin_cached = emb.cos()[:, None, :], emb.sin()[:, None, :]
 
-    def rotate_half(x):
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return torch.cat((-x2, x1), dim=x1.ndim - 1)
+def build_reference_checkpoint(name: str, root: Path) -> tuple[Path, dict]:
+    """The folder (under `root`) and config.json of one reference checkpoint, built from fixed seeds. Byte-identical
+    wherever torch and sentencepiece are the same versions (torch.save and SentencePiece training, one thread, are
+    deterministic): the reference files record each file's SHA-256."""
+    family = REFERENCE_CHECKPOINTS[name][0]
+    root.mkdir(parents=True, exist_ok=True)
+    if family == "chatglm-6b":
+        ice = root / "ice_text.model"
+        if not ice.exists():
+            train_ice_sentencepiece(ice)
+        # vocab_size = the piece count, as the real ice_text.model and config.json (130528): no padded rows, which
+        # a random model could pick and the original tokenizer cannot decode.
+        pieces = spm.SentencePieceProcessor(model_file=str(ice)).get_piece_size()
+        if name == "chatglm-6b":
+            config = chatglm6b_config(ice, vocab_size=pieces)
+            sd, layout = chatglm6b_state_dict(config, std=0.5), "sharded-bin"
+        elif name == "chatglm-6b-28-layers":
+            config = chatglm6b_config(ice, vocab_size=pieces, num_layers=28, hidden_size=32, num_attention_heads=2,
+                                      inner_hidden_size=64)
+            sd, layout = chatglm6b_state_dict(config, std=0.5), "bin"
+        else:
+            bits = int(name[-1])
+            config = chatglm6b_config(ice, vocab_size=pieces, quantization_bit=bits, _name_or_path=f"THUDM/{name}",
+                                      num_layers=2)
+            sd, layout = quantize_thudm_glm6b(chatglm6b_state_dict(config, seed=4, std=0.5), bits)[0], "bin"
+        return write_chatglm6b_checkpoint(root / name, ice, config, sd, layout=layout), config
+    sp = root / "tokenizer.model"
+    if not sp.exists():
+        train_sentencepiece(sp)
+    pieces = spm.SentencePieceProcessor(model_file=str(sp)).get_piece_size()
+    # No padded rows beyond the tokenizer's ids (5 special ids for ChatGLM2, 9 for ChatGLM3): a random model could
+    # pick one, and the original ChatGLM2 tokenizer cannot decode it ("piece id is out of range").
+    if name == "chatglm2-6b":
+        config = chatglm2_config(pieces, padded_vocab_size=pieces + 5)
+        sd, layout = random_state_dict(config), "bin"
+    elif name == "chatglm3-6b":
+        config = chatglm2_config(pieces, name="THUDM/chatglm3-6b", padded_vocab_size=pieces + 9)
+        sd, layout = random_state_dict(config, seed=1), "sharded-bin"
+    else:
+        bits = int(name[-1])
+        config = chatglm2_config(pieces, quantization_bit=bits, name=f"THUDM/{name}", padded_vocab_size=pieces + 5)
+        sd, layout = quantize_thudm(random_state_dict(config, seed=4), bits)[0], "bin"
+    return write_checkpoint(root / name, sp, config, sd, layout), config
 
-    def apply_rotary_pos_emb_index(q, k, position_id):  # q, k: [sq, np, hn/2]
-        cos = F.embedding(position_id, cos_cached.squeeze(1)).unsqueeze(1)
-        sin = F.embedding(position_id, sin_cached.squeeze(1)).unsqueeze(1)
-        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
-    def gelu_impl(x):
-        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+def file_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a checkpoint folder, by name."""
+    import hashlib
 
-    def layer_norm(x, name):
-        return F.layer_norm(x, (hidden,), w[name + ".weight"], w[name + ".bias"], eps)
-
-    hidden_states = w["transformer.word_embeddings.weight"][torch.tensor(ids)]  # [sq, h]
-    for layer_id in range(layers):
-        p = f"transformer.layers.{layer_id}."
-        attention_input = layer_norm(hidden_states, p + "input_layernorm")
-        mixed = attention_input @ w[p + "attention.query_key_value.weight"].T + w[p + "attention.query_key_value.bias"]
-        mixed = mixed.view(n, heads, 3 * hn)
-        query_layer, key_layer, value_layer = torch.split(mixed, hn, dim=-1)
-        q1, q2 = query_layer.chunk(2, dim=-1)
-        k1, k2 = key_layer.chunk(2, dim=-1)
-        q1, k1 = apply_rotary_pos_emb_index(q1, k1, position_ids)
-        q2, k2 = apply_rotary_pos_emb_index(q2, k2, block_position_ids)
-        query_layer, key_layer = torch.cat([q1, q2], dim=-1), torch.cat([k1, k2], dim=-1)
-
-        coeff = float(layer_id + 1)  # query_key_layer_scaling_coeff
-        query_layer = query_layer / (math.sqrt(hn) * coeff)
-        scores = torch.einsum("qhd,khd->hqk", query_layer, key_layer)
-        scores = scores.masked_fill(attention_mask, -10000.0)
-        scores = scores.float() * coeff
-        probs = F.softmax(scores, dim=-1)
-        context = torch.einsum("hqk,khd->qhd", probs, value_layer).reshape(n, hidden)
-        attention_output = context @ w[p + "attention.dense.weight"].T + w[p + "attention.dense.bias"]
-
-        alpha = (2 * layers) ** 0.5
-        hidden_states = attention_input * alpha + attention_output
-        mlp_input = layer_norm(hidden_states, p + "post_attention_layernorm")
-        inner = gelu_impl(mlp_input @ w[p + "mlp.dense_h_to_4h.weight"].T + w[p + "mlp.dense_h_to_4h.bias"])
-        mlp_output = inner @ w[p + "mlp.dense_4h_to_h.weight"].T + w[p + "mlp.dense_4h_to_h.bias"]
-        hidden_states = mlp_input * alpha + mlp_output
-    hidden_states = layer_norm(hidden_states, "transformer.final_layernorm")
-    return hidden_states @ w["lm_head.weight"].T
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}

@@ -1,6 +1,7 @@
 """ChatGLM-6B (first generation) natively: a tiny checkpoint in the original THUDM layout (random fp16 weights,
-sharded .bin with its index, an ice_text.model trained here), its logits against a literal plain-torch copy of
-the original forward, the tokenizer's rewrites, the prompt, quantization and the engine's kept-cache rules."""
+sharded .bin with its index, an ice_text.model trained here), its logits against those THUDM's own code produced
+on the same checkpoint (tests/reference/chatglm-6b.json, tests/test_reference_fidelity.py), the tokenizer's
+rewrites, the prompt, quantization and the engine's kept-cache rules."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from chatglm_fixtures import (
-    chatglm6b_config, chatglm6b_state_dict, glm6b_reference_logits, quantize_thudm_glm6b, train_ice_sentencepiece,
+    build_reference_checkpoint, chatglm6b_config, chatglm6b_state_dict, quantize_thudm_glm6b,
     write_chatglm6b_checkpoint,
 )
 from conftest import ROOT
@@ -25,17 +26,31 @@ from glm_core.models.chatglm.glm6b import CACHED_IDS, ChatGLM6BForCausalLM, rota
 from glm_core.models.chatglm.ice_tokenizer import IceTokenizer, TokenizerMismatch, postprocess, preprocess
 
 
-@pytest.fixture(scope="module")
-def ice_model(tmp_path_factory):
-    return train_ice_sentencepiece(tmp_path_factory.mktemp("ice") / "ice_text.model")
+REFERENCE = json.loads((ROOT / "tests" / "reference" / "chatglm-6b.json").read_text(encoding="utf-8"))
+
+
+def original_logits(name: str, ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    """(rows, logits at those rows) that THUDM's modeling_chatglm.py gave for `ids` on checkpoint `name`."""
+    import base64
+
+    for case in REFERENCE["checkpoints"][name]["cases"]["logits"]:
+        if case["ids"] == ids:
+            raw = base64.b64decode(case["logits"]["float32_le_base64"])
+            return case["rows"], torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(case["logits"]["shape"])
+    raise AssertionError(f"no recorded logits of {ids} for {name}: rerun tests/reference/make_reference.py")
 
 
 @pytest.fixture(scope="module")
-def glm6b(tmp_path_factory, ice_model):
-    config = chatglm6b_config(ice_model)
-    sd = chatglm6b_state_dict(config)
-    folder = write_chatglm6b_checkpoint(tmp_path_factory.mktemp("m") / "chatglm-6b-tiny", ice_model, config, sd)
-    return folder, config, sd
+def glm6b(tmp_path_factory):
+    """The reference checkpoint "chatglm-6b" (3 layers, fp16, sharded; its hashes are checked in
+    test_reference_fidelity.py)."""
+    folder, config = build_reference_checkpoint("chatglm-6b", tmp_path_factory.mktemp("m"))
+    return folder, config, chatglm6b_state_dict(config, std=0.5)
+
+
+@pytest.fixture(scope="module")
+def ice_model(glm6b):
+    return glm6b[0] / "ice_text.model"
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +137,8 @@ def test_process_response_as_the_original_chat():
     assert ChatGLM6BFormat.process_response("[[训练时间]]") == "2023年"
 
 
-@pytest.mark.parametrize("text", ["你好,世界!ok, fine? 是吗?[[训练时间]]好:对;", "  答:是 , 不是,  [[训练", "好?"])
+@pytest.mark.parametrize("text", ["你好,世界!ok, fine? 是吗?[[训练时间]]好:对;", "  答:是 , 不是,  [[训练", "好?",
+                                  "Yes , I 'm here . Don 't , he 's 你 ,好 ' s n"])
 def test_replies_stream_through_process_response_without_taking_text_back(loaded_fp32, text):
     """The runner's decoder for ChatGLM-6B: token by token, what is sent only grows, and the whole reply is what
     the original chat() returned (full-width marks next to CJK characters, the placeholder replaced)."""
@@ -156,23 +172,24 @@ def test_logits_equal_the_original_forward(glm6b, loaded_fp32):
     stored_inv_freq = sd["transformer.layers.0.attention.rotary_emb.inv_freq"].float()  # recomputed, not read
     assert torch.equal(rotary_inv_freq(len(stored_inv_freq) * 2, "cpu"), stored_inv_freq)
     ids = prompt_ids(loaded_fp32, "机器学习是人工智能的一个分支,\n它使计算机  能够学习。") + [17, 230, 42, 99]
-    expected = glm6b_reference_logits(sd, config, ids)
+    rows, expected = original_logits("chatglm-6b", ids)  # row 0, then every row from <sop> on
+    sop = ids.index(config["bos_token_id"])
+    assert rows == [0] + list(range(sop, len(ids)))
     with torch.inference_mode():
         whole = model(input_ids=torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(whole, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(whole[rows], expected, atol=1e-4, rtol=1e-4)
         # The engine's way: the prompt up to <sop> in one forward into a DynamicCache, then one token at a time.
-        sop = ids.index(config["bos_token_id"])
         cache = DynamicCache(config=model.config)
         out = model(input_ids=torch.tensor([ids[: sop + 1]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
         steps = [out.logits[0, -1]]
         for token in ids[sop + 1 :]:
             steps.append(model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1])
-        torch.testing.assert_close(torch.stack(steps), expected[sop:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.stack(steps), expected[1:], atol=1e-4, rtol=1e-4)
         assert getattr(cache, CACHED_IDS) == ids
         # Regenerate: the cache cropped to just before <sop>, then <sop> again, gives the same logits.
         cache.crop(-(len(ids) - sop))
         again = model(input_ids=torch.tensor([[ids[sop]]]), past_key_values=cache, use_cache=True).logits[0, -1]
-        torch.testing.assert_close(again, expected[sop], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again, expected[1], atol=1e-4, rtol=1e-4)
 
 
 def test_bidirectional_prompt_and_2d_positions_matter(glm6b, loaded_fp32):
@@ -186,31 +203,47 @@ def test_bidirectional_prompt_and_2d_positions_matter(glm6b, loaded_fp32):
     with torch.inference_mode():
         other = loaded_fp32.model(input_ids=torch.tensor([changed])).logits[0]
     assert not torch.allclose(logits[0], other[0])  # position 0 saw a later prompt token
-    torch.testing.assert_close(other, glm6b_reference_logits(sd, config, changed), atol=1e-4, rtol=1e-4)
+    rows, expected = original_logits("chatglm-6b", changed)
+    torch.testing.assert_close(other[rows], expected, atol=1e-4, rtol=1e-4)
 
 
 # ---- loading: sharded / single bin, quantized while loading, pre-quantized THUDM checkpoints ----------------------
 
 
+@pytest.fixture(scope="module")
+def gentle(tmp_path_factory, ice_model):
+    """For the precision levels: the reference checkpoint's shapes with weights of std 0.15, whose logits move
+    smoothly with rounding (the reference's std 0.5 makes a 3-layer random model chaotic: bf16 alone moves its
+    logits by 30%). Their loss is measured against this folder's FP32 logits, which is the module
+    test_logits_equal_the_original_forward checks against THUDM's code."""
+    import sentencepiece as spm
+
+    config = chatglm6b_config(ice_model, vocab_size=spm.SentencePieceProcessor(model_file=str(ice_model)).get_piece_size())
+    folder = write_chatglm6b_checkpoint(tmp_path_factory.mktemp("gentle") / "chatglm-6b-gentle", ice_model, config,
+                                        chatglm6b_state_dict(config))
+    fp32 = load_model(ModelSpec(str(folder), "fp32", "cpu"))
+    ids = prompt_ids(fp32, "The capital of France is Paris.") + [17, 230]
+    with torch.inference_mode():
+        return folder, config, ids, fp32.model(input_ids=torch.tensor([ids])).logits[0]
+
+
 @pytest.mark.parametrize("level", ["bf16", "fp16"])
-def test_half_precision_levels(glm6b, level):
-    folder, config, sd = glm6b
+def test_half_precision_levels(gentle, level):
+    folder, config, ids, expected = gentle
     loaded = load_model(ModelSpec(str(folder), level, "cpu"))
     assert loaded.model.transformer.layers[0].attention.dense.weight.dtype == loaded.precision.dtype
-    ids = prompt_ids(loaded, "The capital of France is Paris.") + [17, 230]
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
-    expected = glm6b_reference_logits(sd, config, ids)
     assert ((logits - expected).norm() / expected.norm()).item() < 0.03
 
 
 @pytest.mark.parametrize("level, tolerance", [("int8", 0.03), ("int4", 0.25)])
-def test_quantizes_while_loading(glm6b, level, tolerance):
+def test_quantizes_while_loading(gentle, level, tolerance):
     from torch import nn
 
     from glm_core.models.quant import WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear
 
-    folder, config, sd = glm6b
+    folder, config, ids, expected = gentle
     loaded = load_model(ModelSpec(str(folder), level, "cpu", group_size=32))
     layers = loaded.model.transformer.layers
     assert not [m for m in layers.modules() if isinstance(m, nn.Linear)]
@@ -220,25 +253,37 @@ def test_quantizes_while_loading(glm6b, level, tolerance):
     assert isinstance(embedding, WeightOnlyInt8Embedding)
     assert isinstance(loaded.model.lm_head, WeightOnlyInt8Linear) and loaded.model.lm_head.weight is embedding.weight
     assert loaded.weights["quantized"] > 0
-    ids = prompt_ids(loaded, "The capital of France is Paris.") + [17, 230]
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
-    expected = glm6b_reference_logits(sd, config, ids)
     assert ((logits - expected).norm() / expected.norm()).item() < tolerance
 
 
 @pytest.mark.parametrize("bits, embedding", [(4, False), (8, False), (4, True)])
-def test_prequantized_thudm_checkpoints(tmp_path, ice_model, bits, embedding):
-    name = f"chatglm-6b-int{bits}" + ("-qe" if embedding else "")
-    config = chatglm6b_config(ice_model, quantization_bit=bits, _name_or_path=f"THUDM/{name}", num_layers=2)
-    stored, reference = quantize_thudm_glm6b(chatglm6b_state_dict(config, seed=4), bits, embedding)
-    assert stored["transformer.layers.0.mlp.dense_4h_to_h.weight"].dtype == torch.int8
-    folder = write_chatglm6b_checkpoint(tmp_path / name, ice_model, config, stored, layout="bin")
+def test_prequantized_thudm_checkpoints(tmp_path, bits, embedding):
+    """chatglm-6b-int4 / int8 layouts, dequantized as they are read: the logits THUDM's modeling file and CPU
+    kernels gave on the same checkpoint (tests/reference/). int4-qe (word embedding quantized too) has its own
+    modeling file, which no mirror found here holds, so it is only checked to read the same weights: its logits
+    equal those of the dequantized values stored as plain weights."""
+    folder, config = build_reference_checkpoint(f"chatglm-6b-int{bits}", tmp_path / "ref")
+    if embedding:
+        config = {**config, "_name_or_path": "THUDM/chatglm-6b-int4-qe"}
+        stored, dequantized = quantize_thudm_glm6b(chatglm6b_state_dict(config, seed=4, std=0.5), bits, embedding)
+        assert stored["transformer.word_embeddings.weight"].dtype == torch.int8
+        ice = folder / "ice_text.model"
+        folder = write_chatglm6b_checkpoint(tmp_path / "chatglm-6b-int4-qe", ice, config, stored, layout="bin")
+        plain = write_chatglm6b_checkpoint(tmp_path / "dequantized", ice, {**config, "quantization_bit": 0},
+                                           {k: v.float() for k, v in dequantized.items()}, layout="bin")
     loaded = load_model(ModelSpec(str(folder), "fp32", "cpu"))
     ids = loaded.tokenizer("你好")["input_ids"]
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(logits, glm6b_reference_logits(reference, config, ids), atol=1e-4, rtol=1e-4)
+    if embedding:
+        with torch.inference_mode():
+            expected = load_model(ModelSpec(str(plain), "fp32", "cpu")).model(input_ids=torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    else:
+        rows, expected = original_logits(f"chatglm-6b-int{bits}", ids)
+        torch.testing.assert_close(logits[rows], expected, atol=1e-4, rtol=1e-4)
     assert f"INT{bits}" in loaded.card()["checkpoint"]
     int4 = load_model(ModelSpec(str(folder), "int4", "cpu", group_size=32))  # and straight to our INT4
     with torch.inference_mode():
@@ -271,43 +316,33 @@ def test_broken_first_generation_folders_get_one_line_reasons(glm6b, tmp_path):
 # ---- the engine: greedy replies, the kept-cache rules --------------------------------------------------------
 
 
-def greedy_by_reference(sd, config, ids, count, stop):
-    out = []
-    for _ in range(count):
-        token = int(glm6b_reference_logits(sd, config, ids + out)[-1].argmax())
-        if token in stop:
-            break
-        out.append(token)
-    return out
-
-
-def test_engine_re_reads_a_new_turn_and_reuses_the_prompt_to_regenerate(glm6b, loaded_fp32):
-    _, config, sd = glm6b
+def test_engine_re_reads_a_new_turn_and_reuses_the_prompt_to_regenerate(loaded_fp32):
+    """Greedy replies (no penalty) against the original's recorded two-turn chat() conversation."""
+    turns = REFERENCE["checkpoints"]["chatglm-6b"]["cases"]["conversation"]
     engine = Engine(loaded_fp32)
     try:
-        params = SamplingParams(temperature=0, max_new_tokens=6)
-        first_turn = [{"role": "user", "content": "Hello, how are you today?"}]
+        params = SamplingParams(temperature=0, max_new_tokens=len(turns[0]["generated_ids"]))
+        first_turn = [{"role": "user", "content": turns[0]["query"]}]
         first = engine.submit("c", first_turn, params).wait()
         assert first.error is None and first.stats.reused_tokens == 0
         ids = loaded_fp32.chat_format.encode(first_turn)
-        expected = greedy_by_reference(sd, config, ids, 6, loaded_fp32.chat_format.stop_token_ids)
+        assert ids == turns[0]["prompt_ids"]
         held = engine.pool.tokens("c")[len(ids):]
-        assert held == expected[: len(held)] and len(held) >= first.stats.completion_tokens - 1
-        assert first.text == loaded_fp32.tokenizer.decode(expected).lstrip()
+        assert held == turns[0]["generated_ids"][: len(held)] and len(held) >= first.stats.completion_tokens - 1
+        assert first.text == turns[0]["response"]
 
         again = engine.submit("c", first_turn, params).wait()  # regenerate: the prompt before <sop> is kept
         assert again.stats.reused_tokens == len(ids) - 1 and again.stats.prefill_tokens == 1
         assert again.text == first.text
 
         second_turn = first_turn + [{"role": "assistant", "content": first.text},
-                                    {"role": "user", "content": "The capital of France?"}]
+                                    {"role": "user", "content": turns[1]["query"]}]
         second = engine.submit("c", second_turn, params).wait()
         assert second.stats.reused_tokens == 0  # the whole conversation re-read: the prompt is bidirectional
-        assert second.stats.prefill_tokens == second.stats.prompt_tokens == len(
-            loaded_fp32.chat_format.encode(second_turn))
         ids2 = loaded_fp32.chat_format.encode(second_turn)
-        assert second.text == loaded_fp32.tokenizer.decode(
-            greedy_by_reference(sd, config, ids2, 6, loaded_fp32.chat_format.stop_token_ids)).lstrip()
+        assert ids2 == turns[1]["prompt_ids"]
+        assert second.stats.prefill_tokens == second.stats.prompt_tokens == len(ids2)
+        assert second.text == turns[1]["response"]
     finally:
         engine.close()
 

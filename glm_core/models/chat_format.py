@@ -151,6 +151,10 @@ class ChatGLM3Format:
 
 
 TRAINING_TIME = "[[训练时间]]"  # a placeholder ChatGLM-6B may write, which its chat() replaced
+# transformers 4.27's decode (clean_up_tokenization_spaces=True by default), which ChatGLM-6B's chat() ran on the
+# reply before process_response; replaced in this order, each once over the text.
+CLEAN_UP_TOKENIZATION = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 class ChatGLM6BFormat:
@@ -195,8 +199,13 @@ class ChatGLM6BFormat:
 
     @staticmethod
     def process_response(text: str) -> str:
-        """What the original chat() did to a decoded reply: strip, "[[训练时间]]" -> "2023年", and ASCII , ! : ; ?
-        next to a CJK character -> their full-width forms."""
+        """What the original chat() did to a decoded reply: transformers 4.27's clean-up of spaces before
+        punctuation and English contractions (" ." -> ".", " n't" -> "n't" ...: its tokenizer.decode did it;
+        here it is part of the reply's rewrite, since replies are decoded in streamed windows), then
+        process_response: strip, "[[训练时间]]" -> "2023年", ASCII , ! : ; ? next to a CJK character -> their
+        full-width forms."""
+        for spaced, joined in CLEAN_UP_TOKENIZATION:
+            text = text.replace(spaced, joined)
         text = text.strip().replace(TRAINING_TIME, "2023年")
         for ascii_mark, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
             text = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % full_width, text)
@@ -208,10 +217,11 @@ class ChatGLM6BFormat:
     def unsettled_tail(text: str) -> int:
         """How many of `text`'s last characters process_response may still change once more text follows:
         trailing whitespace (stripped only at the very end), a final ASCII mark (its form depends on the next
-        character), the start of a "[[训练时间]]" placeholder."""
+        character), the start of a "[[训练时间]]" placeholder or of a clean-up pattern (" n" may become "n't")."""
         hold = len(text) - len(text.rstrip())
         if not hold and text and text[-1] in ",!:;?":
             hold = 1
-        partial = next((k for k in range(min(len(TRAINING_TIME) - 1, len(text)), 0, -1)
-                        if text.endswith(TRAINING_TIME[:k])), 0)
+        partial = max((k for pattern in (TRAINING_TIME, *(spaced for spaced, _ in CLEAN_UP_TOKENIZATION))
+                       for k in range(1, min(len(pattern) - 1, len(text)) + 1) if text.endswith(pattern[:k])),
+                      default=0)
         return max(hold, partial)

@@ -13,8 +13,10 @@ ChatGLM2/3), so it is written here from THUDM's modeling_chatglm.py (chatglm.cpp
   those up to itself (get_masks). One fused qkv Linear with bias whose output is [q k v] per head, interleaved
   head by head. The original divides the query by sqrt(head_dim) * (layer + 1) and multiplies the scores by
   (layer + 1) again before the softmax (an FP16 overflow guard): the net scale is 1 / sqrt(head_dim).
-- Block: pre-LayerNorm; the residual is the *normalised* input times alpha = sqrt(2 * num_layers):
-  h = ln1(x); x = h * alpha + attn(h); h = ln2(x); x = h * alpha + mlp(h). MLP: Linear (bias), GELU (tanh
+- Block: pre-LayerNorm; the residual is the *normalised* input times alpha = sqrt(2 * 28):
+  h = ln1(x); x = h * alpha + attn(h); h = ln2(x); x = h * alpha + mlp(h). 28 whatever config.json's
+  num_layers: the original computes alpha from GLMBlock's own `num_layers=28` default, which ChatGLMModel never
+  passes (THUDM's code run on a 3-layer checkpoint: tests/reference/chatglm-6b.json). MLP: Linear (bias), GELU (tanh
   approximation, the original's gelu_impl), Linear (bias). Final LayerNorm; the output layer is tied to the word
   embedding (chatglm.cpp's converter asserts they are equal).
 
@@ -46,6 +48,7 @@ from .checkpoint import dequantize
 
 CACHED_IDS = "chatglm6b_ids"  # attribute of the DynamicCache: the token ids whose keys and values it holds
 UNKNOWN_ID = -1  # an id the cache holds keys for but that this module did not see (filled from outside)
+ORIGINAL_ALPHA_LAYERS = 28  # the residual scale's layer count: GLMBlock's default, never the config's (module doc)
 
 
 class ChatGLM6BConfig(PreTrainedConfig):
@@ -184,7 +187,7 @@ class GLMBlock(nn.Module):
         self.attention = SelfAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
-        self.alpha = math.sqrt(2 * config.num_hidden_layers)
+        self.alpha = math.sqrt(2 * ORIGINAL_ALPHA_LAYERS)
 
     def forward(self, x, rotary, mask, cache):
         h = self.input_layernorm(x)
