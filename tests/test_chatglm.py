@@ -131,7 +131,10 @@ def test_chatglm2_prompt_ids(sp_model):
     multi = single + [{"role": "assistant", "content": "你好！"}, {"role": "user", "content": "今天天气怎么样？"}]
     round2 = tok.sp.encode("\n\n[Round 2]\n\n问：今天天气怎么样？\n\n答：")
     assert tok.sp.id_to_piece(round2[0]) == "▁"  # the dummy-prefix piece that the kept-cache turn drops
-    assert fmt.encode(multi) == fmt.encode(single) + tok.sp.encode("你好！") + round2[1:]
+    # chat() encodes the whole prompt at once; stream_chat() with a kept cache appends the new turn alone (both
+    # checked against THUDM's code run: tests/test_reference_fidelity.py).
+    assert fmt.encode(multi) == fmt.encode(single)[:2] + tok.sp.encode(
+        "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：今天天气怎么样？\n\n答：")
     assert fmt.continuation(multi) == round2[1:]
     assert fmt.stop_token_ids == {2}
 

@@ -6,14 +6,9 @@ in fixture building fails loudly instead of comparing against outputs of other w
 tokenizers, prompts, logits and greedy replies (through the real loading path, the engine and the CLI's sampling
 controls: temperature 0 with the model's DEFAULT controls otherwise) must equal the original's.
 
-Tests marked "(c)" in a comment fail only because the ChatGLM defaults leave the repetition penalty unset, so the
-app's 1.1 applies where the original applies none (glm_core/sampling_defaults.py; being fixed on main). With the
-penalty at 1.0 every ChatGLM-6B and ChatGLM3 reply here matches.
-
-Tests marked "(d)" fail because the product's ChatGLM2 prompt for a conversation with earlier replies differs from
-the original chat()'s: the product encodes each earlier reply on its own (encode(reply), which starts with the
-dummy-prefix piece "▁"), chat() encodes the whole prompt text at once (no "▁" before the reply). The new turn it
-appends to a kept cache is stream_chat()'s exactly (build_stream_inputs).
+ChatGLM2 has two originals and the product follows both: chat() re-encodes the whole prompt text at once (the
+product's encode(), for a conversation it holds no kept cache of), and stream_chat() with a kept cache appends the
+new turn alone after the generated ids (the product's continuation()).
 """
 
 import argparse
@@ -139,7 +134,6 @@ def test_chatglm6b_prompt_ids(models, name, case):
 def test_chatglm2_prompt_ids(models, name, case):
     """The whole prompt as chat() builds it (build_inputs), and the new turn alone as stream_chat() appends it to
     a kept cache (build_stream_inputs)."""
-    # (d) with history: a "▁" before each earlier reply that chat() does not have.
     fmt = models(name).chat_format
     messages = chatglm6b_messages(case["query"], case["history"])
     assert fmt.encode(messages) == case["build_inputs"]
@@ -213,7 +207,6 @@ def assert_same_reply(family, done, held, case, streamed=False):
 
 @pytest.mark.parametrize("name, case", case_params("chat"))
 def test_greedy_chat_replies(models, name, case):
-    # (c) for every family: the default repetition penalty 1.1 changes greedy replies. (d) chatglm2-6b with history.
     family = CHECKPOINTS[name][0]
     loaded = models(name)
     messages = messages_of(family, case["query"], case["history"])
@@ -239,21 +232,21 @@ CONVERSATIONS = [pytest.param(name, id=name) for name in CHECKPOINTS if cases(na
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_greedy_multi_turn_conversations(models, name):
-    """Several chat() turns, each given the history the previous one returned, in one engine conversation.
-    ChatGLM-6B re-reads the whole conversation every turn (its prompt attends both ways), as chat() does; for
-    ChatGLM2/3 chat() re-encodes the history from its text, which is the product's recompute mode. Each turn
-    gets the original's history (its replies as chat() returned them: ChatGLM3's lack their last id, see
-    assert_same_reply), so a turn fails for its own reply, not for an earlier one."""
-    # (c) for every family: the default repetition penalty 1.1 changes greedy replies. (d) chatglm2-6b.
+    """Several chat() turns, each given the history the previous one returned. ChatGLM-6B re-reads the whole
+    conversation every turn (its prompt attends both ways) in one engine conversation, as chat() does; for
+    ChatGLM2/3 chat() re-encodes the history from its text, which is what the product does for a conversation
+    it holds no kept cache of (one read from the store, or resent by an API client): a new engine conversation
+    per turn. Each turn gets the original's history (its replies as chat() returned them: ChatGLM3's lack their
+    last id, see assert_same_reply), so a turn fails for its own reply, not for an earlier one."""
     family = CHECKPOINTS[name][0]
     loaded = models(name)
     engine = Engine(loaded)
     try:
-        for turn in cases(name, "conversation"):
+        for number, turn in enumerate(cases(name, "conversation")):
             messages = messages_of(family, turn["query"], turn["history"])
             assert loaded.chat_format.encode(messages) == turn["prompt_ids"]
-            done, held = reply(engine, loaded, "c", messages, len(turn["generated_ids"]),
-                               recompute=family != "chatglm-6b")
+            conversation = "c" if family == "chatglm-6b" else f"c{number}"
+            done, held = reply(engine, loaded, conversation, messages, len(turn["generated_ids"]))
             assert_same_reply(family, done, held, turn)
     finally:
         engine.close()
@@ -262,7 +255,6 @@ def test_greedy_multi_turn_conversations(models, name):
 @pytest.mark.parametrize("name", [n for n in CHECKPOINTS if cases(n, "stream_conversation")])
 def test_first_stream_chat_turn_with_a_kept_cache(models, name):
     """stream_chat()'s first turn (past_key_values=None, return_past_key_values=True: THUDM's cli_demo.py)."""
-    # (c) for every family: the default repetition penalty 1.1 changes greedy replies.
     family = CHECKPOINTS[name][0]
     loaded = models(name)
     turn = cases(name, "stream_conversation")[0]

@@ -89,10 +89,13 @@ def _turns(messages: Sequence[dict]) -> tuple[str, list[tuple[str, str]], str]:
 
 
 class ChatGLM2Format:
-    """ChatGLM2-6B: [gMASK] sop + "[Round 1]\\n\\n问：{q}\\n\\n答：{a}" ..., as its stream_chat built it.
+    """ChatGLM2-6B: [gMASK] sop + "[Round 1]\n\n问：{q}\n\n答：{a}\n\n[Round 2]..." as THUDM's code builds it.
 
-    Each reply is followed by the encoding of "\\n\\n[Round N]\\n\\n问：{q}\\n\\n答：" minus its first piece (the
-    dummy-prefix piece): exactly what the original appended to a kept cache, so a recompute sees the same ids.
+    Two originals, both kept: `chat()` re-encodes the whole conversation from its text as one string (`encode`,
+    for a conversation read from the store or resent by an API client), and `stream_chat()` with a kept cache
+    appends only the encoding of "\n\n[Round N]\n\n问：{q}\n\n答：" minus its first (dummy-prefix) piece after
+    the reply's generated tokens (`continuation`). The two differ where a reply's text re-encodes to other ids
+    than were generated (a reply encoded alone starts with a "▁" piece; inside the prompt it does not).
     ChatGLM2 has no system role; a system prompt is put before the first question.
     """
 
@@ -102,26 +105,20 @@ class ChatGLM2Format:
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset({tokenizer.eos_token_id})
 
-    def _question(self, number: int, question: str) -> list[int]:
-        if number == 1:
-            return self.tokenizer.encode(f"[Round 1]\n\n问：{question}\n\n答：")
-        return self.tokenizer.encode(f"\n\n[Round {number}]\n\n问：{question}\n\n答：")[1:]
-
     def encode(self, messages: Sequence[dict]) -> list[int]:
         system, pairs, question = _turns(messages)
-        ids = list(self.tokenizer.prefix_ids)
+        prompt = ""
         for number, (q, a) in enumerate(pairs + [(question, None)], start=1):
             if number == 1 and system:
                 q = f"{system}\n\n{q}"
-            ids += self._question(number, q)
-            if a is not None:
-                ids += self.tokenizer.encode(a)
-        return ids
+            prompt += f"[Round {number}]\n\n问：{q}\n\n答：" + ("" if a is None else f"{a}\n\n")
+        return list(self.tokenizer.prefix_ids) + self.tokenizer.encode(prompt)
 
     def continuation(self, messages: Sequence[dict]) -> list[int]:
         """The ids a kept cache gets after the last reply's generated tokens: only the new question."""
         _system, pairs, question = _turns(messages)
-        return self._question(len(pairs) + 1, question)
+        number = len(pairs) + 1
+        return self.tokenizer.encode(f"\n\n[Round {number}]\n\n问：{question}\n\n答：")[1:]
 
 
 class ChatGLM3Format:

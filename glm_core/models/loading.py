@@ -215,6 +215,10 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
             torch.cuda.empty_cache()
         raise ModelLoadError(f"out of memory while loading {path.name} as {precision.label} on {device}") from None
     model, tokenizer, chat_format, name, family, max_context, extra = parts
+    # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
+    # another folder, a converted GGUF's, sets them itself).
+    extra.setdefault("sampling_defaults", model_defaults(family, name, read_generation_config(path if path.is_dir()
+                                                                                              else None), max_context))
     fix_output_layer_input(model)
     gc.collect()
     trim_c_heap()  # the float temporaries of quantizing while loading were freed: give their pages back too
@@ -267,7 +271,6 @@ def _load_chatglm(path: Path, cfg: dict, spec: ModelSpec, precision: Precision, 
             f"pre-quantized INT{cfg['quantization_bit']} (THUDM), read as {precision.label} while loading"
         )
     max_context = int(cfg.get("seq_length", 8192))
-    extra["sampling_defaults"] = model_defaults(FAMILY_LABELS[family], path.name, read_generation_config(path), max_context)
     return model, tokenizer, chat_format, path.name, FAMILY_LABELS[family], max_context, extra
 
 
