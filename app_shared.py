@@ -252,19 +252,11 @@ def _attempt_keys() -> tuple[list[str], str]:
 
 def checked_password(given: str, expected: str, what: str) -> bool:
     """Compare a password under the attempt throttle; shows why a refused attempt was refused."""
-    throttle = get_throttle()
     keys, client = _attempt_keys()
-    wait = throttle.wait_s(keys)
-    if wait > 0:
-        logging.getLogger("glm_core.access").warning("%s attempt from client %s refused unread (throttled)",
-                                                     what, client)
-        st.error(refusal(wait))
-        return False
-    if password_matches(given or "", expected):
-        throttle.succeeded(keys)
+    outcome = get_throttle().attempt(keys, lambda: password_matches(given or "", expected), what, client)
+    if outcome is True:
         return True
-    throttle.failed(keys, what, client)
-    st.error("Wrong password.")
+    st.error("Wrong password." if outcome is False else refusal(outcome))
     return False
 
 

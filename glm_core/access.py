@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .settings import EMBEDDED
 
@@ -128,21 +128,23 @@ class AttemptThrottle:
     _failures: dict[str, deque] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def wait_s(self, keys: Iterable[str]) -> float:
-        """Seconds until one of `keys` may try again (0: now)."""
-        now = self.clock()
-        longest = 0.0
-        with self._lock:
-            for key in keys:
-                times = self._prune(key, now)
-                if len(times) >= self.max_failures:
-                    longest = max(longest, times[0] + self.window_s - now)
-        return longest
-
-    def failed(self, keys: Iterable[str], what: str, client: str | None) -> None:
-        now = self.clock()
+    def attempt(self, keys: Iterable[str], matches: Callable[[], bool], what: str, client: str | None) -> float | bool:
+        """One password attempt: refused unread while one of `keys` is throttled (returns the seconds to wait), else
+        `matches()` (returns whether it did) and a failure counted. Check, comparison and count are one lock
+        section, so attempts sent at once cannot slip past the limit together."""
         keys = list(keys)
         with self._lock:
+            now = self.clock()
+            wait = max((times[0] + self.window_s - now for times in (self._prune(key, now) for key in keys)
+                        if len(times) >= self.max_failures), default=0.0)
+            if wait > 0:
+                log.warning("%s attempt from client %s refused unread (throttled)", what, client or "unknown")
+                return wait
+            if matches():
+                for key in keys:
+                    if key.startswith("session:"):  # a client address may be shared (NAT): it keeps its count
+                        self._failures.pop(key, None)
+                return True
             counts = []
             for key in keys:
                 times = self._prune(key, now)
@@ -153,12 +155,7 @@ class AttemptThrottle:
                     del self._failures[key]
         log.warning("wrong %s from client %s (%d failure(s) in the last %g s)", what, client or "unknown",
                     max(counts, default=1), self.window_s)
-
-    def succeeded(self, keys: Iterable[str]) -> None:
-        with self._lock:
-            for key in keys:
-                if key.startswith("session:"):  # a client address may be shared (NAT): it keeps its count
-                    self._failures.pop(key, None)
+        return False
 
     def _prune(self, key: str, now: float) -> deque:
         times = self._failures.setdefault(key, deque())
@@ -168,7 +165,21 @@ class AttemptThrottle:
 
 
 def throttle_keys(session_id: str, client: str | None) -> list[str]:
-    return [f"session:{session_id}"] + ([f"client:{client}"] if client else [])
+    """The counts an attempt goes against: its browser session's and its client's. An IPv6 client counts per /64
+    (one host usually holds a whole /64, so a fresh address per guess gains nothing); an IPv4-mapped one as IPv4."""
+    return [f"session:{session_id}"] + ([f"client:{_client_network(client)}"] if client else [])
+
+
+def _client_network(client: str) -> str:
+    try:
+        ip = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return client
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def refusal(wait_s: float) -> str:

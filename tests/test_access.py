@@ -9,7 +9,7 @@ from app_shared import get_hub, get_throttle
 from conftest import HOME, ROOT, open_page
 from glm_core.access import (
     USER_BENCH_MAX_GENERATE, AttemptThrottle, NotAllowed, PathNotAllowed, RolePolicy, check_benchmark,
-    check_model_path, is_local_client,
+    check_model_path, is_local_client, throttle_keys,
 )
 from glm_core.bench.estimator import PRESETS
 
@@ -51,21 +51,63 @@ def test_which_client_addresses_are_this_machine():
 def test_password_attempts_are_throttled_per_session_and_per_client(caplog):
     now = [0.0]
     throttle = AttemptThrottle(max_failures=3, window_s=60, clock=lambda: now[0])
-    keys = ["session:a", "client:10.0.0.1"]
+    keys = throttle_keys("a", "10.0.0.1")
+    wrong, right = (lambda: False), (lambda: True)
     with caplog.at_level(logging.WARNING, logger="glm_core.access"):
         for _ in range(3):
-            assert throttle.wait_s(keys) == 0
-            throttle.failed(keys, "access password", "10.0.0.1")
-    assert throttle.wait_s(keys) == 60
+            assert throttle.attempt(keys, wrong, "access password", "10.0.0.1") is False
+    assert throttle.attempt(keys, right, "access password", "10.0.0.1") == 60  # refused unread, even if right
     # A new session from the same client is still refused (a refresh does not reset the count) ...
-    assert throttle.wait_s(["session:b", "client:10.0.0.1"]) == 60
+    assert throttle.attempt(throttle_keys("b", "10.0.0.1"), right, "x", None) == 60
     # ... another client is not.
-    assert throttle.wait_s(["session:c", "client:10.0.0.2"]) == 0
+    assert throttle.attempt(throttle_keys("c", "10.0.0.2"), right, "x", None) is True
     now[0] = 30
-    assert throttle.wait_s(keys) == 30
+    assert throttle.attempt(keys, right, "x", None) == 30
     now[0] = 61
-    assert throttle.wait_s(keys) == 0
+    assert throttle.attempt(keys, right, "x", None) is True
     assert len([r for r in caplog.records if "wrong access password from client 10.0.0.1" in r.getMessage()]) == 3
+
+
+def test_ipv6_clients_count_per_64_and_mapped_ones_as_ipv4():
+    """One host usually holds a whole /64: a fresh address per guess must not reset the count."""
+    throttle = AttemptThrottle(max_failures=2, window_s=60, clock=lambda: 0.0)
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2::2"):
+        assert throttle.attempt(throttle_keys(host, host), lambda: False, "x", host) is False
+    assert throttle.attempt(throttle_keys("s3", "2001:db8:1:2:ffff::9"), lambda: True, "x", None) == 60
+    assert throttle.attempt(throttle_keys("s4", "2001:db8:1:3::1"), lambda: True, "x", None) is True  # another /64
+    assert throttle_keys("s", "::ffff:192.0.2.7") == ["session:s", "client:192.0.2.7"]
+
+
+def test_attempts_at_once_cannot_slip_past_the_limit_together():
+    """Check, comparison and count are one lock section: of 20 wrong attempts sent at once with a limit of 3,
+    exactly 3 are compared; the others are refused unread."""
+    import threading
+
+    throttle = AttemptThrottle(max_failures=3, window_s=60)
+    compared, barrier = [], threading.Barrier(20)
+
+    def slow_wrong_password() -> bool:
+        compared.append(1)
+        threading.Event().wait(0.01)  # a comparison that takes a while: the race window of a split check
+        return False
+
+    def attempt(index: int) -> None:
+        barrier.wait()
+        throttle.attempt(throttle_keys(f"s{index}", "10.0.0.9"), slow_wrong_password, "x", "10.0.0.9")
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(compared) == 3
+
+
+def test_password_comparison_does_not_depend_on_the_length():
+    from glm_core.conversations.workspace import password_matches
+
+    assert password_matches("hunter2", "hunter2") and not password_matches("hunter", "hunter2")
+    assert not password_matches("", "hunter2") and not password_matches("hunter2" * 100, "hunter2")
 
 
 def test_model_paths_outside_the_allowed_folders_are_refused_alike_whether_they_exist_or_not(tmp_path):

@@ -101,6 +101,40 @@ def test_stop_strings_are_held_back_until_certain():
     assert tail.push("abx") == "ab" and tail.flush() == "x"
 
 
+def test_stop_strings_cut_where_a_plain_search_of_the_whole_text_cuts():
+    """Against an independent expectation: the whole reply searched at once, cut before the stop string that
+    ends first (the longest of those ending at the same place), whatever the pieces the reply arrives in."""
+    import random
+
+    from glm_core.api.generation import StopStrings
+
+    def expected(text: str, stops: list[str]) -> str:
+        ends = [(i + len(s), -len(s)) for s in stops for i in range(len(text)) if text.startswith(s, i)]
+        if not ends:
+            return text
+        end, minus_length = min(ends)
+        return text[: end + minus_length]
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        matcher = StopStrings(stops)
+        out = "".join(matcher.push(piece) for piece in pieces) + matcher.flush()
+        assert out == expected(text, stops), (stops, pieces)
+
+
+def test_stop_strings_are_bounded(server):
+    status, _, body = raw_request(server.port, "POST", "/v1/chat/completions", json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]}).encode(), auth())
+    assert status == 400 and "256 characters" in json.loads(body)["error"]["message"]
+    status, _, body = raw_request(server.port, "POST", "/v1/chat/completions", json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}).encode(), auth())
+    assert status == 400 and "at most 4" in json.loads(body)["error"]["message"]
+
+
 def test_models_and_embeddings_through_the_openai_client(server, engine):
     api = client(server)
     [model] = api.models.list().data
@@ -179,6 +213,37 @@ def test_who_may_call_without_keys_and_with_them():
         with pytest.raises(ApiError) as refused:
             keyed.identify(header, "127.0.0.1")  # with keys, this machine needs one too
         assert refused.value.status == 401
+
+
+def test_without_keys_web_pages_cannot_drive_the_api(engine, monkeypatch):
+    """The reproductions, on a real keyless server: a DNS-rebinding name in Host, another site's Origin, and a
+    cross-site `<img src=".../free_gc">` (no Origin, Sec-Fetch-Site: cross-site) are refused, and /free_gc frees
+    nothing for it; the seeds' clients (no Origin, no Sec-Fetch-*) and same-origin pages keep working."""
+    import glm_core.telemetry.memory as memory
+
+    freed = []
+    monkeypatch.setattr(memory, "free_cached_memory", lambda *a: freed.append(1))
+    config = ApiConfig(limits=LIMITS, allowed_hosts=frozenset({"portal.example"}))
+    with ThreadServer(create_app(lambda: engine, config)) as running:
+        port = running.port
+        seed_body = '{"prompt": "hi", "history": [], "max_length": 40}'.encode()
+        for headers, code in (({"Host": f"rebind.evil.example:{port}"}, "foreign_host"),
+                              ({"Origin": "http://evil.example"}, "cross_site"),
+                              ({"Origin": "null"}, "cross_site"),
+                              ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, "cross_site")):
+            for method, path, body in (("POST", "/", seed_body), ("GET", "/v1/models", None),
+                                       ("GET", "/free_gc", None)):
+                status, _, answer = raw_request(port, method, path, body, headers)
+                assert status == 403 and json.loads(answer)["error"]["code"] == code, (headers, path, answer)
+        assert freed == []  # the cross-site /free_gc changed nothing
+        assert raw_request(port, "GET", "/free_gc")[0] == 200 and freed == [1]  # the seeds' client
+        assert raw_request(port, "POST", "/", seed_body)[0] == 200
+        same_origin = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+        assert raw_request(port, "GET", "/v1/models", headers=same_origin)[0] == 200  # /docs' "try it out"
+        named = {"Host": "portal.example", "Origin": "http://portal.example"}  # GLM_API_ALLOWED_HOSTS
+        assert raw_request(port, "GET", "/v1/models", headers=named)[0] == 200
+        for host in ("localhost", "[::1]", "127.0.0.1"):
+            assert raw_request(port, "GET", "/v1/models", headers={"Host": f"{host}:{port}"})[0] == 200
 
 
 def test_keys_from_the_environment_and_the_secrets_file(tmp_path):
@@ -488,13 +553,24 @@ def check_with_the_openai_client(url: str, key: str) -> None:
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def check_docs_are_served_here(port: int) -> None:
+    """/docs loads Swagger UI from this server, never from a CDN (these machines and many company networks cannot
+    reach one): every script and stylesheet the page names is a path here, and it answers."""
+    status, _, body = raw_request(port, "GET", "/docs")
+    assert status == 200 and b"swagger" in body.lower()
+    assets = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+\.(?:js|css))['"]""", body.decode())
+    assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
+    for asset in assets:
+        status, _, content = raw_request(port, "GET", asset)
+        assert status == 200 and len(content) > 10_000, asset
+    assert raw_request(port, "GET", "/openapi.json")[0] == 200
+
+
 def test_serve_runs_the_api_alone(subprocess_server):
     url, port = subprocess_server(["-m", "glm_core", "serve", "--port", "{port}", "--log-level", "warning"],
                                   {"GLM_API_KEYS": "serve-key"})
     check_with_the_openai_client(url, "serve-key")
-    status, headers, body = raw_request(port, "GET", "/docs")
-    assert status == 200 and b"swagger" in body.lower()
-    assert raw_request(port, "GET", "/openapi.json")[0] == 200
+    check_docs_are_served_here(port)
 
 
 def test_the_portal_serves_the_api_on_its_own_port(subprocess_server):
@@ -505,6 +581,7 @@ def test_the_portal_serves_the_api_on_its_own_port(subprocess_server):
     status, headers, body = raw_request(port, "GET", "/")  # GET / is still the portal's page; POST / the seed's
     assert status == 200 and headers["content-type"].startswith("text/html") and b"<div id=\"root\">" in body
     assert raw_request(port, "GET", "/_stcore/health")[0] == 200
+    check_docs_are_served_here(port)
     status, _, body = raw_request(port, "POST", "/", '{"prompt": "你好", "history": [], "max_length": 60}'.encode(),
                                   {"Authorization": "Bearer portal-key"})
     assert status == 200 and json.loads(body)["history"][0][0] == "你好"

@@ -8,10 +8,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ..access import is_local_client
 from .config import ApiConfig
 from .errors import ApiError
+
+
+@dataclass(frozen=True)
+class BrowserHeaders:
+    """What a request says about the page that sent it: Host, Origin and Sec-Fetch-Site (None when absent)."""
+
+    host: str | None
+    origin: str | None = None
+    fetch_site: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,21 +51,42 @@ class Access:
         self._keys = [(hashlib.sha256(k.encode("utf-8")).digest(), key_id(k), False) for k in config.keys]
         self._keys += [(hashlib.sha256(k.encode("utf-8")).digest(), key_id(k), True) for k in config.admin_keys]
 
-    def identify(self, authorization: str | None, client: str, *, key_optional: bool = False) -> Caller:
+    def identify(self, authorization: str | None, client: str, *, key_optional: bool = False,
+                 browser: BrowserHeaders | None = None) -> Caller:
         """The caller, or ApiError 401 (missing or wrong key) / 403 (a client this server does not answer)."""
         given = _bearer(authorization)
         if self.config.keys_configured:
             if given is not None:
                 return self._match(given, client)
-            if key_optional:  # GLM_API_SEEDS_WITHOUT_KEY: the seeds' old clients send no key
-                return Caller(None, admin=False, client=client)
-            raise ApiError(401, "this API needs a key: send `Authorization: Bearer <key>`", "missing_api_key")
+            if not key_optional:
+                raise ApiError(401, "this API needs a key: send `Authorization: Bearer <key>`", "missing_api_key")
+            self._check_browser(browser)  # GLM_API_SEEDS_WITHOUT_KEY: the seeds' old clients send no key
+            return Caller(None, admin=False, client=client)
         if not (self.config.open_to_network or _is_loopback(client)):
             raise ApiError(403, "without API keys configured, this server answers only clients on its own machine "
                                 "(set GLM_API_KEYS, or GLM_API_OPEN_TO_NETWORK=1)", "remote_client")
+        self._check_browser(browser)
         # Without keys, this machine's clients may do what the portal's admins may (the portal without a secrets
         # file makes this machine's browsers admins); other machines' clients, when let in, may not change it.
         return Caller(None, admin=_is_loopback(client), client=client)
+
+    def _check_browser(self, browser: BrowserHeaders | None) -> None:
+        """Without a key, a request proves nothing about who sent it, so a web page must not be able to send one:
+        a DNS-rebinding name (a Host that is not this machine's), another site's Origin, or a cross-site request a
+        page makes without one (`<img src=".../free_gc">`, told by Sec-Fetch-Site) is refused. The seeds' clients
+        and other programs send no Origin nor Sec-Fetch-Site and keep working."""
+        if browser is None:
+            return
+        host = _host_name(browser.host)
+        if not (self.config.open_to_network or _is_loopback(host) or host in self.config.allowed_hosts):
+            raise ApiError(403, f"this server answers requests addressed to this machine, not to {host[:100]!r} "
+                                "(add public names to GLM_API_ALLOWED_HOSTS, or configure API keys)", "foreign_host")
+        if browser.origin is not None:
+            origin = _host_name(urlsplit(browser.origin).netloc)
+            if origin != host and origin not in self.config.allowed_hosts:
+                raise ApiError(403, "requests from other sites' pages are refused without an API key", "cross_site")
+        elif browser.fetch_site in ("cross-site", "same-site"):
+            raise ApiError(403, "requests from other sites' pages are refused without an API key", "cross_site")
 
     def _match(self, given: str, client: str) -> Caller:
         digest = hashlib.sha256(given.encode("utf-8")).digest()
@@ -79,3 +110,11 @@ def _bearer(authorization: str | None) -> str | None:
 
 def _is_loopback(host: str) -> bool:
     return bool(host) and is_local_client(host)
+
+
+def _host_name(host: str | None) -> str:
+    """The name in a Host header (or an Origin's authority), without the port, lower-cased; [::1] -> ::1."""
+    host = (host or "").strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

@@ -10,6 +10,7 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from ..protocol import Backend
@@ -26,11 +27,15 @@ With API keys configured (`GLM_API_KEYS`, `GLM_API_ADMIN_KEYS` or `api_keys` in 
 route but `/health` and these docs needs `Authorization: Bearer <key>`; without keys, only clients on this
 machine are answered. Embeddings are the loaded chat model's final hidden states, mean-pooled over the tokens
 and L2-normalised."""
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(current_backend: Callable[[], Backend | None], config: ApiConfig | None = None) -> FastAPI:
     config = config or load_api_config()
-    app = FastAPI(title="GLM Chat Dashboard API", description=DESCRIPTION, version="1")
+    # /docs and /redoc with their scripts served from the pinned fastapi-offline package, not from a CDN that
+    # these machines (and many company networks) cannot reach.
+    app = FastAPIOffline(title="GLM Chat Dashboard API", description=DESCRIPTION, version="1",
+                         static_url=DOCS_ASSETS)
     app.state.api = ApiState.create(current_backend, config)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)

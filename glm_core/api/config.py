@@ -3,6 +3,8 @@
 GLM_API_KEYS                 keys that may call every route but /free_gc, separated by commas or spaces
 GLM_API_ADMIN_KEYS           keys that may also call the routes that change the server (/free_gc)
 GLM_API_OPEN_TO_NETWORK      1: without keys, answer clients on other machines too (default: this machine only)
+GLM_API_ALLOWED_HOSTS        without keys, the names besides localhost / 127.0.0.1 / [::1] that requests may be
+                             addressed to (their Host header) and that pages calling the API may come from (Origin)
 GLM_API_SEEDS_WITHOUT_KEY    1: the seeds' routes (/, /chat, /stream, /chat-stream, /tokenize, /embedding) answer
                              without a key, for their old clients that send none; /v1 and /free_gc still need one
 GLM_API_MAX_BODY_MB          request bodies larger than this are refused with 413 (default 4)
@@ -43,6 +45,7 @@ class ApiConfig:
     admin_keys: tuple[str, ...] = ()
     open_to_network: bool = False
     seeds_without_key: bool = False
+    allowed_hosts: frozenset[str] = frozenset()
     limits: ApiLimits = ApiLimits()
 
     @property
@@ -68,6 +71,7 @@ def load_api_config(env: Mapping[str, str] | None = None, secrets_files=SECRETS_
         keys=tuple(dict.fromkeys(keys)), admin_keys=tuple(dict.fromkeys(admin_keys)),
         open_to_network=env.get("GLM_API_OPEN_TO_NETWORK", "").strip().lower() in _TRUE,
         seeds_without_key=env.get("GLM_API_SEEDS_WITHOUT_KEY", "").strip().lower() in _TRUE,
+        allowed_hosts=frozenset(name.lower() for name in _split(env.get("GLM_API_ALLOWED_HOSTS", ""))),
         limits=limits,
     )
 

@@ -95,11 +95,14 @@ async def total_length_params(backend: Backend, messages: list[dict], max_length
 
 class StopStrings:
     """Cuts the reply at the first stop string. Text that may be the start of one is held back until it is
-    certain, so a client never sees part of a stop string."""
+    certain, so a client never sees part of a stop string. Each stop string is matched incrementally (a KMP
+    automaton per string: a delta costs its own length, whatever the stop strings' lengths)."""
 
     def __init__(self, stops: Sequence[str] = ()):
         self.stops = [s for s in stops if s]
-        self.pending = ""
+        self._failure = [_failure_function(s) for s in self.stops]
+        self._matched = [0] * len(self.stops)  # characters of each stop string matched at the end of the text
+        self.pending = ""  # held back: it may be the start of a stop string
         self.hit = False
 
     def push(self, text: str) -> str:
@@ -107,20 +110,42 @@ class StopStrings:
             return ""
         if not self.stops:
             return text
-        self.pending += text
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:
-            out, self.pending, self.hit = self.pending[: min(found)], "", True
-            return out
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.pending) + 1))
-                    if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return out
+        held = self.pending
+        for position, char in enumerate(text):
+            ended = 0  # the longest stop string that ends with this character
+            for index, stop in enumerate(self.stops):
+                matched, failure = self._matched[index], self._failure[index]
+                while matched and stop[matched] != char:
+                    matched = failure[matched - 1]
+                if stop[matched] == char:
+                    matched += 1
+                if matched == len(stop):
+                    ended, matched = max(ended, matched), failure[matched - 1]
+                self._matched[index] = matched
+            if ended:  # everything before the stop string goes out, nothing of it or after it
+                seen = held + text[: position + 1]
+                self.pending, self.hit = "", True
+                return seen[: len(seen) - ended]
+        seen = held + text
+        keep = max(self._matched)
+        self.pending = seen[len(seen) - keep :] if keep else ""
+        return seen[: len(seen) - keep]
 
     def flush(self) -> str:
         out, self.pending = ("" if self.hit else self.pending), ""
         return out
+
+
+def _failure_function(pattern: str) -> list[int]:
+    """KMP: for each prefix of `pattern`, the length of its longest proper prefix that is also its suffix."""
+    failure, length = [0] * len(pattern), 0
+    for index in range(1, len(pattern)):
+        while length and pattern[index] != pattern[length]:
+            length = failure[length - 1]
+        if pattern[index] == pattern[length]:
+            length += 1
+        failure[index] = length
+    return failure
 
 
 async def _events(request: Request) -> AsyncIterator[Event]:

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ApiError
 
+MAX_STOP_STRINGS = 4  # as OpenAI's
+MAX_STOP_CHARS = 256
+
 # ---- OpenAI ------------------------------------------------------------------------------------------------
 
 
@@ -64,8 +67,10 @@ class ChatCompletionRequest(BaseModel):
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise ApiError(400, "at most 4 stop strings", param="stop")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"a stop string has at most {MAX_STOP_CHARS} characters", param="stop")
         return [s for s in stops if s]
 
     def check_supported(self) -> None:

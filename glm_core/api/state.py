@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..protocol import Backend
-from .access import Access, Caller
+from .access import Access, BrowserHeaders, Caller
 from .config import ApiConfig, ApiLimits
 from .conversation_ids import StatelessConversations
 from .errors import ApiError
@@ -45,17 +45,22 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
+def _browser(request: Request) -> BrowserHeaders:
+    headers = request.headers
+    return BrowserHeaders(headers.get("host"), headers.get("origin"), headers.get("sec-fetch-site"))
+
+
 def api_caller(request: Request, state: ApiState = Depends(api_state),
                credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
     """Every route but /health: a valid key when keys are configured."""
-    return state.access.identify(request.headers.get("authorization"), _client(request))
+    return state.access.identify(request.headers.get("authorization"), _client(request), browser=_browser(request))
 
 
 def seed_caller(request: Request, state: ApiState = Depends(api_state),
                 credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
     """The seeds' routes: like api_caller, but keyless when GLM_API_SEEDS_WITHOUT_KEY says so."""
     return state.access.identify(request.headers.get("authorization"), _client(request),
-                                 key_optional=state.access.config.seeds_without_key)
+                                 key_optional=state.access.config.seeds_without_key, browser=_browser(request))
 
 
 def admin_caller(caller: Caller = Depends(api_caller)) -> Caller:

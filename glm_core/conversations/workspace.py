@@ -6,6 +6,7 @@ the workspace of their identity instead. The pages resolve it (app_shared.open_w
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import secrets
@@ -52,5 +53,7 @@ def auth_configured(user_info: dict) -> bool:
 
 
 def password_matches(given: str, expected: str) -> bool:
-    """Constant-time comparison, so the response time does not tell how much of a guess was right."""
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    """Constant-time comparison of equal-length digests, so the response time tells neither how much of a guess
+    was right nor how long the password is."""
+    return hmac.compare_digest(hashlib.sha256(given.encode("utf-8")).digest(),
+                               hashlib.sha256(expected.encode("utf-8")).digest())
