@@ -10,6 +10,9 @@ GLM_API_SEEDS_WITHOUT_KEY    1: the seeds' routes (/, /chat, /stream, /chat-stre
 GLM_API_MAX_BODY_MB          request bodies larger than this are refused with 413 (default 4)
 GLM_API_MAX_TOKENS           the most tokens one request may ask to generate (default 4096)
 GLM_API_MAX_EMBEDDING_INPUTS texts one embeddings request may hold (default 256)
+GLM_API_MAX_EMBEDDING_TOKENS tokens one embeddings request may hold, all inputs together (default 32768)
+GLM_API_MAX_TEXT_CHARS       characters of one text to tokenize or embed (default 100000: the tokenizer's lock is
+                             the decode loop's too, and 100,000 characters hold it for about 0.1 s)
 
 Keys may also come from `.streamlit/secrets.toml` (the project's, then ~/.streamlit/, as Streamlit reads them):
 `api_keys = ["...", ...]` and `api_admin_keys = ["..."]`; keys from both places are accepted.
@@ -36,6 +39,8 @@ class ApiLimits:
     max_tokens: int = 4096
     default_max_tokens: int = 1024  # when a request names none (SamplingParams' default)
     max_embedding_inputs: int = 256
+    max_embedding_tokens: int = 32768
+    max_text_chars: int = 100_000
     retry_after_s: int = 1  # what a 429 tells a client to wait; the queue moves at every finished reply
 
 
@@ -66,6 +71,8 @@ def load_api_config(env: Mapping[str, str] | None = None, secrets_files=SECRETS_
         max_body_bytes=(_positive_int(env, "GLM_API_MAX_BODY_MB") or 4) * 2**20,
         max_tokens=_positive_int(env, "GLM_API_MAX_TOKENS") or ApiLimits.max_tokens,
         max_embedding_inputs=_positive_int(env, "GLM_API_MAX_EMBEDDING_INPUTS") or ApiLimits.max_embedding_inputs,
+        max_embedding_tokens=_positive_int(env, "GLM_API_MAX_EMBEDDING_TOKENS") or ApiLimits.max_embedding_tokens,
+        max_text_chars=_positive_int(env, "GLM_API_MAX_TEXT_CHARS") or ApiLimits.max_text_chars,
     )
     return ApiConfig(
         keys=tuple(dict.fromkeys(keys)), admin_keys=tuple(dict.fromkeys(admin_keys)),

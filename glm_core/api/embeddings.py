@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from anyio import to_thread
 
 from ..protocol import Backend
@@ -13,8 +11,11 @@ from .errors import ApiError, backend_error
 from .generation import model_context
 
 
-async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimits) -> tuple[list[list[float]], int]:
-    """One unit vector per input (a text, or token ids) and the number of tokens read."""
+async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimits,
+                owner: str | None = None) -> tuple[list[list[float]], int]:
+    """One unit vector per input (a text, or token ids) and the number of tokens read. Bounded (inputs, characters,
+    tokens), counted as one of `owner`'s running requests, and computed a slice at a time between the engine's
+    decode steps, so the replies being streamed keep flowing."""
     if not (backend.capabilities.local_model and hasattr(backend, "run_on_worker")):
         raise ApiError(400, "this backend computes no embeddings here", "embeddings_unavailable")
     if not inputs:
@@ -22,8 +23,12 @@ async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimi
     if len(inputs) > limits.max_embedding_inputs:
         raise ApiError(400, f"at most {limits.max_embedding_inputs} inputs per request, got {len(inputs)}",
                        param="input")
+    for index, item in enumerate(inputs):
+        if isinstance(item, str) and len(item) > limits.max_text_chars:
+            raise ApiError(400, f"input {index} has {len(item):,} characters; at most {limits.max_text_chars:,} "
+                                "per input", "input_too_long", "input")
     context = model_context(backend)
-    token_ids = []
+    token_ids, total = [], 0
     for index, item in enumerate(inputs):
         ids = await to_thread.run_sync(backend.tokenize, item) if isinstance(item, str) else list(item)
         if not ids:
@@ -31,15 +36,26 @@ async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimi
         if len(ids) > context:
             raise ApiError(400, f"input {index} has {len(ids)} tokens; this model reads at most {context}",
                            "context_length_exceeded", "input")
-        if min(ids) < 0:
-            raise ApiError(400, f"input {index} has a negative token id", param="input")
+        total += len(ids)
+        if total > limits.max_embedding_tokens:
+            raise ApiError(400, f"the inputs take more than {limits.max_embedding_tokens:,} tokens; send them in "
+                                "several requests", "input_too_long", "input")
         token_ids.append(ids)
-    from ..models.embedding import mean_pooled_embeddings  # torch: only where a local model is served
+    from ..models.embedding import EmbeddingJob  # torch: only where a local model is served
 
+    vocab_size = await to_thread.run_sync(backend.run_on_worker, _vocabulary_size)
     try:
-        vectors = await to_thread.run_sync(backend.run_on_worker, partial(mean_pooled_embeddings, token_ids=token_ids))
-    except IndexError:  # an id past the vocabulary
-        raise ApiError(400, "a token id is outside the model's vocabulary", param="input") from None
+        job = EmbeddingJob(token_ids, vocab_size)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="input") from None
+    try:
+        with backend.owner_share(owner):
+            while not await to_thread.run_sync(backend.run_on_worker, job.step):
+                pass
     except Exception as exc:
         raise backend_error(exc, limits.retry_after_s) from None
-    return vectors, sum(len(ids) for ids in token_ids)
+    return job.vectors, total
+
+
+def _vocabulary_size(loaded) -> int:
+    return int(loaded.model.get_input_embeddings().num_embeddings)

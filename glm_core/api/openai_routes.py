@@ -105,14 +105,14 @@ async def _chunks(generation: Generation, completion_id: str, created: int, mode
 
 
 @router.post("/embeddings", response_model=EmbeddingList)
-async def embeddings(body: EmbeddingRequest, _caller: Caller = Depends(api_caller),
+async def embeddings(body: EmbeddingRequest, caller: Caller = Depends(api_caller),
                      backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
     if body.dimensions is not None:
         raise ApiError(400, "dimensions is not supported: the size is the model's hidden size", param="dimensions")
     inputs = body.input
     if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
         inputs = [inputs]
-    vectors, tokens = await embed(backend, list(inputs), state.limits)
+    vectors, tokens = await embed(backend, list(inputs), state.limits, caller.owner)
     if body.encoding_format == "base64":  # what the openai client asks for by default: float32, little-endian
         data = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
     else:

@@ -20,10 +20,10 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from ..protocol import Backend
+from ..protocol import Backend, QueueFull
 from .access import Caller
 from .embeddings import embed
-from .errors import ApiError
+from .errors import ApiError, backend_error
 from .generation import Generation, checked_messages, model_name, sampling_defaults, total_length_params
 from .schemas import (
     ChatGLMRequest, ChatGLMResponse, GlmApiChatResponse, GlmApiRequest, History, SeedEmbeddingRequest,
@@ -142,19 +142,28 @@ async def free_gc(_caller: Caller = Depends(admin_caller)):
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, summary="The GLM API's tokenize")
-async def tokenize(body: TokenizeRequest, _caller: Caller = Depends(seed_caller),
-                   backend: Backend = Depends(loaded_backend)):
+async def tokenize(body: TokenizeRequest, caller: Caller = Depends(seed_caller),
+                   backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
     if not (backend.capabilities.tokenize and hasattr(backend, "tokenize")):
         raise ApiError(400, "this backend does not tokenize here", "tokenize_unavailable")
-    ids = (await to_thread.run_sync(backend.tokenize, body.prompt))[: body.max_length or TOKENIZE_MAX_LENGTH]
-    return {"tokenIds": ids, "tokens": await to_thread.run_sync(backend.token_strings, ids)}
+    limit = state.limits.max_text_chars  # the tokenizer's lock is the decode loop's too: a bounded hold
+    if len(body.prompt) > limit:
+        raise ApiError(400, f"the prompt has {len(body.prompt):,} characters; at most {limit:,} per request",
+                       "input_too_long", "prompt")
+    try:
+        with backend.owner_share(caller.owner):
+            ids = (await to_thread.run_sync(backend.tokenize, body.prompt))[: body.max_length or TOKENIZE_MAX_LENGTH]
+            strings = await to_thread.run_sync(backend.token_strings, ids)
+    except QueueFull as exc:
+        raise backend_error(exc, state.limits.retry_after_s) from None
+    return {"tokenIds": ids, "tokens": strings}
 
 
 @router.post("/embedding", response_model=SeedEmbeddingResponse, summary="The GLM API's embedding")
-async def embedding(body: SeedEmbeddingRequest, _caller: Caller = Depends(seed_caller),
+async def embedding(body: SeedEmbeddingRequest, caller: Caller = Depends(seed_caller),
                     backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    vectors, _ = await embed(backend, texts, state.limits)
+    vectors, _ = await embed(backend, texts, state.limits, caller.owner)
     return {"data": vectors, "model": model_name(backend), "object": "embedding"}
 
 

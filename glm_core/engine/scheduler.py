@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from contextlib import contextmanager
 from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Callable, Sequence, TypeVar
@@ -128,6 +129,26 @@ class Engine:
             self._cond.notify_all()
         return future.result(timeout)
 
+    @contextmanager
+    def owner_share(self, owner: str | None):
+        """Work outside the batch (an embeddings request) counted as one of `owner`'s running requests while it
+        lasts: past the owner's share it is refused (QueueFull), and the owner's replies wait behind it."""
+        if owner is None:
+            yield
+            return
+        with self._cond:
+            if self._running_owners[owner] >= self.max_running_per_owner:
+                raise QueueFull("you already have as many requests running as you may; try again when one has ended")
+            self._running_owners[owner] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running_owners[owner] -= 1
+                if not self._running_owners[owner]:
+                    del self._running_owners[owner]
+                self._cond.notify_all()
+
     def count_tokens(self, text: str) -> int:
         with self._tokenizer_lock:
             return len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -199,7 +220,7 @@ class Engine:
         runner = self.runner
         while True:
             with self._cond:
-                while not self._waiting and not self._tasks and runner.idle() and not self._closed:
+                while not self._tasks and runner.idle() and not self._closed and not self._admissible():
                     self._cond.wait()
                 if self._closed:
                     break
@@ -223,6 +244,11 @@ class Engine:
                 runner.free_memory()
             self._end(ended)
         self._end(runner.close())
+
+    def _admissible(self) -> bool:
+        """A waiting request could start now (its owner, if any, is under its share). Called with the lock held."""
+        return any(self._running_owners[self._owners[r.id]] < self.max_running_per_owner if r.id in self._owners
+                   else True for r in self._waiting)
 
     def _admit(self) -> list[Request]:
         """Waiting requests that start now: first come first served while the batch has room, skipping those
