@@ -306,20 +306,22 @@ def test_dashboard_chats_with_a_chatglm3_folder(glm3, env_cleanup):
 
     from app_shared import get_hub
 
-    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=300)
-    at.run()
-    at.text_input(key="load_path").set_value(str(glm3[0]))
-    at.selectbox(key="load_precision").set_value("fp32")
-    at.button(key="load_button").click().run()
-    assert not at.exception and not at.error
-    assert "ChatGLM3" in " ".join(c.value for c in at.sidebar.caption)
-    at.slider(key="temperature").set_value(0.0)
-    at.slider(key="max_new_tokens").set_value(6)
-    at.chat_input[0].set_value("你好").run()
-    at.chat_input[0].set_value("今天天气怎么样？").run()
-    assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
-    assert "completion 6 tokens" in at.chat_message[3].caption[0].value
-    get_hub().unload()  # the next page test loads the default again
+    try:
+        at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=300)
+        at.run()
+        at.text_input(key="load_path").set_value(str(glm3[0]))
+        at.selectbox(key="load_precision").set_value("fp32")
+        at.button(key="load_button").click().run()
+        assert not at.exception and not at.error
+        assert "ChatGLM3" in " ".join(c.value for c in at.sidebar.caption)
+        at.slider(key="temperature").set_value(0.0)
+        at.slider(key="max_new_tokens").set_value(6)
+        at.chat_input[0].set_value("你好").run()
+        at.chat_input[0].set_value("今天天气怎么样？").run()
+        assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
+        assert "completion 6 tokens" in at.chat_message[3].caption[0].value
+    finally:
+        get_hub().unload()  # the next page test loads the default again
 
 
 def test_glm4_hf_folder_loads_through_auto_classes(tmp_path, tiny_model_dir):
