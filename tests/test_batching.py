@@ -303,3 +303,43 @@ def test_slot_cache_holds_rows_exactly_and_grows_only_as_needed():
     assert slots.lengths == [7, 300]
     moved = slots.take(0, config)
     assert torch.equal(moved.layers[0].values, originals[2].layers[0].values)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_decode_steps(tiny_loaded):
+    """~3,000 prompt tokens submitted while another reply streams: the streaming row gets a decode step between
+    every two prefill chunks (counted, not timed), and the long prompt's own reply equals its reply alone."""
+    from glm_core.engine.generation import PREFILL_CHUNK
+
+    engine = Engine(tiny_loaded, max_batch=4)
+    try:
+        stream = engine.submit("streaming", [{"role": "user", "content": "Tell me a long story."}],
+                               SamplingParams(max_new_tokens=3000, max_length=4096, temperature=1.0, seed=2))
+        deltas, first = [], threading.Event()
+
+        def read() -> None:
+            for event in stream.events():
+                if isinstance(event, Delta):
+                    deltas.append(event)
+                    first.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert first.wait(60)
+        long_prompt = [{"role": "user", "content": "word " * 2990}]
+        params = SamplingParams(max_new_tokens=4, max_length=4096, temperature=0)
+        long_request = engine.submit("long", long_prompt, params)
+        before = None
+        for event in long_request.events():
+            if isinstance(event, Started):  # admitted: its prefill begins
+                before = len(deltas)
+        reply = long_request.wait(60)
+        stream.stop()
+        reader.join(60)
+        chunks = reply.stats.prompt_tokens // PREFILL_CHUNK
+        assert reply.stats.prompt_tokens > 2900 and chunks >= 5
+        # Between Started (prefill begins) and the end of the long request, the stream kept receiving deltas: at
+        # least one per prefill chunk but the last.
+        assert len(deltas) - before >= chunks - 1, (len(deltas) - before, chunks)
+    finally:
+        engine.close()
+    assert reply.text == alone(tiny_loaded, [(long_prompt, params)])[0].text
