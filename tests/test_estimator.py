@@ -12,7 +12,6 @@ from conftest import ROOT
 from glm_core.bench.memory import build_random_model
 from glm_core.bench.estimator import GB, PRESETS, ConfigError, estimate, model_config, published, read_config
 from glm_core.models.precision import Precision
-from glm_core.models.quant import weight_bytes
 
 SMALL_GLM = {  # ChatGLM2's layout (THUDM config.json), small enough to build for real in a test
     "model_type": "chatglm", "add_bias_linear": False, "add_qkv_bias": True, "ffn_hidden_size": 704,
@@ -34,7 +33,10 @@ def test_predicted_weights_are_the_bytes_of_the_built_model(level, which, tiny_m
                "num_layers": 2, "num_attention_heads": 4, "vocab_size": 1000, "max_sequence_length": 512}
     [predicted] = estimate(cfg, [level], encode=16, generate=32)
     model = build_random_model(model_config(cfg), Precision(level), 32, torch.device("cpu"))
-    assert predicted.weights_bytes == weight_bytes(model)["total"]
+    # The independent count: the bytes of every distinct storage the built model's state_dict holds (packed INT4
+    # and INT8 buffers with their scales; a tied output layer once), not weight_bytes, which the estimator calls.
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in model.state_dict().values()}
+    assert predicted.weights_bytes == sum(nbytes for _, nbytes in storages)
     with torch.inference_mode():  # and the built model runs at that level
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] >= 1000
 
