@@ -114,6 +114,28 @@ def test_streams_a_reply_with_usage_and_figures(server):
     backend.close()
 
 
+def test_llama_cpp_gets_its_own_sampling_names():
+    """llama.cpp (owned_by "llamacpp" in /v1/models) reads `repeat_penalty`, and samples with top_k 40 and min_p 0.05
+    unless told: it is told our controls under its names. Other servers get vLLM's names, extensions only when set."""
+    controls = SamplingParams(max_new_tokens=3, temperature=0.5, top_k=0, repetition_penalty=1.2)
+    sent = {}
+    for owned_by in ("llamacpp", "vllm"):
+        s = FaultyServer(owned_by=owned_by).start()
+        try:
+            backend = RemoteBackend(f"{s.url}#words")
+            assert backend.submit("c1", HELLO, controls).wait(5).error is None
+            assert backend.submit("c1", HELLO, SamplingParams(max_new_tokens=3)).wait(5).error is None
+            sent[owned_by] = s.requests
+            backend.close()
+        finally:
+            s.stop()
+    llama, penalty_off = sent["llamacpp"]
+    assert (llama["repeat_penalty"], llama["top_k"], llama["min_p"]) == (1.2, 0, 0.0)
+    assert "repetition_penalty" not in llama and "repeat_penalty" not in penalty_off
+    vllm, _ = sent["vllm"]
+    assert vllm["repetition_penalty"] == 1.2 and not {"top_k", "min_p", "repeat_penalty"} & set(vllm)
+
+
 def test_no_model_named_takes_the_servers_first(server):
     backend = RemoteBackend(server.url)
     reply = backend.submit("c1", HELLO, FIVE).wait(5)

@@ -36,6 +36,7 @@ CONNECT_TIMEOUT_S = 5.0
 # Between two streamed chunks (and for the first one, which waits for the server's queue and prefill).
 READ_TIMEOUT_S = float(os.environ.get("GLM_REMOTE_TIMEOUT_S") or 120)
 INFO_TTL_S = 30.0  # how long the server's model list and metrics are reused before asking again
+LLAMA_CPP = "llamacpp"  # llama-server's `owned_by` in /v1/models
 UNKNOWN_REMOTELY = ("precision and quantization, weights and device memory, the kept KV cache: the server's own; "
                     "see its metrics or logs")
 
@@ -97,8 +98,8 @@ def remote_spec(path: str) -> ModelSpec:
 # kv_cache_usage_perc in V1; SGLang reports token_usage (KV pool used, 0..1).
 _METRICS = {
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"),
-    "running": ("vllm:num_requests_running", "sglang:num_running_reqs"),
-    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs"),
+    "running": ("vllm:num_requests_running", "sglang:num_running_reqs", "llamacpp:requests_processing"),
+    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred"),
     "prefix_cache_hit_rate": ("vllm:gpu_prefix_cache_hit_rate", "sglang:cache_hit_rate"),
 }
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([^\s]+)")
@@ -222,6 +223,7 @@ class RemoteBackend:
         self._models: list[dict] | None = None  # the server's /v1/models answer, cached
         self._models_at = 0.0
         self._models_error: str | None = None
+        self._kind_asked = False
         self._metrics: dict | None = None
         self._metrics_at = 0.0
 
@@ -260,8 +262,9 @@ class RemoteBackend:
             "server": self.target.host,
             "unknown_remotely": UNKNOWN_REMOTELY,
         }
-        if info.get("max_model_len"):
-            card["max_context"] = int(info["max_model_len"])
+        context = info.get("max_model_len") or (info.get("meta") or {}).get("n_ctx")  # vLLM; llama.cpp's slot
+        if context:
+            card["max_context"] = int(context)
         if self._models_error:
             card["status"] = self._models_error
         elif self._models is not None:
@@ -308,6 +311,19 @@ class RemoteBackend:
         with self._lock:
             self._models, self._models_at, self._models_error = models, time.monotonic(), None
         return models
+
+    def _server_kind(self) -> str:
+        """Who serves the model, from its /v1/models `owned_by` ("llamacpp", "vllm", "sglang", ...); "" when not
+        known. Asked once, on the first request, when the card has not asked yet (the card's refresh keeps it
+        current); while a server does not answer /v1/models it is treated as plain OpenAI."""
+        if self._models is None and not self._kind_asked:
+            self._kind_asked = True
+            try:
+                self.list_models(timeout_s=CONNECT_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 (the chat request itself reports what is wrong with the server)
+                return ""
+        info = self._model_info() or next(iter(self._models or []), {})  # one server, one engine
+        return str(info.get("owned_by") or "")
 
     def _model_info(self) -> dict:
         models = self._models or []
@@ -362,10 +378,19 @@ class RemoteBackend:
     def _body(self, request: Request, model: str) -> dict:
         p = request.params
         extra: dict = {}
-        if p.top_k:
-            extra["top_k"] = p.top_k  # vLLM, SGLang, llama.cpp accept it outside the OpenAI schema
-        if p.repetition_penalty != 1.0:
-            extra["repetition_penalty"] = p.repetition_penalty  # vLLM, SGLang (llama.cpp: repeat_penalty)
+        if self._server_kind() == LLAMA_CPP:
+            # llama.cpp's names and defaults differ: its penalty is `repeat_penalty` (it ignores
+            # `repetition_penalty`), and unless told otherwise it samples with top_k 40 and min_p 0.05, where our
+            # controls mean top_k off (0 is off there too) and no min_p.
+            extra["top_k"] = p.top_k
+            extra["min_p"] = 0.0
+            if p.repetition_penalty != 1.0:
+                extra["repeat_penalty"] = p.repetition_penalty
+        else:
+            if p.top_k:
+                extra["top_k"] = p.top_k  # vLLM and SGLang accept it outside the OpenAI schema
+            if p.repetition_penalty != 1.0:
+                extra["repetition_penalty"] = p.repetition_penalty  # vLLM, SGLang
         body = dict(model=model, messages=request.messages, stream=True, stream_options={"include_usage": True},
                     max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p)
         if p.seed is not None:
