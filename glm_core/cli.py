@@ -119,6 +119,10 @@ def cmd_chat(args) -> int:
     log = TurnLog(check_cli_workspace_id(args.workspace) if args.workspace else None, args.conversation)
     if is_remote(args.model):
         engine = RemoteBackend(args.model)  # nothing to load: the server holds the model
+        try:
+            engine.list_models()  # so that the card names the server's model from the start
+        except Exception:  # noqa: BLE001 (the first reply says what is wrong with the server, in one line)
+            pass
     else:
         engine = Engine(load_from_args(args))
     card = engine.card()
