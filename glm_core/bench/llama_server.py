@@ -172,8 +172,8 @@ def free_port() -> int:
 
 def default_threads() -> int:
     """One core fewer than the machine has (at least 1): the client, the portal and the browser run beside the server.
-    On a 2-core machine shared with other work, llama-server with `-t 2` decoded SmolLM2 at 2-10 tokens/s and with
-    `-t 1` at 35-48 (its threads wait for each other at every operation, and one of them is often descheduled)."""
+    On a 2-core machine shared with other work, llama-server with `-t 2` decoded SmolLM2 at 2-19 tokens/s and with
+    `-t 1` at 35-68 (its threads wait for each other at every operation, and one of them is often descheduled)."""
     return max(1, (os.cpu_count() or 2) - 1)
 
 
