@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test chromium bench clean
+.PHONY: setup run test chromium bench llama-server clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ test: setup chromium
 
 bench: setup
 	$(PY) -m glm_core bench turns
+
+# llama.cpp's server, built once into GLM_CACHE_DIR (about 10 minutes on 2 cores): the peer tests run against it.
+llama-server: setup
+	$(PY) -m glm_core llama-server
 
 clean:
 	rm -rf $(VENV) test-output .pytest_cache

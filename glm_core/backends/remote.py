@@ -37,6 +37,7 @@ CONNECT_TIMEOUT_S = 5.0
 # Between two streamed chunks (and for the first one, which waits for the server's queue and prefill).
 READ_TIMEOUT_S = float(os.environ.get("GLM_REMOTE_TIMEOUT_S") or 120)
 INFO_TTL_S = 30.0  # how long the server's model list and metrics are reused before asking again
+LLAMA_CPP = "llamacpp"  # llama-server's `owned_by` in /v1/models
 UNKNOWN_REMOTELY = ("precision and quantization, weights and device memory, the kept KV cache: the server's own; "
                     "see its metrics or logs")
 
@@ -98,8 +99,8 @@ def remote_spec(path: str) -> ModelSpec:
 # kv_cache_usage_perc in V1; SGLang reports token_usage (KV pool used, 0..1).
 _METRICS = {
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"),
-    "running": ("vllm:num_requests_running", "sglang:num_running_reqs"),
-    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs"),
+    "running": ("vllm:num_requests_running", "sglang:num_running_reqs", "llamacpp:requests_processing"),
+    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred"),
     "prefix_cache_hit_rate": ("vllm:gpu_prefix_cache_hit_rate", "sglang:cache_hit_rate"),
 }
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([^\s]+)")
@@ -225,6 +226,7 @@ class RemoteBackend:
         self._models: list[dict] | None = None  # the server's /v1/models answer, cached
         self._models_at = 0.0
         self._models_error: str | None = None
+        self._kind_asked = False
         self._metrics: dict | None = None
         self._metrics_at = 0.0
 
@@ -264,8 +266,9 @@ class RemoteBackend:
             "unknown_remotely": UNKNOWN_REMOTELY,
             "sampling_defaults": server_defaults(self.target.host, info.get("defaults")),
         }
-        if info.get("max_model_len"):
-            card["max_context"] = int(info["max_model_len"])
+        context = info.get("max_model_len") or (info.get("meta") or {}).get("n_ctx")  # vLLM; llama.cpp's slot
+        if context:
+            card["max_context"] = int(context)
         if self._models_error:
             card["status"] = self._models_error
         elif self._models is not None:
@@ -312,6 +315,19 @@ class RemoteBackend:
         with self._lock:
             self._models, self._models_at, self._models_error = models, time.monotonic(), None
         return models
+
+    def _server_kind(self) -> str:
+        """Who serves the model, from its /v1/models `owned_by` ("llamacpp", "vllm", "sglang", ...); "" when not
+        known. Asked once, on the first request, when the card has not asked yet (the card's refresh keeps it
+        current); while a server does not answer /v1/models it is treated as plain OpenAI."""
+        if self._models is None and not self._kind_asked:
+            self._kind_asked = True
+            try:
+                self.list_models(timeout_s=CONNECT_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 (the chat request itself reports what is wrong with the server)
+                return ""
+        info = self._model_info() or next(iter(self._models or []), {})  # one server, one engine
+        return str(info.get("owned_by") or "")
 
     def _model_info(self) -> dict:
         models = self._models or []
@@ -375,6 +391,8 @@ class RemoteBackend:
         for name in ("temperature", "top_p"):
             if name in sent:
                 body[name] = sent.pop(name)
+        if "repetition_penalty" in sent and self._server_kind() == LLAMA_CPP:
+            sent["repeat_penalty"] = sent.pop("repetition_penalty")  # llama.cpp ignores `repetition_penalty`
         if p.seed is not None:
             body["seed"] = p.seed
         if sent:  # top_k and repetition_penalty: vLLM, SGLang and llama.cpp accept them outside the OpenAI schema
