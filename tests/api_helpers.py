@@ -1,15 +1,23 @@
-"""Helpers for the API tests: a uvicorn server in a thread, raw HTTP (bytes exactly as given), SSE frames."""
+"""Helpers for the API tests: a uvicorn server in a thread, `serve` and the portal as processes, raw HTTP (bytes
+exactly as given), SSE frames."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from typing import Callable
 
 import uvicorn
+
+from conftest import ROOT
 
 
 def free_port() -> int:
@@ -42,6 +50,47 @@ class ThreadServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def start_serve(port: int, *model_options: str, log=subprocess.DEVNULL, **env_vars: str) -> subprocess.Popen:
+    """`python -m glm_core serve` on 127.0.0.1:`port`, without API keys (only this machine's clients), with the
+    default model unless `model_options` name one (or `env_vars` do); `env_vars` may also set keys. Its stderr goes
+    to `log` (a file, or PIPE)."""
+    env = {name: value for name, value in os.environ.items() if name != "GLM_API_KEYS"}
+    env.update(PYTHONPATH=str(ROOT), **env_vars)
+    return subprocess.Popen([sys.executable, "-m", "glm_core", "serve", *model_options, "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+                            text=True)
+
+
+def start_portal(port: int, log, address: str | None = "127.0.0.1", **env_vars: str) -> subprocess.Popen:
+    """`streamlit run Home.py` on `port`, its output to `log`, with `env_vars` added to this process's environment.
+    address None: bound as a plain `streamlit run` binds (every address, IPv4 and IPv6 on one socket, so an IPv4
+    client shows as ::ffff:127.0.0.1)."""
+    bind = [] if address is None else ["--server.address", address]
+    return subprocess.Popen([sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port), *bind,
+                             "--server.headless", "true"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env_vars})
+
+
+def wait_until_up(process: subprocess.Popen, url: str, timeout: float,
+                  ready: Callable[[bytes], bool] = lambda body: True,
+                  describe: Callable[[], str] = lambda: "") -> None:
+    """Poll `url` until it answers 200 with a body `ready` accepts; fail at once (with `describe()`, e.g. the
+    server's log) if the process ends, and after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200 and ready(response.read()):
+                    return
+        except OSError:
+            pass
+        assert process.poll() is None, f"the server exited ({process.returncode}): {describe()}"
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{url} was not ready within {timeout:.0f} s: {describe()}")
+        time.sleep(0.3)
 
 
 def raw_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,

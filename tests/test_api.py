@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
 
-from api_helpers import ThreadServer, free_port, json_frames, raw_request, sse_frames
-from conftest import ROOT, stop_process
+from api_helpers import (
+    ThreadServer, free_port, json_frames, raw_request, sse_frames, start_portal, start_serve, wait_until_up,
+)
+from conftest import stop_process
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
 from glm_core.engine import Engine
@@ -512,27 +510,19 @@ def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
 
 @pytest.fixture
 def subprocess_server(tiny_model_dir, tmp_path):
-    """Start a command that serves on a free port; yield (url, the process); stop it afterwards."""
+    """Start `serve` or the portal ("serve", "portal") with the tiny model on a free port; return (url, port) once
+    /health answers; stop it afterwards."""
     processes = []
 
-    def start(args: list[str], extra_env: dict, ready_path: str = "/health"):
-        port = free_port()
-        log = open(tmp_path / f"server-{len(processes)}.log", "w")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "GLM_MODEL_PATH": str(tiny_model_dir), "GLM_PRECISION": "fp32",
-               "GLM_DEVICE": "cpu", **extra_env}
-        process = subprocess.Popen([sys.executable, *[a.replace("{port}", str(port)) for a in args]], cwd=ROOT,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    def start(kind: str, **env_vars: str):
+        port, log_path = free_port(), tmp_path / f"server-{len(processes)}.log"
+        log = open(log_path, "w")
+        env_vars.update(GLM_MODEL_PATH=str(tiny_model_dir), GLM_PRECISION="fp32", GLM_DEVICE="cpu")
+        process = start_serve(port, log=log, **env_vars) if kind == "serve" else start_portal(port, log, **env_vars)
         processes.append((process, log))
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
-        while True:
-            assert process.poll() is None, (tmp_path / log.name).read_text()
-            try:
-                if raw_request(port, "GET", ready_path, timeout=2)[0] == 200:
-                    return url, port
-            except OSError:
-                pass
-            assert time.time() < deadline, f"{args} did not come up: " + Path(log.name).read_text()[-2000:]
-            time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(process, f"{url}/health", 180, describe=lambda: log_path.read_text()[-2000:])
+        return url, port
 
     yield start
     for process, log in processes:
@@ -567,16 +557,13 @@ def check_docs_are_served_here(port: int) -> None:
 
 
 def test_serve_runs_the_api_alone(subprocess_server):
-    url, port = subprocess_server(["-m", "glm_core", "serve", "--port", "{port}", "--log-level", "warning"],
-                                  {"GLM_API_KEYS": "serve-key"})
+    url, port = subprocess_server("serve", GLM_API_KEYS="serve-key")
     check_with_the_openai_client(url, "serve-key")
     check_docs_are_served_here(port)
 
 
 def test_the_portal_serves_the_api_on_its_own_port(subprocess_server):
-    url, port = subprocess_server(
-        ["-m", "streamlit", "run", "Home.py", "--server.port", "{port}", "--server.address", "127.0.0.1",
-         "--server.headless", "true"], {"GLM_API_KEYS": "portal-key"})  # /health: up once the model has loaded
+    url, port = subprocess_server("portal", GLM_API_KEYS="portal-key")  # /health: up once the model has loaded
     check_with_the_openai_client(url, "portal-key")
     status, headers, body = raw_request(port, "GET", "/")  # GET / is still the portal's page; POST / the seed's
     assert status == 200 and headers["content-type"].startswith("text/html") and b"<div id=\"root\">" in body

@@ -4,27 +4,19 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import OUTPUT_DIR, ROOT, stop_process
+from api_helpers import free_port, start_portal, wait_until_up
+from conftest import OUTPUT_DIR, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_chromium() -> None:
@@ -40,24 +32,10 @@ def portal(output_dir: Path, env: dict | None = None, log_name: str = "streamlit
     port = free_port()
     log_path = output_dir / log_name
     log = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
+    process = start_portal(port, log, **(env or {}))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-            assert process.poll() is None, log_path.read_text()
-        else:
-            pytest.fail("streamlit did not come up within 120 s")
+        wait_until_up(process, f"{url}/_stcore/health", 120, describe=log_path.read_text)
         yield url
     finally:
         stop_process(process, timeout=20)
@@ -417,20 +395,10 @@ def test_without_secrets_only_this_machines_browsers_are_admins(page, output_dir
         pytest.skip("this machine has no non-loopback IPv4 address to arrive from")
     port = free_port()
     log_path = output_dir / "streamlit-admin.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLM_MODEL_PATH": str(tiny_model_dir), "GLM_PRECISION": "fp32"}
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port),
-                                    "--server.headless", "true"], cwd=ROOT, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = start_portal(port, log, address=None, GLM_MODEL_PATH=str(tiny_model_dir), GLM_PRECISION="fp32")
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
-                    break
-            except OSError:
-                assert process.poll() is None and time.time() < deadline, log_path.read_text()
-                time.sleep(0.5)
+        wait_until_up(process, f"http://127.0.0.1:{port}/_stcore/health", 120, describe=log_path.read_text)
         sidebar = page.get_by_test_id("stSidebar")
         page.goto(f"http://{lan}:{port}")
         expect(sidebar).to_contain_text("Only browsers on the server's own machine are admins", timeout=120_000)

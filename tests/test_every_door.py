@@ -12,13 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import openai
 import pytest
 
-from api_helpers import free_port
+from api_helpers import free_port, start_portal, start_serve, wait_until_up
 from conftest import ROOT, open_page, stop_process
 
 pytestmark = pytest.mark.server
@@ -35,21 +34,6 @@ def run_cli(*args, stdin: str) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def start(args: list[str], env: dict, port: int, log_path) -> subprocess.Popen:
-    log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-                               stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while True:
-        assert process.poll() is None, log_path.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return process
-        except OSError:
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def glm2_folder(glm2):
     return str(glm2[0])
@@ -64,8 +48,10 @@ def portal(glm2_folder, tmp_path_factory):
            "GLM_DATA_DIR": str(folder / "data")}
     for name in ("GLM_API_KEYS", "GLM_API_OPEN_TO_NETWORK"):
         env[name] = ""
-    process = start(["-m", "streamlit", "run", "Home.py", "--server.port", str(port), "--server.headless", "true"],
-                    env, port, folder / "portal.log")
+    log_path = folder / "portal.log"
+    with open(log_path, "w") as log:
+        process = start_portal(port, log, address=None, **env)
+    wait_until_up(process, f"http://127.0.0.1:{port}/health", 240, describe=log_path.read_text)
     yield port
     stop_process(process, timeout=30)
 
@@ -73,9 +59,11 @@ def portal(glm2_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def serve(glm2_folder, tmp_path_factory):
     port, folder = free_port(), tmp_path_factory.mktemp("serve")
-    process = start(["-m", "glm_core", "serve", "--model", glm2_folder, "--precision", "fp32", "--device", "cpu",
-                     "--port", str(port), "--log-level", "warning"],
-                    {"GLM_DATA_DIR": str(folder / "data"), "GLM_API_KEYS": ""}, port, folder / "serve.log")
+    log_path = folder / "serve.log"
+    with open(log_path, "w") as log:
+        process = start_serve(port, "--model", glm2_folder, "--precision", "fp32", "--device", "cpu", log=log,
+                              GLM_DATA_DIR=str(folder / "data"))
+    wait_until_up(process, f"http://127.0.0.1:{port}/health", 240, describe=log_path.read_text)
     yield port
     stop_process(process, timeout=30)
 

@@ -30,23 +30,12 @@ def health(port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def serve(tiny_model_dir, tmp_path_factory):
-    from api_helpers import free_port
+    from api_helpers import free_port, start_serve, wait_until_up
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLM_DATA_DIR": str(tmp_path_factory.mktemp("serve-data"))}
-    env.pop("GLM_API_KEYS", None)
-    process = subprocess.Popen([sys.executable, "-m", "glm_core", "serve", "--model", str(tiny_model_dir),
-                                "--precision", "fp32", "--device", "cpu", "--port", str(port), "--log-level", "warning"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            health(port)
-            break
-        except OSError:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.2)
+    process = start_serve(port, "--model", str(tiny_model_dir), "--precision", "fp32", "--device", "cpu",
+                          log=subprocess.PIPE, GLM_DATA_DIR=str(tmp_path_factory.mktemp("serve-data")))
+    wait_until_up(process, f"http://127.0.0.1:{port}/health", 180, describe=lambda: process.stderr.read())
     yield process, port
     process.kill()
     process.wait()
