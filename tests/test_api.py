@@ -164,14 +164,15 @@ def test_keys_are_required_and_checked(server):
 @pytest.mark.parametrize("body, status, words", [
     (b'{"messages": [', 400, "not valid JSON"),
     (b'{"model": "m"}', 400, "messages"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
-    (b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400, "end with a user message"),
-    (b'{"messages": [{"role": "tool", "content": "hi"}]}', 400, "role"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 25}', 400, "at most 24"),
-    (b'{"messages": [{"role": "user", "content": "' + LONG.encode() + b'"}]}', 400, "context is 4096"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
-    (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text content"),
-    (b'{"messages": [{"role": "user", "content": "' + b"x" * 70_000 + b'"}]}', 413, "larger"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model: field required"),  # required, as OpenAI's
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
+    (b'{"model": "m", "messages": [{"role": "assistant", "content": "hi"}]}', 400, "end with a user message"),
+    (b'{"model": "m", "messages": [{"role": "tool", "content": "hi"}]}', 400, "role"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 25}', 400, "at most 24"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "' + LONG.encode() + b'"}]}', 400, "context is 4096"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text content"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 70_000 + b'"}]}', 413, "larger"),
 ])
 def test_bad_requests_get_a_clear_error_in_openai_shape(server, body, status, words):
     got, _, answer = raw_request(server.port, "POST", "/v1/chat/completions", body, auth())
@@ -385,10 +386,52 @@ def test_seed_routes_without_a_key_only_when_configured(engine):
 
 
 def test_openai_stream_uses_plain_newlines(server):
-    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": true}'
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": true}'
     _, raw = post(server, "/v1/chat/completions", body)
     assert b"\r" not in raw and raw.rstrip().endswith(b"data: [DONE]")
     assert sse_frames(raw)[-1]["data"] == "[DONE]"
+
+
+def test_replies_carry_every_field_openai_requires(server):
+    """On the wire, as strict clients and llm-comply read it (the openai client fills in what is missing, so it
+    cannot tell): refusal and logprobs null, annotations empty, a system_fingerprint; in a stream, every choice
+    has finish_reason (null until the last), and usage appears only when asked for, null until the last chunk."""
+    whole = json.loads(post(server, "/v1/chat/completions", chat_body("Hi", 4))[1])
+    [choice] = whole["choices"]
+    assert choice["message"] == {"role": "assistant", "content": choice["message"]["content"], "refusal": None,
+                                 "annotations": []}
+    assert choice["logprobs"] is None and choice["finish_reason"] == "length"
+    assert re.fullmatch(r"fp_[0-9a-f]{10}", whole["system_fingerprint"])
+    for include_usage in (False, True):
+        body = chat_body("Hi", 4, stream=True, stream_options={"include_usage": include_usage})
+        chunks = json_frames(post(server, "/v1/chat/completions", body)[1])
+        assert {c["system_fingerprint"] for c in chunks} == {whole["system_fingerprint"]}
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+        assert all(c["delta"].keys() == {"content"} for c in choices[1:-1]) and choices[-1]["delta"] == {}
+        assert all(c["logprobs"] is None for c in choices)
+        if include_usage:
+            assert [c["usage"] is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+        else:
+            assert not any("usage" in c for c in chunks)
+
+
+def test_the_system_fingerprint_changes_with_the_configuration(engine):
+    from glm_core.api.generation import system_fingerprint
+
+    class Configured:
+        def __init__(self, **changes):
+            self._card = {**engine.card(), **changes}
+
+        def card(self) -> dict:
+            return self._card
+
+    same = system_fingerprint(engine)
+    assert system_fingerprint(Configured(load_seconds=99.0)) == same  # not configuration
+    for change in ({"precision": "INT8"}, {"device": "cuda:0"}, {"source": "/elsewhere"}, {"name": "other"}):
+        assert system_fingerprint(Configured(**change)) != same, change
 
 
 def test_sse_frames_parse_either_line_end():
@@ -401,7 +444,7 @@ def test_sse_frames_parse_either_line_end():
 # ---- stop, limits, concurrency, kept caches ------------------------------------------------------------------
 
 def chat_body(content: str, max_tokens: int, stream: bool = False, **extra) -> bytes:
-    return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                        "stream": stream, **extra}).encode()
 
 

@@ -53,16 +53,27 @@ def backend_error(exc: Exception, retry_after_s: int = 1) -> ApiError:
     raise exc
 
 
+def _where(error: dict) -> str:
+    return ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+
+
 def describe_validation_error(exc: RequestValidationError) -> str:
     """One readable line per problem: 'messages.0.role: Input should be ...'."""
     parts = []
     for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
         if error.get("type") == "json_invalid":
             parts.append("the body is not valid JSON")
         else:
-            parts.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
+            parts.append(f"{_where(error) or 'body'}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "the request is not valid"
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """A body the schema refuses: 400 (OpenAI's status for it, not FastAPI's 422), `param` naming the first field
+    at fault ("model" when it is missing)."""
+    first = (exc.errors() or [{}])[0]
+    param = None if first.get("type") == "json_invalid" else _where(first) or None
+    return ApiError(400, describe_validation_error(exc), param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -72,7 +83,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
-        return JSONResponse(error_body(400, describe_validation_error(exc)), status_code=400)
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):

@@ -5,6 +5,7 @@ applied, stopping the backend's request the moment the client goes away."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -26,6 +27,14 @@ FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the e
 
 def model_name(backend: Backend) -> str:
     return str(backend.card().get("name") or backend.spec.path)
+
+
+def system_fingerprint(backend: Backend) -> str:
+    """OpenAI's `system_fingerprint`: names the configuration replies come from (which backend and model, its
+    precision and device), so a client comparing seeded replies sees when it changed."""
+    card = backend.card()
+    configuration = "|".join(str(card.get(k, "")) for k in ("backend", "source", "name", "precision", "device"))
+    return "fp_" + hashlib.sha256(configuration.encode("utf-8")).hexdigest()[:10]
 
 
 def model_context(backend: Backend) -> int:

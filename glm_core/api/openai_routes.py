@@ -19,10 +19,11 @@ from .embeddings import embed
 from .errors import ApiError
 from .generation import (
     Generation, checked_messages, checked_params, count_prompt_tokens, model_context, model_name, reply_budget,
-    sampling_defaults,
+    sampling_defaults, system_fingerprint,
 )
 from .schemas import (
-    ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest, ModelCard, ModelList,
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, ChunkDelta, EmbeddingList,
+    EmbeddingRequest, ModelCard, ModelList, Usage,
 )
 from .state import ApiState, api_caller, api_state, loaded_backend
 
@@ -56,51 +57,48 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request,
                             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                             repetition_penalty=body.repetition_penalty)
     generation = Generation.submit(backend, state.conversations, caller, messages, params, stops, state.limits)
-    completion_id, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), model_name(backend)
+    head = dict(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=model_name(backend),
+                system_fingerprint=system_fingerprint(backend))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(generation, completion_id, created, model, include_usage),
-                                   sep="\n", ping=SSE_PING_S)
+        return EventSourceResponse(_chunks(generation, head, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
     return ChatCompletion(
-        id=completion_id, created=created, model=model,
-        choices=[{"message": {"content": generation.text}, "finish_reason": generation.finish_reason}],
+        **head, choices=[{"message": {"content": generation.text}, "finish_reason": generation.finish_reason}],
         usage=_usage(generation),
     )
 
 
-def _usage(generation: Generation) -> dict:
-    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": generation.cached_tokens}}
+def _usage(generation: Generation) -> Usage:
+    return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
+                 total_tokens=generation.prompt_tokens + generation.completion_tokens,
+                 prompt_tokens_details={"cached_tokens": generation.cached_tokens})
 
 
-async def _chunks(generation: Generation, completion_id: str, created: int, model: str, include_usage: bool):
+async def _chunks(generation: Generation, head: dict, include_usage: bool):
     """OpenAI's stream: a first chunk with the role, one per text delta, one with finish_reason, the usage chunk
     when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request."""
 
-    def chunk(delta: dict, finish_reason: str | None = None, **extra) -> dict:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
-        if include_usage:
-            body.setdefault("usage", None)
+    def event(choices: list[ChunkChoice], usage: Usage | None = None) -> dict:
+        chunk = ChatCompletionChunk(**head, choices=choices, usage=usage)
+        body = chunk.model_dump(exclude=None if include_usage else {"usage"})
+        for sent, choice in zip(body["choices"], choices):  # a delta holds only what it carries, as OpenAI's do
+            sent["delta"] = choice.delta.model_dump(exclude_unset=True)
         return {"data": json.dumps(body, ensure_ascii=False)}
 
-    yield chunk({"role": "assistant", "content": ""})
+    yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
     async for piece in generation.deltas():
-        yield chunk({"content": piece})
+        yield event([ChunkChoice(delta=ChunkDelta(content=piece))])
     try:
         generation.raise_for_error()
     except ApiError as exc:  # headers are gone: the error travels as an event, as OpenAI's streams do
         yield {"data": json.dumps(exc.body(), ensure_ascii=False)}
         yield {"data": "[DONE]"}
         return
-    yield chunk({}, generation.finish_reason)
+    yield event([ChunkChoice(delta=ChunkDelta(), finish_reason=generation.finish_reason)])
     if include_usage:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [], "usage": _usage(generation)}
-        yield {"data": json.dumps(body)}
+        yield event([], _usage(generation))
     yield {"data": "[DONE]"}
 
 

@@ -48,10 +48,11 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra={"example": {
         "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}})
 
-    model: str | None = Field(None, description="any name is accepted; the reply names the loaded model")
+    model: str = Field(description="required, as in OpenAI's API; any name is accepted and the reply names the "
+                                   "loaded model")
     messages: list[ChatMessageIn] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 0.8")
-    top_p: float | None = Field(None, gt=0, le=1, description="default 0.8")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default: the model's (/v1/models)")
+    top_p: float | None = Field(None, gt=0, le=1, description="default: the model's (/v1/models)")
     top_k: int | None = Field(None, ge=0, description="extension; 0 is off")
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension; 1.0 is off")
     max_tokens: int | None = Field(None, ge=1)
@@ -80,23 +81,34 @@ class ChatCompletionRequest(BaseModel):
             raise ApiError(400, "tools are not supported", param="tools")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens taken from the kept KV cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = Field(
-        None, description="cached_tokens: prompt tokens taken from the kept KV cache")
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+# The reply's shapes follow OpenAI's (the `openai` package's ChatCompletion and ChatCompletionChunk): fields the
+# spec requires but this server never fills are sent as OpenAI sends them (refusal and logprobs null, no
+# annotations), since strict clients and checkers reject a reply without them.
+FinishReason = Literal["stop", "length"]
 
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = Field(None, description="always null: a refusal here is ordinary content")
+    annotations: list[dict[str, Any]] = Field(default_factory=list, description="always empty (no web search)")
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     logprobs: None = None
 
 
@@ -105,8 +117,36 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str = Field(description="changes when the model, its precision or its device does")
     choices: list[Choice]
     usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed reply: the first delta names the role, then text deltas, then an empty
+    delta with finish_reason; with stream_options.include_usage every chunk has `usage` (null), and a last chunk
+    with no choices carries it."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

@@ -32,8 +32,8 @@ TURN_PROMPTS = ["Tell me a story about {}.", "Go on.", "What happened next?", "D
 
 def _stream(port: int, key: str, messages: list[dict], max_tokens: int) -> dict:
     """One streamed chat completion: its text, time to first text, wall time and usage."""
-    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+    body = json.dumps({"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     started = time.perf_counter()
     connection.request("POST", "/v1/chat/completions", body=body,
