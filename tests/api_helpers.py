@@ -93,6 +93,11 @@ def wait_until_up(process: subprocess.Popen, url: str, timeout: float,
         time.sleep(0.3)
 
 
+def model_loaded(body: bytes) -> bool:
+    """The API's /health once a model is loaded (the portal's says "no model loaded" while it loads)."""
+    return json.loads(body).get("status") == "ok"
+
+
 def raw_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 120) -> tuple[int, dict, bytes]:
     """One request with `body` sent byte for byte; returns (status, headers, body)."""
