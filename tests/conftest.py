@@ -57,6 +57,16 @@ def tiny_loaded(tiny_model_dir):
     return load_model(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_loaded):
+    """An engine over the tiny model, one per test module (its API servers and requests share it)."""
+    from glm_core.engine import Engine
+
+    engine = Engine(tiny_loaded)
+    yield engine
+    engine.close()
+
+
 # ---- tiny ChatGLM2/3 checkpoints in the original THUDM layout (random weights, a SentencePiece model trained here)
 
 @pytest.fixture(scope="session")

@@ -19,20 +19,12 @@ from api_helpers import (
 from conftest import stop_process
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
-from glm_core.engine import Engine
 
 KEYS = tuple(f"test-key-{i:02d}" for i in range(16))
 ADMIN_KEY = "test-admin-key"
 # Replies stay short (the tiny model rambles until a limit): the seeds' max_length 2048 is capped by max_tokens.
 LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_tokens=24, default_max_tokens=16)
 LONG = "hello " * 4200  # over the tiny model's 4096-token context, under the body limit
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_loaded):
-    engine = Engine(tiny_loaded)
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,9 @@ from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
 from glm_core.api.embeddings import embed
 from glm_core.api.errors import ApiError
-from glm_core.engine import Engine
 from glm_core.models.embedding import SLICE_TOKENS, EmbeddingJob
 
 HELLO = [{"role": "user", "content": "Tell me a long story."}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_loaded):
-    engine = Engine(tiny_loaded)
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -61,31 +61,21 @@ def failures(report: dict) -> list[str]:
     return wrong
 
 
-def test_serve_passes_llm_comply(output_dir):
+@pytest.mark.parametrize("door", ["serve", "portal"])
+def test_llm_comply_passes(door, output_dir):
+    """`python -m glm_core serve`, and the portal's own port reached at 127.0.0.1: an IPv4 client of its dual-stack
+    socket, which it sees as ::ffff:127.0.0.1 (this machine's, without keys). The portal's API lifespan loads the
+    model when the server starts: no browser visit is needed."""
     port = free_port()
-    log_path = output_dir / "llm-comply-serve.log"
+    log_path = output_dir / f"llm-comply-{door}.log"
     with open(log_path, "w") as log:
-        process = start_serve(port, log=log, **SERVER_ENV)
+        if door == "serve":
+            process = start_serve(port, log=log, **SERVER_ENV)
+        else:
+            process = start_portal(port, log, address=None, **SERVER_ENV)
         try:
             wait_until_up(process, f"http://127.0.0.1:{port}/health", 300, model_loaded, log_path.read_text)
-            report = run_openai_chat_suite(f"http://127.0.0.1:{port}/v1", output_dir / "llm-comply-serve.json")
-        finally:
-            stop_process(process, timeout=20)
-    wrong = failures(report)
-    assert not wrong, "\n".join(wrong)
-
-
-def test_the_portal_passes_llm_comply(output_dir):
-    """On the portal's own port, reached at 127.0.0.1: an IPv4 client of its dual-stack socket, which it sees as
-    ::ffff:127.0.0.1 (this machine's, without keys)."""
-    port = free_port()
-    log_path = output_dir / "llm-comply-portal.log"
-    with open(log_path, "w") as log:
-        process = start_portal(port, log, address=None, **SERVER_ENV)
-        try:
-            # The API's lifespan loads the model when the server starts: no browser visit needed.
-            wait_until_up(process, f"http://127.0.0.1:{port}/health", 300, model_loaded, log_path.read_text)
-            report = run_openai_chat_suite(f"http://127.0.0.1:{port}/v1", output_dir / "llm-comply-portal.json")
+            report = run_openai_chat_suite(f"http://127.0.0.1:{port}/v1", output_dir / f"llm-comply-{door}.json")
         finally:
             stop_process(process, timeout=20)
     wrong = failures(report)

@@ -427,6 +427,19 @@ def glm2_tokenizer_cases(tokenizer) -> list[dict]:
     return out
 
 
+def glm2_3_model_cases(model, tokenizer, history) -> dict:
+    """What ChatGLM2 and ChatGLM3 are both asked: logits, greedy chat() replies, a chat() conversation and a
+    stream_chat() conversation with a kept cache."""
+    queries = ["你好", "The capital of France is?", "今天天气怎么样？"]
+    return {
+        "logits": [logits_case(model, LOGIT_IDS, LOGIT_ROWS)],
+        "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8),
+                 chat_case(model, tokenizer, "今天天气怎么样？", history, 8)],
+        "conversation": conversation(model, tokenizer, queries, 10),
+        "stream_conversation": stream_conversation(model, tokenizer, queries, 10),
+    }
+
+
 def chatglm2(originals: Path, work: Path, emulate_quantized: bool) -> dict:
     import chatglm_fixtures as fx
 
@@ -439,12 +452,7 @@ def chatglm2(originals: Path, work: Path, emulate_quantized: bool) -> dict:
         "prompts": [{"query": q, "history": h, "build_inputs": model.build_inputs(tokenizer, q, h)["input_ids"][0].tolist(),
                      "build_stream_inputs": model.build_stream_inputs(tokenizer, q, h)["input_ids"][0].tolist()}
                     for q, h in [("你好", []), ("今天天气怎么样？", history[:1]), ("Thanks\n\tbye  now", history)]],
-        "logits": [logits_case(model, LOGIT_IDS, LOGIT_ROWS)],
-        "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8),
-                 chat_case(model, tokenizer, "今天天气怎么样？", history, 8)],
-        "conversation": conversation(model, tokenizer, ["你好", "The capital of France is?", "今天天气怎么样？"], 10),
-        "stream_conversation": stream_conversation(model, tokenizer, ["你好", "The capital of France is?",
-                                                                      "今天天气怎么样？"], 10),
+        **glm2_3_model_cases(model, tokenizer, history),
     }
     record["checkpoints"]["chatglm2-6b"] = {"description": fx.REFERENCE_CHECKPOINTS["chatglm2-6b"][1],
                                             "files_sha256": hashes, "code": "chatglm2-6b", "cases": cases}
@@ -518,12 +526,7 @@ def chatglm3(originals: Path, work: Path) -> dict:
         "prompts": [{"query": q, "history": h, "role": "user",
                      "build_chat_input": tokenizer.build_chat_input(q, history=copy.deepcopy(h))["input_ids"][0].tolist()}
                     for q, h in [("你好", []), ("Hello", [system]), ("今天天气怎么样？", history)]],
-        "logits": [logits_case(model, LOGIT_IDS, LOGIT_ROWS)],
-        "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8),
-                 chat_case(model, tokenizer, "今天天气怎么样？", history, 8)],
-        "conversation": conversation(model, tokenizer, ["你好", "The capital of France is?", "今天天气怎么样？"], 10),
-        "stream_conversation": stream_conversation(model, tokenizer, ["你好", "The capital of France is?",
-                                                                      "今天天气怎么样？"], 10),
+        **glm2_3_model_cases(model, tokenizer, history),
     }
     record["checkpoints"]["chatglm3-6b"] = {"description": fx.REFERENCE_CHECKPOINTS["chatglm3-6b"][1],
                                             "files_sha256": hashes, "code": "chatglm3-6b", "cases": cases}
