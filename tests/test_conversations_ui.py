@@ -439,3 +439,25 @@ def test_a_share_link_shows_that_conversation_only_read_only_until_revoked(store
     at.button(key="revoke_share").click().run()
     viewer.run()
     assert not viewer.chat_message and "not valid" in viewer.info[0].value
+
+
+def test_the_access_password_guards_share_links_too(store):
+    """A share link opens no workspace, but the portal's access password still applies to it: without the password
+    the page shows the password form and nothing of the conversation; with it, the conversation."""
+    ws = store.create_workspace()
+    [cid] = store.import_conversations(ws, [Conversation(title="Shared", messages=[
+        ChatMessage("user", "Secret question"), ChatMessage("assistant", "Secret answer")])])
+    token = store.share(ws, cid)
+    secrets = {"access_password": "team pw"}
+    viewer = AppTest.from_file(str(ROOT / "pages" / "4_Shared.py"), default_timeout=60)
+    viewer.secrets = secrets
+    viewer.query_params["share"] = token
+    viewer.run()
+    assert not viewer.exception and not viewer.chat_message
+    assert "Secret" not in json.dumps([m.value for m in viewer.markdown])
+    viewer.text_input(key="access_password_input").set_value("guess")
+    viewer.button(key="access_submit").click().run()
+    assert not viewer.chat_message and "Wrong password." in [e.value for e in viewer.error]
+    viewer.text_input(key="access_password_input").set_value("team pw")
+    viewer.button(key="access_submit").click().run()
+    assert [m.markdown[0].value for m in viewer.chat_message] == ["Secret question", "Secret answer"]
