@@ -1,7 +1,7 @@
 """The remote backend against this project's own OpenAI-compatible server (`python -m glm_core serve`, another
 process, tiny model, FP32): a greedy reply through it equals the local engine's; stop closes the stream and the
 server's running count drops; the portal chats through it; the server killed mid-reply leaves the partial reply
-with a one-line reason. The last test kills the server, so it stays last."""
+with a one-line reason (on a server of its own: the tests may run in any order)."""
 
 import json
 import os
@@ -28,14 +28,28 @@ def health(port: int) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def serve(tiny_model_dir, tmp_path_factory):
+def started_serve(tiny_model_dir, data_dir) -> tuple[subprocess.Popen, int]:
     from api_helpers import free_port, start_serve, wait_until_up
 
     port = free_port()
     process = start_serve(port, "--model", str(tiny_model_dir), "--precision", "fp32", "--device", "cpu",
-                          log=subprocess.PIPE, GLM_DATA_DIR=str(tmp_path_factory.mktemp("serve-data")))
+                          log=subprocess.PIPE, GLM_DATA_DIR=str(data_dir))
     wait_until_up(process, f"http://127.0.0.1:{port}/health", 180, describe=lambda: process.stderr.read())
+    return process, port
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_model_dir, tmp_path_factory):
+    process, port = started_serve(tiny_model_dir, tmp_path_factory.mktemp("serve-data"))
+    yield process, port
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def doomed_serve(tiny_model_dir, tmp_path):
+    """A server of its own, for a test that kills it (the module's server stays up whatever the order)."""
+    process, port = started_serve(tiny_model_dir, tmp_path / "serve-data")
     yield process, port
     process.kill()
     process.wait()
@@ -125,8 +139,8 @@ def test_bench_concurrency_against_a_server_that_is_down_is_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the server"), done.stderr
 
 
-def test_serve_killed_mid_reply_keeps_the_partial_reply(serve):
-    process, port = serve
+def test_serve_killed_mid_reply_keeps_the_partial_reply(doomed_serve):
+    process, port = doomed_serve
     remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")
     request = streaming_reply(remote, "c3")
     process.kill()
