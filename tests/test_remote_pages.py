@@ -180,3 +180,18 @@ def test_the_portal_starts_the_local_model_it_offers_and_none_when_it_offers_onl
     from_settings = EngineHub(configured_backends(None, env={}))  # nothing configured: the one local model
     load_configured_local_model(from_settings)
     assert from_settings.last_error_spec.path == str(tmp_path / "settings-model")
+
+
+def test_a_non_admin_can_neither_add_nor_remove_servers(data_dir, remotes):
+    """With admins named (here by a password nobody gave), a user's page offers no way to change what everyone uses:
+    no remove button for any offered server, no add form; the servers stay offered."""
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60)
+    at.secrets = {"admin_password": "root pw"}
+    at.session_state["draft_backend"] = remotes[0]
+    at.run()
+    assert not at.exception
+    keys = [b.key for b in at.button]
+    assert not [k for k in keys if k.startswith("remove_backend_")] and "add_backend" not in keys
+    assert set(remotes) <= set(get_hub().names())
+    admin = home(remotes[0])  # no secrets file: this machine's session is admin and has the buttons
+    assert {f"remove_backend_{name}" for name in remotes} <= {b.key for b in admin.button}
