@@ -416,3 +416,47 @@ def test_without_secrets_only_this_machines_browsers_are_admins(page, output_dir
         assert "Admins: browsers on this machine only" in log_path.read_text()
     finally:
         stop_process(process, timeout=20)
+
+
+def test_a_portal_killed_mid_reply_shows_the_reply_interrupted_after_a_restart(page, output_dir, tmp_path):
+    """kill -9 of the real `streamlit run Home.py` while a reply streams; the portal restarted on the same data shows
+    the reply as far as it was stored, marked interrupted, in the same conversation's URL."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from playwright.sync_api import expect
+
+    need_chromium()
+    env = {"GLM_DATA_DIR": str(tmp_path / "data")}
+    port = free_port()
+    with open(output_dir / "streamlit-killed.log", "w") as log:
+        process = start_portal(port, log, **env)
+    try:
+        wait_until_up(process, f"http://127.0.0.1:{port}/_stcore/health", 120)
+        page.goto(f"http://127.0.0.1:{port}")
+        box = page.get_by_test_id("stChatInputTextArea")
+        expect(box).to_be_enabled(timeout=240_000)
+        box.fill("Write a 2000-word essay on the history of the Roman Empire, with a title and sections.")
+        box.press("Enter")
+        reply = page.get_by_test_id("stChatMessage").nth(1).get_by_test_id("stMarkdownContainer").first
+        expect(reply).not_to_be_empty(timeout=120_000)
+        page.wait_for_timeout(3000)  # the store receives the reply every second while it streams
+        workspace = parse_qs(urlsplit(page.url).query)["ws"][0]
+    finally:
+        process.kill()  # SIGKILL: no shutdown hook runs
+        process.wait()
+    from glm_core.conversations.store import Store
+
+    [conversation] = Store(tmp_path / "data").list_conversations(workspace)
+    port = free_port()
+    with open(output_dir / "streamlit-restarted.log", "w") as log:
+        restarted = start_portal(port, log, **env)
+    try:
+        wait_until_up(restarted, f"http://127.0.0.1:{port}/_stcore/health", 120)
+        page.goto(f"http://127.0.0.1:{port}/?ws={workspace}&c={conversation.id}")
+        messages = page.get_by_test_id("stChatMessage")
+        expect(messages).to_have_count(2, timeout=120_000)
+        expect(messages.nth(1)).to_contain_text("interrupted", timeout=60_000)
+        kept = messages.nth(1).get_by_test_id("stMarkdownContainer").first.inner_text()
+        assert kept.strip(), "the reply stored before the kill is shown"
+    finally:
+        stop_process(restarted, timeout=20)
