@@ -27,19 +27,28 @@ def need_chromium() -> None:
 
 
 @contextlib.contextmanager
-def portal(output_dir: Path, env: dict | None = None, log_name: str = "streamlit-server.log"):
-    """`streamlit run Home.py` on a free port (with `env` added to this environment); yields its URL once healthy."""
+def running_portal(output_dir: Path, env: dict | None = None, log_name: str = "streamlit-server.log",
+                   address: str | None = "127.0.0.1"):
+    """`streamlit run Home.py` on a free port (with `env` added to this environment, bound to `address`; None: as a
+    plain `streamlit run` binds); yields (its URL at 127.0.0.1, the process, its log file) once healthy."""
     port = free_port()
     log_path = output_dir / log_name
     log = open(log_path, "w")
-    process = start_portal(port, log, **(env or {}))
+    process = start_portal(port, log, address=address, **(env or {}))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(process, f"{url}/_stcore/health", 120, describe=log_path.read_text)
-        yield url
+        yield url, process, log_path
     finally:
         stop_process(process, timeout=20)
         log.close()
+
+
+@contextlib.contextmanager
+def portal(output_dir: Path, env: dict | None = None, log_name: str = "streamlit-server.log"):
+    """`streamlit run Home.py` on a free port; yields its URL once healthy."""
+    with running_portal(output_dir, env, log_name) as (url, _, _):
+        yield url
 
 
 @pytest.fixture
@@ -399,23 +408,18 @@ def test_without_secrets_only_this_machines_browsers_are_admins(page, output_dir
     lan = lan_address()
     if lan is None:
         pytest.skip("this machine has no non-loopback IPv4 address to arrive from")
-    port = free_port()
-    log_path = output_dir / "streamlit-admin.log"
-    with open(log_path, "w") as log:
-        process = start_portal(port, log, address=None, GLM_MODEL_PATH=str(tiny_model_dir), GLM_PRECISION="fp32")
-    try:
-        wait_until_up(process, f"http://127.0.0.1:{port}/_stcore/health", 120, describe=log_path.read_text)
+    env = {"GLM_MODEL_PATH": str(tiny_model_dir), "GLM_PRECISION": "fp32"}
+    with running_portal(output_dir, env, "streamlit-admin.log", address=None) as (url, _, log_path):
+        port = url.rsplit(":", 1)[1]
         sidebar = page.get_by_test_id("stSidebar")
         page.goto(f"http://{lan}:{port}")
         expect(sidebar).to_contain_text("Only browsers on the server's own machine are admins", timeout=120_000)
         expect(sidebar).to_contain_text("Only admins load another model")
         assert page.get_by_test_id("stSidebar").get_by_text("Load another model", exact=True).count() == 0
-        page.goto(f"http://127.0.0.1:{port}")
+        page.goto(url)
         expect(sidebar).to_contain_text("You are an admin", timeout=120_000)
         expect(sidebar.get_by_text("Load another model", exact=True)).to_have_count(1)
         assert "Admins: browsers on this machine only" in log_path.read_text()
-    finally:
-        stop_process(process, timeout=20)
 
 
 def test_a_portal_killed_mid_reply_shows_the_reply_interrupted_after_a_restart(page, output_dir, tmp_path):
@@ -427,12 +431,8 @@ def test_a_portal_killed_mid_reply_shows_the_reply_interrupted_after_a_restart(p
 
     need_chromium()
     env = {"GLM_DATA_DIR": str(tmp_path / "data")}
-    port = free_port()
-    with open(output_dir / "streamlit-killed.log", "w") as log:
-        process = start_portal(port, log, **env)
-    try:
-        wait_until_up(process, f"http://127.0.0.1:{port}/_stcore/health", 120)
-        page.goto(f"http://127.0.0.1:{port}")
+    with running_portal(output_dir, env, "streamlit-killed.log") as (url, process, _):
+        page.goto(url)
         box = page.get_by_test_id("stChatInputTextArea")
         expect(box).to_be_enabled(timeout=240_000)
         box.fill("Write a 2000-word essay on the history of the Roman Empire, with a title and sections.")
@@ -441,22 +441,15 @@ def test_a_portal_killed_mid_reply_shows_the_reply_interrupted_after_a_restart(p
         expect(reply).not_to_be_empty(timeout=120_000)
         page.wait_for_timeout(3000)  # the store receives the reply every second while it streams
         workspace = parse_qs(urlsplit(page.url).query)["ws"][0]
-    finally:
         process.kill()  # SIGKILL: no shutdown hook runs
         process.wait()
     from glm_core.conversations.store import Store
 
     [conversation] = Store(tmp_path / "data").list_conversations(workspace)
-    port = free_port()
-    with open(output_dir / "streamlit-restarted.log", "w") as log:
-        restarted = start_portal(port, log, **env)
-    try:
-        wait_until_up(restarted, f"http://127.0.0.1:{port}/_stcore/health", 120)
-        page.goto(f"http://127.0.0.1:{port}/?ws={workspace}&c={conversation.id}")
+    with running_portal(output_dir, env, "streamlit-restarted.log") as (url, _, _):
+        page.goto(f"{url}/?ws={workspace}&c={conversation.id}")
         messages = page.get_by_test_id("stChatMessage")
         expect(messages).to_have_count(2, timeout=120_000)
         expect(messages.nth(1)).to_contain_text("interrupted", timeout=60_000)
         kept = messages.nth(1).get_by_test_id("stMarkdownContainer").first.inner_text()
         assert kept.strip(), "the reply stored before the kill is shown"
-    finally:
-        stop_process(restarted, timeout=20)
