@@ -14,7 +14,7 @@ from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS, MAX_SYSTEM_PROMPT_CHARS
 from glm_core.safe_markdown import StreamWithoutImages, no_remote_images
 from glm_core.sampling_defaults import (
-    CONTROLS, LABELS, clean_overrides, compose_params, describe_sources, effective_controls, model_defaults,
+    CONTROLS, LABELS, card_defaults, clean_overrides, compose_params, describe_sources, effective_controls,
 )
 
 LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
@@ -204,8 +204,7 @@ with st.sidebar:
 
     st.header("Generation")
     # The model's defaults (and where each came from) under this workspace's own changes, which are kept.
-    defaults = engine.card().get("sampling_defaults") if engine is not None else None
-    defaults = defaults or model_defaults("", "", {})
+    defaults = card_defaults(engine.card() if engine is not None else None)
     controls = effective_controls(defaults, store.get_setting(workspace, "sampling", {}))
     if state.get("controls_for") != (workspace, defaults):  # first run, another model, another workspace
         state.update({name: value for name, (value, _) in controls.items()}, controls_for=(workspace, defaults))

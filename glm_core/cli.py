@@ -17,7 +17,7 @@ from .engine import Engine
 from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
 from .models.loading import LoadedModel, load_model
 from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
-from .sampling_defaults import CONTROLS, REQUEST, YOURS, compose_params, describe_sources, model_defaults
+from .sampling_defaults import CONTROLS, REQUEST, YOURS, card_defaults, compose_params, describe_sources
 from .settings import load_settings
 from .conversations.store import Store, clean_title
 from .conversations.turn import start_turn
@@ -102,7 +102,7 @@ def given_controls(args) -> dict:
 def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
     """The CLI's sampling: the options given, the model's own defaults for the rest (one composition for every
     door, sampling_defaults.compose_params); also one line per source of the values."""
-    defaults = card.get("sampling_defaults") or model_defaults("", "", {})
+    defaults = card_defaults(card)
     params, sources = compose_params(defaults, given_controls(args), seed=args.seed)
     chosen = {c: (getattr(params, c), YOURS if sources[c] == REQUEST else sources[c]) for c in CONTROLS}
     return params, describe_sources(chosen, defaults)

@@ -115,6 +115,11 @@ def model_defaults(family: str, name: str, generation_config: dict | None = None
     return {**values, "sources": sources, "source": picked[0] if picked else OURS}
 
 
+def card_defaults(card: dict | None) -> dict:
+    """The sampling defaults a backend's card carries (the loader's or a server's); a card with none: ours."""
+    return (card or {}).get("sampling_defaults") or model_defaults("", "", {})
+
+
 def compose_params(defaults: dict | None, given: dict | None = None, saved: dict | None = None,
                    seed: int | None = None) -> tuple[SamplingParams, dict[str, str]]:
     """The one composition of sampling controls, for every door: the request's own field (`given`: the CLI's
@@ -126,7 +131,7 @@ def compose_params(defaults: dict | None, given: dict | None = None, saved: dict
     in `saved` is dropped (it was kept by an older version, not typed now). When the room for the reply was not
     by the request, it shrinks to fit the max_length.
     """
-    defaults = defaults or model_defaults("", "", {})
+    defaults = defaults or card_defaults(None)
     given = {control: value for control, value in (given or {}).items() if value is not None}
     unknown = set(given) - set(CONTROLS)
     if unknown:

@@ -56,7 +56,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(keyless
 def test_a_long_input_read_in_slices_equals_one_whole_forward(tiny_loaded):
     """The independent expectation: transformers' own forward over the whole text at once, mean-pooled."""
     ids = [(7 * i) % 400 + 3 for i in range(3 * SLICE_TOKENS + 17)]
-    job = EmbeddingJob([ids, ids[:40], ids[:9]], tiny_loaded.model.get_input_embeddings().num_embeddings)
+    job = EmbeddingJob([ids, ids[:40], ids[:9]])
     steps = 1
     while not job.step(tiny_loaded):
         steps += 1

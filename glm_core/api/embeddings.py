@@ -43,19 +43,13 @@ async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimi
         token_ids.append(ids)
     from ..models.embedding import EmbeddingJob  # torch: only where a local model is served
 
-    vocab_size = await to_thread.run_sync(backend.run_on_worker, _vocabulary_size)
-    try:
-        job = EmbeddingJob(token_ids, vocab_size)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="input") from None
+    job = EmbeddingJob(token_ids)
     try:
         with backend.owner_share(owner):
             while not await to_thread.run_sync(backend.run_on_worker, job.step):
                 pass
+    except ValueError as exc:  # an id outside the vocabulary
+        raise ApiError(400, str(exc), param="input") from None
     except Exception as exc:
         raise backend_error(exc, limits.retry_after_s) from None
     return job.vectors, total
-
-
-def _vocabulary_size(loaded) -> int:
-    return int(loaded.model.get_input_embeddings().num_embeddings)

@@ -16,7 +16,7 @@ from starlette.requests import Request as HttpRequest
 from ..protocol import (
     Backend, ConversationBusy, Delta, Event, Finished, Reply, Request, SamplingParams, validate_messages,
 )
-from ..sampling_defaults import compose_params, model_defaults
+from ..sampling_defaults import card_defaults, compose_params
 from .access import Caller
 from .config import ApiLimits
 from .conversation_ids import StatelessConversations
@@ -75,7 +75,7 @@ def checked_messages(messages: list[dict]) -> list[dict]:
 
 def sampling_defaults(backend: Backend) -> dict:
     """The model's sampling defaults with their sources (what an omitted field becomes)."""
-    return backend.card().get("sampling_defaults") or model_defaults("", "", {})
+    return card_defaults(backend.card())
 
 
 def checked_params(backend: Backend, seed: int | None = None, **given) -> SamplingParams:

@@ -247,8 +247,12 @@ class Engine:
 
     def _admissible(self) -> bool:
         """A waiting request could start now (its owner, if any, is under its share). Called with the lock held."""
-        return any(self._running_owners[self._owners[r.id]] < self.max_running_per_owner if r.id in self._owners
-                   else True for r in self._waiting)
+        return any(not self._owner_at_share(request) for request in self._waiting)
+
+    def _owner_at_share(self, request: Request) -> bool:
+        """The request's owner already runs as many requests as it may. Called with the lock held."""
+        owner = self._owners.get(request.id)
+        return bool(owner) and self._running_owners[owner] >= self.max_running_per_owner
 
     def _admit(self) -> list[Request]:
         """Waiting requests that start now: first come first served while the batch has room, skipping those
@@ -256,11 +260,10 @@ class Engine:
         admitted, kept = [], deque()
         while self._waiting:
             request = self._waiting.popleft()
-            owner = self._owners.get(request.id)
-            if self.runner.running + len(admitted) >= self.max_batch or (
-                    owner and self._running_owners[owner] >= self.max_running_per_owner):
+            if self.runner.running + len(admitted) >= self.max_batch or self._owner_at_share(request):
                 kept.append(request)
                 continue
+            owner = self._owners.get(request.id)
             if owner:
                 self._running_owners[owner] += 1
             admitted.append(request)

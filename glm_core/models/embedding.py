@@ -21,19 +21,16 @@ SLICE_TOKENS = 512
 
 
 class EmbeddingJob:
-    """Embeddings of several token-id lists, computed one slice per `step`. Ids are checked against the vocabulary
-    before any forward (on CUDA an out-of-range id is a device assert that poisons the process)."""
+    """Embeddings of several non-empty token-id lists, computed one slice per `step`. The first step checks every
+    id against the model's vocabulary before any forward (on CUDA an out-of-range id is a device assert that
+    poisons the process): ValueError."""
 
-    def __init__(self, token_ids: list[list[int]], vocab_size: int):
-        for index, ids in enumerate(token_ids):
-            if not ids:
-                raise ValueError(f"input {index} is empty")
-            if min(ids) < 0 or max(ids) >= vocab_size:
-                raise ValueError(f"input {index} has a token id outside the model's vocabulary (0 to {vocab_size - 1})")
+    def __init__(self, token_ids: list[list[int]]):
         self.token_ids = token_ids
         self.vectors: list[list[float] | None] = [None] * len(token_ids)
         self._next = 0  # the first input not started
         self._long: tuple[int, int, torch.Tensor, object] | None = None  # (input, tokens done, sum, cache)
+        self._checked = False
 
     @property
     def done(self) -> bool:
@@ -42,6 +39,13 @@ class EmbeddingJob:
     @torch.inference_mode()
     def step(self, loaded: LoadedModel) -> bool:
         """Compute one slice; True when every vector is ready."""
+        if not self._checked:
+            vocab_size = loaded.model.get_input_embeddings().num_embeddings
+            for index, ids in enumerate(self.token_ids):
+                if min(ids) < 0 or max(ids) >= vocab_size:
+                    raise ValueError(f"input {index} has a token id outside the model's vocabulary "
+                                     f"(0 to {vocab_size - 1})")
+            self._checked = True
         if self._long is not None or len(self.token_ids[self._next]) > SLICE_TOKENS and _chunkable(loaded.model):
             self._long_chunk(loaded)
         else:
@@ -90,7 +94,7 @@ class EmbeddingJob:
 def mean_pooled_embeddings(loaded: LoadedModel, token_ids: list[list[int]]) -> list[list[float]]:
     """One unit vector per list of token ids (each non-empty), all slices at once (for callers with the model to
     themselves: the benchmarks, the tests)."""
-    job = EmbeddingJob(token_ids, loaded.model.config.vocab_size)
+    job = EmbeddingJob(token_ids)
     while not job.step(loaded):
         pass
     return job.vectors
