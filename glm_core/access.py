@@ -102,13 +102,19 @@ def is_local_client(address: str | None) -> bool:
     `::ffff:127.0.0.1`, whose `is_loopback` is False on Python 3.11: an IPv4-mapped address is its IPv4 address."""
     if address is None:
         return True
+    ip = _client_ip(address)
+    return ip.is_loopback if ip is not None else address == "localhost"
+
+
+def _client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address as an IP (its IPv6 zone dropped; an IPv4-mapped one as its IPv4 address); None: no IP."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return address == "localhost"
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+        return ip.ipv4_mapped
+    return ip
 
 
 # ---- password attempts ---------------------------------------------------------------------------------------
@@ -171,15 +177,10 @@ def throttle_keys(session_id: str, client: str | None) -> list[str]:
 
 
 def _client_network(client: str) -> str:
-    try:
-        ip = ipaddress.ip_address(client.split("%", 1)[0])
-    except ValueError:
+    ip = _client_ip(client)
+    if ip is None:
         return client
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False)) if ip.version == 6 else str(ip)
 
 
 def refusal(wait_s: float) -> str:
