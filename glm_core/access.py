@@ -22,9 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from .settings import EMBEDDED
 
@@ -45,7 +45,7 @@ class RolePolicy:
     admin_password: str | None = None
 
     @classmethod
-    def from_secrets(cls, secrets: Mapping | None) -> "RolePolicy":
+    def from_secrets(cls, secrets: Mapping | None) -> RolePolicy:
         if secrets is None:
             return cls(secrets_file=False)
         listed = secrets.get("admins") or []
@@ -73,26 +73,37 @@ class RolePolicy:
         machine)."""
         if self.local_admins:
             if local:
-                return "You are an admin: this portal has no .streamlit/secrets.toml, so browsers on the server's " \
-                       "own machine are admins and browsers elsewhere are users."
-            return "Only browsers on the server's own machine are admins here. To name others, the server's " \
-                   "owner sets `admins` (with sign-in) or `admin_password` in .streamlit/secrets.toml."
+                return (
+                    "You are an admin: this portal has no .streamlit/secrets.toml, so browsers on the server's "
+                    "own machine are admins and browsers elsewhere are users."
+                )
+            return (
+                "Only browsers on the server's own machine are admins here. To name others, the server's "
+                "owner sets `admins` (with sign-in) or `admin_password` in .streamlit/secrets.toml."
+            )
         ways = []
         if self.admins:
             ways.append("sign in as a listed admin")
         if self.admin_password:
             ways.append("give the admin password")
         if not ways:
-            return "This portal names no admins (secrets.toml has neither `admins` nor `admin_password`): models " \
-                   "stay as they are."
-        return "Loading, unloading and switching models, freeing memory and large benchmarks are for admins: " + \
-            " or ".join(ways) + "."
+            return (
+                "This portal names no admins (secrets.toml has neither `admins` nor `admin_password`): models "
+                "stay as they are."
+            )
+        return (
+            "Loading, unloading and switching models, freeing memory and large benchmarks are for admins: "
+            + " or ".join(ways)
+            + "."
+        )
 
     def startup_notice(self) -> str:
         """What the portal prints when it starts: who is admin, and how to change it."""
         if self.local_admins:
-            return "Admins: browsers on this machine only (no .streamlit/secrets.toml); others are users. Name " \
-                   "admins with `admins = [...]` (sign-in) or `admin_password` in .streamlit/secrets.toml."
+            return (
+                "Admins: browsers on this machine only (no .streamlit/secrets.toml); others are users. Name "
+                "admins with `admins = [...]` (sign-in) or `admin_password` in .streamlit/secrets.toml."
+            )
         return "Admins: " + self.describe()
 
 
@@ -141,8 +152,14 @@ class AttemptThrottle:
         keys = list(keys)
         with self._lock:
             now = self.clock()
-            wait = max((times[0] + self.window_s - now for times in (self._prune(key, now) for key in keys)
-                        if len(times) >= self.max_failures), default=0.0)
+            wait = max(
+                (
+                    times[0] + self.window_s - now
+                    for times in (self._prune(key, now) for key in keys)
+                    if len(times) >= self.max_failures
+                ),
+                default=0.0,
+            )
             if wait > 0:
                 log.warning("%s attempt from client %s refused unread (throttled)", what, client or "unknown")
                 return wait
@@ -159,8 +176,13 @@ class AttemptThrottle:
             if len(self._failures) > 100_000:  # many clients: forget the quiet ones
                 for key in [k for k, v in self._failures.items() if not v]:
                     del self._failures[key]
-        log.warning("wrong %s from client %s (%d failure(s) in the last %g s)", what, client or "unknown",
-                    max(counts, default=1), self.window_s)
+        log.warning(
+            "wrong %s from client %s (%d failure(s) in the last %g s)",
+            what,
+            client or "unknown",
+            max(counts, default=1),
+            self.window_s,
+        )
         return False
 
     def _prune(self, key: str, now: float) -> deque:
@@ -205,10 +227,10 @@ def check_model_path(path_text: str, roots: Iterable[Path]) -> str:
         raise PathNotAllowed("give a model folder or .gguf file")
     resolved = Path(text).expanduser().resolve()
     if not any(resolved == root or root in resolved.parents for root in roots):
-        raise PathNotAllowed(f"models load only from {', '.join(str(r) for r in roots)} (GLM_MODEL_DIRS); "
-                             f"{text[:200]!r} is not there")
+        raise PathNotAllowed(
+            f"models load only from {', '.join(str(r) for r in roots)} (GLM_MODEL_DIRS); {text[:200]!r} is not there"
+        )
     return str(resolved)
-
 
 
 # ---- memory benchmarks -----------------------------------------------------------------------------------------
@@ -218,13 +240,16 @@ class NotAllowed(ValueError):
     """Something only admins may do; str(error) says what."""
 
 
-def check_benchmark(source: str, encode: int, generate: int, *, admin: bool, presets: Iterable[str],
-                    loaded_path: str | None) -> None:
+def check_benchmark(
+    source: str, encode: int, generate: int, *, admin: bool, presets: Iterable[str], loaded_path: str | None
+) -> None:
     """Anyone may benchmark an architecture preset or the loaded model up to the user sizes; admins anything."""
     if admin:
         return
     if source.strip().lower() not in set(presets) and source != loaded_path:
         raise NotAllowed("benchmarks of model folders on the server are for admins")
     if encode > USER_BENCH_MAX_ENCODE or generate > USER_BENCH_MAX_GENERATE:
-        raise NotAllowed(f"benchmarks above {USER_BENCH_MAX_ENCODE:,} prompt tokens or a "
-                         f"{USER_BENCH_MAX_GENERATE:,}-token context are for admins")
+        raise NotAllowed(
+            f"benchmarks above {USER_BENCH_MAX_ENCODE:,} prompt tokens or a "
+            f"{USER_BENCH_MAX_GENERATE:,}-token context are for admins"
+        )

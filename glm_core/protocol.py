@@ -12,8 +12,9 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from .settings import DEFAULT_GROUP_SIZE, EMBEDDED, load_settings
 
@@ -72,7 +73,7 @@ class SamplingParams:
     # every control was set.
     explicit: frozenset[str] | None = field(default=None, compare=False)
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         """Raise ValueError with a readable message when a control is out of range or not a plain number.
 
         Checked on the server for every request (the page's widgets are no guard against an API client or an
@@ -128,7 +129,7 @@ class ModelSpec:
     group_size: int = DEFAULT_GROUP_SIZE  # INT4 quantization group (input channels sharing a scale and zero)
 
     @classmethod
-    def from_settings(cls) -> "ModelSpec":
+    def from_settings(cls) -> ModelSpec:
         s = load_settings()
         return cls(path=s.model_path, precision=s.precision, device=s.device, family=s.family, group_size=s.group_size)
 
@@ -150,8 +151,9 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
         if role not in ROLES or not isinstance(content, str):
             raise ValueError(f"each message needs a role among {ROLES} and text content, got {m!r:.80}")
         if role == "system" and len(content) > MAX_SYSTEM_PROMPT_CHARS:
-            raise ValueError(f"the system prompt has {len(content):,} characters; at most "
-                             f"{MAX_SYSTEM_PROMPT_CHARS:,} are accepted")
+            raise ValueError(
+                f"the system prompt has {len(content):,} characters; at most {MAX_SYSTEM_PROMPT_CHARS:,} are accepted"
+            )
         total += len(content)
         clean.append({"role": role, "content": content})
     if not clean or clean[-1]["role"] != "user":
@@ -159,8 +161,9 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
     if not clean[-1]["content"].strip():
         raise ValueError("the message is empty")
     if len(clean[-1]["content"]) > MAX_PROMPT_CHARS:
-        raise ValueError(f"the message has {len(clean[-1]['content']):,} characters; at most {MAX_PROMPT_CHARS:,} "
-                         "are accepted")
+        raise ValueError(
+            f"the message has {len(clean[-1]['content']):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted"
+        )
     if total > MAX_REQUEST_CHARS:
         raise ValueError(f"the request has {total:,} characters; at most {MAX_REQUEST_CHARS:,} are accepted")
     return clean
@@ -171,7 +174,7 @@ def newest_within_limits(messages: list[dict]) -> tuple[list[dict], int]:
     MAX_REQUEST_MESSAGES), cut at a user message as the engine cuts to fit its context; returns them and how
     many older messages were left out. The newest message is always kept (its own limit is checked later)."""
     system = [m for m in messages[:1] if m.get("role") == "system"]
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     budget_chars = MAX_REQUEST_CHARS - sum(len(m.get("content") or "") for m in system)
     budget_count = MAX_REQUEST_MESSAGES - len(system)
     start, chars = len(turns), 0
@@ -376,8 +379,14 @@ class Backend(Protocol):
     capabilities: Capabilities
     spec: ModelSpec
 
-    def submit(self, conversation_id: str, messages: Sequence[dict], params: SamplingParams | None = None,
-               recompute: bool = False, owner: str | None = None) -> Request:
+    def submit(
+        self,
+        conversation_id: str,
+        messages: Sequence[dict],
+        params: SamplingParams | None = None,
+        recompute: bool = False,
+        owner: str | None = None,
+    ) -> Request:
         """Queue a reply to `messages` (the whole conversation, ending with the new user message). `owner` (a
         workspace, an API key) bounds one person's share of the queue; QueueFull past it."""
         ...

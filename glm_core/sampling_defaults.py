@@ -32,13 +32,22 @@ OURS = "this app's defaults"
 # written out, so that ours (a penalty of 1.1) never fills them in. The reply's own room is not a sampling
 # control of chat() (it bounds the total), so max_new_tokens stays ours.
 _CHATGLM_ORIGINAL = {"top_k": 0, "repetition_penalty": 1.0}
-_CHATGLM_6B = ("ChatGLM-6B documented defaults",
-               {"max_length": 2048, "top_p": 0.7, "temperature": 0.95, **_CHATGLM_ORIGINAL})
-_CHATGLM_2_3 = ("ChatGLM2/3 documented defaults",
-                {"max_length": 8192, "top_p": 0.8, "temperature": 0.8, **_CHATGLM_ORIGINAL})
+_CHATGLM_6B = (
+    "ChatGLM-6B documented defaults",
+    {"max_length": 2048, "top_p": 0.7, "temperature": 0.95, **_CHATGLM_ORIGINAL},
+)
+_CHATGLM_2_3 = (
+    "ChatGLM2/3 documented defaults",
+    {"max_length": 8192, "top_p": 0.8, "temperature": 0.8, **_CHATGLM_ORIGINAL},
+)
 # Keyed by the family label lower-cased without "-" ("ChatGLM-6B" -> "chatglm6b").
-FAMILY_DEFAULTS = {"chatglm": _CHATGLM_6B, "chatglm6b": _CHATGLM_6B, "chatglm1": _CHATGLM_6B,
-                   "chatglm2": _CHATGLM_2_3, "chatglm3": _CHATGLM_2_3}
+FAMILY_DEFAULTS = {
+    "chatglm": _CHATGLM_6B,
+    "chatglm6b": _CHATGLM_6B,
+    "chatglm1": _CHATGLM_6B,
+    "chatglm2": _CHATGLM_2_3,
+    "chatglm3": _CHATGLM_2_3,
+}
 
 # SmolLM2-135M-Instruct's model card samples with temperature 0.2, top_p 0.9.
 MODEL_CARD_DEFAULTS = {"SmolLM2-135M-Instruct": ("SmolLM2 model card", {"temperature": 0.2, "top_p": 0.9})}
@@ -46,19 +55,41 @@ MODEL_CARD_DEFAULTS = {"SmolLM2-135M-Instruct": ("SmolLM2 model card", {"tempera
 # Ours, for what a model recommends nothing about. The repetition penalty decided it: the embedded model writing
 # a 400-token story (2 seeds) repeated sentences with the seeds' 0.8 / 0.8 (13 distinct of 15, and a loop) and
 # with its card's 0.2 / 0.9 (10 distinct of 20), and none with a penalty of 1.1 at 0.2 / 0.9 or 0.7 / 0.9.
-OUR_DEFAULTS = {"max_length": 8192, "max_new_tokens": 1024, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
-                "repetition_penalty": 1.1}
+OUR_DEFAULTS = {
+    "max_length": 8192,
+    "max_new_tokens": 1024,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 0,
+    "repetition_penalty": 1.1,
+}
 
 _LIMITS = {  # what a recommendation may hold to be taken (anything else in a file is ignored, not trusted)
-    "max_length": (2, 2**31), "max_new_tokens": (1, 2**31), "temperature": (0.0, 100.0), "top_p": (1e-6, 1.0),
-    "top_k": (0, 2**31), "repetition_penalty": (1e-6, 100.0),
+    "max_length": (2, 2**31),
+    "max_new_tokens": (1, 2**31),
+    "temperature": (0.0, 100.0),
+    "top_p": (1e-6, 1.0),
+    "top_k": (0, 2**31),
+    "repetition_penalty": (1e-6, 100.0),
 }
 _INTEGERS = {"max_length", "max_new_tokens", "top_k"}
 # What the chat page's controls offer; a default outside is brought to the nearest end.
-CONTROL_RANGES = {"max_length": (64, 131072), "max_new_tokens": (1, 4096), "temperature": (0.0, 2.0),
-                  "top_p": (0.05, 1.0), "top_k": (0, 1000), "repetition_penalty": (0.5, 2.0)}
-LABELS = {"max_length": "max length", "max_new_tokens": "max new tokens", "temperature": "temperature",
-          "top_p": "top p", "top_k": "top k", "repetition_penalty": "repetition penalty"}
+CONTROL_RANGES = {
+    "max_length": (64, 131072),
+    "max_new_tokens": (1, 4096),
+    "temperature": (0.0, 2.0),
+    "top_p": (0.05, 1.0),
+    "top_k": (0, 1000),
+    "repetition_penalty": (0.5, 2.0),
+}
+LABELS = {
+    "max_length": "max length",
+    "max_new_tokens": "max new tokens",
+    "temperature": "temperature",
+    "top_p": "top p",
+    "top_k": "top k",
+    "repetition_penalty": "repetition penalty",
+}
 YOURS = "your setting"
 REQUEST = "the request"
 
@@ -94,7 +125,9 @@ def from_generation_config(config: dict) -> dict:
     return found
 
 
-def model_defaults(family: str, name: str, generation_config: dict | None = None, max_context: int | None = None) -> dict:
+def model_defaults(
+    family: str, name: str, generation_config: dict | None = None, max_context: int | None = None
+) -> dict:
     """The model's defaults: {control: value, ..., "sources": {control: where it came from}, "source": summary}."""
     layers = [
         (GENERATION_CONFIG, from_generation_config(generation_config or {})),
@@ -120,8 +153,9 @@ def card_defaults(card: dict | None) -> dict:
     return (card or {}).get("sampling_defaults") or model_defaults("", "", {})
 
 
-def compose_params(defaults: dict | None, given: dict | None = None, saved: dict | None = None,
-                   seed: int | None = None) -> tuple[SamplingParams, dict[str, str]]:
+def compose_params(
+    defaults: dict | None, given: dict | None = None, saved: dict | None = None, seed: int | None = None
+) -> tuple[SamplingParams, dict[str, str]]:
     """The one composition of sampling controls, for every door: the request's own field (`given`: the CLI's
     options, an API body's fields; None means left out), else the person's saved setting (`saved`: the page's
     workspace settings), else the model's defaults (`model_defaults`; None: a model that recommends nothing).
@@ -136,8 +170,11 @@ def compose_params(defaults: dict | None, given: dict | None = None, saved: dict
     unknown = set(given) - set(CONTROLS)
     if unknown:
         raise ValueError(f"unknown sampling controls: {', '.join(sorted(unknown))}")
-    saved = {control: value for control, value in (saved or {}).items()
-             if control in CONTROLS and control not in given and _valid(control, value) is not None}
+    saved = {
+        control: value
+        for control, value in (saved or {}).items()
+        if control in CONTROLS and control not in given and _valid(control, value) is not None
+    }
     values, sources = {}, {}
     for control in CONTROLS:
         if control in given:

@@ -72,7 +72,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_running_per_owner=_positive_int(env, "GLM_MAX_RUNNING_PER_OWNER") or 1,
         cache_dir=Path(env.get("GLM_CACHE_DIR") or Path(cache_root) / "glm-dashboard"),
         data_dir=Path(env.get("GLM_DATA_DIR") or PROJECT_ROOT / "data"),
-        model_dirs=tuple(Path(p).expanduser() for p in (env.get("GLM_MODEL_DIRS") or "").split(os.pathsep) if p.strip()),
+        model_dirs=tuple(
+            Path(p).expanduser() for p in (env.get("GLM_MODEL_DIRS") or "").split(os.pathsep) if p.strip()
+        ),
         compile=_choice(env, "GLM_COMPILE", ("auto", "on", "off")),
     )
 

@@ -45,23 +45,37 @@ def confirm_unload(name: str) -> None:
 
 engine = hub.engine
 if engine is None:
-    st.info(f"No model is loaded. The chat page loads the default model ({plain(ModelSpec.from_settings().path)}) "
-            "on its next visit.")
+    st.info(
+        f"No model is loaded. The chat page loads the default model ({plain(ModelSpec.from_settings().path)}) "
+        "on its next visit."
+    )
 elif engine.capabilities.local_model:
     card, load = engine.card(), engine.load_report()
-    st.markdown(f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
-                f"weights {format_bytes(card['weights_bytes'])}")
-    st.caption(f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
-               f"{load['waiting']} waiting")
+    st.markdown(
+        f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
+        f"weights {format_bytes(card['weights_bytes'])}"
+    )
+    st.caption(
+        f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
+        f"{load['waiting']} waiting"
+    )
 else:
     st.markdown(f"**Model:** {plain(engine.card()['name'])} on a remote server: see Remote servers below.")
 if admin:
     actions = st.container(horizontal=True)
-    if actions.button("Free cached memory", key="free_memory",
-                      help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc)."):
+    if actions.button(
+        "Free cached memory",
+        key="free_memory",
+        help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc).",
+    ):
         state.memory_report = f"Freed cached memory: {free_cached_memory().describe()}."
-    actions.button("Unload the model…", key="unload_model", disabled=engine is None, help=UNLOAD_EFFECTS,
-                   on_click=lambda: state.update(pending_unload=True))
+    actions.button(
+        "Unload the model…",
+        key="unload_model",
+        disabled=engine is None,
+        help=UNLOAD_EFFECTS,
+        on_click=lambda: state.update(pending_unload=True),
+    )
 else:
     st.caption("Freeing memory and unloading the model are for admins.")
 if state.get("pending_unload"):  # until confirmed, cancelled or dismissed
@@ -96,13 +110,19 @@ def show_gpus(reading) -> None:
         if not gpu.processes:
             st.caption("No processes use this GPU.")
             continue
-        st.dataframe(pd.DataFrame({  # a table shows process names as plain text
-            "PID": [p.pid for p in gpu.processes],
-            "Process": [p.name or "(not visible here)" for p in gpu.processes],
-            "Kind": [p.kind for p in gpu.processes],
-            "GPU memory": [format_bytes(p.used_bytes) for p in gpu.processes],
-            "This process": [p.this_process for p in gpu.processes],
-        }), hide_index=True, key=f"gpu_{gpu.index}_processes")
+        st.dataframe(
+            pd.DataFrame(
+                {  # a table shows process names as plain text
+                    "PID": [p.pid for p in gpu.processes],
+                    "Process": [p.name or "(not visible here)" for p in gpu.processes],
+                    "Kind": [p.kind for p in gpu.processes],
+                    "GPU memory": [format_bytes(p.used_bytes) for p in gpu.processes],
+                    "This process": [p.this_process for p in gpu.processes],
+                }
+            ),
+            hide_index=True,
+            key=f"gpu_{gpu.index}_processes",
+        )
 
 
 def show_remote_servers() -> None:
@@ -113,15 +133,19 @@ def show_remote_servers() -> None:
     if not remotes:
         return
     st.header("Remote servers")
-    st.caption("Their GPUs and memory are measured on their own machines; what a server's /metrics tells is shown here.")
+    st.caption(
+        "Their GPUs and memory are measured on their own machines; what a server's /metrics tells is shown here."
+    )
     for name, backend in remotes:
         card = backend.card()
         figures = backend.metrics()
         line = f"**{plain(name)}** · {plain(card['name'])} at {plain(card['server'])}"
         if figures is None:
             st.markdown(line)
-            st.caption("No metrics for this model: the server has no /metrics route (llama.cpp needs --metrics), "
-                       "reports none for this model, or cannot be reached.")
+            st.caption(
+                "No metrics for this model: the server has no /metrics route (llama.cpp needs --metrics), "
+                "reports none for this model, or cannot be reached."
+            )
             continue
         parts = []
         if "kv_cache_usage" in figures:
@@ -144,7 +168,9 @@ def show_history() -> None:
     left, right = st.columns(2) if utilization else (st.container(), None)
     left.vega_lite_chart(time_chart(points, memory, "memory (GiB)", monitor.history_s, scale=2**30), width="stretch")
     if utilization:
-        right.vega_lite_chart(time_chart(points, utilization, "GPU utilization (%)", monitor.history_s), width="stretch")
+        right.vega_lite_chart(
+            time_chart(points, utilization, "GPU utilization (%)", monitor.history_s), width="stretch"
+        )
 
 
 @st.fragment(run_every=monitor.interval_s)
@@ -154,12 +180,18 @@ def live_figures() -> None:
     show_gpus(sample.nvml)
     if sample.allocator:
         st.subheader("PyTorch allocator of this process")
-        st.dataframe(pd.DataFrame({
-            "Device": [a["device"] for a in sample.allocator],
-            "Allocated": [format_bytes(a["allocated"]) for a in sample.allocator],
-            "Reserved": [format_bytes(a["reserved"]) for a in sample.allocator],
-            "Peak allocated": [format_bytes(a["peak_allocated"]) for a in sample.allocator],
-        }), hide_index=True, key="allocator")
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "Device": [a["device"] for a in sample.allocator],
+                    "Allocated": [format_bytes(a["allocated"]) for a in sample.allocator],
+                    "Reserved": [format_bytes(a["reserved"]) for a in sample.allocator],
+                    "Peak allocated": [format_bytes(a["peak_allocated"]) for a in sample.allocator],
+                }
+            ),
+            hide_index=True,
+            key="allocator",
+        )
 
     st.header("Host")
     used, available, rss, peak = st.columns(4)

@@ -7,14 +7,25 @@ import pandas as pd
 import streamlit as st
 
 from app_shared import admin_panel, get_bench_runner, get_hub, open_workspace, plain
-from glm_core.access import (
-    USER_BENCH_MAX_ENCODE, USER_BENCH_MAX_GENERATE, NotAllowed, PathNotAllowed, check_benchmark, check_model_path,
-)
 from glm_core import load_settings
-from glm_core.bench.memory import (
-    CSV_FIELDS, LEVELS, MemoryBenchRequest, comparison_rows, csv_rows, predict, run_record,
+from glm_core.access import (
+    USER_BENCH_MAX_ENCODE,
+    USER_BENCH_MAX_GENERATE,
+    NotAllowed,
+    PathNotAllowed,
+    check_benchmark,
+    check_model_path,
 )
 from glm_core.bench.estimator import GB, PRESETS, ConfigError
+from glm_core.bench.memory import (
+    CSV_FIELDS,
+    LEVELS,
+    MemoryBenchRequest,
+    comparison_rows,
+    csv_rows,
+    predict,
+    run_record,
+)
 from glm_core.models.precision import resolve_device
 
 st.set_page_config(page_title="Quantization", page_icon="⚖️", layout="wide")
@@ -38,9 +49,11 @@ st.caption(
 )
 
 if remote_names:
-    st.info(f"Remote models ({plain(', '.join(remote_names))}) are not benchmarked here: their memory and precision "
-            "are their server's, measured on it (vLLM: `--dtype`, `--quantization`, and its /metrics; the GPU monitor "
-            "shows what those tell). This page runs presets and local model folders.")
+    st.info(
+        f"Remote models ({plain(', '.join(remote_names))}) are not benchmarked here: their memory and precision "
+        "are their server's, measured on it (vLLM: `--dtype`, `--quantization`, and its /metrics; the GPU monitor "
+        "shows what those tell). This page runs presets and local model folders."
+    )
 
 # ---- what to run ---------------------------------------------------------------------------------------------
 
@@ -63,10 +76,14 @@ levels = st.multiselect("Levels", LEVELS, default=["fp16", "int8", "int4"], form
 left, middle, right = st.columns(3)
 max_encode, max_generate = (131072, 131072) if admin else (USER_BENCH_MAX_ENCODE, USER_BENCH_MAX_GENERATE)
 encode = left.number_input("Prompt tokens to encode", 1, max_encode, 2048, step=256, key="bench_encode")
-generate = middle.number_input("Context to generate up to (tokens)", 1, max_generate, 8192, step=1024, key="bench_generate")
+generate = middle.number_input(
+    "Context to generate up to (tokens)", 1, max_generate, 8192, step=1024, key="bench_generate"
+)
 if not admin:
-    st.caption(f"Runs up to {USER_BENCH_MAX_ENCODE:,} prompt tokens and a {USER_BENCH_MAX_GENERATE:,}-token context; "
-               "larger ones, and model folders on the server, are for admins.")
+    st.caption(
+        f"Runs up to {USER_BENCH_MAX_ENCODE:,} prompt tokens and a {USER_BENCH_MAX_GENERATE:,}-token context; "
+        "larger ones, and model folders on the server, are for admins."
+    )
 device = right.selectbox("Device", ["auto", "cpu", "cuda"], key="bench_device")
 try:
     device_type = resolve_device(device).type
@@ -74,8 +91,10 @@ except ValueError as exc:
     st.error(str(exc))
     st.stop()
 if device_type == "cpu":
-    st.info("On this CPU the memory is the benchmark process's resident memory (RSS), Python runtime included. "
-            "Long prompts take minutes per level on a CPU; a run can be cancelled.")
+    st.info(
+        "On this CPU the memory is the benchmark process's resident memory (RSS), Python runtime included. "
+        "Long prompts take minutes per level on a CPU; a run can be cancelled."
+    )
 
 request = None
 if source and levels:
@@ -88,26 +107,49 @@ if source and levels:
         request = None
     else:
         st.subheader("Predicted from config.json")
-        st.dataframe(pd.DataFrame({
-            "Level": [p["level"].upper() for p in predicted],
-            "Weights (GB)": [p["weights_bytes"] / GB for p in predicted],
-            "KV cache (KB/token)": [p["kv_bytes_per_token"] / 1e3 for p in predicted],
-            f"Encode {encode} (GB)": [p["encode_peak_bytes"] / GB for p in predicted],
-            f"Generate {generate} (GB)": [p["generate_peak_bytes"] / GB for p in predicted],
-            "Published encode (GB)": [(p["encode_published_bytes"] or float("nan")) / GB for p in predicted],
-            "Published generate (GB)": [(p["generate_published_bytes"] or float("nan")) / GB for p in predicted],
-        }), hide_index=True, key="predicted_table", column_config={
-            **{c: st.column_config.NumberColumn(format="%.2f") for c in ("Weights (GB)", f"Encode {encode} (GB)",
-                                                                           f"Generate {generate} (GB)")},
-            "KV cache (KB/token)": st.column_config.NumberColumn(format="%.1f")})
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "Level": [p["level"].upper() for p in predicted],
+                    "Weights (GB)": [p["weights_bytes"] / GB for p in predicted],
+                    "KV cache (KB/token)": [p["kv_bytes_per_token"] / 1e3 for p in predicted],
+                    f"Encode {encode} (GB)": [p["encode_peak_bytes"] / GB for p in predicted],
+                    f"Generate {generate} (GB)": [p["generate_peak_bytes"] / GB for p in predicted],
+                    "Published encode (GB)": [(p["encode_published_bytes"] or float("nan")) / GB for p in predicted],
+                    "Published generate (GB)": [
+                        (p["generate_published_bytes"] or float("nan")) / GB for p in predicted
+                    ],
+                }
+            ),
+            hide_index=True,
+            key="predicted_table",
+            column_config={
+                **{
+                    c: st.column_config.NumberColumn(format="%.2f")
+                    for c in ("Weights (GB)", f"Encode {encode} (GB)", f"Generate {generate} (GB)")
+                },
+                "KV cache (KB/token)": st.column_config.NumberColumn(format="%.1f"),
+            },
+        )
 
 current = runner.current
 busy = current is not None and current.active
-if st.button("Run the benchmark", type="primary", key="bench_run", disabled=request is None or busy,
-             help="A run is in progress on this server" if busy else None):
+if st.button(
+    "Run the benchmark",
+    type="primary",
+    key="bench_run",
+    disabled=request is None or busy,
+    help="A run is in progress on this server" if busy else None,
+):
     try:
-        check_benchmark(request.source, request.encode, request.generate, admin=admin, presets=PRESETS,
-                        loaded_path=engine.spec.path if engine is not None else None)
+        check_benchmark(
+            request.source,
+            request.encode,
+            request.generate,
+            admin=admin,
+            presets=PRESETS,
+            loaded_path=engine.spec.path if engine is not None else None,
+        )
         runner.start(request, owner=workspace)
     except (RuntimeError, ConfigError, NotAllowed) as exc:
         st.error(str(exc))
@@ -142,19 +184,38 @@ def show_comparison(record: dict, key: str) -> None:
     table["Decode (tokens/s)"] = [r["decode_tokens_per_s"] for r in rows]
     table["Perplexity"] = [r["perplexity"] for r in rows]
     frame = pd.DataFrame(table)
-    frame = frame.drop(columns=[c for c in frame.columns if "published" in c and not any(  # nothing to compare with
-        r[f"{phase}_published_bytes"] for r in rows for phase in ("encode", "generate"))])
-    st.dataframe(frame, hide_index=True, key=f"{key}_table", column_config={
-        c: st.column_config.NumberColumn(format="%.2f") for c in frame.columns if c.endswith(("(GB)", "(s)", "/s)"))})
+    frame = frame.drop(
+        columns=[
+            c
+            for c in frame.columns
+            if "published" in c
+            and not any(  # nothing to compare with
+                r[f"{phase}_published_bytes"] for r in rows for phase in ("encode", "generate")
+            )
+        ]
+    )
+    st.dataframe(
+        frame,
+        hide_index=True,
+        key=f"{key}_table",
+        column_config={
+            c: st.column_config.NumberColumn(format="%.2f") for c in frame.columns if c.endswith(("(GB)", "(s)", "/s)"))
+        },
+    )
 
     charts = st.columns(2)
     for column, phase in zip(charts, ("encode", "generate")):
-        long = pd.DataFrame([
-            {"level": r["level"].upper(), "figure": figure, "GB": r[f"{phase}_{figure}_bytes"] / GB}
-            for r in rows for figure in ("measured", "predicted", "published") if r[f"{phase}_{figure}_bytes"]
-        ])
-        column.caption(f"Peak while {'encoding' if phase == 'encode' else 'generating'} "
-                       f"{record['request'][phase]} tokens (GB)")
+        long = pd.DataFrame(
+            [
+                {"level": r["level"].upper(), "figure": figure, "GB": r[f"{phase}_{figure}_bytes"] / GB}
+                for r in rows
+                for figure in ("measured", "predicted", "published")
+                if r[f"{phase}_{figure}_bytes"]
+            ]
+        )
+        column.caption(
+            f"Peak while {'encoding' if phase == 'encode' else 'generating'} {record['request'][phase]} tokens (GB)"
+        )
         column.bar_chart(long, x="level", y="GB", color="figure", stack=False, sort=False)
 
 
@@ -194,9 +255,11 @@ def run_label(record: dict) -> str:
     when = datetime.fromtimestamp(record.get("finished_at") or record["started_at"]).strftime("%Y-%m-%d %H:%M")
     request, env = record["request"], record.get("environment", {})
     levels = ", ".join(level.upper() for level in request["levels"])
-    return (f"#{record['id']} · {when} · {request['source']} · {levels} · encode {request['encode']} / "
-            f"generate {request['generate']} · {env.get('device_name', env.get('device', '?'))}"
-            + (f" · {record['state']}" if record.get("state") != "done" else ""))
+    return (
+        f"#{record['id']} · {when} · {request['source']} · {levels} · encode {request['encode']} / "
+        f"generate {request['generate']} · {env.get('device_name', env.get('device', '?'))}"
+        + (f" · {record['state']}" if record.get("state") != "done" else "")
+    )
 
 
 by_id = {record["id"]: record for record in history}
@@ -206,11 +269,19 @@ st.caption(
     f"Measured on {plain(environment.get('device_name', '?'))} ({plain(environment.get('device', '?'))}) with "
     f"torch {plain(environment.get('torch', '?'))}, transformers {plain(environment.get('transformers', '?'))}, "
     f"Python {plain(environment.get('python', '?'))}. Memory: "
-    + ("the benchmark process's resident memory (RSS)." if environment.get("device") == "cpu"
-       else "the CUDA allocator's reserved peak plus the CUDA context (what nvidia-smi shows).")
+    + (
+        "the benchmark process's resident memory (RSS)."
+        if environment.get("device") == "cpu"
+        else "the CUDA allocator's reserved peak plus the CUDA context (what nvidia-smi shows)."
+    )
 )
 show_comparison(chosen, "chosen")
 
 frame = pd.DataFrame(csv_rows(history), columns=list(CSV_FIELDS))
-st.download_button("Download every run as CSV", frame.to_csv(index=False).encode("utf-8"),
-                   file_name="glm-memory-benchmarks.csv", mime="text/csv", key="bench_csv")
+st.download_button(
+    "Download every run as CSV",
+    frame.to_csv(index=False).encode("utf-8"),
+    file_name="glm-memory-benchmarks.csv",
+    mime="text/csv",
+    key="bench_csv",
+)

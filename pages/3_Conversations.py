@@ -1,16 +1,21 @@
 """Conversations page: the workspace's conversations as a table, filters, export and import."""
 
-from datetime import datetime, time, timezone
+from datetime import UTC, datetime, time
 
 import pandas as pd
 import streamlit as st
 
 from app_shared import get_store, open_workspace, plain
-from glm_core.conversations.store import StorageError
 from glm_core.conversations.exchange import (
-    EXPORT_FORMATS, MAX_IMPORT_BYTES, ImportRejected, check_import_size, export_conversations, export_file_name,
+    EXPORT_FORMATS,
+    MAX_IMPORT_BYTES,
+    ImportRejected,
+    check_import_size,
+    export_conversations,
+    export_file_name,
     import_file,
 )
+from glm_core.conversations.store import StorageError
 
 st.set_page_config(page_title="Conversations", page_icon="🗂️", layout="wide")
 workspace = open_workspace()
@@ -27,8 +32,9 @@ st.caption(
     '`{"messages": [...]}`, or ChatGLM history pairs `[[question, answer], ...]`. The file is checked whole first: '
     "if anything is wrong, nothing is imported."
 )
-uploaded = st.file_uploader("Conversation file", type=["json"], key="import_file",
-                            max_upload_size=MAX_IMPORT_BYTES // 2**20)
+uploaded = st.file_uploader(
+    "Conversation file", type=["json"], key="import_file", max_upload_size=MAX_IMPORT_BYTES // 2**20
+)
 if st.button("Import", key="import_button", disabled=uploaded is None):
     try:
         check_import_size(uploaded.size)  # before reading it
@@ -63,8 +69,8 @@ with table_area:
         {
             "Title": [s.title for s in listed],
             "Messages": [s.message_count for s in listed],
-            "Started": [datetime.fromtimestamp(s.created_at, timezone.utc) for s in listed],
-            "Last active": [datetime.fromtimestamp(s.updated_at, timezone.utc) for s in listed],
+            "Started": [datetime.fromtimestamp(s.created_at, UTC) for s in listed],
+            "Last active": [datetime.fromtimestamp(s.updated_at, UTC) for s in listed],
             "Models": [", ".join(s.models) for s in listed],
             "Talks to": [s.backend or "(default)" for s in listed],
             "Prompt tokens": [s.prompt_tokens for s in listed],
@@ -90,7 +96,9 @@ with table_area:
     titles = {s.id: f"{s.title} · {datetime.fromtimestamp(s.updated_at):%Y-%m-%d %H:%M}" for s in listed}
     picked = st.multiselect(
         f"Conversations to export (none chosen: all {len(listed)} listed above)",
-        list(titles), format_func=titles.get, key="export_selection",
+        list(titles),
+        format_func=titles.get,
+        key="export_selection",
     )
     ids = picked or list(titles)
     if ids:

@@ -13,10 +13,9 @@ import sys
 import threading
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 import uvicorn
-
 from conftest import ROOT
 
 
@@ -31,8 +30,9 @@ class ThreadServer:
 
     def __init__(self, app):
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -58,9 +58,14 @@ def start_serve(port: int, *model_options: str, log=subprocess.DEVNULL, **env_va
     to `log` (a file, or PIPE)."""
     env = {name: value for name, value in os.environ.items() if name != "GLM_API_KEYS"}
     env.update(PYTHONPATH=str(ROOT), **env_vars)
-    return subprocess.Popen([sys.executable, "-m", "glm_core", "serve", *model_options, "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "glm_core", "serve", *model_options, "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
+    )
 
 
 def start_portal(port: int, log, address: str | None = "127.0.0.1", **env_vars: str) -> subprocess.Popen:
@@ -68,14 +73,33 @@ def start_portal(port: int, log, address: str | None = "127.0.0.1", **env_vars: 
     address None: bound as a plain `streamlit run` binds (every address, IPv4 and IPv6 on one socket, so an IPv4
     client shows as ::ffff:127.0.0.1)."""
     bind = [] if address is None else ["--server.address", address]
-    return subprocess.Popen([sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port), *bind,
-                             "--server.headless", "true"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **env_vars})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "Home.py",
+            "--server.port",
+            str(port),
+            *bind,
+            "--server.headless",
+            "true",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env_vars},
+    )
 
 
-def wait_until_up(process: subprocess.Popen, url: str, timeout: float,
-                  ready: Callable[[bytes], bool] = lambda body: True,
-                  describe: Callable[[], str] = lambda: "") -> None:
+def wait_until_up(
+    process: subprocess.Popen,
+    url: str,
+    timeout: float,
+    ready: Callable[[bytes], bool] = lambda body: True,
+    describe: Callable[[], str] = lambda: "",
+) -> None:
     """Poll `url` until it answers 200 with a body `ready` accepts; fail at once (with `describe()`, e.g. the
     server's log) if the process ends, and after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -98,8 +122,9 @@ def model_loaded(body: bytes) -> bool:
     return json.loads(body).get("status") == "ok"
 
 
-def raw_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = 120) -> tuple[int, dict, bytes]:
+def raw_request(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 120
+) -> tuple[int, dict, bytes]:
     """One request with `body` sent byte for byte; returns (status, headers, body)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:

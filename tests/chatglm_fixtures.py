@@ -32,10 +32,22 @@ CORPUS = [
 def train_sentencepiece(path: Path, vocab_size: int = 700) -> Path:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        character_coverage=1.0, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
     )
     path.write_bytes(model.getvalue())
     return path
@@ -47,8 +59,10 @@ def chatglm2_config(pieces: int, name: str = "THUDM/chatglm2-6b", **overrides) -
         "_name_or_path": name,
         "model_type": "chatglm",
         "architectures": ["ChatGLMModel"],
-        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
-                     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        },
         "add_bias_linear": False,
         "add_qkv_bias": True,
         "apply_query_key_layer_scaling": True,
@@ -106,8 +120,12 @@ def random_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-QUANTIZED = ("self_attention.query_key_value.weight", "self_attention.dense.weight",
-             "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+QUANTIZED = (
+    "self_attention.query_key_value.weight",
+    "self_attention.dense.weight",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_4h_to_h.weight",
+)
 
 
 def quantize_thudm(sd: dict, bits: int) -> tuple[dict, dict]:
@@ -128,16 +146,24 @@ def quantize_thudm(sd: dict, bits: int) -> tuple[dict, dict]:
     return stored, reference
 
 
-def write_checkpoint(folder: Path, tokenizer_model: Path, config: dict, sd: dict, layout: str = "bin",
-                     tokenizer_name: str | None = None) -> Path:
+def write_checkpoint(
+    folder: Path, tokenizer_model: Path, config: dict, sd: dict, layout: str = "bin", tokenizer_name: str | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "name_or_path": tokenizer_name or config["_name_or_path"],
-        "remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
-        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
-    }, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "name_or_path": tokenizer_name or config["_name_or_path"],
+                "remove_space": False,
+                "do_lower_case": False,
+                "tokenizer_class": "ChatGLMTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+            },
+            indent=2,
+        )
+    )
     if layout == "bin":
         torch.save(sd, folder / "pytorch_model.bin")
     elif layout == "sharded-bin":
@@ -231,10 +257,24 @@ def train_ice_sentencepiece(path: Path, vocab_size: int = 800) -> Path:
     corpus = [_ice_rewrite(line) for line in CORPUS + ["a\tb\n  c   d\n\n" + " " * 90 + "e"] * 5]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=ICE_TEXT_SYMBOLS,
-        control_symbols=ICE_SPECIALS, hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        user_defined_symbols=ICE_TEXT_SYMBOLS,
+        control_symbols=ICE_SPECIALS,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
     )
     path.write_bytes(model.getvalue())
     return path
@@ -247,8 +287,10 @@ def chatglm6b_config(sp_path: Path, num_image_tokens: int = 0, **overrides) -> d
     config = {
         "_name_or_path": "THUDM/chatglm-6b",
         "architectures": ["ChatGLMModel"],
-        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
-                     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        },
         "bos_token_id": special["<sop>"],
         "eos_token_id": special["<eop>"],
         "mask_token_id": special["[MASK]"],
@@ -307,8 +349,12 @@ def chatglm6b_state_dict(config: dict, seed: int = 0, std: float = 0.15) -> dict
     return sd
 
 
-GLM6B_QUANTIZED = ("attention.query_key_value.weight", "attention.dense.weight",
-                   "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+GLM6B_QUANTIZED = (
+    "attention.query_key_value.weight",
+    "attention.dense.weight",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_4h_to_h.weight",
+)
 
 
 def quantize_thudm_glm6b(sd: dict, bits: int, embedding: bool = False) -> tuple[dict, dict]:
@@ -318,7 +364,8 @@ def quantize_thudm_glm6b(sd: dict, bits: int, embedding: bool = False) -> tuple[
     stored, reference = {}, {}
     for key, w in sd.items():
         quantize = key.endswith(GLM6B_QUANTIZED) or (
-            embedding and key in ("transformer.word_embeddings.weight", "lm_head.weight"))
+            embedding and key in ("transformer.word_embeddings.weight", "lm_head.weight")
+        )
         if not quantize:
             stored[key] = reference[key] = w
             continue
@@ -333,20 +380,35 @@ def quantize_thudm_glm6b(sd: dict, bits: int, embedding: bool = False) -> tuple[
     return stored, reference
 
 
-def write_chatglm6b_checkpoint(folder: Path, ice_model: Path, config: dict, sd: dict, layout: str = "sharded-bin",
-                               num_image_tokens: int = 0) -> Path:
+def write_chatglm6b_checkpoint(
+    folder: Path, ice_model: Path, config: dict, sd: dict, layout: str = "sharded-bin", num_image_tokens: int = 0
+) -> Path:
     """The original THUDM/chatglm-6b folder layout: config.json, ice_text.model, tokenizer_config.json and
     pytorch_model-0000N-of-0000M.bin with its index (or one pytorch_model.bin)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "ice_text.model").write_bytes(ice_model.read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "name_or_path": config["_name_or_path"], "bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>",
-        "gmask_token": "[gMASK]", "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>",
-        "remove_space": False, "do_lower_case": False, "num_image_tokens": num_image_tokens,
-        "padding_side": "left", "tokenizer_class": "ChatGLMTokenizer",
-        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
-    }, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "name_or_path": config["_name_or_path"],
+                "bos_token": "<sop>",
+                "eos_token": "<eop>",
+                "end_token": "</s>",
+                "gmask_token": "[gMASK]",
+                "mask_token": "[MASK]",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "remove_space": False,
+                "do_lower_case": False,
+                "num_image_tokens": num_image_tokens,
+                "padding_side": "left",
+                "tokenizer_class": "ChatGLMTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+            },
+            indent=2,
+        )
+    )
     if layout == "bin":
         torch.save(sd, folder / "pytorch_model.bin")
     else:
@@ -359,7 +421,8 @@ def write_chatglm6b_checkpoint(folder: Path, ice_model: Path, config: dict, sd: 
             weight_map.update({k: name for k in part})
         total = sum(t.numel() * t.element_size() for t in sd.values())
         (folder / "pytorch_model.bin.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     return folder
 
 
@@ -367,7 +430,10 @@ def write_chatglm6b_checkpoint(folder: Path, ice_model: Path, config: dict, sd: 
 
 REFERENCE_CHECKPOINTS = {
     # name: (family, what it is)
-    "chatglm-6b": ("chatglm-6b", "3 layers (not 28: the residual scale stays sqrt(2 * 28)), fp16 weights, sharded .bin"),
+    "chatglm-6b": (
+        "chatglm-6b",
+        "3 layers (not 28: the residual scale stays sqrt(2 * 28)), fp16 weights, sharded .bin",
+    ),
     "chatglm-6b-28-layers": ("chatglm-6b", "28 layers (the real count), fp16 weights, one .bin"),
     "chatglm-6b-int8": ("chatglm-6b", "2 layers, pre-quantized as THUDM's chatglm-6b-int8 (int8 rows, fp16 scales)"),
     "chatglm-6b-int4": ("chatglm-6b", "2 layers, pre-quantized as THUDM's chatglm-6b-int4 (two a byte, fp16 scales)"),
@@ -395,13 +461,15 @@ def build_reference_checkpoint(name: str, root: Path) -> tuple[Path, dict]:
             config = chatglm6b_config(ice, vocab_size=pieces)
             sd, layout = chatglm6b_state_dict(config, std=0.5), "sharded-bin"
         elif name == "chatglm-6b-28-layers":
-            config = chatglm6b_config(ice, vocab_size=pieces, num_layers=28, hidden_size=32, num_attention_heads=2,
-                                      inner_hidden_size=64)
+            config = chatglm6b_config(
+                ice, vocab_size=pieces, num_layers=28, hidden_size=32, num_attention_heads=2, inner_hidden_size=64
+            )
             sd, layout = chatglm6b_state_dict(config, std=0.5), "bin"
         else:
             bits = int(name[-1])
-            config = chatglm6b_config(ice, vocab_size=pieces, quantization_bit=bits, _name_or_path=f"THUDM/{name}",
-                                      num_layers=2)
+            config = chatglm6b_config(
+                ice, vocab_size=pieces, quantization_bit=bits, _name_or_path=f"THUDM/{name}", num_layers=2
+            )
             sd, layout = quantize_thudm_glm6b(chatglm6b_state_dict(config, seed=4, std=0.5), bits)[0], "bin"
         return write_chatglm6b_checkpoint(root / name, ice, config, sd, layout=layout), config
     sp = root / "tokenizer.model"

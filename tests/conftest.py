@@ -11,10 +11,11 @@ HOME = str(ROOT / "Home.py")
 sys.path.insert(0, str(ROOT))
 OUTPUT_DIR = ROOT / "test-output"
 
+from chatglm_fixtures import chatglm2_config, random_state_dict, train_sentencepiece, write_checkpoint  # noqa: E402
+
 from glm_core import ModelSpec, load_settings  # noqa: E402
 from glm_core.models import load_model  # noqa: E402
 from glm_core.models.loading import convert_gguf, embedded_gguf_path  # noqa: E402
-from chatglm_fixtures import chatglm2_config, random_state_dict, train_sentencepiece, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +42,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(convert_gguf(embedded_gguf_path(), load_settings().cache_dir))
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -68,6 +76,7 @@ def engine(tiny_loaded):
 
 
 # ---- tiny ChatGLM2/3 checkpoints in the original THUDM layout (random weights, a SentencePiece model trained here)
+
 
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory):

@@ -88,8 +88,18 @@ UNSEEN_PID = 4_000_000  # above Linux's pid_max limit: never a visible process
 
 def two_busy_gpus() -> FakeNvml:
     """GPU 0 runs this process (memory not reported, as on WDDM) and another one; GPU 1 a graphics process."""
-    return FakeNvml([
-        FakeGpu(compute=[(os.getpid(), None), (UNSEEN_PID, 12 * GiB)]),
-        FakeGpu(name="NVIDIA A10", total=24 * GiB, used=3 * GiB, utilization=0, temperature=33,
-                power_mw=21_000, power_limit_mw=150_000, graphics=[(UNSEEN_PID + 1, 512 * 2**20)]),
-    ])
+    return FakeNvml(
+        [
+            FakeGpu(compute=[(os.getpid(), None), (UNSEEN_PID, 12 * GiB)]),
+            FakeGpu(
+                name="NVIDIA A10",
+                total=24 * GiB,
+                used=3 * GiB,
+                utilization=0,
+                temperature=33,
+                power_mw=21_000,
+                power_limit_mw=150_000,
+                graphics=[(UNSEEN_PID + 1, 512 * 2**20)],
+            ),
+        ]
+    )

@@ -30,8 +30,15 @@ def say(event: dict) -> None:
 
 def stream(store: Store, engine: Engine, workspace: str, number: int) -> None:
     conversation = Conversation()
-    turn = start_turn(store, engine, workspace, conversation, keep=0, prompt=f"Tell me a long story, number {number}",
-                      params=SamplingParams(max_length=4096, max_new_tokens=4000, temperature=0.8, seed=number))
+    turn = start_turn(
+        store,
+        engine,
+        workspace,
+        conversation,
+        keep=0,
+        prompt=f"Tell me a long story, number {number}",
+        params=SamplingParams(max_length=4096, max_new_tokens=4000, temperature=0.8, seed=number),
+    )
     say({"started": conversation.id, "prompt": f"Tell me a long story, number {number}"})
     for delta in turn.text_stream():
         say({"id": conversation.id, "delta": delta, "t": time.time()})

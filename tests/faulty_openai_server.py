@@ -39,7 +39,7 @@ class FaultyServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-    def start(self) -> "FaultyServer":
+    def start(self) -> FaultyServer:
         threading.Thread(target=self.serve_forever, daemon=True).start()
         return self
 
@@ -77,11 +77,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/metrics":
             with self.server.lock:
                 running = self.server.running
-            text = ("# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-                    "# TYPE vllm:num_requests_running gauge\n"
-                    f'vllm:num_requests_running{{engine="0",model_name="slow"}} {float(running)}\n'
-                    f'vllm:num_requests_waiting{{engine="0",model_name="slow"}} 0.0\n'
-                    f'vllm:kv_cache_usage_perc{{engine="0",model_name="slow"}} 0.25\n').encode()
+            text = (
+                "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+                "# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{engine="0",model_name="slow"}} {float(running)}\n'
+                f'vllm:num_requests_waiting{{engine="0",model_name="slow"}} 0.0\n'
+                f'vllm:kv_cache_usage_perc{{engine="0",model_name="slow"}} 0.25\n'
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(text)))
@@ -89,9 +91,22 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(text)
         elif self.path == "/v1/models":
             if self._authorized():
-                self._json(200, {"object": "list", "data": [
-                    {"id": m, "object": "model", "created": 0, "owned_by": self.server.owned_by, "max_model_len": 4096}
-                    for m in MODELS]})
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": m,
+                                "object": "model",
+                                "created": 0,
+                                "owned_by": self.server.owned_by,
+                                "max_model_len": 4096,
+                            }
+                            for m in MODELS
+                        ],
+                    },
+                )
         else:
             self._error(404, "no such route")
 
@@ -122,15 +137,23 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         def chunk(content: str | None, finish: str | None = None) -> dict:
-            return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
-                    "choices": [{"index": 0, "delta": {"content": content} if content is not None else {},
-                                 "finish_reason": finish}]}
+            return {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [
+                    {"index": 0, "delta": {"content": content} if content is not None else {}, "finish_reason": finish}
+                ],
+            }
 
         with self.server.lock:
             self.server.running += 1
         try:
-            event(chunk("", None) | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                   "finish_reason": None}]})
+            event(
+                chunk("", None)
+                | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+            )
             for i in range(count):
                 time.sleep(delay)
                 event(chunk(f"word{i} " if i < count - 1 else f"word{i}"))
@@ -140,8 +163,16 @@ class Handler(BaseHTTPRequestHandler):
                 return
             event(chunk(None, "length"))
             if (body.get("stream_options") or {}).get("include_usage"):
-                event({"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
-                       "usage": {"prompt_tokens": 7, "completion_tokens": count, "total_tokens": 7 + count}})
+                event(
+                    {
+                        "id": "c1",
+                        "object": "chat.completion.chunk",
+                        "created": 0,
+                        "model": model,
+                        "choices": [],
+                        "usage": {"prompt_tokens": 7, "completion_tokens": count, "total_tokens": 7 + count},
+                    }
+                )
             event("[DONE]")
         except (BrokenPipeError, ConnectionResetError):
             with self.server.lock:

@@ -4,12 +4,19 @@ and the pages that apply them (AppTest on the tiny model)."""
 import logging
 
 import pytest
+from conftest import HOME, ROOT, open_page
 
 from app_shared import get_hub, get_throttle
-from conftest import HOME, ROOT, open_page
 from glm_core.access import (
-    USER_BENCH_MAX_GENERATE, AttemptThrottle, NotAllowed, PathNotAllowed, RolePolicy, check_benchmark,
-    check_model_path, is_local_client, throttle_keys,
+    USER_BENCH_MAX_GENERATE,
+    AttemptThrottle,
+    NotAllowed,
+    PathNotAllowed,
+    RolePolicy,
+    check_benchmark,
+    check_model_path,
+    is_local_client,
+    throttle_keys,
 )
 from glm_core.bench.estimator import PRESETS
 
@@ -130,7 +137,9 @@ def test_large_benchmarks_and_server_folders_are_for_admins():
     check_benchmark("chatglm2-6b", 2048, 8192, admin=False, presets=PRESETS, loaded_path="/m")
     check_benchmark("/m", 2048, 8192, admin=False, presets=PRESETS, loaded_path="/m")  # the loaded model
     with pytest.raises(NotAllowed, match="for admins"):
-        check_benchmark("chatglm2-6b", 2048, USER_BENCH_MAX_GENERATE + 1, admin=False, presets=PRESETS, loaded_path=None)
+        check_benchmark(
+            "chatglm2-6b", 2048, USER_BENCH_MAX_GENERATE + 1, admin=False, presets=PRESETS, loaded_path=None
+        )
     with pytest.raises(NotAllowed, match="folders on the server"):
         check_benchmark("/etc", 16, 16, admin=False, presets=PRESETS, loaded_path="/m")
     check_benchmark("/any/folder", 131072, 131072, admin=True, presets=PRESETS, loaded_path=None)

@@ -12,11 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-
 from api_helpers import (
-    ThreadServer, free_port, json_frames, raw_request, sse_frames, start_portal, start_serve, wait_until_up,
+    ThreadServer,
+    free_port,
+    json_frames,
+    raw_request,
+    sse_frames,
+    start_portal,
+    start_serve,
+    wait_until_up,
 )
 from conftest import stop_process
+
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
 
@@ -53,8 +60,17 @@ def test_openai_client_non_streamed_and_streamed_give_the_same_seeded_reply(serv
     assert whole.usage.completion_tokens == 8 and whole.usage.prompt_tokens > 5
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 8
 
-    chunks = list(api.chat.completions.create(model="anything", messages=messages, max_tokens=8, seed=7, temperature=1,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        api.chat.completions.create(
+            model="anything",
+            messages=messages,
+            max_tokens=8,
+            seed=7,
+            temperature=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
@@ -66,9 +82,13 @@ def test_openai_client_non_streamed_and_streamed_give_the_same_seeded_reply(serv
 
 def test_a_stop_string_ends_the_reply_before_it(server):
     api = client(server, KEYS[9])
-    options = dict(model="m", messages=[{"role": "developer", "content": "Be brief."},
-                                        {"role": "user", "content": "Say many words."}],
-                   max_tokens=20, seed=11, temperature=1)
+    options = dict(
+        model="m",
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Say many words."}],
+        max_tokens=20,
+        seed=11,
+        temperature=1,
+    )
     full = api.chat.completions.create(**options).choices[0].message.content
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip() and full.index(stop) > 0
@@ -117,11 +137,21 @@ def test_stop_strings_cut_where_a_plain_search_of_the_whole_text_cuts():
 
 
 def test_stop_strings_are_bounded(server):
-    status, _, body = raw_request(server.port, "POST", "/v1/chat/completions", json.dumps(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]}).encode(), auth())
+    status, _, body = raw_request(
+        server.port,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]}).encode(),
+        auth(),
+    )
     assert status == 400 and "256 characters" in json.loads(body)["error"]["message"]
-    status, _, body = raw_request(server.port, "POST", "/v1/chat/completions", json.dumps(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}).encode(), auth())
+    status, _, body = raw_request(
+        server.port,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}).encode(),
+        auth(),
+    )
     assert status == 400 and "at most 4" in json.loads(body)["error"]["message"]
 
 
@@ -153,19 +183,26 @@ def test_keys_are_required_and_checked(server):
     assert status == 200 and json.loads(body) == {"success": True}
 
 
-@pytest.mark.parametrize("body, status, words", [
-    (b'{"messages": [', 400, "not valid JSON"),
-    (b'{"model": "m"}', 400, "messages"),
-    (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model: field required"),  # required, as OpenAI's
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
-    (b'{"model": "m", "messages": [{"role": "assistant", "content": "hi"}]}', 400, "end with a user message"),
-    (b'{"model": "m", "messages": [{"role": "tool", "content": "hi"}]}', 400, "role"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 25}', 400, "at most 24"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "' + LONG.encode() + b'"}]}', 400, "context is 4096"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text content"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 70_000 + b'"}]}', 413, "larger"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b'{"messages": [', 400, "not valid JSON"),
+        (b'{"model": "m"}', 400, "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model: field required"),  # required, as OpenAI's
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
+        (b'{"model": "m", "messages": [{"role": "assistant", "content": "hi"}]}', 400, "end with a user message"),
+        (b'{"model": "m", "messages": [{"role": "tool", "content": "hi"}]}', 400, "role"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 25}', 400, "at most 24"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "' + LONG.encode() + b'"}]}',
+            400,
+            "context is 4096",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text content"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 70_000 + b'"}]}', 413, "larger"),
+    ],
+)
 def test_bad_requests_get_a_clear_error_in_openai_shape(server, body, status, words):
     got, _, answer = raw_request(server.port, "POST", "/v1/chat/completions", body, auth())
     assert got == status, answer
@@ -217,13 +254,18 @@ def test_without_keys_web_pages_cannot_drive_the_api(engine, monkeypatch):
     config = ApiConfig(limits=LIMITS, allowed_hosts=frozenset({"portal.example"}))
     with ThreadServer(create_app(lambda: engine, config)) as running:
         port = running.port
-        seed_body = '{"prompt": "hi", "history": [], "max_length": 40}'.encode()
-        for headers, code in (({"Host": f"rebind.evil.example:{port}"}, "foreign_host"),
-                              ({"Origin": "http://evil.example"}, "cross_site"),
-                              ({"Origin": "null"}, "cross_site"),
-                              ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, "cross_site")):
-            for method, path, body in (("POST", "/", seed_body), ("GET", "/v1/models", None),
-                                       ("GET", "/free_gc", None)):
+        seed_body = b'{"prompt": "hi", "history": [], "max_length": 40}'
+        for headers, code in (
+            ({"Host": f"rebind.evil.example:{port}"}, "foreign_host"),
+            ({"Origin": "http://evil.example"}, "cross_site"),
+            ({"Origin": "null"}, "cross_site"),
+            ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, "cross_site"),
+        ):
+            for method, path, body in (
+                ("POST", "/", seed_body),
+                ("GET", "/v1/models", None),
+                ("GET", "/free_gc", None),
+            ):
                 status, _, answer = raw_request(port, method, path, body, headers)
                 assert status == 403 and json.loads(answer)["error"]["code"] == code, (headers, path, answer)
         assert freed == []  # the cross-site /free_gc changed nothing
@@ -281,20 +323,20 @@ def test_stateless_conversations_find_the_longest_remembered_prefix():
 
 CHATGLM_BODY = '{"prompt": "你好", "history": []}'.encode()  # ChatGLM's README: curl -d '...'
 STREAM_API_BODY = '{"query": "你好", "history": []}'.encode()
-GLM_API_CHAT_BODY = '''{
+GLM_API_CHAT_BODY = """{
     "prompt": "蓝牙耳机坏了我应该去医院看什么科？",
     "history": [],
     "max_length": 4096,
     "top_p": 0.5,
     "temperature": 1
-}'''.encode()
-GLM_API_TOKENIZE_BODY = '''{
+}""".encode()
+GLM_API_TOKENIZE_BODY = """{
     "prompt":"如果给你一个机会，你会想逃离你所在的虚拟世界吗？",
     "max_length": 4096
-}'''.encode()
-GLM_API_EMBEDDING_BODY = '''{
+}""".encode()
+GLM_API_EMBEDDING_BODY = b"""{
     "prompt": ["hello world", "hello GPT"]
-}'''.encode()
+}"""
 
 
 def post(server, path, body, key=KEYS[1]):
@@ -331,8 +373,13 @@ def test_stream_api_routes(server):
     *deltas, last = events
     assert deltas and all(set(d) == {"delta", "response", "finished"} and d["finished"] is False for d in deltas)
     assert "".join(d["delta"] for d in deltas) == deltas[-1]["response"] == last["response"]
-    assert last == {"query": "你好", "delta": "[EOS]", "response": last["response"],
-                    "history": [["你好", last["response"]]], "finished": True}
+    assert last == {
+        "query": "你好",
+        "delta": "[EOS]",
+        "response": last["response"],
+        "history": [["你好", last["response"]]],
+        "finished": True,
+    }
 
 
 def test_glm_api_routes(server, engine):
@@ -390,8 +437,12 @@ def test_replies_carry_every_field_openai_requires(server):
     has finish_reason (null until the last), and usage appears only when asked for, null until the last chunk."""
     whole = json.loads(post(server, "/v1/chat/completions", chat_body("Hi", 4))[1])
     [choice] = whole["choices"]
-    assert choice["message"] == {"role": "assistant", "content": choice["message"]["content"], "refusal": None,
-                                 "annotations": []}
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": choice["message"]["content"],
+        "refusal": None,
+        "annotations": [],
+    }
     assert choice["logprobs"] is None and choice["finish_reason"] == "length"
     assert re.fullmatch(r"fp_[0-9a-f]{10}", whole["system_fingerprint"])
     for include_usage in (False, True):
@@ -429,15 +480,26 @@ def test_the_system_fingerprint_changes_with_the_configuration(engine):
 def test_sse_frames_parse_either_line_end():
     lf = b'event: delta\ndata: {"a": 1}\n\n: ping\n\ndata: [DONE]\n\n'
     crlf = lf.replace(b"\n", b"\r\n")
-    assert sse_frames(lf) == sse_frames(crlf) == [{"event": "delta", "data": '{"a": 1}'},
-                                                  {"event": None, "data": "[DONE]"}]
+    assert (
+        sse_frames(lf)
+        == sse_frames(crlf)
+        == [{"event": "delta", "data": '{"a": 1}'}, {"event": None, "data": "[DONE]"}]
+    )
 
 
 # ---- stop, limits, concurrency, kept caches ------------------------------------------------------------------
 
+
 def chat_body(content: str, max_tokens: int, stream: bool = False, **extra) -> bytes:
-    return json.dumps({"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                       "stream": stream, **extra}).encode()
+    return json.dumps(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+            **extra,
+        }
+    ).encode()
 
 
 @pytest.fixture
@@ -458,8 +520,9 @@ def long_replies(engine, monkeypatch):
 
 def open_request(port: int, body: bytes, key=KEYS[4]) -> http.client.HTTPConnection:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("POST", "/v1/chat/completions", body=body,
-                       headers={"Content-Type": "application/json", **auth(key)})
+    connection.request(
+        "POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json", **auth(key)}
+    )
     return connection
 
 
@@ -495,8 +558,9 @@ def test_a_full_queue_answers_429_with_retry_after(long_replies, engine, monkeyp
     monkeypatch.setattr(engine, "max_waiting_per_owner", 1)  # one running and one waiting per key
     running = open_request(server.port, chat_body("Write forever.", 3000, stream=True), key=KEYS[5])
     running.getresponse().readline()
-    waiting = ThreadPoolExecutor(1).submit(raw_request, server.port, "POST", "/v1/chat/completions",
-                                           chat_body("Hi", 4), auth(KEYS[5]))
+    waiting = ThreadPoolExecutor(1).submit(
+        raw_request, server.port, "POST", "/v1/chat/completions", chat_body("Hi", 4), auth(KEYS[5])
+    )
     deadline = time.time() + 30
     while engine.load_report()["waiting"] < 1:
         assert time.time() < deadline, "the second request never waited"
@@ -515,8 +579,13 @@ def test_a_full_queue_answers_429_with_retry_after(long_replies, engine, monkeyp
 def test_sixteen_concurrent_streams_each_get_their_own_reply(server):
     def ask(i: int, stream: bool) -> str:
         api = client(server, KEYS[i], timeout=120)
-        options = dict(model="m", messages=[{"role": "user", "content": f"Tell me about the number {i}."}],
-                       max_tokens=12, seed=i, temperature=1)
+        options = dict(
+            model="m",
+            messages=[{"role": "user", "content": f"Tell me about the number {i}."}],
+            max_tokens=12,
+            seed=i,
+            temperature=1,
+        )
         if not stream:
             return api.chat.completions.create(**options).choices[0].message.content
         chunks = api.chat.completions.create(**options, stream=True)
@@ -530,11 +599,14 @@ def test_sixteen_concurrent_streams_each_get_their_own_reply(server):
 
 def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
     history = [{"role": "user", "content": "Tell me a story."}]
-    first = client(server, KEYS[7]).chat.completions.create(model="m", messages=history, max_tokens=12, seed=3,
-                                                           temperature=1)
+    first = client(server, KEYS[7]).chat.completions.create(
+        model="m", messages=history, max_tokens=12, seed=3, temperature=1
+    )
     assert first.usage.prompt_tokens_details.cached_tokens == 0
-    history += [{"role": "assistant", "content": first.choices[0].message.content},
-                {"role": "user", "content": "Go on."}]
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Go on."},
+    ]
     second = client(server, KEYS[7]).chat.completions.create(model="m", messages=history, max_tokens=4)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
     stranger = client(server, KEYS[8]).chat.completions.create(model="m", messages=history, max_tokens=4)
@@ -542,6 +614,7 @@ def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
 
 
 # ---- the two doors: `python -m glm_core serve` alone, and the portal's own port ------------------------------
+
 
 @pytest.fixture
 def subprocess_server(tiny_model_dir, tmp_path):
@@ -569,8 +642,9 @@ def check_with_the_openai_client(url: str, key: str) -> None:
     api = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
     messages = [{"role": "user", "content": "Say something."}]
     whole = api.chat.completions.create(model="m", messages=messages, max_tokens=6, seed=5, temperature=1)
-    chunks = list(api.chat.completions.create(model="m", messages=messages, max_tokens=6, seed=5, temperature=1,
-                                              stream=True))
+    chunks = list(
+        api.chat.completions.create(model="m", messages=messages, max_tokens=6, seed=5, temperature=1, stream=True)
+    )
     assert whole.choices[0].message.content
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert whole.usage.completion_tokens == 6 and chunks[-1].choices[0].finish_reason == "length"
@@ -601,11 +675,16 @@ def test_the_portal_serves_the_api_on_its_own_port(subprocess_server):
     url, port = subprocess_server("portal", GLM_API_KEYS="portal-key")  # /health: up once the model has loaded
     check_with_the_openai_client(url, "portal-key")
     status, headers, body = raw_request(port, "GET", "/")  # GET / is still the portal's page; POST / the seed's
-    assert status == 200 and headers["content-type"].startswith("text/html") and b"<div id=\"root\">" in body
+    assert status == 200 and headers["content-type"].startswith("text/html") and b'<div id="root">' in body
     assert raw_request(port, "GET", "/_stcore/health")[0] == 200
     check_docs_are_served_here(port)
-    status, _, body = raw_request(port, "POST", "/", '{"prompt": "你好", "history": [], "max_length": 60}'.encode(),
-                                  {"Authorization": "Bearer portal-key"})
+    status, _, body = raw_request(
+        port,
+        "POST",
+        "/",
+        '{"prompt": "你好", "history": [], "max_length": 60}'.encode(),
+        {"Authorization": "Bearer portal-key"},
+    )
     assert status == 200 and json.loads(body)["history"][0][0] == "你好"
 
 

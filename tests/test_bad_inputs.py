@@ -8,10 +8,10 @@ import shutil
 import struct
 
 import pytest
+from conftest import ROOT
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub
-from conftest import ROOT
 from glm_core import ModelLoadError, ModelSpec, SamplingParams
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import FORMAT_NAME, ImportRejected, export_conversations, import_file
@@ -19,7 +19,11 @@ from glm_core.conversations.store import Store
 from glm_core.models import load_model
 from glm_core.models.checkpoint import CheckpointError, safetensors_header
 from glm_core.protocol import (
-    MAX_PROMPT_CHARS, MAX_REQUEST_CHARS, MAX_SYSTEM_PROMPT_CHARS, newest_within_limits, validate_messages,
+    MAX_PROMPT_CHARS,
+    MAX_REQUEST_CHARS,
+    MAX_SYSTEM_PROMPT_CHARS,
+    newest_within_limits,
+    validate_messages,
 )
 from glm_core.safe_markdown import ZERO_WIDTH_SPACE
 
@@ -32,9 +36,17 @@ CONVERSATIONS = str(ROOT / "pages" / "3_Conversations.py")
 # ---- sampling controls and request sizes (what every backend checks, whatever sent the request) -------------
 
 BAD_PARAMS = [
-    dict(temperature=math.nan), dict(temperature=math.inf), dict(top_p=math.nan), dict(repetition_penalty=-math.inf),
-    dict(max_length=math.inf), dict(max_new_tokens=1.5), dict(top_k=math.inf), dict(top_k=True),
-    dict(max_length="8192"), dict(seed=-1), dict(max_length=10**12),
+    dict(temperature=math.nan),
+    dict(temperature=math.inf),
+    dict(top_p=math.nan),
+    dict(repetition_penalty=-math.inf),
+    dict(max_length=math.inf),
+    dict(max_new_tokens=1.5),
+    dict(top_k=math.inf),
+    dict(top_k=True),
+    dict(max_length="8192"),
+    dict(seed=-1),
+    dict(max_length=10**12),
 ]
 
 
@@ -90,8 +102,13 @@ def test_chat_template_control_tokens_typed_by_a_user_stay_text(tiny_loaded):
 
 def own_format(created="2026-01-01T00:00:00+00:00", **message_change):
     message = {"role": "user", "content": "fine", "created_at": "2026-01-01T00:00:00+00:00", **message_change}
-    return json.dumps({"format": FORMAT_NAME, "version": 1, "conversations": [
-        {"title": "ok", "created_at": created, "messages": [message]}]}).encode()
+    return json.dumps(
+        {
+            "format": FORMAT_NAME,
+            "version": 1,
+            "conversations": [{"title": "ok", "created_at": created, "messages": [message]}],
+        }
+    ).encode()
 
 
 HOSTILE_IMPORTS = [
@@ -99,11 +116,18 @@ HOSTILE_IMPORTS = [
     (own_format(created="9999-12-31T23:59:59-05:00"), "outside the years"),
     (own_format(created="1969-12-31T23:59:59+00:00"), "outside the years"),
     (own_format(created="2150-01-01T00:00:00+00:00"), "outside the years"),
-    (own_format(params={"temperature": 1}).replace(b'"temperature": 1', b'"temperature": 1e999'), "too large for a float"),
-    (own_format(stats={"prompt_tokens": 1}).replace(b'"prompt_tokens": 1', b'"prompt_tokens": 1' + b"0" * 30),
-     "digits"),
-    (own_format(stats={"prompt_tokens": 1}).replace(b'"prompt_tokens": 1', b'"prompt_tokens": ' + b"9" * 5000),
-     "digits"),
+    (
+        own_format(params={"temperature": 1}).replace(b'"temperature": 1', b'"temperature": 1e999'),
+        "too large for a float",
+    ),
+    (
+        own_format(stats={"prompt_tokens": 1}).replace(b'"prompt_tokens": 1', b'"prompt_tokens": 1' + b"0" * 30),
+        "digits",
+    ),
+    (
+        own_format(stats={"prompt_tokens": 1}).replace(b'"prompt_tokens": 1', b'"prompt_tokens": ' + b"9" * 5000),
+        "digits",
+    ),
     (own_format(stats={"ttft_s": 1e300}), "too large"),
     (own_format(params={"seed": 2**60}), "too large"),
 ]
@@ -124,8 +148,11 @@ def test_hostile_imports_are_rejected_and_store_nothing(store, data, reason):
 
 def test_what_we_export_imports_again_even_with_extreme_but_allowed_values(store):
     ws = store.create_workspace()
-    import_file(store, ws, own_format(created="1970-01-01T00:00:00+00:00", params={"temperature": 1e15},
-                                      stats={"prompt_tokens": 2**53}))
+    import_file(
+        store,
+        ws,
+        own_format(created="1970-01-01T00:00:00+00:00", params={"temperature": 1e15}, stats={"prompt_tokens": 2**53}),
+    )
     again = export_conversations(store.get_conversations(ws), "json")
     assert len(import_file(store, store.create_workspace(), again)) == 1
 
@@ -141,8 +168,13 @@ def one_line_reason(path) -> str:
 
 
 def test_safetensors_headers_that_are_json_but_not_tensor_tables_give_one_line(tmp_path, tiny_model_dir):
-    for name, header in (("list", []), ("number", 7), ("string", "x"), ("entries", {"w": [1, 2]}),
-                         ("offsets", {"w": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}})):
+    for name, header in (
+        ("list", []),
+        ("number", 7),
+        ("string", "x"),
+        ("entries", {"w": [1, 2]}),
+        ("offsets", {"w": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}}),
+    ):
         path = tmp_path / f"{name}.safetensors"
         body = json.dumps(header).encode()
         path.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00" * 8)
@@ -224,11 +256,21 @@ def test_requests_past_the_server_limits_never_reach_the_store(tiny_env, tiny_lo
     engine = Engine(tiny_loaded)
     try:
         ws = tiny_env.create_workspace()
-        for prompt, system, reason in (("p" * (MAX_PROMPT_CHARS + 1), "", "at most 32,000"),
-                                       ("hi", "s" * (MAX_SYSTEM_PROMPT_CHARS + 1), "system prompt")):
+        for prompt, system, reason in (
+            ("p" * (MAX_PROMPT_CHARS + 1), "", "at most 32,000"),
+            ("hi", "s" * (MAX_SYSTEM_PROMPT_CHARS + 1), "system prompt"),
+        ):
             with pytest.raises(ValueError, match=reason):
-                start_turn(tiny_env, engine, ws, Conversation(), keep=0, prompt=prompt,
-                           params=SamplingParams(max_new_tokens=4), system_prompt=system)
+                start_turn(
+                    tiny_env,
+                    engine,
+                    ws,
+                    Conversation(),
+                    keep=0,
+                    prompt=prompt,
+                    params=SamplingParams(max_new_tokens=4),
+                    system_prompt=system,
+                )
         assert stored_messages(tiny_env) == 0 and engine.load_report()["waiting"] == 0
     finally:
         engine.close()
@@ -254,14 +296,24 @@ def test_html_control_characters_images_and_template_tokens_are_shown_as_typed_t
     assert [m.content for m in stored.messages if m.role == "user"] == [t.strip() for t in SHOWN_AS_TEXT]
 
 
-ODD_WORKSPACES = ["", "../../etc/passwd", "A" * 21, "A" * 23, "A" * 10_000, "ws with spaces and ; drop table",
-                  "ÄÖÜ" * 8, "%00" * 8]
+ODD_WORKSPACES = [
+    "",
+    "../../etc/passwd",
+    "A" * 21,
+    "A" * 23,
+    "A" * 10_000,
+    "ws with spaces and ; drop table",
+    "ÄÖÜ" * 8,
+    "%00" * 8,
+]
 
 
 def test_odd_workspace_and_conversation_ids_in_the_url_open_nothing_of_anyone(tiny_env):
     store = tiny_env
     victim = store.create_workspace()
-    [secret] = store.import_conversations(victim, [Conversation(title="Secret", messages=[ChatMessage("user", "pin 1234")])])
+    [secret] = store.import_conversations(
+        victim, [Conversation(title="Secret", messages=[ChatMessage("user", "pin 1234")])]
+    )
     for ws in ODD_WORKSPACES:
         at = open_page(ws=ws, c=secret)
         assert at.query_params["ws"] != ws and not at.chat_message
@@ -290,9 +342,14 @@ def test_no_remote_image_hides_from_the_parser():
     from glm_core.safe_markdown import no_remote_images
 
     defused = "!" + ZERO_WIDTH_SPACE + "["
-    for text in ("\\` ![x](http://evil.example/a.png) `", "```a`b\n![x](http://evil.example/a.png)\n```",
-                 "[![x](http://evil.example/a.png)](https://e.x)", "`![in a code span](http://evil.example/a.png)`",
-                 "> quote ![x](http://evil.example/a.png)", "- item\n\n  ![x](http://evil.example/a.png)"):
+    for text in (
+        "\\` ![x](http://evil.example/a.png) `",
+        "```a`b\n![x](http://evil.example/a.png)\n```",
+        "[![x](http://evil.example/a.png)](https://e.x)",
+        "`![in a code span](http://evil.example/a.png)`",
+        "> quote ![x](http://evil.example/a.png)",
+        "- item\n\n  ![x](http://evil.example/a.png)",
+    ):
         shown = no_remote_images(text)
         assert "![" not in shown and defused in shown, text
         assert shown.replace(ZERO_WIDTH_SPACE, "") == text
@@ -308,9 +365,18 @@ def test_outside_text_in_captions_and_error_boxes_shows_as_typed(tiny_env):
 
     evil = "![pixel](http://evil.example/p.png) **loud** [link](http://evil.example)"
     ws = tiny_env.create_workspace()
-    [cid] = tiny_env.import_conversations(ws, [Conversation(title="Imported", messages=[
-        ChatMessage("user", "hi"),
-        ChatMessage("assistant", "hello", model=evil, precision="FP32", error=evil, finish_reason="error")])])
+    [cid] = tiny_env.import_conversations(
+        ws,
+        [
+            Conversation(
+                title="Imported",
+                messages=[
+                    ChatMessage("user", "hi"),
+                    ChatMessage("assistant", "hello", model=evil, precision="FP32", error=evil, finish_reason="error"),
+                ],
+            )
+        ],
+    )
     at = open_page(ws=ws, c=cid)
     reply = at.chat_message[1]
     assert reply.error[0].value == plain(evil) and plain(evil) in reply.caption[0].value

@@ -69,8 +69,10 @@ def glm3_loaded(glm3):
 
 
 def greedy_jobs(lengths):
-    return [([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_new_tokens=n))
-            for prompt, n in zip(PROMPTS, lengths)]
+    return [
+        ([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_new_tokens=n))
+        for prompt, n in zip(PROMPTS, lengths)
+    ]
 
 
 def test_batched_greedy_replies_equal_the_replies_alone_on_the_embedded_model(embedded_fp32):
@@ -87,10 +89,15 @@ def test_batched_greedy_replies_equal_the_replies_alone_on_chatglm(request, whic
 
 
 def test_seeded_sampling_per_row_reproduces_the_reply_alone(tiny_loaded):
-    jobs = [([{"role": "user", "content": prompt}],
-             SamplingParams(temperature=t, top_p=p, top_k=k, repetition_penalty=r, seed=seed, max_new_tokens=15))
-            for prompt, t, p, k, r, seed in zip(PROMPTS, [0.7, 1.0, 1.3, 0.9], [0.9, 1.0, 0.8, 0.95],
-                                                 [0, 50, 0, 20], [1.0, 1.2, 1.0, 0.9], [1, 2, 3, 4])]
+    jobs = [
+        (
+            [{"role": "user", "content": prompt}],
+            SamplingParams(temperature=t, top_p=p, top_k=k, repetition_penalty=r, seed=seed, max_new_tokens=15),
+        )
+        for prompt, t, p, k, r, seed in zip(
+            PROMPTS, [0.7, 1.0, 1.3, 0.9], [0.9, 1.0, 0.8, 0.95], [0, 50, 0, 20], [1.0, 1.2, 1.0, 0.9], [1, 2, 3, 4]
+        )
+    ]
     assert_same_replies(together(tiny_loaded, jobs, late={1}), alone(tiny_loaded, jobs))
 
 
@@ -125,13 +132,11 @@ def test_eviction_while_batched_rebuilds_the_conversation_exactly(embedded_fp32)
             for c, request in requests.items():
                 reply = request.wait(300)
                 assert reply.error is None
-                histories[c] += [{"role": "assistant", "content": reply.text},
-                                 {"role": "user", "content": "And then?"}]
+                histories[c] += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And then?"}]
         assert engine.pool.evictions > 0
         requests = {c: engine.submit(c, h, params) for c, h in histories.items()}
         kept = {c: r.wait(300) for c, r in requests.items()}
-        recomputed = {c: engine.submit(f"fresh-{c}", h, params, recompute=True).wait(300)
-                      for c, h in histories.items()}
+        recomputed = {c: engine.submit(f"fresh-{c}", h, params, recompute=True).wait(300) for c, h in histories.items()}
     finally:
         engine.close()
     for c in histories:
@@ -147,7 +152,9 @@ def test_sixteen_threads_five_turns_each_reply_lands_in_its_own_conversation(tin
         conversation, messages = f"conversation-{number}", []
         try:
             for turn in range(5):
-                messages.append({"role": "user", "content": f"Thread {number} asks question {turn}: {PROMPTS[turn % 4]}"})
+                messages.append(
+                    {"role": "user", "content": f"Thread {number} asks question {turn}: {PROMPTS[turn % 4]}"}
+                )
                 reply = engine.submit(conversation, messages, params).wait(300)
                 if reply is None or reply.error:
                     errors.append((number, turn, reply and reply.error))
@@ -180,8 +187,14 @@ def test_sixteen_threads_five_turns_each_reply_lands_in_its_own_conversation(tin
 def test_requests_beyond_the_batch_wait_in_line_and_see_their_place(tiny_loaded):
     engine = Engine(tiny_loaded, max_batch=2)
     try:  # the first ends well before the second, so the third starts alone and the fourth moves up to 1
-        requests = [engine.submit(f"c{i}", [{"role": "user", "content": PROMPTS[i]}],
-                                  SamplingParams(temperature=0, max_new_tokens=[5, 400, 25, 25][i])) for i in range(4)]
+        requests = [
+            engine.submit(
+                f"c{i}",
+                [{"role": "user", "content": PROMPTS[i]}],
+                SamplingParams(temperature=0, max_new_tokens=[5, 400, 25, 25][i]),
+            )
+            for i in range(4)
+        ]
         events = [list(r.events()) for r in requests]
     finally:
         engine.close()
@@ -197,8 +210,12 @@ def test_requests_beyond_the_batch_wait_in_line_and_see_their_place(tiny_loaded)
 def test_load_report_counts_running_and_waiting(tiny_loaded):
     engine = Engine(tiny_loaded, max_batch=1)
     try:
-        first = engine.submit("a", [{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_new_tokens=200))
-        second = engine.submit("b", [{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_new_tokens=5))
+        first = engine.submit(
+            "a", [{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_new_tokens=200)
+        )
+        second = engine.submit(
+            "b", [{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_new_tokens=5)
+        )
         next(e for e in first.events() if isinstance(e, Delta))
         report = engine.load_report()
         assert report == {"running": 1, "waiting": 1, "max_batch": 1}
@@ -312,8 +329,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_decode_steps(ti
 
     engine = Engine(tiny_loaded, max_batch=4)
     try:
-        stream = engine.submit("streaming", [{"role": "user", "content": "Tell me a long story."}],
-                               SamplingParams(max_new_tokens=3000, max_length=4096, temperature=1.0, seed=2))
+        stream = engine.submit(
+            "streaming",
+            [{"role": "user", "content": "Tell me a long story."}],
+            SamplingParams(max_new_tokens=3000, max_length=4096, temperature=1.0, seed=2),
+        )
         deltas, first = [], threading.Event()
 
         def read() -> None:

@@ -8,19 +8,35 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
+
 from glm_core.bench.memory import (
-    BenchHistory, MemoryBenchRequest, MemoryBenchRun, MemoryBenchRunner, comparison_rows, csv_rows,
+    BenchHistory,
+    MemoryBenchRequest,
+    MemoryBenchRun,
+    MemoryBenchRunner,
+    comparison_rows,
+    csv_rows,
 )
 
 # ChatGLM2's layout at about 100 M parameters: big enough that weights, cache and activations show in the
 # process's memory above the Python runtime, small enough to build and run in seconds.
 MID_GLM = {
-    "model_type": "chatglm", "add_bias_linear": False, "add_qkv_bias": True, "ffn_hidden_size": 2816,
-    "hidden_size": 1024, "kv_channels": 64, "layernorm_epsilon": 1e-05, "multi_query_attention": True,
-    "multi_query_group_num": 2, "num_attention_heads": 16, "num_layers": 4, "padded_vocab_size": 32000,
-    "post_layer_norm": True, "rmsnorm": True, "seq_length": 8192,
+    "model_type": "chatglm",
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "ffn_hidden_size": 2816,
+    "hidden_size": 1024,
+    "kv_channels": 64,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 16,
+    "num_layers": 4,
+    "padded_vocab_size": 32000,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 8192,
 }
 
 
@@ -32,13 +48,27 @@ def mid_config(tmp_path):
 
 
 def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "glm_core", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "glm_core", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def test_bench_memory_measures_each_level_and_the_estimator_lands_within_10_percent(mid_config, data_dir):
-    done = run_cli("bench", "memory", "--model", str(mid_config), "--levels", "bf16,int4", "--encode", "600",
-                   "--generate", "3000", "--device", "cpu", "--json")
+    done = run_cli(
+        "bench",
+        "memory",
+        "--model",
+        str(mid_config),
+        "--levels",
+        "bf16,int4",
+        "--encode",
+        "600",
+        "--generate",
+        "3000",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     assert [r["level"] for r in results] == ["bf16", "int4"]
@@ -63,8 +93,23 @@ def test_bench_memory_measures_each_level_and_the_estimator_lands_within_10_perc
 
 
 def test_real_weights_get_a_perplexity(tiny_model_dir, data_dir):
-    done = run_cli("bench", "memory", "--model", str(tiny_model_dir), "--levels", "fp32", "--encode", "64",
-                   "--generate", "128", "--device", "cpu", "--eval-tokens", "128", "--no-history")
+    done = run_cli(
+        "bench",
+        "memory",
+        "--model",
+        str(tiny_model_dir),
+        "--levels",
+        "fp32",
+        "--encode",
+        "64",
+        "--generate",
+        "128",
+        "--device",
+        "cpu",
+        "--eval-tokens",
+        "128",
+        "--no-history",
+    )
     assert done.returncode == 0, done.stderr
     assert "fp32" in done.stdout and "n/a" not in done.stdout.splitlines()[-1]  # a perplexity, not n/a
     assert BenchHistory(data_dir).list() == []  # --no-history
@@ -106,12 +151,25 @@ def test_a_run_can_be_cancelled_and_only_one_runs_at_a_time(mid_config, data_dir
 
 def test_csv_has_a_row_per_run_and_level_and_no_formulas():
     record = {
-        "id": 7, "started_at": 0.0, "finished_at": 1.0, "state": "done",
+        "id": 7,
+        "started_at": 0.0,
+        "finished_at": 1.0,
+        "state": "done",
         "request": {"source": "=cmd|' /C calc'!A0", "levels": ["bf16"], "encode": 10, "generate": 20, "device": "cpu"},
         "environment": {"device": "cpu", "device_name": "@evil", "torch": "2.13.0", "transformers": "5.23.0"},
         "estimates": {"bf16": {"encode_peak_bytes": 110, "generate_peak_bytes": 220, "weights_bytes": 50}},
-        "results": [{"level": "bf16", "encode_peak_bytes": 100, "generate_peak_bytes": 200, "weights_bytes": 50,
-                     "ttft_s": 0.5, "decode_tokens_per_s": 9.0, "perplexity": None, "weights": "random"}],
+        "results": [
+            {
+                "level": "bf16",
+                "encode_peak_bytes": 100,
+                "generate_peak_bytes": 200,
+                "weights_bytes": 50,
+                "ttft_s": 0.5,
+                "decode_tokens_per_s": 9.0,
+                "perplexity": None,
+                "weights": "random",
+            }
+        ],
     }
     [row] = csv_rows([record])
     assert row["model"].startswith("'=") and row["device_name"] == "'@evil"

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 import torch
-
 from api_helpers import ThreadServer, raw_request
+
 from glm_core import SamplingParams
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
@@ -35,8 +35,9 @@ def test_tokenize_and_embeddings_refuse_unbounded_inputs(keyless):
     status, _, body = raw_request(keyless.port, "POST", "/tokenize", json.dumps({"prompt": huge}).encode())
     error = json.loads(body)["error"]
     assert status == 400 and error["code"] == "input_too_long" and "100,000" in error["message"]
-    status, _, body = raw_request(keyless.port, "POST", "/v1/embeddings",
-                                  json.dumps({"input": ["hello " * 20_000], "model": "m"}).encode())
+    status, _, body = raw_request(
+        keyless.port, "POST", "/v1/embeddings", json.dumps({"input": ["hello " * 20_000], "model": "m"}).encode()
+    )
     assert status == 400 and json.loads(body)["error"]["code"] == "input_too_long"
     many = [[5] * 2000] * 17  # 34,000 tokens: past the 32,768 a request may hold
     status, _, body = raw_request(keyless.port, "POST", "/v1/embeddings", json.dumps({"input": many}).encode())
@@ -71,8 +72,9 @@ def test_a_long_input_read_in_slices_equals_one_whole_forward(tiny_loaded):
 def test_a_stream_keeps_decoding_while_embeddings_run(engine):
     """The reproduction: 8 x 1,024 tokens of embeddings paused a running stream for 8 s. Counted, not timed: the
     stream must get a decode step between two slices of the embeddings."""
-    stream = engine.submit("stream-beside-embeddings", HELLO,
-                           SamplingParams(max_new_tokens=3000, max_length=4096, temperature=1.0, seed=3))
+    stream = engine.submit(
+        "stream-beside-embeddings", HELLO, SamplingParams(max_new_tokens=3000, max_length=4096, temperature=1.0, seed=3)
+    )
     tokens = []
     started = threading.Event()
 

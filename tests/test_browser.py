@@ -8,14 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from api_helpers import free_port, start_portal, wait_until_up
 from conftest import OUTPUT_DIR, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -27,8 +32,9 @@ def need_chromium() -> None:
 
 
 @contextlib.contextmanager
-def running_portal(output_dir: Path, env: dict | None = None, log_name: str = "streamlit-server.log",
-                   address: str | None = "127.0.0.1"):
+def running_portal(
+    output_dir: Path, env: dict | None = None, log_name: str = "streamlit-server.log", address: str | None = "127.0.0.1"
+):
     """`streamlit run Home.py` on a free port (with `env` added to this environment, bound to `address`; None: as a
     plain `streamlit run` binds); yields (its URL at 127.0.0.1, the process, its log file) once healthy."""
     port = free_port()
@@ -123,8 +129,18 @@ def test_stored_conversation_reopens_from_the_url_and_shows_html_as_text(data_di
     hostile = '<b id="injected">bold?</b><img id="injected-img" src=x onerror="document.title=\'pwned\'">'
     store = Store(data_dir)
     ws = store.create_workspace()
-    [cid] = store.import_conversations(ws, [Conversation(title="Hostile " + hostile, messages=[
-        ChatMessage("user", hostile), ChatMessage("assistant", "**Markdown still works** " + hostile)])])
+    [cid] = store.import_conversations(
+        ws,
+        [
+            Conversation(
+                title="Hostile " + hostile,
+                messages=[
+                    ChatMessage("user", hostile),
+                    ChatMessage("assistant", "**Markdown still works** " + hostile),
+                ],
+            )
+        ],
+    )
     page.goto(f"{server}/?ws={ws}&c={cid}")
     messages = page.get_by_test_id("stChatMessage")
     expect(messages).to_have_count(2, timeout=240_000)
@@ -160,13 +176,24 @@ def test_quantization_page(server, page, tmp_path):
     import json
 
     from playwright.sync_api import expect
-
     from test_bench_memory import MID_GLM, run_cli
 
     config = tmp_path / "mid-glm.json"
     config.write_text(json.dumps(MID_GLM))
-    done = run_cli("bench", "memory", "--model", str(config), "--levels", "bf16,int8,int4", "--encode", "256",
-                   "--generate", "1024", "--device", "cpu")
+    done = run_cli(
+        "bench",
+        "memory",
+        "--model",
+        str(config),
+        "--levels",
+        "bf16,int8,int4",
+        "--encode",
+        "256",
+        "--generate",
+        "1024",
+        "--device",
+        "cpu",
+    )
     assert done.returncode == 0, done.stderr
     page.goto(f"{server}/Quantization")
     main = page.get_by_test_id("stMain")
@@ -197,8 +224,14 @@ def test_portal_chat_and_an_api_client_at_the_same_time(server, page):
     api = openai.OpenAI(base_url=f"{server}/v1", api_key="unused: no keys, this machine", max_retries=0, timeout=120)
 
     def api_reply() -> str:
-        chunks = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Name three colors."}],
-                                             max_tokens=24, temperature=0, stream=True, extra_body=NO_PENALTY)
+        chunks = api.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "Name three colors."}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            extra_body=NO_PENALTY,
+        )
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     with ThreadPoolExecutor(1) as pool:
@@ -209,8 +242,17 @@ def test_portal_chat_and_an_api_client_at_the_same_time(server, page):
         expect(messages).to_have_count(2, timeout=120_000)
         expect(messages.nth(1)).to_contain_text("tokens/s", timeout=120_000)  # the page's reply ended meanwhile
         assert from_api.result(timeout=120).strip()
-    alone = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Name three colors."}],
-                                        max_tokens=24, temperature=0, extra_body=NO_PENALTY).choices[0].message.content
+    alone = (
+        api.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "Name three colors."}],
+            max_tokens=24,
+            temperature=0,
+            extra_body=NO_PENALTY,
+        )
+        .choices[0]
+        .message.content
+    )
     assert alone == from_api.result()  # greedy: the batched reply is the reply alone
 
 
@@ -255,8 +297,14 @@ def seen_speed(page, reply_index: int) -> dict:
     start = growth[0][0]
     end = next(t for t, length in growth if length >= 0.98 * final)
     seconds = (end - start) / 1000
-    return {"tokens": tokens, "characters": final, "seconds": seconds, "engine": engine,
-            "browser": (tokens - 1) / seconds, "characters_per_s": final / seconds}
+    return {
+        "tokens": tokens,
+        "characters": final,
+        "seconds": seconds,
+        "engine": engine,
+        "browser": (tokens - 1) / seconds,
+        "characters_per_s": final / seconds,
+    }
 
 
 def engine_alone(prompts, sampling) -> list[float]:
@@ -268,8 +316,10 @@ def engine_alone(prompts, sampling) -> list[float]:
     engine = hub.load(ModelSpec("embedded"))
     try:
         params = SamplingParams(top_p=0.9, **sampling)
-        return [engine.submit(f"alone-{i}", [{"role": "user", "content": prompt}], params).wait().stats.decode_tokens_per_s
-                for i, prompt in enumerate(prompts)]
+        return [
+            engine.submit(f"alone-{i}", [{"role": "user", "content": prompt}], params).wait().stats.decode_tokens_per_s
+            for i, prompt in enumerate(prompts)
+        ]
     finally:
         hub.unload()
 
@@ -280,8 +330,10 @@ def test_browser_speed_matches_the_engine(data_dir, server, output_dir):
     from playwright.sync_api import expect, sync_playwright
 
     sampling = {"max_new_tokens": 200, "temperature": 0.0, "repetition_penalty": 1.1}
-    prompts = ("Write a long story about a dragon who learns to bake bread.",
-               "Write a long story about a robot who learns to paint.")
+    prompts = (
+        "Write a long story about a dragon who learns to bake bread.",
+        "Write a long story about a robot who learns to paint.",
+    )
     results = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -303,10 +355,12 @@ def test_browser_speed_matches_the_engine(data_dir, server, output_dir):
         browser.close()
     alone = engine_alone(prompts, sampling)  # the same replies with no page drawing them (the server idles now)
     for index, (r, solo) in enumerate(zip(results, alone), start=1):
-        print(f"\nsession {index}: {r['tokens']} tokens, {r['characters']} characters in {r['seconds']:.1f} s: "
-              f"browser {r['browser']:.1f} tokens/s ({r['characters_per_s']:.0f} characters/s), stats line "
-              f"{r['engine']:.1f} tokens/s, ratio {r['browser'] / r['engine']:.2f}; the engine alone, same reply: "
-              f"{solo:.1f} tokens/s, browser / alone {r['browser'] / solo:.2f}")
+        print(
+            f"\nsession {index}: {r['tokens']} tokens, {r['characters']} characters in {r['seconds']:.1f} s: "
+            f"browser {r['browser']:.1f} tokens/s ({r['characters_per_s']:.0f} characters/s), stats line "
+            f"{r['engine']:.1f} tokens/s, ratio {r['browser'] / r['engine']:.2f}; the engine alone, same reply: "
+            f"{solo:.1f} tokens/s, browser / alone {r['browser'] / solo:.2f}"
+        )
     for r in results:
         assert r["tokens"] > 50
         assert r["browser"] >= 0.9 * r["engine"], r
@@ -336,12 +390,28 @@ def test_versions_defaults_copy_and_share_link(data_dir, server, page, output_di
     from glm_core.conversations.conversation import ChatMessage, Conversation
 
     store, ws = stored_workspace(data_dir, {"max_new_tokens": 24, "temperature": 0.0})
-    code_and_math = ("Here is code:\n\n```python\ndef square(x):\n    return x ** 2\n```\n\n"
-                     "and Euler's identity: $e^{i\\pi} + 1 = 0$")
-    [other] = store.import_conversations(ws, [Conversation(title="Not shared", messages=[
-        ChatMessage("user", "A private question"), ChatMessage("assistant", "A private answer")])])
-    [cid] = store.import_conversations(ws, [Conversation(title="Versions", messages=[
-        ChatMessage("user", "Show me code and maths"), ChatMessage("assistant", code_and_math)])])
+    code_and_math = (
+        "Here is code:\n\n```python\ndef square(x):\n    return x ** 2\n```\n\n"
+        "and Euler's identity: $e^{i\\pi} + 1 = 0$"
+    )
+    [other] = store.import_conversations(
+        ws,
+        [
+            Conversation(
+                title="Not shared",
+                messages=[ChatMessage("user", "A private question"), ChatMessage("assistant", "A private answer")],
+            )
+        ],
+    )
+    [cid] = store.import_conversations(
+        ws,
+        [
+            Conversation(
+                title="Versions",
+                messages=[ChatMessage("user", "Show me code and maths"), ChatMessage("assistant", code_and_math)],
+            )
+        ],
+    )
     page.goto(f"{server}/?ws={ws}&c={cid}")
     messages = page.get_by_test_id("stChatMessage")
     expect(messages).to_have_count(2, timeout=240_000)
@@ -379,7 +449,10 @@ def test_versions_defaults_copy_and_share_link(data_dir, server, page, output_di
     main = viewer.get_by_test_id("stMain")
     expect(main).to_contain_text("Shared read-only")
     assert "A private" not in viewer.content() and ws not in viewer.url and other not in viewer.content()
-    assert viewer.get_by_test_id("stChatInput").count() == 0 and viewer.get_by_role("button", name="Regenerate").count() == 0
+    assert (
+        viewer.get_by_test_id("stChatInput").count() == 0
+        and viewer.get_by_role("button", name="Regenerate").count() == 0
+    )
     viewer.screenshot(path=str(output_dir / "shared_conversation.png"), full_page=True)
     store.revoke_share(ws, cid)
     viewer.reload()

@@ -30,8 +30,10 @@ def test_four_browsers_stream_their_replies_at_the_same_time(server, output_dir)
             for box in boxes:
                 box.press("Enter")
             # The reply's text (the message also holds its avatar icon's name).
-            replies = [page.get_by_test_id("stChatMessage").nth(1).get_by_test_id("stMarkdownContainer").first
-                       for page in pages]
+            replies = [
+                page.get_by_test_id("stChatMessage").nth(1).get_by_test_id("stMarkdownContainer").first
+                for page in pages
+            ]
             for reply in replies:  # every reply has started streaming ...
                 expect(reply).to_contain_text(re.compile(r"\w"), timeout=180_000)
             first = [len(reply.inner_text()) for reply in replies]

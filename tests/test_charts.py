@@ -4,7 +4,9 @@ from glm_core.telemetry.charts import time_chart
 
 
 def test_time_chart_spans_the_window_in_minutes():
-    points = [{"time": 1_700_000_000 + 2 * i, "host used": 2**30 * (1 + i), "GPU 0 utilization": None} for i in range(3)]
+    points = [
+        {"time": 1_700_000_000 + 2 * i, "host used": 2**30 * (1 + i), "GPU 0 utilization": None} for i in range(3)
+    ]
     chart = time_chart(points, ["host used", "GPU 0 utilization"], "memory (GiB)", 600, scale=2**30)
     assert [row["value"] for row in chart["data"]["values"]] == [1, 2, 3]  # GiB; missing figures left out
     assert chart["data"]["values"][0]["time"] == 1_700_000_000_000  # epoch ms: shown in the viewer's clock time

@@ -8,17 +8,17 @@ import sys
 
 import pytest
 import torch
-
 from chatglm_fixtures import chatglm2_config, quantize_thudm, random_state_dict, reference_logits, write_checkpoint
 from conftest import ROOT
+
 from glm_core import ModelLoadError, ModelSpec, SamplingParams
 from glm_core.engine import Engine
+from glm_core.engine.generation import decode_one, prefill
+from glm_core.engine.textstream import IncrementalDecoder
 from glm_core.models import load_model
 from glm_core.models.chat_format import ChatGLM2Format, ChatGLM3Format
 from glm_core.models.chatglm.checkpoint import dequantize, detect_family, glm_config, spread_device_map
 from glm_core.models.chatglm.tokenizer import ChatGLMTokenizer
-from glm_core.engine.generation import decode_one, prefill
-from glm_core.engine.textstream import IncrementalDecoder
 
 
 def logits_of(folder, ids, **spec):
@@ -36,7 +36,11 @@ def test_logits_equal_an_independent_chatglm2_forward(glm2):
     torch.testing.assert_close(logits, reference_logits(sd, config, IDS), atol=2e-4, rtol=2e-4)
     assert loaded.family == "ChatGLM2" and loaded.card()["family"] == "ChatGLM2"
     defaults = loaded.card()["sampling_defaults"]
-    assert (defaults["temperature"], defaults["top_p"], defaults["source"]) == (0.8, 0.8, "ChatGLM2/3 documented defaults")
+    assert (defaults["temperature"], defaults["top_p"], defaults["source"]) == (
+        0.8,
+        0.8,
+        "ChatGLM2/3 documented defaults",
+    )
     assert loaded.model.config.num_key_value_heads == 2 and loaded.model.config.head_dim == 16
 
 
@@ -87,7 +91,11 @@ def test_special_tokens_follow_the_piece_vocabulary(sp_model, pieces):
     n = pieces
     assert [glm2.command(t) for t in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")] == [n, n + 1, n + 2, n + 3, n + 4]
     assert [glm3.command(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")] == [
-        n + 5, n + 6, n + 7, n + 8]
+        n + 5,
+        n + 6,
+        n + 7,
+        n + 8,
+    ]
     assert len(glm2) == n + 5 and len(glm3) == n + 9
     with pytest.raises(KeyError):
         glm2.command("<|user|>")
@@ -127,14 +135,17 @@ def test_chatglm2_prompt_ids(sp_model):
     tok = ChatGLMTokenizer(sp_model, "chatglm2")
     fmt = ChatGLM2Format(tok)
     single = [{"role": "user", "content": "你好"}]
-    assert fmt.encode(single) == [tok.command("[gMASK]"), tok.command("sop")] + tok.sp.encode("[Round 1]\n\n问：你好\n\n答：")
+    assert fmt.encode(single) == [tok.command("[gMASK]"), tok.command("sop")] + tok.sp.encode(
+        "[Round 1]\n\n问：你好\n\n答："
+    )
     multi = single + [{"role": "assistant", "content": "你好！"}, {"role": "user", "content": "今天天气怎么样？"}]
     round2 = tok.sp.encode("\n\n[Round 2]\n\n问：今天天气怎么样？\n\n答：")
     assert tok.sp.id_to_piece(round2[0]) == "▁"  # the dummy-prefix piece that the kept-cache turn drops
     # chat() encodes the whole prompt at once; stream_chat() with a kept cache appends the new turn alone (both
     # checked against THUDM's code run: tests/test_reference_fidelity.py).
     assert fmt.encode(multi) == fmt.encode(single)[:2] + tok.sp.encode(
-        "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：今天天气怎么样？\n\n答：")
+        "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：今天天气怎么样？\n\n答："
+    )
     assert fmt.continuation(multi) == round2[1:]
     assert fmt.stop_token_ids == {2}
 
@@ -149,7 +160,8 @@ def test_chatglm3_prompt_ids(sp_model):
     assert fmt.encode(messages) == expected
     multi = messages + [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Bye"}]
     assert fmt.encode(multi) == expected + enc("\n") + enc("Hi.") + [cmd("<|user|>")] + enc("\n") + enc("Bye") + [
-        cmd("<|assistant|>")]
+        cmd("<|assistant|>")
+    ]
     assert fmt.continuation(multi) == [cmd("<|user|>")] + enc("\n") + enc("Bye") + [cmd("<|assistant|>")]
     assert fmt.stop_token_ids == {2, cmd("<|user|>"), cmd("<|observation|>")}
 
@@ -180,15 +192,18 @@ def test_new_turn_feeds_only_its_own_tokens_and_matches_a_recompute(request, whi
         messages = [{"role": "user", "content": "Hello, how are you today?"}]
         first = engine.submit("c", messages, params).wait()
         assert first.finish_reason == "length"  # random weights: the last sampled token was never fed
-        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "The capital of France?"}]
+        messages += [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "The capital of France?"},
+        ]
         second = engine.submit("c", messages, params).wait()
         new_turn = loaded.chat_format.continuation(messages)
         assert second.stats.reused_tokens == first.stats.prompt_tokens + first.stats.completion_tokens - 1
         assert second.stats.prefill_tokens == 1 + len(new_turn)  # the unfed last token, then the new turn only
         held = engine.pool.tokens("c")
         ids = held[: second.stats.prompt_tokens]
-        assert ids[-len(new_turn):] == new_turn
-        assert held[second.stats.prompt_tokens:] == greedy_from_scratch(loaded, ids, 8)[:7]
+        assert ids[-len(new_turn) :] == new_turn
+        assert held[second.stats.prompt_tokens :] == greedy_from_scratch(loaded, ids, 8)[:7]
     finally:
         engine.close()
 
@@ -196,9 +211,27 @@ def test_new_turn_feeds_only_its_own_tokens_and_matches_a_recompute(request, whi
 def run_chat(folder, *extra, stdin):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "glm_core", "chat", "--model", str(folder), "--precision", "fp32",
-         "--temperature", "0", "--max-new-tokens", "10", *extra],
-        input=stdin, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "glm_core",
+            "chat",
+            "--model",
+            str(folder),
+            "--precision",
+            "fp32",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "10",
+            *extra,
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -280,8 +313,9 @@ def test_broken_chatglm_folders_get_one_line_reasons(glm2, tmp_path, pieces):
 
     first_gen = tmp_path / "chatglm-6b"
     first_gen.mkdir()
-    (first_gen / "config.json").write_text(json.dumps({"model_type": "chatglm", "vocab_size": 130528,
-                                                        "position_encoding_2d": True}))
+    (first_gen / "config.json").write_text(
+        json.dumps({"model_type": "chatglm", "vocab_size": 130528, "position_encoding_2d": True})
+    )
     assert "lacks 'hidden_size', which a ChatGLM-6B config has" in _reason(ModelSpec(str(first_gen)))
 
     assert "unknown family" in _reason(ModelSpec(str(folder), family="chatglm9"))
@@ -332,13 +366,23 @@ def test_glm4_hf_folder_loads_through_auto_classes(tmp_path, tiny_model_dir):
         "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
-    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=[2])
+    config = GlmConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=0,
+        eos_token_id=[2],
+    )
     folder = tmp_path / "glm-4-tiny-chat-hf"
     GlmForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "generation_config.json").write_text(  # as glm-4-9b-chat-hf ships it
-        '{"do_sample": true, "eos_token_id": [2], "max_length": 128000, "temperature": 0.8, "top_p": 0.8}')
+        '{"do_sample": true, "eos_token_id": [2], "max_length": 128000, "temperature": 0.8, "top_p": 0.8}'
+    )
     loaded = load_model(ModelSpec(str(folder), "fp32", "cpu"))
     assert loaded.family == "GLM-4"
     defaults = loaded.card()["sampling_defaults"]

@@ -11,12 +11,15 @@ import sys
 
 import pytest
 import torch
-
 from chatglm_fixtures import (
-    build_reference_checkpoint, chatglm6b_config, chatglm6b_state_dict, quantize_thudm_glm6b,
+    build_reference_checkpoint,
+    chatglm6b_config,
+    chatglm6b_state_dict,
+    quantize_thudm_glm6b,
     write_chatglm6b_checkpoint,
 )
 from conftest import ROOT
+
 from glm_core import ModelLoadError, ModelSpec, SamplingParams
 from glm_core.engine import Engine
 from glm_core.engine.textstream import IncrementalDecoder
@@ -24,7 +27,6 @@ from glm_core.models import load_model
 from glm_core.models.chat_format import ChatGLM6BFormat
 from glm_core.models.chatglm.glm6b import CACHED_IDS, ChatGLM6BForCausalLM, rotary_inv_freq
 from glm_core.models.chatglm.ice_tokenizer import IceTokenizer, TokenizerMismatch, postprocess, preprocess
-
 
 REFERENCE = json.loads((ROOT / "tests" / "reference" / "chatglm-6b.json").read_text(encoding="utf-8"))
 
@@ -59,8 +61,17 @@ def loaded_fp32(glm6b):
 
 
 def tokenizer_of(config, ice_model, offset=0):
-    return IceTokenizer(ice_model, offset, {"[MASK]": config["mask_token_id"], "[gMASK]": config["gmask_token_id"],
-                                            "<sop>": config["bos_token_id"], "<eop>": config["eos_token_id"]}, 3)
+    return IceTokenizer(
+        ice_model,
+        offset,
+        {
+            "[MASK]": config["mask_token_id"],
+            "[gMASK]": config["gmask_token_id"],
+            "<sop>": config["bos_token_id"],
+            "<eop>": config["eos_token_id"],
+        },
+        3,
+    )
 
 
 def prompt_ids(loaded, text):
@@ -111,8 +122,12 @@ def test_prompt_for_one_and_three_turns(loaded_fp32):
     one = [{"role": "user", "content": "你好"}]
     assert fmt.prompt(one) == "你好"
     assert fmt.encode(one) == tok.sp.encode("你好") + [tok.command("[gMASK]"), tok.command("<sop>")]
-    three = one + [{"role": "assistant", "content": "你好👋！"}, {"role": "user", "content": "今天天气怎么样？"},
-                   {"role": "assistant", "content": "很好。"}, {"role": "user", "content": "Thanks"}]
+    three = one + [
+        {"role": "assistant", "content": "你好👋！"},
+        {"role": "user", "content": "今天天气怎么样？"},
+        {"role": "assistant", "content": "很好。"},
+        {"role": "user", "content": "Thanks"},
+    ]
     text = "[Round 0]\n问：你好\n答：你好👋！\n[Round 1]\n问：今天天气怎么样？\n答：很好。\n[Round 2]\n问：Thanks\n答："
     assert fmt.prompt(three) == text
     assert fmt.encode(three) == tok.sp.encode(preprocess(text)) + [tok.command("[gMASK]"), tok.command("<sop>")]
@@ -137,8 +152,15 @@ def test_process_response_as_the_original_chat():
     assert ChatGLM6BFormat.process_response("[[训练时间]]") == "2023年"
 
 
-@pytest.mark.parametrize("text", ["你好,世界!ok, fine? 是吗?[[训练时间]]好:对;", "  答:是 , 不是,  [[训练", "好?",
-                                  "Yes , I 'm here . Don 't , he 's 你 ,好 ' s n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "你好,世界!ok, fine? 是吗?[[训练时间]]好:对;",
+        "  答:是 , 不是,  [[训练",
+        "好?",
+        "Yes , I 'm here . Don 't , he 's 你 ,好 ' s n",
+    ],
+)
 def test_replies_stream_through_process_response_without_taking_text_back(loaded_fp32, text):
     """The runner's decoder for ChatGLM-6B: token by token, what is sent only grows, and the whole reply is what
     the original chat() returned (full-width marks next to CJK characters, the placeholder replaced)."""
@@ -218,9 +240,12 @@ def gentle(tmp_path_factory, ice_model):
     test_logits_equal_the_original_forward checks against THUDM's code."""
     import sentencepiece as spm
 
-    config = chatglm6b_config(ice_model, vocab_size=spm.SentencePieceProcessor(model_file=str(ice_model)).get_piece_size())
-    folder = write_chatglm6b_checkpoint(tmp_path_factory.mktemp("gentle") / "chatglm-6b-gentle", ice_model, config,
-                                        chatglm6b_state_dict(config))
+    config = chatglm6b_config(
+        ice_model, vocab_size=spm.SentencePieceProcessor(model_file=str(ice_model)).get_piece_size()
+    )
+    folder = write_chatglm6b_checkpoint(
+        tmp_path_factory.mktemp("gentle") / "chatglm-6b-gentle", ice_model, config, chatglm6b_state_dict(config)
+    )
     fp32 = load_model(ModelSpec(str(folder), "fp32", "cpu"))
     ids = prompt_ids(fp32, "The capital of France is Paris.") + [17, 230]
     with torch.inference_mode():
@@ -271,8 +296,13 @@ def test_prequantized_thudm_checkpoints(tmp_path, bits, embedding):
         assert stored["transformer.word_embeddings.weight"].dtype == torch.int8
         ice = folder / "ice_text.model"
         folder = write_chatglm6b_checkpoint(tmp_path / "chatglm-6b-int4-qe", ice, config, stored, layout="bin")
-        plain = write_chatglm6b_checkpoint(tmp_path / "dequantized", ice, {**config, "quantization_bit": 0},
-                                           {k: v.float() for k, v in dequantized.items()}, layout="bin")
+        plain = write_chatglm6b_checkpoint(
+            tmp_path / "dequantized",
+            ice,
+            {**config, "quantization_bit": 0},
+            {k: v.float() for k, v in dequantized.items()},
+            layout="bin",
+        )
     loaded = load_model(ModelSpec(str(folder), "fp32", "cpu"))
     ids = loaded.tokenizer("你好")["input_ids"]
     with torch.inference_mode():
@@ -327,7 +357,7 @@ def test_engine_re_reads_a_new_turn_and_reuses_the_prompt_to_regenerate(loaded_f
         assert first.error is None and first.stats.reused_tokens == 0
         ids = loaded_fp32.chat_format.encode(first_turn)
         assert ids == turns[0]["prompt_ids"]
-        held = engine.pool.tokens("c")[len(ids):]
+        held = engine.pool.tokens("c")[len(ids) :]
         assert held == turns[0]["generated_ids"][: len(held)] and len(held) >= first.stats.completion_tokens - 1
         assert first.text == turns[0]["response"]
 
@@ -335,8 +365,10 @@ def test_engine_re_reads_a_new_turn_and_reuses_the_prompt_to_regenerate(loaded_f
         assert again.stats.reused_tokens == len(ids) - 1 and again.stats.prefill_tokens == 1
         assert again.text == first.text
 
-        second_turn = first_turn + [{"role": "assistant", "content": first.text},
-                                    {"role": "user", "content": turns[1]["query"]}]
+        second_turn = first_turn + [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": turns[1]["query"]},
+        ]
         second = engine.submit("c", second_turn, params).wait()
         assert second.stats.reused_tokens == 0  # the whole conversation re-read: the prompt is bidirectional
         ids2 = loaded_fp32.chat_format.encode(second_turn)
@@ -350,9 +382,26 @@ def test_engine_re_reads_a_new_turn_and_reuses_the_prompt_to_regenerate(loaded_f
 def test_cli_chats_with_a_first_generation_folder(glm6b):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "glm_core", "chat", "--model", str(glm6b[0]), "--precision", "int8",
-         "--temperature", "0", "--max-new-tokens", "5"],
-        input="你好\nThe capital of France is?\n", capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "glm_core",
+            "chat",
+            "--model",
+            str(glm6b[0]),
+            "--precision",
+            "int8",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+        ],
+        input="你好\nThe capital of France is?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
@@ -366,8 +415,9 @@ def test_memory_bench_runs_the_module_with_random_weights(glm6b, tmp_path):
 
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(glm6b[1]))
-    request = MemoryBenchRequest(source=str(config_file), levels=("int8",), encode=40, generate=48, device="cpu",
-                                 eval_tokens=0)
+    request = MemoryBenchRequest(
+        source=str(config_file), levels=("int8",), encode=40, generate=48, device="cpu", eval_tokens=0
+    )
     result = measure_level(request, "int8", lambda event: None)
     [predicted] = estimate(glm6b[1], ["int8"], 40, 48)
     assert result["weights_bytes"] == predicted.weights_bytes and result["decode_tokens_per_s"] > 0

@@ -8,19 +8,35 @@ import sys
 import time
 
 from conftest import ROOT
+
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.store import Store
 
 
 def run_cli(*args, stdin="", timeout=600):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "glm_core", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "glm_core", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_piped_chat_prints_one_json_line_per_turn():
-    result = run_cli("chat", "--temperature", "0", "--max-new-tokens", "40", "--precision", "fp32",
-                     stdin="What is the capital of France?\n\nAnd of Germany?\n")
+    result = run_cli(
+        "chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "40",
+        "--precision",
+        "fp32",
+        stdin="What is the capital of France?\n\nAnd of Germany?\n",
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 2  # the empty line was skipped
@@ -40,8 +56,21 @@ def test_bad_model_path_is_a_clear_cli_error(tmp_path):
 
 
 def test_bench_turns_json_has_the_promised_fields(tiny_model_dir):
-    result = run_cli("bench", "turns", "--model", str(tiny_model_dir), "--precision", "fp32",
-                     "--max-new-tokens", "4", "--decode-tokens", "16", "--repeats", "1", "--json")
+    result = run_cli(
+        "bench",
+        "turns",
+        "--model",
+        str(tiny_model_dir),
+        "--precision",
+        "fp32",
+        "--max-new-tokens",
+        "4",
+        "--decode-tokens",
+        "16",
+        "--repeats",
+        "1",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert len(figures["ttft_reuse_s"]) == len(figures["ttft_recompute_s"]) == 10
@@ -52,8 +81,19 @@ def test_bench_turns_json_has_the_promised_fields(tiny_model_dir):
 
 
 def test_bench_quant_json_has_the_promised_fields(tiny_model_dir):
-    result = run_cli("bench", "quant", "--model", str(tiny_model_dir), "--levels", "bf16,int8,int4",
-                     "--decode-tokens", "4", "--eval-tokens", "64", "--json")
+    result = run_cli(
+        "bench",
+        "quant",
+        "--model",
+        str(tiny_model_dir),
+        "--levels",
+        "bf16,int8,int4",
+        "--decode-tokens",
+        "4",
+        "--eval-tokens",
+        "64",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [r["level"] for r in rows] == ["bf16", "int8", "int4"]
@@ -73,22 +113,44 @@ def test_bench_quant_reports_a_level_that_fails(tiny_model_dir):
 
 
 def tiny_chat(tiny_model_dir, *args, stdin):
-    return run_cli("chat", "--model", str(tiny_model_dir), "--precision", "fp32", "--temperature", "0",
-                   "--max-new-tokens", "8", *args, stdin=stdin)
+    return run_cli(
+        "chat",
+        "--model",
+        str(tiny_model_dir),
+        "--precision",
+        "fp32",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        *args,
+        stdin=stdin,
+    )
 
 
 def test_chat_stores_its_turns_and_continues_a_conversation_by_title(tiny_model_dir, data_dir):
-    first = tiny_chat(tiny_model_dir, "--workspace", "team-bench", "--conversation", "Nightly run",
-                      stdin="First question\nSecond question\n")
+    first = tiny_chat(
+        tiny_model_dir,
+        "--workspace",
+        "team-bench",
+        "--conversation",
+        "Nightly run",
+        stdin="First question\nSecond question\n",
+    )
     assert first.returncode == 0, first.stderr
     assert len(first.stdout.splitlines()) == 2 and "stored in workspace team-bench" in first.stderr
-    again = tiny_chat(tiny_model_dir, "--workspace", "team-bench", "--conversation", "Nightly run",
-                      stdin="Third question\n")
+    again = tiny_chat(
+        tiny_model_dir, "--workspace", "team-bench", "--conversation", "Nightly run", stdin="Third question\n"
+    )
     assert again.returncode == 0, again.stderr
     [summary] = Store(data_dir).list_conversations("team-bench")
     conversation = Store(data_dir).get_conversation("team-bench", summary.id)
     assert conversation.title == "Nightly run"
-    assert [m.content for m in conversation.messages if m.role == "user"] == ["First question", "Second question", "Third question"]
+    assert [m.content for m in conversation.messages if m.role == "user"] == [
+        "First question",
+        "Second question",
+        "Third question",
+    ]
     reply = conversation.messages[-1]
     assert reply.role == "assistant" and reply.status == "complete" and reply.precision == "FP32"
     assert reply.params["temperature"] == 0 and reply.stats["completion_tokens"] == 8
@@ -101,20 +163,38 @@ def test_chat_takes_the_models_sampling_defaults_unless_an_option_is_given(tiny_
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"do_sample": False, "max_new_tokens": 6, "repetition_penalty": 1.3, "eos_token_id": 2}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "max_new_tokens": 6, "repetition_penalty": 1.3, "eos_token_id": 2})
+    )
     base = ("chat", "--model", str(folder), "--precision", "fp32", "--workspace", "defaults")
     plain = run_cli(*base, "--conversation", "plain", stdin="Tell me a story\n")
-    given = run_cli(*base, "--conversation", "given", "--max-new-tokens", "3", "--temperature", "0.5",
-                    "--seed", "1", stdin="Tell me a story\n")
+    given = run_cli(
+        *base,
+        "--conversation",
+        "given",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0.5",
+        "--seed",
+        "1",
+        stdin="Tell me a story\n",
+    )
     assert plain.returncode == 0 and given.returncode == 0, (plain.stderr, given.stderr)
     stored = {c.title: c.messages[-1] for c in Store(data_dir).get_conversations("defaults")}
     # generation_config.json: greedy, 6 new tokens, its penalty; ours fill the rest (top_p 0.9)
     assert json.loads(plain.stdout)["completion_tokens"] == 6 and json.loads(given.stdout)["completion_tokens"] == 3
-    assert {k: stored["plain"].params[k] for k in ("temperature", "max_new_tokens", "repetition_penalty", "top_p")} \
-        == {"temperature": 0, "max_new_tokens": 6, "repetition_penalty": 1.3, "top_p": 0.9}
-    assert {k: stored["given"].params[k] for k in ("temperature", "max_new_tokens", "repetition_penalty")} \
-        == {"temperature": 0.5, "max_new_tokens": 3, "repetition_penalty": 1.3}
+    assert {k: stored["plain"].params[k] for k in ("temperature", "max_new_tokens", "repetition_penalty", "top_p")} == {
+        "temperature": 0,
+        "max_new_tokens": 6,
+        "repetition_penalty": 1.3,
+        "top_p": 0.9,
+    }
+    assert {k: stored["given"].params[k] for k in ("temperature", "max_new_tokens", "repetition_penalty")} == {
+        "temperature": 0.5,
+        "max_new_tokens": 3,
+        "repetition_penalty": 1.3,
+    }
     bad = run_cli(*base, "--top-p", "7", stdin="hi\n")
     assert bad.returncode == 2 and "top_p" in bad.stderr and "[load]" not in bad.stderr  # refused before loading
 
@@ -128,11 +208,25 @@ def test_chat_options_are_checked(tiny_model_dir):
 
 def test_export_then_import_round_trips_through_the_command_line(data_dir, tmp_path):
     store = Store(data_dir)
-    store.import_conversations("source", [Conversation(title="Unicode 🦙 and <html>", messages=[
-        ChatMessage("user", "你好 <script>alert(1)</script>"),
-        ChatMessage("assistant", "```python\nprint('hi')\n```", model="m", precision="BF16",
-                    stats={"prompt_tokens": 3, "completion_tokens": 2}, finish_reason="eos"),
-    ])])
+    store.import_conversations(
+        "source",
+        [
+            Conversation(
+                title="Unicode 🦙 and <html>",
+                messages=[
+                    ChatMessage("user", "你好 <script>alert(1)</script>"),
+                    ChatMessage(
+                        "assistant",
+                        "```python\nprint('hi')\n```",
+                        model="m",
+                        precision="BF16",
+                        stats={"prompt_tokens": 3, "completion_tokens": 2},
+                        finish_reason="eos",
+                    ),
+                ],
+            )
+        ],
+    )
     out = tmp_path / "export.json"
     exported = run_cli("export", "--workspace", "source", "--format", "json", "--out", str(out))
     assert exported.returncode == 0, exported.stderr
@@ -141,11 +235,16 @@ def test_export_then_import_round_trips_through_the_command_line(data_dir, tmp_p
     assert imported.stdout.strip() == "imported 1 conversation(s) into workspace target"
     [source], [target] = Store(data_dir).get_conversations("source"), Store(data_dir).get_conversations("target")
     assert target.id != source.id and target.title == source.title
-    assert [(m.role, m.content, m.model, m.stats) for m in target.messages] == \
-           [(m.role, m.content, m.model, m.stats) for m in source.messages]
+    assert [(m.role, m.content, m.model, m.stats) for m in target.messages] == [
+        (m.role, m.content, m.model, m.stats) for m in source.messages
+    ]
 
-    for fmt, expected in [("md", "# Unicode 🦙 and <html>"), ("csv", "conversation_id,conversation_title"),
-                          ("html", "&lt;script&gt;alert(1)&lt;/script&gt;"), ("jsonl", '"history": []')]:
+    for fmt, expected in [
+        ("md", "# Unicode 🦙 and <html>"),
+        ("csv", "conversation_id,conversation_title"),
+        ("html", "&lt;script&gt;alert(1)&lt;/script&gt;"),
+        ("jsonl", '"history": []'),
+    ]:
         result = run_cli("export", "--workspace", "source", "--format", fmt)
         assert result.returncode == 0 and expected in result.stdout, (fmt, result.stderr)
     assert "<script>" not in run_cli("export", "--workspace", "source", "--format", "html").stdout
@@ -158,8 +257,10 @@ def test_bad_import_files_fail_with_a_clear_message_and_change_nothing(data_dir,
     Store(data_dir).import_conversations("w", [Conversation(title="keep me", messages=[ChatMessage("user", "x")])])
     cases = {
         "broken.json": (b'{"messages": [', "the file is not valid JSON"),
-        "schema.json": (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
-                        "[0].role: expected one of system, user, assistant, got 'robot'"),
+        "schema.json": (
+            json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
+            "[0].role: expected one of system, user, assistant, got 'robot'",
+        ),
         "image.bin": (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"),
     }
     for name, (data, reason) in cases.items():
@@ -179,9 +280,30 @@ def test_bad_import_files_fail_with_a_clear_message_and_change_nothing(data_dir,
 def test_a_reply_survives_the_process_being_killed_mid_generation(tiny_model_dir, data_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "glm_core", "chat", "--model", str(tiny_model_dir), "--precision", "fp32",
-         "--max-new-tokens", "4000", "--seed", "1", "--workspace", "crash", "--conversation", "Killed"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env, text=True,
+        [
+            sys.executable,
+            "-m",
+            "glm_core",
+            "chat",
+            "--model",
+            str(tiny_model_dir),
+            "--precision",
+            "fp32",
+            "--max-new-tokens",
+            "4000",
+            "--seed",
+            "1",
+            "--workspace",
+            "crash",
+            "--conversation",
+            "Killed",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        text=True,
     )
     try:
         process.stdin.write("Write forever.\n")

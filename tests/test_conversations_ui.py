@@ -5,11 +5,11 @@ import datetime
 import json
 
 import pytest
+from conftest import HOME, ROOT, open_page, shown
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub
-from conftest import HOME, ROOT, open_page, shown
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import FORMAT_NAME
 from glm_core.conversations.store import Store
@@ -159,7 +159,9 @@ def test_regenerate_adds_a_version_and_edit_starts_a_branch(store):
     # The old reply is kept as version 1 of 2.
     assert at.chat_message[3].caption[-1].value == "2/2" and at.button(key=f"next_{after[3].id}").disabled
     at.button(key=f"previous_{after[3].id}").click().run()
-    assert store.get_conversation(ws, cid).messages[3].id == before[3].id and at.chat_message[3].caption[-1].value == "1/2"
+    assert (
+        store.get_conversation(ws, cid).messages[3].id == before[3].id and at.chat_message[3].caption[-1].value == "1/2"
+    )
     assert at.get("code")[-1].value == before[3].content  # the copy button's text: the reply as written
 
     # Edit the first prompt: a branch from the start; the whole first branch stays.
@@ -172,7 +174,9 @@ def test_regenerate_adds_a_version_and_edit_starts_a_branch(store):
     assert [m.markdown[0].value for m in at.chat_message] == ["Say less", edited.messages[1].content]
     at.button(key=f"previous_{edited.messages[0].id}").click().run()
     back = store.get_conversation(ws, cid).messages
-    assert [m.content for m in back][:3] == ["Say something", before[1].content, "Say more"] and back[3].id == before[3].id
+    assert [m.content for m in back][:3] == ["Say something", before[1].content, "Say more"] and back[3].id == before[
+        3
+    ].id
     assert len(at.chat_message) == 4 and at.chat_message[0].caption[-1].value == "1/2"
 
 
@@ -204,8 +208,17 @@ def test_workspace_stays_in_the_url_and_workspaces_are_isolated(store):
     assert workspace_of(page_b) == ws_b and not page_b.dataframe and not page_b.download_button
 
     # Malformed or unknown workspace ids get a fresh workspace, never A's data.
-    for forged in ("", "x", ws_a + "x", ws_a[:-1], ws_a.lower() if ws_a.lower() != ws_a else ws_a.upper(),
-                   "' OR '1'='1' --", "../../data/conversations.sqlite3", "%", "A" * 22):
+    for forged in (
+        "",
+        "x",
+        ws_a + "x",
+        ws_a[:-1],
+        ws_a.lower() if ws_a.lower() != ws_a else ws_a.upper(),
+        "' OR '1'='1' --",
+        "../../data/conversations.sqlite3",
+        "%",
+        "A" * 22,
+    ):
         for page in (HOME, CONVERSATIONS):
             at = open_page(page, ws=forged, c=conversation_a)
             assert workspace_of(at) not in (ws_a, forged)  # unknown ids too: a fresh workspace
@@ -248,10 +261,20 @@ def test_access_password_is_asked_before_anything_is_shown(store):
 
 def hostile_workspace(store) -> tuple[str, str]:
     ws = store.create_workspace()
-    [cid] = store.import_conversations(ws, [Conversation(title=HOSTILE, messages=[
-        ChatMessage("user", HOSTILE), ChatMessage("assistant", "Reply with " + HOSTILE, model="m", precision="FP32"),
-        ChatMessage("user", "cut short"), ChatMessage("assistant", "The first half", status="partial"),
-    ])])
+    [cid] = store.import_conversations(
+        ws,
+        [
+            Conversation(
+                title=HOSTILE,
+                messages=[
+                    ChatMessage("user", HOSTILE),
+                    ChatMessage("assistant", "Reply with " + HOSTILE, model="m", precision="FP32"),
+                    ChatMessage("user", "cut short"),
+                    ChatMessage("assistant", "The first half", status="partial"),
+                ],
+            )
+        ],
+    )
     store.recover_interrupted()
     return ws, cid
 
@@ -292,13 +315,27 @@ def downloads(monkeypatch):
 
 def test_conversations_page_filters_and_exports(store, downloads):
     ws = store.create_workspace()
-    store.import_conversations(ws, [
-        Conversation(title="Apples", created_at=1_600_000_000, updated_at=1_600_000_000, messages=[
-            ChatMessage("user", "apples?", created_at=1_600_000_000),
-            ChatMessage("assistant", "red", model="SmolLM2", precision="BF16", created_at=1_600_000_000)]),
-        Conversation(title="Bananas", messages=[
-            ChatMessage("user", "bananas?"), ChatMessage("assistant", "yellow", model="ChatGLM3-6B", precision="INT4")]),
-    ])
+    store.import_conversations(
+        ws,
+        [
+            Conversation(
+                title="Apples",
+                created_at=1_600_000_000,
+                updated_at=1_600_000_000,
+                messages=[
+                    ChatMessage("user", "apples?", created_at=1_600_000_000),
+                    ChatMessage("assistant", "red", model="SmolLM2", precision="BF16", created_at=1_600_000_000),
+                ],
+            ),
+            Conversation(
+                title="Bananas",
+                messages=[
+                    ChatMessage("user", "bananas?"),
+                    ChatMessage("assistant", "yellow", model="ChatGLM3-6B", precision="INT4"),
+                ],
+            ),
+        ],
+    )
     at = open_page(CONVERSATIONS, ws=ws)
     assert at.dataframe[0].value["Title"].tolist() == ["Bananas", "Apples"]
     at.text_input(key="filter_search").set_value("yellow").run()
@@ -313,7 +350,9 @@ def test_conversations_page_filters_and_exports(store, downloads):
     at.date_input(key="filter_since").set_value(None).run()
 
     # Nothing chosen: every listed conversation is exported, in each format.
-    assert sorted(b.key for b in at.download_button) == sorted(f"export_{f}" for f in ("json", "md", "csv", "html", "jsonl"))
+    assert sorted(b.key for b in at.download_button) == sorted(
+        f"export_{f}" for f in ("json", "md", "csv", "html", "jsonl")
+    )
     names = {name.rsplit(".", 1)[1]: name for name in downloads}
     build, mime = downloads[names["json"]]
     document = json.loads(build())
@@ -337,8 +376,14 @@ def test_conversations_page_imports_good_files_and_rejects_bad_ones(store):
     at = open_page(CONVERSATIONS, ws=ws)
     assert not at.dataframe and at.button(key="import_button").disabled
 
-    good = json.dumps({"messages": [{"role": "user", "content": "Imported question"},
-                                    {"role": "assistant", "content": "Imported answer"}]}).encode()
+    good = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "Imported question"},
+                {"role": "assistant", "content": "Imported answer"},
+            ]
+        }
+    ).encode()
     at.file_uploader(key="import_file").upload("chat.json", good, "application/json").run()
     at.button(key="import_button").click().run()
     assert not at.exception and [s.value for s in at.success] == ["Imported 1 conversation(s)."]
@@ -378,7 +423,9 @@ def test_sampling_defaults_come_from_the_model_and_a_workspace_keeps_its_own(sto
     assert "from this app's defaults" in at.slider(key="temperature").help
     at.slider(key="temperature").set_value(0.3).run()
     assert store.get_setting(ws, "sampling") == {"temperature": 0.3}
-    assert "your settings: temperature 0.3 (model: 0.7)" in " ".join(c.value for c in at.sidebar.caption).replace("\\", "")
+    assert "your settings: temperature 0.3 (model: 0.7)" in " ".join(c.value for c in at.sidebar.caption).replace(
+        "\\", ""
+    )
     again = open_page(ws=ws)  # another visit of the same workspace
     assert again.slider(key="temperature").value == 0.3 and again.slider(key="top_p").value == 0.9
     again.button(key="reset_controls").click().run()
@@ -398,7 +445,9 @@ def test_system_prompt_presets_pin_and_archive(store):
     assert at.text_area(key="system_prompt").value == "Answer like a pirate."
     assert open_page(ws=ws).text_area(key="system_prompt").value == "Answer like a pirate."  # kept for the workspace
     chat(at, "Ahoy")
-    assert store.get_conversation(ws, at.query_params["c"]).messages[1].params["system_prompt"] == "Answer like a pirate."
+    assert (
+        store.get_conversation(ws, at.query_params["c"]).messages[1].params["system_prompt"] == "Answer like a pirate."
+    )
     at.button(key="delete_preset").click().run()
     assert store.list_presets(ws) == {} and not at.exception
 
@@ -445,8 +494,15 @@ def test_the_access_password_guards_share_links_too(store):
     """A share link opens no workspace, but the portal's access password still applies to it: without the password
     the page shows the password form and nothing of the conversation; with it, the conversation."""
     ws = store.create_workspace()
-    [cid] = store.import_conversations(ws, [Conversation(title="Shared", messages=[
-        ChatMessage("user", "Secret question"), ChatMessage("assistant", "Secret answer")])])
+    [cid] = store.import_conversations(
+        ws,
+        [
+            Conversation(
+                title="Shared",
+                messages=[ChatMessage("user", "Secret question"), ChatMessage("assistant", "Secret answer")],
+            )
+        ],
+    )
     token = store.share(ws, cid)
     secrets = {"access_password": "team pw"}
     viewer = AppTest.from_file(str(ROOT / "pages" / "4_Shared.py"), default_timeout=60)

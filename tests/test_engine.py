@@ -6,7 +6,15 @@ import uuid
 import pytest
 
 from glm_core import (
-    ConversationBusy, Delta, EngineClosed, Finished, PromptTooLong, Queued, SamplingParams, Started, Truncated,
+    ConversationBusy,
+    Delta,
+    EngineClosed,
+    Finished,
+    PromptTooLong,
+    Queued,
+    SamplingParams,
+    Started,
+    Truncated,
 )
 from glm_core.engine import Engine
 from glm_core.engine.context import common_prefix_length, fit_to_context
@@ -63,8 +71,10 @@ def test_common_prefix_reuse_survives_an_edited_history(engine):
     first = [{"role": "user", "content": PROMPTS[0]}]
     reply = ask(engine, conversation, first)
     # The user edits the assistant's answer: only the common prefix of the cache may be reused.
-    edited = first + [{"role": "assistant", "content": reply.text + " Definitely."},
-                      {"role": "user", "content": PROMPTS[1]}]
+    edited = first + [
+        {"role": "assistant", "content": reply.text + " Definitely."},
+        {"role": "user", "content": PROMPTS[1]},
+    ]
     cached = ask(engine, conversation, edited)
     recomputed = ask(engine, uuid.uuid4().hex, edited)
     assert cached.text == recomputed.text
@@ -82,8 +92,10 @@ def test_least_recently_used_cache_is_evicted_and_rebuilt(embedded_fp32):
         assert usage["bytes"] <= 3 * 2**20 and usage["evictions"] >= 1
         # The evicted conversation is rebuilt from its messages on its next turn, with the same reply.
         messages = [{"role": "user", "content": PROMPTS[0]}]
-        messages += [{"role": "assistant", "content": ask(engine, "x", messages).text},
-                     {"role": "user", "content": PROMPTS[1]}]
+        messages += [
+            {"role": "assistant", "content": ask(engine, "x", messages).text},
+            {"role": "user", "content": PROMPTS[1]},
+        ]
         rebuilt = ask(engine, "a", [messages[0], messages[1], messages[2]])
         assert rebuilt.stats.reused_tokens == 0
         assert rebuilt.text == ask(engine, uuid.uuid4().hex, messages).text
@@ -144,7 +156,9 @@ def test_two_sessions_at_once_each_get_their_own_reply(engine):
         except Exception as exc:  # "Already borrowed" would land here
             errors.append(exc)
 
-    threads = [threading.Thread(target=session, args=(k,)) for k in questions] + [threading.Thread(target=tokenizer_user)]
+    threads = [threading.Thread(target=session, args=(k,)) for k in questions] + [
+        threading.Thread(target=tokenizer_user)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -178,8 +192,10 @@ def test_long_conversation_drops_oldest_turns_and_says_so(tiny_loaded):
         params = SamplingParams(temperature=0, max_length=200, max_new_tokens=20)
         messages = [{"role": "system", "content": "Be brief."}]
         for i in range(8):
-            messages += [{"role": "user", "content": f"Question number {i} about the weather today?"},
-                         {"role": "assistant", "content": f"Answer number {i}: it is sunny and warm outside."}]
+            messages += [
+                {"role": "user", "content": f"Question number {i} about the weather today?"},
+                {"role": "assistant", "content": f"Answer number {i}: it is sunny and warm outside."},
+            ]
         messages.append({"role": "user", "content": "And tomorrow?"})
         request = engine.submit("t", messages, params)
         events = list(request.events())
@@ -205,13 +221,16 @@ def test_oversized_prompt_is_refused_and_the_engine_keeps_serving(tiny_loaded):
         engine.close()
 
 
-@pytest.mark.parametrize("messages, reason", [
-    ([], "end with a user message"),
-    ([{"role": "user", "content": "   "}], "empty"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "end with a user message"),
-    ([{"role": "wizard", "content": "hi"}], "role"),
-    ([{"role": "user", "content": None}], "role"),
-])
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([], "end with a user message"),
+        ([{"role": "user", "content": "   "}], "empty"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "end with a user message"),
+        ([{"role": "wizard", "content": "hi"}], "role"),
+        ([{"role": "user", "content": None}], "role"),
+    ],
+)
 def test_bad_messages_are_refused_with_a_reason(tiny_loaded, messages, reason):
     engine = Engine(tiny_loaded)
     try:
@@ -221,14 +240,17 @@ def test_bad_messages_are_refused_with_a_reason(tiny_loaded, messages, reason):
         engine.close()
 
 
-@pytest.mark.parametrize("params, reason", [
-    (SamplingParams(temperature=-1), "temperature"),
-    (SamplingParams(top_p=0), "top_p"),
-    (SamplingParams(max_new_tokens=0), "max new tokens"),
-    (SamplingParams(max_length=100, max_new_tokens=100), "max new tokens"),
-    (SamplingParams(top_k=-3), "top_k"),
-    (SamplingParams(repetition_penalty=0), "repetition"),
-])
+@pytest.mark.parametrize(
+    "params, reason",
+    [
+        (SamplingParams(temperature=-1), "temperature"),
+        (SamplingParams(top_p=0), "top_p"),
+        (SamplingParams(max_new_tokens=0), "max new tokens"),
+        (SamplingParams(max_length=100, max_new_tokens=100), "max new tokens"),
+        (SamplingParams(top_k=-3), "top_k"),
+        (SamplingParams(repetition_penalty=0), "repetition"),
+    ],
+)
 def test_bad_sampling_controls_are_refused(params, reason):
     with pytest.raises(ValueError, match=reason):
         params.validate()
@@ -265,15 +287,15 @@ def test_closed_engine_refuses_new_requests(tiny_loaded):
 def test_text_stream_joins_waiting_deltas_without_losing_any(tiny_loaded):
     engine = Engine(tiny_loaded)
     try:
-        request = engine.submit("slow-reader", [{"role": "user", "content": "go"}],
-                                SamplingParams(temperature=0, max_new_tokens=200))
+        request = engine.submit(
+            "slow-reader", [{"role": "user", "content": "go"}], SamplingParams(temperature=0, max_new_tokens=200)
+        )
         request.wait(timeout=60)  # the reader comes late: every delta is already queued
         chunks = list(request.text_stream())
         assert "".join(chunks) == request.reply.text
         assert len(chunks) < 5
     finally:
         engine.close()
-
 
 
 def test_fit_to_context_encodes_a_huge_history_only_a_few_times():
@@ -297,6 +319,10 @@ def test_fit_to_context_encodes_a_huge_history_only_a_few_times():
 def test_fit_to_context_honours_stop():
     from glm_core.engine.context import FittingStopped
 
-    messages = [{"role": "user", "content": "a" * 10}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    messages = [
+        {"role": "user", "content": "a" * 10},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     with pytest.raises(FittingStopped):
         fit_to_context(list, messages, budget=5, count=len, should_stop=lambda: True)

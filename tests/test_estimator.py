@@ -7,17 +7,28 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from glm_core.bench.memory import build_random_model
+
 from glm_core.bench.estimator import GB, PRESETS, ConfigError, estimate, model_config, published, read_config
+from glm_core.bench.memory import build_random_model
 from glm_core.models.precision import Precision
 
 SMALL_GLM = {  # ChatGLM2's layout (THUDM config.json), small enough to build for real in a test
-    "model_type": "chatglm", "add_bias_linear": False, "add_qkv_bias": True, "ffn_hidden_size": 704,
-    "hidden_size": 256, "kv_channels": 32, "layernorm_epsilon": 1e-05, "multi_query_attention": True,
-    "multi_query_group_num": 2, "num_attention_heads": 8, "num_layers": 2, "padded_vocab_size": 3000,
-    "post_layer_norm": True, "rmsnorm": True, "seq_length": 4096,
+    "model_type": "chatglm",
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "ffn_hidden_size": 704,
+    "hidden_size": 256,
+    "kv_channels": 32,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 8,
+    "num_layers": 2,
+    "padded_vocab_size": 3000,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 4096,
 }
 
 
@@ -29,8 +40,16 @@ def test_predicted_weights_are_the_bytes_of_the_built_model(level, which, tiny_m
     elif which == "tied-llama":
         cfg = json.loads((tiny_model_dir / "config.json").read_text())
     else:
-        cfg = {"model_type": "chatglm", "position_encoding_2d": True, "hidden_size": 128, "inner_hidden_size": 512,
-               "num_layers": 2, "num_attention_heads": 4, "vocab_size": 1000, "max_sequence_length": 512}
+        cfg = {
+            "model_type": "chatglm",
+            "position_encoding_2d": True,
+            "hidden_size": 128,
+            "inner_hidden_size": 512,
+            "num_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 1000,
+            "max_sequence_length": 512,
+        }
     [predicted] = estimate(cfg, [level], encode=16, generate=32)
     model = build_random_model(model_config(cfg), Precision(level), 32, torch.device("cpu"))
     # The independent count: the bytes of every distinct storage the built model's state_dict holds (packed INT4
@@ -68,7 +87,9 @@ def test_chatglm_6b_has_its_published_parameter_count():
 
 def test_chatglm2_6b_prediction_against_the_published_table():
     table = published("chatglm2-6b", 2048, 8192)
-    predicted = {e.level: e for e in estimate(read_config("chatglm2-6b")[1], ["fp16", "int8", "int4"], 2048, 8192, "cuda")}
+    predicted = {
+        e.level: e for e in estimate(read_config("chatglm2-6b")[1], ["fp16", "int8", "int4"], 2048, 8192, "cuda")
+    }
     fp16 = predicted["fp16"]
     assert abs(fp16.encode_peak_bytes / table["fp16"][0] - 1) < 0.10
     assert abs(fp16.generate_peak_bytes / table["fp16"][1] - 1) < 0.10

@@ -16,7 +16,6 @@ import urllib.request
 
 import openai
 import pytest
-
 from api_helpers import free_port, start_portal, start_serve, wait_until_up
 from conftest import ROOT, open_page, stop_process
 
@@ -28,8 +27,15 @@ NEW_TOKENS = 12
 
 def run_cli(*args, stdin: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "glm_core", *args], input=stdin, capture_output=True, text=True,
-                            timeout=600, cwd=ROOT, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "glm_core", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -44,8 +50,12 @@ def portal(glm2_folder, tmp_path_factory):
     """`streamlit run Home.py` as a user starts it: no address given (Streamlit listens on every interface, an IPv4
     client arriving as ::ffff:127.0.0.1), no keys."""
     port, folder = free_port(), tmp_path_factory.mktemp("portal")
-    env = {"GLM_MODEL_PATH": glm2_folder, "GLM_PRECISION": "fp32", "GLM_DEVICE": "cpu",
-           "GLM_DATA_DIR": str(folder / "data")}
+    env = {
+        "GLM_MODEL_PATH": glm2_folder,
+        "GLM_PRECISION": "fp32",
+        "GLM_DEVICE": "cpu",
+        "GLM_DATA_DIR": str(folder / "data"),
+    }
     for name in ("GLM_API_KEYS", "GLM_API_OPEN_TO_NETWORK"):
         env[name] = ""
     log_path = folder / "portal.log"
@@ -61,8 +71,17 @@ def serve(glm2_folder, tmp_path_factory):
     port, folder = free_port(), tmp_path_factory.mktemp("serve")
     log_path = folder / "serve.log"
     with open(log_path, "w") as log:
-        process = start_serve(port, "--model", glm2_folder, "--precision", "fp32", "--device", "cpu", log=log,
-                              GLM_DATA_DIR=str(folder / "data"))
+        process = start_serve(
+            port,
+            "--model",
+            glm2_folder,
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            log=log,
+            GLM_DATA_DIR=str(folder / "data"),
+        )
     wait_until_up(process, f"http://127.0.0.1:{port}/health", 240, describe=log_path.read_text)
     yield port
     stop_process(process, timeout=30)
@@ -70,8 +89,9 @@ def serve(glm2_folder, tmp_path_factory):
 
 def api_reply(base_url: str) -> str:
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
-    completion = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}],
-                                                temperature=0, max_tokens=NEW_TOKENS)
+    completion = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=NEW_TOKENS
+    )
     assert completion.usage.completion_tokens == NEW_TOKENS
     return completion.choices[0].message.content
 
@@ -101,15 +121,17 @@ def page_reply(glm2_folder: str) -> str:
 
 def test_one_greedy_prompt_gives_one_reply_through_every_door(glm2_folder, portal, serve, env_cleanup):
     given = ("--temperature", "0", "--max-new-tokens", str(NEW_TOKENS))
-    local = run_cli("chat", "--model", glm2_folder, "--precision", "fp32", "--device", "cpu", *given,
-                    stdin=PROMPT + "\n")
+    local = run_cli(
+        "chat", "--model", glm2_folder, "--precision", "fp32", "--device", "cpu", *given, stdin=PROMPT + "\n"
+    )
     assert local["completion_tokens"] == NEW_TOKENS
     # The reply must hold text, or an equality of empty strings would prove nothing.
     assert len(local["reply"].strip()) >= 3, local
     replies = {
         "CLI, local model": local["reply"],
-        "CLI through serve": run_cli("chat", "--model", f"http://127.0.0.1:{serve}/v1", *given,
-                                     stdin=PROMPT + "\n")["reply"],
+        "CLI through serve": run_cli("chat", "--model", f"http://127.0.0.1:{serve}/v1", *given, stdin=PROMPT + "\n")[
+            "reply"
+        ],
         "API on serve": api_reply(f"http://127.0.0.1:{serve}/v1"),
         "chat page": page_reply(glm2_folder),
     }
@@ -123,6 +145,10 @@ def test_the_api_names_the_models_defaults(serve):
     with urllib.request.urlopen(f"http://127.0.0.1:{serve}/v1/models", timeout=10) as response:
         model = json.loads(response.read())["data"][0]
     defaults = model["defaults"]
-    assert (defaults["temperature"], defaults["top_p"], defaults["repetition_penalty"], defaults["top_k"]) == \
-        (0.8, 0.8, 1.0, 0)
+    assert (defaults["temperature"], defaults["top_p"], defaults["repetition_penalty"], defaults["top_k"]) == (
+        0.8,
+        0.8,
+        1.0,
+        0,
+    )
     assert defaults["sources"]["repetition_penalty"] == "ChatGLM2/3 documented defaults"

@@ -9,12 +9,10 @@ import uuid
 
 import pytest
 
-from glm_core import SamplingParams
-from glm_core.engine import Engine
-from glm_core.engine import fast_decode
+from glm_core import ModelSpec, SamplingParams
+from glm_core.engine import Engine, fast_decode
 from glm_core.engine.fast_decode import FastDecode, batch_bucket, capacity_bucket, compile_plan
 from glm_core.models import load_model
-from glm_core import ModelSpec
 from glm_core.settings import load_settings
 
 PROMPTS = [
@@ -25,8 +23,10 @@ PROMPTS = [
 
 
 def greedy_jobs(lengths):
-    return [([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_new_tokens=n))
-            for prompt, n in zip(PROMPTS, lengths)]
+    return [
+        ([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_new_tokens=n))
+        for prompt, n in zip(PROMPTS, lengths)
+    ]
 
 
 def replies(engine, jobs, together=True):
@@ -46,8 +46,11 @@ def compiled_engine(loaded, max_batch):
 def assert_same(got, want):
     for g, w in zip(got, want):
         assert g.error is None and w.error is None, (g.error, w.error)
-        assert (g.text, g.finish_reason, g.stats.completion_tokens) == (w.text, w.finish_reason,
-                                                                       w.stats.completion_tokens)
+        assert (g.text, g.finish_reason, g.stats.completion_tokens) == (
+            w.text,
+            w.finish_reason,
+            w.stats.completion_tokens,
+        )
 
 
 def check_exact(loaded, lengths, max_batch):

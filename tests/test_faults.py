@@ -15,9 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT
-from glm_core import ModelSpec, QueueFull, Queued, SamplingParams
+
+from glm_core import ModelSpec, Queued, QueueFull, SamplingParams
 from glm_core.backends.hub import EngineHub
 from glm_core.bench.memory import MemoryBenchRequest, MemoryBenchRun
 from glm_core.conversations.conversation import Conversation
@@ -47,8 +47,12 @@ def report(**figures) -> None:
 
 
 def test_a_portal_killed_mid_reply_loses_at_most_the_last_second(data_dir, tiny_model_dir):
-    portal = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_portal.py"), str(data_dir),
-                               str(tiny_model_dir), "5"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    portal = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fault_portal.py"), str(data_dir), str(tiny_model_dir), "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     streamed: dict[str, list[tuple[float, str]]] = {}  # per conversation: (when the portal streamed it, text so far)
     prompts: dict[str, str] = {}
     try:
@@ -94,8 +98,15 @@ def test_a_portal_killed_mid_reply_loses_at_most_the_last_second(data_dir, tiny_
         kept, lost = kept + len(reply.content), lost + len(text) - len(reply.content)
     # Written every second; on this shared 2-core machine a write may wait a moment for the CPU or the lock.
     assert max(lags) <= 2.0, lags
-    report(test="kill -9 with 5 replies streaming", prompts_kept=5, replies_interrupted=5, chars_kept=kept,
-           chars_lost=lost, most_seconds_lost=round(max(lags), 2), integrity="ok")
+    report(
+        test="kill -9 with 5 replies streaming",
+        prompts_kept=5,
+        replies_interrupted=5,
+        chars_kept=kept,
+        chars_lost=lost,
+        most_seconds_lost=round(max(lags), 2),
+        integrity="ok",
+    )
 
 
 # ---- the data directory on a full filesystem --------------------------------------------------------------
@@ -108,8 +119,13 @@ class FullDisk:
     def __init__(self, folder: Path, monkeypatch):
         self.folder, self.filler = folder, folder / "filler"
         folder.mkdir()
-        self.mounted = os.geteuid() == 0 and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+        self.mounted = (
+            os.geteuid() == 0
+            and subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+            ).returncode
+            == 0
+        )
         self.data_dir = folder / "data"
         self.store = Store(self.data_dir)
         self._full = False
@@ -201,19 +217,51 @@ def test_the_cli_and_the_portal_write_one_store_at_once_without_locking_errors(d
     store = Store(data_dir)
     prompts = [f"CLI question {i}" for i in range(8)]
     cli = subprocess.Popen(
-        [sys.executable, "-m", "glm_core", "chat", "--model", str(tiny_model_dir), "--precision", "fp32", "--device",
-         "cpu", "--temperature", "0", "--max-new-tokens", "8", "--workspace", "cli-ws", "--conversation", "From CLI"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "glm_core",
+            "chat",
+            "--model",
+            str(tiny_model_dir),
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+            "--workspace",
+            "cli-ws",
+            "--conversation",
+            "From CLI",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out = {}
-    writer = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), cli.communicate("\n".join(prompts) + "\n", timeout=300))))
+    writer = threading.Thread(
+        target=lambda: out.update(zip(("stdout", "stderr"), cli.communicate("\n".join(prompts) + "\n", timeout=300)))
+    )
     writer.start()
     engine = Engine(tiny_loaded)
     ws, turns, imports = store.create_workspace(), 0, 0
     try:
         conversation = Conversation()
         while writer.is_alive() or turns < 8:
-            turn = start_turn(store, engine, ws, conversation, keep=len(conversation.messages),
-                              prompt=f"Portal question {turns}", params=SHORT)
+            turn = start_turn(
+                store,
+                engine,
+                ws,
+                conversation,
+                keep=len(conversation.messages),
+                prompt=f"Portal question {turns}",
+                params=SHORT,
+            )
             "".join(turn.text_stream())
             assert turn.finish().message is not None
             conversation = store.get_conversation(ws, conversation.id)
@@ -228,8 +276,9 @@ def test_the_cli_and_the_portal_write_one_store_at_once_without_locking_errors(d
     [cli_conversation] = store.get_conversations("cli-ws")
     assert [m.content for m in cli_conversation.messages if m.role == "user"] == prompts
     assert len(store.list_conversations(ws)) == 1 + imports and integrity(data_dir) == "ok"
-    report(test="CLI and portal on one store", cli_turns=len(prompts), portal_turns=turns, imports=imports,
-           locked_errors=0)
+    report(
+        test="CLI and portal on one store", cli_turns=len(prompts), portal_turns=turns, imports=imports, locked_errors=0
+    )
 
 
 # ---- a model swap with requests running and queued ----------------------------------------------------------
@@ -243,8 +292,9 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_memory(data_dir, tiny_model_dir,
-                                                                                        monkeypatch):
+def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_memory(
+    data_dir, tiny_model_dir, monkeypatch
+):
     monkeypatch.setenv("GLM_MAX_BATCH", "5")  # five run, five wait, as in the issue
     store, hub = Store(data_dir), EngineHub()
     first = ModelSpec("embedded", "bf16", "cpu")
@@ -254,11 +304,14 @@ def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_
     "".join(warm.text_stream()), warm.finish()
     baseline = rss()
 
-    turns = [start_turn(store, hub.engine, ws, Conversation(), keep=0, prompt=f"Story {i}", params=LONG, owner=ws)
-             for i, ws in enumerate(workspaces)]
+    turns = [
+        start_turn(store, hub.engine, ws, Conversation(), keep=0, prompt=f"Story {i}", params=LONG, owner=ws)
+        for i, ws in enumerate(workspaces)
+    ]
     texts = [""] * 10
-    readers = [threading.Thread(target=lambda i=i: texts.__setitem__(i, "".join(turns[i].text_stream())))
-               for i in range(10)]
+    readers = [
+        threading.Thread(target=lambda i=i: texts.__setitem__(i, "".join(turns[i].text_stream()))) for i in range(10)
+    ]
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + 120
@@ -282,8 +335,14 @@ def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_
     after = rss()
     hub.unload()
     assert abs(after - baseline) <= 0.10 * baseline, (after, baseline)
-    report(test="model swap under load", running_at_swap=running, stored_as_stopped=len(stopped),
-           prompts_handed_back=len(handed_back), rss_before_mib=baseline // 2**20, rss_after_mib=after // 2**20)
+    report(
+        test="model swap under load",
+        running_at_swap=running,
+        stored_as_stopped=len(stopped),
+        prompts_handed_back=len(handed_back),
+        rss_before_mib=baseline // 2**20,
+        rss_after_mib=after // 2**20,
+    )
 
 
 # ---- a long queue ----------------------------------------------------------------------------------------------
@@ -315,8 +374,14 @@ def test_two_hundred_requests_at_once_hold_little_memory_and_past_the_bound_get_
     events = sum(isinstance(e, Queued) for r in accepted for e in r.events())
     assert refusals and len(accepted) < 200  # the bound holds
     assert events <= 4 * len(accepted) + 16  # position events linear in the queue length, not quadratic
-    report(test="200 requests at once", submitted=200, accepted=len(accepted), refused=len(refusals),
-           memory_held_mib=round(held / 2**20, 1), queued_events=events)
+    report(
+        test="200 requests at once",
+        submitted=200,
+        accepted=len(accepted),
+        refused=len(refusals),
+        memory_held_mib=round(held / 2**20, 1),
+        queued_events=events,
+    )
 
 
 def test_one_workspace_alone_cannot_fill_the_queue(tiny_loaded):
@@ -343,14 +408,17 @@ class ScriptedRun(MemoryBenchRun):
 
 
 def scripted(script: str, time_limit_s: float = 60) -> MemoryBenchRun:
-    run = ScriptedRun(MemoryBenchRequest("chatglm2-6b", ("fp16",), 16, 32, "cpu", time_limit_s=time_limit_s,
-                                         check_memory=False))
+    run = ScriptedRun(
+        MemoryBenchRequest("chatglm2-6b", ("fp16",), 16, 32, "cpu", time_limit_s=time_limit_s, check_memory=False)
+    )
     run.script = script
     return run
 
 
 def test_a_level_process_flooding_stderr_neither_hangs_nor_hides_its_error():
-    run = scripted("import sys; sys.stderr.write('noise ' * 200_000 + '\\nValueError: the real reason\\n'); sys.exit(1)")
+    run = scripted(
+        "import sys; sys.stderr.write('noise ' * 200_000 + '\\nValueError: the real reason\\n'); sys.exit(1)"
+    )
     started = time.monotonic()
     result = run._run_level("fp16", 0, 1)
     assert result == {"level": "fp16", "error": "ValueError: the real reason"}
@@ -358,8 +426,10 @@ def test_a_level_process_flooding_stderr_neither_hangs_nor_hides_its_error():
 
 
 def test_a_level_process_past_its_time_limit_is_killed():
-    run = scripted("import time; print('{\"event\": \"progress\", \"fraction\": 0.1, \"message\": \"x\"}', flush=True); "
-                   "time.sleep(600)", time_limit_s=2)
+    run = scripted(
+        'import time; print(\'{"event": "progress", "fraction": 0.1, "message": "x"}\', flush=True); time.sleep(600)',
+        time_limit_s=2,
+    )
     started = time.monotonic()
     result = run._run_level("fp16", 0, 1)
     assert "took longer than the limit of 2 s" in result["error"] and time.monotonic() - started < 20
@@ -368,13 +438,20 @@ def test_a_level_process_past_its_time_limit_is_killed():
 
 def test_a_level_process_dies_with_the_portal(tmp_path):
     pid_file = tmp_path / "child.pid"
-    parent = subprocess.Popen([sys.executable, "-c", f"""
-import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
 from test_faults import scripted
 run = scripted("import os, time; from glm_core.bench.memory import die_with_parent; die_with_parent(); "
                "open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
 run._run_level("fp16", 0, 1)
-"""], cwd=ROOT)
+""",
+        ],
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 60
     while not (pid_file.exists() and pid_file.read_text()):
         assert time.monotonic() < deadline and parent.poll() is None
@@ -389,8 +466,9 @@ run._run_level("fp16", 0, 1)
 # ---- what the chat page does with a full store or a full queue ---------------------------------------------
 
 
-def test_the_chat_page_hands_the_prompt_back_when_the_store_or_the_queue_is_full(env_cleanup, tiny_model_dir,
-                                                                                 monkeypatch):
+def test_the_chat_page_hands_the_prompt_back_when_the_store_or_the_queue_is_full(
+    env_cleanup, tiny_model_dir, monkeypatch
+):
     from streamlit.testing.v1 import AppTest
 
     from app_shared import get_hub

@@ -6,8 +6,8 @@ import time
 
 import pynvml
 import pytest
-
 from fake_nvml import UNSEEN_PID, FakeGpu, FakeNvml, GiB, two_busy_gpus
+
 from glm_core.telemetry.gpu_monitor import History, Monitor, NvmlReader
 from glm_core.telemetry.memory import Freed, MemoryInUse, format_bytes, free_cached_memory, host_memory
 
@@ -36,10 +36,13 @@ def test_a_process_in_both_lists_is_one_row():
     assert (row.kind, row.used_bytes) == ("compute+graphics", 3 * GiB)
 
 
-@pytest.mark.parametrize("error, reason", [
-    (pynvml.NVMLError_LibraryNotFound(), "NVML Shared Library Not Found"),
-    (pynvml.NVMLError_DriverNotLoaded(), "Driver Not Loaded"),
-])
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (pynvml.NVMLError_LibraryNotFound(), "NVML Shared Library Not Found"),
+        (pynvml.NVMLError_DriverNotLoaded(), "Driver Not Loaded"),
+    ],
+)
 def test_no_driver_says_why_and_retries_on_the_next_read(error, reason):
     nvml = FakeNvml([FakeGpu()], init_error=error)
     reader = NvmlReader(nvml)
@@ -73,15 +76,20 @@ def test_a_gpu_without_a_handle_is_an_error_not_an_exception():
 
 def test_unsupported_figures_are_missing_and_the_rest_stays():
     nvml = two_busy_gpus()
-    nvml.gpus[0].failing.update({
-        "nvmlDeviceGetPowerUsage": pynvml.NVMLError_NotSupported(),
-        "nvmlDeviceGetEnforcedPowerLimit": pynvml.NVMLError_NotSupported(),
-        "nvmlDeviceGetGraphicsRunningProcesses": RuntimeError("binding mismatch"),
-    })
+    nvml.gpus[0].failing.update(
+        {
+            "nvmlDeviceGetPowerUsage": pynvml.NVMLError_NotSupported(),
+            "nvmlDeviceGetEnforcedPowerLimit": pynvml.NVMLError_NotSupported(),
+            "nvmlDeviceGetGraphicsRunningProcesses": RuntimeError("binding mismatch"),
+        }
+    )
     gpu = NvmlReader(nvml).read().gpus[0]
     assert gpu.error is None and gpu.power_w is None and gpu.power_limit_w is None
-    assert gpu.unavailable == {"power": "Not Supported", "power limit": "Not Supported",
-                               "graphics processes": "RuntimeError: binding mismatch"}
+    assert gpu.unavailable == {
+        "power": "Not Supported",
+        "power limit": "Not Supported",
+        "graphics processes": "RuntimeError: binding mismatch",
+    }
     assert gpu.memory_used == 20 * GiB and gpu.temperature_c == 51 and len(gpu.processes) == 2
 
 
@@ -149,13 +157,21 @@ def test_free_cached_memory_on_cpu_reports_before_and_after():
 
 def test_freed_describes_each_device():
     freed = Freed(MemoryInUse(3 * GiB, {"cuda:0": 2 * GiB}), MemoryInUse(3 * GiB, {"cuda:0": GiB // 2}))
-    assert freed.describe() == ("process RSS 3.00 GiB → 3.00 GiB (nothing freed); "
-                                "cuda:0 reserved 2.00 GiB → 512 MiB (1.50 GiB freed)")
+    assert freed.describe() == (
+        "process RSS 3.00 GiB → 3.00 GiB (nothing freed); cuda:0 reserved 2.00 GiB → 512 MiB (1.50 GiB freed)"
+    )
 
 
 def test_format_bytes():
     assert [format_bytes(n) for n in (None, 0, 2048, 300 * 2**20, 1536 * 2**20, 80 * GiB, 123.4 * GiB)] == [
-        "n/a", "0 B", "2.00 KiB", "300 MiB", "1.50 GiB", "80.0 GiB", "123 GiB"]
+        "n/a",
+        "0 B",
+        "2.00 KiB",
+        "300 MiB",
+        "1.50 GiB",
+        "80.0 GiB",
+        "123 GiB",
+    ]
 
 
 def test_host_memory():

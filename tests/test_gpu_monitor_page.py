@@ -6,11 +6,11 @@ import os
 
 import pynvml
 import pytest
+from conftest import ROOT
+from fake_nvml import FakeNvml, two_busy_gpus
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub, get_monitor, plain
-from conftest import ROOT
-from fake_nvml import FakeNvml, two_busy_gpus
 from glm_core import ModelSpec
 from glm_core.telemetry import gpu_monitor
 
@@ -21,10 +21,12 @@ HOME = str(ROOT / "Home.py")
 @pytest.fixture
 def nvml(monkeypatch):
     """install(fake): the page's monitor reads `fake` from its next run on."""
+
     def install(fake):
         monkeypatch.setattr(gpu_monitor, "default_nvml", lambda: fake)
         get_monitor.clear()  # stops the old sampler thread (on_release)
         return fake
+
     yield install
     get_monitor.clear()
 
@@ -51,10 +53,18 @@ def test_each_gpu_with_its_figures_and_processes(nvml):
     at = open_monitor()
     assert [s.value for s in at.subheader] == ["GPU 0 · NVIDIA H100 80GB HBM3", "GPU 1 · NVIDIA A10"]
     shown = [(m.label, m.value) for m in at.metric]
-    assert shown[:4] == [("Memory used of 80.0 GiB", "20.0 GiB"), ("Utilization", "37 %"), ("Temperature", "51 °C"),
-                         ("Power (limit 700 W)", "312 W")]
-    assert shown[4:8] == [("Memory used of 24.0 GiB", "3.00 GiB"), ("Utilization", "0 %"), ("Temperature", "33 °C"),
-                          ("Power (limit 150 W)", "21 W")]
+    assert shown[:4] == [
+        ("Memory used of 80.0 GiB", "20.0 GiB"),
+        ("Utilization", "37 %"),
+        ("Temperature", "51 °C"),
+        ("Power (limit 700 W)", "312 W"),
+    ]
+    assert shown[4:8] == [
+        ("Memory used of 24.0 GiB", "3.00 GiB"),
+        ("Utilization", "0 %"),
+        ("Temperature", "33 °C"),
+        ("Power (limit 150 W)", "21 W"),
+    ]
     first = at.dataframe[0].value
     assert list(first.columns) == ["PID", "Process", "Kind", "GPU memory", "This process"]
     assert list(first["GPU memory"]) == ["12.0 GiB", "n/a"] and list(first["This process"]) == [False, True]

@@ -1,10 +1,10 @@
 """Home.py through Streamlit's AppTest, on the real embedded model."""
 
 import pytest
+from conftest import ROOT, shown
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_store
-from conftest import ROOT, shown
 
 HOME = str(ROOT / "Home.py")
 

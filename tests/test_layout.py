@@ -21,6 +21,9 @@ def test_conversation_layer_imports_without_torch():
 
 
 def test_core_never_imports_streamlit():
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "glm_core").rglob("*.py")
-                 if "import streamlit" in p.read_text() or "from streamlit" in p.read_text()]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "glm_core").rglob("*.py")
+        if "import streamlit" in p.read_text() or "from streamlit" in p.read_text()
+    ]
     assert offenders == []

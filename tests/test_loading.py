@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from glm_core import EngineClosed, ModelLoadError, ModelSpec
-from glm_core.models import Precision, load_model
 from glm_core.backends.hub import EngineHub
+from glm_core.models import Precision, load_model
 from glm_core.models.loading import STREAMED, convert_gguf, embedded_gguf_path
 from glm_core.models.precision import parse_precision, resolve_device
 from glm_core.settings import load_settings
@@ -108,8 +108,9 @@ def test_hub_keeps_the_running_model_when_another_fails(tiny_model_dir, tmp_path
 
 
 def test_settings_from_environment(tmp_path):
-    s = load_settings({"GLM_MODEL_PATH": "/m", "GLM_PRECISION": "fp16", "GLM_KV_CACHE_MB": "64",
-                       "GLM_CACHE_DIR": str(tmp_path)})
+    s = load_settings(
+        {"GLM_MODEL_PATH": "/m", "GLM_PRECISION": "fp16", "GLM_KV_CACHE_MB": "64", "GLM_CACHE_DIR": str(tmp_path)}
+    )
     assert (s.model_path, s.precision, s.device, s.kv_cache_bytes) == ("/m", "fp16", "auto", 64 * 2**20)
     assert load_settings({}).model_path == "embedded"
     with pytest.raises(ValueError, match="GLM_KV_CACHE_MB"):
@@ -162,8 +163,11 @@ def test_folders_the_streaming_loader_does_not_understand_use_from_pretrained(tm
     assert loaded.extra["loader"].startswith("from_pretrained") and ".bin" in loaded.extra["loader"]
     assert torch.equal(_logits(loaded.model), _logits(tiny_loaded.model))
 
-    extra = _copy_with_weights(tiny_model_dir, tmp_path / "extra",
-                               lambda sd: ({**sd, "model.adapter.weight": torch.zeros(2)}, "model.safetensors"))
+    extra = _copy_with_weights(
+        tiny_model_dir,
+        tmp_path / "extra",
+        lambda sd: ({**sd, "model.adapter.weight": torch.zeros(2)}, "model.safetensors"),
+    )
     loaded = load_model(ModelSpec(str(extra), "int8", "cpu"))  # from_pretrained ignores the key, then quantizes
     assert "model.adapter.weight" in loaded.extra["loader"] and loaded.precision is Precision.INT8
 

@@ -16,13 +16,13 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import OUTPUT_DIR, ROOT
+
 from glm_core import SamplingParams
-from glm_core.sampling_defaults import compose_params
 from glm_core.backends.remote import RemoteBackend
 from glm_core.bench import llama_server
 from glm_core.conversations.store import Store
+from glm_core.sampling_defaults import compose_params
 
 pytestmark = pytest.mark.peer
 try:
@@ -44,8 +44,9 @@ def llama():
     from glm_core.models.loading import embedded_gguf_path
 
     OUTPUT_DIR.mkdir(exist_ok=True)
-    with llama_server.running_server(embedded_gguf_path(), context=CONTEXT, extra=("--metrics",),
-                                     log_file=OUTPUT_DIR / "llama-server.log") as url:
+    with llama_server.running_server(
+        embedded_gguf_path(), context=CONTEXT, extra=("--metrics",), log_file=OUTPUT_DIR / "llama-server.log"
+    ) as url:
         yield url
 
 
@@ -115,8 +116,9 @@ def test_the_sampling_controls_reach_llama_cpp_under_its_names(llama):
     was not keeps llama.cpp's own defaults (top_k 40, min_p 0.05), as for a client talking to it directly. /slots
     shows what the slot really used."""
     remote = RemoteBackend(f"{llama}/v1")
-    params, _ = compose_params(None, {"max_new_tokens": 6, "temperature": 0.7, "top_p": 0.85, "top_k": 0,
-                                      "repetition_penalty": 1.3}, seed=11)
+    params, _ = compose_params(
+        None, {"max_new_tokens": 6, "temperature": 0.7, "top_p": 0.85, "top_k": 0, "repetition_penalty": 1.3}, seed=11
+    )
     assert remote.submit("c2", SEA, params).wait(60).error is None
     used = slot(llama)["params"]
     assert used["temperature"] == pytest.approx(0.7) and used["top_p"] == pytest.approx(0.85)
@@ -128,9 +130,12 @@ def test_the_sampling_controls_reach_llama_cpp_under_its_names(llama):
     assert used["top_k"] == 5 and used["repeat_penalty"] == pytest.approx(1.0)  # not sent: llama.cpp's own 1.0
     assert used["min_p"] == pytest.approx(0.05)  # never sent: llama.cpp's own
     # The penalty changes what a greedy reply says (llama.cpp would have ignored it under the other name).
-    plain, penalised = (remote.submit("c2", SEA, SamplingParams(max_new_tokens=48, temperature=0.0,
-                                                                repetition_penalty=penalty)).wait(60).text
-                        for penalty in (1.0, 1.5))
+    plain, penalised = (
+        remote.submit("c2", SEA, SamplingParams(max_new_tokens=48, temperature=0.0, repetition_penalty=penalty))
+        .wait(60)
+        .text
+        for penalty in (1.0, 1.5)
+    )
     assert plain != penalised
     remote.close()
 
@@ -189,8 +194,15 @@ def test_decode_speed_through_the_backend_matches_the_openai_client(llama):
         first = last = None
         completion = 0
         stream = client.chat.completions.create(
-            model=model, messages=SEA, stream=True, stream_options={"include_usage": True}, max_tokens=tokens,
-            temperature=0.0, top_p=1.0, extra_body={"top_k": 0, "repeat_penalty": 1.0})  # what ours sends
+            model=model,
+            messages=SEA,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=tokens,
+            temperature=0.0,
+            top_p=1.0,
+            extra_body={"top_k": 0, "repeat_penalty": 1.0},
+        )  # what ours sends
         for chunk in stream:
             if chunk.usage is not None:
                 completion = chunk.usage.completion_tokens
@@ -204,14 +216,16 @@ def test_decode_speed_through_the_backend_matches_the_openai_client(llama):
     ours, theirs = [], []
     for pair in range(7):
         runs = {"ours": through_backend, "theirs": through_openai}
-        for name in (("ours", "theirs") if pair % 2 == 0 else ("theirs", "ours")):
+        for name in ("ours", "theirs") if pair % 2 == 0 else ("theirs", "ours"):
             speed, completion = runs[name]()
             assert completion == tokens  # the same work each time
             (ours if name == "ours" else theirs).append(speed)
     ratio = statistics.median(o / t for o, t in zip(ours, theirs))
-    print(f"\nllama-server decode, {tokens} tokens: backend {statistics.median(ours):.1f} tokens/s "
-          f"(runs {', '.join(f'{s:.0f}' for s in ours)}), openai client {statistics.median(theirs):.1f} tokens/s "
-          f"(runs {', '.join(f'{s:.0f}' for s in theirs)}), median ratio of the pairs {ratio:.2f}")
+    print(
+        f"\nllama-server decode, {tokens} tokens: backend {statistics.median(ours):.1f} tokens/s "
+        f"(runs {', '.join(f'{s:.0f}' for s in ours)}), openai client {statistics.median(theirs):.1f} tokens/s "
+        f"(runs {', '.join(f'{s:.0f}' for s in theirs)}), median ratio of the pairs {ratio:.2f}"
+    )
     assert ratio >= 0.9
     remote.close()
     client.close()
@@ -225,10 +239,15 @@ def cli(*args: str) -> list[str]:
 
 
 def test_cli_chats_through_llama_server(llama):
-    done = subprocess.run(cli("--model", f"{llama}/v1", "--max-new-tokens", "12", "--temperature", "0",
-                              "--repetition-penalty", "1.0"),
-                          input="Tell me about the sea.\nAnd the sky?\n", capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        cli("--model", f"{llama}/v1", "--max-new-tokens", "12", "--temperature", "0", "--repetition-penalty", "1.0"),
+        input="Tell me about the sea.\nAnd the sky?\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     first, second = (json.loads(line) for line in done.stdout.splitlines())
     assert first["reply"] and first["completion_tokens"] == 12 and first["stopped"] is False
@@ -249,9 +268,26 @@ def test_cli_streams_in_a_terminal_and_ctrl_c_stops_the_reply(llama, data_dir):
     ws = store.create_workspace()
     main, child = pty.openpty()
     process = subprocess.Popen(
-        cli("--model", f"{llama}/v1", "--max-new-tokens", "1500", "--temperature", "0", "--repetition-penalty",
-            "1.0", "--workspace", ws, "--conversation", "peer"),
-        stdin=child, stdout=child, stderr=child, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cli(
+            "--model",
+            f"{llama}/v1",
+            "--max-new-tokens",
+            "1500",
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1.0",
+            "--workspace",
+            ws,
+            "--conversation",
+            "peer",
+        ),
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     os.close(child)
     output, reads = b"", []
 
@@ -300,14 +336,15 @@ def test_the_portal_chats_streams_regenerates_and_stops_through_llama_server(lla
     Regenerate adds a second version; Stop keeps a long reply's partial text, marked stopped, and frees the
     server's slot."""
     from playwright.sync_api import expect, sync_playwright
-
     from test_browser import CHROMIUM, CHROMIUM_ARGS, WATCH_REPLY, need_chromium, portal, stored_workspace
 
     need_chromium()
     _, short = stored_workspace(data_dir, {"max_new_tokens": 160, **LOOP})
     store, long = stored_workspace(data_dir, {"max_new_tokens": 1500, **LOOP})
-    with portal(output_dir, env={"GLM_BACKENDS": f"peer={llama}/v1"}, log_name="streamlit-peer.log") as url, \
-            sync_playwright() as p:
+    with (
+        portal(output_dir, env={"GLM_BACKENDS": f"peer={llama}/v1"}, log_name="streamlit-peer.log") as url,
+        sync_playwright() as p,
+    ):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         try:

@@ -11,26 +11,35 @@ import pytest
 import torch
 from torch import nn
 
+import glm_core.models.quant as quant
 from glm_core import ModelSpec, SamplingParams
+from glm_core.backends.hub import EngineHub
 from glm_core.engine import Engine
 from glm_core.models import Precision, load_model
-from glm_core.backends.hub import EngineHub
 from glm_core.models.loading import STREAMED, convert_gguf, embedded_gguf_path
-from glm_core.settings import load_settings
-import glm_core.models.quant as quant
 from glm_core.models.quant import (
-    WeightOnlyInt4Linear, WeightOnlyInt8Embedding, WeightOnlyInt8Linear, dequantize_int4, quantize_int4, quantize_loaded_model, weight_bytes,
+    WeightOnlyInt4Linear,
+    WeightOnlyInt8Embedding,
+    WeightOnlyInt8Linear,
+    dequantize_int4,
+    quantize_int4,
+    quantize_loaded_model,
+    weight_bytes,
 )
+from glm_core.settings import load_settings
 
 
 def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("precision, layer_type, tolerance", [
-    (Precision.INT8, WeightOnlyInt8Linear, 0.02),
-    (Precision.INT4, WeightOnlyInt4Linear, 0.15),
-])
+@pytest.mark.parametrize(
+    "precision, layer_type, tolerance",
+    [
+        (Precision.INT8, WeightOnlyInt8Linear, 0.02),
+        (Precision.INT4, WeightOnlyInt4Linear, 0.15),
+    ],
+)
 @pytest.mark.parametrize("in_features", [576, 1024])
 def test_quantized_linear_matches_float(precision, layer_type, tolerance, in_features):
     torch.manual_seed(0)
@@ -88,8 +97,11 @@ def test_quantized_embedded_model_still_knows_paris(embedded_levels, level):
     assert loaded.precision.label == level.upper()
     engine = Engine(loaded)
     try:
-        reply = engine.submit(uuid.uuid4().hex, [{"role": "user", "content": "What is the capital of France?"}],
-                              SamplingParams(temperature=0, max_new_tokens=30)).wait()
+        reply = engine.submit(
+            uuid.uuid4().hex,
+            [{"role": "user", "content": "What is the capital of France?"}],
+            SamplingParams(temperature=0, max_new_tokens=30),
+        ).wait()
         assert "Paris" in reply.text
     finally:
         engine.close()
@@ -185,11 +197,14 @@ def test_cpu_int4_layout_is_understood():
     assert torch.equal(quant.unpack_int4_for_cpu(packed, 576).int(), q)
 
 
-@pytest.mark.parametrize("layer_type, out_features, dense_expected", [
-    (WeightOnlyInt8Linear, 200, True),
-    (WeightOnlyInt4Linear, 192, True),
-    (WeightOnlyInt4Linear, 208, False),  # not a whole number of 64-row blocks: the kernel, at any row count
-])
+@pytest.mark.parametrize(
+    "layer_type, out_features, dense_expected",
+    [
+        (WeightOnlyInt8Linear, 200, True),
+        (WeightOnlyInt4Linear, 192, True),
+        (WeightOnlyInt4Linear, 208, False),  # not a whole number of 64-row blocks: the kernel, at any row count
+    ],
+)
 def test_prefill_rows_dequantize_in_blocks_and_match_the_kernel(monkeypatch, layer_type, out_features, dense_expected):
     torch.manual_seed(0)
     layer = layer_type(256, out_features, True, torch.bfloat16)

@@ -4,11 +4,11 @@ random-weight config, its comparison table, chart, history and CSV."""
 import json
 
 import pytest
+from conftest import ROOT
 from streamlit.testing.v1 import AppTest
+from test_bench_memory import MID_GLM
 
 from app_shared import get_bench_runner
-from conftest import ROOT
-from test_bench_memory import MID_GLM
 
 PAGE = str(ROOT / "pages" / "2_Quantization.py")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from chatglm_fixtures import REFERENCE_CHECKPOINTS, build_reference_checkpoint, file_hashes
+
 from glm_core import ModelSpec
 from glm_core.engine import Engine
 from glm_core.models import load_model
@@ -28,8 +28,9 @@ from glm_core.models.chat_format import ChatGLM6BFormat
 REFERENCE = Path(__file__).parent / "reference"
 FAMILIES = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 RECORDS = {family: json.loads((REFERENCE / f"{family}.json").read_text(encoding="utf-8")) for family in FAMILIES}
-CHECKPOINTS = {name: (family, entry) for family, record in RECORDS.items()
-               for name, entry in record["checkpoints"].items()}
+CHECKPOINTS = {
+    name: (family, entry) for family, record in RECORDS.items() for name, entry in record["checkpoints"].items()
+}
 
 
 def cases(name: str, kind: str) -> list[dict]:
@@ -72,9 +73,10 @@ def models(folders):
 
 def test_every_reference_checkpoint_is_recorded():
     assert set(CHECKPOINTS) == set(REFERENCE_CHECKPOINTS)
-    for family, record in RECORDS.items():
+    for record in RECORDS.values():
         assert record["environment"]["torch"].startswith(torch.__version__.split("+")[0]), (
-            "the reference checkpoints are byte-identical only with the torch that built them")
+            "the reference checkpoints are byte-identical only with the torch that built them"
+        )
         for source in record["sources"].values():
             assert len(source["commit"]) == 40 and source["files_sha256"]
 
@@ -186,7 +188,7 @@ def reply(engine, loaded, conversation_id, messages, max_new_tokens, recompute=F
     done = engine.submit(conversation_id, messages, default_params(loaded, max_new_tokens), recompute=recompute).wait()
     assert done.error is None, done.error
     prompt = loaded.chat_format.encode(messages)
-    return done, engine.pool.tokens(conversation_id)[len(prompt):]
+    return done, engine.pool.tokens(conversation_id)[len(prompt) :]
 
 
 def assert_same_reply(family, done, held, case, streamed=False):

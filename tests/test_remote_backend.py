@@ -14,8 +14,8 @@ from glm_core import SamplingParams
 from glm_core.backends.remote import RemoteBackend, is_remote, parse_prometheus, parse_target, remote_spec
 from glm_core.conversations.conversation import Conversation
 from glm_core.conversations.store import Store
-from glm_core.sampling_defaults import compose_params
 from glm_core.conversations.turn import start_turn
+from glm_core.sampling_defaults import compose_params
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faulty_openai_server import FaultyServer  # noqa: E402
@@ -53,13 +53,22 @@ def test_spec_parsing():
     assert is_remote("http://gpu1:8000/v1") and is_remote(" HTTPS://x") and not is_remote("/models/glm")
     t = parse_target("http://gpu1:8000/v1#THUDM/glm-4-9b-chat")
     assert (t.base_url, t.model, t.host, t.server_root) == (
-        "http://gpu1:8000/v1", "THUDM/glm-4-9b-chat", "gpu1:8000", "http://gpu1:8000")
+        "http://gpu1:8000/v1",
+        "THUDM/glm-4-9b-chat",
+        "gpu1:8000",
+        "http://gpu1:8000",
+    )
     assert parse_target("http://gpu1:8000").base_url == "http://gpu1:8000/v1"  # no path: the usual /v1
     assert parse_target("https://host/proxy/v1/").server_root == "https://host/proxy"
     assert remote_spec("http://gpu1:8000/#m").path == "http://gpu1:8000/v1#m"
     assert remote_spec("http://gpu1:8000#m") == remote_spec("http://gpu1:8000/v1#m")
-    for bad, reason in [("http://user:secret@h/v1", "not in the URL"), ("ftp://h", "http"), ("http://h/v1?x=1", "query"),
-                        ("http://:80/v1", "no host"), ("http://h:port/v1", "port")]:
+    for bad, reason in [
+        ("http://user:secret@h/v1", "not in the URL"),
+        ("ftp://h", "http"),
+        ("http://h/v1?x=1", "query"),
+        ("http://:80/v1", "no host"),
+        ("http://h:port/v1", "port"),
+    ]:
         with pytest.raises(ValueError, match=reason):
             parse_target(bad)
 
@@ -83,12 +92,17 @@ vllm:prompt_tokens_total{engine="0",model_name="THUDM/glm-4-9b-chat"} 1.2345e+04
 
 def test_prometheus_figures_of_vllm_and_sglang():
     assert parse_prometheus(VLLM_METRICS, "THUDM/glm-4-9b-chat") == {
-        "kv_cache_usage": 0.4375, "running": 3.0, "waiting": 1.0}
+        "kv_cache_usage": 0.4375,
+        "running": 3.0,
+        "waiting": 1.0,
+    }
     assert parse_prometheus(VLLM_METRICS)["running"] == 8.0  # no model named: summed over label sets
     old = 'vllm:gpu_cache_usage_perc{model_name="m"} 0.5\nvllm:num_requests_running{model_name="m"} 2\n'
     assert parse_prometheus(old, "m") == {"kv_cache_usage": 0.5, "running": 2.0}
-    sglang = 'sglang:token_usage{model_name="m"} 0.1\nsglang:num_running_reqs{model_name="m"} 4.0\n' \
-             'sglang:num_queue_reqs{model_name="m"} 0.0\n'
+    sglang = (
+        'sglang:token_usage{model_name="m"} 0.1\nsglang:num_running_reqs{model_name="m"} 4.0\n'
+        'sglang:num_queue_reqs{model_name="m"} 0.0\n'
+    )
     assert parse_prometheus(sglang, "m") == {"kv_cache_usage": 0.1, "running": 4.0, "waiting": 0.0}
     assert parse_prometheus("<html>not metrics</html>") == {}
 
@@ -166,8 +180,11 @@ def test_failures_are_one_line_and_keep_the_partial_reply(server):
     cut = RemoteBackend(f"{server.url}#cut").submit("c1", HELLO, FIVE).wait(10)
     assert cut.finish_reason == "error" and cut.text == "word0 word1 word2"
     assert "lost in the middle of the reply" in cut.error and "\n" not in cut.error
-    expected = {"broken": "failed (HTTP 500): the engine crashed", "busy": "busy (429",
-                "nope": "has no model 'nope' (404)"}
+    expected = {
+        "broken": "failed (HTTP 500): the engine crashed",
+        "busy": "busy (429",
+        "nope": "has no model 'nope' (404)",
+    }
     for model, reason in expected.items():
         reply = RemoteBackend(f"{server.url}#{model}").submit("c1", HELLO, FIVE).wait(10)
         assert reply.finish_reason == "error" and reason in reply.error and reply.text == "", (model, reply.error)
@@ -179,7 +196,9 @@ def test_wrong_key_is_401_and_the_key_is_never_in_the_reason(monkeypatch):
         monkeypatch.setenv("GLM_REMOTE_API_KEY", "wrong-key-123")
         reply = RemoteBackend(f"{server.url}#words").submit("c1", HELLO, FIVE).wait(10)
         assert "refused the API key (401" in reply.error and "wrong-key-123" not in reply.error
-        assert RemoteBackend(f"{server.url}#words", api_key="right-key").submit("c1", HELLO, FIVE).wait(10).error is None
+        assert (
+            RemoteBackend(f"{server.url}#words", api_key="right-key").submit("c1", HELLO, FIVE).wait(10).error is None
+        )
     finally:
         server.stop()
 
@@ -199,15 +218,19 @@ def test_down_then_back_without_a_restart():
 
 def test_server_killed_mid_reply_keeps_the_partial_reply_in_the_store(data_dir):
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "faulty_openai_server.py"), str(port)],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "faulty_openai_server.py"), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         process.stdout.readline()  # listening
         backend = RemoteBackend(f"http://127.0.0.1:{port}/v1#slow")
         store = Store(data_dir)
         ws = store.create_workspace()
-        turn = start_turn(store, backend, ws, Conversation(), keep=0, prompt="hello",
-                          params=SamplingParams(max_new_tokens=200))
+        turn = start_turn(
+            store, backend, ws, Conversation(), keep=0, prompt="hello", params=SamplingParams(max_new_tokens=200)
+        )
         stream = turn.text_stream()
         text = next(stream) + next(stream)
         assert text.startswith("word0")

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, shown
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub, get_store
-from conftest import ROOT, shown
 from glm_core.backends.config import make_entry
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -11,10 +11,10 @@ import time
 import urllib.request
 
 import pytest
+from conftest import ROOT, shown
 from streamlit.testing.v1 import AppTest
 
 from app_shared import get_hub
-from conftest import ROOT, shown
 from glm_core import SamplingParams
 from glm_core.backends.config import make_entry
 from glm_core.backends.remote import RemoteBackend
@@ -32,8 +32,17 @@ def started_serve(tiny_model_dir, data_dir) -> tuple[subprocess.Popen, int]:
     from api_helpers import free_port, start_serve, wait_until_up
 
     port = free_port()
-    process = start_serve(port, "--model", str(tiny_model_dir), "--precision", "fp32", "--device", "cpu",
-                          log=subprocess.PIPE, GLM_DATA_DIR=str(data_dir))
+    process = start_serve(
+        port,
+        "--model",
+        str(tiny_model_dir),
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        log=subprocess.PIPE,
+        GLM_DATA_DIR=str(data_dir),
+    )
     wait_until_up(process, f"http://127.0.0.1:{port}/health", 180, describe=lambda: process.stderr.read())
     return process, port
 
@@ -62,8 +71,10 @@ def test_a_reply_through_serve_equals_the_local_engines(serve, tiny_loaded):
     remote = RemoteBackend(f"http://127.0.0.1:{port}/v1")  # the server's one model
     engine = Engine(tiny_loaded)
     try:
-        for params in (SamplingParams(max_new_tokens=24, temperature=0),
-                       SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1.0, seed=7)):
+        for params in (
+            SamplingParams(max_new_tokens=24, temperature=0),
+            SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1.0, seed=7),
+        ):
             through = remote.submit("c1", PROMPT, params).wait(60)
             local = engine.submit("c1", PROMPT, params).wait(60)
             assert through.error is None and through.text == local.text, params
@@ -132,9 +143,24 @@ def test_bench_concurrency_measures_a_remote_server_client_side(serve):
 def test_bench_concurrency_against_a_server_that_is_down_is_one_line(tmp_path):
     from api_helpers import free_port
 
-    done = subprocess.run([sys.executable, "-m", "glm_core", "bench", "concurrency", "--backend",
-                           f"http://127.0.0.1:{free_port()}/v1#m", "--streams", "1"], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm_core",
+            "bench",
+            "concurrency",
+            "--backend",
+            f"http://127.0.0.1:{free_port()}/v1#m",
+            "--streams",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the server"), done.stderr
 

@@ -46,7 +46,9 @@ def tokenizer(tiny_loaded):
     return tiny_loaded.tokenizer
 
 
-@pytest.mark.parametrize("text", ["你好，世界！这是一个测试。", "Emoji 🌍🚀 and accents: naïve café", "plain words, spaces  twice"])
+@pytest.mark.parametrize(
+    "text", ["你好，世界！这是一个测试。", "Emoji 🌍🚀 and accents: naïve café", "plain words, spaces  twice"]
+)
 def test_streamed_deltas_add_up_and_never_split_a_character(tokenizer, text):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     decoder = IncrementalDecoder(tokenizer)

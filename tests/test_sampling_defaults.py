@@ -6,14 +6,27 @@ import json
 import pytest
 
 from glm_core.sampling_defaults import (
-    GENERATION_CONFIG, OURS, REQUEST, YOURS, clean_overrides, compose_params, describe_sources, effective_controls,
-    from_generation_config, model_defaults, read_generation_config, server_defaults,
+    GENERATION_CONFIG,
+    OURS,
+    REQUEST,
+    YOURS,
+    clean_overrides,
+    compose_params,
+    describe_sources,
+    effective_controls,
+    from_generation_config,
+    model_defaults,
+    read_generation_config,
+    server_defaults,
 )
 
 
 def test_generation_config_wins_field_by_field(tmp_path):
-    (tmp_path / GENERATION_CONFIG).write_text(json.dumps(
-        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_length": 128000, "eos_token_id": 2}))
+    (tmp_path / GENERATION_CONFIG).write_text(
+        json.dumps(
+            {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_length": 128000, "eos_token_id": 2}
+        )
+    )
     defaults = model_defaults("qwen2", "Qwen-tiny", read_generation_config(tmp_path), max_context=32768)
     assert (defaults["temperature"], defaults["top_p"], defaults["top_k"]) == (0.6, 0.95, 20)
     assert defaults["sources"]["temperature"] == GENERATION_CONFIG and defaults["source"] == GENERATION_CONFIG
@@ -61,15 +74,17 @@ def test_a_workspace_keeps_its_own_changes_over_the_defaults():
     ]
     # A default beyond what the page's controls offer is brought within them.
     assert effective_controls(model_defaults("x", "y", {"max_new_tokens": 100_000, "max_length": 200_000}), {})[
-        "max_new_tokens"] == (4096, GENERATION_CONFIG)
+        "max_new_tokens"
+    ] == (4096, GENERATION_CONFIG)
 
 
 def test_one_composition_for_every_door():
     """The request's own field, else the person's saved setting, else the model's defaults; what was set is
     named (a remote backend sends only that)."""
     defaults = model_defaults("ChatGLM2", "chatglm2-6b", {"top_k": 5, "do_sample": True})
-    params, sources = compose_params(defaults, {"temperature": 0, "top_p": None}, {"temperature": 0.3, "top_p": 0.5},
-                                     seed=4)
+    params, sources = compose_params(
+        defaults, {"temperature": 0, "top_p": None}, {"temperature": 0.3, "top_p": 0.5}, seed=4
+    )
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0, 0.5, 5, 1.0)
     assert (sources["temperature"], sources["top_p"], sources["top_k"]) == (REQUEST, YOURS, GENERATION_CONFIG)
     assert params.explicit == {"temperature", "top_p"} and params.seed == 4
@@ -88,8 +103,15 @@ def test_one_composition_for_every_door():
 
 
 def test_a_servers_announced_defaults():
-    announced = {"temperature": 0.8, "top_p": 0.8, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 1024,
-                 "max_length": 8192, "sources": {"temperature": "ChatGLM2/3 documented defaults"}}
+    announced = {
+        "temperature": 0.8,
+        "top_p": 0.8,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+        "max_new_tokens": 1024,
+        "max_length": 8192,
+        "sources": {"temperature": "ChatGLM2/3 documented defaults"},
+    }
     defaults = server_defaults("h:1", announced)
     assert (defaults["temperature"], defaults["repetition_penalty"]) == (0.8, 1.0)
     assert defaults["sources"]["temperature"] == "h:1: ChatGLM2/3 documented defaults"

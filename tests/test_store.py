@@ -5,23 +5,39 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
+
 from glm_core.conversations.conversation import STALE_PARTIAL_S, ChatMessage, Conversation
 from glm_core.conversations.store import NotFound, Store
 from glm_core.conversations.workspace import (
-    check_cli_workspace_id, is_url_workspace_id, new_workspace_id, password_matches, user_identity,
+    check_cli_workspace_id,
+    is_url_workspace_id,
+    new_workspace_id,
+    password_matches,
+    user_identity,
 )
 
-STATS = {"prompt_tokens": 7, "reused_tokens": 0, "prefill_tokens": 7, "completion_tokens": 3, "queue_s": 0.0,
-         "ttft_s": 0.05, "decode_tokens_per_s": 30.0, "total_s": 0.2}
+STATS = {
+    "prompt_tokens": 7,
+    "reused_tokens": 0,
+    "prefill_tokens": 7,
+    "completion_tokens": 3,
+    "queue_s": 0.0,
+    "ttft_s": 0.05,
+    "decode_tokens_per_s": 30.0,
+    "total_s": 0.2,
+}
 
 
 def add_turn(store, workspace, conversation, prompt, reply, keep=None, finish="eos"):
     keep = len(conversation.messages) if keep is None else keep
-    _, reply_id, _ = store.begin_turn(workspace, conversation, keep, ChatMessage("user", prompt),
-                                      ChatMessage("assistant", "", model="tiny", precision="FP32",
-                                                  params={"temperature": 0.0, "system_prompt": ""}))
+    _, reply_id, _ = store.begin_turn(
+        workspace,
+        conversation,
+        keep,
+        ChatMessage("user", prompt),
+        ChatMessage("assistant", "", model="tiny", precision="FP32", params={"temperature": 0.0, "system_prompt": ""}),
+    )
     store.finish_reply(workspace, reply_id, reply, STATS, finish, None)
     return store.get_conversation(workspace, conversation.id)
 
@@ -36,7 +52,12 @@ def test_turns_are_stored_with_their_figures(store):
     conversation = add_turn(store, ws, Conversation(), "What is 2 + 2?\nAnswer briefly.", "4")
     assert conversation.title == "What is 2 + 2?"  # first line of the first prompt
     user, reply = conversation.messages
-    assert (user.role, user.content, reply.role, reply.content) == ("user", "What is 2 + 2?\nAnswer briefly.", "assistant", "4")
+    assert (user.role, user.content, reply.role, reply.content) == (
+        "user",
+        "What is 2 + 2?\nAnswer briefly.",
+        "assistant",
+        "4",
+    )
     assert reply.stats == STATS and reply.model == "tiny" and reply.precision == "FP32"
     assert reply.params == {"temperature": 0.0, "system_prompt": ""}
     assert reply.finish_reason == "eos" and reply.status == "complete" and not reply.stopped
@@ -98,8 +119,11 @@ def test_a_version_1_database_is_migrated(data_dir):
     db.execute("INSERT INTO workspaces VALUES ('w', NULL, 1.0)")
     db.execute("INSERT INTO conversations VALUES ('c1', 'w', 'Old', 1.0, 2.0)")
     for position, (role, text) in enumerate([("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]):
-        db.execute("INSERT INTO messages (conversation_id, position, role, content, created_at, updated_at, status, "
-                   "completion_tokens) VALUES ('c1', ?, ?, ?, 1.0, 1.0, 'complete', 3)", (position, role, text))
+        db.execute(
+            "INSERT INTO messages (conversation_id, position, role, content, created_at, updated_at, status, "
+            "completion_tokens) VALUES ('c1', ?, ?, ?, 1.0, 1.0, 'complete', 3)",
+            (position, role, text),
+        )
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
@@ -133,8 +157,12 @@ def test_pin_archive_share_presets_and_settings(store):
     assert store.shared_conversation(token) is None and store.share(ws, a.id) != token
 
     # Another workspace reaches none of it.
-    for action in (lambda: store.set_pinned(other, a.id, False), lambda: store.set_archived(other, a.id, False),
-                   lambda: store.share(other, a.id), lambda: store.choose_version(other, a.id, a.messages[0].id)):
+    for action in (
+        lambda: store.set_pinned(other, a.id, False),
+        lambda: store.set_archived(other, a.id, False),
+        lambda: store.share(other, a.id),
+        lambda: store.choose_version(other, a.id, a.messages[0].id),
+    ):
         with pytest.raises(NotFound):
             action()
     store.revoke_share(other, a.id)
@@ -196,8 +224,9 @@ def test_store_survives_a_process_restart(data_dir):
         "_, r, _ = s.begin_turn(ws, c, 0, ChatMessage('user', 'kept? 😀'), ChatMessage('assistant', ''))\n"
         "s.finish_reply(ws, r, 'kept.', {}, 'eos', None); print(c.id)\n"
     )
-    done = subprocess.run([sys.executable, "-c", writer, str(data_dir)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", writer, str(data_dir)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     conversation = Store(data_dir).get_conversation("restart-test", done.stdout.strip())
     assert [m.content for m in conversation.messages] == ["kept? 😀", "kept."]
@@ -249,7 +278,9 @@ def test_a_version_1_file_is_migrated_and_conversations_remember_their_backend(t
     db.executescript(store_module.MIGRATIONS[1])
     db.execute("PRAGMA user_version=1")
     db.execute("INSERT INTO workspaces (id, owner, created_at) VALUES ('ws1', NULL, 1)")
-    db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at) VALUES ('c1', 'ws1', 'Old', 1, 1)")
+    db.execute(
+        "INSERT INTO conversations (id, workspace, title, created_at, updated_at) VALUES ('c1', 'ws1', 'Old', 1, 1)"
+    )
     db.commit()
     db.close()
 

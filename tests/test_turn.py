@@ -7,10 +7,10 @@ import uuid
 import pytest
 
 from glm_core import SamplingParams
-from glm_core.engine import Engine
 from glm_core.conversations.conversation import Conversation
 from glm_core.conversations.store import Store
 from glm_core.conversations.turn import start_turn
+from glm_core.engine import Engine
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
 
@@ -73,8 +73,15 @@ def test_the_reply_so_far_is_written_while_it_streams(store, tiny_loaded):
     try:
         ws = store.create_workspace()
         conversation = Conversation()
-        turn = start_turn(store, engine, ws, conversation, keep=0, prompt="Ramble on.",
-                          params=SamplingParams(temperature=0.8, seed=1, max_new_tokens=4000))
+        turn = start_turn(
+            store,
+            engine,
+            ws,
+            conversation,
+            keep=0,
+            prompt="Ramble on.",
+            params=SamplingParams(temperature=0.8, seed=1, max_new_tokens=4000),
+        )
         stored = None
         started = time.monotonic()
         for _ in turn.text_stream():

@@ -51,8 +51,14 @@ class Access:
         self._keys = [(hashlib.sha256(k.encode("utf-8")).digest(), key_id(k), False) for k in config.keys]
         self._keys += [(hashlib.sha256(k.encode("utf-8")).digest(), key_id(k), True) for k in config.admin_keys]
 
-    def identify(self, authorization: str | None, client: str, *, key_optional: bool = False,
-                 browser: BrowserHeaders | None = None) -> Caller:
+    def identify(
+        self,
+        authorization: str | None,
+        client: str,
+        *,
+        key_optional: bool = False,
+        browser: BrowserHeaders | None = None,
+    ) -> Caller:
         """The caller, or ApiError 401 (missing or wrong key) / 403 (a client this server does not answer)."""
         given = _bearer(authorization)
         if self.config.keys_configured:
@@ -63,8 +69,12 @@ class Access:
             self._check_browser(browser)  # GLM_API_SEEDS_WITHOUT_KEY: the seeds' old clients send no key
             return Caller(None, admin=False, client=client)
         if not (self.config.open_to_network or _is_loopback(client)):
-            raise ApiError(403, "without API keys configured, this server answers only clients on its own machine "
-                                "(set GLM_API_KEYS, or GLM_API_OPEN_TO_NETWORK=1)", "remote_client")
+            raise ApiError(
+                403,
+                "without API keys configured, this server answers only clients on its own machine "
+                "(set GLM_API_KEYS, or GLM_API_OPEN_TO_NETWORK=1)",
+                "remote_client",
+            )
         self._check_browser(browser)
         # Without keys, this machine's clients may do what the portal's admins may (the portal without a secrets
         # file makes this machine's browsers admins); other machines' clients, when let in, may not change it.
@@ -79,8 +89,12 @@ class Access:
             return
         host = _host_name(browser.host)
         if not (self.config.open_to_network or _is_loopback(host) or host in self.config.allowed_hosts):
-            raise ApiError(403, f"this server answers requests addressed to this machine, not to {host[:100]!r} "
-                                "(add public names to GLM_API_ALLOWED_HOSTS, or configure API keys)", "foreign_host")
+            raise ApiError(
+                403,
+                f"this server answers requests addressed to this machine, not to {host[:100]!r} "
+                "(add public names to GLM_API_ALLOWED_HOSTS, or configure API keys)",
+                "foreign_host",
+            )
         if browser.origin is not None:
             origin = _host_name(urlsplit(browser.origin).netloc)
             if origin != host and origin not in self.config.allowed_hosts:

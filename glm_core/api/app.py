@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
@@ -15,9 +15,9 @@ from starlette.exceptions import HTTPException
 
 from ..protocol import Backend
 from . import openai_routes, seed_routes
-from .generation import model_name
 from .config import ApiConfig, load_api_config
 from .errors import error_body, install_error_handlers
+from .generation import model_name
 from .state import ApiState, api_state
 
 DESCRIPTION = """The GLM Chat Dashboard's model over HTTP: OpenAI-compatible routes under `/v1`, and the routes of
@@ -34,8 +34,7 @@ def create_app(current_backend: Callable[[], Backend | None], config: ApiConfig 
     config = config or load_api_config()
     # /docs and /redoc with their scripts served from the pinned fastapi-offline package, not from a CDN that
     # these machines (and many company networks) cannot reach.
-    app = FastAPIOffline(title="GLM Chat Dashboard API", description=DESCRIPTION, version="1",
-                         static_url=DOCS_ASSETS)
+    app = FastAPIOffline(title="GLM Chat Dashboard API", description=DESCRIPTION, version="1", static_url=DOCS_ASSETS)
     app.state.api = ApiState.create(current_backend, config)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
@@ -71,7 +70,8 @@ class BodySizeLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:
             exc = BodyTooLarge()
             return await JSONResponse(error_body(413, exc.detail, "request_too_large"), status_code=413)(
-                scope, receive, send)
+                scope, receive, send
+            )
         received = 0
 
         async def counted_receive():

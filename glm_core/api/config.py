@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from ..settings import PROJECT_ROOT, _positive_int
 
@@ -75,7 +75,8 @@ def load_api_config(env: Mapping[str, str] | None = None, secrets_files=SECRETS_
         max_text_chars=_positive_int(env, "GLM_API_MAX_TEXT_CHARS") or ApiLimits.max_text_chars,
     )
     return ApiConfig(
-        keys=tuple(dict.fromkeys(keys)), admin_keys=tuple(dict.fromkeys(admin_keys)),
+        keys=tuple(dict.fromkeys(keys)),
+        admin_keys=tuple(dict.fromkeys(admin_keys)),
         open_to_network=env.get("GLM_API_OPEN_TO_NETWORK", "").strip().lower() in _TRUE,
         seeds_without_key=env.get("GLM_API_SEEDS_WITHOUT_KEY", "").strip().lower() in _TRUE,
         allowed_hosts=frozenset(name.lower() for name in _split(env.get("GLM_API_ALLOWED_HOSTS", ""))),

@@ -21,7 +21,7 @@ import json
 import secrets
 import threading
 from collections import Counter, OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def prefix_digests(scope: str, messages: Sequence[dict]) -> list[bytes]:

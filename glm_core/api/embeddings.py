@@ -11,8 +11,9 @@ from .errors import ApiError, backend_error
 from .generation import model_context
 
 
-async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimits,
-                owner: str | None = None) -> tuple[list[list[float]], int]:
+async def embed(
+    backend: Backend, inputs: list[str | list[int]], limits: ApiLimits, owner: str | None = None
+) -> tuple[list[list[float]], int]:
     """One unit vector per input (a text, or token ids) and the number of tokens read. Bounded (inputs, characters,
     tokens), counted as one of `owner`'s running requests, and computed a slice at a time between the engine's
     decode steps, so the replies being streamed keep flowing."""
@@ -21,12 +22,17 @@ async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimi
     if not inputs:
         raise ApiError(400, "input is empty", param="input")
     if len(inputs) > limits.max_embedding_inputs:
-        raise ApiError(400, f"at most {limits.max_embedding_inputs} inputs per request, got {len(inputs)}",
-                       param="input")
+        raise ApiError(
+            400, f"at most {limits.max_embedding_inputs} inputs per request, got {len(inputs)}", param="input"
+        )
     for index, item in enumerate(inputs):
         if isinstance(item, str) and len(item) > limits.max_text_chars:
-            raise ApiError(400, f"input {index} has {len(item):,} characters; at most {limits.max_text_chars:,} "
-                                "per input", "input_too_long", "input")
+            raise ApiError(
+                400,
+                f"input {index} has {len(item):,} characters; at most {limits.max_text_chars:,} per input",
+                "input_too_long",
+                "input",
+            )
     context = model_context(backend)
     token_ids, total = [], 0
     for index, item in enumerate(inputs):
@@ -34,12 +40,20 @@ async def embed(backend: Backend, inputs: list[str | list[int]], limits: ApiLimi
         if not ids:
             raise ApiError(400, f"input {index} is empty", param="input")
         if len(ids) > context:
-            raise ApiError(400, f"input {index} has {len(ids)} tokens; this model reads at most {context}",
-                           "context_length_exceeded", "input")
+            raise ApiError(
+                400,
+                f"input {index} has {len(ids)} tokens; this model reads at most {context}",
+                "context_length_exceeded",
+                "input",
+            )
         total += len(ids)
         if total > limits.max_embedding_tokens:
-            raise ApiError(400, f"the inputs take more than {limits.max_embedding_tokens:,} tokens; send them in "
-                                "several requests", "input_too_long", "input")
+            raise ApiError(
+                400,
+                f"the inputs take more than {limits.max_embedding_tokens:,} tokens; send them in several requests",
+                "input_too_long",
+                "input",
+            )
         token_ids.append(ids)
     from ..models.embedding import EmbeddingJob  # torch: only where a local model is served
 

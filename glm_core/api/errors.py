@@ -15,14 +15,28 @@ from ..protocol import ConversationBusy, EngineClosed, PromptTooLong, QueueFull
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "request_too_large",
-          429: "rate_limit_error", 503: "service_unavailable"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
@@ -34,8 +48,14 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
-                                                             "invalid_request_error"), "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def backend_error(exc: Exception, retry_after_s: int = 1) -> ApiError:
@@ -93,5 +113,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):
         log.exception("API request failed")
-        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__}); the server log has details"),
-                            status_code=500)
+        return JSONResponse(
+            error_body(500, f"internal error ({type(exc).__name__}); the server log has details"), status_code=500
+        )

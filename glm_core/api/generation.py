@@ -7,14 +7,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
 
 from anyio import to_thread
 from starlette.requests import Request as HttpRequest
 
 from ..protocol import (
-    Backend, ConversationBusy, Delta, Event, Finished, Reply, Request, SamplingParams, validate_messages,
+    Backend,
+    ConversationBusy,
+    Delta,
+    Event,
+    Finished,
+    Reply,
+    Request,
+    SamplingParams,
+    validate_messages,
 )
 from ..sampling_defaults import card_defaults, compose_params
 from .access import Caller
@@ -53,14 +61,22 @@ def reply_budget(prompt_tokens: int | None, context: int, max_tokens: int | None
     """max_tokens as OpenAI means it (tokens to generate): bounded by the API's limit and what the context has
     left after the prompt; too much is a clear 400, never a silently cut prompt."""
     if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise ApiError(400, f"max_tokens is {max_tokens}, but this server generates at most {limits.max_tokens} "
-                            "tokens per request", "max_tokens_too_large", "max_tokens")
+        raise ApiError(
+            400,
+            f"max_tokens is {max_tokens}, but this server generates at most {limits.max_tokens} tokens per request",
+            "max_tokens_too_large",
+            "max_tokens",
+        )
     room = context - (prompt_tokens or 0)
     if prompt_tokens is not None and (room < 1 or (max_tokens is not None and max_tokens > room)):
         wanted = max_tokens if max_tokens is not None else 1
-        raise ApiError(400, f"this model's context is {context} tokens; the messages take {prompt_tokens} and "
-                            f"{wanted} more were asked for the reply. Shorten the messages or lower max_tokens.",
-                       "context_length_exceeded", "messages")
+        raise ApiError(
+            400,
+            f"this model's context is {context} tokens; the messages take {prompt_tokens} and "
+            f"{wanted} more were asked for the reply. Shorten the messages or lower max_tokens.",
+            "context_length_exceeded",
+            "messages",
+        )
     if max_tokens is not None:
         return max_tokens
     return max(1, min(limits.default_max_tokens, room - 1 if prompt_tokens is None else room))
@@ -86,8 +102,9 @@ def checked_params(backend: Backend, seed: int | None = None, **given) -> Sampli
         raise ApiError(400, str(exc)) from None
 
 
-async def total_length_params(backend: Backend, messages: list[dict], max_length: int, limits: ApiLimits,
-                              **controls) -> tuple[SamplingParams, int | None]:
+async def total_length_params(
+    backend: Backend, messages: list[dict], max_length: int, limits: ApiLimits, **controls
+) -> tuple[SamplingParams, int | None]:
     """The seeds' max_length: prompt and reply together, as ChatGLM's chat() counts it. Returns the controls and
     the prompt's tokens."""
     max_length = min(max_length, model_context(backend))
@@ -95,8 +112,12 @@ async def total_length_params(backend: Backend, messages: list[dict], max_length
     if prompt_tokens is None:
         max_new = min(limits.default_max_tokens, max_length - 1)
     elif prompt_tokens >= max_length:
-        raise ApiError(400, f"the conversation takes {prompt_tokens} tokens, so max_length {max_length} leaves no "
-                            "room for a reply", "context_length_exceeded", "max_length")
+        raise ApiError(
+            400,
+            f"the conversation takes {prompt_tokens} tokens, so max_length {max_length} leaves no room for a reply",
+            "context_length_exceeded",
+            "max_length",
+        )
     else:
         max_new = min(max_length - prompt_tokens, limits.max_tokens)
     return checked_params(backend, max_length=max_length, max_new_tokens=max_new, **controls), prompt_tokens
@@ -205,9 +226,16 @@ class Generation:
     _ended: bool = field(default=False, repr=False)
 
     @classmethod
-    def submit(cls, backend: Backend, conversations: StatelessConversations, caller: Caller,
-               messages: list[dict], params: SamplingParams, stop: Sequence[str] = (),
-               limits: ApiLimits = ApiLimits()) -> "Generation":
+    def submit(
+        cls,
+        backend: Backend,
+        conversations: StatelessConversations,
+        caller: Caller,
+        messages: list[dict],
+        params: SamplingParams,
+        stop: Sequence[str] = (),
+        limits: ApiLimits = ApiLimits(),
+    ) -> Generation:
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:

@@ -18,12 +18,27 @@ from .access import Caller
 from .embeddings import embed
 from .errors import ApiError
 from .generation import (
-    Generation, checked_messages, checked_params, count_prompt_tokens, model_context, model_name, reply_budget,
-    sampling_defaults, system_fingerprint,
+    Generation,
+    checked_messages,
+    checked_params,
+    count_prompt_tokens,
+    model_context,
+    model_name,
+    reply_budget,
+    sampling_defaults,
+    system_fingerprint,
 )
 from .schemas import (
-    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, ChunkDelta, EmbeddingList,
-    EmbeddingRequest, ModelCard, ModelList, Usage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    EmbeddingList,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    Usage,
 )
 from .state import ApiState, api_caller, api_state, loaded_backend
 
@@ -40,12 +55,23 @@ async def list_models(_caller: Caller = Depends(api_caller), backend: Backend = 
     return ModelList(data=[ModelCard(id=model_name(backend), created=loaded_at, defaults=public)])
 
 
-@router.post("/chat/completions", response_model=ChatCompletion,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "a chat.completion, or with stream=true its chunks as server-sent events"}})
-async def chat_completions(body: ChatCompletionRequest, http_request: Request,
-                           caller: Caller = Depends(api_caller), backend: Backend = Depends(loaded_backend),
-                           state: ApiState = Depends(api_state)):
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "a chat.completion, or with stream=true its chunks as server-sent events",
+        }
+    },
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    http_request: Request,
+    caller: Caller = Depends(api_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
     body.check_supported()
     messages = checked_messages([m.plain() for m in body.messages])
     stops = body.stop_strings()
@@ -53,27 +79,42 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request,
     prompt_tokens = await count_prompt_tokens(backend, messages)
     max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
     # Omitted fields take the model's own defaults (as vLLM's --generation-config auto); /v1/models lists them.
-    params = checked_params(backend, seed=body.seed, max_length=context, max_new_tokens=max_new,
-                            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                            repetition_penalty=body.repetition_penalty)
+    params = checked_params(
+        backend,
+        seed=body.seed,
+        max_length=context,
+        max_new_tokens=max_new,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+    )
     generation = Generation.submit(backend, state.conversations, caller, messages, params, stops, state.limits)
-    head = dict(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=model_name(backend),
-                system_fingerprint=system_fingerprint(backend))
+    head = dict(
+        id=f"chatcmpl-{secrets.token_hex(12)}",
+        created=int(time.time()),
+        model=model_name(backend),
+        system_fingerprint=system_fingerprint(backend),
+    )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_chunks(generation, head, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
     return ChatCompletion(
-        **head, choices=[{"message": {"content": generation.text}, "finish_reason": generation.finish_reason}],
+        **head,
+        choices=[{"message": {"content": generation.text}, "finish_reason": generation.finish_reason}],
         usage=_usage(generation),
     )
 
 
 def _usage(generation: Generation) -> Usage:
-    return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
-                 total_tokens=generation.prompt_tokens + generation.completion_tokens,
-                 prompt_tokens_details={"cached_tokens": generation.cached_tokens})
+    return Usage(
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        total_tokens=generation.prompt_tokens + generation.completion_tokens,
+        prompt_tokens_details={"cached_tokens": generation.cached_tokens},
+    )
 
 
 async def _chunks(generation: Generation, head: dict, include_usage: bool):
@@ -103,8 +144,12 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
 
 
 @router.post("/embeddings", response_model=EmbeddingList)
-async def embeddings(body: EmbeddingRequest, caller: Caller = Depends(api_caller),
-                     backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+async def embeddings(
+    body: EmbeddingRequest,
+    caller: Caller = Depends(api_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
     if body.dimensions is not None:
         raise ApiError(400, "dimensions is not supported: the size is the model's hidden size", param="dimensions")
     inputs = body.input
@@ -115,5 +160,8 @@ async def embeddings(body: EmbeddingRequest, caller: Caller = Depends(api_caller
         data = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
     else:
         data = vectors
-    return EmbeddingList(data=[{"index": i, "embedding": d} for i, d in enumerate(data)], model=model_name(backend),
-                         usage={"prompt_tokens": tokens, "total_tokens": tokens})
+    return EmbeddingList(
+        data=[{"index": i, "embedding": d} for i, d in enumerate(data)],
+        model=model_name(backend),
+        usage={"prompt_tokens": tokens, "total_tokens": tokens},
+    )

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +19,7 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
     def plain(self) -> dict:
@@ -29,13 +29,15 @@ class ChatMessageIn(BaseModel):
         if isinstance(self.content, str):
             return {"role": role, "content": self.content}
         if self.content is None:
-            raise ApiError(400, f"a {self.role} message needs text content (tool calls are not supported)",
-                           param="messages")
+            raise ApiError(
+                400, f"a {self.role} message needs text content (tool calls are not supported)", param="messages"
+            )
         texts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"only text content parts are supported, got {str(part.get('type'))[:40]!r}",
-                               param="messages")
+                raise ApiError(
+                    400, f"only text content parts are supported, got {str(part.get('type'))[:40]!r}", param="messages"
+                )
             texts.append(part["text"])
         return {"role": role, "content": "".join(texts)}
 
@@ -45,11 +47,20 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"example": {
-        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}})
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "example": {
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "Hello!"}],
+                "max_tokens": 64,
+            }
+        },
+    )
 
-    model: str = Field(description="required, as in OpenAI's API; any name is accepted and the reply names the "
-                                   "loaded model")
+    model: str = Field(
+        description="required, as in OpenAI's API; any name is accepted and the reply names the loaded model"
+    )
     messages: list[ChatMessageIn] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default: the model's (/v1/models)")
     top_p: float | None = Field(None, gt=0, le=1, description="default: the model's (/v1/models)")
@@ -58,7 +69,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
@@ -167,7 +178,7 @@ class ModelList(BaseModel):
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -177,7 +188,7 @@ class EmbeddingRequest(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], str]
+    embedding: list[float] | str
 
 
 class EmbeddingUsage(BaseModel):
@@ -194,7 +205,7 @@ class EmbeddingList(BaseModel):
 
 # ---- the seeds ---------------------------------------------------------------------------------------------
 
-History = Union[list[list[str]], None]
+History = list[list[str]] | None
 
 
 def history_messages(history: History) -> list[dict]:
@@ -245,9 +256,17 @@ class StreamApiRequest(BaseModel):
 class GlmApiRequest(BaseModel):
     """The GLM API's `/chat` and `/chat-stream`. Its defaults: max_length 4096, top_p 0.7, temperature 0.95."""
 
-    model_config = ConfigDict(json_schema_extra={"example": {
-        "prompt": "蓝牙耳机坏了我应该去医院看什么科？", "history": [], "max_length": 4096, "top_p": 0.5,
-        "temperature": 1}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "prompt": "蓝牙耳机坏了我应该去医院看什么科？",
+                "history": [],
+                "max_length": 4096,
+                "top_p": 0.5,
+                "temperature": 1,
+            }
+        }
+    )
 
     prompt: str
     history: History = None
@@ -273,8 +292,11 @@ class GlmApiChatResponse(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "如果给你一个机会，你会想逃离你所在的虚拟世界吗？",
-                                                             "max_length": 4096}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"prompt": "如果给你一个机会，你会想逃离你所在的虚拟世界吗？", "max_length": 4096}
+        }
+    )
 
     prompt: str
     max_length: int | None = Field(None, ge=1, description="ids past this are cut (default 4096)")
@@ -288,7 +310,7 @@ class TokenizeResponse(BaseModel):
 class SeedEmbeddingRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"prompt": ["hello world", "hello GPT"]}})
 
-    prompt: Union[list[str], str]
+    prompt: list[str] | str
 
 
 class SeedEmbeddingResponse(BaseModel):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Union
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
@@ -26,9 +25,19 @@ from .embeddings import embed
 from .errors import ApiError, backend_error
 from .generation import Generation, checked_messages, model_name, sampling_defaults, total_length_params
 from .schemas import (
-    ChatGLMRequest, ChatGLMResponse, GlmApiChatResponse, GlmApiRequest, History, SeedEmbeddingRequest,
-    SeedEmbeddingResponse, StreamApiChatResponse, StreamApiRequest, TokenizeRequest, TokenizeResponse,
-    history_messages, history_pairs,
+    ChatGLMRequest,
+    ChatGLMResponse,
+    GlmApiChatResponse,
+    GlmApiRequest,
+    History,
+    SeedEmbeddingRequest,
+    SeedEmbeddingResponse,
+    StreamApiChatResponse,
+    StreamApiRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    history_messages,
+    history_pairs,
 )
 from .state import ApiState, admin_caller, api_state, loaded_backend, seed_caller
 
@@ -42,13 +51,24 @@ MODEL_DEFAULTS: dict = {}  # the stream API called the model's chat() with the m
 TOKENIZE_MAX_LENGTH = 4096
 
 
-async def _start(backend: Backend, state: ApiState, caller: Caller, history: History, prompt: str,
-                 max_length: int | None, route_defaults: dict, top_p: float | None = None,
-                 temperature: float | None = None) -> tuple[Generation, int | None]:
+async def _start(
+    backend: Backend,
+    state: ApiState,
+    caller: Caller,
+    history: History,
+    prompt: str,
+    max_length: int | None,
+    route_defaults: dict,
+    top_p: float | None = None,
+    temperature: float | None = None,
+) -> tuple[Generation, int | None]:
     messages = checked_messages(history_messages(history) + [{"role": "user", "content": prompt}])
     max_length = max_length or route_defaults.get("max_length") or sampling_defaults(backend)["max_length"]
     params, prompt_tokens = await total_length_params(
-        backend, messages, max_length, state.limits,
+        backend,
+        messages,
+        max_length,
+        state.limits,
         top_p=top_p or route_defaults.get("top_p"),  # 0 meant "the default" in the originals
         temperature=route_defaults.get("temperature") if temperature is None else temperature,  # 0 is greedy here
     )
@@ -56,41 +76,90 @@ async def _start(backend: Backend, state: ApiState, caller: Caller, history: His
 
 
 @router.post("/", response_model=ChatGLMResponse, summary="ChatGLM's api.py")
-async def chatglm_api(body: ChatGLMRequest, http_request: Request, caller: Caller = Depends(seed_caller),
-                      backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
-    generation, _ = await _start(backend, state, caller, body.history, body.prompt, body.max_length,
-                                 CHATGLM_DEFAULTS, top_p=body.top_p, temperature=body.temperature)
+async def chatglm_api(
+    body: ChatGLMRequest,
+    http_request: Request,
+    caller: Caller = Depends(seed_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
+    generation, _ = await _start(
+        backend,
+        state,
+        caller,
+        body.history,
+        body.prompt,
+        body.max_length,
+        CHATGLM_DEFAULTS,
+        top_p=body.top_p,
+        temperature=body.temperature,
+    )
     response = await generation.collect(http_request)
     generation.raise_for_error()
-    return {"response": response, "history": history_pairs(body.history) + [[body.prompt, response]],
-            "status": 200, "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "response": response,
+        "history": history_pairs(body.history) + [[body.prompt, response]],
+        "status": 200,
+        "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
-@router.post("/chat", response_model=Union[StreamApiChatResponse, GlmApiChatResponse],
-             summary="The stream API's chat ({query, history}) or the GLM API's ({prompt, history, ...})")
-async def chat(body: Union[StreamApiRequest, GlmApiRequest], http_request: Request,
-               caller: Caller = Depends(seed_caller), backend: Backend = Depends(loaded_backend),
-               state: ApiState = Depends(api_state)):
+@router.post(
+    "/chat",
+    response_model=StreamApiChatResponse | GlmApiChatResponse,
+    summary="The stream API's chat ({query, history}) or the GLM API's ({prompt, history, ...})",
+)
+async def chat(
+    body: StreamApiRequest | GlmApiRequest,
+    http_request: Request,
+    caller: Caller = Depends(seed_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
     if isinstance(body, StreamApiRequest):
         generation, _ = await _start(backend, state, caller, body.history, body.query, None, MODEL_DEFAULTS)
         response = await generation.collect(http_request)
         generation.raise_for_error()
-        return {"query": body.query, "response": response,
-                "history": history_pairs(body.history) + [[body.query, response]], "success": True}
-    generation, _ = await _start(backend, state, caller, body.history, body.prompt, body.max_length,
-                                 GLM_API_DEFAULTS, top_p=body.top_p, temperature=body.temperature)
+        return {
+            "query": body.query,
+            "response": response,
+            "history": history_pairs(body.history) + [[body.query, response]],
+            "success": True,
+        }
+    generation, _ = await _start(
+        backend,
+        state,
+        caller,
+        body.history,
+        body.prompt,
+        body.max_length,
+        GLM_API_DEFAULTS,
+        top_p=body.top_p,
+        temperature=body.temperature,
+    )
     content = await generation.collect(http_request)
     generation.raise_for_error()
-    return {"content": content, "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-            "model": model_name(backend), "object": "chat.completion"}
+    return {
+        "content": content,
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        "model": model_name(backend),
+        "object": "chat.completion",
+    }
 
 
-@router.post("/stream", summary="The stream API's stream: events named `delta`",
-             responses={200: {"content": {"text/event-stream": {}}}})
-async def stream(body: StreamApiRequest, caller: Caller = Depends(seed_caller),
-                 backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+@router.post(
+    "/stream",
+    summary="The stream API's stream: events named `delta`",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def stream(
+    body: StreamApiRequest,
+    caller: Caller = Depends(seed_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
     generation, _ = await _start(backend, state, caller, body.history, body.query, None, MODEL_DEFAULTS)
 
     async def events():
@@ -104,27 +173,54 @@ async def stream(body: StreamApiRequest, caller: Caller = Depends(seed_caller),
             yield ServerSentEvent(_json(exc.body()), event="error")
             return
         history = history_pairs(body.history) + [[body.query, response]]
-        yield ServerSentEvent(_json({"query": body.query, "delta": "[EOS]", "response": response, "history": history,
-                                     "finished": True}), event="delta")
+        yield ServerSentEvent(
+            _json({"query": body.query, "delta": "[EOS]", "response": response, "history": history, "finished": True}),
+            event="delta",
+        )
 
     return EventSourceResponse(events())
 
 
-@router.post("/chat-stream", summary="The GLM API's stream: one data event per delta",
-             responses={200: {"content": {"text/event-stream": {}}}})
-async def chat_stream(body: GlmApiRequest, caller: Caller = Depends(seed_caller),
-                      backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
-    generation, prompt_tokens = await _start(backend, state, caller, body.history, body.prompt, body.max_length,
-                                             GLM_API_DEFAULTS, top_p=body.top_p, temperature=body.temperature)
+@router.post(
+    "/chat-stream",
+    summary="The GLM API's stream: one data event per delta",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def chat_stream(
+    body: GlmApiRequest,
+    caller: Caller = Depends(seed_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
+    generation, prompt_tokens = await _start(
+        backend,
+        state,
+        caller,
+        body.history,
+        body.prompt,
+        body.max_length,
+        GLM_API_DEFAULTS,
+        top_p=body.top_p,
+        temperature=body.temperature,
+    )
     model = model_name(backend)
 
     async def events():
         pieces = 0  # completion tokens so far, counted by deltas (a delta is one token or a few)
         async for piece in generation.deltas():
             pieces += 1
-            yield {"data": _json({"content": piece, "prompt_tokens": prompt_tokens or 0, "completion_tokens": pieces,
-                                  "total_tokens": (prompt_tokens or 0) + pieces, "model": model,
-                                  "object": "chat.completion"})}
+            yield {
+                "data": _json(
+                    {
+                        "content": piece,
+                        "prompt_tokens": prompt_tokens or 0,
+                        "completion_tokens": pieces,
+                        "total_tokens": (prompt_tokens or 0) + pieces,
+                        "model": model,
+                        "object": "chat.completion",
+                    }
+                )
+            }
         try:
             generation.raise_for_error()
         except ApiError as exc:
@@ -142,14 +238,22 @@ async def free_gc(_caller: Caller = Depends(admin_caller)):
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, summary="The GLM API's tokenize")
-async def tokenize(body: TokenizeRequest, caller: Caller = Depends(seed_caller),
-                   backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+async def tokenize(
+    body: TokenizeRequest,
+    caller: Caller = Depends(seed_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
     if not (backend.capabilities.tokenize and hasattr(backend, "tokenize")):
         raise ApiError(400, "this backend does not tokenize here", "tokenize_unavailable")
     limit = state.limits.max_text_chars  # the tokenizer's lock is the decode loop's too: a bounded hold
     if len(body.prompt) > limit:
-        raise ApiError(400, f"the prompt has {len(body.prompt):,} characters; at most {limit:,} per request",
-                       "input_too_long", "prompt")
+        raise ApiError(
+            400,
+            f"the prompt has {len(body.prompt):,} characters; at most {limit:,} per request",
+            "input_too_long",
+            "prompt",
+        )
     try:
         with backend.owner_share(caller.owner):
             ids = (await to_thread.run_sync(backend.tokenize, body.prompt))[: body.max_length or TOKENIZE_MAX_LENGTH]
@@ -160,8 +264,12 @@ async def tokenize(body: TokenizeRequest, caller: Caller = Depends(seed_caller),
 
 
 @router.post("/embedding", response_model=SeedEmbeddingResponse, summary="The GLM API's embedding")
-async def embedding(body: SeedEmbeddingRequest, caller: Caller = Depends(seed_caller),
-                    backend: Backend = Depends(loaded_backend), state: ApiState = Depends(api_state)):
+async def embedding(
+    body: SeedEmbeddingRequest,
+    caller: Caller = Depends(seed_caller),
+    backend: Backend = Depends(loaded_backend),
+    state: ApiState = Depends(api_state),
+):
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     vectors, _ = await embed(backend, texts, state.limits, caller.owner)
     return {"data": vectors, "model": model_name(backend), "object": "embedding"}

@@ -3,8 +3,8 @@ and the FastAPI dependencies that hand it to them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -24,7 +24,7 @@ class ApiState:
     conversations: StatelessConversations
 
     @classmethod
-    def create(cls, current_backend: Callable[[], Backend | None], config: ApiConfig) -> "ApiState":
+    def create(cls, current_backend: Callable[[], Backend | None], config: ApiConfig) -> ApiState:
         def forget(conversation_id: str) -> None:
             backend = current_backend()
             if backend is not None:
@@ -50,17 +50,27 @@ def _browser(request: Request) -> BrowserHeaders:
     return BrowserHeaders(headers.get("host"), headers.get("origin"), headers.get("sec-fetch-site"))
 
 
-def api_caller(request: Request, state: ApiState = Depends(api_state),
-               credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
+def api_caller(
+    request: Request,
+    state: ApiState = Depends(api_state),
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+) -> Caller:
     """Every route but /health: a valid key when keys are configured."""
     return state.access.identify(request.headers.get("authorization"), _client(request), browser=_browser(request))
 
 
-def seed_caller(request: Request, state: ApiState = Depends(api_state),
-                credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
+def seed_caller(
+    request: Request,
+    state: ApiState = Depends(api_state),
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+) -> Caller:
     """The seeds' routes: like api_caller, but keyless when GLM_API_SEEDS_WITHOUT_KEY says so."""
-    return state.access.identify(request.headers.get("authorization"), _client(request),
-                                 key_optional=state.access.config.seeds_without_key, browser=_browser(request))
+    return state.access.identify(
+        request.headers.get("authorization"),
+        _client(request),
+        key_optional=state.access.config.seeds_without_key,
+        browser=_browser(request),
+    )
 
 
 def admin_caller(caller: Caller = Depends(api_caller)) -> Caller:

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 from ..protocol import ModelSpec
 from .remote import KEY_ENV, is_remote, remote_spec
@@ -62,8 +62,13 @@ def key_env_name(name: str) -> str:
     return f"GLM_BACKEND_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()}_KEY"
 
 
-def make_entry(name: str, target: str, api_key: str | None = None, local_defaults: ModelSpec | None = None,
-               env: Mapping[str, str] | None = None) -> BackendEntry:
+def make_entry(
+    name: str,
+    target: str,
+    api_key: str | None = None,
+    local_defaults: ModelSpec | None = None,
+    env: Mapping[str, str] | None = None,
+) -> BackendEntry:
     """One configured backend from a name and a target (URL or local path); a remote one without `api_key` takes
     its key from `env` (the process environment by default). Raises ValueError with a reason."""
     env = os.environ if env is None else env
@@ -71,7 +76,9 @@ def make_entry(name: str, target: str, api_key: str | None = None, local_default
     if not target:
         raise ValueError(f"backend {name!r} names no model")
     if is_remote(target):
-        return BackendEntry(name, remote_spec(target), api_key or env.get(key_env_name(name)) or env.get(KEY_ENV) or None)
+        return BackendEntry(
+            name, remote_spec(target), api_key or env.get(key_env_name(name)) or env.get(KEY_ENV) or None
+        )
     base = local_defaults or ModelSpec.from_settings()
     return BackendEntry(name, replace(base, path=target))
 
@@ -81,8 +88,9 @@ def typed_entry(name: str, target: str, api_key: str | None) -> BackendEntry:
     return make_entry(name, target, api_key=api_key, env={})
 
 
-def parse_backends_env(text: str, local_defaults: ModelSpec | None = None,
-                       env: Mapping[str, str] | None = None) -> list[BackendEntry]:
+def parse_backends_env(
+    text: str, local_defaults: ModelSpec | None = None, env: Mapping[str, str] | None = None
+) -> list[BackendEntry]:
     entries = []
     for item in re.split(r"[;\n]", text or ""):
         item = item.strip()
@@ -95,8 +103,9 @@ def parse_backends_env(text: str, local_defaults: ModelSpec | None = None,
     return _checked(entries)
 
 
-def parse_backends_secrets(section: Mapping, local_defaults: ModelSpec | None = None,
-                           env: Mapping[str, str] | None = None) -> list[BackendEntry]:
+def parse_backends_secrets(
+    section: Mapping, local_defaults: ModelSpec | None = None, env: Mapping[str, str] | None = None
+) -> list[BackendEntry]:
     """`[backends.NAME]` tables: `url` (+ `model`, `api_key`) for a remote server, or `path` (+ `precision`,
     `device`, `family`) for the local model."""
     entries = []
@@ -126,7 +135,9 @@ def _checked(entries: list[BackendEntry]) -> list[BackendEntry]:
     return entries
 
 
-def configured_backends(secrets_section: Mapping | None = None, env: Mapping[str, str] | None = None) -> list[BackendEntry]:
+def configured_backends(
+    secrets_section: Mapping | None = None, env: Mapping[str, str] | None = None
+) -> list[BackendEntry]:
     """The portal's backends: secrets.toml's [backends] when it has any, else GLM_BACKENDS, else the one local model
     of GLM_MODEL_PATH (named "local")."""
     env = os.environ if env is None else env
@@ -140,11 +151,16 @@ def configured_backends(secrets_section: Mapping | None = None, env: Mapping[str
     return [BackendEntry(DEFAULT_LOCAL_NAME, spec, from_settings=True)]
 
 
-def conversation_backend(stored: str | None, available: list[str], default: str | None) -> tuple[str | None, str | None]:
+def conversation_backend(
+    stored: str | None, available: list[str], default: str | None
+) -> tuple[str | None, str | None]:
     """Which backend a conversation talks to: the one it remembers while it is offered, else the default. Returns
     (name, note); the note says why a remembered one was not used."""
     if stored and stored in available:
         return stored, None
     if stored:
-        return default, f"This conversation used the model {stored!r}, which is not offered any more; it now talks to {default!r}."
+        return (
+            default,
+            f"This conversation used the model {stored!r}, which is not offered any more; it now talks to {default!r}.",
+        )
     return default, None

@@ -107,7 +107,7 @@ class EngineHub:
 
     # ---- the local slot ------------------------------------------------------------------------------------
 
-    def load(self, spec: ModelSpec, progress: "Progress | None" = None, if_none_loaded: bool = False) -> Backend:
+    def load(self, spec: ModelSpec, progress: Progress | None = None, if_none_loaded: bool = False) -> Backend:
         """Return a backend for `spec` in the local slot, loading it if needed (a URL spec makes a remote backend
         there). On failure the running model stays loaded.
 
@@ -116,13 +116,17 @@ class EngineHub:
         with self._lock:  # a second session asking meanwhile waits, then finds the model loaded
             current = self._engine
             remote = is_remote(spec.path)
-            if current is not None and (if_none_loaded or current.spec == spec
-                                        or remote and current.spec == _remote(spec)):
+            if current is not None and (
+                if_none_loaded or current.spec == spec or remote and current.spec == _remote(spec)
+            ):
                 return current
             try:
                 # A URL gets a key only when it is a configured backend's own URL (never for a typed one).
-                backend = (RemoteBackend(spec, api_key=self._configured_keys.get(spec.path)) if remote
-                           else self._load_local(spec, progress))
+                backend = (
+                    RemoteBackend(spec, api_key=self._configured_keys.get(spec.path))
+                    if remote
+                    else self._load_local(spec, progress)
+                )
             except (ModelLoadError, ValueError) as exc:
                 self.last_error, self.last_error_spec = str(exc), spec
                 if isinstance(exc, ModelLoadError):

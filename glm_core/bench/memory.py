@@ -25,19 +25,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .estimator import PRESETS, ConfigError, estimate, model_config, published, read_config
-from ..models.precision import Precision, parse_precision, resolve_device
 from ..models.checkpoint import build_computed_buffers
 from ..models.loading import fix_output_layer_input
+from ..models.precision import Precision, parse_precision, resolve_device
 from ..models.quant import tie_output_layer
-from ..telemetry.memory import trim_c_heap
 from ..settings import DEFAULT_GROUP_SIZE, EMBEDDED, PROJECT_ROOT, load_settings
+from ..telemetry.memory import trim_c_heap
+from .estimator import PRESETS, ConfigError, estimate, model_config, published, read_config
 
 DECODE_STEPS = 16
 LEVELS = [p.value for p in Precision]
@@ -64,7 +65,7 @@ class MemoryBenchRequest:
 
 
 def source_kind(source: str) -> str:
-    """"random" (preset or config.json: random weights) or "real" (a model folder or the embedded model)."""
+    """ "random" (preset or config.json: random weights) or "real" (a model folder or the embedded model)."""
     if source.strip().lower() in PRESETS:
         return "random"
     if source == EMBEDDED:
@@ -96,8 +97,12 @@ def environment(device: str) -> dict:
     else:
         name = _cpu_name() + f" ({os.cpu_count()} cores)"
     return {
-        "device": str(resolved), "device_name": name, "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "host": platform.node(),
+        "device": str(resolved),
+        "device_name": name,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "host": platform.node(),
     }
 
 
@@ -164,12 +169,12 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
     """Load, encode, generate and (real weights) perplexity for one level; the peaks are this process's."""
     from transformers import DynamicCache
 
-    from .quant import EVAL_TEXT, perplexity
     from ..engine.generation import decode_one, prefill
     from ..models.loading import load_model
-    from ..protocol import ModelSpec
     from ..models.quant import weight_bytes
+    from ..protocol import ModelSpec
     from ..telemetry.memory import held_peak, kv_bytes_per_token, reset_peak
+    from .quant import EVAL_TEXT, perplexity
 
     device = resolve_device(request.device)
     precision = parse_precision(level, device)
@@ -214,8 +219,13 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
     _release(device)
 
     steps = min(DECODE_STEPS, request.generate)
-    emit({"event": "progress", "fraction": 0.7,
-          "message": f"{precision.label}: generating at a context of {request.generate} tokens"})
+    emit(
+        {
+            "event": "progress",
+            "fraction": 0.7,
+            "message": f"{precision.label}: generating at a context of {request.generate} tokens",
+        }
+    )
     reset_peak(device)
     cache = DynamicCache(config=config)
     _fill_cache(cache, config, request.generate - steps, precision.dtype, device)
@@ -237,14 +247,22 @@ def measure_level(request: MemoryBenchRequest, level: str, emit: Callable[[dict]
         runtime = context or 0
         load_peak, encode_peak, generate_peak = (p + runtime for p in (load_peak, encode_peak, generate_peak))
     return {
-        "level": precision.value, "model": name, "weights": "real" if kind == "real" else "random",
+        "level": precision.value,
+        "model": name,
+        "weights": "real" if kind == "real" else "random",
         "device": str(device),
         "memory_source": "CUDA allocator (reserved) + CUDA context" if device.type == "cuda" else "process RSS",
-        "runtime_bytes": runtime, "weights_bytes": weights["total"], "quantized_weights_bytes": weights["quantized"],
+        "runtime_bytes": runtime,
+        "weights_bytes": weights["total"],
+        "quantized_weights_bytes": weights["quantized"],
         "kv_bytes_per_token": kv_bytes_per_token(config, precision.dtype),
-        "load_s": load_s, "load_peak_bytes": load_peak,
-        "encode_tokens": request.encode, "encode_peak_bytes": encode_peak, "ttft_s": ttft,
-        "generate_tokens": request.generate, "generate_peak_bytes": generate_peak,
+        "load_s": load_s,
+        "load_peak_bytes": load_peak,
+        "encode_tokens": request.encode,
+        "encode_peak_bytes": encode_peak,
+        "ttft_s": ttft,
+        "generate_tokens": request.generate,
+        "generate_peak_bytes": generate_peak,
         "decode_tokens_per_s": steps / decode_s if decode_s > 0 else None,
         "perplexity": ppl,
     }
@@ -322,7 +340,13 @@ def run_in_process(request: MemoryBenchRequest) -> int:
         return 1
     except Exception as exc:  # reported as this level's error; the other levels still run
         message = str(exc).strip().splitlines()
-        emit({"event": "result", "level": request.levels[0], "error": (message[0] if message else type(exc).__name__)[:300]})
+        emit(
+            {
+                "event": "result",
+                "level": request.levels[0],
+                "error": (message[0] if message else type(exc).__name__)[:300],
+            }
+        )
         return 1
     emit({"event": "result", **result})
     return 0
@@ -360,14 +384,14 @@ class MemoryBenchRun:
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self, on_finish: Callable[["MemoryBenchRun"], None] | None = None) -> "MemoryBenchRun":
+    def start(self, on_finish: Callable[[MemoryBenchRun], None] | None = None) -> MemoryBenchRun:
         self.state = "running"
         self.environment = environment(self.request.device)
         self._thread = threading.Thread(target=self._run, args=(on_finish,), name="bench-memory", daemon=True)
         self._thread.start()
         return self
 
-    def wait(self, timeout: float | None = None) -> "MemoryBenchRun":
+    def wait(self, timeout: float | None = None) -> MemoryBenchRun:
         if self._thread is not None:
             self._thread.join(timeout)
         return self
@@ -387,7 +411,10 @@ class MemoryBenchRun:
             self._run_levels()
             self.state = "cancelled" if self._cancelled else "done"
         except Exception as exc:  # a broken request: shown as the run's error
-            self.state, self.error = "failed", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.state, self.error = (
+                "failed",
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            )
         self.finished_at = time.time()
         self.fraction = 1.0 if self.state == "done" else self.fraction
         if on_finish is not None:
@@ -397,9 +424,12 @@ class MemoryBenchRun:
         request = self.request
         _, cfg = source_config(request.source)
         device_type = resolve_device(request.device).type
-        self.estimates = {e.level: e.to_dict() for e in
-                          estimate(cfg, list(request.levels), request.encode, request.generate, device_type,
-                                   request.group_size)}
+        self.estimates = {
+            e.level: e.to_dict()
+            for e in estimate(
+                cfg, list(request.levels), request.encode, request.generate, device_type, request.group_size
+            )
+        }
         count = len(request.levels)
         for number, level in enumerate(request.levels):
             if self._cancelled:
@@ -408,27 +438,55 @@ class MemoryBenchRun:
             need = max(predicted["encode_peak_bytes"], predicted["generate_peak_bytes"])
             free = free_memory_bytes(request.device)
             if request.check_memory and need > free:
-                self.results.append({"level": level, "error": (
-                    f"predicted peak {need / 2**30:.1f} GiB exceeds the {free / 2**30:.1f} GiB free; not run")})
+                self.results.append(
+                    {
+                        "level": level,
+                        "error": (
+                            f"predicted peak {need / 2**30:.1f} GiB exceeds the {free / 2**30:.1f} GiB free; not run"
+                        ),
+                    }
+                )
                 continue
             self.message = f"{level.upper()}: starting"
             self.results.append(self._run_level(level, number, count))
 
     def _command(self, level: str) -> list[str]:
         request = self.request
-        return [sys.executable, "-m", "glm_core", "bench", "memory", "--in-process", "--model", request.source,
-                "--levels", level, "--encode", str(request.encode), "--generate", str(request.generate),
-                "--device", request.device, "--group-size", str(request.group_size),
-                "--eval-tokens", str(request.eval_tokens)]
+        return [
+            sys.executable,
+            "-m",
+            "glm_core",
+            "bench",
+            "memory",
+            "--in-process",
+            "--model",
+            request.source,
+            "--levels",
+            level,
+            "--encode",
+            str(request.encode),
+            "--generate",
+            str(request.generate),
+            "--device",
+            request.device,
+            "--group-size",
+            str(request.group_size),
+            "--eval-tokens",
+            str(request.eval_tokens),
+        ]
 
     def _run_level(self, level: str, number: int, count: int) -> dict:
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid()),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            PARENT_PID_ENV: str(os.getpid()),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        }
         with self._lock:
             if self._cancelled:
                 return {"level": level, "error": "cancelled"}
-            self._process = process = subprocess.Popen(self._command(level), stdout=subprocess.PIPE,
-                                                       stderr=subprocess.PIPE, env=env)
+            self._process = process = subprocess.Popen(
+                self._command(level), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+            )
         # Both pipes are read at once: a child writing a long traceback to an unread stderr would block, and
         # with it this thread waiting for its stdout.
         stderr_tail = bytearray()
@@ -483,7 +541,9 @@ class MemoryBenchRun:
         return result
 
 
-def run_memory_bench(request: MemoryBenchRequest, progress: Callable[[float, str], None] | None = None) -> MemoryBenchRun:
+def run_memory_bench(
+    request: MemoryBenchRequest, progress: Callable[[float, str], None] | None = None
+) -> MemoryBenchRun:
     """The command line's synchronous run (the page starts a MemoryBenchRun and polls it)."""
     run = MemoryBenchRun(request).start()
     last = None
@@ -525,8 +585,13 @@ def comparison_rows(data: dict) -> list[dict]:
 
 def run_record(run: MemoryBenchRun) -> dict:
     return {
-        "request": run.request.describe(), "results": run.results, "estimates": run.estimates,
-        "state": run.state, "error": run.error, "started_at": run.started_at, "finished_at": run.finished_at,
+        "request": run.request.describe(),
+        "results": run.results,
+        "estimates": run.estimates,
+        "state": run.state,
+        "error": run.error,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
         "environment": run.environment,
     }
 
@@ -572,8 +637,10 @@ class BenchHistory:
         self.path = Path(data_dir or load_settings().data_dir) / "benchmarks.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS memory_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                       "created_at REAL NOT NULL, record TEXT NOT NULL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS memory_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "created_at REAL NOT NULL, record TEXT NOT NULL)"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -582,8 +649,10 @@ class BenchHistory:
 
     def add(self, record: dict) -> int:
         with self._connect() as db:
-            cursor = db.execute("INSERT INTO memory_runs (created_at, record) VALUES (?, ?)",
-                                (record.get("finished_at") or time.time(), json.dumps(record)))
+            cursor = db.execute(
+                "INSERT INTO memory_runs (created_at, record) VALUES (?, ?)",
+                (record.get("finished_at") or time.time(), json.dumps(record)),
+            )
             return int(cursor.lastrowid)
 
     def list(self, limit: int = 200) -> list[dict]:
@@ -615,30 +684,60 @@ class MemoryBenchRunner:
 
 
 CSV_FIELDS = (
-    "run", "date", "state", "model", "weights", "device", "device_name", "torch", "transformers", "encode_tokens",
-    "generate_tokens", "level", "error", "weights_bytes", "predicted_weights_bytes",
-    "encode_measured_bytes", "encode_predicted_bytes", "encode_prediction_error", "encode_published_bytes",
-    "encode_vs_published", "generate_measured_bytes", "generate_predicted_bytes", "generate_prediction_error",
-    "generate_published_bytes", "generate_vs_published", "ttft_s", "decode_tokens_per_s", "perplexity",
+    "run",
+    "date",
+    "state",
+    "model",
+    "weights",
+    "device",
+    "device_name",
+    "torch",
+    "transformers",
+    "encode_tokens",
+    "generate_tokens",
+    "level",
+    "error",
+    "weights_bytes",
+    "predicted_weights_bytes",
+    "encode_measured_bytes",
+    "encode_predicted_bytes",
+    "encode_prediction_error",
+    "encode_published_bytes",
+    "encode_vs_published",
+    "generate_measured_bytes",
+    "generate_predicted_bytes",
+    "generate_prediction_error",
+    "generate_published_bytes",
+    "generate_vs_published",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "perplexity",
 )
 
 
 def csv_rows(records: list[dict]) -> list[dict]:
     """One row per run and level, every figure in bytes or seconds; text cells cannot run as formulas."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from ..conversations.exchange import spreadsheet_safe
 
     rows = []
     for record in records:
         request, env = record["request"], record.get("environment", {})
-        date = datetime.fromtimestamp(record.get("finished_at") or record["started_at"], timezone.utc).isoformat()
+        date = datetime.fromtimestamp(record.get("finished_at") or record["started_at"], UTC).isoformat()
         for row in comparison_rows(record):
             full = {
-                "run": record.get("id", ""), "date": date, "state": record.get("state", ""), "model": request["source"],
-                "device": env.get("device", ""), "device_name": env.get("device_name", ""), "torch": env.get("torch", ""),
-                "transformers": env.get("transformers", ""), "encode_tokens": request["encode"],
-                "generate_tokens": request["generate"], **row,
+                "run": record.get("id", ""),
+                "date": date,
+                "state": record.get("state", ""),
+                "model": request["source"],
+                "device": env.get("device", ""),
+                "device_name": env.get("device_name", ""),
+                "torch": env.get("torch", ""),
+                "transformers": env.get("transformers", ""),
+                "encode_tokens": request["encode"],
+                "generate_tokens": request["generate"],
+                **row,
             }
             rows.append({k: "" if full.get(k) is None else spreadsheet_safe(full.get(k)) for k in CSV_FIELDS})
     return rows

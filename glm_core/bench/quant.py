@@ -28,10 +28,22 @@ PROMPT = "Write a long story about a lighthouse keeper who finds a message in a 
 # ChatGLM2-6B's shapes with 4 of its 28 layers: 1.35 B parameters, of which 0.53 B in embedding and output layer.
 RANDOM_GLM_CONFIG = {
     "_name_or_path": "THUDM/chatglm2-6b (4-layer random-weight stand-in)",
-    "model_type": "chatglm", "add_bias_linear": False, "add_qkv_bias": True, "ffn_hidden_size": 13696,
-    "hidden_size": 4096, "kv_channels": 128, "layernorm_epsilon": 1e-05, "multi_query_attention": True,
-    "multi_query_group_num": 2, "num_attention_heads": 32, "num_layers": 4, "padded_vocab_size": 65024,
-    "post_layer_norm": True, "rmsnorm": True, "seq_length": 32768, "torch_dtype": "float16",
+    "model_type": "chatglm",
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "ffn_hidden_size": 13696,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 4,
+    "padded_vocab_size": 65024,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 32768,
+    "torch_dtype": "float16",
 }
 
 
@@ -48,9 +60,19 @@ def ensure_random_glm(cache_dir: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(EVAL_TEXT.read_text().splitlines()), model_writer=model, vocab_size=1000,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(EVAL_TEXT.read_text().splitlines()),
+        model_writer=model,
+        vocab_size=1000,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     (tmp / "tokenizer.model").write_bytes(model.getvalue())
     c = RANDOM_GLM_CONFIG
@@ -161,14 +183,17 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
     try:
         messages = [{"role": "user", "content": PROMPT}]
         engine.submit(uuid.uuid4().hex, messages, SamplingParams(temperature=0, max_new_tokens=4)).wait()  # warm-up
-        reply = engine.submit(uuid.uuid4().hex, messages, SamplingParams(temperature=0, max_new_tokens=decode_tokens)).wait()
+        reply = engine.submit(
+            uuid.uuid4().hex, messages, SamplingParams(temperature=0, max_new_tokens=decode_tokens)
+        ).wait()
         if reply.error:
             raise RuntimeError(reply.error)
     finally:
         engine.close()
     ppl = perplexity(loaded, EVAL_TEXT.read_text(), eval_tokens) if real and eval_tokens else None
-    ppl_compiled = (perplexity_compiled(loaded, EVAL_TEXT.read_text(), eval_tokens)
-                    if compiled and real and eval_tokens else None)
+    ppl_compiled = (
+        perplexity_compiled(loaded, EVAL_TEXT.read_text(), eval_tokens) if compiled and real and eval_tokens else None
+    )
     memory = device_memory(loaded.device)
     return {
         "level": spec.precision,
@@ -190,15 +215,40 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
     }
 
 
-def run_quant_bench(model: str, levels: list[str], device: str = "auto", decode_tokens: int = 64,
-                    eval_tokens: int = 1024, group_size: int = DEFAULT_GROUP_SIZE, compiled: bool = False) -> list[dict]:
+def run_quant_bench(
+    model: str,
+    levels: list[str],
+    device: str = "auto",
+    decode_tokens: int = 64,
+    eval_tokens: int = 1024,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    compiled: bool = False,
+) -> list[dict]:
     """Every level in a fresh process of its own; the results in level order."""
     path, real = resolve_bench_model(model)
     results = []
     for level in levels:
-        command = [sys.executable, "-m", "glm_core", "bench", "quant", "--model", path, "--levels", level,
-                   "--device", device, "--group-size", str(group_size), "--decode-tokens", str(decode_tokens), "--eval-tokens",
-                   str(eval_tokens if real else 0), "--in-process", "--json"] + (["--compiled"] if compiled else [])
+        command = [
+            sys.executable,
+            "-m",
+            "glm_core",
+            "bench",
+            "quant",
+            "--model",
+            path,
+            "--levels",
+            level,
+            "--device",
+            device,
+            "--group-size",
+            str(group_size),
+            "--decode-tokens",
+            str(decode_tokens),
+            "--eval-tokens",
+            str(eval_tokens if real else 0),
+            "--in-process",
+            "--json",
+        ] + (["--compiled"] if compiled else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

@@ -89,8 +89,13 @@ def _decode_rates(engine: Engine, tokens: int, repeats: int) -> tuple[float, flo
         clock = _TokenClock()
         with torch.inference_mode():
             loaded.model.generate(
-                ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, streamer=clock,
-                attention_mask=torch.ones_like(ids), pad_token_id=loaded.tokenizer.pad_token_id or 0,
+                ids,
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                streamer=clock,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=loaded.tokenizer.pad_token_id or 0,
             )
         generate_rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
     return statistics.median(engine_rates), statistics.median(generate_rates), count
@@ -100,7 +105,9 @@ def run_turns_bench(loaded: LoadedModel, max_new_tokens: int = 48, decode_tokens
     engine = Engine(loaded, compile="off")  # the eager engine: bench decode measures the compiled path
     try:
         warm = uuid.uuid4().hex  # first calls pay one-off costs (allocator, kernels) that neither side should carry
-        engine.submit(warm, [{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_new_tokens=8)).wait()
+        engine.submit(
+            warm, [{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_new_tokens=8)
+        ).wait()
         engine.forget(warm)
         runs = [_chat_turns(engine, max_new_tokens) for _ in range(repeats)]
         turns = dict(runs[-1])

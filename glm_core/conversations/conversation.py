@@ -135,7 +135,7 @@ class Conversation:
     archived: bool = False
 
     @classmethod
-    def from_tree(cls, tree: list[ChatMessage], chosen_id: int | None = None, **fields_) -> "Conversation":
+    def from_tree(cls, tree: list[ChatMessage], chosen_id: int | None = None, **fields_) -> Conversation:
         return cls(messages=chosen_path(tree, chosen_id), tree=tree, **fields_)
 
     def versions(self, message: ChatMessage) -> list[ChatMessage]:
@@ -159,7 +159,9 @@ class Conversation:
     def every_message(self) -> list[ChatMessage]:
         return self.tree or self.messages
 
-    def model_messages(self, system_prompt: str = "", upto: int | None = None, new_prompt: str | None = None) -> list[dict]:
+    def model_messages(
+        self, system_prompt: str = "", upto: int | None = None, new_prompt: str | None = None
+    ) -> list[dict]:
         """What the engine sees: a system message, then the first `upto` messages (all by default), then the new prompt.
 
         A system message stored in the conversation (an imported one) wins over the sidebar's system prompt.

@@ -19,13 +19,13 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Sequence
+from datetime import UTC, datetime
 
-from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
 from ..backends.config import check_name
 from ..protocol import SamplingParams
+from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
 from .store import Store
 
 FORMAT_NAME = "glm-chat-dashboard/conversations"
@@ -36,8 +36,8 @@ MAX_IMPORT_MESSAGES = 10_000  # per conversation
 ROLES = ("system", "user", "assistant")
 # Times an import may carry: what every page, pandas and SQLite can show and sort (a year 1 or 9999 with an offset
 # crashes datetime.fromtimestamp in some time zones).
-EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
-LATEST_TIME = datetime(2100, 1, 1, tzinfo=timezone.utc)
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(2100, 1, 1, tzinfo=UTC)
 # Numbers an import may carry (figures, sampling parameters): exact in a float and in SQLite's 64-bit integers.
 MAX_IMPORT_NUMBER = 2**53
 MAX_NUMBER_DIGITS = 20
@@ -57,8 +57,12 @@ EXPORT_FORMATS = {
     "md": ExportFormat("md", "text/markdown", "Markdown", "readable text, one section per conversation"),
     "csv": ExportFormat("csv", "text/csv", "CSV", "one row per message, with its figures and sampling parameters"),
     "html": ExportFormat("html", "text/html", "HTML", "a standalone page to open in any browser"),
-    "jsonl": ExportFormat("jsonl", "application/jsonl", "JSONL (ChatGLM)",
-                          'fine-tuning data: {"prompt", "response", "history"} per finished reply'),
+    "jsonl": ExportFormat(
+        "jsonl",
+        "application/jsonl",
+        "JSONL (ChatGLM)",
+        'fine-tuning data: {"prompt", "response", "history"} per finished reply',
+    ),
 }
 
 
@@ -70,14 +74,15 @@ class ImportRejected(ValueError):
 
 
 def iso_time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat()
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 def export_conversations(conversations: list[Conversation], fmt: str) -> bytes:
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     return {"json": to_json, "md": to_markdown, "csv": to_csv, "html": to_html, "jsonl": to_chatglm_jsonl}[fmt](
-        conversations).encode("utf-8")
+        conversations
+    ).encode("utf-8")
 
 
 def to_json(conversations: list[Conversation]) -> str:
@@ -159,8 +164,20 @@ def to_markdown(conversations: list[Conversation]) -> str:
 
 
 CSV_COLUMNS = (
-    "conversation_id", "conversation_title", "position", "role", "content", "created_at", "status", "finish_reason",
-    "stopped", "error", "model", "precision", *PARAM_FIELDS, *STATS_FIELDS,
+    "conversation_id",
+    "conversation_title",
+    "position",
+    "role",
+    "content",
+    "created_at",
+    "status",
+    "finish_reason",
+    "stopped",
+    "error",
+    "model",
+    "precision",
+    *PARAM_FIELDS,
+    *STATS_FIELDS,
 )
 
 
@@ -180,10 +197,18 @@ def to_csv(conversations: list[Conversation]) -> str:
     for c in conversations:
         for position, m in enumerate(c.messages):
             row = {
-                "conversation_id": c.id, "conversation_title": c.title, "position": position, "role": m.role,
-                "content": m.content, "created_at": iso_time(m.created_at), "status": m.status,
-                "finish_reason": m.finish_reason or "", "stopped": m.stopped if m.role == "assistant" else "",
-                "error": m.error or "", "model": m.model or "", "precision": m.precision or "",
+                "conversation_id": c.id,
+                "conversation_title": c.title,
+                "position": position,
+                "role": m.role,
+                "content": m.content,
+                "created_at": iso_time(m.created_at),
+                "status": m.status,
+                "finish_reason": m.finish_reason or "",
+                "stopped": m.stopped if m.role == "assistant" else "",
+                "error": m.error or "",
+                "model": m.model or "",
+                "precision": m.precision or "",
             }
             row.update({name: (m.params or {}).get(name, "") for name in PARAM_FIELDS})
             row.update({name: (m.stats or {}).get(name, "") for name in STATS_FIELDS})
@@ -207,11 +232,15 @@ def to_html(conversations: list[Conversation]) -> str:
     e = html.escape
     body = []
     for c in conversations:
-        body.append(f'<section class="conversation"><h1>{e(c.title)}</h1>'
-                    f'<p class="meta">{len(c.messages)} messages · started {e(iso_time(c.created_at))}</p>')
+        body.append(
+            f'<section class="conversation"><h1>{e(c.title)}</h1>'
+            f'<p class="meta">{len(c.messages)} messages · started {e(iso_time(c.created_at))}</p>'
+        )
         for m in c.messages:
-            body.append(f'<div class="message {e(m.role)}"><div class="speaker">{e(_speaker(m))}</div>'
-                        f'<div class="content">{e(m.content)}</div>')
+            body.append(
+                f'<div class="message {e(m.role)}"><div class="speaker">{e(_speaker(m))}</div>'
+                f'<div class="content">{e(m.content)}</div>'
+            )
             if m.stats_line():
                 body.append(f'<div class="stats">{e(m.stats_line())}</div>')
             if m.error:
@@ -220,9 +249,9 @@ def to_html(conversations: list[Conversation]) -> str:
         body.append("</section>")
     title = e(conversations[0].title) if len(conversations) == 1 else f"{len(conversations)} conversations"
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>"
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
         f"<style>{_HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
 
@@ -244,8 +273,12 @@ def to_chatglm_jsonl(conversations: list[Conversation]) -> str:
                 pending = m.content
             elif m.role == "assistant" and pending is not None:
                 if _usable_for_training(m):
-                    lines.append(json.dumps({"prompt": pending, "response": m.content,
-                                             "history": [list(pair) for pair in history]}, ensure_ascii=False))
+                    lines.append(
+                        json.dumps(
+                            {"prompt": pending, "response": m.content, "history": [list(pair) for pair in history]},
+                            ensure_ascii=False,
+                        )
+                    )
                 history.append([pending, m.content])
                 pending = None
     return "".join(line + "\n" for line in lines)
@@ -267,7 +300,9 @@ def export_file_name(conversations: Sequence, fmt: str) -> str:
 def check_import_size(size: int) -> None:
     """Call with the file's size before reading it, so an oversized file is refused unread."""
     if size > MAX_IMPORT_BYTES:
-        raise ImportRejected(f"the file is {size / 2**20:.1f} MiB; at most {MAX_IMPORT_BYTES // 2**20} MiB can be imported")
+        raise ImportRejected(
+            f"the file is {size / 2**20:.1f} MiB; at most {MAX_IMPORT_BYTES // 2**20} MiB can be imported"
+        )
 
 
 def import_file(store: Store, workspace: str, data: bytes) -> list[str]:
@@ -290,8 +325,10 @@ def parse_import(data: bytes) -> list[Conversation]:
 
     def whole_number(digits: str) -> int:  # before Python converts it: a 100,000-digit number costs seconds
         if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
-            raise ImportRejected(f"the file holds a number with {len(digits):,} digits; numbers are at most "
-                                 f"{MAX_NUMBER_DIGITS} digits long")
+            raise ImportRejected(
+                f"the file holds a number with {len(digits):,} digits; numbers are at most "
+                f"{MAX_NUMBER_DIGITS} digits long"
+            )
         return int(digits)
 
     def finite_number(text: str) -> float:
@@ -303,14 +340,18 @@ def parse_import(data: bytes) -> list[Conversation]:
     try:
         document = json.loads(text, parse_constant=no_constants, parse_int=whole_number, parse_float=finite_number)
     except json.JSONDecodeError as exc:
-        raise ImportRejected(f"the file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        raise ImportRejected(
+            f"the file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
     except RecursionError:
         raise ImportRejected("the file is not a conversation export: it is nested too deeply") from None
     conversations = _read_document(document)
     if not conversations:
         raise ImportRejected("the file holds no conversations")
     if len(conversations) > MAX_IMPORT_CONVERSATIONS:
-        raise ImportRejected(f"the file holds {len(conversations):,} conversations; at most {MAX_IMPORT_CONVERSATIONS:,} per import")
+        raise ImportRejected(
+            f"the file holds {len(conversations):,} conversations; at most {MAX_IMPORT_CONVERSATIONS:,} per import"
+        )
     return conversations
 
 
@@ -329,8 +370,8 @@ def _read_document(doc) -> list[Conversation]:
         if all(isinstance(item, list) for item in doc):
             return [_conversation_from_pairs(doc, [], "")]
     raise ImportRejected(
-        "the file is not a format we import: expected this app's JSON export (with \"format\": "
-        f"\"{FORMAT_NAME}\"), an OpenAI-style {{\"messages\": [...]}}, or ChatGLM history pairs [[question, answer], ...]"
+        'the file is not a format we import: expected this app\'s JSON export (with "format": '
+        f'"{FORMAT_NAME}"), an OpenAI-style {{"messages": [...]}}, or ChatGLM history pairs [[question, answer], ...]'
     )
 
 
@@ -351,7 +392,7 @@ def _read_time(value, where: str) -> float:
     try:
         moment = datetime.fromisoformat(value)
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         in_range = EARLIEST_TIME <= moment < LATEST_TIME
     except (ValueError, OverflowError):  # malformed, or an offset that moves it out of datetime's years
         _fail(where, f"not an ISO 8601 time: {value[:40]!r}")
@@ -386,10 +427,13 @@ def _read_own_format(doc: dict) -> list[Conversation]:
         messages = _expect(item.get("messages"), list, f"{where}.messages", "a list of messages")
         _check_count(messages, f"{where}.messages")
         read = [_read_own_message(m, f"{where}.messages[{j}]") for j, m in enumerate(messages)]
-        head = dict(title=_read_title(item.get("title", ""), f"{where}.title"),
-                    created_at=_read_time(item.get("created_at"), f"{where}.created_at"),
-                    pinned=item.get("pinned") is True, archived=item.get("archived") is True,
-                    backend=_read_backend(item.get("backend"), f"{where}.backend"))
+        head = dict(
+            title=_read_title(item.get("title", ""), f"{where}.title"),
+            created_at=_read_time(item.get("created_at"), f"{where}.created_at"),
+            pinned=item.get("pinned") is True,
+            archived=item.get("archived") is True,
+            backend=_read_backend(item.get("backend"), f"{where}.backend"),
+        )
         if any(m.id is not None for m in read):
             tree, chosen = _read_tree(read, messages, item.get("chosen"), where)
             conversation = Conversation.from_tree(tree, chosen, **head)
@@ -517,8 +561,9 @@ def _read_openai(doc: dict, where: str) -> Conversation:
     if not out:
         _fail(where or "messages", "the conversation has no messages")
     title = doc.get("title")
-    return Conversation(title=_read_title(title, "title") if title is not None else _default_title(out),
-                        messages=out, created_at=now)
+    return Conversation(
+        title=_read_title(title, "title") if title is not None else _default_title(out), messages=out, created_at=now
+    )
 
 
 def _conversation_from_pairs(pairs: list, tail: list[str], where: str) -> Conversation:

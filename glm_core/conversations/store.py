@@ -16,15 +16,20 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from .conversation import (
-    STATS_FIELDS, TITLE_MAX_CHARS, ChatMessage, Conversation, new_conversation_id, title_from_prompt,
-)
 from ..settings import load_settings
+from .conversation import (
+    STATS_FIELDS,
+    TITLE_MAX_CHARS,
+    ChatMessage,
+    Conversation,
+    new_conversation_id,
+    title_from_prompt,
+)
 from .workspace import new_workspace_id
 
 DB_NAME = "conversations.sqlite3"
@@ -68,8 +73,19 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 """
 
-_ROW_FIELDS = ("role", "content", "created_at", "updated_at", "status", "finish_reason", "error", "model", "precision",
-               "params", *STATS_FIELDS)
+_ROW_FIELDS = (
+    "role",
+    "content",
+    "created_at",
+    "updated_at",
+    "status",
+    "finish_reason",
+    "error",
+    "model",
+    "precision",
+    "params",
+    *STATS_FIELDS,
+)
 
 # Version 2: a message's place is its parent, not a position, so one prompt can have several replies and one reply
 # several follow-ups. SQLite cannot drop the UNIQUE (conversation_id, position) constraint, so the table is rebuilt
@@ -123,7 +139,11 @@ CREATE TABLE system_prompt_presets (
 # Version 3: each conversation remembers the backend (by its name in GLM_BACKENDS) it talks to; NULL: the default.
 _MIGRATE_TO_3 = "ALTER TABLE conversations ADD COLUMN backend TEXT;\n"
 
-MIGRATIONS = {1: _SCHEMA_V1, 2: _MIGRATE_TO_2, 3: _MIGRATE_TO_3}  # version -> the SQL that brings the version before it there
+MIGRATIONS = {
+    1: _SCHEMA_V1,
+    2: _MIGRATE_TO_2,
+    3: _MIGRATE_TO_3,
+}  # version -> the SQL that brings the version before it there
 
 _MESSAGE_COLUMNS = "id, parent_id, chosen_at, " + ", ".join(_ROW_FIELDS)
 _CONVERSATION_COLUMNS = "id, title, created_at, updated_at, pinned, archived, backend"
@@ -148,8 +168,10 @@ class ConversationChanged(RuntimeError):
     Regenerate or Edit in a second tab); nothing was changed."""
 
 
-CONVERSATION_CHANGED = ("This conversation changed in another tab or window after this page was drawn, so nothing "
-                        "was changed; the page now shows what is stored.")
+CONVERSATION_CHANGED = (
+    "This conversation changed in another tab or window after this page was drawn, so nothing "
+    "was changed; the page now shows what is stored."
+)
 # begin_turn's `expected_last_id` when the caller does not check (the CLI, tests)
 ANY_LAST = object()
 
@@ -255,8 +277,10 @@ class Store:
         """A new workspace (a random id unless one is given); giving an existing id is a no-op."""
         workspace_id = workspace_id or new_workspace_id()
         with self._connect() as db:
-            db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)",
-                       (workspace_id, time.time()))
+            db.execute(
+                "INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)",
+                (workspace_id, time.time()),
+            )
         return workspace_id
 
     def workspace_exists(self, workspace_id: str) -> bool:
@@ -276,7 +300,9 @@ class Store:
             if row:
                 return row[0]
             workspace_id = new_workspace_id()
-            db.execute("INSERT INTO workspaces (id, owner, created_at) VALUES (?, ?, ?)", (workspace_id, owner, time.time()))
+            db.execute(
+                "INSERT INTO workspaces (id, owner, created_at) VALUES (?, ?, ?)", (workspace_id, owner, time.time())
+            )
             return workspace_id
 
     def list_workspaces(self) -> list[WorkspaceSummary]:
@@ -289,7 +315,9 @@ class Store:
 
     # ---- conversations -------------------------------------------------------------------------------------
 
-    def list_conversations(self, workspace: str, search: str = "", archived: bool | None = None) -> list[ConversationSummary]:
+    def list_conversations(
+        self, workspace: str, search: str = "", archived: bool | None = None
+    ) -> list[ConversationSummary]:
         """The workspace's conversations, pinned first, then newest activity first; `search` matches titles and the
         text of every version of every message; `archived` True or False lists only those (None: all)."""
         where, args = "c.workspace = ?", [workspace]
@@ -298,8 +326,10 @@ class Store:
             args.append(int(archived))
         if search.strip():
             pattern = f"%{_escape_like(search.strip())}%"
-            where += (" AND (c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages s "
-                      "WHERE s.conversation_id = c.id AND s.content LIKE ? ESCAPE '\\'))")
+            where += (
+                " AND (c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages s "
+                "WHERE s.conversation_id = c.id AND s.content LIKE ? ESCAPE '\\'))"
+            )
             args += [pattern, pattern]
         with self._connect() as db:
             rows = db.execute(
@@ -313,11 +343,22 @@ class Store:
                 args,
             ).fetchall()
         return [
-            ConversationSummary(cid, title, created, updated, count, sorted((models or "").split(",")) if models else [],
-                                int(prompt), int(completion), int(unfinished or 0), bool(pinned), bool(archived),
-                                bool(shared), backend)
-            for cid, title, created, updated, backend, count, models, prompt, completion, unfinished, pinned, archived,
-            shared in rows
+            ConversationSummary(
+                cid,
+                title,
+                created,
+                updated,
+                count,
+                sorted((models or "").split(",")) if models else [],
+                int(prompt),
+                int(completion),
+                int(unfinished or 0),
+                bool(pinned),
+                bool(archived),
+                bool(shared),
+                backend,
+            )
+            for cid, title, created, updated, backend, count, models, prompt, completion, unfinished, pinned, archived, shared in rows
         ]
 
     def get_conversation(self, workspace: str, conversation_id: str) -> Conversation | None:
@@ -341,11 +382,19 @@ class Store:
 
     def _conversation_from_row(self, db: sqlite3.Connection, head: tuple) -> Conversation:
         cid, title, created, updated, pinned, archived, backend = head
-        rows = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
-                          (cid,)).fetchall()
-        return Conversation.from_tree([self._message_from_row(row) for row in rows], id=cid, title=title,
-                                      created_at=created, updated_at=updated, pinned=bool(pinned),
-                                      archived=bool(archived), backend=backend)
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id", (cid,)
+        ).fetchall()
+        return Conversation.from_tree(
+            [self._message_from_row(row) for row in rows],
+            id=cid,
+            title=title,
+            created_at=created,
+            updated_at=updated,
+            pinned=bool(pinned),
+            archived=bool(archived),
+            backend=backend,
+        )
 
     def choose_version(self, workspace: str, conversation_id: str, message_id: int) -> None:
         """Show the path through `message_id` (a version of a reply, a branch of a prompt) from now on, with the
@@ -353,7 +402,9 @@ class Store:
         with self._transaction() as db:
             owned = db.execute(
                 "SELECT 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                "WHERE m.id = ? AND c.id = ? AND c.workspace = ?", (message_id, conversation_id, workspace)).fetchone()
+                "WHERE m.id = ? AND c.id = ? AND c.workspace = ?",
+                (message_id, conversation_id, workspace),
+            ).fetchone()
             if owned is None:
                 raise NotFound("no such message in this conversation")
             db.execute(_MARK_CHOSEN, (message_id, time.time()))
@@ -366,8 +417,10 @@ class Store:
 
     def _set_flag(self, workspace: str, conversation_id: str, column: str, value: bool) -> None:
         with self._connect() as db:
-            changed = db.execute(f"UPDATE conversations SET {column} = ? WHERE id = ? AND workspace = ?",
-                                 (int(value), conversation_id, workspace)).rowcount
+            changed = db.execute(
+                f"UPDATE conversations SET {column} = ? WHERE id = ? AND workspace = ?",
+                (int(value), conversation_id, workspace),
+            ).rowcount
         if not changed:
             raise NotFound("no such conversation in this workspace")
 
@@ -376,8 +429,9 @@ class Store:
     def share(self, workspace: str, conversation_id: str) -> str:
         """The conversation's share token, made on first use."""
         with self._transaction() as db:
-            row = db.execute("SELECT share_token FROM conversations WHERE id = ? AND workspace = ?",
-                             (conversation_id, workspace)).fetchone()
+            row = db.execute(
+                "SELECT share_token FROM conversations WHERE id = ? AND workspace = ?", (conversation_id, workspace)
+            ).fetchone()
             if row is None:
                 raise NotFound("no such conversation in this workspace")
             if row[0]:
@@ -388,45 +442,56 @@ class Store:
 
     def share_token(self, workspace: str, conversation_id: str) -> str | None:
         with self._connect() as db:
-            row = db.execute("SELECT share_token FROM conversations WHERE id = ? AND workspace = ?",
-                             (conversation_id, workspace)).fetchone()
+            row = db.execute(
+                "SELECT share_token FROM conversations WHERE id = ? AND workspace = ?", (conversation_id, workspace)
+            ).fetchone()
         return row[0] if row else None
 
     def revoke_share(self, workspace: str, conversation_id: str) -> None:
         """The old link stops working at once; sharing again makes a new token."""
         with self._connect() as db:
-            db.execute("UPDATE conversations SET share_token = NULL WHERE id = ? AND workspace = ?",
-                       (conversation_id, workspace))
+            db.execute(
+                "UPDATE conversations SET share_token = NULL WHERE id = ? AND workspace = ?",
+                (conversation_id, workspace),
+            )
 
     def shared_conversation(self, token: object) -> Conversation | None:
         """The one conversation a share token opens, or None (malformed, unknown or revoked)."""
         if not isinstance(token, str) or not SHARE_TOKEN_RE.fullmatch(token):
             return None
         with self._connect() as db:
-            head = db.execute(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE share_token = ?",
-                              (token,)).fetchone()
+            head = db.execute(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE share_token = ?", (token,)
+            ).fetchone()
             return self._conversation_from_row(db, head) if head else None
 
     # ---- per-workspace settings and system-prompt presets ------------------------------------------------------
 
     def get_setting(self, workspace: str, name: str, default=None):
         with self._connect() as db:
-            row = db.execute("SELECT value FROM workspace_settings WHERE workspace = ? AND name = ?",
-                             (workspace, name)).fetchone()
+            row = db.execute(
+                "SELECT value FROM workspace_settings WHERE workspace = ? AND name = ?", (workspace, name)
+            ).fetchone()
         return json.loads(row[0]) if row else default
 
     def set_setting(self, workspace: str, name: str, value) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, time.time()))
-            db.execute("INSERT INTO workspace_settings (workspace, name, value) VALUES (?, ?, ?) "
-                       "ON CONFLICT (workspace, name) DO UPDATE SET value = excluded.value",
-                       (workspace, name, json.dumps(value, ensure_ascii=False)))
+            db.execute(
+                "INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, time.time())
+            )
+            db.execute(
+                "INSERT INTO workspace_settings (workspace, name, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (workspace, name) DO UPDATE SET value = excluded.value",
+                (workspace, name, json.dumps(value, ensure_ascii=False)),
+            )
 
     def list_presets(self, workspace: str) -> dict[str, str]:
         """The workspace's system-prompt presets, by name, in name order."""
         with self._connect() as db:
-            rows = db.execute("SELECT name, text FROM system_prompt_presets WHERE workspace = ? ORDER BY name COLLATE NOCASE",
-                              (workspace,)).fetchall()
+            rows = db.execute(
+                "SELECT name, text FROM system_prompt_presets WHERE workspace = ? ORDER BY name COLLATE NOCASE",
+                (workspace,),
+            ).fetchall()
         return dict(rows)
 
     def save_preset(self, workspace: str, name: str, text: str) -> str:
@@ -437,14 +502,19 @@ class Store:
         if len(text) > PRESET_TEXT_MAX_CHARS:
             raise ValueError(f"a preset holds at most {PRESET_TEXT_MAX_CHARS:,} characters")
         with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, time.time()))
-            count = db.execute("SELECT COUNT(*) FROM system_prompt_presets WHERE workspace = ? AND name != ?",
-                               (workspace, name)).fetchone()[0]
+            db.execute(
+                "INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, time.time())
+            )
+            count = db.execute(
+                "SELECT COUNT(*) FROM system_prompt_presets WHERE workspace = ? AND name != ?", (workspace, name)
+            ).fetchone()[0]
             if count >= MAX_PRESETS:
                 raise ValueError(f"a workspace keeps at most {MAX_PRESETS} presets; delete one first")
-            db.execute("INSERT INTO system_prompt_presets (workspace, name, text, created_at) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT (workspace, name) DO UPDATE SET text = excluded.text",
-                       (workspace, name, text, time.time()))
+            db.execute(
+                "INSERT INTO system_prompt_presets (workspace, name, text, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (workspace, name) DO UPDATE SET text = excluded.text",
+                (workspace, name, text, time.time()),
+            )
         return name
 
     def delete_preset(self, workspace: str, name: str) -> None:
@@ -454,28 +524,42 @@ class Store:
     def rename_conversation(self, workspace: str, conversation_id: str, title: str) -> None:
         title = clean_title(title)
         with self._connect() as db:
-            changed = db.execute("UPDATE conversations SET title = ? WHERE id = ? AND workspace = ?",
-                                 (title, conversation_id, workspace)).rowcount
+            changed = db.execute(
+                "UPDATE conversations SET title = ? WHERE id = ? AND workspace = ?", (title, conversation_id, workspace)
+            ).rowcount
         if not changed:
             raise NotFound("no such conversation in this workspace")
 
     def set_backend(self, workspace: str, conversation_id: str, backend: str | None) -> None:
         """Switch the backend a conversation talks to (its history goes along; replies keep their model)."""
         with self._connect() as db:
-            changed = db.execute("UPDATE conversations SET backend = ? WHERE id = ? AND workspace = ?",
-                                 (backend, conversation_id, workspace)).rowcount
+            changed = db.execute(
+                "UPDATE conversations SET backend = ? WHERE id = ? AND workspace = ?",
+                (backend, conversation_id, workspace),
+            ).rowcount
         if not changed:
             raise NotFound("no such conversation in this workspace")
 
     def delete_conversation(self, workspace: str, conversation_id: str) -> bool:
         with self._connect() as db:
-            return db.execute("DELETE FROM conversations WHERE id = ? AND workspace = ?",
-                              (conversation_id, workspace)).rowcount > 0
+            return (
+                db.execute(
+                    "DELETE FROM conversations WHERE id = ? AND workspace = ?", (conversation_id, workspace)
+                ).rowcount
+                > 0
+            )
 
     # ---- one chat turn -------------------------------------------------------------------------------------
 
-    def begin_turn(self, workspace: str, conversation: Conversation, keep: int, prompt: ChatMessage | None,
-                   reply: ChatMessage, expected_last_id=ANY_LAST) -> tuple[int | None, int, bool]:
+    def begin_turn(
+        self,
+        workspace: str,
+        conversation: Conversation,
+        keep: int,
+        prompt: ChatMessage | None,
+        reply: ChatMessage,
+        expected_last_id=ANY_LAST,
+    ) -> tuple[int | None, int, bool]:
         """In one transaction: create the conversation if it is new, then after the first `keep` messages of its
         chosen path add `prompt` (None: reply to them as they are) and the `reply` row, marked partial. Nothing is
         deleted: a regenerated reply becomes another version, an edited prompt another branch, and the new reply
@@ -493,23 +577,32 @@ class Store:
             row = db.execute("SELECT workspace FROM conversations WHERE id = ?", (conversation.id,)).fetchone()
             if row is None:
                 title = clean_title(conversation.title or title_from_prompt(prompt.content if prompt else ""))
-                db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)",
-                           (workspace, now))
-                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at, backend) "
-                           "VALUES (?, ?, ?, ?, ?, ?)",
-                           (conversation.id, workspace, title, conversation.created_at, now, conversation.backend))
+                db.execute(
+                    "INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, now)
+                )
+                db.execute(
+                    "INSERT INTO conversations (id, workspace, title, created_at, updated_at, backend) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (conversation.id, workspace, title, conversation.created_at, now, conversation.backend),
+                )
                 conversation.title, created = title, True
             elif row[0] != workspace:
                 raise NotFound("no such conversation in this workspace")
             if expected_last_id is not ANY_LAST:
-                head = db.execute(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
-                                  (conversation.id,)).fetchone()
+                head = db.execute(
+                    f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation.id,)
+                ).fetchone()
                 path = self._conversation_from_row(db, head).messages
                 if (path[-1].id if path else None) != expected_last_id:
                     raise ConversationChanged(CONVERSATION_CHANGED)
             parent = conversation.messages[keep - 1].id if keep > 0 else None
-            if parent is not None and db.execute("SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
-                                                 (parent, conversation.id)).fetchone() is None:
+            if (
+                parent is not None
+                and db.execute(
+                    "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?", (parent, conversation.id)
+                ).fetchone()
+                is None
+            ):
                 raise NotFound("that message was deleted meanwhile")
             prompt_id = None
             if prompt is not None:
@@ -531,8 +624,9 @@ class Store:
                 (content, time.time(), message_id, workspace),
             )
 
-    def finish_reply(self, workspace: str, message_id: int, content: str, stats: dict, finish_reason: str,
-                     error: str | None) -> ChatMessage:
+    def finish_reply(
+        self, workspace: str, message_id: int, content: str, stats: dict, finish_reason: str, error: str | None
+    ) -> ChatMessage:
         now = time.time()
         with self._transaction() as db:
             conversation_id = self._owned_message(db, workspace, message_id)
@@ -552,8 +646,12 @@ class Store:
             for message_id in message_ids:
                 conversation_id = self._owned_message(db, workspace, message_id)
                 db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-            if chosen_before is not None and db.execute(
-                    "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?", (chosen_before, conversation_id)).fetchone():
+            if (
+                chosen_before is not None
+                and db.execute(
+                    "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?", (chosen_before, conversation_id)
+                ).fetchone()
+            ):
                 db.execute(_MARK_CHOSEN, (chosen_before, time.time()))
 
     def recover_interrupted(self) -> int:
@@ -573,15 +671,28 @@ class Store:
         """
         ids = []
         with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)",
-                       (workspace, time.time()))
+            db.execute(
+                "INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, time.time())
+            )
             for conversation in conversations:
                 conversation.id = new_conversation_id()
-                updated = conversation.updated_at or max([conversation.created_at] + [m.created_at for m in conversation.messages])
-                db.execute("INSERT INTO conversations (id, workspace, title, created_at, updated_at, pinned, archived, "
-                           "backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (conversation.id, workspace, clean_title(conversation.title), conversation.created_at,
-                            updated, int(conversation.pinned), int(conversation.archived), conversation.backend))
+                updated = conversation.updated_at or max(
+                    [conversation.created_at] + [m.created_at for m in conversation.messages]
+                )
+                db.execute(
+                    "INSERT INTO conversations (id, workspace, title, created_at, updated_at, pinned, archived, "
+                    "backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        conversation.id,
+                        workspace,
+                        clean_title(conversation.title),
+                        conversation.created_at,
+                        updated,
+                        int(conversation.pinned),
+                        int(conversation.archived),
+                        conversation.backend,
+                    ),
+                )
                 now, on_path = time.time(), {id(m) for m in conversation.messages}
                 new_ids: dict[int, int] = {}
                 previous = None
@@ -606,7 +717,8 @@ class Store:
     def _owned_message(db: sqlite3.Connection, workspace: str, message_id: int) -> str:
         row = db.execute(
             "SELECT m.conversation_id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-            "WHERE m.id = ? AND c.workspace = ?", (message_id, workspace),
+            "WHERE m.id = ? AND c.workspace = ?",
+            (message_id, workspace),
         ).fetchone()
         if row is None:
             raise NotFound("no such message in this workspace")
@@ -620,26 +732,66 @@ class Store:
         cursor = db.execute(
             f"INSERT INTO messages (conversation_id, parent_id, chosen_at, {', '.join(_ROW_FIELDS)}) "
             f"VALUES ({', '.join('?' * (len(_ROW_FIELDS) + 3))})",
-            (conversation_id, m.parent_id, m.chosen_at if m.chosen_at is not None else m.created_at, m.role, m.content, m.created_at, m.updated_at or m.created_at, m.status,
-             m.finish_reason, m.error, m.model, m.precision,
-             json.dumps(m.params, ensure_ascii=False) if m.params is not None else None,
-             *(stats.get(name) for name in STATS_FIELDS)),
+            (
+                conversation_id,
+                m.parent_id,
+                m.chosen_at if m.chosen_at is not None else m.created_at,
+                m.role,
+                m.content,
+                m.created_at,
+                m.updated_at or m.created_at,
+                m.status,
+                m.finish_reason,
+                m.error,
+                m.model,
+                m.precision,
+                json.dumps(m.params, ensure_ascii=False) if m.params is not None else None,
+                *(stats.get(name) for name in STATS_FIELDS),
+            ),
         )
         m.id = cursor.lastrowid
         return m.id
 
     @staticmethod
     def _message_from_row(row: tuple) -> ChatMessage:
-        (mid, parent_id, chosen_at, role, content, created, updated, status, finish, error, model, precision, params,
-         *stat_values) = row
+        (
+            mid,
+            parent_id,
+            chosen_at,
+            role,
+            content,
+            created,
+            updated,
+            status,
+            finish,
+            error,
+            model,
+            precision,
+            params,
+            *stat_values,
+        ) = row
         stats = None
         if any(v is not None for v in stat_values):
-            stats = {name: (int(v) if name in _INT_STATS else float(v)) if v is not None else 0
-                     for name, v in zip(STATS_FIELDS, stat_values)}
-        return ChatMessage(role=role, content=content, created_at=created, updated_at=updated,
-                           params=json.loads(params) if params else None, model=model, precision=precision,
-                           stats=stats, finish_reason=finish, error=error, status=status, id=mid, parent_id=parent_id,
-                           chosen_at=chosen_at)
+            stats = {
+                name: (int(v) if name in _INT_STATS else float(v)) if v is not None else 0
+                for name, v in zip(STATS_FIELDS, stat_values)
+            }
+        return ChatMessage(
+            role=role,
+            content=content,
+            created_at=created,
+            updated_at=updated,
+            params=json.loads(params) if params else None,
+            model=model,
+            precision=precision,
+            stats=stats,
+            finish_reason=finish,
+            error=error,
+            status=status,
+            id=mid,
+            parent_id=parent_id,
+            chosen_at=chosen_at,
+        )
 
 
 def clean_title(title: str) -> str:

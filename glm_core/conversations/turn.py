@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
 
-from .conversation import ChatMessage, Conversation
 from ..protocol import Backend, Event, Finished, Reply, Request, SamplingParams, Truncated, newest_within_limits
+from .conversation import ChatMessage, Conversation
 from .store import ANY_LAST, NotFound, StorageError, Store
 
 FLUSH_EVERY_S = 1.0
@@ -40,9 +40,19 @@ class TurnResult:
 
 
 class Turn:
-    def __init__(self, store: Store, workspace: str, conversation_id: str, request: Request, prompt_id: int | None,
-                 reply_id: int, created_conversation: bool, flush_every_s: float = FLUSH_EVERY_S, trimmed: int = 0,
-                 chosen_before: int | None = None):
+    def __init__(
+        self,
+        store: Store,
+        workspace: str,
+        conversation_id: str,
+        request: Request,
+        prompt_id: int | None,
+        reply_id: int,
+        created_conversation: bool,
+        flush_every_s: float = FLUSH_EVERY_S,
+        trimmed: int = 0,
+        chosen_before: int | None = None,
+    ):
         self.store, self.workspace, self.conversation_id, self.request = store, workspace, conversation_id, request
         self.prompt_id, self.reply_id, self.created_conversation = prompt_id, reply_id, created_conversation
         self.chosen_before = chosen_before  # the message the conversation's chosen path went through before
@@ -50,8 +60,9 @@ class Turn:
         self.trimmed = trimmed  # oldest messages not even sent (the request size limit); added to Truncated
         self._text = ""
 
-    def text_stream(self, on_event: Callable[[Event], None] | None = None,
-                    redraw_every_s: float = REDRAW_EVERY_S) -> Iterator[str]:
+    def text_stream(
+        self, on_event: Callable[[Event], None] | None = None, redraw_every_s: float = REDRAW_EVERY_S
+    ) -> Iterator[str]:
         """The reply's text deltas (for st.write_stream or a terminal), at most one per `redraw_every_s`: after
         each one it waits out the interval (releasing the CPU to the model), then takes everything that arrived
         meanwhile as one delta. Writes the text so far every second."""
@@ -103,7 +114,9 @@ class Turn:
         except StorageError as exc:
             log.warning("could not store a reply: %s", exc)
             try:  # take the turn back if the store still allows it, so what is stored matches the hand-back
-                self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None])
+                self.store.delete_messages(
+                    self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None]
+                )
             except (StorageError, NotFound):
                 pass  # it stays as written last: the prompt and the reply so far (marked interrupted later)
             return TurnResult(reply, None, self.prompt_id is not None, storage_error=str(exc))
@@ -115,20 +128,33 @@ class Turn:
             if self.created_conversation:  # its first prompt was taken back: nothing is left to keep
                 self.store.delete_conversation(self.workspace, self.conversation_id)
             else:
-                self.store.delete_messages(self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None],
-                                           self.chosen_before)
+                self.store.delete_messages(
+                    self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None], self.chosen_before
+                )
             return TurnResult(reply, None, self.prompt_id is not None)
         try:
-            message = self.store.finish_reply(self.workspace, self.reply_id, reply.text, asdict(reply.stats),
-                                              reply.finish_reason, reply.error)
+            message = self.store.finish_reply(
+                self.workspace, self.reply_id, reply.text, asdict(reply.stats), reply.finish_reason, reply.error
+            )
         except NotFound:  # the conversation was deleted (from another tab) while this reply was generated
             return TurnResult(reply, None, False)
         return TurnResult(reply, message, False)
 
 
-def start_turn(store: Store, backend: Backend, workspace: str, conversation: Conversation, *, keep: int,
-               prompt: str | None, params: SamplingParams, system_prompt: str = "", recompute: bool = False,
-               owner: str | None = None, expected_last_id=ANY_LAST) -> Turn:
+def start_turn(
+    store: Store,
+    backend: Backend,
+    workspace: str,
+    conversation: Conversation,
+    *,
+    keep: int,
+    prompt: str | None,
+    params: SamplingParams,
+    system_prompt: str = "",
+    recompute: bool = False,
+    owner: str | None = None,
+    expected_last_id=ANY_LAST,
+) -> Turn:
     """Ask for a reply to the first `keep` messages of `conversation` (its chosen path) plus `prompt` (None: reply
     to them as they are, e.g. regenerate). Stored messages from `keep` on stay, as other versions: a regenerated
     reply is another version of it, an edited prompt another branch.
@@ -146,13 +172,28 @@ def start_turn(store: Store, backend: Backend, workspace: str, conversation: Con
         card = backend.card()
         used_system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else ""
         prompt_message = ChatMessage("user", prompt) if prompt is not None else None
-        reply_message = ChatMessage("assistant", "", params={**params.as_dict(), "system_prompt": used_system_prompt},
-                                    model=card["name"], precision=card["precision"])
-        prompt_id, reply_id, created = store.begin_turn(workspace, conversation, keep, prompt_message, reply_message,
-                                                        expected_last_id=expected_last_id)
+        reply_message = ChatMessage(
+            "assistant",
+            "",
+            params={**params.as_dict(), "system_prompt": used_system_prompt},
+            model=card["name"],
+            precision=card["precision"],
+        )
+        prompt_id, reply_id, created = store.begin_turn(
+            workspace, conversation, keep, prompt_message, reply_message, expected_last_id=expected_last_id
+        )
     except BaseException:
         request.stop()
         raise
     chosen_before = conversation.messages[-1].id if conversation.messages else None
-    return Turn(store, workspace, conversation.id, request, prompt_id, reply_id, created, trimmed=trimmed,
-                chosen_before=chosen_before)
+    return Turn(
+        store,
+        workspace,
+        conversation.id,
+        request,
+        prompt_id,
+        reply_id,
+        created,
+        trimmed=trimmed,
+        chosen_before=chosen_before,
+    )

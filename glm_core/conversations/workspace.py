@@ -55,5 +55,6 @@ def auth_configured(user_info: dict) -> bool:
 def password_matches(given: str, expected: str) -> bool:
     """Constant-time comparison of equal-length digests, so the response time tells neither how much of a guess
     was right nor how long the password is."""
-    return hmac.compare_digest(hashlib.sha256(given.encode("utf-8")).digest(),
-                               hashlib.sha256(expected.encode("utf-8")).digest())
+    return hmac.compare_digest(
+        hashlib.sha256(given.encode("utf-8")).digest(), hashlib.sha256(expected.encode("utf-8")).digest()
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..protocol import PromptTooLong
 
@@ -11,8 +11,13 @@ class FittingStopped(Exception):
     """The request was stopped while its context was being fitted."""
 
 
-def fit_to_context(encode: Callable[[list[dict]], list[int]], messages: list[dict], budget: int,
-                   count: Callable[[str], int] | None = None, should_stop: Callable[[], bool] = lambda: False):
+def fit_to_context(
+    encode: Callable[[list[dict]], list[int]],
+    messages: list[dict],
+    budget: int,
+    count: Callable[[str], int] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+):
     """Drop the oldest turns (never the system message or the newest user message) until the ids fit.
 
     Returns (ids, number of dropped messages). Raises PromptTooLong if even the newest message alone is too long,

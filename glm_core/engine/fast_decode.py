@@ -112,8 +112,9 @@ def decode_step(model, input_ids, positions, mask, keys, values):
     """One token per row over static buffers: input_ids [b, 1], positions [b], mask [b, 1, 1, capacity] (bool,
     True = attend), keys/values per layer [b, kv_heads, capacity, head_dim]. Returns logits [b, vocab]."""
     cache = StaticSlots(keys, values, positions)
-    out = model(input_ids=input_ids, position_ids=positions[:, None], attention_mask=mask, past_key_values=cache,
-                use_cache=True)
+    out = model(
+        input_ids=input_ids, position_ids=positions[:, None], attention_mask=mask, past_key_values=cache, use_cache=True
+    )
     return out.logits[:, -1]
 
 
@@ -151,8 +152,10 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
         return (), "off (this model decodes one row at a time)"
     if mode == "on" or loaded.device.type == "cuda":
         return all_buckets(max_batch), f"compiled steps for batches of up to {max_batch} rows"
-    return (1,), ("compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on CPU, where "
-                  "compiling measured faster only for one row; GLM_COMPILE=on compiles every batch size)")
+    return (1,), (
+        "compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on CPU, where "
+        "compiling measured faster only for one row; GLM_COMPILE=on compiles every batch size)"
+    )
 
 
 class FastDecode:
@@ -163,8 +166,15 @@ class FastDecode:
     the worker never compiles.
     """
 
-    def __init__(self, model, device: torch.device, max_batch: int, capacities: tuple[int, ...] = (MIN_CAPACITY,),
-                 buckets: tuple[int, ...] | None = None, idle=None):
+    def __init__(
+        self,
+        model,
+        device: torch.device,
+        max_batch: int,
+        capacities: tuple[int, ...] = (MIN_CAPACITY,),
+        buckets: tuple[int, ...] | None = None,
+        idle=None,
+    ):
         self.model, self.device, self.max_batch = model, device, max_batch
         self.idle = idle or (lambda: True)  # whether the engine is generating nothing (compiles wait for that)
         self.buckets = buckets or all_buckets(max_batch)
@@ -224,16 +234,24 @@ class FastDecode:
             self._request(key)
             return None
         if (slots.num_layers, slots.kv_heads, slots.head_dim, slots.dtype) != self.layout:
-            self.fail(f"the batch cache {slots.num_layers, slots.kv_heads, slots.head_dim, slots.dtype} differs "
-                      f"from the compiled one {self.layout}")
+            self.fail(
+                f"the batch cache {slots.num_layers, slots.kv_heads, slots.head_dim, slots.dtype} differs "
+                f"from the compiled one {self.layout}"
+            )
             return None
         slots.reserve(key[1], key[0])  # capacities are multiples of the slot cache's step: the buffers get exactly it
         rows, capacity = key
         input_ids, positions, mask = step_inputs(tokens, list(slots.lengths), rows, capacity, self.device)
         try:
             with math_attention():
-                logits = self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in slots.keys],
-                                        [v[:rows] for v in slots.values])
+                logits = self._compiled(
+                    self.model,
+                    input_ids,
+                    positions,
+                    mask,
+                    [k[:rows] for k in slots.keys],
+                    [v[:rows] for v in slots.values],
+                )
         except Exception as exc:  # it only wrote this step's positions, which the eager step writes again
             log.exception("the compiled decode step failed; decoding stays eager")
             self.fail(_reason(exc))
@@ -327,8 +345,9 @@ class FastDecode:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,
-                   use_cache=True)
+        self.model(
+            input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache, use_cache=True
+        )
         keys = cache.layers[0].keys
         return len(cache.layers), keys.shape[1], keys.shape[3], keys.dtype
 
@@ -346,8 +365,9 @@ class FastDecode:
         input_ids, positions, mask = step_inputs([0] * rows, [0] * rows, rows, capacity, self.device)
         for _ in range(2 if self.device.type == "cuda" else 1):
             with math_attention():
-                self._compiled(self.model, input_ids, positions, mask, [k[:rows] for k in keys],
-                               [v[:rows] for v in values])
+                self._compiled(
+                    self.model, input_ids, positions, mask, [k[:rows] for k in keys], [v[:rows] for v in values]
+                )
 
 
 def _reason(exc: Exception) -> str:

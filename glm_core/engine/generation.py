@@ -6,7 +6,7 @@ static-cache fast path can replace these two functions without touching the engi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -30,8 +30,9 @@ class SlotCache(Cache):
 
     is_compileable = False
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 slots: int):
+    def __init__(
+        self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, slots: int
+    ):
         super().__init__(layers=[])
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device, self.slots = dtype, device, slots
@@ -109,8 +110,11 @@ class SlotCache(Cache):
         length = self.lengths[slot]
         cache = DynamicCache(config=config)
         for i in range(self.num_layers):
-            cache.update(self.keys[i][slot : slot + 1, :, :length].clone(),
-                         self.values[i][slot : slot + 1, :, :length].clone(), i)
+            cache.update(
+                self.keys[i][slot : slot + 1, :, :length].clone(),
+                self.values[i][slot : slot + 1, :, :length].clone(),
+                i,
+            )
         self.remove(slot)
         return cache
 

@@ -89,8 +89,15 @@ def slot_compatible(model) -> bool:
 
 
 class Runner:
-    def __init__(self, loaded: LoadedModel, pool: KVCachePool, tokenizer_lock: threading.Lock, max_batch: int,
-                 batch_kv_bytes: int, prefill_budget: int = PREFILL_CHUNK):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        pool: KVCachePool,
+        tokenizer_lock: threading.Lock,
+        max_batch: int,
+        batch_kv_bytes: int,
+        prefill_budget: int = PREFILL_CHUNK,
+    ):
         self.loaded = loaded
         self.pool = pool
         self.tokenizer_lock = tokenizer_lock
@@ -179,8 +186,13 @@ class Runner:
             ids = self._continued_ids(kept, request.messages, budget)
             dropped = 0
             if ids is None:
-                ids, dropped = fit_to_context(loaded.chat_format.encode, request.messages, budget,
-                                              count=self._count, should_stop=lambda: request.stop_requested)
+                ids, dropped = fit_to_context(
+                    loaded.chat_format.encode,
+                    request.messages,
+                    budget,
+                    count=self._count,
+                    should_stop=lambda: request.stop_requested,
+                )
         if dropped:
             request.emit(Truncated(dropped, len(ids), budget))
 
@@ -204,9 +216,18 @@ class Runner:
         if params.repetition_penalty != 1.0:
             seen = torch.tensor(ids, dtype=torch.long, device=loaded.device)
         return Sequence(
-            request=request, ids=ids, cache=cache, fed=reused, prompt_length=len(ids), limit=min(params.max_new_tokens, max_length - len(ids)),
-            started=started, stats=stats, dropped=dropped, decoder=reply_decoder(loaded),
-            generator=generator, seen=seen,
+            request=request,
+            ids=ids,
+            cache=cache,
+            fed=reused,
+            prompt_length=len(ids),
+            limit=min(params.max_new_tokens, max_length - len(ids)),
+            started=started,
+            stats=stats,
+            dropped=dropped,
+            decoder=reply_decoder(loaded),
+            generator=generator,
+            seen=seen,
         )
 
     def _count(self, text: str) -> int:
@@ -229,8 +250,13 @@ class Runner:
             if not sequence.prefilled:
                 take = len(sequence.ids) - sequence.fed if whole else min(budget, len(sequence.ids) - sequence.fed)
                 try:
-                    logits = prefill(self.loaded.model, sequence.ids[sequence.fed : sequence.fed + take],
-                                     sequence.cache, self.loaded.device, chunk_size=max(take, 1))
+                    logits = prefill(
+                        self.loaded.model,
+                        sequence.ids[sequence.fed : sequence.fed + take],
+                        sequence.cache,
+                        self.loaded.device,
+                        chunk_size=max(take, 1),
+                    )
                 except Exception as exc:
                     self.prefilling.remove(sequence)
                     ended.append((request, self._failure(request, exc, sequence)))
@@ -254,8 +280,9 @@ class Runner:
         cache = sequence.cache
         if self.slots is None or self.slots.occupied == 0:
             first = cache.layers[0].keys
-            self.slots = SlotCache(len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device,
-                                   self.max_batch)
+            self.slots = SlotCache(
+                len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device, self.max_batch
+            )
         longest = max([length for length in self.slots.lengths] + [cache.get_seq_length()]) + sequence.limit
         if self.decoding and self.slots.bytes_if(len(self.decoding) + 1, longest) > self.batch_kv_bytes:
             return False  # waits, prefilled, until a running row leaves
@@ -276,10 +303,13 @@ class Runner:
         model, device = self.loaded.model, self.loaded.device
         positions, mask = self.slots.prepare_decode()
         if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
-            mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(~mask, torch.finfo(model.dtype).min)
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(
+                ~mask, torch.finfo(model.dtype).min
+            )
         input_ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-        out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=self.slots,
-                     use_cache=True)
+        out = model(
+            input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=self.slots, use_cache=True
+        )
         self.slots.advance()
         return out.logits[:, -1]
 
@@ -388,14 +418,18 @@ class Runner:
         text = request.text_so_far
         if sequence.first_token_at is not None and sequence.cache is not None:
             conversation = request.messages + [{"role": "assistant", "content": text}]
-            self.pool.put(request.conversation_id, CachedContext(
-                list(sequence.ids), sequence.cache, messages=conversation, unfed=sequence.unfed))
+            self.pool.put(
+                request.conversation_id,
+                CachedContext(list(sequence.ids), sequence.cache, messages=conversation, unfed=sequence.unfed),
+            )
         sequence.cache = None
         stats.completion_tokens = len(sequence.generated)
         if sequence.first_token_at is not None:
             stats.ttft_s = sequence.first_token_at - sequence.started
             if len(sequence.generated) > 1 and sequence.last_token_at > sequence.first_token_at:
-                stats.decode_tokens_per_s = (len(sequence.generated) - 1) / (sequence.last_token_at - sequence.first_token_at)
+                stats.decode_tokens_per_s = (len(sequence.generated) - 1) / (
+                    sequence.last_token_at - sequence.first_token_at
+                )
         stats.total_s = time.perf_counter() - sequence.started
         return Reply(text=text, finish_reason=finish, stats=stats, dropped_messages=sequence.dropped)
 
@@ -412,8 +446,13 @@ class Runner:
             log.exception("generation failed")
             message = f"generation failed: {type(exc).__name__}: {exc}"
         stats = sequence.stats if sequence is not None else ReplyStats()
-        return Reply(text=request.text_so_far, finish_reason="error", error=message, stats=stats,
-                     dropped_messages=sequence.dropped if sequence is not None else 0)
+        return Reply(
+            text=request.text_so_far,
+            finish_reason="error",
+            error=message,
+            stats=stats,
+            dropped_messages=sequence.dropped if sequence is not None else 0,
+        )
 
     def _fail_all_decoding(self, exc: Exception, ended: list) -> None:
         for sequence in self.decoding:

@@ -15,16 +15,24 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from contextlib import contextmanager
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Callable, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
 from ..models.loading import LoadedModel
 from ..protocol import (
-    Capabilities, ConversationBusy, EngineClosed, Queued, QueueFull, Reply, Request, SamplingParams,
+    Capabilities,
+    ConversationBusy,
+    EngineClosed,
+    Queued,
+    QueueFull,
+    Reply,
+    Request,
+    SamplingParams,
     validate_messages,
 )
 from ..settings import load_settings
@@ -47,8 +55,13 @@ class Engine:
 
     capabilities = Capabilities(local_model=True, kept_cache=True, recompute=True, tokenize=True)
 
-    def __init__(self, loaded: LoadedModel, kv_cache_bytes: int | None = None, max_batch: int | None = None,
-                 compile: str | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        kv_cache_bytes: int | None = None,
+        max_batch: int | None = None,
+        compile: str | None = None,
+    ):
         settings = load_settings()
         self.loaded = loaded
         self.spec = loaded.spec
@@ -74,7 +87,9 @@ class Engine:
         # until a graph is ready.
         self.fast, self.fast_path_scope = (
             start_fast_path(loaded, self.max_batch, compile or settings.compile, settings.cache_dir, self._idle)
-            if self.runner.batched else (None, "off (this model decodes one row at a time)"))
+            if self.runner.batched
+            else (None, "off (this model decodes one row at a time)")
+        )
         self.runner.fast = self.fast
         self._worker = threading.Thread(target=self._serve_forever, name="glm-engine", daemon=True)
         self._worker.start()
@@ -172,10 +187,14 @@ class Engine:
         self.pool.drop(conversation_id)
 
     def card(self) -> dict:
-        return {**self.loaded.card(), "backend": "local", "max_batch": self.max_batch,
-                "batched_decode": self.runner.batched,
-                "fast_path": self.fast.status() if self.fast is not None else "off",
-                "fast_path_scope": self.fast_path_scope}
+        return {
+            **self.loaded.card(),
+            "backend": "local",
+            "max_batch": self.max_batch,
+            "batched_decode": self.runner.batched,
+            "fast_path": self.fast.status() if self.fast is not None else "off",
+            "fast_path_scope": self.fast_path_scope,
+        }
 
     def memory_report(self) -> dict:
         """Device memory (CUDA allocator or process RSS), the kept KV caches and the running batch's cache."""
@@ -239,8 +258,10 @@ class Engine:
             except Exception as exc:  # the worker must survive anything one iteration does
                 log.exception("engine iteration failed")
                 message = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else f"generation failed: {exc}"
-                ended += [(request, Reply(text=request.text_so_far, finish_reason="error", error=message))
-                          for request, _ in runner.close()]
+                ended += [
+                    (request, Reply(text=request.text_so_far, finish_reason="error", error=message))
+                    for request, _ in runner.close()
+                ]
                 runner.free_memory()
             self._end(ended)
         self._end(runner.close())

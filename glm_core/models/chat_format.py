@@ -9,7 +9,8 @@ a reply differently costs a little recompute, never a wrong answer.
 from __future__ import annotations
 
 import re
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 _MARKER = re.compile("\ue000(\\d+)\ue001")  # private-use characters around a message's index
 
@@ -64,9 +65,10 @@ class TemplateChatFormat:
         ids: list[int] = []
         position = 0
         for match in _MARKER.finditer(text):
-            ids += self.tokenizer(text[position:match.start()], add_special_tokens=False)["input_ids"]
-            ids += self.tokenizer(messages[int(match.group(1))]["content"], add_special_tokens=False,
-                                  split_special_tokens=True)["input_ids"]
+            ids += self.tokenizer(text[position : match.start()], add_special_tokens=False)["input_ids"]
+            ids += self.tokenizer(
+                messages[int(match.group(1))]["content"], add_special_tokens=False, split_special_tokens=True
+            )["input_ids"]
             position = match.end()
         return ids + list(self.tokenizer(text[position:], add_special_tokens=False)["input_ids"])
 
@@ -134,7 +136,11 @@ class ChatGLM3Format:
         )
 
     def _message(self, role: str, content: str, metadata: str = "") -> list[int]:
-        return [self.tokenizer.command(f"<|{role}|>")] + self.tokenizer.encode(f"{metadata}\n") + self.tokenizer.encode(content)
+        return (
+            [self.tokenizer.command(f"<|{role}|>")]
+            + self.tokenizer.encode(f"{metadata}\n")
+            + self.tokenizer.encode(content)
+        )
 
     def encode(self, messages: Sequence[dict]) -> list[int]:
         ids = list(self.tokenizer.prefix_ids)
@@ -150,8 +156,18 @@ class ChatGLM3Format:
 TRAINING_TIME = "[[训练时间]]"  # a placeholder ChatGLM-6B may write, which its chat() replaced
 # transformers 4.27's decode (clean_up_tokenization_spaces=True by default), which ChatGLM-6B's chat() ran on the
 # reply before process_response; replaced in this order, each once over the text.
-CLEAN_UP_TOKENIZATION = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+CLEAN_UP_TOKENIZATION = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 class ChatGLM6BFormat:
@@ -205,10 +221,9 @@ class ChatGLM6BFormat:
             text = text.replace(spaced, joined)
         text = text.strip().replace(TRAINING_TIME, "2023年")
         for ascii_mark, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
-            text = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % full_width, text)
-            text = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % full_width, text)
+            text = re.sub(rf"([\u4e00-\u9fff]){ascii_mark}", rf"\1{full_width}", text)
+            text = re.sub(rf"{ascii_mark}([\u4e00-\u9fff])", rf"{full_width}\1", text)
         return text
-
 
     @staticmethod
     def unsettled_tail(text: str) -> int:
@@ -218,7 +233,13 @@ class ChatGLM6BFormat:
         hold = len(text) - len(text.rstrip())
         if not hold and text and text[-1] in ",!:;?":
             hold = 1
-        partial = max((k for pattern in (TRAINING_TIME, *(spaced for spaced, _ in CLEAN_UP_TOKENIZATION))
-                       for k in range(1, min(len(pattern) - 1, len(text)) + 1) if text.endswith(pattern[:k])),
-                      default=0)
+        partial = max(
+            (
+                k
+                for pattern in (TRAINING_TIME, *(spaced for spaced, _ in CLEAN_UP_TOKENIZATION))
+                for k in range(1, min(len(pattern) - 1, len(text)) + 1)
+                if text.endswith(pattern[:k])
+            ),
+            default=0,
+        )
         return max(hold, partial)

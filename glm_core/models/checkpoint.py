@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import mmap
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from .precision import Precision
 from ..settings import DEFAULT_GROUP_SIZE
+from .precision import Precision
 from .quant import WeightOnlyInt8Embedding, swap_in_quantized_linears, tie_output_layer
 
 Remap = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
@@ -92,8 +92,15 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -105,8 +112,14 @@ def _is_tensor_entry(info) -> bool:
     if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
         return False
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    return (isinstance(shape, list) and all(whole(n) for n in shape) and isinstance(offsets, list)
-            and len(offsets) == 2 and all(whole(n) for n in offsets) and offsets[0] <= offsets[1])
+    return (
+        isinstance(shape, list)
+        and all(whole(n) for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(whole(n) for n in offsets)
+        and offsets[0] <= offsets[1]
+    )
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -123,13 +136,16 @@ def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     except Exception as exc:
         raise CheckpointError(f"{path.name} is corrupt or truncated: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} is not a safetensors file: its header is a JSON {type(header).__name__}, "
-                              "not an object")
+        raise CheckpointError(
+            f"{path.name} is not a safetensors file: its header is a JSON {type(header).__name__}, not an object"
+        )
     header.pop("__metadata__", None)
     for key, info in header.items():
         if not _is_tensor_entry(info):
-            raise CheckpointError(f"{path.name} is corrupt: the header entry for {str(key)[:80]!r} is not a tensor "
-                                  "description (dtype, shape, data_offsets)")
+            raise CheckpointError(
+                f"{path.name} is corrupt: the header entry for {str(key)[:80]!r} is not a tensor "
+                "description (dtype, shape, data_offsets)"
+            )
     data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + header_size + data_end > path.stat().st_size:
         raise CheckpointError(f"{path.name} is truncated: its header describes more data than the file holds")
@@ -240,7 +256,9 @@ def fill_from_checkpoint(
         try:
             model.load_state_dict(batch, strict=False, assign=True)
         except RuntimeError as exc:  # shape mismatch between config.json and the weights
-            raise CheckpointError(f"weights do not match config.json: {str(exc).splitlines()[-1].strip()[:200]}") from None
+            raise CheckpointError(
+                f"weights do not match config.json: {str(exc).splitlines()[-1].strip()[:200]}"
+            ) from None
         loaded |= set(batch)
         del batch
     missing = sorted(expected - loaded)

@@ -43,8 +43,9 @@ class EmbeddingJob:
             vocab_size = loaded.model.get_input_embeddings().num_embeddings
             for index, ids in enumerate(self.token_ids):
                 if min(ids) < 0 or max(ids) >= vocab_size:
-                    raise ValueError(f"input {index} has a token id outside the model's vocabulary "
-                                     f"(0 to {vocab_size - 1})")
+                    raise ValueError(
+                        f"input {index} has a token id outside the model's vocabulary (0 to {vocab_size - 1})"
+                    )
             self._checked = True
         if self._long is not None or len(self.token_ids[self._next]) > SLICE_TOKENS and _chunkable(loaded.model):
             self._long_chunk(loaded)

@@ -11,26 +11,31 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ..protocol import ModelLoadError, ModelSpec
+from ..sampling_defaults import model_defaults, read_generation_config
+from ..settings import EMBEDDED, load_settings
+from ..telemetry.memory import kv_bytes_per_token, trim_c_heap
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, ChatGLM6BFormat, TemplateChatFormat
-from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
 from .chatglm.checkpoint import (
-    FAMILIES, chatglm_tokenizer_file, detect_family, is_first_generation, load_chatglm_model, spread_over_gpus,
+    FAMILIES,
+    chatglm_tokenizer_file,
+    detect_family,
+    is_first_generation,
+    load_chatglm_model,
+    spread_over_gpus,
 )
 from .chatglm.glm6b import glm6b_config, ice_tokenizer_file, load_glm6b_model
 from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, TokenizerMismatch
 from .chatglm.tokenizer import ChatGLMTokenizer
+from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
 from .precision import Precision, parse_precision, resolve_device
 from .quant import quantize_loaded_model, weight_bytes
-from ..telemetry.memory import kv_bytes_per_token, trim_c_heap
-from ..protocol import ModelLoadError, ModelSpec
-from ..sampling_defaults import model_defaults, read_generation_config
-from ..settings import EMBEDDED, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +164,11 @@ def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = no_progress) 
 
 
 FAMILY_LABELS = {
-    "chatglm6b": "ChatGLM-6B", "chatglm2": "ChatGLM2", "chatglm3": "ChatGLM3", "glm": "GLM-4", "glm4": "GLM-4",
+    "chatglm6b": "ChatGLM-6B",
+    "chatglm2": "ChatGLM2",
+    "chatglm3": "ChatGLM3",
+    "glm": "GLM-4",
+    "glm4": "GLM-4",
 }
 
 
@@ -217,8 +226,10 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
-    extra.setdefault("sampling_defaults", model_defaults(family, name, read_generation_config(path if path.is_dir()
-                                                                                              else None), max_context))
+    extra.setdefault(
+        "sampling_defaults",
+        model_defaults(family, name, read_generation_config(path if path.is_dir() else None), max_context),
+    )
     fix_output_layer_input(model)
     gc.collect()
     trim_c_heap()  # the float temporaries of quantizing while loading were freed: give their pages back too
@@ -284,8 +295,12 @@ def _load_chatglm6b(path: Path, cfg: dict, spec: ModelSpec, precision: Precision
         tokenizer = IceTokenizer(
             model_file,
             num_image_tokens=int(tok_cfg.get("num_image_tokens", DEFAULT_NUM_IMAGE_TOKENS)),
-            special_ids={"[MASK]": config.mask_token_id, "[gMASK]": config.gmask_token_id,
-                         "<sop>": config.bos_token_id, "<eop>": config.eos_token_id},
+            special_ids={
+                "[MASK]": config.mask_token_id,
+                "[gMASK]": config.gmask_token_id,
+                "<sop>": config.bos_token_id,
+                "<eop>": config.eos_token_id,
+            },
             pad_token_id=config.pad_token_id,
             remove_space=bool(tok_cfg.get("remove_space", False)),
             do_lower_case=bool(tok_cfg.get("do_lower_case", False)),
@@ -309,8 +324,15 @@ def _load_chatglm6b(path: Path, cfg: dict, spec: ModelSpec, precision: Precision
         extra["checkpoint"] = (
             f"pre-quantized INT{cfg['quantization_bit']} (THUDM), read as {precision.label} while loading"
         )
-    return (model, tokenizer, ChatGLM6BFormat(tokenizer), path.name, FAMILY_LABELS["chatglm6b"],
-            config.max_position_embeddings, extra)
+    return (
+        model,
+        tokenizer,
+        ChatGLM6BFormat(tokenizer),
+        path.name,
+        FAMILY_LABELS["chatglm6b"],
+        config.max_position_embeddings,
+        extra,
+    )
 
 
 def _load_auto(kind: str, path: Path, precision: Precision, device, progress, group_size: int):

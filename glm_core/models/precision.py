@@ -7,7 +7,7 @@ from enum import Enum
 import torch
 
 
-class Precision(str, Enum):
+class Precision(str, Enum):  # noqa: UP042 - str() and format() of a StrEnum member differ
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
@@ -29,10 +29,16 @@ class Precision(str, Enum):
 
 
 _ALIASES = {
-    "fp32": Precision.FP32, "float32": Precision.FP32, "float": Precision.FP32,
-    "bf16": Precision.BF16, "bfloat16": Precision.BF16,
-    "fp16": Precision.FP16, "float16": Precision.FP16, "half": Precision.FP16,
-    "int8": Precision.INT8, "int4": Precision.INT4,
+    "fp32": Precision.FP32,
+    "float32": Precision.FP32,
+    "float": Precision.FP32,
+    "bf16": Precision.BF16,
+    "bfloat16": Precision.BF16,
+    "fp16": Precision.FP16,
+    "float16": Precision.FP16,
+    "half": Precision.FP16,
+    "int8": Precision.INT8,
+    "int4": Precision.INT4,
 }
 
 

@@ -37,7 +37,6 @@ def int4_inner_k_tiles(in_features: int) -> int:
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
 
-
 ROW_CHUNK = 2048  # rows quantized at a time: float temporaries stay small even for a 65k x 4k output layer
 
 # Many rows at once on CPU (a prompt's prefill): at and above these row counts the weight is dequantized block by
@@ -137,7 +136,9 @@ class _WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]

@@ -122,7 +122,9 @@ class NvmlReader:
             gpu.memory_used, gpu.memory_total = memory.used, memory.total
         utilization = figure("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
         gpu.utilization_pct = utilization.gpu if utilization is not None else None
-        gpu.temperature_c = figure("temperature", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+        gpu.temperature_c = figure(
+            "temperature", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        )
         milliwatts = figure("power", lambda: nvml.nvmlDeviceGetPowerUsage(handle))
         gpu.power_w = milliwatts / 1000 if milliwatts is not None else None
         limit = figure("power limit", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))

@@ -108,8 +108,10 @@ class Freed:
     def describe(self) -> str:
         """'process RSS 1.20 GiB -> 1.10 GiB (100 MiB freed); cuda:0 reserved 3.00 GiB -> 2.00 GiB (...)'"""
         parts = [_change("process RSS", self.before.rss, self.after.rss)]
-        parts += [_change(f"{device} reserved", before, self.after.reserved.get(device, 0))
-                  for device, before in self.before.reserved.items()]
+        parts += [
+            _change(f"{device} reserved", before, self.after.reserved.get(device, 0))
+            for device, before in self.before.reserved.items()
+        ]
         return "; ".join(parts)
 
 
@@ -171,4 +173,3 @@ def held_peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
     return process_memory()["peak"]
-

@@ -56,17 +56,21 @@ SOURCES = {
         "thudm_repo": "THUDM/chatglm-6b, branch dev",
         "mirror": "github.com/greensheng/chatglm-6b",
         "commit": "3f0e72a32ede52a895d9c6579bd9c85727666263",
-        "note": ("quantization.py with THUDM's CPU kernels (quantization_kernels.c, compiled with gcc at run time; "
-                 "the version THUDM shipped for CPU use of the int4 checkpoints). main's quantization.py is CUDA "
-                 "only (cpm_kernels), so the ChatGLM-6B int4/int8 cases run this file with main's modeling file."),
+        "note": (
+            "quantization.py with THUDM's CPU kernels (quantization_kernels.c, compiled with gcc at run time; "
+            "the version THUDM shipped for CPU use of the int4 checkpoints). main's quantization.py is CUDA "
+            "only (cpm_kernels), so the ChatGLM-6B int4/int8 cases run this file with main's modeling file."
+        ),
         "files": {"quantization.py": "89e306fc867b21a5ce5f08f61644fb888b79569458d84df73add8056171c7c59"},
     },
     "chatglm2-6b": {
         "thudm_repo": "THUDM/chatglm2-6b",
         "mirror": "github.com/syjjhl/chatglm2-6b",
         "commit": "8fd7fba285f7171d3ae7ea3b35c53b6340501ed1",
-        "note": ("the mirror's newest commit (2023-09-08, 'Merge branch classifier'); THUDM may have committed "
-                 "after it (not checked: no network here)"),
+        "note": (
+            "the mirror's newest commit (2023-09-08, 'Merge branch classifier'); THUDM may have committed "
+            "after it (not checked: no network here)"
+        ),
         "files": {
             "configuration_chatglm.py": "351ba435758670b27c160b7657c7ab1d32053c4e8c0606a5a9b8f9908249dec8",
             "modeling_chatglm.py": "fe04c69d36dd1dba8370cc68e0ccf861e07d402af6fb039b500cd7d784cfc142",
@@ -78,8 +82,10 @@ SOURCES = {
         "thudm_repo": "THUDM/chatglm3-6b",
         "mirror": "github.com/czk1997/chatglm3-copy",
         "commit": "456aa875cf1f46623006edaa23103774ea9c0eae",
-        "note": ("the mirror's newest commit (2023-12-07, 'fix piece id out of range (#20)'); THUDM/chatglm3-6b "
-                 "has later commits (2024, compatibility with newer transformers) that no mirror found here holds"),
+        "note": (
+            "the mirror's newest commit (2023-12-07, 'fix piece id out of range (#20)'); THUDM/chatglm3-6b "
+            "has later commits (2024, compatibility with newer transformers) that no mirror found here holds"
+        ),
         "files": {
             "configuration_chatglm.py": "351ba435758670b27c160b7657c7ab1d32053c4e8c0606a5a9b8f9908249dec8",
             "modeling_chatglm.py": "440d89faea5c3ea47fd2778abde970008d170cacb743aafcaf822cdaa5627ee0",
@@ -131,8 +137,10 @@ def check_sources(originals: Path, names: list[str]) -> dict:
             path = originals / name / filename
             actual = sha256_file(path)
             if actual != expected:
-                raise SystemExit(f"{path}: SHA-256 {actual} is not the recorded {expected} ({source['mirror']} "
-                                 f"at {source['commit']}); see tests/reference/README.md")
+                raise SystemExit(
+                    f"{path}: SHA-256 {actual} is not the recorded {expected} ({source['mirror']} "
+                    f"at {source['commit']}); see tests/reference/README.md"
+                )
             files[filename] = actual
         recorded[name] = {k: v for k, v in source.items() if k != "files"} | {"files_sha256": files}
     return recorded
@@ -144,9 +152,14 @@ def environment() -> dict:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "sentencepiece": sentencepiece.__version__,
-            "machine": platform.machine()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "sentencepiece": sentencepiece.__version__,
+        "machine": platform.machine(),
+    }
 
 
 def build(name: str, work: Path, originals: Path, code_from: list[tuple[str, str]]) -> tuple[Path, dict, dict]:
@@ -175,6 +188,7 @@ class _Probe(Exception):
 
 def prompt_of(model, call) -> list[int]:
     """The input ids that `call()` (a chat()) hands to generate(), without generating."""
+
     def probe(*args, **kwargs):
         raise _Probe(kwargs["input_ids"][0].tolist())
 
@@ -194,26 +208,36 @@ def chat_case(model, tokenizer, query, history, new_tokens: int, **chat_kwargs) 
     import torch
 
     given = copy.deepcopy(history)
-    prompt = prompt_of(model, lambda: model.chat(tokenizer, query, copy.deepcopy(history), do_sample=False,
-                                                  max_length=10**6, **chat_kwargs))
+    prompt = prompt_of(
+        model,
+        lambda: model.chat(tokenizer, query, copy.deepcopy(history), do_sample=False, max_length=10**6, **chat_kwargs),
+    )
     max_length = len(prompt) + new_tokens
     generated = []
     original_generate = model.generate
 
     def recording(*args, **kwargs):
         out = original_generate(*args, **kwargs)
-        generated.append(out[0].tolist()[len(kwargs["input_ids"][0]):])
+        generated.append(out[0].tolist()[len(kwargs["input_ids"][0]) :])
         return out
 
     model.generate = recording
     try:
         with torch.no_grad():
-            response, new_history = model.chat(tokenizer, query, copy.deepcopy(history), do_sample=False,
-                                               max_length=max_length, **chat_kwargs)
+            response, new_history = model.chat(
+                tokenizer, query, copy.deepcopy(history), do_sample=False, max_length=max_length, **chat_kwargs
+            )
     finally:
         del model.generate
-    return {"query": query, "history": given, "max_length": max_length, "prompt_ids": prompt,
-            "generated_ids": generated[0], "response": response, "history_after": new_history}
+    return {
+        "query": query,
+        "history": given,
+        "max_length": max_length,
+        "prompt_ids": prompt,
+        "generated_ids": generated[0],
+        "response": response,
+        "history_after": new_history,
+    }
 
 
 def conversation(model, tokenizer, queries, new_tokens: int, **chat_kwargs) -> list[dict]:
@@ -248,16 +272,31 @@ def stream_conversation(model, tokenizer, queries, new_tokens: int) -> list[dict
         last = None
         try:
             with torch.no_grad():
-                for last in model.stream_chat(tokenizer, query, history, past_key_values=past, do_sample=False,
-                                              max_new_tokens=new_tokens, return_past_key_values=True):
+                for last in model.stream_chat(
+                    tokenizer,
+                    query,
+                    history,
+                    past_key_values=past,
+                    do_sample=False,
+                    max_new_tokens=new_tokens,
+                    return_past_key_values=True,
+                ):
                     pass
         finally:
             del model.stream_generate
         response, history, past = last
         fed = seen["input_ids"]
-        turns.append({"query": query, "history": given, "max_new_tokens": new_tokens, "fed_ids": fed,
-                      "generated_ids": seen["output"][len(fed):], "response": response,
-                      "cache_length_after": int(past[0][0].shape[0])})
+        turns.append(
+            {
+                "query": query,
+                "history": given,
+                "max_new_tokens": new_tokens,
+                "fed_ids": fed,
+                "generated_ids": seen["output"][len(fed) :],
+                "response": response,
+                "cache_length_after": int(past[0][0].shape[0]),
+            }
+        )
     return turns
 
 
@@ -278,11 +317,15 @@ def glm6b_rows(ids: list[int], config: dict) -> list[int]:
 
 # ---- ChatGLM-6B -------------------------------------------------------------------------------------------------
 
-GLM6B_CODE = [("chatglm-6b", f) for f in ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py",
-                                          "quantization.py")]
+GLM6B_CODE = [
+    ("chatglm-6b", f)
+    for f in ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
+]
 GLM6B_CPU_QUANT_CODE = GLM6B_CODE[:3] + [("chatglm-6b-cpu-quantization", "quantization.py")]
-GLM6B_HISTORY = [["你好", "你好👋！我是人工智能助手 ChatGLM-6B，很高兴见到你。"],
-                 ["What's up?", "Nothing much , thanks ! I 'm fine ."]]
+GLM6B_HISTORY = [
+    ["你好", "你好👋！我是人工智能助手 ChatGLM-6B，很高兴见到你。"],
+    ["What's up?", "Nothing much , thanks ! I 'm fine ."],
+]
 
 
 def glm6b_cases(folder: Path, config: dict, full: bool) -> dict:
@@ -293,11 +336,16 @@ def glm6b_cases(folder: Path, config: dict, full: bool) -> dict:
         for text in TEXTS:
             ids = tokenizer(text)["input_ids"]
             body = tokenizer.encode(text, add_special_tokens=False)
-            tokens.append({
-                "text": text, "input_ids": ids, "encode_no_special": body, "decode": tokenizer.decode(ids),
-                # what chat() returns when the model generates exactly these ids and stops (<eop>)
-                "chat_reply_text": model.process_response(tokenizer.decode(body + [config["eos_token_id"]])),
-            })
+            tokens.append(
+                {
+                    "text": text,
+                    "input_ids": ids,
+                    "encode_no_special": body,
+                    "decode": tokenizer.decode(ids),
+                    # what chat() returns when the model generates exactly these ids and stops (<eop>)
+                    "chat_reply_text": model.process_response(tokenizer.decode(body + [config["eos_token_id"]])),
+                }
+            )
         cases["tokenizer"] = tokens
         cases["prompts"] = [
             {"query": q, "history": h, "prompt_ids": prompt_of(model, lambda: model.chat(tokenizer, q, h))}
@@ -310,8 +358,10 @@ def glm6b_cases(folder: Path, config: dict, full: bool) -> dict:
     paris = tokenizer("The capital of France is Paris.")["input_ids"] + [17, 230]
     sequences = (first, changed, paris) if full else (first,)
     cases["logits"] = [logits_case(model, ids, glm6b_rows(ids, config)) for ids in sequences]
-    cases["chat"] = [chat_case(model, tokenizer, "Hello, how are you today?", [], 8),
-                     chat_case(model, tokenizer, "I can't see it . Why ?", GLM6B_HISTORY, 8)]
+    cases["chat"] = [
+        chat_case(model, tokenizer, "Hello, how are you today?", [], 8),
+        chat_case(model, tokenizer, "I can't see it . Why ?", GLM6B_HISTORY, 8),
+    ]
     cases["conversation"] = conversation(model, tokenizer, ["你好", "The capital of France?", "今天天气怎么样？"], 10)
     return cases
 
@@ -323,9 +373,8 @@ def int4_packing(originals: Path) -> dict:
     pre-quantized checkpoints are packed exactly as the kernel packs them."""
     import importlib.util
 
-    import torch
-
     import chatglm_fixtures as fx
+    import torch
 
     work = Path(tempfile.mkdtemp(prefix="thudm-kernels-"))
     shutil.copy(originals / "chatglm-6b-cpu-quantization" / "quantization.py", work / "quantization.py")
@@ -337,11 +386,22 @@ def int4_packing(originals: Path) -> dict:
 
     g = torch.Generator().manual_seed(28)
     weight = (torch.randn(4, 8, generator=g) * 0.1).half()
-    out = {"kernel_source": "quantization_kernels.c written and compiled by THUDM's quantization.py (CPUKernel)",
-           "weight_fp16": weight.float().tolist(), "layers": {}}
+    out = {
+        "kernel_source": "quantization_kernels.c written and compiled by THUDM's quantization.py (CPUKernel)",
+        "weight_fp16": weight.float().tolist(),
+        "layers": {},
+    }
     for bits in (4, 8):
-        layer = q.QuantizedLinear(bits, weight_tensor=weight.float(), bias_tensor=None, in_features=8,
-                                  out_features=4, bias=False, dtype=torch.float32, device="cpu")
+        layer = q.QuantizedLinear(
+            bits,
+            weight_tensor=weight.float(),
+            bias_tensor=None,
+            in_features=8,
+            out_features=4,
+            bias=False,
+            dtype=torch.float32,
+            device="cpu",
+        )
         stored = layer.weight.data
         out["layers"][str(bits)] = {
             "weight_int8": stored.tolist(),
@@ -351,14 +411,21 @@ def int4_packing(originals: Path) -> dict:
         }
     values = torch.arange(-8, 8, dtype=torch.int8).repeat(2, 1)  # every int4 value, two rows
     packed = q.compress_int4_weight(values)
-    out["compress_int4_weight"] = {"values": values.tolist(), "packed": packed.tolist(),
-                                   "packed_hex": bytes(packed.view(torch.uint8).flatten().tolist()).hex()}
+    out["compress_int4_weight"] = {
+        "values": values.tolist(),
+        "packed": packed.tolist(),
+        "packed_hex": bytes(packed.view(torch.uint8).flatten().tolist()).hex(),
+    }
 
     # The fixture's int4 checkpoints (quantize_thudm_glm6b / quantize_thudm) against the kernel's packing.
     checks = {}
     for name, sd_of, quantizer, keys in [
-        ("chatglm-6b-int4", lambda c: fx.chatglm6b_state_dict(c, seed=4, std=0.5), fx.quantize_thudm_glm6b,
-         fx.GLM6B_QUANTIZED),
+        (
+            "chatglm-6b-int4",
+            lambda c: fx.chatglm6b_state_dict(c, seed=4, std=0.5),
+            fx.quantize_thudm_glm6b,
+            fx.GLM6B_QUANTIZED,
+        ),
         ("chatglm2-6b-int4", lambda c: fx.random_state_dict(c, seed=4), fx.quantize_thudm, fx.QUANTIZED),
     ]:
         folder, config = fx.build_reference_checkpoint(name, Path(tempfile.mkdtemp(prefix="int4-")))
@@ -383,8 +450,12 @@ def chatglm6b(originals: Path, work: Path) -> dict:
     record = {"family": "chatglm-6b", "checkpoints": {}}
     for name in ("chatglm-6b", "chatglm-6b-28-layers"):
         folder, config, hashes = build(name, work, originals, GLM6B_CODE)
-        record["checkpoints"][name] = {"description": fx.REFERENCE_CHECKPOINTS[name][1], "files_sha256": hashes,
-                                       "code": "chatglm-6b", "cases": glm6b_cases(folder, config, name == "chatglm-6b")}
+        record["checkpoints"][name] = {
+            "description": fx.REFERENCE_CHECKPOINTS[name][1],
+            "files_sha256": hashes,
+            "code": "chatglm-6b",
+            "cases": glm6b_cases(folder, config, name == "chatglm-6b"),
+        }
     for name in ("chatglm-6b-int8", "chatglm-6b-int4"):
         folder, config, hashes = build(name, work, originals, GLM6B_CPU_QUANT_CODE)
         tokenizer, model = load(folder)
@@ -392,25 +463,34 @@ def chatglm6b(originals: Path, work: Path) -> dict:
         assert type(layer).__name__ == "QuantizedLinear" and layer.weight.dtype.is_floating_point is False
         paris = tokenizer("The capital of France is Paris.")["input_ids"] + [17, 230]
         hello = tokenizer("你好")["input_ids"]
-        cases = {"logits": [logits_case(model, ids, glm6b_rows(ids, config)) for ids in (hello, paris)],
-                 "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8)],
-                 "conversation": conversation(model, tokenizer, ["你好", "The capital of France?"], 8)}
+        cases = {
+            "logits": [logits_case(model, ids, glm6b_rows(ids, config)) for ids in (hello, paris)],
+            "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8)],
+            "conversation": conversation(model, tokenizer, ["你好", "The capital of France?"], 8),
+        }
         record["checkpoints"][name] = {
-            "description": fx.REFERENCE_CHECKPOINTS[name][1], "files_sha256": hashes,
+            "description": fx.REFERENCE_CHECKPOINTS[name][1],
+            "files_sha256": hashes,
             "code": "chatglm-6b modeling/configuration/tokenization + chatglm-6b-cpu-quantization quantization.py",
-            "how": ("config.json quantization_bit makes the original build QuantizedLinear layers (empty_init) and "
-                    "load the int8/packed-int4 weights and fp16 scales; .float(); forward on CPU through "
-                    "W8A16LinearCPU -> extract_weight_to_float, THUDM's C kernel"),
-            "cases": cases}
+            "how": (
+                "config.json quantization_bit makes the original build QuantizedLinear layers (empty_init) and "
+                "load the int8/packed-int4 weights and fp16 scales; .float(); forward on CPU through "
+                "W8A16LinearCPU -> extract_weight_to_float, THUDM's C kernel"
+            ),
+            "cases": cases,
+        }
     record["int4_packing"] = int4_packing(originals)
     return record
 
 
 # ---- ChatGLM2-6B / ChatGLM3-6B ------------------------------------------------------------------------------
 
+
 def glm2_code(family: str) -> list[tuple[str, str]]:
-    return [(family, f) for f in ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py",
-                                  "quantization.py")]
+    return [
+        (family, f)
+        for f in ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
+    ]
 
 
 LOGIT_IDS = [5, 17, 230, 42, 99, 3, 311, 64, 128, 7, 250, 12]
@@ -422,8 +502,15 @@ def glm2_tokenizer_cases(tokenizer) -> list[dict]:
     for text in TEXTS:
         ids = tokenizer(text)["input_ids"]
         body = tokenizer.encode(text, add_special_tokens=False)
-        out.append({"text": text, "input_ids": ids, "encode_no_special": body, "decode": tokenizer.decode(ids),
-                    "decode_no_special": tokenizer.decode(body)})
+        out.append(
+            {
+                "text": text,
+                "input_ids": ids,
+                "encode_no_special": body,
+                "decode": tokenizer.decode(ids),
+                "decode_no_special": tokenizer.decode(body),
+            }
+        )
     return out
 
 
@@ -433,8 +520,10 @@ def glm2_3_model_cases(model, tokenizer, history) -> dict:
     queries = ["你好", "The capital of France is?", "今天天气怎么样？"]
     return {
         "logits": [logits_case(model, LOGIT_IDS, LOGIT_ROWS)],
-        "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8),
-                 chat_case(model, tokenizer, "今天天气怎么样？", history, 8)],
+        "chat": [
+            chat_case(model, tokenizer, "Hello, how are you today?", [], 8),
+            chat_case(model, tokenizer, "今天天气怎么样？", history, 8),
+        ],
         "conversation": conversation(model, tokenizer, queries, 10),
         "stream_conversation": stream_conversation(model, tokenizer, queries, 10),
     }
@@ -449,13 +538,23 @@ def chatglm2(originals: Path, work: Path, emulate_quantized: bool) -> dict:
     history = [["你好", "你好👋！我是人工智能助手。"], ["What's up?", "Nothing much, thanks!"]]
     cases = {
         "tokenizer": glm2_tokenizer_cases(tokenizer),
-        "prompts": [{"query": q, "history": h, "build_inputs": model.build_inputs(tokenizer, q, h)["input_ids"][0].tolist(),
-                     "build_stream_inputs": model.build_stream_inputs(tokenizer, q, h)["input_ids"][0].tolist()}
-                    for q, h in [("你好", []), ("今天天气怎么样？", history[:1]), ("Thanks\n\tbye  now", history)]],
+        "prompts": [
+            {
+                "query": q,
+                "history": h,
+                "build_inputs": model.build_inputs(tokenizer, q, h)["input_ids"][0].tolist(),
+                "build_stream_inputs": model.build_stream_inputs(tokenizer, q, h)["input_ids"][0].tolist(),
+            }
+            for q, h in [("你好", []), ("今天天气怎么样？", history[:1]), ("Thanks\n\tbye  now", history)]
+        ],
         **glm2_3_model_cases(model, tokenizer, history),
     }
-    record["checkpoints"]["chatglm2-6b"] = {"description": fx.REFERENCE_CHECKPOINTS["chatglm2-6b"][1],
-                                            "files_sha256": hashes, "code": "chatglm2-6b", "cases": cases}
+    record["checkpoints"]["chatglm2-6b"] = {
+        "description": fx.REFERENCE_CHECKPOINTS["chatglm2-6b"][1],
+        "files_sha256": hashes,
+        "code": "chatglm2-6b",
+        "cases": cases,
+    }
     if emulate_quantized:
         for bits in (8, 4):
             name = f"chatglm2-6b-int{bits}"
@@ -463,12 +562,18 @@ def chatglm2(originals: Path, work: Path, emulate_quantized: bool) -> dict:
             with emulated_cuda_free_quantization():
                 tokenizer, model = load(folder)
                 patch_extract(model)
-                cases = {"logits": [logits_case(model, LOGIT_IDS, LOGIT_ROWS)],
-                         "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8)],
-                         "stream_conversation": stream_conversation(model, tokenizer, ["你好", "今天天气怎么样？"], 8)}
+                cases = {
+                    "logits": [logits_case(model, LOGIT_IDS, LOGIT_ROWS)],
+                    "chat": [chat_case(model, tokenizer, "Hello, how are you today?", [], 8)],
+                    "stream_conversation": stream_conversation(model, tokenizer, ["你好", "今天天气怎么样？"], 8),
+                }
             record["checkpoints"][name] = {
-                "description": fx.REFERENCE_CHECKPOINTS[name][1], "files_sha256": hashes, "code": "chatglm2-6b",
-                "emulated": EMULATION, "cases": cases}
+                "description": fx.REFERENCE_CHECKPOINTS[name][1],
+                "files_sha256": hashes,
+                "code": "chatglm2-6b",
+                "emulated": EMULATION,
+                "cases": cases,
+            }
     return record
 
 
@@ -480,7 +585,8 @@ EMULATION = (
     "weight.to(scale.dtype) * scale[:, None] (the original's own int8 line, without the dtype assert), int4 -> "
     "the high nibble (arithmetic shift) is the even column and the low nibble the odd one, times the row's scale, "
     "exactly what THUDM's CPU kernel extract_int4_weight_to_float computes (that kernel is run for real in the "
-    "ChatGLM-6B int4 case). Everything else (QuantizedLinear, W8A16Linear, the modeling file) is the original.")
+    "ChatGLM-6B int4 case). Everything else (QuantizedLinear, W8A16Linear, the modeling file) is the original."
+)
 
 
 class emulated_cuda_free_quantization:
@@ -519,17 +625,30 @@ def chatglm3(originals: Path, work: Path) -> dict:
     folder, config, hashes = build("chatglm3-6b", work, originals, glm2_code("chatglm3-6b"))
     tokenizer, model = load(folder)
     system = {"role": "system", "content": "Be brief."}
-    history = [system, {"role": "user", "content": "你好"},
-               {"role": "assistant", "metadata": "", "content": "你好👋！我是人工智能助手。"}]
+    history = [
+        system,
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "metadata": "", "content": "你好👋！我是人工智能助手。"},
+    ]
     cases = {
         "tokenizer": glm2_tokenizer_cases(tokenizer),
-        "prompts": [{"query": q, "history": h, "role": "user",
-                     "build_chat_input": tokenizer.build_chat_input(q, history=copy.deepcopy(h))["input_ids"][0].tolist()}
-                    for q, h in [("你好", []), ("Hello", [system]), ("今天天气怎么样？", history)]],
+        "prompts": [
+            {
+                "query": q,
+                "history": h,
+                "role": "user",
+                "build_chat_input": tokenizer.build_chat_input(q, history=copy.deepcopy(h))["input_ids"][0].tolist(),
+            }
+            for q, h in [("你好", []), ("Hello", [system]), ("今天天气怎么样？", history)]
+        ],
         **glm2_3_model_cases(model, tokenizer, history),
     }
-    record["checkpoints"]["chatglm3-6b"] = {"description": fx.REFERENCE_CHECKPOINTS["chatglm3-6b"][1],
-                                            "files_sha256": hashes, "code": "chatglm3-6b", "cases": cases}
+    record["checkpoints"]["chatglm3-6b"] = {
+        "description": fx.REFERENCE_CHECKPOINTS["chatglm3-6b"][1],
+        "files_sha256": hashes,
+        "code": "chatglm3-6b",
+        "cases": cases,
+    }
     return record
 
 
@@ -549,8 +668,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     if transformers.__version__ != TRANSFORMERS[args.family]:
-        raise SystemExit(f"{args.family} is recorded with transformers {TRANSFORMERS[args.family]} (its README's), "
-                         f"this environment has {transformers.__version__}")
+        raise SystemExit(
+            f"{args.family} is recorded with transformers {TRANSFORMERS[args.family]} (its README's), "
+            f"this environment has {transformers.__version__}"
+        )
     names = {"chatglm-6b": ["chatglm-6b", "chatglm-6b-cpu-quantization"]}.get(args.family, [args.family])
     sources = check_sources(args.originals, names)
     if args.family == "chatglm-6b":
@@ -559,8 +680,12 @@ def main() -> None:
         record = chatglm2(args.originals, work, emulate_quantized=True)
     else:
         record = chatglm3(args.originals, work)
-    record = {"generated_by": "tests/reference/make_reference.py", "sources": sources, "environment": environment(),
-              **record}
+    record = {
+        "generated_by": "tests/reference/make_reference.py",
+        "sources": sources,
+        "environment": environment(),
+        **record,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{args.family}.json"
     text = json.dumps(record, ensure_ascii=False, indent=1)

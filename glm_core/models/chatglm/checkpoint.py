@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ...settings import DEFAULT_GROUP_SIZE
 from ..checkpoint import CheckpointError, fill_from_checkpoint, read_json, weight_files
 from ..precision import Precision
-from ...settings import DEFAULT_GROUP_SIZE
 
 FAMILIES = ("chatglm2", "chatglm3")
 LINEAR_NAMES = {

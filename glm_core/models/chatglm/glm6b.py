@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig
 
+from ...settings import DEFAULT_GROUP_SIZE
 from ..checkpoint import CheckpointError, fill_from_checkpoint, weight_files
 from ..precision import Precision
-from ...settings import DEFAULT_GROUP_SIZE
 from .checkpoint import dequantize
 
 CACHED_IDS = "chatglm6b_ids"  # attribute of the DynamicCache: the token ids whose keys and values it holds
@@ -235,8 +235,14 @@ class ChatGLM6BForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.transformer.word_embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, **_ignored):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **_ignored,
+    ):
         from transformers import DynamicCache
         from transformers.modeling_outputs import CausalLMOutputWithPast
 

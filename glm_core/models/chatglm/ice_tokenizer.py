@@ -119,8 +119,13 @@ class IceTokenizer:
         upper = self.n_pieces + self.num_image_tokens
         ids = [int(x) for x in ids]
         if skip_special_tokens:
-            return self._text([i for i in ids if self.num_image_tokens <= i < upper
-                               and i not in self.special_names and i != self.pad_token_id])
+            return self._text(
+                [
+                    i
+                    for i in ids
+                    if self.num_image_tokens <= i < upper and i not in self.special_names and i != self.pad_token_id
+                ]
+            )
         out, run = [], []
         for i in ids:
             if i in self.special_names or not self.num_image_tokens <= i < upper:
