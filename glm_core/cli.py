@@ -338,6 +338,31 @@ def cmd_bench_quant(args) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def cmd_bench_quality(args) -> int:
+    from .bench.quality import QualityBenchRequest, emit_json_lines, format_quality_report, run_quality_bench
+
+    request = QualityBenchRequest(
+        source=args.model,
+        levels=tuple(_levels(args.levels)),
+        reference=args.reference.strip().lower(),
+        text_path=args.text,
+        tokens=args.tokens,
+        window=args.window,
+        device=args.device,
+        group_size=args.group_size,
+        decode_tokens=args.decode_tokens,
+    )
+    if args.events:  # the page's child process: JSON lines (progress, then the result)
+        return emit_json_lines(request)
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"[{fraction * 100:3.0f}%] {message}", file=sys.stderr)
+
+    result = run_quality_bench(request, progress)
+    print(json.dumps(result) if args.json else format_quality_report(result))
+    return 0 if all("error" not in r for r in result["levels"]) else 1
+
+
 def _stream_counts(text: str) -> list[int]:
     try:
         streams = sorted({int(n) for n in _levels(text)})
@@ -553,6 +578,23 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     quant.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     quant.set_defaults(func=cmd_bench_quant)
+
+    quality = bench_sub.add_parser(
+        "quality",
+        help="per precision level against a reference level: KL divergence, top-1 agreement, perplexity",
+    )
+    quality.add_argument("--model", default="embedded", help="model folder or .gguf file (default: embedded)")
+    quality.add_argument("--levels", default="bf16,int8,int4", help="comma-separated precision levels")
+    quality.add_argument("--reference", default="fp32", help="the level the others are compared with")
+    quality.add_argument("--text", help="a UTF-8 text file to evaluate on (default: the bundled text)")
+    quality.add_argument("--tokens", type=int, default=1024, help="tokens of the text to evaluate (at most)")
+    quality.add_argument("--window", type=int, default=512, help="tokens of context per forward pass")
+    quality.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    quality.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
+    quality.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per level for tokens/s (0: skip)")
+    quality.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
+    quality.add_argument("--json", action="store_true", help='print {"reference": {...}, "levels": [...]}')
+    quality.set_defaults(func=cmd_bench_quality)
 
     memory = bench_sub.add_parser(
         "memory", help="per precision level: memory while encoding and generating, measured vs predicted vs published"

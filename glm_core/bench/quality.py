@@ -1,0 +1,258 @@
+"""`bench quality`: what each precision level loses against a reference level on the same tokens, measured the way
+llama.cpp's `llama-perplexity --kl-divergence` does: per token, the KL divergence of the level's next-token
+distribution from the reference's, whether both put the same token first, and the perplexity of each.
+
+The reference runs first: its log-probabilities are computed once per window and written to a scratch folder
+(safetensors, one file per window, float32), and the reference model is released. Then each level is loaded
+alone, run over the same windows and compared window by window against the stored reference, and released
+before the next: one model in memory at a time, one window of logits at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..protocol import ModelSpec
+from ..settings import DEFAULT_GROUP_SIZE, EMBEDDED
+from .quant import EVAL_TEXT, _windows
+
+DEFAULT_LEVELS = ("bf16", "int8", "int4")
+DEFAULT_REFERENCE = "fp32"
+DECODE_PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle, with many details."
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class QualityBenchRequest:
+    source: str = EMBEDDED  # a model folder, a .gguf file or "embedded": quality needs real weights
+    levels: tuple[str, ...] = DEFAULT_LEVELS
+    reference: str = DEFAULT_REFERENCE
+    text_path: str | None = None  # a UTF-8 file; None: the bundled text
+    tokens: int = 1024
+    window: int = 512
+    device: str = "auto"
+    group_size: int = DEFAULT_GROUP_SIZE
+    decode_tokens: int = 32  # greedy tokens per level for its decode speed (0: not measured)
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def read_text(path: str | None) -> str:
+    """The evaluation text: the bundled one, or a user's UTF-8 file."""
+    if path is None:
+        return EVAL_TEXT.read_text(encoding="utf-8")
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+
+
+@dataclass
+class LevelScores:
+    """Per-token figures of one level against the reference, gathered window by window."""
+
+    kld: list[torch.Tensor]
+    same_top1: int = 0
+    nll: float = 0.0
+    count: int = 0
+
+    def summary(self, reference_ppl: float) -> dict:
+        kld = torch.cat(self.kld).double() if self.kld else torch.zeros(1, dtype=torch.float64)
+        ppl = math.exp(self.nll / self.count)
+        return {
+            "tokens": self.count,
+            "kld_mean": kld.mean().item(),
+            "kld_median": kld.median().item(),
+            "kld_p99": torch.quantile(kld, 0.99).item(),
+            "kld_max": kld.max().item(),
+            "top1_agreement": self.same_top1 / self.count,
+            "ppl": ppl,
+            "ppl_ratio": ppl / reference_ppl,
+        }
+
+
+@torch.inference_mode()
+def _window_logprobs(loaded, window_ids: list[int]) -> torch.Tensor:
+    """log-softmax of the next-token logits at every input position of one window, float32 on the CPU."""
+    chunk = torch.tensor([window_ids[:-1]], device=loaded.device)
+    logits = loaded.model(input_ids=chunk).logits[0].float()
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
+def _nll(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
+    return -logprobs.gather(1, targets[:, None]).sum().item()
+
+
+@torch.inference_mode()
+def _decode_speed(loaded, tokens: int) -> float | None:
+    """Greedy decode tokens/s after a short chat prompt (one stream, eager): the level's speed beside its loss."""
+    from transformers import DynamicCache
+
+    from ..engine.generation import decode_one, prefill
+
+    if tokens <= 0:
+        return None
+    ids = loaded.chat_format.encode([{"role": "user", "content": DECODE_PROMPT}])
+    cache = DynamicCache(config=loaded.model.config)
+    token = int(prefill(loaded.model, ids, cache, loaded.device).argmax())
+    token = int(decode_one(loaded.model, token, cache, loaded.device).argmax())  # warm-up step, not timed
+    started = time.perf_counter()
+    for _ in range(tokens):
+        token = int(decode_one(loaded.model, token, cache, loaded.device).argmax())
+    return tokens / (time.perf_counter() - started)
+
+
+def split_level(level: str, group_size: int) -> tuple[str, int]:
+    """ "int4-g128" -> ("int4", 128): a level may name its own INT4 group size, so group sizes compare side by side."""
+    name, _, group = level.strip().lower().partition("-g")
+    if group:
+        if not group.isdigit() or int(group) < 1:
+            raise ValueError(f"{level!r}: the group size after -g must be a whole number, e.g. int4-g128")
+        return name, int(group)
+    return name, group_size
+
+
+def level_label(loaded, level: str) -> str:
+    """The row's name: the level as loaded, with its group size where the level named one."""
+    return loaded.precision.value + (f"-g{loaded.spec.group_size}" if "-g" in level else "")
+
+
+def _load(request: QualityBenchRequest, level: str):
+    from ..models.loading import load_model
+
+    name, group_size = split_level(level, request.group_size)
+    return load_model(ModelSpec(request.source, name, request.device, group_size=group_size))
+
+
+def run_quality_bench(
+    request: QualityBenchRequest,
+    progress: Progress | None = None,
+    scratch: Path | None = None,
+) -> dict:
+    """The reference, then each level against it; returns {"reference": {...}, "levels": [{...}, ...]}.
+
+    A level that fails to load or run is reported with its error; the other levels still run."""
+    progress = progress or (lambda _f, _m: None)
+    text = read_text(request.text_path)
+    if request.tokens < 2:
+        raise ValueError("--tokens must be at least 2")
+    steps = len(request.levels) + 1
+    with tempfile.TemporaryDirectory(prefix="glm-quality-", dir=scratch) as folder:
+        progress(0.0, f"{request.reference.upper()} (reference): loading")
+        reference = _load(request, request.reference)
+        model_name = reference.name
+        windows = _windows(reference, text, request.tokens, request.window)
+        if not windows:
+            raise ValueError("the text is too short: it needs at least 2 tokens")
+        from safetensors.torch import load_file, save_file
+
+        ref_nll, count = 0.0, 0
+        for number, window_ids in enumerate(windows):
+            progress(number / len(windows) / steps, f"{request.reference.upper()} (reference): window {number + 1}")
+            logprobs = _window_logprobs(reference, window_ids)
+            targets = torch.tensor(window_ids[1:])
+            ref_nll += _nll(logprobs, targets)
+            count += len(targets)
+            save_file({"logprobs": logprobs.contiguous(), "targets": targets}, str(Path(folder) / f"{number}.st"))
+        reference_row = {
+            "level": level_label(reference, request.reference),
+            "model": model_name,
+            "device": str(reference.device),
+            "tokens": count,
+            "ppl": math.exp(ref_nll / count),
+            "weights_bytes": reference.weights["total"],
+            "decode_tokens_per_s": _decode_speed(reference, request.decode_tokens),
+        }
+        reference.release()
+        del reference
+
+        rows = []
+        for step, level in enumerate(request.levels, start=1):
+            label = level.upper()
+            progress(step / steps, f"{label}: loading")
+            try:
+                loaded = _load(request, level)
+            except Exception as exc:  # reported as this level's error
+                rows.append({"level": level, "error": _first_line(exc)})
+                continue
+            try:
+                scores = LevelScores(kld=[])
+                for number, window_ids in enumerate(windows):
+                    progress((step + number / len(windows)) / steps, f"{label}: window {number + 1} of {len(windows)}")
+                    stored = load_file(str(Path(folder) / f"{number}.st"))
+                    ref_logprobs, targets = stored["logprobs"], stored["targets"]
+                    logprobs = _window_logprobs(loaded, window_ids)
+                    # KL(reference || level) per token: sum_v p_ref(v) * (log p_ref(v) - log p_level(v))
+                    kld = torch.nn.functional.kl_div(logprobs, ref_logprobs, reduction="none", log_target=True)
+                    scores.kld.append(kld.sum(-1))
+                    scores.same_top1 += int((logprobs.argmax(-1) == ref_logprobs.argmax(-1)).sum())
+                    scores.nll += _nll(logprobs, targets)
+                    scores.count += len(targets)
+                    del stored, ref_logprobs, logprobs, kld
+                row = {"level": level_label(loaded, level), **scores.summary(reference_row["ppl"])}
+                row["weights_bytes"] = loaded.weights["total"]
+                row["decode_tokens_per_s"] = _decode_speed(loaded, request.decode_tokens)
+                rows.append(row)
+            except Exception as exc:
+                rows.append({"level": level, "error": _first_line(exc)})
+            finally:
+                loaded.release()
+                del loaded
+    progress(1.0, "done")
+    return {"model": model_name, "reference": reference_row, "levels": rows}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def format_quality_report(result: dict) -> str:
+    ref = result["reference"]
+    lines = [
+        f"bench quality: {result['model']} on {ref['device']}, {ref['tokens']} tokens against "
+        f"{ref['level'].upper()} (perplexity {ref['ppl']:.3f})",
+        "level      KLD mean   KLD p99    KLD max   top-1 agree  perplexity  ppl ratio  weights MiB  decode tok/s",
+    ]
+    for r in result["levels"]:
+        if "error" in r:
+            lines.append(f"{r['level']:<9}  error: {r['error']}")
+            continue
+        speed = f"{r['decode_tokens_per_s']:.1f}" if r.get("decode_tokens_per_s") else "-"
+        lines.append(
+            f"{r['level']:<9}  {r['kld_mean']:>8.5f}  {r['kld_p99']:>8.5f}  {r['kld_max']:>9.5f}  "
+            f"{r['top1_agreement'] * 100:>10.2f}%  {r['ppl']:>10.3f}  {r['ppl_ratio']:>9.4f}  "
+            f"{r['weights_bytes'] / 2**20:>11,.1f}  {speed:>12}"
+        )
+    return "\n".join(lines)
+
+
+def emit_json_lines(request: QualityBenchRequest) -> int:
+    """The child's side when the page runs the benchmark in a process of its own: JSON lines on stdout, progress
+    events then one result (or an error)."""
+    from .memory import die_with_parent
+
+    die_with_parent()
+
+    def emit(event: dict) -> None:
+        print(json.dumps(event), flush=True)
+
+    try:
+        result = run_quality_bench(request, lambda f, m: emit({"event": "progress", "fraction": f, "message": m}))
+    except Exception as exc:
+        emit({"event": "result", "error": _first_line(exc)})
+        return 1
+    emit({"event": "result", **result})
+    return 0
