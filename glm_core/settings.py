@@ -5,6 +5,8 @@ GLM_PRECISION   auto | fp32 | bf16 | fp16 | int8 | int4
 GLM_DEVICE      auto | cpu | cuda | cuda:N | mps
 GLM_FAMILY      auto | chatglm2 | chatglm3 (overrides what a ChatGLM checkpoint folder suggests)
 GLM_INT4_GROUP_SIZE input channels per INT4 scale and zero (default 32)
+GLM_MODELS_MEMORY_MB memory budget of all local models loaded at once (the chat's Compare mode loads levels and
+                models beside the main one): weights plus KV cache budgets; unset: what is free when one loads
 GLM_KV_CACHE_MB memory budget of the kept per-conversation KV caches, and of the running batch's (default 2048)
 GLM_MAX_BATCH   conversations decoded together (default: 16 on CPU, 64 on CUDA); more wait first-come-first-served
 GLM_MAX_WAITING requests that may wait for a place in the batch (default 64); past it: "busy, try again"
@@ -49,6 +51,7 @@ class Settings:
     data_dir: Path
     model_dirs: tuple[Path, ...] = ()  # empty: the pages may load any path
     compile: str = "auto"
+    models_memory_bytes: int | None = None  # GLM_MODELS_MEMORY_MB; None: the memory free at load time
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -76,6 +79,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
             Path(p).expanduser() for p in (env.get("GLM_MODEL_DIRS") or "").split(os.pathsep) if p.strip()
         ),
         compile=_choice(env, "GLM_COMPILE", ("auto", "on", "off")),
+        models_memory_bytes=(_positive_int(env, "GLM_MODELS_MEMORY_MB") or 0) * 2**20 or None,
     )
 
 

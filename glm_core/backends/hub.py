@@ -3,6 +3,11 @@
 One slot holds the local model (an Engine; or a remote backend when a URL is loaded there, as the CLI's
 `--model http://...` does); any number of named remote backends sit beside it. Each conversation names the backend it
 talks to (see config.conversation_backend).
+
+More local models may be loaded beside the main one (the chat's Compare mode: other levels of the loaded model,
+other models), within GLM_MODELS_MEMORY_MB: each local engine is charged its weights and its KV cache budgets (the
+kept caches and the running batch's), a model not yet loaded the estimator's prediction of the same, and one that
+would not fit is refused with the figures. All local engines take turns on the device (engine/device_turns.py).
 """
 
 from __future__ import annotations
@@ -11,12 +16,20 @@ import gc
 import threading
 from typing import TYPE_CHECKING
 
+from ..engine.device_turns import DeviceTurns
 from ..protocol import Backend, ModelLoadError, ModelSpec
+from ..settings import load_settings
 from .config import DEFAULT_LOCAL_NAME, BackendEntry
 from .remote import RemoteBackend, is_remote
 
 if TYPE_CHECKING:
     from ..models.loading import Progress
+
+BESIDE_KV_BYTES = 256 * 2**20  # KV cache budget of a model loaded beside the main one: compare replies are one turn
+
+
+class ModelDoesNotFit(ModelLoadError):
+    """Loading this model beside the others would exceed the memory budget; the message gives the figures."""
 
 
 class EngineHub:
@@ -34,6 +47,8 @@ class EngineHub:
         self.configured = False
         self._configured_keys: dict[str, str | None] = {}  # configured remote URL -> its key
         self.config_error: str | None = None  # why the configured backends were not used (shown by the portal)
+        self.turns = DeviceTurns()  # every local engine of this hub steps in turn
+        self._beside: dict[str, Backend] = {}  # local models loaded beside the main one, by label
         if entries is not None:
             self.configure(entries)
 
@@ -146,15 +161,87 @@ class EngineHub:
 
     def close(self) -> None:
         self.unload()
+        for label in list(self._beside):
+            self.unload_beside(label)
         for name in list(self._remotes):
             self.remove(name)
 
-    @staticmethod
-    def _load_local(spec: ModelSpec, progress):
+    def _load_local(self, spec: ModelSpec, progress, kv_cache_bytes: int | None = None):
         from ..engine import Engine
         from ..models.loading import load_model, no_progress
 
-        return Engine(load_model(spec, progress or no_progress))
+        return Engine(load_model(spec, progress or no_progress), kv_cache_bytes=kv_cache_bytes, turns=self.turns)
+
+    # ---- local models beside the main one ------------------------------------------------------------------
+
+    def beside(self) -> dict[str, Backend]:
+        """The local models loaded beside the main one, by label ("SmolLM2-135M-Instruct INT4")."""
+        return dict(self._beside)
+
+    def local_models(self) -> dict[str, Backend]:
+        """Every local model of this hub: the main slot's (under its backend name) and those beside it."""
+        main = {self.local_name: self._engine} if getattr(self._engine, "loaded", None) is not None else {}
+        return {**main, **self._beside}
+
+    def load_beside(self, spec: ModelSpec, progress: Progress | None = None) -> tuple[str, Backend]:
+        """(label, backend) of a local model for `spec` next to the others: the main one or one beside it when
+        either already is `spec`, else a new one, loaded only if its predicted memory fits the budget (raises
+        ModelDoesNotFit saying why, ModelLoadError when it cannot load)."""
+        with self._lock:
+            for label, backend in self.local_models().items():
+                if backend.spec == spec:
+                    return label, backend
+            kv_bytes = min(BESIDE_KV_BYTES, load_settings().kv_cache_bytes)
+            self._check_fits(spec, kv_bytes)
+            try:
+                backend = self._load_local(spec, progress, kv_cache_bytes=kv_bytes)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
+            label = backend.turn_name
+            if label in self._beside:  # the same model and level with another group size or device
+                label += f" ({spec.device}, g{spec.group_size})"
+            self._beside[label] = backend
+            return label, backend
+
+    def unload_beside(self, label: str) -> None:
+        with self._lock:
+            backend = self._beside.pop(label, None)
+        if backend is not None:
+            self._shutdown(backend)
+
+    def memory_plan(self) -> dict:
+        """What the local models are charged against the budget: {"budget_bytes" (None: none set),
+        "free_bytes" (memory free now), "models": [{"name", "weights_bytes", "kv_budget_bytes", "bytes"}]}."""
+        from ..bench.memory import free_memory_bytes
+
+        settings = load_settings()
+        models = [
+            {"name": label, **_charge(backend.loaded.weights["total"], backend.pool.budget_bytes)}
+            for label, backend in self.local_models().items()
+        ]
+        return {
+            "budget_bytes": settings.models_memory_bytes,
+            "free_bytes": free_memory_bytes(settings.device),
+            "models": models,
+        }
+
+    def _check_fits(self, spec: ModelSpec, kv_bytes: int) -> None:
+        """Called with the lock held."""
+        need = _charge(predicted_weights_bytes(spec), kv_bytes)
+        plan = self.memory_plan()
+        taken = sum(m["bytes"] for m in plan["models"])
+        what = (
+            f"{spec.path} {spec.precision.upper()} needs about {_gb(need['bytes'])} (weights {_gb(need['weights_bytes'])}"
+            f" + KV caches {_gb(need['kv_budget_bytes'])})"
+        )
+        held = ", ".join(f"{m['name']} {_gb(m['bytes'])}" for m in plan["models"]) or "nothing"
+        if plan["budget_bytes"] is not None and taken + need["bytes"] > plan["budget_bytes"]:
+            raise ModelDoesNotFit(
+                f"{what}, but GLM_MODELS_MEMORY_MB allows {_gb(plan['budget_bytes'])} for all local models and "
+                f"{_gb(taken)} is taken ({held}); unload one first"
+            )
+        if need["bytes"] > plan["free_bytes"]:
+            raise ModelDoesNotFit(f"{what}, but only {_gb(plan['free_bytes'])} is free now ({held} loaded)")
 
     @staticmethod
     def _shutdown(engine: Backend) -> None:
@@ -163,6 +250,32 @@ class EngineHub:
         if loaded is not None:
             loaded.release()
         gc.collect()
+
+
+def _charge(weights: int, kv_budget: int) -> dict:
+    """An engine's charge: its weights and its KV budgets (the kept caches' and the running batch's, see Engine)."""
+    kv = kv_budget + max(kv_budget, 2**26)
+    return {"weights_bytes": weights, "kv_budget_bytes": kv, "bytes": weights + kv}
+
+
+def predicted_weights_bytes(spec: ModelSpec) -> int:
+    """The estimator's weights for `spec` (from its config.json alone, before loading anything)."""
+    from ..bench.estimator import ConfigError, estimate
+    from ..bench.memory import source_config
+    from ..models.precision import resolve_device
+
+    try:
+        device = resolve_device(spec.device)
+        _, cfg = source_config(spec.path)
+        return estimate(cfg, [spec.precision], 1, 1, device.type, spec.group_size)[0].weights_bytes
+    except (ConfigError, ValueError) as exc:
+        raise ModelDoesNotFit(
+            f"{spec.path}: its memory cannot be predicted, so it is not loaded beside: {exc}"
+        ) from exc
+
+
+def _gb(value: int) -> str:
+    return f"{value / 1e9:.2f} GB"
 
 
 def _remote(spec: ModelSpec) -> ModelSpec:

@@ -18,7 +18,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TypeVar
 
 import torch
@@ -37,6 +37,7 @@ from ..protocol import (
 )
 from ..settings import load_settings
 from ..telemetry.memory import device_memory
+from .device_turns import DeviceTurns
 from .fast_decode import start_fast_path
 from .kv_pool import KVCachePool
 from .runner import OUT_OF_MEMORY, Runner
@@ -61,8 +62,13 @@ class Engine:
         kv_cache_bytes: int | None = None,
         max_batch: int | None = None,
         compile: str | None = None,
+        turns: DeviceTurns | None = None,
     ):
+        """`turns`: shared with the other engines of this process (several local models loaded at once), whose
+        workers then step one at a time in turn."""
         settings = load_settings()
+        self.turns = turns
+        self.turn_name = f"{loaded.name} {loaded.precision.label}"
         self.loaded = loaded
         self.spec = loaded.spec
         budget = settings.kv_cache_bytes if kv_cache_bytes is None else kv_cache_bytes
@@ -246,25 +252,32 @@ class Engine:
                 tasks = list(self._tasks)
                 self._tasks.clear()
                 admitted = self._admit()
-            for task, future in tasks:
-                self._run_task(task, future)
-            ended = []
-            for request in admitted:
-                reply = runner.start(request)
-                if reply is not None:
-                    ended.append((request, reply))
-            try:
-                ended += runner.step()
-            except Exception as exc:  # the worker must survive anything one iteration does
-                log.exception("engine iteration failed")
-                message = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else f"generation failed: {exc}"
-                ended += [
-                    (request, Reply(text=request.text_so_far, finish_reason="error", error=message))
-                    for request, _ in runner.close()
-                ]
-                runner.free_memory()
+            with self.turns.turn(self.turn_name) if self.turns is not None else nullcontext():
+                ended = self._iteration(tasks, admitted)
             self._end(ended)
         self._end(runner.close())
+
+    def _iteration(self, tasks, admitted: list[Request]) -> list[tuple[Request, Reply]]:
+        """One turn of the worker on the device: queued tasks, the admitted requests' start, one batched step."""
+        runner = self.runner
+        for task, future in tasks:
+            self._run_task(task, future)
+        ended = []
+        for request in admitted:
+            reply = runner.start(request)
+            if reply is not None:
+                ended.append((request, reply))
+        try:
+            ended += runner.step()
+        except Exception as exc:  # the worker must survive anything one iteration does
+            log.exception("engine iteration failed")
+            message = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else f"generation failed: {exc}"
+            ended += [
+                (request, Reply(text=request.text_so_far, finish_reason="error", error=message))
+                for request, _ in runner.close()
+            ]
+            runner.free_memory()
+        return ended
 
     def _admissible(self) -> bool:
         """A waiting request could start now (its owner, if any, is under its share). Called with the lock held."""
