@@ -50,7 +50,9 @@ def test_one_prompt_streams_from_two_levels_at_once(two_levels, data_dir):
     assert stored.columns[0].text == run.columns[0].text and stored.columns[0].stats["completion_tokens"] == 24
     run.vote(arena, "ws", 1)
     assert run.heading(1) == run.columns[1].target.label  # revealed after the vote
-    assert stored.prompt == "Describe a lighthouse at night." and arena.comparison("ws", comparison_id).best == run.heading(1)
+    assert stored.prompt == "Describe a lighthouse at night." and arena.comparison(
+        "ws", comparison_id
+    ).best == run.heading(1)
     (first, second) = ranking(arena.votes())
     assert first.config == run.columns[1].target.label and first.wins == 1 and second.losses == 1
 
