@@ -2,11 +2,21 @@
 on the real embedded model (SmolLM2-135M) and through the command line as a user runs it."""
 
 import json
+import time
 
 import pytest
 from test_cli import run_cli
 
-from glm_core.bench.quality import QualityBenchRequest, read_text, run_quality_bench, split_level
+from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
+from glm_core.bench.quality import (
+    MAX_TEXT_BYTES,
+    QualityBenchRequest,
+    quality_csv_rows,
+    read_text,
+    run_quality_bench,
+    split_level,
+    store_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +96,48 @@ def test_cli_refuses_a_file_that_is_not_utf8(tmp_path):
         read_text(str(binary))
     done = run_cli("bench", "quality", "--levels", "int8", "--text", str(binary), "--json")
     assert done.returncode == 2 and "not UTF-8" in done.stderr and not done.stdout
+
+
+def test_the_pages_run_goes_to_the_history_and_the_csv(data_dir):
+    """What the Quantization page does: an uploaded text kept under the data folder, the run in a child process
+    with progress, kept in the team's history and downloadable as CSV."""
+    history = BenchHistory()
+    runner = MemoryBenchRunner(history)
+    path = store_text("Notre équipe écrit des textes. =SUM(A1) ".encode() * 30)
+    request = QualityBenchRequest(
+        levels=("int8",), text_path=path, text_name="=ours.txt", tokens=48, window=48, device="cpu", decode_tokens=2
+    )
+    run = runner.start_quality(request, owner="ws")
+    with pytest.raises(RuntimeError, match="already running"):
+        runner.start_quality(request, owner="ws")
+    seen = set()
+    while run.wait(0.2).active:
+        seen.add(run.message)
+    assert run.state == "done", run.error
+    assert "INT8: loading" in seen and run.fraction == 1.0
+    (stored,) = history.list_quality()
+    assert stored["result"]["levels"][0]["level"] == "int8" and stored["request"]["text_name"] == "=ours.txt"
+    assert history.list() == []  # the memory runs are apart
+    reference, int8 = quality_csv_rows([stored])
+    assert (reference["level"], reference["kld_mean"], reference["top1_agreement"]) == ("fp32", 0.0, 1.0)
+    assert int8["level"] == "int8" and int8["kld_mean"] > 0 and int8["text"] == "'=ours.txt"
+    assert int8["tokens"] == 47 and int8["weights_bytes"] < reference["weights_bytes"]
+
+
+def test_a_quality_run_can_be_cancelled(data_dir):
+    history = BenchHistory()
+    runner = MemoryBenchRunner(history)
+    run = runner.start_quality(QualityBenchRequest(levels=("bf16", "int8", "int4"), device="cpu"), owner="ws")
+    while run.message == "starting" and run.active:
+        time.sleep(0.1)
+    run.cancel()
+    assert run.wait(60).state == "cancelled" and run._process.poll() is not None
+    assert history.list_quality() == []
+
+
+def test_an_uploaded_text_must_be_utf8_and_not_too_big(data_dir):
+    with pytest.raises(ValueError, match="not UTF-8"):
+        store_text(b"caf\xe9")
+    with pytest.raises(ValueError, match="at most"):
+        store_text(b"a" * (MAX_TEXT_BYTES + 1))
+    assert store_text(b"same") == store_text(b"same")

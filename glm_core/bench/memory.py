@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -373,6 +374,7 @@ def free_memory_bytes(device: str) -> int:
 class MemoryBenchRun:
     """One benchmark over the request's levels, in a background thread; each level in a child process."""
 
+    kind: ClassVar[str] = "memory"
     request: MemoryBenchRequest
     owner: str = ""  # the workspace that started it (the page lets only it cancel)
     fraction: float = 0.0
@@ -481,69 +483,89 @@ class MemoryBenchRun:
         ]
 
     def _run_level(self, level: str, number: int, count: int) -> dict:
-        env = {
-            **os.environ,
-            PARENT_PID_ENV: str(os.getpid()),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        }
         with self._lock:
             if self._cancelled:
                 return {"level": level, "error": "cancelled"}
-            self._process = process = subprocess.Popen(
-                self._command(level), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-            )
-        # Both pipes are read at once: a child writing a long traceback to an unread stderr would block, and
-        # with it this thread waiting for its stdout.
-        stderr_tail = bytearray()
+            self._process = process = start_child(self._command(level))
 
-        def drain_stderr() -> None:
-            for chunk in iter(lambda: process.stderr.read1(65536), b""):
-                stderr_tail.extend(chunk)
-                del stderr_tail[:-STDERR_KEPT_BYTES]
+        def on_progress(fraction: float, message: str) -> None:
+            self.fraction, self.message = (number + fraction) / count, message
 
-        reader = threading.Thread(target=drain_stderr, name="bench-stderr", daemon=True)
-        reader.start()
-        timed_out = threading.Event()
-
-        def time_up() -> None:
-            timed_out.set()
-            process.kill()
-
-        timer = threading.Timer(self.request.time_limit_s, time_up)
-        timer.daemon = True
-        timer.start()
-        result = None
-        try:
-            for raw in process.stdout:
-                try:
-                    event = json.loads(raw)
-                except ValueError:
-                    continue
-                if not isinstance(event, dict):
-                    continue
-                if event.get("event") == "progress":
-                    self.fraction = (number + float(event.get("fraction", 0))) / count
-                    self.message = str(event.get("message", ""))
-                elif event.get("event") == "result":
-                    result = {k: v for k, v in event.items() if k != "event"}
-            code = process.wait()
-        finally:
-            timer.cancel()
-            if process.poll() is None:  # this thread is leaving early: the child must not outlive it
-                process.kill()
-                process.wait()
-        reader.join(timeout=5)
+        outcome = read_child(process, on_progress, self.request.time_limit_s)
         if self._cancelled:
             return {"level": level, "error": "cancelled"}
-        if timed_out.is_set():
-            return {"level": level, "error": f"took longer than the limit of {self.request.time_limit_s:g} s; stopped"}
-        if result is None:
-            lines = stderr_tail.decode("utf-8", "replace").strip().splitlines()
-            tail = lines[-1] if lines else f"exit status {code}"
-            if code < 0 or code == 137:
-                tail = f"killed (exit {code}); out of memory?"
-            return {"level": level, "error": tail[:300]}
-        return result
+        return outcome.result if outcome.result is not None else {"level": level, "error": outcome.error}
+
+
+@dataclass
+class ChildOutcome:
+    result: dict | None  # the child's result event (without "event"), or None
+    error: str | None  # why there is no result: over the time limit, killed, the last line of its stderr
+
+
+def start_child(command: list[str]) -> subprocess.Popen:
+    """A benchmark's child process: this project importable, told its parent (see die_with_parent)."""
+    env = {
+        **os.environ,
+        PARENT_PID_ENV: str(os.getpid()),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def read_child(
+    process: subprocess.Popen, on_progress: Callable[[float, str], None], time_limit_s: float
+) -> ChildOutcome:
+    """Read a child's JSON lines (progress events, then one result) until it ends, killing it past the limit."""
+    # Both pipes are read at once: a child writing a long traceback to an unread stderr would block, and
+    # with it this thread waiting for its stdout.
+    stderr_tail = bytearray()
+
+    def drain_stderr() -> None:
+        for chunk in iter(lambda: process.stderr.read1(65536), b""):
+            stderr_tail.extend(chunk)
+            del stderr_tail[:-STDERR_KEPT_BYTES]
+
+    reader = threading.Thread(target=drain_stderr, name="bench-stderr", daemon=True)
+    reader.start()
+    timed_out = threading.Event()
+
+    def time_up() -> None:
+        timed_out.set()
+        process.kill()
+
+    timer = threading.Timer(time_limit_s, time_up)
+    timer.daemon = True
+    timer.start()
+    result = None
+    try:
+        for raw in process.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") == "progress":
+                on_progress(float(event.get("fraction", 0)), str(event.get("message", "")))
+            elif event.get("event") == "result":
+                result = {k: v for k, v in event.items() if k != "event"}
+        code = process.wait()
+    finally:
+        timer.cancel()
+        if process.poll() is None:  # this thread is leaving early: the child must not outlive it
+            process.kill()
+            process.wait()
+    reader.join(timeout=5)
+    if timed_out.is_set():
+        return ChildOutcome(None, f"took longer than the limit of {time_limit_s:g} s; stopped")
+    if result is None:
+        lines = stderr_tail.decode("utf-8", "replace").strip().splitlines()
+        tail = lines[-1] if lines else f"exit status {code}"
+        if code < 0 or code == 137:
+            tail = f"killed (exit {code}); out of memory?"
+        return ChildOutcome(None, tail[:300])
+    return ChildOutcome(result, None)
 
 
 def run_memory_bench(
@@ -642,10 +664,11 @@ class BenchHistory:
         self.path = Path(data_dir or load_settings().data_dir) / "benchmarks.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS memory_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                "created_at REAL NOT NULL, record TEXT NOT NULL)"
-            )
+            for table in ("memory_runs", "quality_runs"):
+                db.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                    "created_at REAL NOT NULL, record TEXT NOT NULL)"
+                )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -653,21 +676,34 @@ class BenchHistory:
         return db
 
     def add(self, record: dict) -> int:
+        return self._add("memory_runs", record)
+
+    def list(self, limit: int = 200) -> list[dict]:
+        return self._list("memory_runs", limit)
+
+    def add_quality(self, record: dict) -> int:
+        """A quality run (bench/quality.py): KL divergence and agreement per level, kept beside the memory runs."""
+        return self._add("quality_runs", record)
+
+    def list_quality(self, limit: int = 200) -> list[dict]:
+        return self._list("quality_runs", limit)
+
+    def _add(self, table: str, record: dict) -> int:
         with self._connect() as db:
             cursor = db.execute(
-                "INSERT INTO memory_runs (created_at, record) VALUES (?, ?)",
+                f"INSERT INTO {table} (created_at, record) VALUES (?, ?)",
                 (record.get("finished_at") or time.time(), json.dumps(record)),
             )
             return int(cursor.lastrowid)
 
-    def list(self, limit: int = 200) -> list[dict]:
+    def _list(self, table: str, limit: int) -> list[dict]:
         with self._connect() as db:
-            rows = db.execute("SELECT id, record FROM memory_runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            rows = db.execute(f"SELECT id, record FROM {table} ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [{"id": row_id, **json.loads(record)} for row_id, record in rows]
 
 
 class MemoryBenchRunner:
-    """At most one run at a time per server process (two runs on one machine would distort each other's figures
+    """At most one run at a time per server process (a memory run or a quality run) (two runs on one machine would distort each other's figures
     and could exhaust its memory); every run that measured something goes to the history."""
 
     def __init__(self, history: BenchHistory):
@@ -683,8 +719,24 @@ class MemoryBenchRunner:
             self.current = MemoryBenchRun(request, owner=owner).start(on_finish=self._finished)
             return self.current
 
-    def _finished(self, run: MemoryBenchRun) -> None:
-        if any("error" not in r for r in run.results):
+    def start_quality(self, request, owner: str):
+        """A quality run (bench/quality.py) in the same one-at-a-time place: it would distort a memory run's
+        figures as much as another memory run would."""
+        from .quality import QualityBenchRun
+
+        with self._lock:
+            if self.current is not None and self.current.active:
+                raise RuntimeError("a benchmark is already running on this server; wait for it or cancel it")
+            self.current = QualityBenchRun(request, owner=owner).start(on_finish=self._finished)
+            return self.current
+
+    def _finished(self, run) -> None:
+        if run.kind == "quality":
+            from .quality import quality_record
+
+            if run.result is not None and any("error" not in r for r in run.result["levels"]):
+                self.history.add_quality(quality_record(run))
+        elif any("error" not in r for r in run.results):
             self.history.add(run_record(run))
 
 

@@ -10,22 +10,30 @@ before the next: one model in memory at a time, one window of logits at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..protocol import ModelSpec
-from ..settings import DEFAULT_GROUP_SIZE, EMBEDDED
+from ..settings import DEFAULT_GROUP_SIZE, EMBEDDED, load_settings
 from .quant import EVAL_TEXT, _windows
 
 DEFAULT_LEVELS = ("bf16", "int8", "int4")
 DEFAULT_REFERENCE = "fp32"
+MAX_TEXT_BYTES = 4 * 2**20  # an uploaded evaluation text; a few hundred thousand tokens, far more than a run reads
+RUN_TIME_LIMIT_S = 60 * 60  # a run in the page's child process is stopped past it
 DECODE_PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle, with many details."
 
 Progress = Callable[[float, str], None]
@@ -37,6 +45,7 @@ class QualityBenchRequest:
     levels: tuple[str, ...] = DEFAULT_LEVELS
     reference: str = DEFAULT_REFERENCE
     text_path: str | None = None  # a UTF-8 file; None: the bundled text
+    text_name: str = "bundled"  # what the page shows: "bundled" or the uploaded file's name
     tokens: int = 1024
     window: int = 512
     device: str = "auto"
@@ -249,6 +258,8 @@ def emit_json_lines(request: QualityBenchRequest) -> int:
     def emit(event: dict) -> None:
         print(json.dumps(event), flush=True)
 
+    if request.device in ("auto", "cpu") and not torch.cuda.is_available() and hasattr(os, "nice"):
+        os.nice(10)  # the portal's chats keep their share of the CPU
     try:
         result = run_quality_bench(request, lambda f, m: emit({"event": "progress", "fraction": f, "message": m}))
     except Exception as exc:
@@ -256,3 +267,160 @@ def emit_json_lines(request: QualityBenchRequest) -> int:
         return 1
     emit({"event": "result", **result})
     return 0
+
+
+# ---- the page's run: a child process with progress and cancel; the history and the CSV ----------------------
+
+
+def store_text(data: bytes, data_dir: Path | None = None) -> str:
+    """Keep an uploaded evaluation text (checked: UTF-8, at most MAX_TEXT_BYTES) under the data folder, named by
+    its content; returns its path."""
+    if len(data) > MAX_TEXT_BYTES:
+        raise ValueError(f"the text is {len(data) / 2**20:.1f} MiB; at most {MAX_TEXT_BYTES // 2**20} MiB")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    folder = Path(data_dir or load_settings().data_dir) / "quality-texts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.txt"
+    if not path.is_file():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return str(path)
+
+
+@dataclass
+class QualityBenchRun:
+    """One quality benchmark in a background thread, the benchmark itself in a child process (killed to cancel)."""
+
+    kind: ClassVar[str] = "quality"
+    request: QualityBenchRequest
+    owner: str = ""  # the workspace that started it (the page lets only it cancel)
+    fraction: float = 0.0
+    message: str = "starting"
+    result: dict | None = None
+    state: str = "pending"  # pending, running, done, cancelled, failed
+    error: str | None = None
+    environment: dict = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    time_limit_s: float = RUN_TIME_LIMIT_S
+    _process: object = None
+    _cancelled: bool = False
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, on_finish: Callable[[QualityBenchRun], None] | None = None) -> QualityBenchRun:
+        from .memory import environment
+
+        self.state = "running"
+        self.environment = environment(self.request.device)
+        self._thread = threading.Thread(target=self._run, args=(on_finish,), name="bench-quality", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> QualityBenchRun:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("pending", "running")
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._process is not None and self._process.poll() is None:
+                self._process.kill()
+
+    def command(self) -> list[str]:
+        r = self.request
+        command = [sys.executable, "-m", "glm_core", "bench", "quality", "--events", "--model", r.source]
+        command += ["--levels", ",".join(r.levels), "--reference", r.reference, "--tokens", str(r.tokens)]
+        command += ["--window", str(r.window), "--device", r.device, "--group-size", str(r.group_size)]
+        command += ["--decode-tokens", str(r.decode_tokens)]
+        return command + (["--text", r.text_path] if r.text_path else [])
+
+    def _run(self, on_finish) -> None:
+        from .memory import read_child, start_child
+
+        def on_progress(fraction: float, message: str) -> None:
+            self.fraction, self.message = fraction, message
+
+        with self._lock:
+            self._process = None if self._cancelled else start_child(self.command())
+        outcome = read_child(self._process, on_progress, self.time_limit_s) if self._process is not None else None
+        if self._cancelled:
+            self.state = "cancelled"
+        elif outcome.result is None or "error" in outcome.result:
+            self.state, self.error = "failed", (outcome.result or {}).get("error") or outcome.error
+        else:
+            self.state, self.result, self.fraction = "done", outcome.result, 1.0
+        self.finished_at = time.time()
+        if on_finish is not None:
+            on_finish(self)
+
+
+def quality_record(run: QualityBenchRun) -> dict:
+    return {
+        "request": run.request.describe(),
+        "result": run.result,
+        "state": run.state,
+        "error": run.error,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "environment": run.environment,
+    }
+
+
+QUALITY_CSV_FIELDS = (
+    "run",
+    "date",
+    "model",
+    "device",
+    "device_name",
+    "text",
+    "tokens",
+    "reference",
+    "level",
+    "error",
+    "kld_mean",
+    "kld_median",
+    "kld_p99",
+    "kld_max",
+    "top1_agreement",
+    "ppl",
+    "ppl_ratio",
+    "weights_bytes",
+    "decode_tokens_per_s",
+)
+
+
+def quality_csv_rows(records: list[dict]) -> list[dict]:
+    """One row per stored quality run and level (the reference too); text cells cannot run as formulas."""
+    from ..conversations.exchange import spreadsheet_safe
+
+    rows = []
+    for record in records:
+        request, result, env = record["request"], record.get("result") or {}, record.get("environment", {})
+        date = datetime.fromtimestamp(record.get("finished_at") or record["started_at"], UTC).isoformat()
+        reference = result.get("reference") or {}
+        base = {
+            "run": record.get("id", ""),
+            "date": date,
+            "model": result.get("model") or request["source"],
+            "device": env.get("device", ""),
+            "device_name": env.get("device_name", ""),
+            "text": request.get("text_name", "bundled"),
+            "tokens": reference.get("tokens"),
+            "reference": reference.get("level") or request["reference"],
+        }
+        levels = [{**reference, "kld_mean": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0}] if reference else []
+        for level in levels + list(result.get("levels", [])):
+            full = {**base, **{k: v for k, v in level.items() if k in QUALITY_CSV_FIELDS and k not in base}}
+            full["level"] = level.get("level")
+            rows.append({k: "" if full.get(k) is None else spreadsheet_safe(full.get(k)) for k in QUALITY_CSV_FIELDS})
+    return rows
