@@ -77,3 +77,26 @@ def test_run_shows_measured_predicted_and_history_with_csv(page, tmp_path, data_
     labels = page.selectbox(key="bench_history_choice").options
     assert len(labels) == 1 and "mid.json" in labels[0] and "BF16" in labels[0]
     assert page.get("download_button"), "the CSV download is offered"
+
+
+def test_quality_run_from_the_page_shows_loss_beside_cost(page, data_dir):
+    """The quality section runs the embedded model's INT8 against FP32 on the bundled text in a child process;
+    the run lands in the history with its table (KL divergence, agreement, weights, tokens/s) and CSV."""
+    assert "No quality run yet" in " ".join(c.value for c in page.caption)
+    page.multiselect(key="quality_levels").set_value(["int8"]).run()
+    page.number_input(key="quality_tokens").set_value(64).run()
+    page.button(key="quality_run").click().run()
+    assert not page.exception, page.exception
+    run = get_bench_runner().current
+    assert run.kind == "quality" and run.owner == page.session_state["workspace"]
+    assert page.button(key="quality_run").disabled and page.button(key="bench_run").disabled  # one at a time
+    run.wait(600)
+    assert run.state == "done", run.error
+    page.run()
+    assert not page.exception, page.exception
+    table = table_with(page, "KLD mean")
+    assert list(table["Level"]) == ["INT8"]
+    assert table["KLD mean"][0] > 0 and 0 < table["Top-1 agreement (%)"][0] <= 100
+    assert table["Weights (MiB)"][0] > 0 and table["Decode (tokens/s)"][0] > 0
+    assert "against FP32" in " ".join(c.value for c in page.caption)
+    assert any(b.label == "Download every quality run as CSV" for b in page.get("download_button"))

@@ -28,6 +28,7 @@ from glm_core.bench.memory import (
 )
 from glm_core.safe_markdown import plain
 from ui.access import admin_panel, current_workspace
+from ui.quality_section import quality_section
 from ui.resources import get_bench_runner, get_hub
 
 st.set_page_config(page_title="Quantization", page_icon="⚖️", layout="wide")
@@ -238,15 +239,16 @@ def run_in_progress() -> None:
         st.button("Cancel the run", key="bench_cancel", on_click=run.cancel)
     else:
         st.caption("Started from another workspace: only it can cancel.")
-    if run.results:
+    if run.kind == "memory" and run.results:
         show_comparison(run_record(run), "running")
 
 
 run_in_progress()
+quality_section(runner, engine, workspace, admin)
 
 # ---- results and history -------------------------------------------------------------------------------------
 
-st.header("Runs")
+st.header("Memory runs")
 history = runner.history.list()
 if not history:
     st.caption("No run yet.")

@@ -4,7 +4,8 @@ import streamlit as st
 
 from glm_core.protocol import MAX_PROMPT_CHARS
 from glm_core.safe_markdown import plain
-from ui.access import admin_panel, current_workspace
+from ui.access import admin_panel, current_workspace, is_admin
+from ui.compare_view import compare_view
 from ui.conversation_list import (
     ConversationActions,
     confirm_delete,
@@ -54,6 +55,9 @@ if st.session_state.get("pending_delete"):
     confirm_delete(actions, *st.session_state.pending_delete)
 
 st.title("GLM Chat")
+if st.toggle("Compare", key="compare_mode", help="One prompt to 2-4 configurations side by side, with blind votes"):
+    compare_view(hub, workspace, generation, is_admin())
+    st.stop()
 if stored:
     st.caption(plain(conversation.title))
 if len(hub.names()) > 1 and backend_name is not None:
