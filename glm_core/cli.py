@@ -1,4 +1,4 @@
-"""Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|decode|quant|
+"""Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|decode|quant|quality|
 memory | estimate | llama-server`."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .backends.remote import KEY_ENV, RemoteBackend, is_remote
@@ -341,11 +342,13 @@ def cmd_bench_quant(args) -> int:
 def cmd_bench_quality(args) -> int:
     from .bench.quality import QualityBenchRequest, emit_json_lines, format_quality_report, run_quality_bench
 
+    text_name = Path(args.text).name if args.text else "bundled"
     request = QualityBenchRequest(
         source=args.model,
         levels=tuple(_levels(args.levels)),
         reference=args.reference.strip().lower(),
         text_path=args.text,
+        text_name=text_name,
         tokens=args.tokens,
         window=args.window,
         device=args.device,
@@ -358,7 +361,13 @@ def cmd_bench_quality(args) -> int:
     def progress(fraction: float, message: str) -> None:
         print(f"[{fraction * 100:3.0f}%] {message}", file=sys.stderr)
 
+    started_at = time.time()
     result = run_quality_bench(request, progress)
+    if not args.no_history and any("error" not in r for r in result["levels"]):
+        from .bench.memory import BenchHistory
+        from .bench.quality import command_line_record
+
+        BenchHistory().add_quality(command_line_record(request, result, started_at))
     print(json.dumps(result) if args.json else format_quality_report(result))
     return 0 if all("error" not in r for r in result["levels"]) else 1
 
@@ -592,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     quality.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
     quality.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per level for tokens/s (0: skip)")
+    quality.add_argument("--no-history", action="store_true", help="do not store the run in the history")
     quality.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
     quality.add_argument("--json", action="store_true", help='print {"reference": {...}, "levels": [...]}')
     quality.set_defaults(func=cmd_bench_quality)

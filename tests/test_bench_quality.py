@@ -87,6 +87,8 @@ def test_cli_json_on_a_users_text(tmp_path):
     assert {"level", "kld_mean", "kld_p99", "top1_agreement", "ppl", "ppl_ratio"} <= set(row)
     assert row["level"] == "int8" and 0 < row["kld_mean"] and 0 < row["top1_agreement"] <= 1
     assert row["decode_tokens_per_s"] is None
+    (stored,) = BenchHistory().list_quality()  # kept for the team, as the page's runs are
+    assert stored["result"] == data and stored["request"]["text_name"] == "ours.txt"
 
 
 def test_cli_refuses_a_file_that_is_not_utf8(tmp_path):

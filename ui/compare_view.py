@@ -81,9 +81,7 @@ def compare_view(hub: EngineHub, workspace: str, generation: Generation, admin: 
         "One prompt goes to every configuration at once; each reply streams in its own column with its figures. "
         "Blind: the columns are shuffled and named Answer A, B…; pick the better one, and the names show."
     )
-    chosen = st.multiselect(
-        "Configurations (2-4)", list(options), max_selections=MAX_COLUMNS, key="compare_configs", format_func=plain
-    )
+    chosen = st.multiselect("Configurations (2-4)", list(options), max_selections=MAX_COLUMNS, key="compare_configs")
     blind = st.toggle("Blind (hide which is which until you vote)", value=True, key="compare_blind")
     st.caption(plain(_memory_line(hub)))
     if not admin:

@@ -376,6 +376,21 @@ def quality_record(run: QualityBenchRun) -> dict:
     }
 
 
+def command_line_record(request: QualityBenchRequest, result: dict, started_at: float) -> dict:
+    """The history's record of a run made from the command line (the page's runs are quality_record's)."""
+    from .memory import environment
+
+    return {
+        "request": request.describe(),
+        "result": result,
+        "state": "done",
+        "error": None,
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "environment": environment(request.device),
+    }
+
+
 QUALITY_CSV_FIELDS = (
     "run",
     "date",
