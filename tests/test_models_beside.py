@@ -6,14 +6,15 @@ import uuid
 import pytest
 
 from glm_core import ModelSpec, SamplingParams
-from glm_core.backends.hub import EngineHub, ModelDoesNotFit, predicted_weights_bytes
+from glm_core.backends.hub import EngineHub, ModelDoesNotFit
+from glm_core.bench.estimator import spec_weights_bytes
 
 
 @pytest.fixture
 def hub(monkeypatch):
     monkeypatch.setenv("GLM_KV_CACHE_MB", "64")
     monkeypatch.setenv("GLM_COMPILE", "off")
-    hub = EngineHub()
+    hub = EngineHub(predict_weights=spec_weights_bytes)
     yield hub
     hub.close()
 
@@ -26,7 +27,7 @@ def test_a_level_beside_the_main_model_within_the_budget(hub, tiny_model_dir, mo
     assert charged["name"] == "local" and charged["weights_bytes"] == main.loaded.weights["total"]
     assert charged["kv_budget_bytes"] == 2 * 64 * 2**20  # the kept caches' budget and the running batch's
     # the estimator's prediction of the BF16 weights, before loading: what the loader then really holds
-    predicted = predicted_weights_bytes(bf16)
+    predicted = spec_weights_bytes(bf16)
     need = predicted + 2 * 64 * 2**20
     monkeypatch.setenv("GLM_MODELS_MEMORY_MB", str((charged["bytes"] + need) // 2**20 - 1))
     with pytest.raises(ModelDoesNotFit, match="GLM_MODELS_MEMORY_MB allows") as refused:
@@ -44,9 +45,13 @@ def test_a_level_beside_the_main_model_within_the_budget(hub, tiny_model_dir, mo
     assert not hub.beside() and backend.loaded.model is None
 
 
-def test_a_model_that_cannot_be_predicted_is_not_loaded_beside(hub, tmp_path):
+def test_a_model_that_cannot_be_predicted_is_not_loaded_beside(hub, tmp_path, tiny_model_dir):
     with pytest.raises(ModelDoesNotFit, match="cannot be predicted"):
         hub.load_beside(ModelSpec(str(tmp_path / "nothing-here"), "bf16", "cpu"))
+    without_estimator = EngineHub()
+    with pytest.raises(ModelDoesNotFit, match="no memory estimator"):
+        without_estimator.load_beside(ModelSpec(str(tiny_model_dir), "bf16", "cpu"))
+    assert not without_estimator.beside()
 
 
 def test_local_models_take_turns_on_the_device(hub, tiny_model_dir):

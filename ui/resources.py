@@ -9,6 +9,7 @@ from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
 from glm_core.access import PathNotAllowed, check_model_path
 from glm_core.backends.config import configured_backends, conversation_backend
 from glm_core.backends.hub import EngineHub
+from glm_core.bench.estimator import spec_weights_bytes
 from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
 from glm_core.conversations.store import Store
 from glm_core.safe_markdown import plain
@@ -21,7 +22,7 @@ def get_hub() -> EngineHub:
     """One hub per server process: every browser session shares the loaded model and the remote backends, as
     secrets.toml's [backends] or GLM_BACKENDS name them (a configuration that cannot be read is shown, and the
     portal falls back to the one local model)."""
-    hub = EngineHub()
+    hub = EngineHub(predict_weights=spec_weights_bytes)  # the Compare mode loads models beside, within the budget
     try:
         hub.configure(configured_backends(secret_section("backends")))
     except ValueError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..engine.device_turns import DeviceTurns
@@ -36,8 +37,15 @@ class EngineHub:
     """Holds the local slot and the remote backends; loading another local model replaces the slot's only once the
     new one has loaded."""
 
-    def __init__(self, entries: list[BackendEntry] | None = None):
+    def __init__(
+        self,
+        entries: list[BackendEntry] | None = None,
+        predict_weights: Callable[[ModelSpec], int] | None = None,
+    ):
+        """`predict_weights`: the weights bytes of a spec before loading it (bench.estimator.spec_weights_bytes);
+        without it no model is loaded beside the main one."""
         self._lock = threading.Lock()
+        self.predict_weights = predict_weights
         self._engine: Backend | None = None
         self._remotes: dict[str, RemoteBackend] = {}
         self.local_name = DEFAULT_LOCAL_NAME
@@ -212,7 +220,8 @@ class EngineHub:
     def memory_plan(self) -> dict:
         """What the local models are charged against the budget: {"budget_bytes" (None: none set),
         "free_bytes" (memory free now), "models": [{"name", "weights_bytes", "kv_budget_bytes", "bytes"}]}."""
-        from ..bench.memory import free_memory_bytes
+        from ..models.precision import resolve_device
+        from ..telemetry.memory import free_memory_bytes
 
         settings = load_settings()
         models = [
@@ -221,13 +230,21 @@ class EngineHub:
         ]
         return {
             "budget_bytes": settings.models_memory_bytes,
-            "free_bytes": free_memory_bytes(settings.device),
+            "free_bytes": free_memory_bytes(resolve_device(settings.device)),
             "models": models,
         }
 
     def _check_fits(self, spec: ModelSpec, kv_bytes: int) -> None:
         """Called with the lock held."""
-        need = _charge(predicted_weights_bytes(spec), kv_bytes)
+        if self.predict_weights is None:
+            raise ModelDoesNotFit("no memory estimator is configured here, so no model is loaded beside the others")
+        try:
+            weights = self.predict_weights(spec)
+        except ValueError as exc:
+            raise ModelDoesNotFit(
+                f"{spec.path}: its memory cannot be predicted, so it is not loaded beside: {exc}"
+            ) from exc
+        need = _charge(weights, kv_bytes)
         plan = self.memory_plan()
         taken = sum(m["bytes"] for m in plan["models"])
         what = (
@@ -256,22 +273,6 @@ def _charge(weights: int, kv_budget: int) -> dict:
     """An engine's charge: its weights and its KV budgets (the kept caches' and the running batch's, see Engine)."""
     kv = kv_budget + max(kv_budget, 2**26)
     return {"weights_bytes": weights, "kv_budget_bytes": kv, "bytes": weights + kv}
-
-
-def predicted_weights_bytes(spec: ModelSpec) -> int:
-    """The estimator's weights for `spec` (from its config.json alone, before loading anything)."""
-    from ..bench.estimator import ConfigError, estimate
-    from ..bench.memory import source_config
-    from ..models.precision import resolve_device
-
-    try:
-        device = resolve_device(spec.device)
-        _, cfg = source_config(spec.path)
-        return estimate(cfg, [spec.precision], 1, 1, device.type, spec.group_size)[0].weights_bytes
-    except (ConfigError, ValueError) as exc:
-        raise ModelDoesNotFit(
-            f"{spec.path}: its memory cannot be predicted, so it is not loaded beside: {exc}"
-        ) from exc
 
 
 def _gb(value: int) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from ..engine.generation import PREFILL_CHUNK
 from ..models.checkpoint import CheckpointError, read_json_object
-from ..models.precision import Precision, parse_precision
+from ..models.precision import Precision, parse_precision, resolve_device
 from ..models.quant import swap_in_quantized_linears, tie_output_layer, weight_bytes
 from ..settings import DEFAULT_GROUP_SIZE
 from ..telemetry.memory import kv_bytes_per_token
@@ -227,6 +227,16 @@ def estimate(
             )
         )
     return results
+
+
+def spec_weights_bytes(spec) -> int:
+    """The weights bytes of a ModelSpec (a model folder or "embedded") from its config.json alone, before loading:
+    what the hub charges a model it is asked to load beside the others (ConfigError: cannot tell)."""
+    from .memory import source_config
+
+    device = resolve_device(spec.device)
+    _, cfg = source_config(spec.path)
+    return estimate(cfg, [spec.precision], 1, 1, device.type, spec.group_size)[0].weights_bytes
 
 
 def published(source_key: str, encode: int, generate: int) -> dict | None:

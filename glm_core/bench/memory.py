@@ -362,12 +362,9 @@ def run_in_process(request: MemoryBenchRequest) -> int:
 
 
 def free_memory_bytes(device: str) -> int:
-    resolved = resolve_device(device)
-    if resolved.type == "cuda":
-        return torch.cuda.mem_get_info(resolved)[0]
-    import psutil
+    from ..telemetry.memory import free_memory_bytes as free_on
 
-    return psutil.virtual_memory().available
+    return free_on(resolve_device(device))
 
 
 @dataclass

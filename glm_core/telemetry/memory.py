@@ -35,6 +35,13 @@ def host_memory() -> dict:
     return {"total": memory.total, "used": memory.used, "available": memory.available}
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """What a new allocation on `device` can still get: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
 def process_memory() -> dict:
     """This process's resident memory now and at its peak (the kernel keeps the high-water mark)."""
     rss = psutil.Process().memory_info().rss
