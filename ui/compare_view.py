@@ -181,6 +181,10 @@ def _ranking(arena: Arena, workspace: str) -> None:
                 hide_index=True,
                 key="compare_ranking",
             )
+            st.caption(
+                "Bradley-Terry fitted on every workspace's votes (a tie counts half a win each way); the intervals "
+                "come from 200 bootstrap resamples of the votes: wide with few votes, a single point with one."
+            )
             st.caption("Per pair of configurations (a tie counts half):")
             st.dataframe(
                 pd.DataFrame(
