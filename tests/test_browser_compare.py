@@ -2,9 +2,11 @@
 each column streaming, blind; a vote reveals the names and lands in the team's ranking."""
 
 import pytest
-from test_browser import need_chromium, page, running_portal  # noqa: F401 - the page fixture
+from browser_support import need_chromium, running_portal
+from test_browser import page  # noqa: F401 - the page fixture (a fresh Chromium page, its screenshot kept)
 
 from glm_core.conversations.arena import Arena
+from glm_core.conversations.store import Store
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 
@@ -19,9 +21,11 @@ def test_two_levels_stream_side_by_side_and_a_blind_vote_ranks_them(page, output
     from playwright.sync_api import expect
 
     need_chromium()
+    workspace = Store(data_dir).create_workspace()
+    Store(data_dir).set_setting(workspace, "sampling", {"max_new_tokens": 160})  # both replies run to this length
     env = {"GLM_PRECISION": "int8", "GLM_COMPILE": "off", "GLM_MODELS_MEMORY_MB": "6000"}
     with running_portal(output_dir, env, "streamlit-compare.log") as (url, _, _):
-        page.goto(url)
+        page.goto(f"{url}/?ws={workspace}")
         expect(page.get_by_test_id("stChatInputTextArea")).to_be_enabled(timeout=240_000)  # the model is loaded
         page.get_by_text("Compare", exact=True).click()
         main = page.get_by_role("main")
@@ -52,11 +56,12 @@ def test_two_levels_stream_side_by_side_and_a_blind_vote_ranks_them(page, output
         assert "SmolLM2-135M-Instruct" not in columns.nth(0).inner_text()  # blind until the vote
         vote.click()
         expect(main).to_contain_text("Your vote: SmolLM2-135M-Instruct", timeout=60_000)
-        expect(main).to_contain_text("tokens/s")  # each column's stats line, shown after the vote
+        expect(main).to_contain_text("160 tokens")  # each column's stats line, shown after the vote
+        expect(main).to_contain_text("tokens/s")
         expect(main).to_contain_text("Blind-vote ranking of the team (1 pairwise votes)")
         expect(main).to_contain_text("Bradley-Terry")
         page.screenshot(path=str(output_dir / "compare-voted.png"), full_page=True)
-    (vote_row,) = Arena(data_dir).votes()
+    (vote_row,) = Arena(data_dir).votes(workspace)
     assert {vote_row.config_a, vote_row.config_b} == {"SmolLM2-135M-Instruct INT8", "SmolLM2-135M-Instruct INT4"}
     assert vote_row.winner in ("a", "b")
 
