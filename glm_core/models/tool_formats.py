@@ -1,0 +1,276 @@
+"""Tool calling in each family's trained format: how tools, an assistant's calls and a tool's results are written
+into the prompt, how the model's reply is read back into calls, and the grammar a forced call is decoded under.
+
+- ChatGLM3-6B (THUDM/ChatGLM3 PROMPT.md, tool_using/README.md): a system message "Answer the following questions
+  as best as you can. You have access to the following tools:" followed by the tools as JSON (indent 4); a call is
+  `<|assistant|>{name}` then "```python\\ntool_call(key=value, ...)\\n```", ending at <|observation|>; a result is
+  `<|observation|>` + "\\n" + its text. The original read a call with eval(); here ast reads its literals.
+- GLM-4 (glm-4-9b-chat's chat template): tools on the first message (`tools`), rendered by the template under
+  "# 可用工具"; a call is `<|assistant|>{name}` + "\\n" + the arguments as JSON; a result is `<|observation|>`.
+- Any other chat template: the template's own `tools` (Qwen2.5, Llama 3.1, Hermes ...) and Hermes-style
+  `<tool_call>{"name": ..., "arguments": ...}</tool_call>` replies, which most such templates teach; a template
+  that ignores `tools` gets them described in the system message in that same format.
+
+Calls are {"name", "arguments"} with arguments as JSON text, as OpenAI's API carries them.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Sequence
+
+CHATGLM3_TOOL_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+# JSON inside a grammar: compact, one space after separators (what the models were shown), and schema keywords the
+# compiler does not implement are ignored rather than refused (a client's schema is not ours to reject for that).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+HERMES_SYSTEM = (
+    "You may call one or more functions to assist with the user query. The functions are described within "
+    "<tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\nFor each function call, return a json object with "
+    "the function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def json_grammar_rule(schema: dict | None) -> str:
+    """`%json {...}` for a Lark grammar (llguidance): JSON text matching `schema` (any object when None)."""
+    schema = dict(schema) if isinstance(schema, dict) and schema else {"type": "object"}
+    schema["x-guidance"] = {**JSON_STYLE, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def json_schema_grammar(schema: dict | None) -> str:
+    """The Lark grammar of a reply that is JSON matching `schema` (response_format)."""
+    return "start: value\nvalue: " + json_grammar_rule(schema) + "\n"
+
+
+def parameters_of(tool: dict) -> dict:
+    """A tool's parameter schema for a forced call: the declared parameters only (additionalProperties false
+    unless the schema says otherwise), so a call never rambles on in made-up keys."""
+    parameters = tool.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return {"additionalProperties": False, **parameters}
+
+
+def new_call(name: str, arguments) -> dict:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"name": name, "arguments": text}
+
+
+class ToolSyntax:
+    """One family's way of writing and reading tool calls."""
+
+    name = "tools"
+    parallel = False  # whether one reply can carry several calls
+
+    def call_grammar(self, tools: Sequence[dict], choice: str, parallel: bool) -> str:
+        """The Lark grammar of a reply that is a call of one of `tools` (`choice`: "required" or a tool's name)."""
+        chosen = [t for t in tools if choice == "required" or t["name"] == choice]
+        alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
+        rules = [f"call_{i}: {self.call_rule(tool)}" for i, tool in enumerate(chosen)]
+        repeat = f" ({_lark_string(self.separator)} call)*" if parallel and self.parallel else ""
+        return "\n".join([f"start: call{repeat}", f"call: {alternatives}", *rules]) + "\n"
+
+    separator = "\n"
+
+    def call_rule(self, tool: dict) -> str:
+        raise NotImplementedError
+
+    def parse(self, text: str, tools: Sequence[dict]) -> tuple[str, list[dict]]:
+        """(content, calls) from a reply's text; calls empty when the reply is plain text."""
+        raise NotImplementedError
+
+    def undecided(self, text: str, tools: Sequence[dict]) -> bool:
+        """Whether `text` (the reply so far) may still turn out to be a call, so a stream must hold it back."""
+        raise NotImplementedError
+
+
+class NameLineSyntax(ToolSyntax):
+    """ChatGLM3 and GLM-4 write a call as the function's name on the header line, then its arguments. The engine
+    strips the reply's leading whitespace, so a reply starting "{name}\\n" with a known name is a call."""
+
+    def undecided(self, text: str, tools: Sequence[dict]) -> bool:
+        return any(f"{t['name']}\n".startswith(text) or text.startswith(f"{t['name']}\n") for t in tools)
+
+    def _split(self, text: str, tools: Sequence[dict]) -> tuple[str, str] | None:
+        head, newline, body = text.partition("\n")
+        names = {t["name"] for t in tools}
+        if newline and head.strip() in names:
+            return head.strip(), body
+        return None
+
+
+class ChatGLM3ToolSyntax(NameLineSyntax):
+    name = "ChatGLM3"
+
+    @staticmethod
+    def system_message(tools: Sequence[dict], content: str = "") -> str:
+        """The system prompt ChatGLM3 was trained on: the tool prompt, then the tools as JSON with indent 4 (as its
+        tokenizer's build_chat_input joined them: content + "\\n" + json.dumps(tools, indent=4, ensure_ascii=False))."""
+        prompt = content or CHATGLM3_TOOL_PROMPT
+        return prompt + "\n" + json.dumps(list(tools), indent=4, ensure_ascii=False)
+
+    @staticmethod
+    def call_text(call: dict) -> tuple[str, str]:
+        """(metadata, content) of an assistant message that makes `call`."""
+        arguments = json.loads(call["arguments"] or "{}")
+        if not isinstance(arguments, dict):
+            raise ValueError(f"the arguments of {call['name']!r} must be a JSON object")
+        keywords = ", ".join(f"{key}={_python_literal(value)}" for key, value in arguments.items())
+        return call["name"], f"```python\ntool_call({keywords})\n```"
+
+    def call_rule(self, tool: dict) -> str:
+        keywords = _keyword_rule(parameters_of(tool))
+        opening = _lark_string(f"{tool['name']}\n```python\ntool_call(")
+        return f'{opening} {keywords} ")\\n```"'
+
+    def parse(self, text: str, tools: Sequence[dict]) -> tuple[str, list[dict]]:
+        split = self._split(text, tools)
+        if split is None:
+            return text, []
+        name, body = split
+        code = "\n".join(body.strip().split("\n")[1:-1]) if body.strip().startswith("```") else body.strip()
+        arguments = _tool_call_arguments(code)
+        if arguments is None:
+            return text, []
+        return "", [new_call(name, arguments)]
+
+
+class GLM4ToolSyntax(NameLineSyntax):
+    name = "GLM-4"
+
+    def call_rule(self, tool: dict) -> str:
+        return f"{_lark_string(tool['name'] + chr(10))} {json_grammar_rule(parameters_of(tool))}"
+
+    def parse(self, text: str, tools: Sequence[dict]) -> tuple[str, list[dict]]:
+        split = self._split(text, tools)
+        if split is None:
+            return text, []
+        name, body = split
+        try:
+            arguments = json.loads(body.strip())
+        except ValueError:
+            return text, []
+        if not isinstance(arguments, dict):
+            return text, []
+        return "", [new_call(name, arguments)]
+
+
+class HermesToolSyntax(ToolSyntax):
+    """`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call."""
+
+    name = "Hermes"
+    parallel = True
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+    def call_rule(self, tool: dict) -> str:
+        opening = _lark_string(f'{self.OPEN}\n{{"name": {json.dumps(tool["name"], ensure_ascii=False)}, "arguments": ')
+        return f"{opening} {json_grammar_rule(parameters_of(tool))} {_lark_string('}' + chr(10) + self.CLOSE)}"
+
+    def parse(self, text: str, tools: Sequence[dict]) -> tuple[str, list[dict]]:
+        names = {t["name"] for t in tools}
+        calls = []
+        for block in self._BLOCK.findall(text):
+            try:
+                call = json.loads(block)
+            except ValueError:
+                continue
+            if isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments", {}), dict):
+                calls.append(new_call(call["name"], call.get("arguments", {})))
+        if not calls:
+            return text, []
+        return self._BLOCK.sub("", text).strip(), calls
+
+    def undecided(self, text: str, tools: Sequence[dict]) -> bool:
+        stripped = text.lstrip()
+        return self.OPEN.startswith(stripped) or stripped.startswith(self.OPEN)
+
+
+def template_tool_syntax(chat_template: str) -> ToolSyntax:
+    """GLM-4's syntax for a template that knows <|observation|>, else Hermes'."""
+    return GLM4ToolSyntax() if "<|observation|>" in chat_template else HermesToolSyntax()
+
+
+# ---- ChatGLM3's tool_call(...) keywords --------------------------------------------------------------------
+
+
+def _python_literal(value) -> str:
+    """A JSON value as the Python literal ChatGLM3 writes (True/False/None; strings and numbers as JSON has them,
+    which Python reads the same)."""
+    if value is True or value is False or value is None:
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_python_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_python_literal(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _keyword_rule(parameters: dict) -> str:
+    """Lark for `key=value, ...` of an object schema: its properties in order, the required ones always, the others
+    optionally; each value JSON of the property's schema (read back as Python: true/false/null are accepted)."""
+    properties = parameters.get("properties") or {}
+    required = set(parameters.get("required") or [])
+    items = [(key, schema) for key, schema in properties.items() if str(key).isidentifier()]
+    missing = required - {key for key, _ in items}
+    if missing:
+        raise ValueError(f"required parameters that are not Python names cannot be called this way: {sorted(missing)}")
+    if not items:
+        return '""'
+    values = [f"{_lark_string(key + '=')} {json_grammar_rule(schema)}" for key, schema in items]
+
+    def after(i: int) -> str:  # keywords i.. once one was written (each opens with ", ")
+        if i == len(items):
+            return '""'
+        rest = f'", " {values[i]} ({after(i + 1)})'
+        return rest if items[i][0] in required else f"({rest} | {after(i + 1)})"
+
+    def first(i: int) -> str:  # keywords i.. when none was written yet
+        if i == len(items):
+            return '""'
+        written = f"{values[i]} ({after(i + 1)})"
+        return written if items[i][0] in required else f"({written} | {first(i + 1)})"
+
+    return f"({first(0)})"
+
+
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+def _tool_call_arguments(code: str) -> dict | None:
+    """The keywords of `tool_call(k=v, ...)` as a dict, read with ast (literals only, never run)."""
+    try:
+        tree = ast.parse(code.strip(), mode="eval")
+    except SyntaxError:
+        return None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
+        return None
+    if call.args:
+        return None
+    arguments = {}
+    for keyword in call.keywords:
+        if keyword.arg is None:
+            return None
+        try:
+            arguments[keyword.arg] = _literal(keyword.value)
+        except ValueError:
+            return None
+    return arguments
+
+
+def _literal(node: ast.AST):
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    if isinstance(node, ast.List):
+        return [_literal(n) for n in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
