@@ -28,7 +28,7 @@ def grammar_for(output: OutputSpec, chat_format) -> str | None:
         syntax = getattr(chat_format, "tool_syntax", None)
         if syntax is None:
             raise ValueError(f"this model's format ({chat_format.name}) has no tool calling")
-        grammar = syntax.call_grammar(output.tools, output.tool_choice, output.parallel_tool_calls)
+        grammar = syntax.call_grammar(output.tools, output.tool_choice)
     elif output.json_schema is not None:
         grammar = json_schema_grammar(output.json_schema)
     else:

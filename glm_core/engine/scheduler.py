@@ -180,6 +180,11 @@ class Engine:
         with self._tokenizer_lock:
             return len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def tool_syntax(self):
+        """How this model writes tool calls (models.tool_formats), or None where it was not trained for them."""
+        return getattr(self.loaded.chat_format, "tool_syntax", None)
+
     def encode_chat(self, messages: Sequence[dict], output: OutputSpec | None = None) -> list[int]:
         with self._tokenizer_lock:
             if output is not None and output.raw_prompt:

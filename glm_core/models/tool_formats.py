@@ -67,17 +67,14 @@ class ToolSyntax:
     """One family's way of writing and reading tool calls."""
 
     name = "tools"
-    parallel = False  # whether one reply can carry several calls
 
-    def call_grammar(self, tools: Sequence[dict], choice: str, parallel: bool) -> str:
-        """The Lark grammar of a reply that is a call of one of `tools` (`choice`: "required" or a tool's name)."""
+    def call_grammar(self, tools: Sequence[dict], choice: str) -> str:
+        """The Lark grammar of a reply that is one call of one of `tools` (`choice`: "required" or a tool's name).
+        A forced reply is one call: a small model would otherwise go on calling until max_tokens."""
         chosen = [t for t in tools if choice == "required" or t["name"] == choice]
         alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
         rules = [f"call_{i}: {self.call_rule(tool)}" for i, tool in enumerate(chosen)]
-        repeat = f" ({_lark_string(self.separator)} call)*" if parallel and self.parallel else ""
-        return "\n".join([f"start: call{repeat}", f"call: {alternatives}", *rules]) + "\n"
-
-    separator = "\n"
+        return "\n".join(["start: call", f"call: {alternatives}", *rules]) + "\n"
 
     def call_rule(self, tool: dict) -> str:
         raise NotImplementedError
@@ -166,7 +163,6 @@ class HermesToolSyntax(ToolSyntax):
     """`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call."""
 
     name = "Hermes"
-    parallel = True
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -186,7 +182,8 @@ class HermesToolSyntax(ToolSyntax):
                 calls.append(new_call(call["name"], call.get("arguments", {})))
         if not calls:
             return text, []
-        return self._BLOCK.sub("", text).strip(), calls
+        content = self._BLOCK.sub("", text)
+        return content.split(self.OPEN)[0].strip(), calls  # an unfinished call at the end is dropped
 
     def undecided(self, text: str, tools: Sequence[dict]) -> bool:
         stripped = text.lstrip()
