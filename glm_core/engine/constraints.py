@@ -91,7 +91,17 @@ class SentencePieceVocabulary:
         self.special_token_ids = special
 
     def __call__(self, text: str) -> list[int]:
-        return [i for i in self._tokenizer.encode(text)]
+        """Ids of `text` where it continues other text: SentencePiece's dummy-prefix space taken off again."""
+        sp = self._tokenizer.sp
+        ids = list(sp.encode(text))
+        if not ids or not sp.id_to_piece(ids[0]).startswith("\u2581"):
+            return ids
+        rest = sp.id_to_piece(ids[0])[1:]
+        if not rest:
+            return ids[1:]
+        whole = sp.piece_to_id(rest)
+        head = [whole] if whole != sp.unk_id() else [sp.piece_to_id(f"<0x{b:02X}>") for b in rest.encode("utf-8")]
+        return head + ids[1:]
 
 
 class Constraint:

@@ -191,8 +191,10 @@ class HermesToolSyntax(ToolSyntax):
 
 
 def template_tool_syntax(chat_template: str) -> ToolSyntax:
-    """GLM-4's syntax for a template that knows <|observation|>, else Hermes'."""
-    return GLM4ToolSyntax() if "<|observation|>" in chat_template else HermesToolSyntax()
+    """GLM-4's syntax for glm-4-9b-chat's template family ([gMASK]<sop> prompts that predate GLM-4.5's
+    <tool_call> blocks), else Hermes'."""
+    glm4 = ("[gMASK]" in chat_template or "<|observation|>" in chat_template) and "<tool_call>" not in chat_template
+    return GLM4ToolSyntax() if glm4 else HermesToolSyntax()
 
 
 # ---- ChatGLM3's tool_call(...) keywords --------------------------------------------------------------------
