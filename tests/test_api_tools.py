@@ -164,3 +164,29 @@ def test_unknown_fields_are_ignored(api):
         model="m", messages=ASK, max_tokens=2, extra_body={"frobnicate": 1, "metadata": {"a": "b"}}
     )
     assert reply.choices[0].message.content
+
+
+def test_completions_route_with_echo_logprobs_stop_and_streaming(api):
+    whole = api.completions.create(
+        model="m", prompt="Once upon a time", max_tokens=6, seed=2, temperature=1, logprobs=2
+    )
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    [choice] = whole.choices
+    assert choice.finish_reason == "length" and whole.usage.completion_tokens == 6
+    assert len(choice.logprobs.tokens) == 6 and all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert choice.logprobs.text_offset[0] == 0 and choice.logprobs.text_offset[1] == len(choice.logprobs.tokens[0])
+    streamed = api.completions.create(
+        model="m", prompt="Once upon a time", max_tokens=6, seed=2, temperature=1, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    echoed = api.completions.create(
+        model="m", prompt="Once upon a time", max_tokens=6, seed=2, temperature=1, echo=True
+    )
+    assert echoed.choices[0].text == "Once upon a time" + choice.text
+    cut = choice.text[2:5]
+    stopped = api.completions.create(
+        model="m", prompt="Once upon a time", max_tokens=6, seed=2, temperature=1, stop=[cut]
+    )
+    assert stopped.choices[0].text == choice.text[: choice.text.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"

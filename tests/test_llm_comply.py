@@ -4,7 +4,8 @@
 llm-comply's warnings (fields OpenAI's schema requires, e.g. `refusal: null`), except the ones named in EXCLUDED.
 
 The suite cannot be given max_tokens or a seed: its replies are the embedded model's own, sampled with the
-model's defaults, and three checks want `finish_reason: stop` (the model ending its turn by itself: 126 of 126
+model's defaults (its tool-calling check asks for tool_choice "required": decoded under the call's grammar), and
+three checks want `finish_reason: stop` (the model ending its turn by itself: 126 of 126
 samples of those three prompts did, in at most 105 tokens). llm-comply's JSON reports, with each check's
 duration, land in test-output/."""
 
@@ -27,7 +28,6 @@ EXCLUDED = {
     "chat-image-input": "image content parts: the models served here read text only (refused with a 400)",
     "chat-reasoning-summary": "reasoning effort and summaries: not implemented (llm-comply also skips it unless the "
     "model's name looks like a reasoning model's)",
-    "chat-tool-calling": "tool calls: not implemented yet (another issue), refused with a 400",
 }
 REQUEST_TIMEOUT_S = 300  # per request: a reply that rambles to the default 1024 tokens on 2 busy cores fits
 # The embedded default model whatever this shell names, and no keys: only this machine's clients are answered.

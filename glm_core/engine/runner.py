@@ -428,7 +428,9 @@ class Runner:
             delta = sequence.decoder.push(token)
         if not sequence.text_started:
             # Replies never start with whitespace worth keeping; ChatGLM3 even opens with an empty metadata line.
-            delta = delta.lstrip()
+            # A raw prompt's continuation does (" there" after "Once upon a time").
+            if not sequence.request.output.raw_prompt:
+                delta = delta.lstrip()
             sequence.text_started = bool(delta)
         if delta:
             sequence.request.emit_text(delta)
@@ -454,7 +456,7 @@ class Runner:
         if sequence.decoder is not None and sequence.first_token_at is not None:
             with self.tokenizer_lock:
                 tail = sequence.decoder.flush()
-            if not sequence.text_started:
+            if not sequence.text_started and not request.output.raw_prompt:
                 tail = tail.lstrip()
             if tail:
                 request.emit_text(tail)
