@@ -123,7 +123,8 @@ class OutputSpec:
     tools: list[dict] = field(default_factory=list)  # [{"name", "description", "parameters"}, ...]
     tool_choice: str = "auto"  # "auto", "none", "required", or a tool's name (that call is forced)
     parallel_tool_calls: bool = True
-    json_schema: dict | None = None  # the reply is JSON that matches it; {"type": "object"} for json_object
+    json_schema: dict | None = None  # a text reply is JSON that matches it ({"type": "object"}: json_object); a
+    # forced call takes precedence (the reply is then the call)
     top_logprobs: int | None = None  # None: no logprobs; else the logprob of each token and this many runners-up
     raw_prompt: bool = False  # the last user message's text is the whole prompt, as is (/v1/completions)
 
@@ -145,8 +146,6 @@ class OutputSpec:
             raise ValueError(f"tool_choice names {self.tool_choice!r:.60}, which is not among the tools")
         if self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice is required but no tools were given")
-        if self.forced_call and self.json_schema is not None:
-            raise ValueError("a forced tool call and response_format json cannot be combined")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}")
         return self

@@ -273,7 +273,8 @@ class ChatMessageOut(BaseModel):
     content: str | None
     refusal: None = Field(None, description="always null: a refusal here is ordinary content")
     annotations: list[dict[str, Any]] = Field(default_factory=list, description="always empty (no web search)")
-    tool_calls: list[ToolCallOut] | None = None
+    # Left out when there are none (OpenAI's schema allows no null here).
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 class Choice(BaseModel):
