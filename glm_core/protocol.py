@@ -203,6 +203,8 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
             message["tool_calls"] = _checked_tool_calls(calls)
             total += sum(len(c["name"]) + len(c["arguments"]) for c in message["tool_calls"])
         if role == TOOL_ROLE:
+            if not clean or not (clean[-1].get("tool_calls") or clean[-1]["role"] == TOOL_ROLE):
+                raise ValueError("a tool message must follow an assistant message with tool_calls")
             message["name"] = str(m.get("name") or "")
             message["tool_call_id"] = str(m.get("tool_call_id") or "")
         total += len(content)
