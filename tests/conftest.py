@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = str(ROOT / "Home.py")
-sys.path.insert(0, str(ROOT))
 OUTPUT_DIR = ROOT / "test-output"
 
 from chatglm_fixtures import chatglm2_config, random_state_dict, train_sentencepiece, write_checkpoint  # noqa: E402
@@ -138,12 +136,21 @@ def pytest_report_header(config):
         return f"{exc}; the peer tests are skipped"
 
 
-def open_page(path=HOME, ws=None, c=None, user=None, secrets=None):
-    """A page through Streamlit's AppTest, run once (it must not raise): optionally in workspace `ws`, on
-    conversation `c`, as signed-in `user`, with `secrets`."""
+def page_app(page: str | None = None, timeout: float = 120):
+    """The portal through Streamlit's AppTest, not run yet: Home.py's frame (its access rules) on `page`, the name of
+    a script in ui/pages/ ("GPU_monitor", "Shared", ...; None or HOME: the chat page), as a browser opening /GPU_monitor."""
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(path, default_timeout=120)
+    at = AppTest.from_file(HOME, default_timeout=timeout)
+    if page not in (None, HOME):
+        at.switch_page(f"ui/pages/{page}.py")
+    return at
+
+
+def open_page(page=None, ws=None, c=None, user=None, secrets=None):
+    """A page through the frame (page_app), run once (it must not raise): optionally in workspace `ws`, on
+    conversation `c`, as signed-in `user`, with `secrets`."""
+    at = page_app(page)
     if ws is not None:
         at.query_params["ws"] = ws
     if c is not None:
@@ -171,3 +178,37 @@ def shown(text: str) -> str:
     import re
 
     return re.sub(r"\\(.)", r"\1", text)
+
+
+# ---- one portal for the browser tests of a session ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def portal_data(tmp_path_factory) -> Path:
+    """The shared portal's data folder: tests make their own workspaces in it (stored_workspace) and open them by
+    URL, so they never see each other's conversations."""
+    return tmp_path_factory.mktemp("portal-data")
+
+
+@pytest.fixture(scope="session")
+def server(output_dir, portal_data):
+    """`streamlit run Home.py` started once for the session's browser tests (on the embedded model); its URL."""
+    from browser_support import need_chromium, running_portal
+
+    need_chromium()
+    with running_portal(output_dir, {"GLM_DATA_DIR": str(portal_data)}) as (url, _, _):
+        yield url
+
+
+# A hung test fails after pyproject's timeout (5 minutes); these kinds legitimately take longer on 2 cores: a
+# compile of the decode graphs on a cold cache, a real browser against a real portal, llama.cpp's server.
+LONGER_TIMEOUTS = {"slow": 900, "browser": 600, "peer": 600, "gpu": 900}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        longest = max((s for name, s in LONGER_TIMEOUTS.items() if item.get_closest_marker(name)), default=None)
+        if longest is not None:
+            item.add_marker(pytest.mark.timeout(longest))

@@ -331,12 +331,14 @@ def test_cli_streams_in_a_terminal_and_ctrl_c_stops_the_reply(llama, data_dir):
 # ---- the portal, in a real browser --------------------------------------------------------------------------
 
 
+@pytest.mark.browser
 def test_the_portal_chats_streams_regenerates_and_stops_through_llama_server(llama, data_dir, output_dir):
     """The portal offering only llama-server (no local model): a reply streams in and shows the server's figures;
     Regenerate adds a second version; Stop keeps a long reply's partial text, marked stopped, and frees the
     server's slot."""
+    from browser_support import CHROMIUM, CHROMIUM_ARGS, need_chromium, portal
     from playwright.sync_api import expect, sync_playwright
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, WATCH_REPLY, need_chromium, portal, stored_workspace
+    from test_browser import WATCH_REPLY, stored_workspace
 
     need_chromium()
     _, short = stored_workspace(data_dir, {"max_new_tokens": 160, **LOOP})
