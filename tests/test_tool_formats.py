@@ -255,3 +255,15 @@ def test_bad_output_requests_are_refused_before_queuing(engine, glm2):
             glm2_engine.submit("x", [{"role": "user", "content": "hi"}], output=OutputSpec(tools=[BOUNDED]))
     finally:
         glm2_engine.close()
+
+
+def test_a_stream_holds_back_only_what_may_still_be_a_call():
+    hermes, glm4 = HermesToolSyntax(), GLM4ToolSyntax()
+    assert hermes.streamable("Sure, let me check.", [BOUNDED]) == len("Sure, let me check.")
+    assert hermes.streamable("Sure. <tool", [BOUNDED]) == len("Sure. ")
+    assert hermes.streamable('Sure. <tool_call>\n{"name": "get_weather"', [BOUNDED]) == len("Sure. ")
+    assert hermes.streamable("a < b", [BOUNDED]) == len("a < b")
+    assert glm4.streamable("get_wea", [BOUNDED]) == 0  # may be the name line of a call
+    assert glm4.streamable('get_weather\n{"city"', [BOUNDED]) == 0
+    assert glm4.streamable("get wet", [BOUNDED]) == len("get wet")
+    assert glm4.streamable("Hello", [BOUNDED]) == len("Hello")

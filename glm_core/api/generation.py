@@ -315,9 +315,17 @@ class Generation:
             self.content = content
             self.tool_calls = [{"id": f"call_{secrets.token_hex(12)}", **call} for call in calls]
 
-    def may_be_call(self) -> bool:
-        """Whether the reply so far may still turn out to be a tool call (a stream holds its text back)."""
-        return self.syntax is not None and self.syntax.undecided(self.text, self.output.tools)
+    def streamable(self) -> int:
+        """How much of the reply so far a stream may send as text: all of it, less what may still be a tool call."""
+        return len(self.text) if self.syntax is None else self.syntax.streamable(self.text, self.output.tools)
+
+    def unsent_content(self, sent: int) -> str:
+        """Once the reply has ended: its text (less its calls) that a stream which sent `sent` characters still
+        owes."""
+        if not self.tool_calls:
+            return self.text[sent:]
+        already = self.text[:sent].strip()
+        return self.content[len(already) :] if self.content.startswith(already) else ""
 
     def _end(self) -> None:
         if self._ended:

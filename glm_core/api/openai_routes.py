@@ -174,12 +174,11 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
 
     yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
     async for _piece in generation.deltas():
-        if generation.reply is None and generation.may_be_call():
+        if generation.reply is not None:  # ended: what is left goes out below, as text or as calls
             continue
-        if generation.tool_calls:  # the reply ended as a call: its text goes out as tool_calls below
-            continue
-        if len(generation.text) > sent_text:
-            piece, sent_text = generation.text[sent_text:], len(generation.text)
+        safe = generation.streamable()
+        if safe > sent_text:
+            piece, sent_text = generation.text[sent_text:safe], safe
             yield text_chunk(piece)
     try:
         generation.raise_for_error()
@@ -187,18 +186,16 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
         yield {"data": json.dumps(exc.body(), ensure_ascii=False)}
         yield {"data": "[DONE]"}
         return
-    if generation.tool_calls:
-        if generation.content and not sent_text:
-            yield text_chunk(generation.content)
-        for index, call in enumerate(generation.tool_calls):
-            opening = ChunkToolCall(
-                index=index, id=call["id"], type="function", function={"name": call["name"], "arguments": ""}
-            )
-            yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[opening]))])
-            arguments = ChunkToolCall(index=index, function={"arguments": call["arguments"]})
-            yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[arguments]))])
-    elif len(generation.text) > sent_text:
-        yield text_chunk(generation.text[sent_text:])
+    rest = generation.unsent_content(sent_text)
+    if rest:
+        yield text_chunk(rest)
+    for index, call in enumerate(generation.tool_calls):
+        opening = ChunkToolCall(
+            index=index, id=call["id"], type="function", function={"name": call["name"], "arguments": ""}
+        )
+        yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[opening]))])
+        arguments = ChunkToolCall(index=index, function={"arguments": call["arguments"]})
+        yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[arguments]))])
     yield event([ChunkChoice(delta=ChunkDelta(), finish_reason=generation.finish_reason)])
     if include_usage:
         yield event([], _usage(generation))

@@ -347,23 +347,27 @@ async def _events(generation: Generation, response: ResponseShape, caller: Calle
             "response.content_part.added", item_id=response.message_id, output_index=0, content_index=0, part=part
         )
 
+    def text_delta(delta: str) -> dict:
+        return event(
+            "response.output_text.delta",
+            item_id=response.message_id,
+            output_index=0,
+            content_index=0,
+            delta=delta,
+            logprobs=[],
+        )
+
     async for _piece in generation.deltas():
-        if generation.tool_calls or (generation.reply is None and generation.may_be_call()):
+        if generation.reply is not None:  # ended: what is left goes out below, as text or as calls
             continue
-        if len(generation.text) > sent:
+        safe = generation.streamable()
+        if safe > sent:
             if not opened:
                 opened = True
                 for opening in open_message():
                     yield opening
-            delta, sent = generation.text[sent:], len(generation.text)
-            yield event(
-                "response.output_text.delta",
-                item_id=response.message_id,
-                output_index=0,
-                content_index=0,
-                delta=delta,
-                logprobs=[],
-            )
+            delta, sent = generation.text[sent:safe], safe
+            yield text_delta(delta)
     if generation.reply is None or generation.reply.error is not None:
         response.status = "failed"
         body = response.body()
@@ -372,20 +376,14 @@ async def _events(generation: Generation, response: ResponseShape, caller: Calle
         return
     response.finish(generation)
     text = generation.content if generation.tool_calls else generation.text
+    rest = generation.unsent_content(sent)
     index = 0
-    if text or not generation.tool_calls:
+    if opened or text or not generation.tool_calls:
         if not opened:
             for opening in open_message():
                 yield opening
-            if text:
-                yield event(
-                    "response.output_text.delta",
-                    item_id=response.message_id,
-                    output_index=0,
-                    content_index=0,
-                    delta=text,
-                    logprobs=[],
-                )
+        if rest:
+            yield text_delta(rest)
         done_part = {**part, "text": text}
         yield event(
             "response.output_text.done",

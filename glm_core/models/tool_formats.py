@@ -83,8 +83,9 @@ class ToolSyntax:
         """(content, calls) from a reply's text; calls empty when the reply is plain text."""
         raise NotImplementedError
 
-    def undecided(self, text: str, tools: Sequence[dict]) -> bool:
-        """Whether `text` (the reply so far) may still turn out to be a call, so a stream must hold it back."""
+    def streamable(self, text: str, tools: Sequence[dict]) -> int:
+        """How many leading characters of `text` (the reply so far) are certainly text, not part of a call: a
+        stream sends those and holds back the rest until the reply ends."""
         raise NotImplementedError
 
 
@@ -92,8 +93,9 @@ class NameLineSyntax(ToolSyntax):
     """ChatGLM3 and GLM-4 write a call as the function's name on the header line, then its arguments. The engine
     strips the reply's leading whitespace, so a reply starting "{name}\\n" with a known name is a call."""
 
-    def undecided(self, text: str, tools: Sequence[dict]) -> bool:
-        return any(f"{t['name']}\n".startswith(text) or text.startswith(f"{t['name']}\n") for t in tools)
+    def streamable(self, text: str, tools: Sequence[dict]) -> int:
+        maybe_call = any(f"{t['name']}\n".startswith(text) or text.startswith(f"{t['name']}\n") for t in tools)
+        return 0 if maybe_call else len(text)
 
     def _split(self, text: str, tools: Sequence[dict]) -> tuple[str, str] | None:
         head, newline, body = text.partition("\n")
@@ -185,9 +187,13 @@ class HermesToolSyntax(ToolSyntax):
         content = self._BLOCK.sub("", text)
         return content.split(self.OPEN)[0].strip(), calls  # an unfinished call at the end is dropped
 
-    def undecided(self, text: str, tools: Sequence[dict]) -> bool:
-        stripped = text.lstrip()
-        return self.OPEN.startswith(stripped) or stripped.startswith(self.OPEN)
+    def streamable(self, text: str, tools: Sequence[dict]) -> int:
+        """Text up to the first <tool_call>, less an ending that may be the start of one."""
+        opening = text.find(self.OPEN)
+        if opening >= 0:
+            return opening
+        partial = max((k for k in range(1, len(self.OPEN)) if text.endswith(self.OPEN[:k])), default=0)
+        return len(text) - partial
 
 
 def template_tool_syntax(chat_template: str) -> ToolSyntax:
