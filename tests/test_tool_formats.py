@@ -267,3 +267,19 @@ def test_a_stream_holds_back_only_what_may_still_be_a_call():
     assert glm4.streamable('get_weather\n{"city"', [BOUNDED]) == 0
     assert glm4.streamable("get wet", [BOUNDED]) == len("get wet")
     assert glm4.streamable("Hello", [BOUNDED]) == len("Hello")
+
+
+def test_a_row_whose_grammar_fails_ends_alone(engine, monkeypatch):
+    """Fault injection: without its mask, a constrained row samples tokens its grammar refuses; that row ends with
+    the grammar's error and the free row decoding beside it in the same batch is untouched."""
+    from glm_core.engine.constraints import Constraint
+
+    monkeypatch.setattr(Constraint, "mask", lambda self, logits: logits)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7)
+    free = engine.submit("beside-a-failure", [{"role": "user", "content": "hello"}], params)
+    doomed = engine.submit(
+        "failing-grammar", [{"role": "user", "content": "hello"}], params, output=OutputSpec(json_schema={})
+    )
+    failed, fine = doomed.wait(120), free.wait(120)
+    assert failed.finish_reason == "error" and "grammar" in failed.error
+    assert fine.error is None and fine.finish_reason == "length" and fine.stats.completion_tokens == 12

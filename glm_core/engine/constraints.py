@@ -104,6 +104,11 @@ class SentencePieceVocabulary:
         return head + ids[1:]
 
 
+class GrammarFailed(ValueError):
+    """A row's grammar could not go on (it never should: the mask allows only tokens it accepts); only that row
+    ends, with this as its error."""
+
+
 class Constraint:
     """One row's matcher: `mask(logits)` before sampling, `accept(token)` after."""
 
@@ -112,7 +117,7 @@ class Constraint:
 
         self.matcher = llguidance.LLMatcher(_llg_tokenizer(tokenizer, n_vocab, stop_ids), grammar)
         if self.matcher.is_error():
-            raise ValueError(f"the grammar failed: {self.matcher.get_error()[:300]}")
+            raise GrammarFailed(f"the grammar failed: {self.matcher.get_error()[:300]}")
         self.n_vocab = n_vocab
         self._shifts = torch.arange(8, dtype=torch.uint8)
 
@@ -126,7 +131,7 @@ class Constraint:
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise ValueError(f"the constrained reply went off its grammar: {self.matcher.get_error()[:200]}")
+            raise GrammarFailed(f"the constrained reply went off its grammar: {self.matcher.get_error()[:200]}")
 
     @property
     def finished(self) -> bool:

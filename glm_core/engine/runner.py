@@ -33,7 +33,7 @@ from ..protocol import (
     TokenLogprob,
     Truncated,
 )
-from .constraints import Constraint
+from .constraints import Constraint, GrammarFailed
 from .context import FittingStopped, common_prefix_length, fit_to_context
 from .generation import PREFILL_CHUNK, prefill
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop
@@ -290,7 +290,12 @@ class Runner:
                 budget -= take
                 if not sequence.prefilled:
                     continue
-                self._accept(sequence, logits[None], ended)
+                try:
+                    self._accept(sequence, logits[None], ended)
+                except GrammarFailed as exc:
+                    self.prefilling.remove(sequence)
+                    ended.append((request, self._failure(request, exc, sequence)))
+                    continue
                 if sequence.next_token is None:  # ended at its first token
                     self.prefilling.remove(sequence)
                     continue
@@ -369,14 +374,21 @@ class Runner:
         self._accept_rows(logits, ended)
 
     def _accept_rows(self, logits: torch.Tensor, ended: list) -> None:
-        finished = []
+        finished, failed = [], {}
         for index, sequence in enumerate(self.decoding):
-            self._accept(sequence, logits[index : index + 1], None)
+            try:
+                self._accept(sequence, logits[index : index + 1], None)
+            except GrammarFailed as exc:  # that row's grammar: the other rows go on
+                failed[index] = exc
+                continue
             if sequence.next_token is None:
                 finished.append(index)
-        for index in reversed(finished):
+        for index in sorted(finished + list(failed), reverse=True):
             sequence = self.decoding[index]
-            ended.append((sequence.request, self._retire(index, sequence.finish)))
+            reply = self._retire(index, sequence.finish or "error")
+            if index in failed:
+                reply = self._failure(sequence.request, failed[index], sequence)
+            ended.append((sequence.request, reply))
 
     def _accept(self, sequence: Sequence, logits: torch.Tensor, ended: list | None) -> None:
         """Sample the next token of one sequence from its logits [1, vocab], emit its text, decide if it ends.
