@@ -283,3 +283,24 @@ def test_a_row_whose_grammar_fails_ends_alone(engine, monkeypatch):
     failed, fine = doomed.wait(120), free.wait(120)
     assert failed.finish_reason == "error" and "grammar" in failed.error
     assert fine.error is None and fine.finish_reason == "length" and fine.stats.completion_tokens == 12
+
+
+def test_chatglm3_text_then_a_call_in_one_reply_as_prompt_md_shows(glm3):
+    """PROMPT.md's assistant says something, then opens a new assistant turn for the call. With tools the reply's
+    role tokens are written by name, so the call is read back and the text before it is its content."""
+    from glm_core.engine.textstream import IncrementalDecoder
+
+    folder, _config, _sd = glm3
+    tokenizer = ChatGLMTokenizer(folder / "tokenizer.model", "chatglm3")
+    call = 'get_current_weather\n```python\ntool_call(location="beijing", unit="celsius")\n```'
+    ids = (
+        tokenizer.encode("\nOkay, let's look up the weather in Bejing today.")
+        + [tokenizer.command("<|assistant|>")]
+        + tokenizer.encode(call)
+    )
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens=False)
+    text = ("".join(decoder.push(i) for i in ids) + decoder.flush()).lstrip()
+    content, calls = ChatGLM3ToolSyntax().parse(text, [WEATHER])
+    assert content == "Okay, let's look up the weather in Bejing today."
+    assert calls == [{"name": "get_current_weather", "arguments": PARSED_CALL}]
+    assert ChatGLM3ToolSyntax().streamable(text, [WEATHER]) == text.index("<|assistant|>")

@@ -81,14 +81,20 @@ class Sequence:
         return self.fed >= len(self.ids)
 
 
-def reply_decoder(loaded: LoadedModel) -> IncrementalDecoder | RewritingDecoder:
+def reply_decoder(loaded: LoadedModel, keep_roles: bool = False) -> IncrementalDecoder | RewritingDecoder:
     """Token ids to text deltas; through the chat format's own rewrite of a reply where it has one (ChatGLM-6B's
-    process_response, applied while streaming)."""
-    decoder = IncrementalDecoder(loaded.tokenizer)
+    process_response, applied while streaming). `keep_roles`: special tokens are written by name, so a reply with
+    tools can say `<|assistant|>{name}` mid-turn (ChatGLM3, GLM-4) and be read back as a call."""
+    decoder = IncrementalDecoder(loaded.tokenizer, skip_special_tokens=not keep_roles)
     rewrite = getattr(loaded.chat_format, "process_response", None)
     if rewrite is None:
         return decoder
     return RewritingDecoder(decoder, rewrite, loaded.chat_format.unsettled_tail)
+
+
+def _reads_role_tokens(loaded: LoadedModel, output) -> bool:
+    syntax = getattr(loaded.chat_format, "tool_syntax", None)
+    return bool(output.tools) and output.tool_choice != "none" and getattr(syntax, "role_marked", False)
 
 
 def slot_compatible(model) -> bool:
@@ -249,7 +255,7 @@ class Runner:
             started=started,
             stats=stats,
             dropped=dropped,
-            decoder=reply_decoder(loaded),
+            decoder=reply_decoder(loaded, keep_roles=_reads_role_tokens(loaded, output)),
             generator=generator,
             seen=seen,
             grammar=request.grammar,

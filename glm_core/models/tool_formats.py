@@ -89,13 +89,44 @@ class ToolSyntax:
         raise NotImplementedError
 
 
+ROLE_MARK = "<|assistant|>"
+
+
 class NameLineSyntax(ToolSyntax):
     """ChatGLM3 and GLM-4 write a call as the function's name on the header line, then its arguments. The engine
-    strips the reply's leading whitespace, so a reply starting "{name}\\n" with a known name is a call."""
+    strips the reply's leading whitespace, so a reply starting "{name}\\n" with a known name is a call. A reply may
+    also say something first and then open a new assistant turn for the call (`<|assistant|>{name}`, as THUDM's
+    PROMPT.md shows): with tools the engine writes that role token by name (`role_marked`), and the reply is read
+    segment by segment."""
+
+    role_marked = True
 
     def streamable(self, text: str, tools: Sequence[dict]) -> int:
         maybe_call = any(f"{t['name']}\n".startswith(text) or text.startswith(f"{t['name']}\n") for t in tools)
-        return 0 if maybe_call else len(text)
+        if maybe_call:
+            return 0
+        marked = text.find(ROLE_MARK)
+        if marked >= 0:
+            return marked
+        return len(text) - max((k for k in range(1, len(ROLE_MARK)) if text.endswith(ROLE_MARK[:k])), default=0)
+
+    def parse(self, text: str, tools: Sequence[dict]) -> tuple[str, list[dict]]:
+        said, calls = [], []
+        for number, segment in enumerate(text.split(ROLE_MARK)):
+            split = self._split(segment, tools)
+            arguments = None if split is None else self._arguments(split[1])
+            if split is not None and arguments is not None:
+                calls.append(new_call(split[0], arguments))
+            elif number and segment.startswith("\n"):  # a later turn's empty metadata line
+                said.append(segment[1:])
+            else:
+                said.append(segment)
+        if not calls:
+            return (text.replace(ROLE_MARK, "\n").strip() if ROLE_MARK in text else text), []
+        return "\n".join(s.strip() for s in said if s.strip()), calls
+
+    def _arguments(self, body: str) -> dict | None:
+        raise NotImplementedError
 
     def _split(self, text: str, tools: Sequence[dict]) -> tuple[str, str] | None:
         head, newline, body = text.partition("\n")
@@ -129,16 +160,9 @@ class ChatGLM3ToolSyntax(NameLineSyntax):
         opening = _lark_string(f"{tool['name']}\n```python\ntool_call(")
         return f'{opening} {keywords} ")\\n```"'
 
-    def parse(self, text: str, tools: Sequence[dict]) -> tuple[str, list[dict]]:
-        split = self._split(text, tools)
-        if split is None:
-            return text, []
-        name, body = split
+    def _arguments(self, body: str) -> dict | None:
         code = "\n".join(body.strip().split("\n")[1:-1]) if body.strip().startswith("```") else body.strip()
-        arguments = _tool_call_arguments(code)
-        if arguments is None:
-            return text, []
-        return "", [new_call(name, arguments)]
+        return _tool_call_arguments(code)
 
 
 class GLM4ToolSyntax(NameLineSyntax):
@@ -147,18 +171,12 @@ class GLM4ToolSyntax(NameLineSyntax):
     def call_rule(self, tool: dict) -> str:
         return f"{_lark_string(tool['name'] + chr(10))} {json_grammar_rule(parameters_of(tool))}"
 
-    def parse(self, text: str, tools: Sequence[dict]) -> tuple[str, list[dict]]:
-        split = self._split(text, tools)
-        if split is None:
-            return text, []
-        name, body = split
+    def _arguments(self, body: str) -> dict | None:
         try:
             arguments = json.loads(body.strip())
         except ValueError:
-            return text, []
-        if not isinstance(arguments, dict):
-            return text, []
-        return "", [new_call(name, arguments)]
+            return None
+        return arguments if isinstance(arguments, dict) else None
 
 
 class HermesToolSyntax(ToolSyntax):
