@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
-from ..protocol import Backend, OutputSpec
+from ..protocol import Backend, OutputSpec, SamplingParams
 from .access import Caller
 from .errors import ApiError
 from .generation import (
@@ -219,7 +219,7 @@ async def create_response(
     generation = Generation.submit(
         backend, state.conversations, caller, messages, params, limits=state.limits, output=output
     )
-    response = ResponseShape(body, model_name(backend), output)
+    response = ResponseShape(body, model_name(backend), output, params)
     if body.stream:
         return EventSourceResponse(_events(generation, response, caller, messages), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
@@ -239,8 +239,8 @@ def _keep(caller: Caller, response: ResponseShape, messages: list[dict], generat
 class ResponseShape:
     """The response object as it grows: in progress, then completed (or incomplete at max_output_tokens)."""
 
-    def __init__(self, request: ResponseRequest, model: str, output: OutputSpec):
-        self.request, self.model, self.spec = request, model, output
+    def __init__(self, request: ResponseRequest, model: str, output: OutputSpec, params: SamplingParams):
+        self.request, self.model, self.spec, self.params = request, model, output, params
         self.id = f"resp_{secrets.token_hex(12)}"
         self.message_id = f"msg_{secrets.token_hex(12)}"
         self.created_at = int(time.time())
@@ -249,6 +249,7 @@ class ResponseShape:
         self.usage: dict | None = None
         self.incomplete: dict | None = None
         self.call_ids: list[str] = []
+        self.completed_at: int | None = None
 
     def message_item(self, text: str, status: str = "completed") -> dict:
         return {
@@ -280,6 +281,7 @@ class ResponseShape:
         self.output = ([self.message_item(text)] if text or not generation.tool_calls else []) + self._call_items(
             generation
         )
+        self.completed_at = int(time.time())
         length = generation.finish_reason == "length"
         self.status = "incomplete" if length else "completed"
         self.incomplete = {"reason": "max_output_tokens"} if length else None
@@ -302,6 +304,7 @@ class ResponseShape:
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
+            "completed_at": self.completed_at,
             "status": self.status,
             "error": None,
             "incomplete_details": self.incomplete,
@@ -313,15 +316,25 @@ class ResponseShape:
             "previous_response_id": request.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": False,
-            "temperature": request.temperature,
+            "temperature": self.params.temperature,  # what was used: the request's, else the model's default
             "text": {"format": text_format},
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
             "tools": [{"type": "function", **t.model_dump(exclude={"type"})} for t in request.tools or []],
-            "top_p": request.top_p,
+            "top_p": self.params.top_p,
             "truncation": "disabled",
             "usage": self.usage,
             "user": request.user,
             "metadata": request.metadata or {},
+            # Fields the Responses schema requires, as this server has them: no penalties, no logprobs, no tool-call
+            # cap, nothing in the background, one service tier, no safety id or cache key.
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "top_logprobs": 0,
+            "max_tool_calls": None,
+            "background": False,
+            "service_tier": "default",
+            "safety_identifier": None,
+            "prompt_cache_key": None,
         }
 
 
