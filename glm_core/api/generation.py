@@ -10,6 +10,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
 from starlette.requests import Request as HttpRequest
@@ -35,6 +36,9 @@ from .access import Caller
 from .config import ApiLimits
 from .conversation_ids import StatelessConversations
 from .errors import ApiError, backend_error
+
+if TYPE_CHECKING:
+    from ..models.tool_formats import ToolSyntax
 
 FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the engine's words -> OpenAI's
 
@@ -230,7 +234,7 @@ class Generation:
     conversations: StatelessConversations
     stop: StopStrings
     output: OutputSpec = field(default_factory=OutputSpec)
-    syntax: object = None  # the model's ToolSyntax, when the reply may be a tool call
+    syntax: ToolSyntax | None = None  # the model's, when the reply may be a tool call
     text: str = ""
     reply: Reply | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -252,15 +256,15 @@ class Generation:
         output: OutputSpec | None = None,
     ) -> Generation:
         output = output or OutputSpec()
-        extra = {"output": output} if output != OutputSpec() else {}
+        asked = output if output != OutputSpec() else None
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
             except ConversationBusy:  # a reply this client left is still ending there: start afresh
                 conversations.release(caller.scope, conversation_id, None)
                 conversation_id = conversations.claim(caller.scope, messages, fresh=True)
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
             raise backend_error(exc, limits.retry_after_s) from None
@@ -333,7 +337,7 @@ class Generation:
         self._ended = True
         reply = self.reply
         keep = reply is not None and reply.error is None and not self.client_gone
-        said = {"role": "assistant", "content": self.content if self.tool_calls else self.text}
+        said: dict[str, Any] = {"role": "assistant", "content": self.content if self.tool_calls else self.text}
         if self.tool_calls:
             said["tool_calls"] = self.tool_calls
         conversation = self.messages + [said] if keep else None
