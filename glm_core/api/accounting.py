@@ -1,0 +1,38 @@
+"""A request under its caller's quotas (429 with Retry-After past one) and its usage recorded when it ends; the
+records are written off the request's path (glm_core.admin.usage)."""
+
+from __future__ import annotations
+
+from ..admin.quotas import QuotaExceeded, Ticket
+from ..protocol import Backend, Reply
+from .access import Caller
+from .errors import ApiError
+
+__all__ = ["Ticket", "admit", "settle", "quota_error"]
+
+
+def quota_error(exc: QuotaExceeded) -> ApiError:
+    return ApiError(429, str(exc), f"quota_{exc.limit}", headers={"Retry-After": str(exc.retry_after_s)})
+
+
+def admit(caller: Caller) -> Ticket | None:
+    if caller.accounts is None:
+        return None
+    who, kind = caller.account
+    try:
+        return caller.accounts.quotas.admit(who, kind, "api", also=(caller.person,) if caller.person else ())
+    except QuotaExceeded as exc:
+        raise quota_error(exc) from None
+
+
+def settle(ticket: Ticket | None, backend: Backend | None, reply: Reply | None) -> None:
+    if ticket is None:
+        return
+    card = backend.card() if backend is not None else {}
+    ticket.done(
+        backend=str(card.get("backend") or "local"),
+        model=card.get("name"),
+        level=card.get("precision"),
+        stats=reply.stats if reply is not None else None,
+        outcome=(("error" if reply.error else reply.finish_reason) if reply is not None else "gone"),
+    )
