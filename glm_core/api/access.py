@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..access import is_local_client
-from ..admin.keys import KeyRefused
+from ..admin.keys import ApiKey, KeyRefused
 from .config import ApiConfig
 from .errors import ApiError
 
@@ -87,6 +87,8 @@ class Access:
                 raise ApiError(401, "this API needs a key: send `Authorization: Bearer <key>`", "missing_api_key")
             self._check_browser(browser)  # GLM_API_SEEDS_WITHOUT_KEY: the seeds' old clients send no key
             return Caller(None, admin=False, client=client, accounts=self.accounts)
+        if given is not None and self.accounts is not None:
+            self._refuse_dead_key(given)  # a revoked or expired key is refused even where none is needed
         if not (self.config.open_to_network or _is_loopback(client)):
             raise ApiError(
                 403,
@@ -134,18 +136,23 @@ class Access:
         if found is not None:
             return found
         if self.accounts is not None:
-            try:
-                record = self.accounts.keys.verify(given)
-            except KeyRefused as refused:
-                if refused.reason == "expired":
-                    raise ApiError(401, f"the API key {refused.name!r} has expired", "expired_api_key") from None
-                if refused.reason == "revoked":
-                    raise ApiError(401, f"the API key {refused.name!r} was revoked", "revoked_api_key") from None
-            else:
+            record = self._refuse_dead_key(given)
+            if record is not None:
                 return Caller(
                     record.key_id, record.admin, client, name=record.name, person=record.owner, accounts=self.accounts
                 )
         raise ApiError(401, "the API key is not valid", "invalid_api_key")
+
+    def _refuse_dead_key(self, given: str) -> ApiKey | None:
+        """The portal's record of a live key; 401 for a key it revoked or that expired; None: not its key."""
+        try:
+            return self.accounts.keys.verify(given)
+        except KeyRefused as refused:
+            if refused.reason == "expired":
+                raise ApiError(401, f"the API key {refused.name!r} has expired", "expired_api_key") from None
+            if refused.reason == "revoked":
+                raise ApiError(401, f"the API key {refused.name!r} was revoked", "revoked_api_key") from None
+        return None
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -36,3 +36,12 @@ def settle(ticket: Ticket | None, backend: Backend | None, reply: Reply | None) 
         stats=reply.stats if reply is not None else None,
         outcome=(("error" if reply.error else reply.finish_reason) if reply is not None else "gone"),
     )
+
+
+def audit(caller: Caller, action: str, target: str | None = None, detail: dict | None = None) -> None:
+    """An admin action through the API, in the audit log: who (the key's name or id, or this machine), and from
+    which address."""
+    if caller.accounts is None:
+        return
+    who, kind = caller.account
+    caller.accounts.audit.record(f"key:{who}" if kind == "key" else who, action, target, detail, caller.client)
