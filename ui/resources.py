@@ -109,8 +109,11 @@ def ensure_engine() -> Backend | None:
 
 def backend_choice(stored: str | None) -> tuple[str | None, str | None]:
     """The backend name a conversation talks to (see conversation_backend) and a note when its own is gone."""
+    from ui.accounting import visible_backends  # ui.accounting reads the access rules, which import this module
+
     hub = get_hub()
-    return conversation_backend(stored, hub.names(), hub.default_name)
+    names = visible_backends(hub.names())
+    return conversation_backend(stored, names, names[0] if names else None)
 
 
 def backend_named(name: str | None) -> Backend | None:

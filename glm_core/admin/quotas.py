@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..protocol import ReplyStats
+from ..protocol import Reply, ReplyStats
 from .db import AdminDB
 from .usage import UsageRecord, UsageRecorder, seconds_to_next_utc_day
 
@@ -63,6 +63,17 @@ class Ticket:
         if not self._done:
             self._done = True
             self.quotas._release(self.who)
+
+    def finish(self, card: dict | None, reply: Reply | None, backend: str | None = None) -> None:
+        """done() from a backend's card and the reply (None: the backend never answered)."""
+        card = card or {}
+        self.done(
+            backend=backend or str(card.get("backend") or "local"),
+            model=card.get("name"),
+            level=card.get("precision"),
+            stats=reply.stats if reply is not None else None,
+            outcome=("error" if reply.error else reply.finish_reason) if reply is not None else "gone",
+        )
 
     def done(
         self,

@@ -26,16 +26,8 @@ def admit(caller: Caller) -> Ticket | None:
 
 
 def settle(ticket: Ticket | None, backend: Backend | None, reply: Reply | None) -> None:
-    if ticket is None:
-        return
-    card = backend.card() if backend is not None else {}
-    ticket.done(
-        backend=str(card.get("backend") or "local"),
-        model=card.get("name"),
-        level=card.get("precision"),
-        stats=reply.stats if reply is not None else None,
-        outcome=(("error" if reply.error else reply.finish_reason) if reply is not None else "gone"),
-    )
+    if ticket is not None:
+        ticket.finish(backend.card() if backend is not None else None, reply)
 
 
 def audit(caller: Caller, action: str, target: str | None = None, detail: dict | None = None) -> None:
