@@ -323,6 +323,16 @@ def cmd_bench_api(args) -> int:
     return 0
 
 
+def cmd_bench_accounting(args) -> int:
+    from .bench.accounting import format_accounting_report, measure_calls, measure_requests
+
+    result = {"calls": measure_calls()}
+    if args.requests > 0:
+        result["requests"] = measure_requests(load_from_args(args), args.requests, args.max_new_tokens)
+    print(json.dumps(result) if args.json else format_accounting_report(result))
+    return 0
+
+
 def cmd_bench_quant(args) -> int:
     from .bench.quant import format_quant_report, measure_level, resolve_bench_model, run_quant_bench
 
@@ -631,6 +641,15 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--turn-tokens", type=int, default=32, help="reply length per turn of the 10-turn chat")
     api.add_argument("--json", action="store_true", help="print one JSON object")
     api.set_defaults(func=cmd_bench_api)
+
+    accounting = bench_sub.add_parser(
+        "accounting", help="what personal keys, quotas and usage records cost a request (per call, and through the API)"
+    )
+    add_model_options(accounting)
+    accounting.add_argument("--requests", type=int, default=30, help="requests each way through the API (0: none)")
+    accounting.add_argument("--max-new-tokens", type=int, default=8, help="tokens per request")
+    accounting.add_argument("--json", action="store_true", help="print one JSON object")
+    accounting.set_defaults(func=cmd_bench_accounting)
 
     estimate = sub.add_parser("estimate", help="predict memory per precision level from a config.json alone")
     estimate.add_argument(

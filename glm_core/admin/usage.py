@@ -22,10 +22,11 @@ from .db import AdminDB
 log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.5
 BATCH = 512
+STORED_FOR_S = 10.0
 
 
 def utc_day(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d")
+    return time.strftime("%Y-%m-%d", time.gmtime(at))
 
 
 def seconds_to_next_utc_day(now: float | None = None) -> float:
@@ -67,14 +68,22 @@ class UsageRecorder:
         self._lock = threading.Condition()
         self._waiting: list[UsageRecord] = []
         self._writing: list[UsageRecord] = []  # taken by the writer, not committed yet
+        self._unwritten_tokens: dict[tuple[str, str], int] = {}  # (who, day) -> tokens recorded, not yet committed
+        # (who, day) -> (tokens stored, when read): today's sum read once, then kept up to date by the writer's
+        # commits, so a quota check costs no scan of a busy person's day; re-read after STORED_FOR_S to see what
+        # another process (a `serve` beside the portal) stored meanwhile.
+        self._stored_tokens: dict[tuple[str, str], tuple[int, float]] = {}
+        self._commit_lock = threading.Lock()  # a commit and its bookkeeping, against a read of the stored sum
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="glm-usage-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
     def record(self, record: UsageRecord) -> None:
+        key = (record.who, utc_day(record.at))
         with self._lock:
             self._waiting.append(record)
+            self._unwritten_tokens[key] = self._unwritten_tokens.get(key, 0) + record.tokens
             if len(self._waiting) >= BATCH:
                 self._lock.notify_all()
 
@@ -88,17 +97,30 @@ class UsageRecorder:
                         return
                     continue
                 self._writing, self._waiting = self._waiting, []
+            self._commit_lock.acquire()
             try:
                 self._write(self._writing)
             except Exception:  # a full disk must not end accounting for good: these are retried with the next batch
+                self._commit_lock.release()
                 log.exception("could not write %d usage record(s); retrying", len(self._writing))
                 with self._lock:
                     self._waiting[:0], self._writing = self._writing, []
                 time.sleep(self.flush_every_s)
                 continue
             with self._lock:
+                for record in self._writing:
+                    key = (record.who, utc_day(record.at))
+                    left = self._unwritten_tokens.get(key, 0) - record.tokens
+                    if left > 0:
+                        self._unwritten_tokens[key] = left
+                    else:
+                        self._unwritten_tokens.pop(key, None)
+                    if key in self._stored_tokens:
+                        stored, read_at = self._stored_tokens[key]
+                        self._stored_tokens[key] = (stored + record.tokens, read_at)
                 self._writing = []
                 self._lock.notify_all()
+            self._commit_lock.release()
 
     def _write(self, records: list[UsageRecord]) -> None:
         with self.db.transaction() as db:
@@ -124,16 +146,23 @@ class UsageRecorder:
         self._thread.join(timeout=10)
 
     def tokens_today(self, who: str, now: float | None = None) -> int:
-        now = time.time() if now is None else now
-        day = utc_day(now)
+        """Tokens `who` used this UTC day: stored and not yet written."""
+        key = (who, utc_day(time.time() if now is None else now))
         with self._lock:
-            pending = sum(r.tokens for r in self._waiting + self._writing if r.who == who and utc_day(r.at) == day)
-        with self.db.connect() as db:
-            (stored,) = db.execute(
-                "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage WHERE who = ? AND day = ?",
-                (who, day),
-            ).fetchone()
-        return int(stored) + pending
+            cached = self._stored_tokens.get(key)
+            if cached is not None and time.monotonic() - cached[1] < STORED_FOR_S:
+                return cached[0] + self._unwritten_tokens.get(key, 0)
+        with self._commit_lock:  # no commit between the sum and the unwritten count: nothing counted twice or lost
+            with self.db.connect() as db:
+                (stored,) = db.execute(
+                    "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage WHERE who = ? AND day = ?",
+                    key,
+                ).fetchone()
+            with self._lock:
+                if len(self._stored_tokens) > 10_000:
+                    self._stored_tokens.clear()
+                self._stored_tokens[key] = (int(stored), time.monotonic())
+                return int(stored) + self._unwritten_tokens.get(key, 0)
 
 
 def usage_summary(

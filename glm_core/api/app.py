@@ -32,11 +32,18 @@ DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(
-    current_backend: Callable[[], Backend | None], config: ApiConfig | None = None, accounts: Admin | None = None
+    current_backend: Callable[[], Backend | None],
+    config: ApiConfig | None = None,
+    accounts: Admin | None = None,
+    accounting: bool = True,
 ) -> FastAPI:
-    """`accounts`: where keys, usage and quotas are kept (default: the data folder's, GLM_DATA_DIR)."""
+    """`accounts`: where personal keys, usage and quotas are kept (default: the data folder's, GLM_DATA_DIR);
+    `accounting` False: none of them (`bench accounting` measures what they cost)."""
     config = config or load_api_config()
-    accounts = accounts if accounts is not None else admin_for()
+    if not accounting:
+        accounts = None
+    elif accounts is None:
+        accounts = admin_for()
     # /docs and /redoc with their scripts served from the pinned fastapi-offline package, not from a CDN that
     # these machines (and many company networks) cannot reach.
     app = FastAPIOffline(title="GLM Chat Dashboard API", description=DESCRIPTION, version="1", static_url=DOCS_ASSETS)
