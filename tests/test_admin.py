@@ -14,6 +14,7 @@ import pytest
 from api_helpers import ThreadServer, raw_request
 
 from glm_core.admin import Admin, admin_for
+from glm_core.admin.audit import without_credentials
 from glm_core.admin.backend_access import Person
 from glm_core.admin.quotas import Quota, QuotaExceeded
 from glm_core.admin.usage import UsageRecord, to_csv, usage_summary
@@ -228,6 +229,7 @@ def test_the_audit_log_refuses_a_key_and_lists_newest_first(tmp_path):
     admin.audit.record("alice@example.com", "model.load", "embedded", {"precision": "bf16"}, "10.0.0.2")
     admin.audit.record("alice@example.com", "model.unload", "embedded", {}, "10.0.0.2")
     assert [e.action for e in admin.audit.entries()] == ["model.unload", "model.load"]
+    assert without_credentials("http://u:secret@gpu1:8000/v1") == "http://gpu1:8000/v1"
     admin.close()
 
 

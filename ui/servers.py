@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from glm_core import Backend, ModelSpec
+from glm_core.admin.audit import without_credentials
 from glm_core.backends.config import typed_entry
 from glm_core.safe_markdown import plain
 from ui.accounting import audit
@@ -72,7 +73,8 @@ def remote_servers_panel() -> None:
         except ValueError as exc:
             state.backend_error = str(exc)
         else:
-            audit("backend.add", state.new_backend_name.strip(), {"server": state.new_backend_url.strip()})
+            server = without_credentials(state.new_backend_url.strip())
+            audit("backend.add", state.new_backend_name.strip(), {"server": server})
             state.new_backend_name = state.new_backend_url = ""
         state.new_backend_key = ""  # never kept in the form, added or not
 

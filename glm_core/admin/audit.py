@@ -10,6 +10,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from .db import AdminDB
 from .keys import KEY_PREFIX
@@ -80,3 +81,11 @@ class AuditLog:
                 (*args, limit),
             ).fetchall()
         return [AuditEntry(r[0], r[1], r[2], r[3], json.loads(r[4] or "{}"), r[5]) for r in rows]
+
+
+def without_credentials(url: str) -> str:
+    """A server's address for the log: any user:password@ in it dropped."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
