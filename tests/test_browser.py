@@ -1,6 +1,7 @@
 """Real browser: `streamlit run Home.py`, Debian's chromium driven by Playwright, a prompt and its reply."""
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -111,7 +112,8 @@ def test_gpu_monitor_page(server, page):
     expect(main).to_contain_text("No NVIDIA GPU found", timeout=120_000)
     expect(main).to_contain_text("Host memory used")
     expect(main).to_contain_text("This process (RSS)")
-    expect(main).to_contain_text("No model is loaded")  # nothing has opened the chat page of this fresh server
+    # the portal loads its default model when it starts: the page names it, its level, device and weights
+    expect(main).to_contain_text(re.compile(r"Model: SmolLM2-135M-Instruct · (FP32|BF16) · cpu · weights \d+ MiB"))
     # The sampler started with the first visit; the fragment redraws every 2 s until the chart has two samples.
     expect(page.get_by_test_id("stVegaLiteChart")).to_have_count(1, timeout=60_000)
     assert "ws=" in page.url  # the page applies the access rules first, like every page

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..settings import PROJECT_ROOT
 from .concurrency import run_remote_concurrency_bench
-from .llama_server import cpu_flags, default_threads, free_port, running_server
+from .llama_server import cpu_flags, default_threads, free_port, running_process, running_server
 
 
 @contextlib.contextmanager
@@ -26,32 +23,8 @@ def our_server(model: Path, precision: str, log_file: Path | None = None, timeou
     env.pop("GLM_API_KEYS", None)  # a local client, no key
     command = [sys.executable, "-m", "glm_core", "serve", "--model", str(model), "--precision", precision]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    out = open(log_file, "wb") if log_file else subprocess.DEVNULL
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"serve exited with {process.returncode} before it was ready")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"serve not ready after {timeout_s:.0f} s")
-            time.sleep(0.5)
+    with running_process(command, f"http://127.0.0.1:{port}", "serve", log_file, timeout_s, env) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if log_file:
-            out.close()
 
 
 def run_peer_bench(
