@@ -137,3 +137,13 @@ def test_a_restricted_backend_is_invisible_to_a_person_not_listed(data_dir, remo
     for allowed in (BOB, {**carol, "groups": ["ML"]}, ALICE):  # listed, in the group, an admin
         listed = chat(user=allowed, secrets=ADMINS)
         assert "srv-big" in [o for s in listed.selectbox if s.key.startswith("backend_") for o in s.options]
+
+
+def test_a_person_with_no_backend_left_gets_none_not_the_local_model(data_dir, remote):
+    accounts = admin_for(data_dir)
+    for name in get_hub().names():
+        accounts.backend_access.restrict(name, ["alice@example.com"])
+    carol = {**BOB, "sub": "carol-3", "email": "carol@example.com"}
+    seen = chat(user=carol, secrets=ADMINS, backend=None)
+    assert "No model here is offered to you" in texts(seen.info)
+    assert seen.chat_input[0].disabled
