@@ -147,3 +147,48 @@ def test_a_person_with_no_backend_left_gets_none_not_the_local_model(data_dir, r
     seen = chat(user=carol, secrets=ADMINS, backend=None)
     assert "No model here is offered to you" in texts(seen.info)
     assert seen.chat_input[0].disabled
+
+
+def test_page_actions_are_in_the_audit_log_with_who_and_from_where(data_dir, remote):
+    accounts = admin_for(data_dir)
+    at = chat()  # this machine's browser, no secrets file: an admin
+    at = run(at.chat_input[0].set_value("hello"))
+    conversation = at.session_state.conversation_id
+    at = run(at.button(key="share_conversation").click())
+    at = run(at.button(key="revoke_share").click())
+    at.text_input(key="new_backend_name").set_value("gpu2")
+    at.text_input(key="new_backend_url").set_value(f"{remote.url}#words")
+    at = run(at.button(key="add_backend").click())
+    assert not at.error, [e.value for e in at.error]
+    at = run(at.button(key="remove_backend_gpu2").click())
+    entries = accounts.audit.entries()
+    assert [(e.action, e.target) for e in entries[:4]] == [
+        ("backend.remove", "gpu2"),
+        ("backend.add", "gpu2"),
+        ("share.revoke", conversation),
+        ("share.create", conversation),
+    ]
+    assert entries[1].detail == {"server": f"{remote.url}#words"}  # never the key typed with it
+    assert all(e.client == "local" and e.actor.startswith("local browser") for e in entries[:4])
+    assert "hello" not in repr(entries)  # never a prompt
+
+    # Someone who gives the admin password becomes admin, and leaves: both in the log, with the session's workspace.
+    other = page_app()
+    other.secrets = {"admin_password": "let me in"}
+    other = run(other)
+    other.text_input(key="admin_password_input").set_value("let me in")
+    other = run(other.button(key="admin_submit").click())
+    other = run(other.button(key="admin_leave").click())
+    actions = [(e.action, e.actor.split(" (")[0]) for e in accounts.audit.entries()[:2]]
+    assert actions == [("role.admin_left", "admin-password session"), ("role.admin_granted", "admin-password session")]
+
+
+def test_a_model_load_is_in_the_audit_log(data_dir, tiny_model_dir, env_cleanup):
+    accounts = admin_for(data_dir)
+    at = run(page_app())
+    at.text_input(key="load_path").set_value(str(tiny_model_dir))
+    at.selectbox(key="load_precision").set_value("fp32")
+    at = run(at.button(key="load_button").click())
+    (entry,) = [e for e in accounts.audit.entries() if e.action == "model.load"]
+    assert entry.target == str(tiny_model_dir) and entry.detail["precision"] == "fp32"
+    get_hub().unload()

@@ -98,7 +98,10 @@ def cmd_quota_set(args) -> int:
     quota = Quota(args.tokens_per_day, args.requests_per_minute, args.running)
     admin.quotas.set(name, quota, by=actor)
     admin.audit.record(actor, "quota.set", name, quota.public(), client)
-    print(json.dumps({"name": name, **quota.public()}) if args.json else f"quota for {name}: {quota.public()}")
+    if args.json:
+        print(json.dumps({"name": name, **quota.public()}))
+    else:
+        print(f"quota for {name} removed" if quota.unlimited else f"quota for {name}: {quota.public()}")
     return 0
 
 

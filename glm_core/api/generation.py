@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -256,7 +257,10 @@ class Generation:
             if ticket is not None:
                 ticket.cancel()
             raise backend_error(exc, limits.retry_after_s) from None
-        return cls(request, messages, caller, conversations, StopStrings(stop), ticket=ticket, backend=backend)
+        generation = cls(request, messages, caller, conversations, StopStrings(stop), ticket=ticket, backend=backend)
+        if ticket is not None:  # a stream whose client left before it was read never ends: its place comes back
+            weakref.finalize(generation, ticket.cancel)
+        return generation
 
     async def deltas(self) -> AsyncIterator[str]:
         """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
