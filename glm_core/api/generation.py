@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import threading
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -22,10 +23,12 @@ from ..protocol import (
     Delta,
     Event,
     Finished,
+    OutputSpec,
     Reply,
     Request,
     SamplingParams,
     Tokenizing,
+    TokenLogprob,
     validate_messages,
 )
 from ..sampling_defaults import card_defaults, compose_params
@@ -55,10 +58,13 @@ def model_context(backend: Backend) -> int:
     return int(backend.card().get("max_context") or SamplingParams().max_length)
 
 
-async def count_prompt_tokens(backend: Backend, messages: list[dict]) -> int | None:
-    """Tokens of the whole conversation in the model's format; None where the backend cannot tokenize here."""
+async def count_prompt_tokens(backend: Backend, messages: list[dict], output: OutputSpec | None = None) -> int | None:
+    """Tokens of the whole conversation in the model's format (with its tools); None where the backend cannot
+    tokenize here."""
     if not isinstance(backend, Tokenizing):
         return None
+    if output is not None and output != OutputSpec():
+        return len(await to_thread.run_sync(backend.encode_chat, messages, output))
     return len(await to_thread.run_sync(backend.encode_chat, messages))
 
 
@@ -225,8 +231,13 @@ class Generation:
     caller: Caller
     conversations: StatelessConversations
     stop: StopStrings
+    output: OutputSpec = field(default_factory=OutputSpec)
+    syntax: object = None  # the model's ToolSyntax, when the reply may be a tool call
     text: str = ""
     reply: Reply | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    content: str = ""  # the reply's text less its tool calls (set when it ends)
+    tool_calls: list[dict] = field(default_factory=list)  # [{"id", "name", "arguments"}]
     client_gone: bool = False
     ticket: Ticket | None = None  # its place under the caller's quotas; its usage is recorded when it ends
     backend: Backend | None = field(default=None, repr=False)
@@ -242,22 +253,28 @@ class Generation:
         params: SamplingParams,
         stop: Sequence[str] = (),
         limits: ApiLimits = ApiLimits(),
+        output: OutputSpec | None = None,
     ) -> Generation:
+        output = output or OutputSpec()
+        extra = {"output": output} if output != OutputSpec() else {}
         ticket = admit(caller)  # 429 past a quota, before anything is queued
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
             except ConversationBusy:  # a reply this client left is still ending there: start afresh
                 conversations.release(caller.scope, conversation_id, None)
                 conversation_id = conversations.claim(caller.scope, messages, fresh=True)
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
             if ticket is not None:
                 ticket.cancel()
             raise backend_error(exc, limits.retry_after_s) from None
-        generation = cls(request, messages, caller, conversations, StopStrings(stop), ticket=ticket, backend=backend)
+        syntax = getattr(backend, "tool_syntax", None) if output.tools and output.tool_choice != "none" else None
+        generation = cls(
+            request, messages, caller, conversations, StopStrings(stop), output, syntax, ticket=ticket, backend=backend
+        )
         if ticket is not None:  # a stream whose client left before it was read never ends: its place comes back
             weakref.finalize(generation, ticket.cancel)
         return generation
@@ -274,12 +291,15 @@ class Generation:
                     if piece:
                         self.text += piece
                         yield piece
+                elif isinstance(event, TokenLogprob):
+                    self.logprobs.append(event)
                 elif isinstance(event, Finished):
                     self.reply = event.reply
                     tail = self.stop.flush()
                     if tail:
                         self.text += tail
                         yield tail
+                    self._read_calls()
         finally:
             if self.reply is None:
                 self.client_gone = True
@@ -296,13 +316,39 @@ class Generation:
             watcher.cancel()
         return self.text
 
+    def _read_calls(self) -> None:
+        self.content = self.text
+        if self.syntax is None:
+            return
+        content, calls = self.syntax.parse(self.text, self.output.tools)
+        if not self.output.parallel_tool_calls:
+            calls = calls[:1]
+        if calls:
+            self.content = content
+            self.tool_calls = [{"id": f"call_{secrets.token_hex(12)}", **call} for call in calls]
+
+    def streamable(self) -> int:
+        """How much of the reply so far a stream may send as text: all of it, less what may still be a tool call."""
+        return len(self.text) if self.syntax is None else self.syntax.streamable(self.text, self.output.tools)
+
+    def unsent_content(self, sent: int) -> str:
+        """Once the reply has ended: its text (less its calls) that a stream which sent `sent` characters still
+        owes."""
+        if not self.tool_calls:
+            return self.text[sent:]
+        already = self.text[:sent].strip()
+        return self.content[len(already) :] if self.content.startswith(already) else ""
+
     def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
         reply = self.reply
         keep = reply is not None and reply.error is None and not self.client_gone
-        conversation = self.messages + [{"role": "assistant", "content": self.text}] if keep else None
+        said = {"role": "assistant", "content": self.content if self.tool_calls else self.text}
+        if self.tool_calls:
+            said["tool_calls"] = self.tool_calls
+        conversation = self.messages + [said] if keep else None
         self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
         settle(self.ticket, self.backend, reply)
 
@@ -321,6 +367,8 @@ class Generation:
 
     @property
     def finish_reason(self) -> str:
+        if self.tool_calls:
+            return "tool_calls"
         if self.stop.hit:
             return "stop"
         return FINISH_REASONS.get(self.reply.finish_reason if self.reply else "", "stop")

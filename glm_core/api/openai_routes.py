@@ -12,7 +12,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from ..protocol import Backend
+from ..protocol import Backend, TokenLogprob
 from ..sampling_defaults import CONTROLS
 from .access import Caller
 from .embeddings import embed
@@ -32,12 +32,18 @@ from .schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessageOut,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
+    ChunkToolCall,
     EmbeddingList,
     EmbeddingRequest,
     ModelCard,
     ModelList,
+    TokenLogprobOut,
+    ToolCallOut,
+    TopLogprob,
     Usage,
 )
 from .state import ApiState, api_caller, api_state, loaded_backend
@@ -72,11 +78,11 @@ async def chat_completions(
     backend: Backend = Depends(loaded_backend),
     state: ApiState = Depends(api_state),
 ):
-    body.check_supported()
+    output = body.output()
     messages = checked_messages([m.plain() for m in body.messages])
     stops = body.stop_strings()
     context = model_context(backend)
-    prompt_tokens = await count_prompt_tokens(backend, messages)
+    prompt_tokens = await count_prompt_tokens(backend, messages, output)
     max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
     # Omitted fields take the model's own defaults (as vLLM's --generation-config auto); /v1/models lists them.
     params = checked_params(
@@ -89,7 +95,9 @@ async def chat_completions(
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
     )
-    generation = Generation.submit(backend, state.conversations, caller, messages, params, stops, state.limits)
+    generation = Generation.submit(
+        backend, state.conversations, caller, messages, params, stops, state.limits, output=output
+    )
     head = dict(
         id=f"chatcmpl-{secrets.token_hex(12)}",
         created=int(time.time()),
@@ -101,10 +109,33 @@ async def chat_completions(
         return EventSourceResponse(_chunks(generation, head, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
+    calls = [
+        ToolCallOut(id=c["id"], function={"name": c["name"], "arguments": c["arguments"]})
+        for c in generation.tool_calls
+    ]
+    message = ChatMessageOut(
+        content=(generation.content or None) if calls else generation.text, tool_calls=calls or None
+    )
+    logprobs = choice_logprobs(generation.logprobs) if output.top_logprobs is not None else None
     return ChatCompletion(
         **head,
-        choices=[{"message": {"content": generation.text}, "finish_reason": generation.finish_reason}],
+        choices=[{"message": message, "finish_reason": generation.finish_reason, "logprobs": logprobs}],
         usage=_usage(generation),
+    )
+
+
+def choice_logprobs(tokens: list[TokenLogprob]) -> ChoiceLogprobs:
+    """OpenAI's logprobs.content: each token with its UTF-8 bytes and its most likely alternatives."""
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=list(t.token.encode("utf-8")),
+                top_logprobs=[TopLogprob(token=a, logprob=v, bytes=list(a.encode("utf-8"))) for a, v in t.top],
+            )
+            for t in tokens
+        ]
     )
 
 
@@ -119,7 +150,12 @@ def _usage(generation: Generation) -> Usage:
 
 async def _chunks(generation: Generation, head: dict, include_usage: bool):
     """OpenAI's stream: a first chunk with the role, one per text delta, one with finish_reason, the usage chunk
-    when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request."""
+    when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request.
+
+    With tools, text that may still turn out to be a call is held back; a call goes out as tool_calls deltas (its
+    id and name, then its arguments) once the reply ends."""
+    wants_logprobs = generation.output.top_logprobs is not None
+    sent_text, sent_logprobs = 0, 0
 
     def event(choices: list[ChunkChoice], usage: Usage | None = None) -> dict:
         chunk = ChatCompletionChunk(**head, choices=choices, usage=usage)
@@ -128,15 +164,38 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
             sent["delta"] = choice.delta.model_dump(exclude_unset=True)
         return {"data": json.dumps(body, ensure_ascii=False)}
 
+    def text_chunk(text: str) -> dict:
+        nonlocal sent_logprobs
+        logprobs = None
+        if wants_logprobs:
+            logprobs = choice_logprobs(generation.logprobs[sent_logprobs:])
+            sent_logprobs = len(generation.logprobs)
+        return event([ChunkChoice(delta=ChunkDelta(content=text), logprobs=logprobs)])
+
     yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
-    async for piece in generation.deltas():
-        yield event([ChunkChoice(delta=ChunkDelta(content=piece))])
+    async for _piece in generation.deltas():
+        if generation.reply is not None:  # ended: what is left goes out below, as text or as calls
+            continue
+        safe = generation.streamable()
+        if safe > sent_text:
+            piece, sent_text = generation.text[sent_text:safe], safe
+            yield text_chunk(piece)
     try:
         generation.raise_for_error()
     except ApiError as exc:  # headers are gone: the error travels as an event, as OpenAI's streams do
         yield {"data": json.dumps(exc.body(), ensure_ascii=False)}
         yield {"data": "[DONE]"}
         return
+    rest = generation.unsent_content(sent_text)
+    if rest:
+        yield text_chunk(rest)
+    for index, call in enumerate(generation.tool_calls):
+        opening = ChunkToolCall(
+            index=index, id=call["id"], type="function", function={"name": call["name"], "arguments": ""}
+        )
+        yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[opening]))])
+        arguments = ChunkToolCall(index=index, function={"arguments": call["arguments"]})
+        yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[arguments]))])
     yield event([ChunkChoice(delta=ChunkDelta(), finish_reason=generation.finish_reason)])
     if include_usage:
         yield event([], _usage(generation))
