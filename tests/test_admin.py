@@ -249,3 +249,21 @@ def test_a_restricted_backend_is_visible_only_to_listed_people_and_groups(tmp_pa
     admin.backend_access.restrict("big-gpu", [])
     assert admin.backend_access.visible(names, bob) == names
     admin.close()
+
+
+def test_every_generating_route_is_counted_and_under_quotas(served):
+    """/v1/completions and /v1/responses go through the same admission and accounting as chat completions."""
+    server, accounts = served
+    _, key = accounts.keys.create("gina")
+    api = client(server, key)
+    done = api.completions.create(model="m", prompt="Once upon a time", max_tokens=4, seed=1)
+    answered = api.responses.create(model="m", input="Say something.", max_output_tokens=4)
+    assert accounts.usage.flush()
+    (row,) = usage_summary(accounts.db, by=("person",))
+    assert row["requests"] == 2
+    assert row["completion_tokens"] == done.usage.completion_tokens + answered.usage.output_tokens
+    accounts.quotas.set("gina", Quota(tokens_per_day=1))
+    with pytest.raises(openai.RateLimitError, match="Daily token quota"):
+        api.responses.create(model="m", input="Again.", max_output_tokens=4)
+    with pytest.raises(openai.RateLimitError, match="Daily token quota"):
+        api.completions.create(model="m", prompt="Again", max_tokens=4)
