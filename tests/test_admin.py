@@ -267,3 +267,19 @@ def test_every_generating_route_is_counted_and_under_quotas(served):
         api.responses.create(model="m", input="Again.", max_output_tokens=4)
     with pytest.raises(openai.RateLimitError, match="Daily token quota"):
         api.completions.create(model="m", prompt="Again", max_tokens=4)
+
+
+def test_a_restricted_model_answers_only_listed_keys_and_their_owners(served):
+    server, accounts = served
+    accounts.backend_access.restrict("local", ["team-bot", "alice@example.com"])
+    _, listed = accounts.keys.create("team-bot")
+    _, owned = accounts.keys.create("alice-laptop", owner="alice@example.com")
+    _, other = accounts.keys.create("someone-else")
+    _, admin_key = accounts.keys.create("ops", admin=True)
+    for key in (listed, owned, admin_key):
+        assert client(server, key).chat.completions.create(**ASK).usage.completion_tokens == 5
+    for key in (other, "env-key"):
+        with pytest.raises(openai.PermissionDeniedError, match="restricted"):
+            client(server, key).models.list()
+    accounts.backend_access.restrict("local", [])
+    assert client(server, other).models.list().data

@@ -62,6 +62,12 @@ class BackendAccess:
                 (backend, json.dumps(allowed), time.time(), by),
             )
 
+    def allowed(self, backend: str) -> list[str] | None:
+        """Who may use `backend` (None: everyone)."""
+        with self.db.connect() as db:
+            row = db.execute("SELECT allowed FROM backend_access WHERE backend = ?", (backend,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     def visible(self, names: Iterable[str], person: Person, rules: Mapping[str, list[str]] | None = None) -> list[str]:
         """The backends of `names` this person may see and use (admins see all)."""
         rules = self.rules() if rules is None else rules

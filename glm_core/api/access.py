@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..access import is_local_client
+from ..admin.backend_access import Person, may_use
 from ..admin.keys import ApiKey, KeyRefused
+from ..backends.config import DEFAULT_LOCAL_NAME
 from .config import ApiConfig
 from .errors import ApiError
 
@@ -64,13 +66,28 @@ def key_id(key: str) -> str:
 
 
 class Access:
-    def __init__(self, config: ApiConfig, accounts: Admin | None = None):
+    def __init__(self, config: ApiConfig, accounts: Admin | None = None, backend_name: str = DEFAULT_LOCAL_NAME):
         self.config, self.accounts = config, accounts
+        self.backend_name = backend_name  # the hub's name of the backend this API serves (access rules name it)
         # Only digests are kept and compared: equal lengths, and compare_digest runs in constant time.
         self._keys = [(hashlib.sha256(k.encode("utf-8")).digest(), key_id(k), False) for k in config.keys]
         self._keys += [(hashlib.sha256(k.encode("utf-8")).digest(), key_id(k), True) for k in config.admin_keys]
 
-    def identify(
+    def identify(self, authorization: str | None, client: str, **options) -> Caller:
+        """The caller (see `_identify`), or 403 when an admin restricted the served backend to others."""
+        caller = self._identify(authorization, client, **options)
+        if self.accounts is not None and not caller.admin:
+            allowed = self.accounts.backend_access.allowed(self.backend_name)
+            names = frozenset(n.lower() for n in (caller.name, caller.person) if n)
+            if allowed and not may_use(allowed, Person(names)):
+                raise ApiError(
+                    403,
+                    f"the model {self.backend_name!r} is restricted to listed people and keys",
+                    "backend_restricted",
+                )
+        return caller
+
+    def _identify(
         self,
         authorization: str | None,
         client: str,

@@ -36,9 +36,11 @@ def create_app(
     config: ApiConfig | None = None,
     accounts: Admin | None = None,
     accounting: bool = True,
+    backend_name: str | None = None,
 ) -> FastAPI:
     """`accounts`: where personal keys, usage and quotas are kept (default: the data folder's, GLM_DATA_DIR);
-    `accounting` False: none of them (`bench accounting` measures what they cost)."""
+    `accounting` False: none of them (`bench accounting` measures what they cost); `backend_name`: the served
+    backend's name in the hub (default "local"), whose access rules (the Admin page's Backends) apply."""
     config = config or load_api_config()
     if not accounting:
         accounts = None
@@ -47,7 +49,7 @@ def create_app(
     # /docs and /redoc with their scripts served from the pinned fastapi-offline package, not from a CDN that
     # these machines (and many company networks) cannot reach.
     app = FastAPIOffline(title="GLM Chat Dashboard API", description=DESCRIPTION, version="1", static_url=DOCS_ASSETS)
-    app.state.api = ApiState.create(current_backend, config, accounts)
+    app.state.api = ApiState.create(current_backend, config, accounts, backend_name)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
     app.include_router(openai_routes.router)

@@ -29,14 +29,23 @@ class ApiState:
 
     @classmethod
     def create(
-        cls, current_backend: Callable[[], Backend | None], config: ApiConfig, accounts: Admin | None = None
+        cls,
+        current_backend: Callable[[], Backend | None],
+        config: ApiConfig,
+        accounts: Admin | None = None,
+        backend_name: str | None = None,
     ) -> ApiState:
         def forget(conversation_id: str) -> None:
             backend = current_backend()
             if backend is not None:
                 backend.forget(conversation_id)
 
-        return cls(current_backend, Access(config, accounts), config.limits, StatelessConversations(forget))
+        return cls(
+            current_backend,
+            Access(config, accounts, *([backend_name] if backend_name else [])),
+            config.limits,
+            StatelessConversations(forget),
+        )
 
 
 # Declared so /docs offers an "Authorize" button; the check itself is Access.identify.
