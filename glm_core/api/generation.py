@@ -8,8 +8,10 @@ import asyncio
 import hashlib
 import secrets
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
 from starlette.requests import Request as HttpRequest
@@ -32,9 +34,13 @@ from ..protocol import (
 )
 from ..sampling_defaults import card_defaults, compose_params
 from .access import Caller
+from .accounting import Ticket, admit, settle
 from .config import ApiLimits
 from .conversation_ids import StatelessConversations
 from .errors import ApiError, backend_error
+
+if TYPE_CHECKING:
+    from ..models.tool_formats import ToolSyntax
 
 FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the engine's words -> OpenAI's
 
@@ -230,13 +236,15 @@ class Generation:
     conversations: StatelessConversations
     stop: StopStrings
     output: OutputSpec = field(default_factory=OutputSpec)
-    syntax: object = None  # the model's ToolSyntax, when the reply may be a tool call
+    syntax: ToolSyntax | None = None  # the model's, when the reply may be a tool call
     text: str = ""
     reply: Reply | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     content: str = ""  # the reply's text less its tool calls (set when it ends)
     tool_calls: list[dict] = field(default_factory=list)  # [{"id", "name", "arguments"}]
     client_gone: bool = False
+    ticket: Ticket | None = None  # its place under the caller's quotas; its usage is recorded when it ends
+    backend: Backend | None = field(default=None, repr=False)
     _ended: bool = field(default=False, repr=False)
 
     @classmethod
@@ -252,20 +260,28 @@ class Generation:
         output: OutputSpec | None = None,
     ) -> Generation:
         output = output or OutputSpec()
-        extra = {"output": output} if output != OutputSpec() else {}
+        asked = output if output != OutputSpec() else None
+        ticket = admit(caller)  # 429 past a quota, before anything is queued
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
             except ConversationBusy:  # a reply this client left is still ending there: start afresh
                 conversations.release(caller.scope, conversation_id, None)
                 conversation_id = conversations.claim(caller.scope, messages, fresh=True)
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
+            if ticket is not None:
+                ticket.cancel()
             raise backend_error(exc, limits.retry_after_s) from None
         syntax = getattr(backend, "tool_syntax", None) if output.tools and output.tool_choice != "none" else None
-        return cls(request, messages, caller, conversations, StopStrings(stop), output, syntax)
+        generation = cls(
+            request, messages, caller, conversations, StopStrings(stop), output, syntax, ticket=ticket, backend=backend
+        )
+        if ticket is not None:  # a stream whose client left before it was read never ends: its place comes back
+            weakref.finalize(generation, ticket.cancel)
+        return generation
 
     async def deltas(self) -> AsyncIterator[str]:
         """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
@@ -333,11 +349,12 @@ class Generation:
         self._ended = True
         reply = self.reply
         keep = reply is not None and reply.error is None and not self.client_gone
-        said = {"role": "assistant", "content": self.content if self.tool_calls else self.text}
+        said: dict[str, Any] = {"role": "assistant", "content": self.content if self.tool_calls else self.text}
         if self.tool_calls:
             said["tool_calls"] = self.tool_calls
         conversation = self.messages + [said] if keep else None
         self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
+        settle(self.ticket, self.backend, reply)
 
     # ---- how it ended ----
 

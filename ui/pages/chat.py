@@ -5,6 +5,7 @@ import streamlit as st
 from glm_core.protocol import MAX_PROMPT_CHARS
 from glm_core.safe_markdown import plain
 from ui.access import admin_panel, current_workspace, is_admin
+from ui.accounting import quota_left
 from ui.compare_view import compare_view
 from ui.conversation_list import (
     ConversationActions,
@@ -50,6 +51,8 @@ with st.sidebar:
 
     st.header("Generation")
     generation = generation_controls(store, workspace, engine.card() if engine is not None else None)
+    if left_today := quota_left():
+        st.caption(left_today)
 
 if st.session_state.get("pending_delete"):
     confirm_delete(actions, *st.session_state.pending_delete)
