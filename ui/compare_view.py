@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from glm_core import ModelLoadError
+from glm_core.admin.quotas import QuotaExceeded
 from glm_core.backends.hub import EngineHub
 from glm_core.conversations.arena import MAX_COLUMNS, Arena, ArenaError, export_comparisons, pair_records, ranking
 from glm_core.conversations.compare import CompareRun, CompareTarget
@@ -19,6 +20,7 @@ from glm_core.protocol import MAX_PROMPT_CHARS
 from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.sampling_defaults import compose_params
 from glm_core.settings import load_settings
+from ui.accounting import admit_turn, quota_refusal, visible_backends
 from ui.generation_controls import Generation
 
 LEVELS = ["fp32", "bf16", "int8", "int4"]
@@ -40,7 +42,7 @@ def _options(hub: EngineHub, admin: bool) -> dict[str, tuple[str, str]]:
     options: dict[str, tuple[str, str]] = {}
     for label, backend in hub.local_models().items():
         options[backend.turn_name] = ("local", label)
-    for name in hub.names():
+    for name in visible_backends(hub.names()):  # the servers this person may use
         if not hub.is_local(name):
             options[f"remote {name}"] = ("remote", name)
     main = hub.engine
@@ -91,17 +93,31 @@ def compare_view(hub: EngineHub, workspace: str, generation: Generation, admin: 
         "One prompt to every column", max_chars=MAX_PROMPT_CHARS, key="compare_prompt", disabled=len(chosen) < 2
     )
     if prompt:
+        tickets = []
         try:
+            for _ in chosen:  # each column is a reply under the person's quotas
+                tickets.append(admit_turn())
             targets = [_target(hub, label, *options[label]) for label in chosen]
             params, _ = compose_params(generation.defaults, saved=generation.own)
             messages = [{"role": "system", "content": generation.system_prompt}] if generation.system_prompt else []
             messages.append({"role": "user", "content": prompt})
             run = CompareRun(targets, messages, params, owner=workspace, blind=blind).start()
+        except QuotaExceeded as exc:
+            for ticket in tickets:
+                ticket.cancel()
+            quota_refusal(exc, prompt)
         except (ModelLoadError, ArenaError, ValueError) as exc:
+            for ticket in tickets:
+                ticket.cancel()
             st.error(plain(exc))
         else:
             st.session_state.compare_run = run
-            _stream(run)
+            try:
+                _stream(run)
+            finally:
+                for ticket, column in zip(tickets, run.columns):
+                    reply = column.request.reply if column.request is not None else None
+                    ticket.finish(column.target.backend.card(), reply)
             run.finish(arena, workspace)
             st.rerun()
 
