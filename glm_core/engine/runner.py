@@ -279,9 +279,16 @@ class Runner:
             return True
         cache = sequence.cache
         if self.slots is None or self.slots.occupied == 0:
-            first = cache.layers[0].keys
+            keys, values = cache.layers[0].keys, cache.layers[0].values
             self.slots = SlotCache(
-                len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device, self.max_batch
+                len(cache.layers),
+                keys.shape[1],
+                keys.shape[3],
+                keys.dtype,
+                keys.device,
+                self.max_batch,
+                value_heads=values.shape[1],
+                value_dim=values.shape[3],
             )
         longest = max([length for length in self.slots.lengths] + [cache.get_seq_length()]) + sequence.limit
         if self.decoding and self.slots.bytes_if(len(self.decoding) + 1, longest) > self.batch_kv_bytes:
