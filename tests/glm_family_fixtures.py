@@ -52,10 +52,9 @@ def glm_tokenizer(thinking: bool):
     """A byte-level BPE trained here on a small corpus (about 500 tokens: the embedding and the output layer stay
     small next to the experts, as in the real models), GLM's control tokens added, a GLM-style chat template; eos
     is <|endoftext|>, and <|user|> / <|observation|> end a turn too (as GLM-4's generation_config lists them)."""
+    from chatglm_fixtures import CORPUS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from chatglm_fixtures import CORPUS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -24,7 +24,13 @@ import torch
 
 from ..settings import DEFAULT_GROUP_SIZE
 from .precision import Precision
-from .quant import WeightOnlyInt8Embedding, swap_in_quantized_linears, tie_output_layer
+from .quant import (
+    WeightOnlyInt8Embedding,
+    quantized_tensor_shapes,
+    set_quantized_tensor,
+    swap_in_quantized_linears,
+    tie_output_layer,
+)
 
 Remap = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 
@@ -245,11 +251,11 @@ def fill_from_checkpoint(
                 if name not in expected:
                     raise CheckpointError(f"tensor {key!r} does not fit this config (no {name})")
                 module, _, kind = name.rpartition(".")
-                if module in quantized and kind == "weight":
-                    target = quantized[module]
-                    if tuple(value.shape) != target.float_shape:
+                shapes = quantized_tensor_shapes(quantized[module]) if module in quantized else {}
+                if kind in shapes:
+                    if tuple(value.shape) != shapes[kind]:
                         raise CheckpointError(f"weights do not match config.json: {key} has shape {tuple(value.shape)}")
-                    target.set_weight(value.to(device))
+                    set_quantized_tensor(quantized[module], kind, value.to(device))
                     loaded.add(name)
                 else:
                     batch[name] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)

@@ -167,8 +167,10 @@ FAMILY_LABELS = {
     "chatglm6b": "ChatGLM-6B",
     "chatglm2": "ChatGLM2",
     "chatglm3": "ChatGLM3",
-    "glm": "GLM-4",
-    "glm4": "GLM-4",
+    "glm": "GLM-4",  # glm-4-9b-chat-hf and GLM-Edge (1.5B/4B chat) share this architecture
+    "glm4": "GLM-4-0414",  # GLM-4-9B/32B-0414 and the GLM-Z1 reasoning models
+    "glm4_moe": "GLM-4.5 MoE",  # GLM-4.5, GLM-4.5-Air, GLM-4.6
+    "glm4_moe_lite": "GLM-4.7-Flash MoE",  # multi-head latent attention
 }
 
 
