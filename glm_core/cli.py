@@ -417,6 +417,13 @@ def cmd_estimate(args) -> int:
         f"estimate: {name}, encode {args.encode} / generate {args.generate} tokens on {args.device_type} "
         "(GB = 10^9 bytes)"
     )
+    if results and results[0].active_parameters != results[0].parameters:
+        print(
+            f"parameters: {results[0].parameters / 1e9:.2f} B in all, {results[0].active_parameters / 1e9:.2f} B "
+            "active per token (mixture of experts: every expert stays resident)"
+        )
+    elif results:
+        print(f"parameters: {results[0].parameters / 1e9:.2f} B")
     print("level  weights GB  KV KB/token  encode peak GB  generate peak GB")
     for e in results:
         print(

@@ -173,3 +173,55 @@ def test_moe_experts_are_quantized_while_loading(moe_folder, level, tolerance, p
     assert relative_error(got, expected) < tolerance
     text = EVAL_TEXT.read_text()
     assert perplexity(loaded, text, 400, window=128) <= perplexity_bound * perplexity(bf16, text, 400, window=128)
+
+
+# ---- the estimator and presets: MoE and MLA ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["fp32", "bf16", "int8", "int4"])
+def test_estimated_weights_are_the_bytes_of_the_loaded_moe_model(moe_folder, level):
+    """The estimator's weights (experts included) against an independent count: the distinct storages of the
+    loaded model's state_dict, packed expert stacks and their scales included."""
+    import json
+
+    from glm_core.bench.estimator import estimate
+
+    family, folder = moe_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    [predicted] = estimate(cfg, [level], encode=16, generate=32)
+    loaded = load_model(ModelSpec(str(folder), level, "cpu"))
+    state = loaded.model.state_dict()
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in state.values()}
+    assert predicted.weights_bytes == sum(nbytes for _, nbytes in storages)
+    assert predicted.kv_bytes_per_token == loaded.card()["kv_bytes_per_token"]
+    # Parameters as the float checkpoint counts them; active: 4 of 16 routed experts per sparse layer.
+    float_params = sum(t.numel() for t in load_model(ModelSpec(str(folder), "fp32", "cpu")).model.parameters())
+    config = loaded.model.config
+    experts = 2 * 16 * 3 * config.hidden_size * config.moe_intermediate_size
+    assert predicted.parameters == loaded.card()["parameters"] == float_params
+    assert predicted.active_parameters == loaded.card()["active_parameters"] == float_params - experts * 12 // 16
+
+
+def test_presets_know_moe_and_mla():
+    from glm_core.bench.estimator import PRESETS, estimate, read_config
+
+    assert {"glm-4-9b-0414", "glm-4.5-air", "glm-4.7-flash"} <= set(PRESETS)
+    by_name = {}
+    for name in ("glm-4-9b-0414", "glm-4.5-air", "glm-4.7-flash"):
+        label, cfg = read_config(name)
+        assert cfg["_source"] and label == PRESETS[name]
+        by_name[name] = {e.level: e for e in estimate(cfg, ["bf16", "int8", "int4"], 1, 1, "cuda")}
+    dense, air, flash = by_name["glm-4-9b-0414"], by_name["glm-4.5-air"], by_name["glm-4.7-flash"]
+    # Published sizes: GLM-4-9B 9.4 B; GLM-4.5-Air 106 B with 12 B active; GLM-4.7-Flash about 30 B, 3 B active
+    # (the model cards leave the embedding and output layer out of "active"; ours counts them).
+    assert 9.3e9 < dense["bf16"].parameters == dense["bf16"].active_parameters < 9.5e9
+    assert 106e9 < air["bf16"].parameters < 108e9 and 12e9 < air["bf16"].active_parameters < 14e9
+    assert 29e9 < flash["bf16"].parameters < 31e9 and 3e9 < flash["bf16"].active_parameters < 4e9
+    # KV cache per token at BF16: grouped attention (2 and 8 KV heads of 128) and MLA's compressed latent.
+    assert dense["bf16"].kv_bytes_per_token == 40 * 2 * 2 * 128 * 2
+    assert air["bf16"].kv_bytes_per_token == 46 * 2 * 8 * 128 * 2
+    assert flash["bf16"].kv_bytes_per_token == 47 * (512 + 64) * 2
+    # The experts are quantized too: INT4 weighs about a third of BF16, not 0.86x.
+    for model in (air, flash):
+        assert model["int4"].weights_bytes < 0.35 * model["bf16"].weights_bytes
+        assert model["int8"].weights_bytes < 0.52 * model["bf16"].weights_bytes

@@ -35,7 +35,7 @@ from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, Token
 from .chatglm.tokenizer import ChatGLMTokenizer
 from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
 from .precision import Precision, parse_precision, resolve_device
-from .quant import quantize_loaded_model, weight_bytes
+from .quant import experts_per_token, parameter_counts, quantize_loaded_model, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class LoadedModel:
     load_seconds: float
     max_context: int
     weights: dict = field(default_factory=dict)  # weight_bytes() of the model as loaded
+    active_param_count: int = 0  # parameters one token reads (a MoE model's chosen experts only); 0: all
     extra: dict = field(default_factory=dict)
 
     def card(self) -> dict:
@@ -74,6 +75,7 @@ class LoadedModel:
             "precision": self.precision.label,
             "device": str(self.device),
             "parameters": self.param_count,
+            "active_parameters": self.active_param_count or self.param_count,
             "load_seconds": round(self.load_seconds, 2),
             "max_context": self.max_context,
             "source": self.spec.path,
@@ -238,6 +240,7 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     progress(0.95, "Checking one forward pass")
     _smoke_test(model, device, precision, name)
     progress(1.0, "Ready")
+    counts = parameter_counts(model, experts_per_token(model.config))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -247,7 +250,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
         family=family,
         precision=precision,
         device=device,
-        param_count=sum(p.numel() for p in model.parameters()),
+        param_count=counts["total"],
+        active_param_count=counts["active"],
         load_seconds=time.perf_counter() - started,
         max_context=max_context,
         weights=weight_bytes(model),

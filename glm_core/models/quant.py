@@ -524,14 +524,62 @@ def weight_bytes(model: nn.Module, include_meta: bool = False) -> dict:
     quantized = other = 0
     seen = set()
     for module in model.modules():
-        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        for t in tensors:
+        # Persistent buffers are checkpoint tensors too (GLM-4.5's router bias e_score_correction_bias); computed
+        # ones (rotary frequencies) are not weights.
+        stored = [
+            b for name, b in module._buffers.items() if b is not None and name not in module._non_persistent_buffers_set
+        ]
+        for t in list(module.parameters(recurse=False)) + stored:
             if id(t) in seen or (t.device.type == "meta" and not include_meta):
                 continue
             seen.add(id(t))
             size = t.numel() * t.element_size()
             if isinstance(module, (_WeightOnlyLinear, WeightOnlyInt8Embedding, _ExpertStack)):
                 quantized += size
-            elif isinstance(t, nn.Parameter):
+            else:
                 other += size
     return {"quantized": quantized, "float": other, "total": quantized + other}
+
+
+def parameter_counts(model: nn.Module, experts_per_token: int = 0) -> dict:
+    """{"total", "active"} parameters of the model as its float checkpoint counts them (a quantized module counts
+    its float shape, a tied table once); "active" counts only `experts_per_token` of each MoE layer's routed
+    experts, what one token's forward reads (GLM-4.5-Air: 106 B total, 12 B active)."""
+    total = expert_total = expert_active = 0
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, WeightOnlyExperts) or is_fused_experts(module):
+            experts = module.num_experts
+            count = sum(_numel(getattr(module, name)) for name in ("gate_up_proj", "down_proj"))
+            expert_total += count
+            expert_active += count * min(experts_per_token or experts, experts) // experts
+            continue
+        if isinstance(module, _ExpertStack):
+            continue  # counted with its WeightOnlyExperts
+        if isinstance(module, (_WeightOnlyLinear, WeightOnlyInt8Embedding)):
+            if id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                total += _numel(module)
+            if getattr(module, "bias", None) is not None:
+                total += module.bias.numel()
+            continue
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) not in seen:
+                seen.add(id(parameter))
+                total += parameter.numel()
+    return {"total": total + expert_total, "active": total + expert_active}
+
+
+def _numel(tensor_or_module) -> int:
+    shape = getattr(tensor_or_module, "float_shape", None) or tuple(tensor_or_module.shape)
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def experts_per_token(config) -> int:
+    """Routed experts each token uses in a MoE config (0 for a dense model)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "num_experts_per_tok", None)
+    return value if isinstance(value, int) and value > 0 else 0
