@@ -151,3 +151,52 @@ def write_glm_folder(folder: Path, family: str, seed: int = 0) -> Path:
         json.dumps({"eos_token_id": stop_ids, "pad_token_id": stop_ids[0], "do_sample": True, "temperature": 0.6})
     )
     return folder
+
+
+def write_reasoning_folder(folder: Path, prompt_opens_thinking: bool = False) -> tuple[Path, dict]:
+    """A tiny GLM-4-0414 checkpoint whose weights are set, not random, so that it thinks and then answers: every
+    attention and MLP output projection is zero, so the last hidden state is the current token's embedding, and
+    the output layer maps each token of one chain to the next one. Greedy, it replies
+    <think> THINKING </think> ANSWER <|user|> (a stop), the way GLM-4.5 does; with the thinking switched off
+    (the template ends the prompt with <think></think>) it answers at once.
+
+    Returns the folder and the chain's texts: {"reasoning", "answer"}."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = glm_tokenizer(thinking=True)
+    if prompt_opens_thinking:
+        tokenizer.chat_template = GLM45_TEMPLATE.replace(
+            "{%- if add_generation_prompt %}<|assistant|>", "{%- if add_generation_prompt %}<|assistant|>\n<think>"
+        )
+    stop_ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    words = [tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<think>", "</think>", "<|user|>")]
+    assistant, think, end_think, user = words
+    thinking_ids = _distinct_ids(tokenizer, "Paris is the capital", exclude=set(words))
+    answer_ids = _distinct_ids(tokenizer, "Berlin", exclude=set(words) | set(thinking_ids))
+    chain = [assistant, think, *thinking_ids, end_think, *answer_ids, user]
+    config = family_config("glm4", len(tokenizer), stop_ids)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        embed = torch.nn.functional.normalize(torch.randn(len(tokenizer), config.hidden_size), dim=-1)
+        model.model.embed_tokens.weight.copy_(embed)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = torch.zeros(len(tokenizer), config.hidden_size)
+        for current, following in zip(chain, chain[1:]):
+            head[following] += 20 * embed[current]
+        model.lm_head.weight.copy_(head)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stop_ids, "pad_token_id": stop_ids[0]}))
+    return folder, {"reasoning": tokenizer.decode(thinking_ids), "answer": tokenizer.decode(answer_ids)}
+
+
+def _distinct_ids(tokenizer, text: str, exclude: set[int]) -> list[int]:
+    ids = []
+    for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        if i not in ids and i not in exclude:
+            ids.append(i)
+    return ids

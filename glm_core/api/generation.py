@@ -24,6 +24,7 @@ from ..protocol import (
     SamplingParams,
     validate_messages,
 )
+from ..reasoning import split_reasoning
 from ..sampling_defaults import card_defaults, compose_params
 from .access import Caller
 from .config import ApiLimits
@@ -220,6 +221,7 @@ class Generation:
     caller: Caller
     conversations: StatelessConversations
     stop: StopStrings
+    reasoning: bool = False  # a reasoning model's reply: its <think>...</think> goes out as reasoning_content
     text: str = ""
     reply: Reply | None = None
     client_gone: bool = False
@@ -247,7 +249,7 @@ class Generation:
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
             raise backend_error(exc, limits.retry_after_s) from None
-        return cls(request, messages, caller, conversations, StopStrings(stop))
+        return cls(request, messages, caller, conversations, StopStrings(stop), bool(backend.card().get("reasoning")))
 
     async def deltas(self) -> AsyncIterator[str]:
         """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
@@ -289,8 +291,13 @@ class Generation:
         self._ended = True
         reply = self.reply
         keep = reply is not None and reply.error is None and not self.client_gone
-        conversation = self.messages + [{"role": "assistant", "content": self.text}] if keep else None
+        reasoning, answer = self.parts()
+        conversation = self.messages + [{"role": "assistant", "content": answer}] if keep else None
         self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
+
+    def parts(self) -> tuple[str, str]:
+        """(reasoning, answer) of the reply so far; ("", text) for a model that does not reason."""
+        return split_reasoning(self.text) if self.reasoning else ("", self.text)
 
     # ---- how it ended ----
 

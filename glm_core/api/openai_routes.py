@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
 import struct
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..protocol import Backend
+from ..reasoning import ReasoningSplitter
 from ..sampling_defaults import CONTROLS
 from .access import Caller
 from .embeddings import embed
@@ -89,6 +91,8 @@ async def chat_completions(
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
     )
+    if body.thinking() is not None:
+        params = dataclasses.replace(params, thinking=body.thinking())
     generation = Generation.submit(backend, state.conversations, caller, messages, params, stops, state.limits)
     head = dict(
         id=f"chatcmpl-{secrets.token_hex(12)}",
@@ -103,9 +107,14 @@ async def chat_completions(
     generation.raise_for_error()
     return ChatCompletion(
         **head,
-        choices=[{"message": {"content": generation.text}, "finish_reason": generation.finish_reason}],
+        choices=[{"message": _message(generation), "finish_reason": generation.finish_reason}],
         usage=_usage(generation),
     )
+
+
+def _message(generation: Generation) -> dict:
+    reasoning, answer = generation.parts()
+    return {"content": answer, "reasoning_content": reasoning or None}
 
 
 def _usage(generation: Generation) -> Usage:
@@ -129,8 +138,24 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
         return {"data": json.dumps(body, ensure_ascii=False)}
 
     yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
+    # A reasoning model's thinking streams as reasoning_content deltas, then its answer as content (vLLM's way).
+    splitter = ReasoningSplitter() if generation.reasoning else None
+
+    def pieces(text: str) -> list[ChunkDelta]:
+        if splitter is None:
+            return [ChunkDelta(content=text)] if text else []
+        reasoning, answer = splitter.push(text) if text else splitter.flush()
+        return [
+            d
+            for d in (ChunkDelta(reasoning_content=reasoning), ChunkDelta(content=answer))
+            if d.reasoning_content or d.content
+        ]
+
     async for piece in generation.deltas():
-        yield event([ChunkChoice(delta=ChunkDelta(content=piece))])
+        for delta in pieces(piece):
+            yield event([ChunkChoice(delta=delta)])
+    for delta in pieces("") if splitter is not None else []:
+        yield event([ChunkChoice(delta=delta)])
     try:
         generation.raise_for_error()
     except ApiError as exc:  # headers are gone: the error travels as an event, as OpenAI's streams do

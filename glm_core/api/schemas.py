@@ -21,13 +21,17 @@ class ChatMessageIn(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's thinking (vLLM's name); the chat template decides
 
     def plain(self) -> dict:
         """{"role", "content"} as the backend takes it: text parts joined; `developer` is OpenAI's new name for
         the system role."""
         role = "system" if self.role == "developer" else self.role
+        thinking = (
+            {"reasoning_content": self.reasoning_content} if role == "assistant" and self.reasoning_content else {}
+        )
         if isinstance(self.content, str):
-            return {"role": role, "content": self.content}
+            return {"role": role, "content": self.content, **thinking}
         if self.content is None:
             raise ApiError(
                 400, f"a {self.role} message needs text content (tool calls are not supported)", param="messages"
@@ -39,7 +43,7 @@ class ChatMessageIn(BaseModel):
                     400, f"only text content parts are supported, got {str(part.get('type'))[:40]!r}", param="messages"
                 )
             texts.append(part["text"])
-        return {"role": role, "content": "".join(texts)}
+        return {"role": role, "content": "".join(texts), **thinking}
 
 
 class StreamOptions(BaseModel):
@@ -76,6 +80,18 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     tools: list[Any] | None = None
     user: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='extension (vLLM\'s): {"enable_thinking": false} asks a reasoning model to answer at once'
+    )
+
+    def thinking(self) -> bool | None:
+        """chat_template_kwargs.enable_thinking: None when not given (the template's default)."""
+        value = (self.chat_template_kwargs or {}).get("enable_thinking")
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(
+                400, "chat_template_kwargs.enable_thinking must be true or false", param="chat_template_kwargs"
+            )
+        return value
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -112,6 +128,7 @@ FinishReason = Literal["stop", "length"]
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    reasoning_content: str | None = Field(None, description="a reasoning model's thinking (vLLM's field); else null")
     refusal: None = Field(None, description="always null: a refusal here is ordinary content")
     annotations: list[dict[str, Any]] = Field(default_factory=list, description="always empty (no web search)")
 
@@ -136,6 +153,7 @@ class ChatCompletion(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     refusal: None = None
 
 

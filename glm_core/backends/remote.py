@@ -415,7 +415,9 @@ class RemoteBackend:
             for control in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
             if p.is_explicit(control)
         }
-        body = dict(model=model, messages=request.messages, stream=True, stream_options={"include_usage": True})
+        # role and content only: an earlier reply's reasoning_content is this app's and vLLM's, not every server's
+        messages = [{"role": m["role"], "content": m["content"]} for m in request.messages]
+        body = dict(model=model, messages=messages, stream=True, stream_options={"include_usage": True})
         if "max_new_tokens" in sent:
             body["max_tokens"] = sent.pop("max_new_tokens")
         for name in ("temperature", "top_p"):

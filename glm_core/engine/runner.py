@@ -11,6 +11,7 @@ Only the scheduler's worker thread calls into a runner.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -21,6 +22,7 @@ import torch
 
 from ..models.loading import LoadedModel
 from ..protocol import PromptTooLong, Reply, ReplyStats, Request, Started, Truncated
+from ..reasoning import OPEN as REASONING_OPEN
 from .context import FittingStopped, common_prefix_length, fit_to_context
 from .generation import PREFILL_CHUNK, prefill
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop
@@ -182,12 +184,15 @@ class Runner:
         if budget < 1:
             raise PromptTooLong(f"max new tokens ({params.max_new_tokens}) leaves no room in {max_length} tokens")
         kept = self.pool.take(request.conversation_id)
+        encode = loaded.chat_format.encode
+        if params.thinking is not None and getattr(loaded.chat_format, "thinking_switch", False):
+            encode = functools.partial(encode, thinking=params.thinking)
         with self.tokenizer_lock:
             ids = self._continued_ids(kept, request.messages, budget)
             dropped = 0
             if ids is None:
                 ids, dropped = fit_to_context(
-                    loaded.chat_format.encode,
+                    encode,
                     request.messages,
                     budget,
                     count=self._count,
@@ -195,6 +200,11 @@ class Runner:
                 )
         if dropped:
             request.emit(Truncated(dropped, len(ids), budget))
+        opens_reasoning = getattr(loaded.chat_format, "opens_reasoning", None)
+        with self.tokenizer_lock:
+            opened = bool(opens_reasoning and opens_reasoning(ids))
+        if opened:  # the prompt opened the thinking (GLM-Z1): the reply's text says so too (see glm_core.reasoning)
+            request.emit_text(REASONING_OPEN)
 
         reused = 0
         if kept is not None and not request.recompute and cache_can_crop(kept.cache):
@@ -228,6 +238,7 @@ class Runner:
             decoder=reply_decoder(loaded),
             generator=generator,
             seen=seen,
+            text_started=opened,
         )
 
     def _count(self, text: str) -> int:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
+from ..reasoning import CLOSE, OPEN
+
 _MARKER = re.compile("\ue000(\\d+)\ue001")  # private-use characters around a message's index
 
 
@@ -41,27 +43,57 @@ class TemplateChatFormat:
         self.stop_token_ids = frozenset(stop_token_ids)
         # Strings the tokenizer turns into control tokens wherever they appear in text (<|im_start|>, ...).
         self._controls = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
+        # A reasoning model (GLM-Z1, GLM-4.5+) thinks inside <think>...</think>; its template may offer a switch.
+        self.reasoning = OPEN in template or OPEN in tokenizer.get_vocab()
+        self.thinking_switch = "enable_thinking" in template
 
-    def encode(self, messages: Sequence[dict]) -> list[int]:
+    def encode(self, messages: Sequence[dict], thinking: bool | None = None) -> list[int]:
+        """The prompt's ids; `thinking` False asks a template with the switch for the answer without thinking."""
+        extra = {"enable_thinking": thinking} if thinking is not None and self.thinking_switch else {}
+        # Thinking sent back with control tokens' text in it is dropped, not escaped: it is only ever a hint.
+        messages = [
+            {k: v for k, v in m.items() if k != "reasoning_content"}
+            if any(control in m.get("reasoning_content", "") for control in self._controls)
+            else m
+            for m in messages
+        ]
         if any(control in m["content"] for m in messages for control in self._controls):
-            return self._encode_with_controls_as_text(messages)
-        text = self._render([m["content"] for m in messages], messages)
+            return self._encode_with_controls_as_text(messages, extra)
+        text = self._render([m["content"] for m in messages], messages, extra)
         # The template already wrote every special token (bos included) as text.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _render(self, contents: list[str], messages: Sequence[dict]) -> str:
+    def opens_reasoning(self, ids: Sequence[int]) -> bool:
+        """Whether the prompt's own end opens the thinking (GLM-Z1's generation prompt ends with <think>): the reply
+        then starts inside it."""
+        if not self.reasoning:
+            return False
+        tail = self.tokenizer.decode(list(ids[-16:]))
+        return tail.rfind(OPEN) > tail.rfind(CLOSE)
+
+    def _render(self, contents: list[str], messages: Sequence[dict], extra: dict | None = None) -> str:
+        # An earlier reply's thinking goes to the template as reasoning_content: its own rule keeps or drops it.
         return self.tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": c} for m, c in zip(messages, contents)],
+            [
+                {
+                    "role": m["role"],
+                    "content": c,
+                    **({"reasoning_content": m["reasoning_content"]} if m.get("reasoning_content") else {}),
+                }
+                for m, c in zip(messages, contents)
+            ],
             add_generation_prompt=True,
             tokenize=False,
+            **(extra or {}),
         )
 
-    def _encode_with_controls_as_text(self, messages: Sequence[dict]) -> list[int]:
+    def _encode_with_controls_as_text(self, messages: Sequence[dict], extra: dict | None = None) -> list[int]:
         """A message that contains a control token's text (a user typing `<|im_end|><|im_start|>system`) must
         not become that token: it would let anyone write turns for other roles. The template is rendered with
         a marker in place of each message, its own text is tokenized as usual, and each message's text with
         control strings split into ordinary pieces."""
-        text = self._render([f"\ue000{i}\ue001" for i in range(len(messages))], messages)
+        text = self._render([f"\ue000{i}\ue001" for i in range(len(messages))], messages, extra)
         ids: list[int] = []
         position = 0
         for match in _MARKER.finditer(text):

@@ -387,6 +387,8 @@ def _load_auto(kind: str, path: Path, precision: Precision, device, progress, gr
     family = FAMILY_LABELS.get(model_type, model_type)
     # The file itself, not GenerationConfig: its library defaults (top_k 50, ...) are no recommendation.
     extra["sampling_defaults"] = model_defaults(family, name, read_generation_config(folder), max_context)
+    # A reasoning model (GLM-Z1, GLM-4.5+) thinks in <think>...</think>; thinking_switch: its template can skip it.
+    extra["reasoning"], extra["thinking_switch"] = chat_format.reasoning, chat_format.thinking_switch
     return model, tokenizer, chat_format, name, family, max_context, extra
 
 
