@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = str(ROOT / "Home.py")
-sys.path.insert(0, str(ROOT))
 OUTPUT_DIR = ROOT / "test-output"
 
 from chatglm_fixtures import chatglm2_config, random_state_dict, train_sentencepiece, write_checkpoint  # noqa: E402
@@ -138,12 +136,21 @@ def pytest_report_header(config):
         return f"{exc}; the peer tests are skipped"
 
 
-def open_page(path=HOME, ws=None, c=None, user=None, secrets=None):
-    """A page through Streamlit's AppTest, run once (it must not raise): optionally in workspace `ws`, on
-    conversation `c`, as signed-in `user`, with `secrets`."""
+def page_app(page: str | None = None, timeout: float = 120):
+    """The portal through Streamlit's AppTest, not run yet: Home.py's frame (its access rules) on `page`, the name of
+    a script in ui/pages/ ("GPU_monitor", "Shared", ...; None or HOME: the chat page), as a browser opening /GPU_monitor."""
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(path, default_timeout=120)
+    at = AppTest.from_file(HOME, default_timeout=timeout)
+    if page not in (None, HOME):
+        at.switch_page(f"ui/pages/{page}.py")
+    return at
+
+
+def open_page(page=None, ws=None, c=None, user=None, secrets=None):
+    """A page through the frame (page_app), run once (it must not raise): optionally in workspace `ws`, on
+    conversation `c`, as signed-in `user`, with `secrets`."""
+    at = page_app(page)
     if ws is not None:
         at.query_params["ws"] = ws
     if c is not None:

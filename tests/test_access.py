@@ -4,9 +4,8 @@ and the pages that apply them (AppTest on the tiny model)."""
 import logging
 
 import pytest
-from conftest import HOME, ROOT, open_page
+from conftest import HOME, open_page
 
-from app_shared import get_hub, get_throttle
 from glm_core.access import (
     USER_BENCH_MAX_GENERATE,
     AttemptThrottle,
@@ -19,9 +18,11 @@ from glm_core.access import (
     throttle_keys,
 )
 from glm_core.bench.estimator import PRESETS
+from ui.access import get_throttle
+from ui.resources import get_hub
 
-MONITOR = str(ROOT / "pages" / "1_GPU_monitor.py")
-QUANT = str(ROOT / "pages" / "2_Quantization.py")
+MONITOR = "GPU_monitor"
+QUANT = "Quantization"
 ALICE = {"is_logged_in": True, "sub": "alice-1", "iss": "https://idp.example", "email": "Alice@Example.com"}
 BOB = {"is_logged_in": True, "sub": "bob-2", "iss": "https://idp.example", "email": "bob@example.com"}
 

@@ -666,12 +666,14 @@ def check_docs_are_served_here(port: int) -> None:
     assert raw_request(port, "GET", "/openapi.json")[0] == 200
 
 
+@pytest.mark.server
 def test_serve_runs_the_api_alone(subprocess_server):
     url, port = subprocess_server("serve", GLM_API_KEYS="serve-key")
     check_with_the_openai_client(url, "serve-key")
     check_docs_are_served_here(port)
 
 
+@pytest.mark.server
 def test_the_portal_serves_the_api_on_its_own_port(subprocess_server):
     url, port = subprocess_server("portal", GLM_API_KEYS="portal-key")  # /health: up once the model has loaded
     check_with_the_openai_client(url, "portal-key")

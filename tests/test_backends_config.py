@@ -1,10 +1,8 @@
 """Several backends at once: GLM_BACKENDS and secrets.toml's [backends] parsing, the hub offering them by name, and
 which backend a conversation talks to. Torch-free: nothing here loads a model."""
 
-import sys
-from pathlib import Path
-
 import pytest
+from faulty_openai_server import FaultyServer  # noqa: E402
 
 from glm_core import ModelSpec
 from glm_core.backends.config import (
@@ -16,9 +14,6 @@ from glm_core.backends.config import (
 )
 from glm_core.backends.hub import EngineHub
 from glm_core.backends.remote import RemoteBackend
-
-sys.path.insert(0, str(Path(__file__).parent))
-from faulty_openai_server import FaultyServer  # noqa: E402
 
 LOCAL = ModelSpec("embedded", "int8", "cpu")
 

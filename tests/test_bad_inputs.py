@@ -8,10 +8,9 @@ import shutil
 import struct
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, page_app
 from streamlit.testing.v1 import AppTest
 
-from app_shared import get_hub
 from glm_core import ModelLoadError, ModelSpec, SamplingParams
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import FORMAT_NAME, ImportRejected, export_conversations, import_file
@@ -26,11 +25,12 @@ from glm_core.protocol import (
     validate_messages,
 )
 from glm_core.safe_markdown import ZERO_WIDTH_SPACE
+from ui.resources import get_hub
 
 pytestmark = pytest.mark.faults
 
 HOME = str(ROOT / "Home.py")
-CONVERSATIONS = str(ROOT / "pages" / "3_Conversations.py")
+CONVERSATIONS = "Conversations"
 
 
 # ---- sampling controls and request sizes (what every backend checks, whatever sent the request) -------------
@@ -219,8 +219,8 @@ def tiny_env(env_cleanup, tiny_model_dir, data_dir):
     hub.unload()
 
 
-def open_page(path=HOME, **query) -> AppTest:
-    at = AppTest.from_file(path, default_timeout=120)
+def open_page(page=None, **query) -> AppTest:
+    at = page_app(page)
     for key, value in query.items():
         at.query_params[key] = value
     at.run()

@@ -11,6 +11,8 @@ import pytest
 from api_helpers import free_port, start_portal, wait_until_up
 from conftest import OUTPUT_DIR, stop_process
 
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",

@@ -3,7 +3,10 @@ decodes them together) instead of one after another."""
 
 import re
 
+import pytest
 from test_browser import CHROMIUM, CHROMIUM_ARGS, server  # noqa: F401 - the server fixture
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 PROMPTS = [
     "Write a 2000-word essay on the history of the Roman Empire, with a title and sections.",

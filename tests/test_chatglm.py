@@ -338,7 +338,7 @@ def test_device_map_spreads_layers_over_gpus_when_one_is_too_small(pieces):
 def test_dashboard_chats_with_a_chatglm3_folder(glm3, env_cleanup):
     from streamlit.testing.v1 import AppTest
 
-    from app_shared import get_hub
+    from ui.resources import get_hub
 
     try:
         at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=300)

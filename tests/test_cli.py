@@ -339,7 +339,6 @@ def test_a_reply_survives_the_process_being_killed_mid_generation(tiny_model_dir
 def test_chat_through_a_remote_server():
     """`chat --model http://...`: the same JSON lines through an OpenAI-compatible server; a reply cut half-way
     keeps its text with a one-line reason."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from faulty_openai_server import FaultyServer
 
     server = FaultyServer().start()

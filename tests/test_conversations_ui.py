@@ -5,16 +5,16 @@ import datetime
 import json
 
 import pytest
-from conftest import HOME, ROOT, open_page, shown
+from conftest import HOME, open_page, page_app, shown
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
-from app_shared import get_hub
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import FORMAT_NAME
 from glm_core.conversations.store import Store
+from ui.resources import get_hub
 
-CONVERSATIONS = str(ROOT / "pages" / "3_Conversations.py")
+CONVERSATIONS = "Conversations"
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror=alert(1)> <b>bold?</b>'
 
 
@@ -407,7 +407,7 @@ def test_open_in_chat_from_the_conversations_page(store):
     chat(at, "Find me later")
     found = at.query_params["c"]
     at.button(key="new_conversation").click().run()
-    at.switch_page("pages/3_Conversations.py").run()
+    at.switch_page("ui/pages/Conversations.py").run()
     at.multiselect(key="export_selection").set_value([found]).run()
     at.button(key="open_in_chat").click().run()
     assert not at.exception and at.chat_message[0].markdown[0].value == "Find me later"
@@ -477,7 +477,7 @@ def test_a_share_link_shows_that_conversation_only_read_only_until_revoked(store
     token = link.split("share=")[1]
     assert link.endswith(f"/Shared?share={token}") and store.share_token(workspace_of(at), shared) == token
 
-    viewer = open_page(str(ROOT / "pages" / "4_Shared.py"))
+    viewer = open_page("Shared")
     viewer.query_params["share"] = token
     viewer.run()
     assert [m.markdown[0].value for m in viewer.chat_message][0] == "Shared question " + HOSTILE
@@ -505,7 +505,7 @@ def test_the_access_password_guards_share_links_too(store):
     )
     token = store.share(ws, cid)
     secrets = {"access_password": "team pw"}
-    viewer = AppTest.from_file(str(ROOT / "pages" / "4_Shared.py"), default_timeout=60)
+    viewer = page_app("Shared", timeout=60)
     viewer.secrets = secrets
     viewer.query_params["share"] = token
     viewer.run()

@@ -97,7 +97,7 @@ def api_reply(base_url: str) -> str:
 
 
 def page_reply(glm2_folder: str) -> str:
-    from app_shared import get_hub, get_store
+    from ui.resources import get_hub, get_store
 
     at = open_page()
     try:

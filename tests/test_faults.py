@@ -471,7 +471,7 @@ def test_the_chat_page_hands_the_prompt_back_when_the_store_or_the_queue_is_full
 ):
     from streamlit.testing.v1 import AppTest
 
-    from app_shared import get_hub
+    from ui.resources import get_hub
 
     hub = get_hub()
     hub.unload()

@@ -6,15 +6,16 @@ import os
 
 import pynvml
 import pytest
-from conftest import ROOT
+from conftest import ROOT, page_app
 from fake_nvml import FakeNvml, two_busy_gpus
 from streamlit.testing.v1 import AppTest
 
-from app_shared import get_hub, get_monitor, plain
 from glm_core import ModelSpec
+from glm_core.safe_markdown import plain
 from glm_core.telemetry import gpu_monitor
+from ui.resources import get_hub, get_monitor
 
-MONITOR = str(ROOT / "pages" / "1_GPU_monitor.py")
+MONITOR = "GPU_monitor"
 HOME = str(ROOT / "Home.py")
 
 
@@ -32,7 +33,7 @@ def nvml(monkeypatch):
 
 
 def open_monitor(secrets=None) -> AppTest:
-    at = AppTest.from_file(MONITOR, default_timeout=60)
+    at = page_app(MONITOR, timeout=60)
     if secrets is not None:
         at.secrets = secrets
     at.run()

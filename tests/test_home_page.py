@@ -4,7 +4,7 @@ import pytest
 from conftest import ROOT, shown
 from streamlit.testing.v1 import AppTest
 
-from app_shared import get_store
+from ui.resources import get_store
 
 HOME = str(ROOT / "Home.py")
 
@@ -87,7 +87,7 @@ def test_bad_model_path_shows_the_reason_and_keeps_the_model(app, tmp_path):
 
 
 def test_default_model_that_fails_to_load_leaves_the_app_usable(env_cleanup, tmp_path):
-    from app_shared import get_hub
+    from ui.resources import get_hub
 
     get_hub().unload()
     env_cleanup.setenv("GLM_MODEL_PATH", str(tmp_path / "missing"))

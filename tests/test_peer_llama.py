@@ -331,6 +331,7 @@ def test_cli_streams_in_a_terminal_and_ctrl_c_stops_the_reply(llama, data_dir):
 # ---- the portal, in a real browser --------------------------------------------------------------------------
 
 
+@pytest.mark.browser
 def test_the_portal_chats_streams_regenerates_and_stops_through_llama_server(llama, data_dir, output_dir):
     """The portal offering only llama-server (no local model): a reply streams in and shows the server's figures;
     Regenerate adds a second version; Stop keeps a long reply's partial text, marked stopped, and frees the

@@ -4,18 +4,18 @@ random-weight config, its comparison table, chart, history and CSV."""
 import json
 
 import pytest
-from conftest import ROOT
+from conftest import page_app
 from streamlit.testing.v1 import AppTest
 from test_bench_memory import MID_GLM
 
-from app_shared import get_bench_runner
+from ui.resources import get_bench_runner
 
-PAGE = str(ROOT / "pages" / "2_Quantization.py")
+PAGE = "Quantization"
 
 
 @pytest.fixture
 def page(data_dir):
-    at = AppTest.from_file(PAGE, default_timeout=120)
+    at = page_app(PAGE)
     at.run()
     assert not at.exception, at.exception
     return at

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faulty_openai_server import FaultyServer  # noqa: E402
 
 from glm_core import SamplingParams
 from glm_core.backends.remote import RemoteBackend, is_remote, parse_prometheus, parse_target, remote_spec
@@ -16,9 +17,6 @@ from glm_core.conversations.conversation import Conversation
 from glm_core.conversations.store import Store
 from glm_core.conversations.turn import start_turn
 from glm_core.sampling_defaults import compose_params
-
-sys.path.insert(0, str(Path(__file__).parent))
-from faulty_openai_server import FaultyServer  # noqa: E402
 
 HELLO = [{"role": "user", "content": "hello"}]
 FIVE = SamplingParams(max_new_tokens=5, temperature=0)

@@ -2,18 +2,13 @@
 that conversation), streams from the server, keeps a cut reply with its one-line reason; the Conversations page
 filters by model; the GPU monitor shows a vLLM server's /metrics figures."""
 
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import ROOT, shown
+from conftest import ROOT, page_app, shown
+from faulty_openai_server import FaultyServer  # noqa: E402
 from streamlit.testing.v1 import AppTest
 
-from app_shared import get_hub, get_store
 from glm_core.backends.config import make_entry
-
-sys.path.insert(0, str(Path(__file__).parent))
-from faulty_openai_server import FaultyServer  # noqa: E402
+from ui.resources import get_hub, get_store
 
 
 @pytest.fixture
@@ -67,7 +62,7 @@ def test_a_conversation_talks_to_a_remote_model_and_remembers_it(data_dir, remot
     assert "lost in the middle of the reply" in cut.error[0].value
 
     # The Conversations page filters by model.
-    page = AppTest.from_file(str(ROOT / "pages" / "3_Conversations.py"), default_timeout=60)
+    page = page_app("Conversations", timeout=60)
     page.session_state["workspace"] = ws
     page.run()
     assert not page.exception
@@ -77,7 +72,7 @@ def test_a_conversation_talks_to_a_remote_model_and_remembers_it(data_dir, remot
 
 
 def test_gpu_monitor_shows_a_remote_servers_metrics(data_dir, remotes):
-    page = AppTest.from_file(str(ROOT / "pages" / "1_GPU_monitor.py"), default_timeout=60)
+    page = page_app("GPU_monitor", timeout=60)
     page.run()
     assert not page.exception
     text = " ".join(m.value for m in page.markdown) + " ".join(c.value for c in page.caption)
@@ -85,7 +80,7 @@ def test_gpu_monitor_shows_a_remote_servers_metrics(data_dir, remotes):
 
 
 def test_quantization_page_says_remote_models_are_measured_on_their_server(data_dir, remotes):
-    page = AppTest.from_file(str(ROOT / "pages" / "2_Quantization.py"), default_timeout=60)
+    page = page_app("Quantization", timeout=60)
     page.run()
     assert not page.exception
     assert any("srv\\-words" in i.value and "measured on it" in i.value for i in page.info)
@@ -163,9 +158,9 @@ def test_the_portal_starts_the_local_model_it_offers_and_none_when_it_offers_onl
     """What the portal's lifespan loads when the server starts: GLM_BACKENDS' own local entry (not GLM_MODEL_PATH),
     the settings' model when nothing is configured, and nothing when only remote servers are (a local model loaded
     anyway would become the default for new conversations as soon as it was ready)."""
-    from app_shared import load_configured_local_model
     from glm_core.backends.config import configured_backends
     from glm_core.backends.hub import EngineHub
+    from ui.api_mount import load_configured_local_model
 
     only_remote = EngineHub(configured_backends(None, env={"GLM_BACKENDS": "peer=http://127.0.0.1:9/v1#m"}))
     load_configured_local_model(only_remote)

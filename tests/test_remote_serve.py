@@ -14,11 +14,13 @@ import pytest
 from conftest import ROOT, shown
 from streamlit.testing.v1 import AppTest
 
-from app_shared import get_hub
 from glm_core import SamplingParams
 from glm_core.backends.config import make_entry
 from glm_core.backends.remote import RemoteBackend
 from glm_core.engine import Engine
+from ui.resources import get_hub
+
+pytestmark = pytest.mark.server
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 

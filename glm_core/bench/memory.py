@@ -87,6 +87,11 @@ def source_config(source: str) -> tuple[str, dict]:
     return read_config(source)
 
 
+def device_type(device: str) -> str:
+    """ "cpu", "cuda" or "mps": where a run asked for on `device` would measure (ValueError says why not)."""
+    return resolve_device(device).type
+
+
 def environment(device: str) -> dict:
     """What a stored run was measured on."""
     import transformers

@@ -5,7 +5,6 @@ from datetime import UTC, datetime, time
 import pandas as pd
 import streamlit as st
 
-from app_shared import get_store, open_workspace, plain
 from glm_core.conversations.exchange import (
     EXPORT_FORMATS,
     MAX_IMPORT_BYTES,
@@ -16,9 +15,12 @@ from glm_core.conversations.exchange import (
     import_file,
 )
 from glm_core.conversations.store import StorageError
+from glm_core.safe_markdown import plain
+from ui.access import current_workspace
+from ui.resources import get_store
 
 st.set_page_config(page_title="Conversations", page_icon="🗂️", layout="wide")
-workspace = open_workspace()
+workspace = current_workspace()
 store = get_store()
 
 st.title("Conversations")
@@ -118,4 +120,4 @@ with table_area:
             )
     if len(picked) == 1 and st.button("Open in chat", key="open_in_chat"):
         st.session_state.conversation_id = picked[0]
-        st.switch_page("Home.py")
+        st.switch_page("ui/pages/chat.py")

@@ -2,10 +2,11 @@
 
 import streamlit as st
 
-from app_shared import get_store, plain, require_signed_in, show_message
+from glm_core.safe_markdown import plain
+from ui.render import show_message
+from ui.resources import get_store
 
 st.set_page_config(page_title="Shared conversation", page_icon="🔗", layout="centered")
-require_signed_in()  # no workspace is opened: the link shows the one conversation and nothing of anyone's
 
 conversation = get_store().shared_conversation(st.query_params.get("share"))
 if conversation is None:

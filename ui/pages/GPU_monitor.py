@@ -4,13 +4,15 @@ seconds (each NVIDIA GPU and its processes, this process's allocator, host memor
 import pandas as pd
 import streamlit as st
 
-from app_shared import admin_panel, get_hub, get_monitor, open_workspace, plain
 from glm_core import ModelSpec
+from glm_core.safe_markdown import plain
 from glm_core.telemetry.charts import time_chart
 from glm_core.telemetry.memory import MemoryInUse, format_bytes, free_cached_memory
+from ui.access import admin_panel
+from ui.render import model_line
+from ui.resources import get_hub, get_monitor
 
 st.set_page_config(page_title="GPU monitor", page_icon="📈", layout="wide")
-open_workspace()
 admin = admin_panel()
 hub = get_hub()
 monitor = get_monitor()
@@ -49,18 +51,8 @@ if engine is None:
         f"No model is loaded. The chat page loads the default model ({plain(ModelSpec.from_settings().path)}) "
         "on its next visit."
     )
-elif engine.capabilities.local_model:
-    card, load = engine.card(), engine.load_report()
-    st.markdown(
-        f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
-        f"weights {format_bytes(card['weights_bytes'])}"
-    )
-    st.caption(
-        f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
-        f"{load['waiting']} waiting"
-    )
 else:
-    st.markdown(f"**Model:** {plain(engine.card()['name'])} on a remote server: see Remote servers below.")
+    model_line(engine)
 if admin:
     actions = st.container(horizontal=True)
     if actions.button(

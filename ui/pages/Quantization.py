@@ -6,7 +6,6 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from app_shared import admin_panel, get_bench_runner, get_hub, open_workspace, plain
 from glm_core import load_settings
 from glm_core.access import (
     USER_BENCH_MAX_ENCODE,
@@ -23,13 +22,16 @@ from glm_core.bench.memory import (
     MemoryBenchRequest,
     comparison_rows,
     csv_rows,
+    device_type,
     predict,
     run_record,
 )
-from glm_core.models.precision import resolve_device
+from glm_core.safe_markdown import plain
+from ui.access import admin_panel, current_workspace
+from ui.resources import get_bench_runner, get_hub
 
 st.set_page_config(page_title="Quantization", page_icon="⚖️", layout="wide")
-workspace = open_workspace()
+workspace = current_workspace()
 admin = admin_panel()
 runner = get_bench_runner()
 hub = get_hub()
@@ -86,11 +88,11 @@ if not admin:
     )
 device = right.selectbox("Device", ["auto", "cpu", "cuda"], key="bench_device")
 try:
-    device_type = resolve_device(device).type
+    measured_on = device_type(device)
 except ValueError as exc:
     st.error(str(exc))
     st.stop()
-if device_type == "cpu":
+if measured_on == "cpu":
     st.info(
         "On this CPU the memory is the benchmark process's resident memory (RSS), Python runtime included. "
         "Long prompts take minutes per level on a CPU; a run can be cancelled."

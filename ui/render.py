@@ -1,0 +1,92 @@
+"""How the pages draw shared things: a stored message, the loaded model's card (full in the chat sidebar, one line
+on the GPU monitor) and a share link's address. Model output is always escaped Markdown (glm_core.safe_markdown)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from glm_core import Backend
+from glm_core.conversations.conversation import ChatMessage
+from glm_core.safe_markdown import no_remote_images, plain
+from glm_core.telemetry.memory import format_bytes
+
+SHARE_PAGE = "Shared"  # the share page's url_path (Home.py)
+
+
+def share_url(token: str) -> str:
+    """The address of a share link, on this server as the browser reached it."""
+    from ui.frame import URL_PATHS  # the pages' addresses, declared by the frame
+
+    base = (st.context.url or "").split("?")[0].rstrip("/")
+    for page in URL_PATHS:
+        base = base.removesuffix(f"/{page}")
+    return f"{base}/{SHARE_PAGE}?share={token}"
+
+
+def show_message(message: ChatMessage) -> None:
+    """A stored message: Markdown without unsafe HTML (any HTML in it shows as text; code blocks are highlighted
+    and $...$ renders as LaTeX), its error, and a reply's figures."""
+    st.markdown(no_remote_images(message.content))  # images from other hosts become links
+    if message.error:  # another server's words, or an imported file's: shown as typed
+        st.error(plain(message.error))
+    line = message.stats_line() if message.role == "assistant" else ""
+    if line:
+        st.caption(plain(line))
+
+
+def model_card(engine: Backend) -> None:
+    """The model a conversation talks to, as the chat sidebar shows it: what it is, its memory and its load."""
+    card = engine.card()
+    st.markdown(f"**{plain(card['name'])}**")
+    load = engine.load_report()
+    if card.get("backend") == "remote":
+        st.caption(
+            f"remote server {plain(card['server'])} · {plain(card.get('status', 'asking the server...'))}"
+            + (f" · context {card['max_context']:,} tokens" if card.get("max_context") else "")
+        )
+        st.caption(f"Not known here: {plain(card['unknown_remotely'])}.")
+        st.caption(
+            f"the server is generating {load['running']} request(s) · {load['waiting']} waiting · "
+            f"{load['in_flight_here']} from this portal"
+        )
+        return
+    st.caption(
+        f"family {plain(card['family'])} · {card['precision']} · {plain(card['device'])} · "
+        f"{card['parameters'] / 1e6:,.0f}M parameters · loaded in {card['load_seconds']:.1f} s"
+    )
+    if "checkpoint" in card:
+        st.caption(plain(card["checkpoint"]))
+    memory = engine.memory_report()
+    st.caption(
+        f"weights {card['weights_bytes'] / 2**20:,.0f} MiB "
+        f"({card['quantized_weights_bytes'] / 2**20:,.0f} MiB quantized) · "
+        f"KV cache {card['kv_bytes_per_token'] / 1024:,.1f} KiB/token · "
+        f"{memory['source']} {memory['current'] / 2**20:,.0f} MiB (peak {memory['peak'] / 2**20:,.0f} MiB) · "
+        f"kept caches {memory['kv_cache_bytes'] / 2**20:,.1f} MiB for {memory['kv_cache_conversations']} conversation(s)"
+    )
+    st.caption(
+        f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
+        f"{load['waiting']} waiting"
+    )
+    fast = card["fast_path"]  # off | compiling | ready | failed: reason
+    st.caption(
+        f"decode fast path: {card['fast_path_scope'] if fast == 'off' else plain(fast)}"
+        + ("" if fast == "off" else f" · {card['fast_path_scope']}")
+    )
+
+
+def model_line(engine: Backend) -> None:
+    """The model in one line, for pages about memory (GPU monitor): name, level, device, weights, load."""
+    card = engine.card()
+    if card.get("backend") == "remote":
+        st.markdown(f"**Model:** {plain(card['name'])} on a remote server: see Remote servers below.")
+        return
+    load = engine.load_report()
+    st.markdown(
+        f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
+        f"weights {format_bytes(card['weights_bytes'])}"
+    )
+    st.caption(
+        f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
+        f"{load['waiting']} waiting"
+    )
