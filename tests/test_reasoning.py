@@ -181,3 +181,38 @@ def test_api_returns_reasoning_content_whole_and_in_streamed_deltas(thinker):
         bad = api.with_options(max_retries=0).chat.completions.with_raw_response
         with pytest.raises(openai.BadRequestError):
             bad.create(model="m", messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": "no"}})
+
+
+def test_chat_page_folds_the_thinking_above_the_answer_and_the_switch_turns_it_off(tmp_path, env_cleanup):
+    from conftest import HOME
+    from streamlit.testing.v1 import AppTest
+
+    from ui.resources import get_hub
+
+    folder, chain = write_reasoning_folder(tmp_path / "glm-45-tiny")
+    try:
+        at = AppTest.from_file(HOME, default_timeout=300)
+        at.run()
+        at.text_input(key="load_path").set_value(str(folder))
+        at.selectbox(key="load_precision").set_value("fp32")
+        at.button(key="load_button").click().run()
+        assert not at.exception and not at.error
+        at.slider(key="temperature").set_value(0.0)
+        at.chat_input[0].set_value("Capital?").run()
+        assert not at.exception
+        [reply] = [m for m in at.chat_message if m.name == "assistant"]
+        [thinking] = reply.expander
+        assert thinking.label == "Thinking" and chain["reasoning"] in thinking.markdown[0].value
+        assert chain["answer"] in reply.markdown[-1].value and "think" not in reply.markdown[-1].value
+        # The conversation's switch: off, the next reply comes without thinking (and the switch stays off).
+        [switch] = [t for t in at.sidebar.toggle if t.label == "Think before answering"]
+        assert switch.value is True
+        switch.set_value(False).run()
+        at.chat_input[0].set_value("And Germany?").run()
+        assert not at.exception
+        replies = [m for m in at.chat_message if m.name == "assistant"]
+        assert len(replies) == 2 and not replies[1].expander
+        assert chain["answer"] in replies[1].markdown[0].value
+        assert [t for t in at.sidebar.toggle if t.label == "Think before answering"][0].value is False
+    finally:
+        get_hub().unload()

@@ -9,6 +9,7 @@ from glm_core import Backend
 from glm_core.conversations.conversation import ChatMessage
 from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.telemetry.memory import format_bytes
+from ui.reasoning import show_thinking
 
 SHARE_PAGE = "Shared"  # the share page's url_path (Home.py)
 
@@ -26,7 +27,9 @@ def share_url(token: str) -> str:
 def show_message(message: ChatMessage) -> None:
     """A stored message: Markdown without unsafe HTML (any HTML in it shows as text; code blocks are highlighted
     and $...$ renders as LaTeX), its error, and a reply's figures."""
-    st.markdown(no_remote_images(message.content))  # images from other hosts become links
+    if message.reasoning:  # a reasoning model's thinking, folded above its answer
+        show_thinking(message.reasoning)
+    st.markdown(no_remote_images(message.answer))  # images from other hosts become links
     if message.error:  # another server's words, or an imported file's: shown as typed
         st.error(plain(message.error))
     line = message.stats_line() if message.role == "assistant" else ""

@@ -194,6 +194,13 @@ class Conversation:
             out.append({"role": "user", "content": new_prompt})
         return out
 
+    def thinking_choice(self) -> bool | None:
+        """The thinking switch as this conversation's last reply had it (None: never set, the template's default)."""
+        for message in reversed(self.messages):
+            if message.role == "assistant" and message.params and message.params.get("thinking") is not None:
+                return bool(message.params["thinking"])
+        return None
+
     def last_index(self, role: str) -> int | None:
         for index in range(len(self.messages) - 1, -1, -1):
             if self.messages[index].role == role:
