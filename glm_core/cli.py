@@ -406,7 +406,7 @@ def cmd_bench_memory(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .bench.estimator import estimate, read_config
+    from .bench.estimator import estimate, parameters_line, read_config
 
     name, cfg = read_config(args.config)
     results = estimate(cfg, _levels(args.levels), args.encode, args.generate, args.device_type, args.group_size)
@@ -417,13 +417,8 @@ def cmd_estimate(args) -> int:
         f"estimate: {name}, encode {args.encode} / generate {args.generate} tokens on {args.device_type} "
         "(GB = 10^9 bytes)"
     )
-    if results and results[0].active_parameters != results[0].parameters:
-        print(
-            f"parameters: {results[0].parameters / 1e9:.2f} B in all, {results[0].active_parameters / 1e9:.2f} B "
-            "active per token (mixture of experts: every expert stays resident)"
-        )
-    elif results:
-        print(f"parameters: {results[0].parameters / 1e9:.2f} B")
+    if results:
+        print(parameters_line(results[0].parameters, results[0].active_parameters))
     print("level  weights GB  KV KB/token  encode peak GB  generate peak GB")
     for e in results:
         print(

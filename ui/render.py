@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from glm_core import Backend
+from glm_core.bench.estimator import parameters_line
 from glm_core.conversations.conversation import ChatMessage
 from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.telemetry.memory import format_bytes
@@ -55,7 +56,8 @@ def model_card(engine: Backend) -> None:
         return
     st.caption(
         f"family {plain(card['family'])} · {card['precision']} · {plain(card['device'])} · "
-        f"{card['parameters'] / 1e6:,.0f}M parameters · loaded in {card['load_seconds']:.1f} s"
+        f"{parameters_line(card['parameters'], card.get('active_parameters', 0))} · "
+        f"loaded in {card['load_seconds']:.1f} s"
     )
     if "checkpoint" in card:
         st.caption(plain(card["checkpoint"]))

@@ -261,6 +261,17 @@ def estimate(
     return results
 
 
+def parameters_line(total: int, active: int) -> str:
+    """Parameters in words, for the CLI, the model card and the Quantization page: a MoE model's active share too."""
+
+    def amount(n: int) -> str:
+        return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+
+    if active and active != total:
+        return f"{amount(total)} parameters, {amount(active)} active per token (mixture of experts: all stay in memory)"
+    return f"{amount(total)} parameters"
+
+
 def published(source_key: str, encode: int, generate: int) -> dict | None:
     """Published (encode, generate) peaks per level for these exact conditions, or None."""
     return PUBLISHED.get((source_key.strip().lower(), encode, generate))
