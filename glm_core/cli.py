@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument(
         "--model",
         default="chatglm2-6b",
-        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b) or a config.json: random "
+        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b, glm-4-9b-0414, glm-4.5-air, glm-4.7-flash) or a config.json: random "
         "weights; a model folder or 'embedded': real weights (default: chatglm2-6b)",
     )
     memory.add_argument("--levels", default="fp16,int8,int4", help="comma-separated precision levels")
@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument(
         "--config",
         required=True,
-        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b), a config.json or a model folder",
+        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b, glm-4-9b-0414, glm-4.5-air, glm-4.7-flash), a config.json or a model folder",
     )
     estimate.add_argument("--levels", default="fp32,bf16,fp16,int8,int4", help="comma-separated precision levels")
     estimate.add_argument("--encode", type=int, default=2048, help="prompt tokens to encode")
