@@ -308,6 +308,15 @@ class Int8ExpertStack(_ExpertStack):
             scales[e] = s.to(self.dtype)
         self.weight, self.scales = q, scales
 
+    @torch.no_grad()
+    def set_expert(self, expert: int, weight: torch.Tensor) -> None:
+        """One expert's float [out, in] weight, as a checkpoint stores it (one tensor per expert)."""
+        if self.weight.is_meta:
+            self.weight = torch.empty(self.float_shape, dtype=torch.int8, device=weight.device)
+            self.scales = torch.empty(self.float_shape[:2], dtype=self.dtype, device=weight.device)
+        q, scales = quantize_int8(weight)
+        self.weight[expert], self.scales[expert] = q, scales.to(self.dtype)
+
     def matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         return int8_matmul(x, self.weight[expert], self.scales[expert])
 
@@ -334,6 +343,15 @@ class Int4ExpertStack(_ExpertStack):
                 scales_and_zeros = torch.empty((self.experts, *sz.shape), dtype=self.dtype, device=w.device)
             packed[e], scales_and_zeros[e] = w, sz.to(self.dtype)
         self.weight, self.scales_and_zeros = packed, scales_and_zeros
+
+    @torch.no_grad()
+    def set_expert(self, expert: int, weight: torch.Tensor) -> None:
+        """One expert's float [out, in] weight, as a checkpoint stores it (one tensor per expert)."""
+        w, sz = pack_int4(weight, self.group_size)
+        if self.weight.is_meta:  # the packed layout's shape depends on the device: known from the first expert
+            self.weight = torch.empty((self.experts, *w.shape), dtype=w.dtype, device=w.device)
+            self.scales_and_zeros = torch.empty((self.experts, *sz.shape), dtype=self.dtype, device=w.device)
+        self.weight[expert], self.scales_and_zeros[expert] = w, sz.to(self.dtype)
 
     def matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         return int4_matmul(x, self.weight[expert], self.scales_and_zeros[expert], self.group_size, self.in_features)
@@ -382,6 +400,10 @@ class WeightOnlyExperts(nn.Module):
 
     def set_tensor(self, name: str, value: torch.Tensor) -> None:
         getattr(self, name).set_weight(value)
+
+    def set_expert(self, name: str, expert: int, value: torch.Tensor) -> None:
+        """One expert's slice of `name` ([2I, H] gate and up concatenated, or [H, I] down), quantized now."""
+        getattr(self, name).set_expert(expert, value)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
