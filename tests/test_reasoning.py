@@ -216,3 +216,23 @@ def test_chat_page_folds_the_thinking_above_the_answer_and_the_switch_turns_it_o
         assert [t for t in at.sidebar.toggle if t.label == "Think before answering"][0].value is False
     finally:
         get_hub().unload()
+
+
+def test_a_remote_reasoning_server_s_thinking_is_kept_and_the_switch_is_sent(thinker):
+    """A remote OpenAI-compatible server that sends reasoning_content deltas (vLLM's way; here this project's own
+    API over the thinking model): the remote backend's reply text holds the thinking inside <think>...</think>,
+    so the store and the page split it as a local reply's; the switch goes out as chat_template_kwargs."""
+    from glm_core.backends.remote import RemoteBackend
+
+    engine, chain = thinker
+    with ThreadServer(create_app(lambda: engine, ApiConfig(keys=(KEY,)))) as server:
+        remote = RemoteBackend(f"{server.url}/v1#thinker", api_key=KEY)
+        try:
+            reply = remote.submit("r1", [{"role": "user", "content": "Capital?"}], GREEDY).wait(60)
+            assert reply.error is None
+            assert split_reasoning(reply.text) == (chain["reasoning"], chain["answer"])
+            off = SamplingParams(temperature=0, max_new_tokens=20, thinking=False)
+            reply = remote.submit("r2", [{"role": "user", "content": "Capital?"}], off).wait(60)
+            assert reply.error is None and reply.text == chain["answer"]
+        finally:
+            remote.close()

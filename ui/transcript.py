@@ -13,7 +13,7 @@ from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChanged, NotFound, StorageError, Store
 from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS
-from glm_core.safe_markdown import StreamWithoutImages, no_remote_images, plain
+from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.sampling_defaults import compose_params
 from ui.generation_controls import Generation
 from ui.reasoning import stream_reply
@@ -194,10 +194,9 @@ class Transcript:
                     notes.append(event.describe())
 
             try:
-                if engine.card().get("reasoning"):  # the thinking streams into its own folding section
-                    stream_reply(turn.text_stream(on_event))
-                else:
-                    st.write_stream(StreamWithoutImages().wrap(turn.text_stream(on_event)))
+                # A reply that opens with <think> streams its thinking into a folding section (glm_core.reasoning's
+                # rule: a remote reasoning server's replies come that way too); any other reply streams as it is.
+                stream_reply(turn.text_stream(on_event))
             finally:
                 # Also runs when the user presses stop or leaves: the partial reply is kept and marked stopped.
                 result = turn.finish()
