@@ -20,7 +20,7 @@ from .engine import Engine
 from .models.loading import LoadedModel, load_model
 from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
 from .sampling_defaults import CONTROLS, REQUEST, YOURS, card_defaults, compose_params, describe_sources
-from .settings import load_settings
+from .settings import EMBEDDED, load_settings
 
 WELCOME = "GLM chat on {name} ({precision}, {device}). Type to chat; 'clear' starts over, 'stop' exits."
 
@@ -428,6 +428,36 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_bench_peer(args) -> int:
+    from .bench.llama_server import NotBuilt
+    from .bench.peer import format_peer_report, run_peer_bench
+    from .models.loading import embedded_gguf_path
+
+    model = embedded_gguf_path() if args.model == EMBEDDED else Path(args.model).expanduser()
+    if model.suffix.lower() != ".gguf" or not model.is_file():
+        print(
+            f"error: {args.model}: bench peer needs a .gguf file (or 'embedded'), which both servers load",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        result = run_peer_bench(
+            model,
+            _stream_counts(args.streams),
+            args.max_new_tokens,
+            args.repeats,
+            tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
+            args.threads,
+            Path(args.llama_model).expanduser() if args.llama_model else None,
+            Path(args.log_dir) if args.log_dir else None,
+        )
+    except (NotBuilt, RuntimeError, TimeoutError, ReplyFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_peer_report(result))
+    return 0
+
+
 def cmd_llama_server(args) -> int:
     import subprocess
     import tarfile
@@ -527,6 +557,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     concurrency.add_argument("--json", action="store_true", help="print one JSON object")
     concurrency.set_defaults(func=cmd_bench_concurrency)
+
+    peer = bench_sub.add_parser(
+        "peer", help="our server against llama.cpp's llama-server on the same GGUF file: tokens/s and TTFT, ratios"
+    )
+    peer.add_argument("--model", default=EMBEDDED, help="a .gguf file both servers load (default: the embedded one)")
+    peer.add_argument("--llama-model", help="another .gguf for llama-server (a Q4_1 file against our INT4, say)")
+    peer.add_argument("--precisions", default="auto,int4", help="our levels to measure, comma-separated")
+    peer.add_argument("--streams", default="1,4,16", help="comma-separated numbers of concurrent streams")
+    peer.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per stream")
+    peer.add_argument("--repeats", type=int, default=1, help="runs per stream count; the fastest is kept")
+    peer.add_argument("--threads", type=int, help="llama-server's --threads (default: cores - 1)")
+    peer.add_argument("--log-dir", help="keep both servers' logs in this folder")
+    peer.add_argument("--json", action="store_true", help="print one JSON object")
+    peer.set_defaults(func=cmd_bench_peer)
 
     decode = bench_sub.add_parser(
         "decode", help="compiled decode path: generate vs engine eager vs compiled, compile time"

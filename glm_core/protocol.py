@@ -246,6 +246,9 @@ class ReplyStats:
     total_s: float = 0.0
 
 
+UNAVAILABLE, TOO_LONG, FAILED = "unavailable", "too_long", "failed"  # Reply.error_kind
+
+
 @dataclass
 class Reply:
     text: str = ""
@@ -253,6 +256,9 @@ class Reply:
     stats: ReplyStats = field(default_factory=ReplyStats)
     dropped_messages: int = 0
     error: str | None = None
+    # What kind of error, for doors that answer by kind (the API's status codes): UNAVAILABLE (out of memory, the
+    # model unloaded or the server busy: try again), TOO_LONG (the conversation does not fit), FAILED (anything else)
+    error_kind: str | None = None
 
     @property
     def stopped(self) -> bool:
@@ -380,8 +386,6 @@ class Capabilities:
     local_model: bool = False  # a model in this process: memory figures, unload, precision benchmarks
     kept_cache: bool = False  # keeps each conversation's KV cache here (a remote server keeps its own)
     recompute: bool = False  # can recompute a context from scratch on request (the kept-cache baseline)
-    tokenize: bool = False  # count_tokens / encode_chat work here
-    embeddings: bool = False  # embed() works
 
 
 @runtime_checkable
@@ -421,4 +425,38 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """End queued and running requests and free what the backend holds."""
+        ...
+
+
+@runtime_checkable
+class Tokenizing(Protocol):
+    """A backend whose tokenizer is in this process (the local engine): what the API counts and shows of tokens.
+    Routes ask `isinstance(backend, Tokenizing)`; a remote server counts its own."""
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """The whole conversation's token ids in the model's chat format."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text's token ids, no special tokens."""
+        ...
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary's piece for each id."""
+        ...
+
+
+@runtime_checkable
+class LocalWorker(Tokenizing, Protocol):
+    """A backend with the model in this process: work between its decode steps (embeddings), counted against one
+    owner's share of it."""
+
+    def run_on_worker(self, task: Callable, timeout: float | None = None):
+        """Run `task(loaded_model)` on the worker thread between two iterations; its result or its exception."""
+        ...
+
+    def owner_share(self, owner: str | None):
+        """A context manager: the work inside counts as one of `owner`'s running requests (QueueFull past it)."""
         ...

@@ -178,3 +178,37 @@ def shown(text: str) -> str:
     import re
 
     return re.sub(r"\\(.)", r"\1", text)
+
+
+# ---- one portal for the browser tests of a session ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def portal_data(tmp_path_factory) -> Path:
+    """The shared portal's data folder: tests make their own workspaces in it (stored_workspace) and open them by
+    URL, so they never see each other's conversations."""
+    return tmp_path_factory.mktemp("portal-data")
+
+
+@pytest.fixture(scope="session")
+def server(output_dir, portal_data):
+    """`streamlit run Home.py` started once for the session's browser tests (on the embedded model); its URL."""
+    from browser_support import need_chromium, running_portal
+
+    need_chromium()
+    with running_portal(output_dir, {"GLM_DATA_DIR": str(portal_data)}) as (url, _, _):
+        yield url
+
+
+# A hung test fails after pyproject's timeout (5 minutes); these kinds legitimately take longer on 2 cores: a
+# compile of the decode graphs on a cold cache, a real browser against a real portal, llama.cpp's server.
+LONGER_TIMEOUTS = {"slow": 900, "browser": 600, "peer": 600, "gpu": 900}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        longest = max((s for name, s in LONGER_TIMEOUTS.items() if item.get_closest_marker(name)), default=None)
+        if longest is not None:
+            item.add_marker(pytest.mark.timeout(longest))

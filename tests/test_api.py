@@ -546,12 +546,11 @@ def test_a_client_that_disconnects_stops_its_generation(long_replies, stream):
         assert time.time() < deadline, "the reply did not start"
         time.sleep(0.05)
     request = submitted[-1]
-    hung_up = time.perf_counter()
     hang_up(connection)
-    reply = request.wait(10)
+    reply = request.wait(60)
     assert reply is not None, "the generation went on after the client left"
-    assert reply.finish_reason == "stopped" and reply.stats.completion_tokens < 3000
-    assert time.perf_counter() - hung_up < 2
+    # stopped, and long before the 3000 tokens it would have run to
+    assert reply.finish_reason == "stopped" and reply.stats.completion_tokens < 1000
 
 
 def test_a_full_queue_answers_429_with_retry_after(long_replies, engine, monkeypatch):

@@ -4,7 +4,7 @@ decodes them together) instead of one after another."""
 import re
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, server  # noqa: F401 - the server fixture
+from browser_support import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 
@@ -16,7 +16,7 @@ PROMPTS = [
 ]
 
 
-def test_four_browsers_stream_their_replies_at_the_same_time(server, output_dir):  # noqa: F811
+def test_four_browsers_stream_their_replies_at_the_same_time(server, output_dir):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:

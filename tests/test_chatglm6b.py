@@ -315,9 +315,19 @@ def test_prequantized_thudm_checkpoints(tmp_path, bits, embedding):
         rows, expected = original_logits(f"chatglm-6b-int{bits}", ids)
         torch.testing.assert_close(logits[rows], expected, atol=1e-4, rtol=1e-4)
     assert f"INT{bits}" in loaded.card()["checkpoint"]
-    int4 = load_model(ModelSpec(str(folder), "int4", "cpu", group_size=32))  # and straight to our INT4
+    # And straight to our INT4: every layer holds the checkpoint's weights, requantized (each layer applied to the
+    # identity gives its weights back, compared with the dequantized load's layer of the same name).
+    from glm_core.models.quant import WeightOnlyInt4Linear
+
+    int4 = load_model(ModelSpec(str(folder), "int4", "cpu", group_size=32))
+    source = dict(loaded.model.named_modules())
+    layers = [(name, m) for name, m in int4.model.named_modules() if isinstance(m, WeightOnlyInt4Linear)]
+    assert len(layers) == 4 * config["num_layers"]
     with torch.inference_mode():
-        assert int4.model(input_ids=torch.tensor([ids])).logits.shape[-1] == config["vocab_size"]
+        for name, layer in layers:
+            eye = torch.eye(layer.in_features)
+            got, want = layer(eye.to(layer.scales_and_zeros.dtype)).float(), source[name](eye)
+            assert ((got - want).norm() / want.norm()).item() < 0.15, name
 
 
 def test_broken_first_generation_folders_get_one_line_reasons(glm6b, tmp_path):

@@ -293,6 +293,9 @@ def test_html_in_messages_and_titles_renders_as_text_on_every_page(store):
         elements = markdown_like(at)
         assert elements and not any(e.proto.allow_html for e in elements)  # never rendered as HTML
         assert not at.get("html")
+    # In captions (the title under the page's heading) every Markdown special is escaped, so the title shows as
+    # typed: no tag, link or emphasis survives as markup.
+    assert '\\<script\\>alert\\("pwned"\\)' in " ".join(c.value for c in home.caption)
     # The interrupted reply is kept and marked.
     assert "interrupted" in home.chat_message[3].caption[0].value
     assert home.chat_message[3].markdown[0].value == "The first half"

@@ -2,6 +2,7 @@
 a long queue, and a misbehaving benchmark process. Each test asserts its pass criteria; the figures they print
 (-s) are the ones in docs/FAULTS.md. Runs in the normal suite and alone: `pytest -m faults`."""
 
+import gc
 import json
 import os
 import signal
@@ -10,7 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
+import weakref
 from pathlib import Path
 
 import psutil
@@ -303,6 +306,7 @@ def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_
     warm = start_turn(store, hub.engine, workspaces[0], Conversation(), keep=0, prompt="Hi", params=SHORT)
     "".join(warm.text_stream()), warm.finish()
     baseline = rss()
+    old_model = weakref.ref(hub.engine.loaded.model)  # what the swap must free: nothing may keep it alive
 
     turns = [
         start_turn(store, hub.engine, ws, Conversation(), keep=0, prompt=f"Story {i}", params=LONG, owner=ws)
@@ -324,6 +328,9 @@ def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_
     for reader in readers:
         reader.join(timeout=60)
     results = [turn.finish() for turn in turns]
+    turns = readers = warm = None  # the turns hold the old engine; the model must go with them
+    gc.collect()
+    assert old_model() is None, "something still holds the unloaded model's weights"
     stopped = [r for r in results if r.message is not None]
     handed_back = [r for r in results if r.prompt_taken_back]
     assert len(stopped) + len(handed_back) == 10 and stopped and handed_back
@@ -331,10 +338,9 @@ def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_
     stored = [c for ws in workspaces for c in store.get_conversations(ws)]
     assert len(stored) == 1 + len(stopped)  # nothing of a handed-back prompt stays
 
-    hub.load(first)  # and back: the memory returns to where it was
+    hub.load(first)  # and back: reported, not asserted (RSS moves with the allocator and the machine's load)
     after = rss()
     hub.unload()
-    assert abs(after - baseline) <= 0.10 * baseline, (after, baseline)
     report(
         test="model swap under load",
         running_at_swap=running,
@@ -361,15 +367,16 @@ def submit_many(engine: Engine, count: int, params: SamplingParams, owner=lambda
 
 def test_two_hundred_requests_at_once_hold_little_memory_and_past_the_bound_get_a_clear_refusal(tiny_loaded):
     engine = Engine(tiny_loaded)
-    before = rss()
+    tracemalloc.start()  # Python's own allocations: what the queued requests hold, whatever else the machine does
     try:
         accepted, refusals = submit_many(engine, 200, SamplingParams(max_length=1024, max_new_tokens=1))
-        held = rss() - before
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
         replies = [r.wait(120) for r in accepted]
     finally:
         engine.close()
     assert all(reply is not None and reply.error is None for reply in replies)
-    assert held < 64 * 2**20, held  # 200 requests of 2 KB each, waiting or served: well under 64 MiB
+    assert held < 16 * 2**20, held  # 200 requests of 2 KB each, waiting or served: a few MiB at most
     assert all(message and "\n" not in message for message in refusals)
     events = sum(isinstance(e, Queued) for r in accepted for e in r.events())
     assert refusals and len(accepted) < 200  # the bound holds

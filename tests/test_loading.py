@@ -189,3 +189,30 @@ def test_incomplete_or_misshapen_hf_weights_give_one_line_reasons(tmp_path, tiny
     misshapen = _copy_with_weights(tiny_model_dir, tmp_path / "misshapen", narrow_layer_weight)
     for level in ("bf16", "int8"):
         assert "do not match config.json" in _reason(ModelSpec(str(misshapen), level, "cpu"))
+
+
+def test_auto_on_a_cpu_takes_bf16_only_where_it_is_native_and_faster():
+    from glm_core.models.precision import auto_cpu_precision
+
+    gib = 2**30
+    native, plain = {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, {"avx2", "fma", "f16c"}
+    chosen, why = auto_cpu_precision(1 * gib, 16 * gib, flags=native, speedup=1.8)
+    assert chosen is Precision.BF16 and "avx512_bf16, amx_bf16" in why and "1.8x" in why
+    chosen, why = auto_cpu_precision(1 * gib, 16 * gib, flags=plain, speedup=0.4)
+    assert chosen is Precision.FP32 and "no native BF16" in why and "0.40x" in why
+    chosen, why = auto_cpu_precision(1 * gib, 16 * gib, flags=native, speedup=0.9)  # native, yet slower here
+    assert chosen is Precision.FP32 and "0.90x" in why
+    chosen, why = auto_cpu_precision(12 * gib, 16 * gib, flags=plain, speedup=0.4)  # FP32 would not fit
+    assert chosen is Precision.BF16 and "12.0 GiB" in why
+
+
+def test_auto_on_this_cpu_says_what_it_chose_and_why(tiny_model_dir):
+    from glm_core.models.precision import NATIVE_BF16_FLAGS, cpu_flags, measured_bf16_speedup
+
+    loaded = load_model(ModelSpec(str(tiny_model_dir), "auto", "cpu"))
+    card = loaded.card()
+    native = any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS) and measured_bf16_speedup() > 1
+    assert card["precision"] == ("BF16" if native else "FP32")
+    assert card["precision_source"].startswith(f"auto: {card['precision']}")
+    explicit = load_model(ModelSpec(str(tiny_model_dir), "bf16", "cpu")).card()  # a level asked for is kept
+    assert explicit["precision"] == "BF16" and "precision_source" not in explicit

@@ -336,8 +336,9 @@ def test_the_portal_chats_streams_regenerates_and_stops_through_llama_server(lla
     """The portal offering only llama-server (no local model): a reply streams in and shows the server's figures;
     Regenerate adds a second version; Stop keeps a long reply's partial text, marked stopped, and frees the
     server's slot."""
+    from browser_support import CHROMIUM, CHROMIUM_ARGS, need_chromium, portal
     from playwright.sync_api import expect, sync_playwright
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, WATCH_REPLY, need_chromium, portal, stored_workspace
+    from test_browser import WATCH_REPLY, stored_workspace
 
     need_chromium()
     _, short = stored_workspace(data_dir, {"max_new_tokens": 160, **LOOP})
@@ -393,3 +394,25 @@ def test_the_portal_chats_streams_regenerates_and_stops_through_llama_server(lla
         finally:
             page.screenshot(path=str(output_dir / "peer_portal.png"), full_page=True)
             browser.close()
+
+
+def test_bench_peer_measures_both_servers_on_the_same_file(tmp_path):
+    """`bench peer`: llama-server, then our serve, on the embedded GGUF, by one client: each server's figures per
+    stream count and ours / theirs (the figures themselves are docs/BENCHMARKS.md's, measured alone)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "glm_core", "bench", "peer", "--streams", "1,2", "--max-new-tokens", "8"]
+        + ["--precisions", "int4", "--log-dir", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["model"] == result["llama_model"] and result["model"].endswith(".gguf")
+    assert [run["streams"] for run in result["llama_cpp"]["runs"]] == [1, 2]
+    assert [run["streams"] for run in result["ours"]["int4"]["runs"]] == [1, 2]
+    for ratio in result["ratios"]["int4"]:
+        assert ratio["tokens_per_s"] > 0 and ratio["ttft"] > 0
+    assert (tmp_path / "llama-server.log").stat().st_size and (tmp_path / "serve-int4.log").exists()

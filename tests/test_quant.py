@@ -180,12 +180,14 @@ print(high_water_mark() - baseline)
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's VmHWM")
 def test_int4_load_peaks_below_the_bf16_model(embedded_levels):
     """Quantizing while reading: the embedded model's INT4 load, in a fresh process, never holds as much as the
-    BF16 weights (the FP32 file is read one tensor at a time; measured 197 MiB against 257 MiB)."""
+    BF16 weights (the FP32 file is read one tensor at a time): the ratio the README states, below 1x."""
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(root)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     growth = int(done.stdout.strip().splitlines()[-1])
-    assert growth < embedded_levels["bf16"].weights["total"]
+    ratio = growth / embedded_levels["bf16"].weights["total"]
+    print(f"\nINT4 load growth / BF16 weights: {ratio:.2f}x")
+    assert ratio < 1.0
 
 
 def test_cpu_int4_layout_is_understood():

@@ -61,6 +61,8 @@ def model_card(engine: Backend) -> None:
     )
     if "checkpoint" in card:
         st.caption(plain(card["checkpoint"]))
+    if "precision_source" in card:
+        st.caption(plain(card["precision_source"]))
     memory = engine.memory_report()
     st.caption(
         f"weights {card['weights_bytes'] / 2**20:,.0f} MiB "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from anyio import to_thread
 
-from ..protocol import Backend
+from ..protocol import Backend, LocalWorker
 from .config import ApiLimits
 from .errors import ApiError, backend_error
 from .generation import model_context
@@ -17,7 +17,7 @@ async def embed(
     """One unit vector per input (a text, or token ids) and the number of tokens read. Bounded (inputs, characters,
     tokens), counted as one of `owner`'s running requests, and computed a slice at a time between the engine's
     decode steps, so the replies being streamed keep flowing."""
-    if not (backend.capabilities.local_model and hasattr(backend, "run_on_worker")):
+    if not isinstance(backend, LocalWorker):
         raise ApiError(400, "this backend computes no embeddings here", "embeddings_unavailable")
     if not inputs:
         raise ApiError(400, "input is empty", param="input")

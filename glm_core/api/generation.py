@@ -14,6 +14,8 @@ from anyio import to_thread
 from starlette.requests import Request as HttpRequest
 
 from ..protocol import (
+    TOO_LONG,
+    UNAVAILABLE,
     Backend,
     ConversationBusy,
     Delta,
@@ -22,6 +24,7 @@ from ..protocol import (
     Reply,
     Request,
     SamplingParams,
+    Tokenizing,
     validate_messages,
 )
 from ..reasoning import split_reasoning
@@ -53,7 +56,7 @@ def model_context(backend: Backend) -> int:
 
 async def count_prompt_tokens(backend: Backend, messages: list[dict]) -> int | None:
     """Tokens of the whole conversation in the model's format; None where the backend cannot tokenize here."""
-    if not backend.capabilities.tokenize:
+    if not isinstance(backend, Tokenizing):
         return None
     return len(await to_thread.run_sync(backend.encode_chat, messages))
 
@@ -305,10 +308,10 @@ class Generation:
         """An error the backend reported while generating, as an ApiError (503 when it is about capacity)."""
         if self.reply is None or self.reply.error is None:
             return
-        message = self.reply.error
-        if "out of memory" in message or "unloaded" in message:
+        message, kind = self.reply.error, self.reply.error_kind
+        if kind == UNAVAILABLE:
             raise ApiError(503, message, "model_unavailable")
-        if "too long" in message.lower():
+        if kind == TOO_LONG:
             raise ApiError(400, message, "context_length_exceeded", "messages")
         raise ApiError(500, message, "generation_failed")
 

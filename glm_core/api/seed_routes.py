@@ -19,7 +19,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from ..protocol import Backend, QueueFull
+from ..protocol import Backend, LocalWorker, QueueFull
 from .access import Caller
 from .embeddings import embed
 from .errors import ApiError, backend_error
@@ -244,7 +244,7 @@ async def tokenize(
     backend: Backend = Depends(loaded_backend),
     state: ApiState = Depends(api_state),
 ):
-    if not (backend.capabilities.tokenize and hasattr(backend, "tokenize")):
+    if not isinstance(backend, LocalWorker):
         raise ApiError(400, "this backend does not tokenize here", "tokenize_unavailable")
     limit = state.limits.max_text_chars  # the tokenizer's lock is the decode loop's too: a bounded hold
     if len(body.prompt) > limit:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from ..protocol import (
+    FAILED,
+    UNAVAILABLE,
     Capabilities,
     ConversationBusy,
     EngineClosed,
@@ -440,7 +442,7 @@ class RemoteBackend:
 
         started = time.perf_counter()
         stats = ReplyStats(queue_s=0.0)
-        finish_reason, error, stream = "", None, None
+        finish_reason, error, error_kind, stream = "", None, None, None
         first_at = last_at = None
         chunks = 0
         thinking = False  # inside a reasoning server's thinking
@@ -512,6 +514,9 @@ class RemoteBackend:
                 finish_reason = "stopped"  # closing the stream on stop makes the read fail: that is the stop
             else:
                 finish_reason = "error"
+                # a server that is busy or out of memory says so by its status; try again later
+                busy = getattr(exc, "status_code", None) in (429, 503) or "out of memory" in str(exc).lower()
+                error_kind = UNAVAILABLE if busy else FAILED
                 if isinstance(exc, openai.OpenAIError):
                     error = describe_error(exc, self.target, model or self.model_id, mid_reply=chunks > 0)
                 else:
@@ -540,4 +545,12 @@ class RemoteBackend:
             stats.prefill_tokens = max(stats.prompt_tokens - stats.reused_tokens, 0)
             with self._lock:
                 self._active.pop(request.conversation_id, None)
-            request.finish(Reply(text=request.text_so_far, finish_reason=finish_reason, stats=stats, error=error))
+            request.finish(
+                Reply(
+                    text=request.text_so_far,
+                    finish_reason=finish_reason,
+                    stats=stats,
+                    error=error,
+                    error_kind=error_kind,
+                )
+            )

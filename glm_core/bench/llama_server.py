@@ -207,6 +207,28 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def wait_until_healthy(
+    process: subprocess.Popen, url: str, timeout_s: float, what: str, log_file: Path | None = None
+) -> None:
+    """Return once `url`/health answers 200 (a server started as `process`); raise if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with {process.returncode} before it was ready"
+                + (f" (log: {log_file})" if log_file else "")
+            )
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass  # not listening yet, or 503 while the model loads
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def running_server(
     model: Path,
@@ -239,31 +261,24 @@ def running_server(
         "--no-webui",
         *extra,
     ]
+    with running_process(command, f"http://127.0.0.1:{port}", "llama-server", log_file, timeout_s) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_process(
+    command: list[str], url: str, what: str, log_file: Path | None, timeout_s: float, env: dict | None = None
+) -> Iterator[str]:
+    """Start a server (`command`, its output to `log_file`), yield `url` once its /health answers, stop it on exit."""
     out = open(log_file, "wb") if log_file else subprocess.DEVNULL
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"llama-server exited with {process.returncode} before it was ready"
-                    + (f" (log: {log_file})" if log_file else "")
-                )
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass  # not listening yet, or 503 while the model loads
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"llama-server not ready after {timeout_s:.0f} s")
-            time.sleep(0.2)
+        wait_until_healthy(process, url, timeout_s, what, log_file)
         yield url
     finally:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.loading import LoadedModel
-from ..protocol import PromptTooLong, Reply, ReplyStats, Request, Started, Truncated
+from ..protocol import FAILED, TOO_LONG, UNAVAILABLE, PromptTooLong, Reply, ReplyStats, Request, Started, Truncated
 from ..reasoning import OPEN as REASONING_OPEN
 from .context import FittingStopped, common_prefix_length, fit_to_context
 from .generation import PREFILL_CHUNK, prefill
@@ -158,6 +158,7 @@ class Runner:
             reply = self._reply(sequence, "stopped")
             if not reply.text:
                 reply.finish_reason, reply.error = "error", "the model was unloaded before this reply started"
+                reply.error_kind = UNAVAILABLE
             ended.append((sequence.request, reply))
         self.prefilling, self.decoding = [], []
         if self.slots is not None:
@@ -457,17 +458,18 @@ class Runner:
             sequence.cache = None
         if isinstance(exc, torch.OutOfMemoryError):
             self.free_memory()
-            message = OUT_OF_MEMORY
+            message, kind = OUT_OF_MEMORY, UNAVAILABLE
         elif isinstance(exc, (PromptTooLong, ValueError)):
-            message = str(exc)
+            message, kind = str(exc), TOO_LONG if isinstance(exc, PromptTooLong) else FAILED
         else:
             log.exception("generation failed")
-            message = f"generation failed: {type(exc).__name__}: {exc}"
+            message, kind = f"generation failed: {type(exc).__name__}: {exc}", FAILED
         stats = sequence.stats if sequence is not None else ReplyStats()
         return Reply(
             text=request.text_so_far,
             finish_reason="error",
             error=message,
+            error_kind=kind,
             stats=stats,
             dropped_messages=sequence.dropped if sequence is not None else 0,
         )

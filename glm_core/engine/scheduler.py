@@ -25,6 +25,8 @@ import torch
 
 from ..models.loading import LoadedModel
 from ..protocol import (
+    FAILED,
+    UNAVAILABLE,
     Capabilities,
     ConversationBusy,
     EngineClosed,
@@ -53,7 +55,7 @@ def default_max_batch(device: torch.device) -> int:
 class Engine:
     """The local backend: one model in this process, served by one worker thread."""
 
-    capabilities = Capabilities(local_model=True, kept_cache=True, recompute=True, tokenize=True)
+    capabilities = Capabilities(local_model=True, kept_cache=True, recompute=True)  # and LocalWorker
 
     def __init__(
         self,
@@ -224,7 +226,13 @@ class Engine:
             self._waiting.clear()
             self._cond.notify_all()
         for request in pending:
-            request.finish(Reply(finish_reason="error", error="the model was unloaded before this request ran"))
+            request.finish(
+                Reply(
+                    finish_reason="error",
+                    error="the model was unloaded before this request ran",
+                    error_kind=UNAVAILABLE,
+                )
+            )
         for _task, future in self._tasks:
             future.cancel()
         self._worker.join(timeout=60)
@@ -257,9 +265,10 @@ class Engine:
                 ended += runner.step()
             except Exception as exc:  # the worker must survive anything one iteration does
                 log.exception("engine iteration failed")
-                message = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else f"generation failed: {exc}"
+                oom = isinstance(exc, torch.OutOfMemoryError)
+                message, kind = (OUT_OF_MEMORY, UNAVAILABLE) if oom else (f"generation failed: {exc}", FAILED)
                 ended += [
-                    (request, Reply(text=request.text_so_far, finish_reason="error", error=message))
+                    (request, Reply(text=request.text_so_far, finish_reason="error", error=message, error_kind=kind))
                     for request, _ in runner.close()
                 ]
                 runner.free_memory()

@@ -34,7 +34,7 @@ from .chatglm.glm6b import glm6b_config, ice_tokenizer_file, load_glm6b_model
 from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, TokenizerMismatch
 from .chatglm.tokenizer import ChatGLMTokenizer
 from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
-from .precision import Precision, parse_precision, resolve_device
+from .precision import Precision, auto_cpu_precision, parse_precision, resolve_device
 from .quant import experts_per_token, parameter_counts, quantize_loaded_model, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,15 @@ def _classify(path_text: str) -> tuple[str, Path, dict]:
     return "folder", path, cfg
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _fp32_bytes(path: Path) -> int:
+    """An upper bound of the model's FP32 size from its weight files (stored at 16 bits or less: at most twice)."""
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES]
+    return 2 * sum(f.stat().st_size for f in files if f.is_file())
+
+
 def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel:
     """Load `spec` or raise ModelLoadError with a one-line reason. `progress(fraction, message)` reports steps."""
     started = time.perf_counter()
@@ -212,6 +221,12 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
         raise ModelLoadError(f"unknown family {spec.family!r}; use auto, chatglm2 or chatglm3")
 
     kind, path, cfg = _classify(spec.path)
+    precision_source = None
+    if device.type == "cpu" and str(spec.precision or "auto").strip().lower() == "auto":
+        import psutil
+
+        precision, precision_source = auto_cpu_precision(_fp32_bytes(path), psutil.virtual_memory().available)
+        log.info("%s", precision_source)
     progress(0.05, f"Reading {path.name}")
     try:
         if kind == "chatglm":
@@ -228,6 +243,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
             torch.cuda.empty_cache()
         raise ModelLoadError(f"out of memory while loading {path.name} as {precision.label} on {device}") from None
     model, tokenizer, chat_format, name, family, max_context, extra = parts
+    if precision_source:
+        extra["precision_source"] = precision_source
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
     extra.setdefault(

@@ -1,0 +1,101 @@
+"""`bench peer`: our server against llama.cpp's `llama-server` on the same GGUF file, measured by one load client
+(bench concurrency's, client side, through the OpenAI API) at 1, 4 and 16 streams: aggregate tokens/s and time to
+first token of each, and ours / theirs. One server runs at a time, so neither takes the other's cores."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..settings import PROJECT_ROOT
+from .concurrency import run_remote_concurrency_bench
+from .llama_server import cpu_flags, default_threads, free_port, running_process, running_server
+
+
+@contextlib.contextmanager
+def our_server(model: Path, precision: str, log_file: Path | None = None, timeout_s: float = 300) -> Iterator[str]:
+    """`python -m glm_core serve` on `model` at `precision`, on a free local port; its base URL once loaded."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("GLM_API_KEYS", None)  # a local client, no key
+    command = [sys.executable, "-m", "glm_core", "serve", "--model", str(model), "--precision", precision]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    with running_process(command, f"http://127.0.0.1:{port}", "serve", log_file, timeout_s, env) as url:
+        yield url
+
+
+def run_peer_bench(
+    model: Path,
+    streams: list[int],
+    max_new_tokens: int = 64,
+    repeats: int = 1,
+    precisions: tuple[str, ...] = ("auto", "int4"),
+    threads: int | None = None,
+    llama_model: Path | None = None,
+    log_dir: Path | None = None,
+) -> dict:
+    """llama-server on `llama_model` (default: the same file), then our server on `model` at each of `precisions`;
+    each measured alone by the same client. Ratios are ours / llama.cpp's per stream count."""
+    threads = threads or default_threads()
+    logs = (lambda name: log_dir / name) if log_dir else (lambda name: None)
+    with running_server(
+        llama_model or model,
+        threads=threads,
+        parallel=max(streams),
+        context=max(streams) * (max_new_tokens + 256),
+        extra=("--cont-batching",),
+        log_file=logs("llama-server.log"),
+    ) as url:
+        theirs = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
+    ours = {}
+    for precision in precisions:
+        with our_server(model, precision, log_file=logs(f"serve-{precision}.log")) as url:
+            ours[precision] = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
+    by_streams = {run["streams"]: run for run in theirs["runs"]}
+    ratios = {
+        precision: [
+            {
+                "streams": run["streams"],
+                "tokens_per_s": run["aggregate_tokens_per_s"] / by_streams[run["streams"]]["aggregate_tokens_per_s"],
+                "ttft": run["ttft_median_s"] / by_streams[run["streams"]]["ttft_median_s"],
+            }
+            for run in result["runs"]
+        ]
+        for precision, result in ours.items()
+    }
+    flags = sorted(cpu_flags() & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+    return {
+        "model": str(model),
+        "llama_model": str(llama_model or model),
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "llama_threads": threads,
+        "max_new_tokens": max_new_tokens,
+        "llama_cpp": theirs,
+        "ours": ours,
+        "ratios": ratios,
+    }
+
+
+def format_peer_report(r: dict) -> str:
+    lines = [
+        f"bench peer: {r['model']} ({', '.join(r['cpu_flags'])}; {r['cores']} cores; llama-server -t "
+        f"{r['llama_threads']}), {r['max_new_tokens']} new tokens per stream, greedy, client side",
+        "server                 streams  aggregate tok/s  ttft median  ours/llama tok/s  ours/llama ttft",
+    ]
+    for run in r["llama_cpp"]["runs"]:
+        lines.append(
+            f"{'llama.cpp':<22} {run['streams']:>7}  "
+            f"{run['aggregate_tokens_per_s']:>15.1f}  {run['ttft_median_s']:>10.2f}s"
+        )
+    for precision, result in r["ours"].items():
+        for run, ratio in zip(result["runs"], r["ratios"][precision]):
+            lines.append(
+                f"{'ours ' + precision:<22} {run['streams']:>7}  "
+                f"{run['aggregate_tokens_per_s']:>15.1f}  {run['ttft_median_s']:>10.2f}s  "
+                f"{ratio['tokens_per_s']:>15.2f}x  {ratio['ttft']:>14.2f}x"
+            )
+    return "\n".join(lines)
