@@ -4,6 +4,7 @@ memory | estimate | llama-server`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from .conversations.workspace import check_cli_workspace_id
 from .engine import Engine
 from .models.loading import LoadedModel, load_model
 from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
+from .reasoning import split_reasoning
 from .sampling_defaults import CONTROLS, REQUEST, YOURS, card_defaults, compose_params, describe_sources
 from .settings import EMBEDDED, load_settings
 
@@ -116,6 +118,8 @@ def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
     door, sampling_defaults.compose_params); also one line per source of the values."""
     defaults = card_defaults(card)
     params, sources = compose_params(defaults, given_controls(args), seed=args.seed)
+    if getattr(args, "no_thinking", False):  # a reasoning model whose template has the switch answers at once
+        params = dataclasses.replace(params, thinking=False)
     chosen = {c: (getattr(params, c), YOURS if sources[c] == REQUEST else sources[c]) for c in CONTROLS}
     return params, describe_sources(chosen, defaults)
 
@@ -188,11 +192,14 @@ def cmd_chat(args) -> int:
                 )
             if not interactive:
                 s = reply.stats
+                # A reasoning model's thinking apart from its answer, as the API returns them.
+                reasoning, answer = split_reasoning(reply.text)
                 print(
                     json.dumps(
                         {
                             "prompt": prompt,
-                            "reply": reply.text,
+                            "reply": answer,
+                            **({"reasoning_content": reasoning} if reasoning else {}),
                             "prompt_tokens": s.prompt_tokens,
                             "completion_tokens": s.completion_tokens,
                             "ttft_s": round(s.ttft_s, 4),
@@ -495,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, help="(default: the model's)")
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--system", default="", help="system prompt")
+    chat.add_argument(
+        "--no-thinking",
+        action="store_true",
+        help="a reasoning model (GLM-Z1, GLM-4.5+) answers without thinking, where its template allows it",
+    )
     chat.add_argument(
         "--recompute",
         action="store_true",

@@ -236,3 +236,18 @@ def test_a_remote_reasoning_server_s_thinking_is_kept_and_the_switch_is_sent(thi
             assert reply.error is None and reply.text == chain["answer"]
         finally:
             remote.close()
+
+
+def test_piped_cli_chat_gives_the_thinking_apart_and_no_thinking_skips_it(tmp_path):
+    from test_cli import run_cli
+
+    folder, chain = write_reasoning_folder(tmp_path / "glm-45-tiny")
+    options = ("chat", "--model", str(folder), "--precision", "fp32", "--temperature", "0", "--max-new-tokens", "20")
+    result = run_cli(*options, stdin="Capital?\n")
+    assert result.returncode == 0, result.stderr
+    [line] = [json.loads(text) for text in result.stdout.splitlines()]
+    assert (line["reasoning_content"], line["reply"]) == (chain["reasoning"], chain["answer"])
+    result = run_cli(*options, "--no-thinking", stdin="Capital?\n")
+    assert result.returncode == 0, result.stderr
+    [line] = [json.loads(text) for text in result.stdout.splitlines()]
+    assert line["reply"] == chain["answer"] and "reasoning_content" not in line
