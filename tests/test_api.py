@@ -191,7 +191,8 @@ def test_keys_are_required_and_checked(server):
         (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model: field required"),  # required, as OpenAI's
         (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
         (b'{"model": "m", "messages": [{"role": "assistant", "content": "hi"}]}', 400, "end with a user message"),
-        (b'{"model": "m", "messages": [{"role": "tool", "content": "hi"}]}', 400, "role"),
+        (b'{"model": "m", "messages": [{"role": "tool", "content": "hi"}]}', 400, "follow an assistant message"),
+        (b'{"model": "m", "messages": [{"role": "robot", "content": "hi"}]}', 400, "role"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 25}', 400, "at most 24"),
         (
             b'{"model": "m", "messages": [{"role": "user", "content": "' + LONG.encode() + b'"}]}',

@@ -65,7 +65,9 @@ OVERSIZED = [
     ([user("x" * (MAX_PROMPT_CHARS + 1))], "at most 32,000"),
     ([{"role": "system", "content": "s" * (MAX_SYSTEM_PROMPT_CHARS + 1)}, user("hi")], "system prompt"),
     ([user("y" * 30_000), {"role": "assistant", "content": "z" * MAX_REQUEST_CHARS}, user("hi")], "the request has"),
-    ([{"role": "tool", "content": "x"}, user("hi")], "role among"),
+    ([{"role": "robot", "content": "x"}, user("hi")], "role among"),
+    ([{"role": "tool", "content": "x"}, user("hi")], "follow an assistant message with tool_calls"),
+    ([user("hi"), {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": 1}]}], "arguments"),
     ([user("   ")], "empty"),
     ("just a string", "list of"),
 ]

@@ -120,7 +120,7 @@ def test_gpu_monitor_page(server, page):
     page.set_viewport_size({"width": 1280, "height": 1150})  # the screenshot shows the whole page
 
 
-def test_quantization_page(server, page, tmp_path):
+def test_quantization_page(server, portal_data, page, tmp_path, monkeypatch):
     """A small run from the command line lands in the shared history; the page shows the prediction for the default
     preset with the published figures, and the run as a table of measured vs predicted with grouped bar charts."""
     import json
@@ -130,6 +130,7 @@ def test_quantization_page(server, page, tmp_path):
 
     config = tmp_path / "mid-glm.json"
     config.write_text(json.dumps(MID_GLM))
+    monkeypatch.setenv("GLM_DATA_DIR", str(portal_data))  # the run goes to the portal's history
     done = run_cli(
         "bench",
         "memory",
@@ -155,7 +156,7 @@ def test_quantization_page(server, page, tmp_path):
     page.set_viewport_size({"width": 1400, "height": 1500})
 
 
-# The portal runs BF16 (the CPU default), whose sums differ in their last bits with the batch's shape: a greedy
+# At BF16 (auto's choice on a CPU with native BF16), sums differ in their last bits with the batch's shape: a greedy
 # reply that rambles (the embedded model's 1.1 penalty makes this one ramble) can then take another word. With no
 # penalty it is a short list whose every token wins by a wide margin (under load, 2 of 2 runs differed with 1.1).
 NO_PENALTY = {"repetition_penalty": 1.0}

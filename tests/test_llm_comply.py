@@ -4,7 +4,8 @@
 llm-comply's warnings (fields OpenAI's schema requires, e.g. `refusal: null`), except the ones named in EXCLUDED.
 
 The suite cannot be given max_tokens or a seed: its replies are the embedded model's own, sampled with the
-model's defaults, and three checks want `finish_reason: stop` (the model ending its turn by itself: 126 of 126
+model's defaults (its tool-calling check asks for tool_choice "required": decoded under the call's grammar), and
+three checks want `finish_reason: stop` (the model ending its turn by itself: 126 of 126
 samples of those three prompts did, in at most 105 tokens). llm-comply's JSON reports, with each check's
 duration, land in test-output/."""
 
@@ -27,14 +28,20 @@ EXCLUDED = {
     "chat-image-input": "image content parts: the models served here read text only (refused with a 400)",
     "chat-reasoning-summary": "reasoning effort and summaries: not implemented (llm-comply also skips it unless the "
     "model's name looks like a reasoning model's)",
-    "chat-tool-calling": "tool calls: not implemented yet (another issue), refused with a 400",
 }
 REQUEST_TIMEOUT_S = 300  # per request: a reply that rambles to the default 1024 tokens on 2 busy cores fits
 # The embedded default model whatever this shell names, and no keys: only this machine's clients are answered.
 SERVER_ENV = {"GLM_MODEL_PATH": "embedded", "GLM_API_KEYS": "", "GLM_API_ADMIN_KEYS": ""}
 
 
-def run_openai_chat_suite(base_url: str, report_path) -> dict:
+RESPONSES_EXCLUDED = {
+    "image-input": "image content parts: the models served here read text only (refused with a 400)",
+    "reasoning-summary": "reasoning summaries: not implemented (skipped unless the model looks like a reasoning one)",
+    "compact-response": "/v1/responses/compact (context compaction): not implemented; the check passes with warnings",
+}
+
+
+def run_openai_chat_suite(base_url: str, report_path, suite: str = "openai-chat") -> dict:
     """llm-comply's command line, as its users run it, with its JSON report (its exit status is 1 whenever a check
     fails, excluded ones included, so the report is what is read), kept at `report_path` (durations included)."""
     with urllib.request.urlopen(f"{base_url}/models", timeout=10) as response:
@@ -46,7 +53,7 @@ def run_openai_chat_suite(base_url: str, report_path) -> dict:
             "llm_comply.cli",
             "run",
             "--format",
-            "openai-chat",
+            suite,
             "--base-url",
             base_url,
             "--api-key",
@@ -66,12 +73,12 @@ def run_openai_chat_suite(base_url: str, report_path) -> dict:
     return json.loads(done.stdout)
 
 
-def failures(report: dict) -> list[str]:
+def failures(report: dict, excluded: dict = EXCLUDED) -> list[str]:
     results = {result["id"]: result for result in report["results"]}
-    assert set(EXCLUDED) <= set(results), f"llm-comply no longer has {set(EXCLUDED) - set(results)}"
+    assert set(excluded) <= set(results), f"llm-comply no longer has {set(excluded) - set(results)}"
     wrong = []
     for check, result in results.items():
-        if check in EXCLUDED or (result["status"] == "passed" and not result.get("warnings")):
+        if check in excluded or (result["status"] == "passed" and not result.get("warnings")):
             continue
         said = result.get("errors", []) + [f"warning: {w}" for w in result.get("warnings", [])]
         wrong.append(f"{check} ({result['name']}) {result['status']}: " + "; ".join(said))
@@ -96,4 +103,22 @@ def test_llm_comply_passes(door, output_dir):
         finally:
             stop_process(process, timeout=20)
     wrong = failures(report)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_llm_comply_open_responses_suite_passes_on_serve(output_dir):
+    """llm-comply's `open-responses` suite (the Responses API) against `serve` on the embedded model: every check
+    but those in RESPONSES_EXCLUDED passes without warnings."""
+    port = free_port()
+    log_path = output_dir / "llm-comply-responses.log"
+    with open(log_path, "w") as log:
+        process = start_serve(port, log=log, **SERVER_ENV)
+        try:
+            wait_until_up(process, f"http://127.0.0.1:{port}/health", 300, model_loaded, log_path.read_text)
+            report = run_openai_chat_suite(
+                f"http://127.0.0.1:{port}/v1", output_dir / "llm-comply-responses.json", "open-responses"
+            )
+        finally:
+            stop_process(process, timeout=20)
+    wrong = failures(report, RESPONSES_EXCLUDED)
     assert not wrong, "\n".join(wrong)

@@ -14,7 +14,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from ..protocol import Backend
-from . import openai_routes, seed_routes
+from . import completions, openai_routes, responses, seed_routes
 from .config import ApiConfig, load_api_config
 from .errors import error_body, install_error_handlers
 from .generation import model_name
@@ -39,6 +39,8 @@ def create_app(current_backend: Callable[[], Backend | None], config: ApiConfig 
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
     app.include_router(openai_routes.router)
+    app.include_router(completions.router)
+    app.include_router(responses.router)
     app.include_router(seed_routes.router)
 
     @app.get("/health", tags=["Health"], summary="Is a model loaded (no key needed)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from ..protocol import (
     Delta,
     Event,
     Finished,
+    OutputSpec,
     Reply,
     Request,
     SamplingParams,
     Tokenizing,
+    TokenLogprob,
     validate_messages,
 )
 from ..reasoning import split_reasoning
@@ -54,10 +57,13 @@ def model_context(backend: Backend) -> int:
     return int(backend.card().get("max_context") or SamplingParams().max_length)
 
 
-async def count_prompt_tokens(backend: Backend, messages: list[dict]) -> int | None:
-    """Tokens of the whole conversation in the model's format; None where the backend cannot tokenize here."""
+async def count_prompt_tokens(backend: Backend, messages: list[dict], output: OutputSpec | None = None) -> int | None:
+    """Tokens of the whole conversation in the model's format (with its tools); None where the backend cannot
+    tokenize here."""
     if not isinstance(backend, Tokenizing):
         return None
+    if output is not None and output != OutputSpec():
+        return len(await to_thread.run_sync(backend.encode_chat, messages, output))
     return len(await to_thread.run_sync(backend.encode_chat, messages))
 
 
@@ -224,9 +230,14 @@ class Generation:
     caller: Caller
     conversations: StatelessConversations
     stop: StopStrings
+    output: OutputSpec = field(default_factory=OutputSpec)
+    syntax: object = None  # the model's ToolSyntax, when the reply may be a tool call
     reasoning: bool = False  # a reasoning model's reply: its <think>...</think> goes out as reasoning_content
     text: str = ""
     reply: Reply | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    content: str = ""  # the reply's text less its tool calls (set when it ends)
+    tool_calls: list[dict] = field(default_factory=list)  # [{"id", "name", "arguments"}]
     client_gone: bool = False
     _ended: bool = field(default=False, repr=False)
 
@@ -240,19 +251,24 @@ class Generation:
         params: SamplingParams,
         stop: Sequence[str] = (),
         limits: ApiLimits = ApiLimits(),
+        output: OutputSpec | None = None,
     ) -> Generation:
+        output = output or OutputSpec()
+        extra = {"output": output} if output != OutputSpec() else {}
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
             except ConversationBusy:  # a reply this client left is still ending there: start afresh
                 conversations.release(caller.scope, conversation_id, None)
                 conversation_id = conversations.claim(caller.scope, messages, fresh=True)
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
             raise backend_error(exc, limits.retry_after_s) from None
-        return cls(request, messages, caller, conversations, StopStrings(stop), bool(backend.card().get("reasoning")))
+        syntax = getattr(backend, "tool_syntax", None) if output.tools and output.tool_choice != "none" else None
+        reasoning = bool(backend.card().get("reasoning"))
+        return cls(request, messages, caller, conversations, StopStrings(stop), output, syntax, reasoning)
 
     async def deltas(self) -> AsyncIterator[str]:
         """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
@@ -266,12 +282,15 @@ class Generation:
                     if piece:
                         self.text += piece
                         yield piece
+                elif isinstance(event, TokenLogprob):
+                    self.logprobs.append(event)
                 elif isinstance(event, Finished):
                     self.reply = event.reply
                     tail = self.stop.flush()
                     if tail:
                         self.text += tail
                         yield tail
+                    self._read_calls()
         finally:
             if self.reply is None:
                 self.client_gone = True
@@ -288,19 +307,46 @@ class Generation:
             watcher.cancel()
         return self.text
 
+    def _read_calls(self) -> None:
+        self.content = self.text
+        if self.syntax is None:
+            return
+        content, calls = self.syntax.parse(self.text, self.output.tools)
+        if not self.output.parallel_tool_calls:
+            calls = calls[:1]
+        if calls:
+            self.content = content
+            self.tool_calls = [{"id": f"call_{secrets.token_hex(12)}", **call} for call in calls]
+
+    def streamable(self) -> int:
+        """How much of the reply so far a stream may send as text: all of it, less what may still be a tool call."""
+        return len(self.text) if self.syntax is None else self.syntax.streamable(self.text, self.output.tools)
+
+    def unsent_content(self, sent: int) -> str:
+        """Once the reply has ended: its text (less its calls) that a stream which sent `sent` characters still
+        owes."""
+        if not self.tool_calls:
+            return self.text[sent:]
+        already = self.text[:sent].strip()
+        return self.content[len(already) :] if self.content.startswith(already) else ""
+
     def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
         reply = self.reply
         keep = reply is not None and reply.error is None and not self.client_gone
-        reasoning, answer = self.parts()
-        conversation = self.messages + [{"role": "assistant", "content": answer}] if keep else None
+        said = {"role": "assistant", "content": self.parts()[1]}
+        if self.tool_calls:
+            said["tool_calls"] = self.tool_calls
+        conversation = self.messages + [said] if keep else None
         self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
 
     def parts(self) -> tuple[str, str]:
-        """(reasoning, answer) of the reply so far; ("", text) for a model that does not reason."""
-        return split_reasoning(self.text) if self.reasoning else ("", self.text)
+        """(reasoning, answer) of the reply so far (less its tool calls once it has ended); ("", text) for a model
+        that does not reason."""
+        text = self.content if self.tool_calls else self.text
+        return split_reasoning(text) if self.reasoning else ("", text)
 
     # ---- how it ended ----
 
@@ -317,6 +363,8 @@ class Generation:
 
     @property
     def finish_reason(self) -> str:
+        if self.tool_calls:
+            return "tool_calls"
         if self.stop.hit:
             return "stop"
         return FINISH_REASONS.get(self.reply.finish_reason if self.reply else "", "stop")

@@ -13,7 +13,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from ..protocol import Backend
+from ..protocol import Backend, TokenLogprob
 from ..reasoning import ReasoningSplitter
 from ..sampling_defaults import CONTROLS
 from .access import Caller
@@ -34,12 +34,18 @@ from .schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessageOut,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
+    ChunkToolCall,
     EmbeddingList,
     EmbeddingRequest,
     ModelCard,
     ModelList,
+    TokenLogprobOut,
+    ToolCallOut,
+    TopLogprob,
     Usage,
 )
 from .state import ApiState, api_caller, api_state, loaded_backend
@@ -74,11 +80,11 @@ async def chat_completions(
     backend: Backend = Depends(loaded_backend),
     state: ApiState = Depends(api_state),
 ):
-    body.check_supported()
+    output = body.output()
     messages = checked_messages([m.plain() for m in body.messages])
     stops = body.stop_strings()
     context = model_context(backend)
-    prompt_tokens = await count_prompt_tokens(backend, messages)
+    prompt_tokens = await count_prompt_tokens(backend, messages, output)
     max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
     # Omitted fields take the model's own defaults (as vLLM's --generation-config auto); /v1/models lists them.
     params = checked_params(
@@ -93,7 +99,9 @@ async def chat_completions(
     )
     if body.thinking() is not None:
         params = dataclasses.replace(params, thinking=body.thinking())
-    generation = Generation.submit(backend, state.conversations, caller, messages, params, stops, state.limits)
+    generation = Generation.submit(
+        backend, state.conversations, caller, messages, params, stops, state.limits, output=output
+    )
     head = dict(
         id=f"chatcmpl-{secrets.token_hex(12)}",
         created=int(time.time()),
@@ -105,16 +113,35 @@ async def chat_completions(
         return EventSourceResponse(_chunks(generation, head, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
+    calls = [
+        ToolCallOut(id=c["id"], function={"name": c["name"], "arguments": c["arguments"]})
+        for c in generation.tool_calls
+    ]
+    reasoning, answer = generation.parts()  # a reasoning model's thinking apart from its answer (vLLM's field)
+    message = ChatMessageOut(
+        content=(answer or None) if calls else answer, reasoning_content=reasoning or None, tool_calls=calls or None
+    )
+    logprobs = choice_logprobs(generation.logprobs) if output.top_logprobs is not None else None
     return ChatCompletion(
         **head,
-        choices=[{"message": _message(generation), "finish_reason": generation.finish_reason}],
+        choices=[{"message": message, "finish_reason": generation.finish_reason, "logprobs": logprobs}],
         usage=_usage(generation),
     )
 
 
-def _message(generation: Generation) -> dict:
-    reasoning, answer = generation.parts()
-    return {"content": answer, "reasoning_content": reasoning or None}
+def choice_logprobs(tokens: list[TokenLogprob]) -> ChoiceLogprobs:
+    """OpenAI's logprobs.content: each token with its UTF-8 bytes and its most likely alternatives."""
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=list(t.token.encode("utf-8")),
+                top_logprobs=[TopLogprob(token=a, logprob=v, bytes=list(a.encode("utf-8"))) for a, v in t.top],
+            )
+            for t in tokens
+        ]
+    )
 
 
 def _usage(generation: Generation) -> Usage:
@@ -128,7 +155,12 @@ def _usage(generation: Generation) -> Usage:
 
 async def _chunks(generation: Generation, head: dict, include_usage: bool):
     """OpenAI's stream: a first chunk with the role, one per text delta, one with finish_reason, the usage chunk
-    when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request."""
+    when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request.
+
+    With tools, text that may still turn out to be a call is held back; a call goes out as tool_calls deltas (its
+    id and name, then its arguments) once the reply ends."""
+    wants_logprobs = generation.output.top_logprobs is not None
+    sent_text, sent_logprobs = 0, 0
 
     def event(choices: list[ChunkChoice], usage: Usage | None = None) -> dict:
         chunk = ChatCompletionChunk(**head, choices=choices, usage=usage)
@@ -137,31 +169,51 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
             sent["delta"] = choice.delta.model_dump(exclude_unset=True)
         return {"data": json.dumps(body, ensure_ascii=False)}
 
-    yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
+    def text_chunk(text: str) -> dict:
+        nonlocal sent_logprobs
+        logprobs = None
+        if wants_logprobs:
+            logprobs = choice_logprobs(generation.logprobs[sent_logprobs:])
+            sent_logprobs = len(generation.logprobs)
+        return event([ChunkChoice(delta=ChunkDelta(content=text), logprobs=logprobs)])
+
     # A reasoning model's thinking streams as reasoning_content deltas, then its answer as content (vLLM's way).
     splitter = ReasoningSplitter() if generation.reasoning else None
 
-    def pieces(text: str) -> list[ChunkDelta]:
+    def text_chunks(text: str, end: bool = False) -> list[dict]:
         if splitter is None:
-            return [ChunkDelta(content=text)] if text else []
-        reasoning, answer = splitter.push(text) if text else splitter.flush()
-        return [
-            d
-            for d in (ChunkDelta(reasoning_content=reasoning), ChunkDelta(content=answer))
-            if d.reasoning_content or d.content
-        ]
+            return [text_chunk(text)] if text else []
+        reasoning, answer = splitter.push(text)
+        if end:
+            more_reasoning, more_answer = splitter.flush()
+            reasoning, answer = reasoning + more_reasoning, answer + more_answer
+        thought = [event([ChunkChoice(delta=ChunkDelta(reasoning_content=reasoning))])] if reasoning else []
+        return thought + ([text_chunk(answer)] if answer else [])
 
-    async for piece in generation.deltas():
-        for delta in pieces(piece):
-            yield event([ChunkChoice(delta=delta)])
-    for delta in pieces("") if splitter is not None else []:
-        yield event([ChunkChoice(delta=delta)])
+    yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
+    async for _piece in generation.deltas():
+        if generation.reply is not None:  # ended: what is left goes out below, as text or as calls
+            continue
+        safe = generation.streamable()
+        if safe > sent_text:
+            piece, sent_text = generation.text[sent_text:safe], safe
+            for chunk in text_chunks(piece):
+                yield chunk
     try:
         generation.raise_for_error()
     except ApiError as exc:  # headers are gone: the error travels as an event, as OpenAI's streams do
         yield {"data": json.dumps(exc.body(), ensure_ascii=False)}
         yield {"data": "[DONE]"}
         return
+    for chunk in text_chunks(generation.unsent_content(sent_text), end=True):
+        yield chunk
+    for index, call in enumerate(generation.tool_calls):
+        opening = ChunkToolCall(
+            index=index, id=call["id"], type="function", function={"name": call["name"], "arguments": ""}
+        )
+        yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[opening]))])
+        arguments = ChunkToolCall(index=index, function={"arguments": call["arguments"]})
+        yield event([ChunkChoice(delta=ChunkDelta(tool_calls=[arguments]))])
     yield event([ChunkChoice(delta=ChunkDelta(), finish_reason=generation.finish_reason)])
     if include_usage:
         yield event([], _usage(generation))

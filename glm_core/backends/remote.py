@@ -30,6 +30,7 @@ from ..protocol import (
     ConversationBusy,
     EngineClosed,
     ModelSpec,
+    OutputSpec,
     Reply,
     ReplyStats,
     Request,
@@ -260,9 +261,13 @@ class RemoteBackend:
         params: SamplingParams | None = None,
         recompute: bool = False,
         owner: str | None = None,
+        output: OutputSpec | None = None,
     ) -> Request:
         """Start streaming a reply. `recompute` cannot be honoured remotely (the server's cache is its own) and
-        `owner` is the server's business (its own limits answer 429)."""
+        `owner` is the server's business (its own limits answer 429). Tools, JSON output and logprobs are not
+        relayed to a remote server (yet): asking for them is refused."""
+        if output is not None and output != OutputSpec():
+            raise ValueError("tools, response_format and logprobs are not relayed to a remote backend")
         params = (params or SamplingParams()).validate()
         request = Request(conversation_id, validate_messages(messages), params, recompute)
         with self._lock:

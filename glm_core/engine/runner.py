@@ -21,8 +21,20 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.loading import LoadedModel
-from ..protocol import FAILED, TOO_LONG, UNAVAILABLE, PromptTooLong, Reply, ReplyStats, Request, Started, Truncated
+from ..protocol import (
+    FAILED,
+    TOO_LONG,
+    UNAVAILABLE,
+    PromptTooLong,
+    Reply,
+    ReplyStats,
+    Request,
+    Started,
+    TokenLogprob,
+    Truncated,
+)
 from ..reasoning import OPEN as REASONING_OPEN
+from .constraints import Constraint, GrammarFailed
 from .context import FittingStopped, common_prefix_length, fit_to_context
 from .generation import PREFILL_CHUNK, prefill
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop
@@ -57,6 +69,8 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish: str = ""
+    grammar: str | None = None  # the compiled grammar its reply must follow; its matcher is made at the first token
+    constraint: Constraint | None = None
 
     @property
     def unfed(self) -> list[int]:
@@ -68,14 +82,20 @@ class Sequence:
         return self.fed >= len(self.ids)
 
 
-def reply_decoder(loaded: LoadedModel) -> IncrementalDecoder | RewritingDecoder:
+def reply_decoder(loaded: LoadedModel, keep_roles: bool = False) -> IncrementalDecoder | RewritingDecoder:
     """Token ids to text deltas; through the chat format's own rewrite of a reply where it has one (ChatGLM-6B's
-    process_response, applied while streaming)."""
-    decoder = IncrementalDecoder(loaded.tokenizer)
+    process_response, applied while streaming). `keep_roles`: special tokens are written by name, so a reply with
+    tools can say `<|assistant|>{name}` mid-turn (ChatGLM3, GLM-4) and be read back as a call."""
+    decoder = IncrementalDecoder(loaded.tokenizer, skip_special_tokens=not keep_roles)
     rewrite = getattr(loaded.chat_format, "process_response", None)
     if rewrite is None:
         return decoder
     return RewritingDecoder(decoder, rewrite, loaded.chat_format.unsettled_tail)
+
+
+def _reads_role_tokens(loaded: LoadedModel, output) -> bool:
+    syntax = getattr(loaded.chat_format, "tool_syntax", None)
+    return bool(output.tools) and output.tool_choice != "none" and getattr(syntax, "role_marked", False)
 
 
 def slot_compatible(model) -> bool:
@@ -170,7 +190,7 @@ class Runner:
     def _continued_ids(self, kept: CachedContext | None, messages: list[dict], budget: int) -> list[int] | None:
         """Ids that continue the kept conversation token for token, if this request continues it exactly."""
         continuation = getattr(self.loaded.chat_format, "continuation", None)
-        if kept is None or continuation is None or kept.messages != messages[:-1]:
+        if kept is None or continuation is None or kept.messages != messages[:-1] or messages[-1]["role"] != "user":
             return None
         ids = kept.tokens + kept.unfed + continuation(messages)
         return ids if len(ids) <= budget else None  # too long: fall back to dropping the oldest turns
@@ -185,12 +205,19 @@ class Runner:
         if budget < 1:
             raise PromptTooLong(f"max new tokens ({params.max_new_tokens}) leaves no room in {max_length} tokens")
         kept = self.pool.take(request.conversation_id)
+        output = request.output
         encode = loaded.chat_format.encode
+        if output.tools:
+            encode = functools.partial(encode, tools=output.tools)
         if params.thinking is not None and getattr(loaded.chat_format, "thinking_switch", False):
             encode = functools.partial(encode, thinking=params.thinking)
         with self.tokenizer_lock:
-            ids = self._continued_ids(kept, request.messages, budget)
+            ids = None if output.tools or output.raw_prompt else self._continued_ids(kept, request.messages, budget)
             dropped = 0
+            if output.raw_prompt:  # /v1/completions: the text as is, with what the tokenizer puts in front
+                ids = list(loaded.tokenizer(request.messages[-1]["content"])["input_ids"])
+                if len(ids) > budget:
+                    raise PromptTooLong(f"the prompt takes {len(ids)} tokens; {budget} fit with this max_tokens")
             if ids is None:
                 ids, dropped = fit_to_context(
                     encode,
@@ -201,7 +228,7 @@ class Runner:
                 )
         if dropped:
             request.emit(Truncated(dropped, len(ids), budget))
-        opens_reasoning = getattr(loaded.chat_format, "opens_reasoning", None)
+        opens_reasoning = None if output.raw_prompt else getattr(loaded.chat_format, "opens_reasoning", None)
         with self.tokenizer_lock:
             opened = bool(opens_reasoning and opens_reasoning(ids))
         if opened:  # the prompt opened the thinking (GLM-Z1): the reply's text says so too (see glm_core.reasoning)
@@ -236,10 +263,11 @@ class Runner:
             started=started,
             stats=stats,
             dropped=dropped,
-            decoder=reply_decoder(loaded),
+            decoder=reply_decoder(loaded, keep_roles=_reads_role_tokens(loaded, output)),
             generator=generator,
             seen=seen,
             text_started=opened,
+            grammar=request.grammar,
         )
 
     def _count(self, text: str) -> int:
@@ -277,7 +305,12 @@ class Runner:
                 budget -= take
                 if not sequence.prefilled:
                     continue
-                self._accept(sequence, logits[None], ended)
+                try:
+                    self._accept(sequence, logits[None], ended)
+                except GrammarFailed as exc:
+                    self.prefilling.remove(sequence)
+                    ended.append((request, self._failure(request, exc, sequence)))
+                    continue
                 if sequence.next_token is None:  # ended at its first token
                     self.prefilling.remove(sequence)
                     continue
@@ -363,14 +396,21 @@ class Runner:
         self._accept_rows(logits, ended)
 
     def _accept_rows(self, logits: torch.Tensor, ended: list) -> None:
-        finished = []
+        finished, failed = [], {}
         for index, sequence in enumerate(self.decoding):
-            self._accept(sequence, logits[index : index + 1], None)
+            try:
+                self._accept(sequence, logits[index : index + 1], None)
+            except GrammarFailed as exc:  # that row's grammar: the other rows go on
+                failed[index] = exc
+                continue
             if sequence.next_token is None:
                 finished.append(index)
-        for index in reversed(finished):
+        for index in sorted(finished + list(failed), reverse=True):
             sequence = self.decoding[index]
-            ended.append((sequence.request, self._retire(index, sequence.finish)))
+            reply = self._retire(index, sequence.finish or "error")
+            if index in failed:
+                reply = self._failure(sequence.request, failed[index], sequence)
+            ended.append((sequence.request, reply))
 
     def _accept(self, sequence: Sequence, logits: torch.Tensor, ended: list | None) -> None:
         """Sample the next token of one sequence from its logits [1, vocab], emit its text, decide if it ends.
@@ -379,7 +419,17 @@ class Runner:
         (the first token, straight after prefill), a sequence that ends is finished here.
         """
         params = sequence.request.params
-        token = sample_next(logits[0], params, sequence.seen, sequence.generator)
+        row = logits[0]
+        if sequence.grammar is not None:
+            if sequence.constraint is None:
+                with self.tokenizer_lock:
+                    sequence.constraint = Constraint(
+                        sequence.grammar, self.loaded.tokenizer, row.shape[-1], self.loaded.chat_format.stop_token_ids
+                    )
+            row = sequence.constraint.mask(row)
+        token = sample_next(row, params, sequence.seen, sequence.generator)
+        if sequence.constraint is not None:
+            sequence.constraint.accept(token)
         now = time.perf_counter()
         sequence.last_token_at = now
         if sequence.first_token_at is None:
@@ -389,8 +439,12 @@ class Runner:
             sequence.finish = "eos"
         else:
             sequence.generated.append(token)
+            if sequence.request.output.top_logprobs is not None:
+                self._emit_logprob(sequence, row, token)
             self._emit_token(sequence, token)
-            if len(sequence.generated) >= sequence.limit:
+            if sequence.constraint is not None and sequence.constraint.finished:
+                sequence.finish = "eos"  # the call or the JSON value is complete: nothing else may follow
+            elif len(sequence.generated) >= sequence.limit:
                 sequence.finish = "length"
             elif sequence.request.stop_requested:
                 sequence.finish = "stopped"
@@ -399,12 +453,30 @@ class Runner:
         if sequence.next_token is None and ended is not None:
             ended.append((sequence.request, self._reply(sequence, sequence.finish)))
 
+    def _emit_logprob(self, sequence: Sequence, row: torch.Tensor, token: int) -> None:
+        """The token's log probability under the distribution it was drawn from (after a grammar's mask, before
+        temperature and top-p, as OpenAI reports them) and its `top_logprobs` most likely alternatives."""
+        logprobs = torch.log_softmax(row.float(), dim=-1)
+        count = sequence.request.output.top_logprobs
+        top = torch.topk(logprobs, count) if count else None
+        with self.tokenizer_lock:
+            decode = self.loaded.tokenizer.decode
+            alternatives = (
+                []
+                if top is None
+                else [(decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices) if v > float("-inf")]
+            )
+            text = decode([token])
+        sequence.request.emit(TokenLogprob(text, max(float(logprobs[token]), -9999.0), alternatives))
+
     def _emit_token(self, sequence: Sequence, token: int) -> None:
         with self.tokenizer_lock:
             delta = sequence.decoder.push(token)
         if not sequence.text_started:
             # Replies never start with whitespace worth keeping; ChatGLM3 even opens with an empty metadata line.
-            delta = delta.lstrip()
+            # A raw prompt's continuation does (" there" after "Once upon a time").
+            if not sequence.request.output.raw_prompt:
+                delta = delta.lstrip()
             sequence.text_started = bool(delta)
         if delta:
             sequence.request.emit_text(delta)
@@ -430,7 +502,7 @@ class Runner:
         if sequence.decoder is not None and sequence.first_token_at is not None:
             with self.tokenizer_lock:
                 tail = sequence.decoder.flush()
-            if not sequence.text_started:
+            if not sequence.text_started and not request.output.raw_prompt:
                 tail = tail.lstrip()
             if tail:
                 request.emit_text(tail)

@@ -26,10 +26,12 @@ import torch
 from ..models.loading import LoadedModel
 from ..protocol import (
     FAILED,
+    TOOL_ROLE,
     UNAVAILABLE,
     Capabilities,
     ConversationBusy,
     EngineClosed,
+    OutputSpec,
     Queued,
     QueueFull,
     Reply,
@@ -39,6 +41,7 @@ from ..protocol import (
 )
 from ..settings import load_settings
 from ..telemetry.memory import device_memory
+from .constraints import grammar_for
 from .fast_decode import start_fast_path
 from .kv_pool import KVCachePool
 from .runner import OUT_OF_MEMORY, Runner
@@ -105,15 +108,24 @@ class Engine:
         params: SamplingParams | None = None,
         recompute: bool = False,
         owner: str | None = None,
+        output: OutputSpec | None = None,
     ) -> Request:
-        """Queue a reply to `messages` (the whole conversation, ending with the new user message).
+        """Queue a reply to `messages` (the whole conversation, ending with the new user message). `output` asks
+        for tools, a forced call or JSON (decoded under a grammar) and logprobs.
 
         `recompute=True` feeds the same token ids as a kept cache would, but computes all of them from scratch:
         the baseline that shows what the kept cache saves, and the check that it changes nothing. `owner` (a
         workspace or an API key) bounds one person's share: `max_running_per_owner` running, a few waiting.
         """
         params = (params or SamplingParams()).validate()
-        request = Request(conversation_id, validate_messages(messages), params, recompute)
+        output = (output or OutputSpec()).validate()
+        messages = validate_messages(messages)
+        chat_format = self.loaded.chat_format
+        uses_tools = output.tools or any(m["role"] == TOOL_ROLE or m.get("tool_calls") for m in messages)
+        if uses_tools and getattr(chat_format, "tool_syntax", None) is None:
+            raise ValueError(f"this model's format ({chat_format.name}) was not trained for tool calls")
+        request = Request(conversation_id, messages, params, recompute, output)
+        request.grammar = grammar_for(output, chat_format)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the model was unloaded or replaced just now")
@@ -170,8 +182,17 @@ class Engine:
         with self._tokenizer_lock:
             return len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+    @property
+    def tool_syntax(self):
+        """How this model writes tool calls (models.tool_formats), or None where it was not trained for them."""
+        return getattr(self.loaded.chat_format, "tool_syntax", None)
+
+    def encode_chat(self, messages: Sequence[dict], output: OutputSpec | None = None) -> list[int]:
         with self._tokenizer_lock:
+            if output is not None and output.raw_prompt:
+                return list(self.loaded.tokenizer(messages[-1]["content"])["input_ids"])
+            if output is not None and output.tools:
+                return self.loaded.chat_format.encode(list(messages), tools=output.tools)
             return self.loaded.chat_format.encode(list(messages))
 
     def tokenize(self, text: str) -> list[int]:

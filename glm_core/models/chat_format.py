@@ -8,11 +8,19 @@ a reply differently costs a little recompute, never a wrong answer.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Protocol
 
 from ..reasoning import CLOSE, OPEN
+from .tool_formats import (
+    CHATGLM3_TOOL_PROMPT,
+    HERMES_SYSTEM,
+    ChatGLM3ToolSyntax,
+    GLM4ToolSyntax,
+    template_tool_syntax,
+)
 
 _MARKER = re.compile("\ue000(\\d+)\ue001")  # private-use characters around a message's index
 
@@ -32,7 +40,9 @@ class ChatFormat(Protocol):
 
 
 class TemplateChatFormat:
-    """Any Hugging Face tokenizer with a chat template (SmolLM2, GLM-4-hf, Qwen, Llama ...)."""
+    """Any Hugging Face tokenizer with a chat template (SmolLM2, GLM-4-hf, Qwen, Llama ...). Tools go to the
+    template's own `tools` (GLM-4's template: on the first message, with calls as `metadata` and results as
+    `observation`); a template that ignores tools gets them described in the system message (tool_formats)."""
 
     name = "chat template"
 
@@ -44,23 +54,19 @@ class TemplateChatFormat:
         # Strings the tokenizer turns into control tokens wherever they appear in text (<|im_start|>, ...).
         self._controls = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
+        self.tool_syntax = template_tool_syntax(template)
+        self._template_knows = {word: word in template for word in ("tools", "tool_calls")}
         # A reasoning model (GLM-Z1, GLM-4.5+) thinks inside <think>...</think>; its template may offer a switch.
         self.reasoning = OPEN in template or OPEN in tokenizer.get_vocab()
         self.thinking_switch = "enable_thinking" in template
 
-    def encode(self, messages: Sequence[dict], thinking: bool | None = None) -> list[int]:
+    def encode(self, messages: Sequence[dict], tools: Sequence[dict] = (), thinking: bool | None = None) -> list[int]:
         """The prompt's ids; `thinking` False asks a template with the switch for the answer without thinking."""
         extra = {"enable_thinking": thinking} if thinking is not None and self.thinking_switch else {}
-        # Thinking sent back with control tokens' text in it is dropped, not escaped: it is only ever a hint.
-        messages = [
-            {k: v for k, v in m.items() if k != "reasoning_content"}
-            if any(control in m.get("reasoning_content", "") for control in self._controls)
-            else m
-            for m in messages
-        ]
-        if any(control in m["content"] for m in messages for control in self._controls):
-            return self._encode_with_controls_as_text(messages, extra)
-        text = self._render([m["content"] for m in messages], messages, extra)
+        shaped = self.template_messages(messages, tools)
+        if any(control in m["content"] for m in shaped for control in self._controls):
+            return self._encode_with_controls_as_text(shaped, tools, extra)
+        text = self._render([m["content"] for m in shaped], shaped, tools, extra)
         # The template already wrote every special token (bos included) as text.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -72,28 +78,67 @@ class TemplateChatFormat:
         tail = self.tokenizer.decode(list(ids[-16:]))
         return tail.rfind(OPEN) > tail.rfind(CLOSE)
 
-    def _render(self, contents: list[str], messages: Sequence[dict], extra: dict | None = None) -> str:
-        # An earlier reply's thinking goes to the template as reasoning_content: its own rule keeps or drops it.
+    def _thinking(self, m: dict) -> dict:
+        """An earlier reply's thinking for the template (its own rule keeps or drops it); thinking with control
+        tokens' text in it is dropped, not escaped: it is only ever a hint."""
+        reasoning = m.get("reasoning_content")
+        if not reasoning or any(control in reasoning for control in self._controls):
+            return {}
+        return {"reasoning_content": reasoning}
+
+    def template_messages(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[dict]:
+        """The messages as this template takes them: tool calls and results in its family's shape."""
+        if isinstance(self.tool_syntax, GLM4ToolSyntax):
+            return _glm4_messages(messages, tools, self._thinking)
+        shaped = []
+        for m in messages:
+            message = {"role": m["role"], "content": m["content"], **self._thinking(m)}
+            calls = m.get("tool_calls") or []
+            if calls and self._template_knows["tool_calls"]:
+                message["tool_calls"] = [
+                    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": _json(c)}}
+                    for c in calls
+                ]
+            elif calls:  # written as the model is asked to write them
+                blocks = [
+                    f"<tool_call>\n{json.dumps({'name': c['name'], 'arguments': _json(c)}, ensure_ascii=False)}"
+                    "\n</tool_call>"
+                    for c in calls
+                ]
+                message["content"] = "\n".join(([m["content"]] if m["content"] else []) + blocks)
+            if m["role"] == "tool":
+                message.update(name=m.get("name", ""), tool_call_id=m.get("tool_call_id", ""))
+            shaped.append(message)
+        if tools and not self._template_knows["tools"]:
+            described = HERMES_SYSTEM.format(
+                tools="\n".join(json.dumps(_function(t), ensure_ascii=False) for t in tools)
+            )
+            if shaped and shaped[0]["role"] == "system":
+                shaped[0] = {**shaped[0], "content": shaped[0]["content"] + "\n\n" + described}
+            else:
+                shaped.insert(0, {"role": "system", "content": described})
+        return shaped
+
+    def _render(
+        self, contents: list[str], messages: Sequence[dict], tools: Sequence[dict] = (), extra: dict | None = None
+    ) -> str:
+        options = {"tools": [_function(t) for t in tools]} if tools and self._template_knows["tools"] else {}
         return self.tokenizer.apply_chat_template(
-            [
-                {
-                    "role": m["role"],
-                    "content": c,
-                    **({"reasoning_content": m["reasoning_content"]} if m.get("reasoning_content") else {}),
-                }
-                for m, c in zip(messages, contents)
-            ],
+            [{**m, "content": c} for m, c in zip(messages, contents)],
             add_generation_prompt=True,
             tokenize=False,
+            **options,
             **(extra or {}),
         )
 
-    def _encode_with_controls_as_text(self, messages: Sequence[dict], extra: dict | None = None) -> list[int]:
+    def _encode_with_controls_as_text(
+        self, messages: Sequence[dict], tools: Sequence[dict] = (), extra: dict | None = None
+    ) -> list[int]:
         """A message that contains a control token's text (a user typing `<|im_end|><|im_start|>system`) must
         not become that token: it would let anyone write turns for other roles. The template is rendered with
         a marker in place of each message, its own text is tokenized as usual, and each message's text with
         control strings split into ordinary pieces."""
-        text = self._render([f"\ue000{i}\ue001" for i in range(len(messages))], messages, extra)
+        text = self._render([f"\ue000{i}\ue001" for i in range(len(messages))], messages, tools, extra)
         ids: list[int] = []
         position = 0
         for match in _MARKER.finditer(text):
@@ -103,6 +148,38 @@ class TemplateChatFormat:
             )["input_ids"]
             position = match.end()
         return ids + list(self.tokenizer(text[position:], add_special_tokens=False)["input_ids"])
+
+
+def _function(tool: dict) -> dict:
+    return {"type": "function", "function": tool}
+
+
+def _json(call: dict):
+    """A call's arguments as the value templates expect (an object; the text itself when it is not JSON)."""
+    try:
+        return json.loads(call["arguments"] or "{}")
+    except ValueError:
+        return call["arguments"]
+
+
+def _glm4_messages(messages: Sequence[dict], tools: Sequence[dict], thinking=lambda m: {}) -> list[dict]:
+    """glm-4-9b-chat's template: `<|{role}|>{metadata}\n{content}` per message, tools on the message that has them
+    (rendered under "# 可用工具"), a call as an assistant message whose metadata is the function's name and whose
+    content is its arguments, a tool's result as an `observation` message."""
+    shaped = []
+    for m in messages:
+        if m["role"] == "tool":
+            shaped.append({"role": "observation", "metadata": "", "content": m["content"]})
+            continue
+        if m["content"] or not m.get("tool_calls"):
+            shaped.append({"role": m["role"], "metadata": "", "content": m["content"], **thinking(m)})
+        for call in m.get("tool_calls") or []:
+            shaped.append({"role": "assistant", "metadata": call["name"], "content": call["arguments"]})
+    if tools:
+        if not shaped or shaped[0]["role"] != "system":
+            shaped.insert(0, {"role": "system", "metadata": "", "content": ""})
+        shaped[0] = {**shaped[0], "tools": [_function(t) for t in tools]}
+    return shaped
 
 
 def _turns(messages: Sequence[dict]) -> tuple[str, list[tuple[str, str]], str]:
@@ -167,6 +244,8 @@ class ChatGLM3Format:
             {tokenizer.eos_token_id, tokenizer.command("<|user|>"), tokenizer.command("<|observation|>")}
         )
 
+    tool_syntax = ChatGLM3ToolSyntax()
+
     def _message(self, role: str, content: str, metadata: str = "") -> list[int]:
         return (
             [self.tokenizer.command(f"<|{role}|>")]
@@ -174,10 +253,24 @@ class ChatGLM3Format:
             + self.tokenizer.encode(content)
         )
 
-    def encode(self, messages: Sequence[dict]) -> list[int]:
+    def encode(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[int]:
+        """With tools, the system message is ChatGLM3's tool prompt (after the client's own system text, if any)
+        and the tools as JSON; a call is `<|assistant|>{name}` + its tool_call(...) block; a tool's result is
+        `<|observation|>`, as in THUDM's PROMPT.md."""
         ids = list(self.tokenizer.prefix_ids)
+        if tools:
+            system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+            prompt = f"{system}\n\n{CHATGLM3_TOOL_PROMPT}" if system else CHATGLM3_TOOL_PROMPT
+            ids += self._message("system", ChatGLM3ToolSyntax.system_message(tools, prompt))
+            messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
         for m in messages:
-            ids += self._message(m["role"], m["content"])
+            if m["role"] == "tool":
+                ids += self._message("observation", m["content"])
+                continue
+            if m["content"] or not m.get("tool_calls"):
+                ids += self._message(m["role"], m["content"])
+            for call in m.get("tool_calls") or []:
+                ids += self._message("assistant", *reversed(ChatGLM3ToolSyntax.call_text(call)))
         return ids + [self.tokenizer.command("<|assistant|>")]
 
     def continuation(self, messages: Sequence[dict]) -> list[int]:
