@@ -30,7 +30,7 @@ run: setup
 chromium:
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-# The whole suite, after the lint (ruff: lint, import order, format).
+# The whole suite, after the lint (ruff: lint, import order, format; mypy on protocol.py, engine/ and api/).
 test: setup chromium lint
 	$(PY) -m pytest
 
@@ -41,6 +41,7 @@ test-fast: setup lint
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

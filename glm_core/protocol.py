@@ -188,7 +188,7 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
         raise ValueError("messages must be a list of {role, content} objects")
     if len(messages) > MAX_REQUEST_MESSAGES:
         raise ValueError(f"the request has {len(messages):,} messages; at most {MAX_REQUEST_MESSAGES:,} are accepted")
-    clean = []
+    clean: list[dict] = []
     total = 0
     for m in messages:
         if not isinstance(m, dict):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from anyio import to_thread
 
 from ..protocol import Backend, LocalWorker
@@ -12,7 +14,7 @@ from .generation import model_context
 
 
 async def embed(
-    backend: Backend, inputs: list[str | list[int]], limits: ApiLimits, owner: str | None = None
+    backend: Backend, inputs: Sequence[str | list[int]], limits: ApiLimits, owner: str | None = None
 ) -> tuple[list[list[float]], int]:
     """One unit vector per input (a text, or token ids) and the number of tokens read. Bounded (inputs, characters,
     tokens), counted as one of `owner`'s running requests, and computed a slice at a time between the engine's
@@ -66,4 +68,6 @@ async def embed(
         raise ApiError(400, str(exc), param="input") from None
     except Exception as exc:
         raise backend_error(exc, limits.retry_after_s) from None
-    return job.vectors, total
+    vectors = [v for v in job.vectors if v is not None]
+    assert len(vectors) == len(token_ids), "the embeddings job ends with a vector per input"
+    return vectors, total

@@ -10,6 +10,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
 from starlette.requests import Request as HttpRequest
@@ -36,6 +37,9 @@ from .access import Caller
 from .config import ApiLimits
 from .conversation_ids import StatelessConversations
 from .errors import ApiError, backend_error
+
+if TYPE_CHECKING:
+    from ..models.tool_formats import ToolSyntax
 
 FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the engine's words -> OpenAI's
 
@@ -231,7 +235,7 @@ class Generation:
     conversations: StatelessConversations
     stop: StopStrings
     output: OutputSpec = field(default_factory=OutputSpec)
-    syntax: object = None  # the model's ToolSyntax, when the reply may be a tool call
+    syntax: ToolSyntax | None = None  # the model's, when the reply may be a tool call
     reasoning: bool = False  # a reasoning model's reply: its <think>...</think> goes out as reasoning_content
     text: str = ""
     reply: Reply | None = None
@@ -254,15 +258,15 @@ class Generation:
         output: OutputSpec | None = None,
     ) -> Generation:
         output = output or OutputSpec()
-        extra = {"output": output} if output != OutputSpec() else {}
+        asked = output if output != OutputSpec() else None
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
             except ConversationBusy:  # a reply this client left is still ending there: start afresh
                 conversations.release(caller.scope, conversation_id, None)
                 conversation_id = conversations.claim(caller.scope, messages, fresh=True)
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, **extra)
+                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
             raise backend_error(exc, limits.retry_after_s) from None
@@ -336,7 +340,7 @@ class Generation:
         self._ended = True
         reply = self.reply
         keep = reply is not None and reply.error is None and not self.client_gone
-        said = {"role": "assistant", "content": self.parts()[1]}
+        said: dict[str, Any] = {"role": "assistant", "content": self.parts()[1]}
         if self.tool_calls:
             said["tool_calls"] = self.tool_calls
         conversation = self.messages + [said] if keep else None

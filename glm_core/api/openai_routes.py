@@ -229,14 +229,12 @@ async def embeddings(
 ):
     if body.dimensions is not None:
         raise ApiError(400, "dimensions is not supported: the size is the model's hidden size", param="dimensions")
-    inputs = body.input
-    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-        inputs = [inputs]
-    vectors, tokens = await embed(backend, list(inputs), state.limits, caller.owner)
+    given = body.input
+    inputs: list = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else list(given)
+    vectors, tokens = await embed(backend, inputs, state.limits, caller.owner)
+    data: list[str] | list[list[float]] = vectors
     if body.encoding_format == "base64":  # what the openai client asks for by default: float32, little-endian
         data = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
-    else:
-        data = vectors
     return EmbeddingList(
         data=[{"index": i, "embedding": d} for i, d in enumerate(data)],
         model=model_name(backend),

@@ -80,9 +80,8 @@ class ResponseRequest(BaseModel):
     user: str | None = None
 
     def output(self) -> OutputSpec:
-        choice = self.tool_choice or "auto"
-        if isinstance(choice, NamedToolChoice):
-            choice = choice.name
+        chosen = self.tool_choice or "auto"
+        choice = chosen.name if isinstance(chosen, NamedToolChoice) else chosen
         schema = None
         form = self.text.format if self.text else None
         if form is not None and form.type == "json_object":
@@ -130,7 +129,7 @@ def input_messages(items: str | list[dict[str, Any]], instructions: str | None) 
             raise ApiError(400, "each input item must be an object", param=where)
         kind = item.get("type", "message")
         if kind == "message":
-            role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+            role = {"developer": "system"}.get(str(item.get("role")), item.get("role"))
             if role not in ("system", "user", "assistant"):
                 raise ApiError(400, f"unknown role {str(item.get('role'))[:40]!r}", param=f"{where}.role")
             text = _text_of(item.get("content"), f"{where}.content")
@@ -230,7 +229,10 @@ async def create_response(
 
 
 def _keep(caller: Caller, response: ResponseShape, messages: list[dict], generation: Generation) -> None:
-    said = {"role": "assistant", "content": generation.content if generation.tool_calls else generation.text}
+    said: dict[str, Any] = {
+        "role": "assistant",
+        "content": generation.content if generation.tool_calls else generation.text,
+    }
     if generation.tool_calls:
         said["tool_calls"] = [{**c, "id": response.call_ids[i]} for i, c in enumerate(generation.tool_calls)]
     KEPT.put(caller.scope, response.id, messages + [said])

@@ -46,7 +46,7 @@ class ChatMessageIn(BaseModel):
         """{"role", "content"} as the backend takes it: text parts joined; `developer` is OpenAI's new name for
         the system role; an assistant's tool_calls and a tool's result keep what identifies them."""
         role = "system" if self.role == "developer" else self.role
-        message = {"role": role, "content": self._text()}
+        message: dict[str, Any] = {"role": role, "content": self._text()}
         if role == "assistant" and self.reasoning_content:
             message["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
@@ -89,7 +89,7 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
     def plain(self) -> dict:
-        tool = {"name": self.name, "description": self.description or ""}
+        tool: dict[str, Any] = {"name": self.name, "description": self.description or ""}
         if self.parameters is not None:
             tool["parameters"] = self.parameters
         return tool
@@ -150,9 +150,8 @@ def output_spec(
     top_logprobs: int | None,
 ) -> OutputSpec:
     """What the request asks of the reply beyond sampling, checked (a bad combination is a 400 naming the field)."""
-    choice = tool_choice if tool_choice is not None else "auto"
-    if isinstance(choice, NamedToolChoice):
-        choice = choice.function.name
+    chosen = tool_choice if tool_choice is not None else "auto"
+    choice = chosen.function.name if isinstance(chosen, NamedToolChoice) else chosen
     spec = OutputSpec(
         tools=[t.function.plain() for t in tools or []],
         tool_choice=choice if tools else "auto",

@@ -11,13 +11,16 @@ and its mask costs well under a millisecond per token on this CPU (docs/ and the
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
 from ..models.tool_formats import json_schema_grammar
 from ..protocol import OutputSpec
 
-_TOKENIZERS: dict[int, object] = {}  # id(loaded tokenizer) -> llguidance LLTokenizer (building one takes ~0.3-1 s)
+_TOKENIZERS: dict[
+    int, tuple[Any, int, Any]
+] = {}  # id(loaded tokenizer) -> llguidance LLTokenizer (building one takes ~0.3-1 s)
 _TOKENIZERS_LOCK = threading.Lock()
 
 

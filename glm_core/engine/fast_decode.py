@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.attention
@@ -361,8 +362,8 @@ class FastDecode:
         self.model(
             input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache, use_cache=True
         )
-        keys = cache.layers[0].keys
-        return len(cache.layers), keys.shape[1], keys.shape[3], keys.dtype
+        first: Any = cache.layers[0]  # a DynamicLayer: keys [1, kv_heads, length, head_dim]
+        return len(cache.layers), first.keys.shape[1], first.keys.shape[3], first.keys.dtype
 
     @torch.inference_mode()
     def _warm(self, key: tuple[int, int]) -> None:
@@ -370,6 +371,7 @@ class FastDecode:
         (ordinary tensors, a [:rows] view): same shapes, strides and kinds, so the worker's call reuses the
         graph. CUDA graphs record on a later call: twice there."""
         rows, capacity = key
+        assert self.layout is not None  # probed before any graph is queued
         layers, kv_heads, head_dim, dtype = self.layout
         with torch.inference_mode(False):
             shape = (rows, kv_heads, capacity, head_dim)

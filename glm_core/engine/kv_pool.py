@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def cache_nbytes(cache) -> int:
@@ -30,7 +31,7 @@ def cache_can_crop(cache) -> bool:
 @dataclass
 class CachedContext:
     tokens: list[int]  # exactly the ids whose keys/values `cache` holds, in order
-    cache: object  # a transformers Cache
+    cache: Any  # a transformers Cache
     # The conversation these ids encode, the reply included, and the reply's generated tokens that were sampled
     # but never fed back (the last one after a stop or the length limit). A request that continues exactly this
     # conversation appends only its new turn after `tokens + unfed`, as the original ChatGLM stream_chat did.

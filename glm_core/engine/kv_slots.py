@@ -15,6 +15,8 @@ whenever a row joins or leaves; slots copy one row's cache when it joins or leav
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -114,7 +116,8 @@ class SlotCache(Cache):
         length = cache.get_seq_length()
         self._ensure(length + 1, self.occupied + 1)
         slot = self.occupied
-        for i, layer in enumerate(cache.layers):
+        layers: list[Any] = list(cache.layers)  # DynamicLayer: keys and values [1, kv_heads, length, head_dim]
+        for i, layer in enumerate(layers):
             if length:
                 self.keys[i][slot, :, :length] = layer.keys[0]
                 self.values[i][slot, :, :length] = layer.values[0]

@@ -17,9 +17,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..models.chat_format import ContinuingFormat, PrefixRulesFormat, RewritingFormat
 from ..models.loading import LoadedModel
 from ..protocol import (
     FAILED,
@@ -42,6 +44,9 @@ from .kv_slots import SlotCache
 from .sampling import sample_next
 from .textstream import IncrementalDecoder, RewritingDecoder
 
+if TYPE_CHECKING:
+    from .fast_decode import FastDecode
+
 log = logging.getLogger(__name__)
 
 OUT_OF_MEMORY = "out of memory while generating; kept caches were freed, try again or start a new conversation"
@@ -53,7 +58,7 @@ class Sequence:
 
     request: Request
     ids: list[int]  # the context, then each generated token once it is fed back
-    cache: object  # batch-1 DynamicCache while prefilling (and while decoding, when the model cannot batch)
+    cache: Any  # batch-1 DynamicCache while prefilling (and while decoding, when the model cannot batch)
     fed: int  # how many of `ids` the cache holds (all of them once prefilled)
     prompt_length: int  # the context's length
     limit: int  # max tokens to generate
@@ -87,10 +92,9 @@ def reply_decoder(loaded: LoadedModel, keep_roles: bool = False) -> IncrementalD
     process_response, applied while streaming). `keep_roles`: special tokens are written by name, so a reply with
     tools can say `<|assistant|>{name}` mid-turn (ChatGLM3, GLM-4) and be read back as a call."""
     decoder = IncrementalDecoder(loaded.tokenizer, skip_special_tokens=not keep_roles)
-    rewrite = getattr(loaded.chat_format, "process_response", None)
-    if rewrite is None:
+    if not isinstance(loaded.chat_format, RewritingFormat):
         return decoder
-    return RewritingDecoder(decoder, rewrite, loaded.chat_format.unsettled_tail)
+    return RewritingDecoder(decoder, loaded.chat_format.process_response, loaded.chat_format.unsettled_tail)
 
 
 def _reads_role_tokens(loaded: LoadedModel, output) -> bool:
@@ -130,7 +134,7 @@ class Runner:
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[i] occupies slot i
         self.slots: SlotCache | None = None
-        self.fast = None  # a fast_decode.FastDecode when the compiled decode path is on (the engine sets it)
+        self.fast: FastDecode | None = None  # the compiled decode path, when on (the engine sets it)
 
     # ---- what the scheduler asks -------------------------------------------------------------------------
 
@@ -189,10 +193,12 @@ class Runner:
 
     def _continued_ids(self, kept: CachedContext | None, messages: list[dict], budget: int) -> list[int] | None:
         """Ids that continue the kept conversation token for token, if this request continues it exactly."""
-        continuation = getattr(self.loaded.chat_format, "continuation", None)
-        if kept is None or continuation is None or kept.messages != messages[:-1] or messages[-1]["role"] != "user":
+        chat_format = self.loaded.chat_format
+        if not isinstance(chat_format, ContinuingFormat):
             return None
-        ids = kept.tokens + kept.unfed + continuation(messages)
+        if kept is None or kept.messages != messages[:-1] or messages[-1]["role"] != "user":
+            return None
+        ids = kept.tokens + kept.unfed + chat_format.continuation(messages)
         return ids if len(ids) <= budget else None  # too long: fall back to dropping the oldest turns
 
     def _sequence(self, request: Request, stats: ReplyStats) -> Sequence:
@@ -238,7 +244,10 @@ class Runner:
         if kept is not None and not request.recompute and cache_can_crop(kept.cache):
             # Reuse only what is an exact prefix of the ids a full recompute would see; at least one id is fed.
             # A format whose prompt attends both ways (ChatGLM-6B) says itself how much of a kept cache is exact.
-            reusable = getattr(loaded.chat_format, "reusable_length", common_prefix_length)
+            chat_format = loaded.chat_format
+            reusable = (
+                chat_format.reusable_length if isinstance(chat_format, PrefixRulesFormat) else common_prefix_length
+            )
             reused = min(reusable(kept.tokens, ids), len(ids) - 1)
             if len(kept.tokens) > reused:
                 kept.cache.crop(-(len(kept.tokens) - reused))
@@ -345,24 +354,31 @@ class Runner:
 
     # ---- decode ------------------------------------------------------------------------------------------
 
+    @property
+    def _slots(self) -> SlotCache:
+        """The running batch's slot cache: there is one whenever a batched model has rows decoding."""
+        assert self.slots is not None, "no slot cache: the model decodes one row at a time or nothing runs"
+        return self.slots
+
     @torch.inference_mode()
     def _forward_batch(self, tokens: list[int]) -> torch.Tensor:
+        slots = self._slots
         if self.fast is not None:  # the compiled step, when its graph is ready (else None: decode eagerly)
-            logits = self.fast.try_decode(tokens, self.slots)
+            logits = self.fast.try_decode(tokens, slots)
             if logits is not None:
-                self.slots.advance()
+                slots.advance()
                 return logits
         model, device = self.loaded.model, self.loaded.device
-        positions, mask = self.slots.prepare_decode()
+        positions, mask = slots.prepare_decode()
         if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
             mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(
                 ~mask, torch.finfo(model.dtype).min
             )
         input_ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         out = model(
-            input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=self.slots, use_cache=True
+            input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=slots, use_cache=True
         )
-        self.slots.advance()
+        slots.advance()
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -382,7 +398,8 @@ class Runner:
                 ended.append((sequence.request, self._retire(index, "stopped")))
         if not self.decoding:
             return
-        tokens = [s.next_token for s in self.decoding]
+        tokens = [s.next_token for s in self.decoding if s.next_token is not None]
+        assert len(tokens) == len(self.decoding), "every decoding row has its next token sampled"
         try:
             logits = self._forward_batch(tokens) if self.batched else self._forward_each(tokens)
         except Exception as exc:  # a failed batched forward leaves no row's cache trustworthy
@@ -470,6 +487,7 @@ class Runner:
         sequence.request.emit(TokenLogprob(text, max(float(logprobs[token]), -9999.0), alternatives))
 
     def _emit_token(self, sequence: Sequence, token: int) -> None:
+        assert sequence.decoder is not None  # made with the sequence
         with self.tokenizer_lock:
             delta = sequence.decoder.push(token)
         if not sequence.text_started:
@@ -487,12 +505,12 @@ class Runner:
         """Take row `index` out of the decode batch, keep its cache, and build its reply."""
         sequence = self.decoding[index]
         if self.batched:
-            sequence.cache = self.slots.take(index, self.loaded.model.config)
+            sequence.cache = self._slots.take(index, self.loaded.model.config)
             last = self.decoding.pop()
             if index < len(self.decoding):
                 self.decoding[index] = last  # the last row moved into the freed slot
             if not self.decoding:
-                self.slots.clear()
+                self._slots.clear()
         else:
             self.decoding.pop(index)
         return self._reply(sequence, finish)
@@ -517,10 +535,9 @@ class Runner:
         stats.completion_tokens = len(sequence.generated)
         if sequence.first_token_at is not None:
             stats.ttft_s = sequence.first_token_at - sequence.started
-            if len(sequence.generated) > 1 and sequence.last_token_at > sequence.first_token_at:
-                stats.decode_tokens_per_s = (len(sequence.generated) - 1) / (
-                    sequence.last_token_at - sequence.first_token_at
-                )
+            last = sequence.last_token_at
+            if len(sequence.generated) > 1 and last is not None and last > sequence.first_token_at:
+                stats.decode_tokens_per_s = (len(sequence.generated) - 1) / (last - sequence.first_token_at)
         stats.total_s = time.perf_counter() - sequence.started
         return Reply(text=text, finish_reason=finish, stats=stats, dropped_messages=sequence.dropped)
 

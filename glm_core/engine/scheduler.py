@@ -303,12 +303,13 @@ class Engine:
     def _owner_at_share(self, request: Request) -> bool:
         """The request's owner already runs as many requests as it may. Called with the lock held."""
         owner = self._owners.get(request.id)
-        return bool(owner) and self._running_owners[owner] >= self.max_running_per_owner
+        return bool(owner) and self._running_owners[owner or ""] >= self.max_running_per_owner
 
     def _admit(self) -> list[Request]:
         """Waiting requests that start now: first come first served while the batch has room, skipping those
         whose owner already has one running (they keep their place). Called with the lock held."""
-        admitted, kept = [], deque()
+        admitted: list[Request] = []
+        kept: deque[Request] = deque()
         while self._waiting:
             request = self._waiting.popleft()
             if self.runner.running + len(admitted) >= self.max_batch or self._owner_at_share(request):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..reasoning import CLOSE, OPEN
 from .tool_formats import (
@@ -29,14 +29,43 @@ class ChatFormat(Protocol):
     name: str
     stop_token_ids: frozenset[int]
 
-    def encode(self, messages: Sequence[dict]) -> list[int]:
-        """Ids for the whole conversation, ending where the assistant's reply starts."""
+    def encode(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[int]:
+        """Ids for the whole conversation, ending where the assistant's reply starts; `tools` where the format
+        was trained for them (a format that was not refuses them: the API says so first)."""
         ...
 
-    # Optional: formats whose original demos kept a cache define `continuation(messages) -> list[int]`, the ids
-    # appended after the previous reply's generated tokens for the new (last) user message.
-    # Optional: formats whose prompts do not extend causally define `reusable_length(kept_ids, new_ids) -> int`,
-    # how many leading ids of a kept cache stay valid for new_ids (the engine uses it instead of the common prefix).
+
+@runtime_checkable
+class RewritingFormat(Protocol):
+    """A format whose original code rewrote the decoded reply (ChatGLM-6B's process_response): the engine applies
+    the rewrite while streaming, holding back the tail it may still change."""
+
+    def process_response(self, text: str) -> str: ...
+
+    def unsettled_tail(self, text: str) -> int: ...
+
+
+@runtime_checkable
+class ContinuingFormat(Protocol):
+    """A format whose original demo kept a cache across turns (ChatGLM2's stream_chat)."""
+
+    def continuation(self, messages: Sequence[dict]) -> list[int]:
+        """The ids appended after the previous reply's generated tokens for the new (last) user message."""
+        ...
+
+
+@runtime_checkable
+class PrefixRulesFormat(Protocol):
+    """A format whose prompts do not extend causally (ChatGLM-6B's prompt attends both ways)."""
+
+    def reusable_length(self, kept_ids: Sequence[int], new_ids: Sequence[int]) -> int:
+        """How many leading ids of a kept cache stay valid for `new_ids` (instead of the common prefix)."""
+        ...
+
+
+def _no_tools(chat_format, tools: Sequence[dict]) -> None:
+    if tools:
+        raise ValueError(f"{chat_format.name} was not trained for tool use")
 
 
 class TemplateChatFormat:
@@ -216,7 +245,8 @@ class ChatGLM2Format:
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset({tokenizer.eos_token_id})
 
-    def encode(self, messages: Sequence[dict]) -> list[int]:
+    def encode(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[int]:
+        _no_tools(self, tools)
         system, pairs, question = _turns(messages)
         prompt = ""
         for number, (q, a) in enumerate(pairs + [(question, None)], start=1):
@@ -324,7 +354,8 @@ class ChatGLM6BFormat:
         text = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(pairs))
         return text + f"[Round {len(pairs)}]\n问：{question}\n答："
 
-    def encode(self, messages: Sequence[dict]) -> list[int]:
+    def encode(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[int]:
+        _no_tools(self, tools)
         return self.tokenizer.encode(self.prompt(messages)) + self.tokenizer.suffix_ids
 
     def reusable_length(self, kept_ids: Sequence[int], new_ids: Sequence[int]) -> int:

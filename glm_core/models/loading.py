@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,8 +50,8 @@ STREAMED = "streamed"  # card()["loader"] of a model read tensor by tensor (quan
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
+    model: Any  # a causal LM module: transformers' or ours (ChatGLM-6B), read through its config and forward
+    tokenizer: Any  # transformers', or ours for the original ChatGLM layouts (the same calls)
     chat_format: ChatFormat
     spec: ModelSpec
     name: str
