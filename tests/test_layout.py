@@ -45,6 +45,7 @@ RANKS = {
     "glm_core.engine": 2,
     "glm_core.backends": 3,
     "glm_core.conversations": 4,
+    "glm_core.admin": 4,
     "glm_core.api": 5,
     "glm_core.bench": 6,
     "glm_core.cli": 7,

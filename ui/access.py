@@ -96,7 +96,7 @@ def admin_panel() -> bool:
         elif admin:
             st.caption("You are an admin on this portal.")
             if st.session_state.get("admin_granted"):
-                st.button("Leave admin", key="admin_leave", on_click=lambda: st.session_state.pop("admin_granted"))
+                st.button("Leave admin", key="admin_leave", on_click=_leave_admin)
         else:
             st.caption(policy.describe())
             if policy.admin_password is not None:
@@ -106,8 +106,20 @@ def admin_panel() -> bool:
                         given, policy.admin_password, "admin password"
                     ):
                         st.session_state.admin_granted = True
+                        _audit("role.admin_granted", "admin password")
                         st.rerun()
     return admin
+
+
+def _leave_admin() -> None:
+    _audit("role.admin_left", "admin password")
+    st.session_state.pop("admin_granted")
+
+
+def _audit(action: str, target: str) -> None:
+    from ui.accounting import audit  # it reads this module's rules
+
+    audit(action, target)
 
 
 # ---- the workspace -------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def api_routes() -> list:
     from glm_core.api import create_app
     from glm_core.api.portal import ApiRoutes
 
-    return [ApiRoutes(create_app(lambda: get_hub().engine))]
+    return [ApiRoutes(create_app(lambda: get_hub().engine, backend_name=get_hub().local_name))]
 
 
 @asynccontextmanager

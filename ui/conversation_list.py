@@ -10,6 +10,7 @@ import streamlit as st
 from glm_core.conversations.conversation import Conversation, new_conversation_id
 from glm_core.conversations.store import NotFound, StorageError, Store
 from glm_core.safe_markdown import plain
+from ui.accounting import share_link, stop_sharing, visible_backends
 from ui.render import share_url
 from ui.resources import get_hub
 
@@ -157,7 +158,7 @@ def conversation_menu(actions: ConversationActions, conversation: Conversation) 
                 key="share_conversation",
                 width="stretch",
                 on_click=actions.guarded,
-                args=(store.share, workspace, conversation.id),
+                args=(share_link, store, workspace, conversation.id),
             )
         else:
             st.caption("Anyone with this link sees this conversation, read-only, and nothing else:")
@@ -167,7 +168,7 @@ def conversation_menu(actions: ConversationActions, conversation: Conversation) 
                 key="revoke_share",
                 width="stretch",
                 on_click=actions.guarded,
-                args=(store.revoke_share, workspace, conversation.id),
+                args=(stop_sharing, store, workspace, conversation.id),
             )
         st.button(
             "Delete…",
@@ -179,7 +180,7 @@ def conversation_menu(actions: ConversationActions, conversation: Conversation) 
 
 def model_choice(actions: ConversationActions, conversation: Conversation, stored: bool, backend_name) -> None:
     """Which model this conversation talks to, where there is more than one."""
-    names = get_hub().names()
+    names = visible_backends(get_hub().names())
     if len(names) > 1:
         st.selectbox(
             "Model for this conversation",

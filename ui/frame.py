@@ -16,6 +16,7 @@ PAGES = [
     ("ui/pages/Quantization.py", "Quantization", "⚖️"),
     ("ui/pages/Conversations.py", "Conversations", "🗂️"),
     ("ui/pages/Shared.py", "Shared", "🔗"),
+    ("ui/pages/Admin.py", "Admin", "🛡️"),
 ]
 URL_PATHS = [path.rsplit("/", 1)[1].removesuffix(".py") for path, *_ in PAGES[1:]]
 OPENS_NO_WORKSPACE = {"Shared"}  # a share link shows one conversation and nothing of anyone's

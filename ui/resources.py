@@ -109,13 +109,20 @@ def ensure_engine() -> Backend | None:
 
 def backend_choice(stored: str | None) -> tuple[str | None, str | None]:
     """The backend name a conversation talks to (see conversation_backend) and a note when its own is gone."""
+    from ui.accounting import visible_backends  # ui.accounting reads the access rules, which import this module
+
     hub = get_hub()
-    return conversation_backend(stored, hub.names(), hub.default_name)
+    names = visible_backends(hub.names())
+    if hub.names() and not names:
+        return None, "No model here is offered to you; an admin can change that on the Admin page."
+    return conversation_backend(stored, names, names[0] if names else None)
 
 
 def backend_named(name: str | None) -> Backend | None:
     """The named backend; the local one is loaded on first use (with its progress bar)."""
     hub = get_hub()
+    if name is None and hub.names():  # every offered backend is restricted to others (backend_choice said so)
+        return None
     if name is None or hub.is_local(name):
         return ensure_engine()
     return hub.get(name)

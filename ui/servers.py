@@ -5,8 +5,10 @@ from __future__ import annotations
 import streamlit as st
 
 from glm_core import Backend, ModelSpec
+from glm_core.admin.audit import without_credentials
 from glm_core.backends.config import typed_entry
 from glm_core.safe_markdown import plain
+from ui.accounting import audit
 from ui.resources import get_hub, load_with_progress
 
 PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int4"]
@@ -33,6 +35,7 @@ def load_model_form(engine: Backend | None) -> Backend | None:
             spec = ModelSpec(path.strip() or "embedded", precision, device, family)
             engine = load_with_progress(spec, admin=True)  # on failure it shows why and returns the running engine
             if engine is not None and engine.spec == spec:
+                audit("model.load", spec.path, {"precision": precision, "device": device, "family": family})
                 st.rerun()  # redraw the model card
     return engine
 
@@ -41,6 +44,11 @@ def remote_servers_panel() -> None:
     """The remote servers offered beside the local model, one more to offer, or one to stop offering. What is
     added here lasts until the portal restarts (GLM_BACKENDS or secrets.toml keep servers for good)."""
     hub = get_hub()
+
+    def remove(name: str) -> None:
+        hub.remove(name)
+        audit("backend.remove", name)
+
     for name in hub.names():
         if hub.is_local(name):
             continue
@@ -49,7 +57,7 @@ def remote_servers_panel() -> None:
         right.button(
             "Remove",
             key=f"remove_backend_{name}",
-            on_click=hub.remove,
+            on_click=remove,
             args=(name,),
             help="Conversations that talk to it go to the default model, and say so",
         )
@@ -65,6 +73,8 @@ def remote_servers_panel() -> None:
         except ValueError as exc:
             state.backend_error = str(exc)
         else:
+            server = without_credentials(state.new_backend_url.strip())
+            audit("backend.add", state.new_backend_name.strip(), {"server": server})
             state.new_backend_name = state.new_backend_url = ""
         state.new_backend_key = ""  # never kept in the form, added or not
 

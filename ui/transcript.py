@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import streamlit as st
 
 from glm_core import Backend, ConversationBusy, EngineClosed, Queued, QueueFull, Started, Truncated
+from glm_core.admin.quotas import QuotaExceeded
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChanged, NotFound, StorageError, Store
 from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS
 from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.sampling_defaults import compose_params
+from ui.accounting import admit_turn, quota_refusal
 from ui.generation_controls import Generation
 from ui.reasoning import stream_reply
 from ui.render import show_message
@@ -145,6 +147,11 @@ class Transcript:
     def run_turn(self, action: dict, engine: Backend, generation: Generation) -> None:
         """Start the turn, stream the reply, and rerun so the page redraws it from the store."""
         try:
+            ticket = admit_turn()  # the person's quotas, before anything is queued or stored
+        except QuotaExceeded as exc:
+            quota_refusal(exc, action["prompt"])
+            return
+        try:
             # The person's own settings (the widgets that differ from the model's defaults) over those defaults.
             params, _ = compose_params(generation.defaults, saved=generation.own)
             if generation.thinking is not None:
@@ -170,6 +177,7 @@ class Transcript:
             QueueFull,
             EngineClosed,
         ) as exc:
+            ticket.cancel()
             st.error(refusal_message(exc))
             if action["prompt"]:
                 st.code(action["prompt"], language=None, wrap_lines=True)  # nothing typed is lost
@@ -200,6 +208,7 @@ class Transcript:
             finally:
                 # Also runs when the user presses stop or leaves: the partial reply is kept and marked stopped.
                 result = turn.finish()
+                ticket.finish(engine.card(), result.reply, backend=self.conversation.backend)
         # Redraw from the store, so the new turn gets its buttons and the sidebar lists it; what is not stored
         # (notes, a reply that failed) is shown once after the redraw.
         failed = result.reply.error if result.reply is not None else "The model did not answer in time."

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
+from ..admin import Admin, admin_for
 from ..protocol import Backend
 from . import completions, openai_routes, responses, seed_routes
 from .config import ApiConfig, load_api_config
@@ -30,12 +31,25 @@ and L2-normalised."""
 DOCS_ASSETS = "/docs-assets"
 
 
-def create_app(current_backend: Callable[[], Backend | None], config: ApiConfig | None = None) -> FastAPI:
+def create_app(
+    current_backend: Callable[[], Backend | None],
+    config: ApiConfig | None = None,
+    accounts: Admin | None = None,
+    accounting: bool = True,
+    backend_name: str | None = None,
+) -> FastAPI:
+    """`accounts`: where personal keys, usage and quotas are kept (default: the data folder's, GLM_DATA_DIR);
+    `accounting` False: none of them (`bench accounting` measures what they cost); `backend_name`: the served
+    backend's name in the hub (default "local"), whose access rules (the Admin page's Backends) apply."""
     config = config or load_api_config()
+    if not accounting:
+        accounts = None
+    elif accounts is None:
+        accounts = admin_for()
     # /docs and /redoc with their scripts served from the pinned fastapi-offline package, not from a CDN that
     # these machines (and many company networks) cannot reach.
     app = FastAPIOffline(title="GLM Chat Dashboard API", description=DESCRIPTION, version="1", static_url=DOCS_ASSETS)
-    app.state.api = ApiState.create(current_backend, config)
+    app.state.api = ApiState.create(current_backend, config, accounts, backend_name)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
     app.include_router(openai_routes.router)

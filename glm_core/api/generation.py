@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import secrets
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from ..protocol import (
 from ..reasoning import split_reasoning
 from ..sampling_defaults import card_defaults, compose_params
 from .access import Caller
+from .accounting import Ticket, admit, settle
 from .config import ApiLimits
 from .conversation_ids import StatelessConversations
 from .errors import ApiError, backend_error
@@ -243,6 +245,8 @@ class Generation:
     content: str = ""  # the reply's text less its tool calls (set when it ends)
     tool_calls: list[dict] = field(default_factory=list)  # [{"id", "name", "arguments"}]
     client_gone: bool = False
+    ticket: Ticket | None = None  # its place under the caller's quotas; its usage is recorded when it ends
+    backend: Backend | None = field(default=None, repr=False)
     _ended: bool = field(default=False, repr=False)
 
     @classmethod
@@ -259,6 +263,7 @@ class Generation:
     ) -> Generation:
         output = output or OutputSpec()
         asked = output if output != OutputSpec() else None
+        ticket = admit(caller)  # 429 past a quota, before anything is queued
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
@@ -269,10 +274,25 @@ class Generation:
                 request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
+            if ticket is not None:
+                ticket.cancel()
             raise backend_error(exc, limits.retry_after_s) from None
         syntax = getattr(backend, "tool_syntax", None) if output.tools and output.tool_choice != "none" else None
-        reasoning = bool(backend.card().get("reasoning"))
-        return cls(request, messages, caller, conversations, StopStrings(stop), output, syntax, reasoning)
+        generation = cls(
+            request,
+            messages,
+            caller,
+            conversations,
+            StopStrings(stop),
+            output,
+            syntax,
+            reasoning=bool(backend.card().get("reasoning")),
+            ticket=ticket,
+            backend=backend,
+        )
+        if ticket is not None:  # a stream whose client left before it was read never ends: its place comes back
+            weakref.finalize(generation, ticket.cancel)
+        return generation
 
     async def deltas(self) -> AsyncIterator[str]:
         """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
@@ -345,6 +365,7 @@ class Generation:
             said["tool_calls"] = self.tool_calls
         conversation = self.messages + [said] if keep else None
         self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
+        settle(self.ticket, self.backend, reply)
 
     def parts(self) -> tuple[str, str]:
         """(reasoning, answer) of the reply so far (less its tool calls once it has ended); ("", text) for a model

@@ -21,6 +21,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from ..protocol import Backend, LocalWorker, QueueFull
 from .access import Caller
+from .accounting import audit
 from .embeddings import embed
 from .errors import ApiError, backend_error
 from .generation import Generation, checked_messages, model_name, sampling_defaults, total_length_params
@@ -230,10 +231,11 @@ async def chat_stream(
 
 
 @router.get("/free_gc", summary="The seeds' torch_gc: free cached memory (admin)")
-async def free_gc(_caller: Caller = Depends(admin_caller)):
+async def free_gc(caller: Caller = Depends(admin_caller)):
     from ..telemetry.memory import free_cached_memory
 
     await to_thread.run_sync(free_cached_memory)
+    audit(caller, "memory.free")
     return {"success": True}
 
 

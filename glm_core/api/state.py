@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,6 +16,9 @@ from .config import ApiConfig, ApiLimits
 from .conversation_ids import StatelessConversations
 from .errors import ApiError
 
+if TYPE_CHECKING:
+    from ..admin import Admin
+
 
 @dataclass
 class ApiState:
@@ -24,13 +28,24 @@ class ApiState:
     conversations: StatelessConversations
 
     @classmethod
-    def create(cls, current_backend: Callable[[], Backend | None], config: ApiConfig) -> ApiState:
+    def create(
+        cls,
+        current_backend: Callable[[], Backend | None],
+        config: ApiConfig,
+        accounts: Admin | None = None,
+        backend_name: str | None = None,
+    ) -> ApiState:
         def forget(conversation_id: str) -> None:
             backend = current_backend()
             if backend is not None:
                 backend.forget(conversation_id)
 
-        return cls(current_backend, Access(config), config.limits, StatelessConversations(forget))
+        return cls(
+            current_backend,
+            Access(config, accounts, *([backend_name] if backend_name else [])),
+            config.limits,
+            StatelessConversations(forget),
+        )
 
 
 # Declared so /docs offers an "Authorize" button; the check itself is Access.identify.

@@ -9,6 +9,7 @@ from glm_core.safe_markdown import plain
 from glm_core.telemetry.charts import time_chart
 from glm_core.telemetry.memory import MemoryInUse, format_bytes, free_cached_memory
 from ui.access import admin_panel
+from ui.accounting import audit
 from ui.render import model_line
 from ui.resources import get_hub, get_monitor
 
@@ -37,6 +38,7 @@ def confirm_unload(name: str) -> None:
     if left.button("Unload", type="primary", key="confirm_unload", width="stretch"):
         before = MemoryInUse.now()
         hub.unload()
+        audit("model.unload", name)
         state.memory_report = f"Unloaded {plain(name)}: {free_cached_memory(before).describe()}."
         state.pop("pending_unload", None)
         st.rerun()
@@ -61,6 +63,7 @@ if admin:
         help="Collect garbage and hand the allocators' cached memory back (the seeds' torch_gc).",
     ):
         state.memory_report = f"Freed cached memory: {free_cached_memory().describe()}."
+        audit("memory.free")
     actions.button(
         "Unload the model…",
         key="unload_model",

@@ -5,6 +5,7 @@ import streamlit as st
 from glm_core.protocol import MAX_PROMPT_CHARS
 from glm_core.safe_markdown import plain
 from ui.access import admin_panel, current_workspace
+from ui.accounting import quota_left
 from ui.conversation_list import (
     ConversationActions,
     confirm_delete,
@@ -51,6 +52,8 @@ with st.sidebar:
     st.header("Generation")
     generation = generation_controls(store, workspace, engine.card() if engine is not None else None)
     generation.thinking = thinking_switch(engine.card() if engine is not None else None, conversation)
+    if left_today := quota_left():
+        st.caption(left_today)
 
 if st.session_state.get("pending_delete"):
     confirm_delete(actions, *st.session_state.pending_delete)
