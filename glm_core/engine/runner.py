@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..models.chat_format import ContinuingFormat, PrefixRulesFormat, RewritingFormat
+from ..models.chat_format import ContinuingFormat, PrefixRulesFormat, RewritingFormat, ThinkingFormat
 from ..models.loading import LoadedModel
 from ..protocol import (
     FAILED,
@@ -215,8 +215,9 @@ class Runner:
         encode = loaded.chat_format.encode
         if output.tools:
             encode = functools.partial(encode, tools=output.tools)
-        if params.thinking is not None and getattr(loaded.chat_format, "thinking_switch", False):
-            encode = functools.partial(encode, thinking=params.thinking)
+        chat_format = loaded.chat_format
+        if params.thinking is not None and isinstance(chat_format, ThinkingFormat) and chat_format.thinking_switch:
+            encode = functools.partial(chat_format.encode, tools=output.tools, thinking=params.thinking)
         with self.tokenizer_lock:
             ids = None if output.tools or output.raw_prompt else self._continued_ids(kept, request.messages, budget)
             dropped = 0

@@ -36,6 +36,18 @@ class ChatFormat(Protocol):
 
 
 @runtime_checkable
+class ThinkingFormat(Protocol):
+    """A format whose template can turn a reasoning model's thinking off (`enable_thinking`): `thinking_switch` says
+    whether this template has the switch."""
+
+    thinking_switch: bool
+
+    def encode(
+        self, messages: Sequence[dict], tools: Sequence[dict] = (), thinking: bool | None = None
+    ) -> list[int]: ...
+
+
+@runtime_checkable
 class RewritingFormat(Protocol):
     """A format whose original code rewrote the decoded reply (ChatGLM-6B's process_response): the engine applies
     the rewrite while streaming, holding back the tail it may still change."""
