@@ -4,6 +4,7 @@ quality|memory | estimate | llama-server | keys | usage | quota | audit`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from .conversations.workspace import check_cli_workspace_id
 from .engine import Engine
 from .models.loading import LoadedModel, load_model
 from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
+from .reasoning import split_reasoning
 from .sampling_defaults import CONTROLS, REQUEST, YOURS, card_defaults, compose_params, describe_sources
 from .settings import EMBEDDED, load_settings
 
@@ -118,6 +120,8 @@ def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
     door, sampling_defaults.compose_params); also one line per source of the values."""
     defaults = card_defaults(card)
     params, sources = compose_params(defaults, given_controls(args), seed=args.seed)
+    if getattr(args, "no_thinking", False):  # a reasoning model whose template has the switch answers at once
+        params = dataclasses.replace(params, thinking=False)
     chosen = {c: (getattr(params, c), YOURS if sources[c] == REQUEST else sources[c]) for c in CONTROLS}
     return params, describe_sources(chosen, defaults)
 
@@ -190,11 +194,14 @@ def cmd_chat(args) -> int:
                 )
             if not interactive:
                 s = reply.stats
+                # A reasoning model's thinking apart from its answer, as the API returns them.
+                reasoning, answer = split_reasoning(reply.text)
                 print(
                     json.dumps(
                         {
                             "prompt": prompt,
-                            "reply": reply.text,
+                            "reply": answer,
+                            **({"reasoning_content": reasoning} if reasoning else {}),
                             "prompt_tokens": s.prompt_tokens,
                             "completion_tokens": s.completion_tokens,
                             "ttft_s": round(s.ttft_s, 4),
@@ -459,7 +466,7 @@ def cmd_bench_memory(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .bench.estimator import estimate, read_config
+    from .bench.estimator import estimate, parameters_line, read_config
 
     name, cfg = read_config(args.config)
     results = estimate(cfg, _levels(args.levels), args.encode, args.generate, args.device_type, args.group_size)
@@ -470,6 +477,8 @@ def cmd_estimate(args) -> int:
         f"estimate: {name}, encode {args.encode} / generate {args.generate} tokens on {args.device_type} "
         "(GB = 10^9 bytes)"
     )
+    if results:
+        print(parameters_line(results[0].parameters, results[0].active_parameters))
     print("level  weights GB  KV KB/token  encode peak GB  generate peak GB")
     for e in results:
         print(
@@ -546,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, help="(default: the model's)")
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--system", default="", help="system prompt")
+    chat.add_argument(
+        "--no-thinking",
+        action="store_true",
+        help="a reasoning model (GLM-Z1, GLM-4.5+) answers without thinking, where its template allows it",
+    )
     chat.add_argument(
         "--recompute",
         action="store_true",
@@ -685,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument(
         "--model",
         default="chatglm2-6b",
-        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b) or a config.json: random "
+        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b, glm-4-9b-0414, glm-4.5-air, glm-4.7-flash) or a config.json: random "
         "weights; a model folder or 'embedded': real weights (default: chatglm2-6b)",
     )
     memory.add_argument("--levels", default="fp16,int8,int4", help="comma-separated precision levels")
@@ -725,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument(
         "--config",
         required=True,
-        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b), a config.json or a model folder",
+        help="a preset (chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b, glm-4-9b-0414, glm-4.5-air, glm-4.7-flash), a config.json or a model folder",
     )
     estimate.add_argument("--levels", default="fp32,bf16,fp16,int8,int4", help="comma-separated precision levels")
     estimate.add_argument("--encode", type=int, default=2048, help="prompt tokens to encode")

@@ -72,6 +72,9 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # Reasoning models whose chat template has the switch (GLM-4.5+: enable_thinking): False asks for the answer
+    # without thinking; None leaves the template's default.
+    thinking: bool | None = None
     # The controls the person or the client set (sampling_defaults.compose_params fills the rest from the model's
     # defaults); a remote backend sends only these, so the server applies its own defaults to the others. None:
     # every control was set.
@@ -99,6 +102,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be 0 (off) or more, up to {MAX_TOP_K:,}")
         if not 0 < self.repetition_penalty <= 100:
             raise ValueError("repetition penalty must be positive (1.0 is off), up to 100")
+        if self.thinking is not None and not isinstance(self.thinking, bool):
+            raise ValueError(f"thinking must be true, false or null, got {str(self.thinking)[:40]!r}")
         if self.seed is not None:
             _whole_number("seed", self.seed)
             if not 0 <= self.seed < 2**63:
@@ -208,6 +213,12 @@ def validate_messages(messages: Sequence[dict]) -> list[dict]:
             message["name"] = str(m.get("name") or "")
             message["tool_call_id"] = str(m.get("tool_call_id") or "")
         total += len(content)
+        reasoning = m.get("reasoning_content")
+        if role == "assistant" and reasoning:  # an earlier reply's thinking: the chat template keeps or drops it
+            if not isinstance(reasoning, str):
+                raise ValueError(f"reasoning_content must be text, got {type(reasoning).__name__}")
+            total += len(reasoning)
+            message["reasoning_content"] = reasoning
         clean.append(message)
     if not clean or clean[-1]["role"] not in ("user", TOOL_ROLE):
         raise ValueError("the conversation must end with a user message (or a tool's result)")

@@ -441,6 +441,7 @@ def test_replies_carry_every_field_openai_requires(server):
     assert choice["message"] == {
         "role": "assistant",
         "content": choice["message"]["content"],
+        "reasoning_content": None,  # vLLM's field, null for a model that does not reason (tests/test_reasoning.py)
         "refusal": None,
         "annotations": [],
     }

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_support import CHROMIUM, CHROMIUM_ARGS, need_chromium, running_portal
+from browser_support import CHROMIUM, CHROMIUM_ARGS, need_chromium, portal, running_portal
 from conftest import OUTPUT_DIR
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -483,3 +483,31 @@ def test_a_portal_killed_mid_reply_shows_the_reply_interrupted_after_a_restart(p
         expect(messages.nth(1)).to_contain_text("interrupted", timeout=60_000)
         kept = messages.nth(1).get_by_test_id("stMarkdownContainer").first.inner_text()
         assert kept.strip(), "the reply stored before the kill is shown"
+
+
+def test_a_reasoning_model_s_thinking_folds_above_its_answer(page, output_dir, tmp_path):
+    """A GLM-4.5-style model that thinks, then answers (tests/glm_family_fixtures.py), loaded as the portal's
+    model: the reply shows a closed "Thinking" section above the answer; opening it shows the thinking."""
+    from glm_family_fixtures import write_reasoning_folder
+    from playwright.sync_api import expect
+
+    need_chromium()
+    folder, chain = write_reasoning_folder(tmp_path / "glm-45-tiny")
+    env = {"GLM_MODEL_PATH": str(folder), "GLM_PRECISION": "fp32"}
+    with portal(output_dir, env, log_name="streamlit-reasoning.log") as url:
+        page.goto(url)
+        box = page.get_by_test_id("stChatInputTextArea")
+        expect(box).to_be_enabled(timeout=240_000)
+        expect(page.get_by_test_id("stSidebar")).to_contain_text("Think before answering")
+        box.fill("Capital?")
+        box.press("Enter")
+        messages = page.get_by_test_id("stChatMessage")
+        expect(messages).to_have_count(2, timeout=120_000)
+        reply = messages.nth(1)
+        expect(reply).to_contain_text("tokens/s", timeout=120_000)
+        thinking = reply.get_by_test_id("stExpander")
+        expect(thinking).to_contain_text("Thinking")
+        expect(reply).to_contain_text(chain["answer"])
+        expect(reply).not_to_contain_text("<think>")
+        thinking.get_by_text("Thinking").click()
+        expect(thinking).to_contain_text(chain["reasoning"])

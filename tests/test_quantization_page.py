@@ -100,3 +100,18 @@ def test_quality_run_from_the_page_shows_loss_beside_cost(page, data_dir):
     assert table["Weights (MiB)"][0] > 0 and table["Decode (tokens/s)"][0] > 0
     assert "against FP32" in " ".join(c.value for c in page.caption)
     assert any(b.label == "Download every quality run as CSV" for b in page.get("download_button"))
+
+
+def test_moe_presets_show_the_experts_quantized_and_active_parameters(page):
+    """GLM-4.5-Air and GLM-4.7-Flash: weights with the experts quantized (INT4 about a third of FP16, not 0.86x),
+    MLA's compressed cache for the Flash, and the parameters in all and active per token."""
+    page.selectbox(key="bench_preset").set_value("glm-4.5-air").run()
+    assert not page.exception
+    table = table_with(page, "Weights (GB)")
+    assert table["Weights (GB)"][2] < 0.35 * table["Weights (GB)"][0]
+    captions = " ".join(c.value for c in page.caption)
+    assert "106.85 B parameters, 13.42 B active per token" in captions
+    page.selectbox(key="bench_preset").set_value("glm-4.7-flash").run()
+    table = table_with(page, "Weights (GB)")
+    assert table["KV cache (KB/token)"][0] == pytest.approx(47 * 576 * 2 / 1e3)  # FP16: the latent and rotary key
+    assert "29.94 B parameters, 3.90 B active per token" in " ".join(c.value for c in page.caption)

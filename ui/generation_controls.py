@@ -25,6 +25,7 @@ class Generation:
     defaults: dict  # the model's defaults and their sources (card_defaults)
     own: dict  # this workspace's changes to them
     system_prompt: str
+    thinking: bool | None = None  # a reasoning model's switch for this conversation (ui.reasoning); None: not offered
 
 
 def generation_controls(store: Store, workspace: str, card: dict | None) -> Generation:

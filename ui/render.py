@@ -6,9 +6,11 @@ from __future__ import annotations
 import streamlit as st
 
 from glm_core import Backend
+from glm_core.bench.estimator import parameters_line
 from glm_core.conversations.conversation import ChatMessage
 from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.telemetry.memory import format_bytes
+from ui.reasoning import show_thinking
 
 SHARE_PAGE = "Shared"  # the share page's url_path (Home.py)
 
@@ -26,7 +28,9 @@ def share_url(token: str) -> str:
 def show_message(message: ChatMessage) -> None:
     """A stored message: Markdown without unsafe HTML (any HTML in it shows as text; code blocks are highlighted
     and $...$ renders as LaTeX), its error, and a reply's figures."""
-    st.markdown(no_remote_images(message.content))  # images from other hosts become links
+    if message.reasoning:  # a reasoning model's thinking, folded above its answer
+        show_thinking(message.reasoning)
+    st.markdown(no_remote_images(message.answer))  # images from other hosts become links
     if message.error:  # another server's words, or an imported file's: shown as typed
         st.error(plain(message.error))
     line = message.stats_line() if message.role == "assistant" else ""
@@ -52,7 +56,8 @@ def model_card(engine: Backend) -> None:
         return
     st.caption(
         f"family {plain(card['family'])} · {card['precision']} · {plain(card['device'])} · "
-        f"{card['parameters'] / 1e6:,.0f}M parameters · loaded in {card['load_seconds']:.1f} s"
+        f"{parameters_line(card['parameters'], card.get('active_parameters', 0))} · "
+        f"loaded in {card['load_seconds']:.1f} s"
     )
     if "checkpoint" in card:
         st.caption(plain(card["checkpoint"]))

@@ -3,6 +3,7 @@ starts (a new prompt, or a regenerate / edit asked for by a button of the previo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import streamlit as st
@@ -13,10 +14,11 @@ from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.store import CONVERSATION_CHANGED, ConversationChanged, NotFound, StorageError, Store
 from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS
-from glm_core.safe_markdown import StreamWithoutImages, no_remote_images, plain
+from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.sampling_defaults import compose_params
 from ui.accounting import admit_turn, quota_refusal
 from ui.generation_controls import Generation
+from ui.reasoning import stream_reply
 from ui.render import show_message
 
 
@@ -152,6 +154,8 @@ class Transcript:
         try:
             # The person's own settings (the widgets that differ from the model's defaults) over those defaults.
             params, _ = compose_params(generation.defaults, saved=generation.own)
+            if generation.thinking is not None:
+                params = dataclasses.replace(params, thinking=generation.thinking)
             turn = start_turn(
                 self.store,
                 engine,
@@ -198,7 +202,9 @@ class Transcript:
                     notes.append(event.describe())
 
             try:
-                st.write_stream(StreamWithoutImages().wrap(turn.text_stream(on_event)))
+                # A reply that opens with <think> streams its thinking into a folding section (glm_core.reasoning's
+                # rule: a remote reasoning server's replies come that way too); any other reply streams as it is.
+                stream_reply(turn.text_stream(on_event))
             finally:
                 # Also runs when the user presses stop or leaves: the partial reply is kept and marked stopped.
                 result = turn.finish()

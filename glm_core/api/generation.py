@@ -32,6 +32,7 @@ from ..protocol import (
     TokenLogprob,
     validate_messages,
 )
+from ..reasoning import split_reasoning
 from ..sampling_defaults import card_defaults, compose_params
 from .access import Caller
 from .accounting import Ticket, admit, settle
@@ -237,6 +238,7 @@ class Generation:
     stop: StopStrings
     output: OutputSpec = field(default_factory=OutputSpec)
     syntax: ToolSyntax | None = None  # the model's, when the reply may be a tool call
+    reasoning: bool = False  # a reasoning model's reply: its <think>...</think> goes out as reasoning_content
     text: str = ""
     reply: Reply | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -277,7 +279,16 @@ class Generation:
             raise backend_error(exc, limits.retry_after_s) from None
         syntax = getattr(backend, "tool_syntax", None) if output.tools and output.tool_choice != "none" else None
         generation = cls(
-            request, messages, caller, conversations, StopStrings(stop), output, syntax, ticket=ticket, backend=backend
+            request,
+            messages,
+            caller,
+            conversations,
+            StopStrings(stop),
+            output,
+            syntax,
+            reasoning=bool(backend.card().get("reasoning")),
+            ticket=ticket,
+            backend=backend,
         )
         if ticket is not None:  # a stream whose client left before it was read never ends: its place comes back
             weakref.finalize(generation, ticket.cancel)
@@ -349,12 +360,18 @@ class Generation:
         self._ended = True
         reply = self.reply
         keep = reply is not None and reply.error is None and not self.client_gone
-        said: dict[str, Any] = {"role": "assistant", "content": self.content if self.tool_calls else self.text}
+        said: dict[str, Any] = {"role": "assistant", "content": self.parts()[1]}
         if self.tool_calls:
             said["tool_calls"] = self.tool_calls
         conversation = self.messages + [said] if keep else None
         self.conversations.release(self.caller.scope, self.request.conversation_id, conversation)
         settle(self.ticket, self.backend, reply)
+
+    def parts(self) -> tuple[str, str]:
+        """(reasoning, answer) of the reply so far (less its tool calls once it has ended); ("", text) for a model
+        that does not reason."""
+        text = self.content if self.tool_calls else self.text
+        return split_reasoning(text) if self.reasoning else ("", text)
 
     # ---- how it ended ----
 

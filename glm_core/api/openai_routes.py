@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
 import struct
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..protocol import Backend, TokenLogprob
+from ..reasoning import ReasoningSplitter
 from ..sampling_defaults import CONTROLS
 from .access import Caller
 from .embeddings import embed
@@ -95,6 +97,8 @@ async def chat_completions(
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
     )
+    if body.thinking() is not None:
+        params = dataclasses.replace(params, thinking=body.thinking())
     generation = Generation.submit(
         backend, state.conversations, caller, messages, params, stops, state.limits, output=output
     )
@@ -113,8 +117,9 @@ async def chat_completions(
         ToolCallOut(id=c["id"], function={"name": c["name"], "arguments": c["arguments"]})
         for c in generation.tool_calls
     ]
+    reasoning, answer = generation.parts()  # a reasoning model's thinking apart from its answer (vLLM's field)
     message = ChatMessageOut(
-        content=(generation.content or None) if calls else generation.text, tool_calls=calls or None
+        content=(answer or None) if calls else answer, reasoning_content=reasoning or None, tool_calls=calls or None
     )
     logprobs = choice_logprobs(generation.logprobs) if output.top_logprobs is not None else None
     return ChatCompletion(
@@ -172,6 +177,19 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
             sent_logprobs = len(generation.logprobs)
         return event([ChunkChoice(delta=ChunkDelta(content=text), logprobs=logprobs)])
 
+    # A reasoning model's thinking streams as reasoning_content deltas, then its answer as content (vLLM's way).
+    splitter = ReasoningSplitter() if generation.reasoning else None
+
+    def text_chunks(text: str, end: bool = False) -> list[dict]:
+        if splitter is None:
+            return [text_chunk(text)] if text else []
+        reasoning, answer = splitter.push(text)
+        if end:
+            more_reasoning, more_answer = splitter.flush()
+            reasoning, answer = reasoning + more_reasoning, answer + more_answer
+        thought = [event([ChunkChoice(delta=ChunkDelta(reasoning_content=reasoning))])] if reasoning else []
+        return thought + ([text_chunk(answer)] if answer else [])
+
     yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
     async for _piece in generation.deltas():
         if generation.reply is not None:  # ended: what is left goes out below, as text or as calls
@@ -179,16 +197,16 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
         safe = generation.streamable()
         if safe > sent_text:
             piece, sent_text = generation.text[sent_text:safe], safe
-            yield text_chunk(piece)
+            for chunk in text_chunks(piece):
+                yield chunk
     try:
         generation.raise_for_error()
     except ApiError as exc:  # headers are gone: the error travels as an event, as OpenAI's streams do
         yield {"data": json.dumps(exc.body(), ensure_ascii=False)}
         yield {"data": "[DONE]"}
         return
-    rest = generation.unsent_content(sent_text)
-    if rest:
-        yield text_chunk(rest)
+    for chunk in text_chunks(generation.unsent_content(sent_text), end=True):
+        yield chunk
     for index, call in enumerate(generation.tool_calls):
         opening = ChunkToolCall(
             index=index, id=call["id"], type="function", function={"name": call["name"], "arguments": ""}

@@ -38,6 +38,7 @@ class ChatMessageIn(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's thinking (vLLM's name); the chat template decides
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
@@ -46,6 +47,8 @@ class ChatMessageIn(BaseModel):
         the system role; an assistant's tool_calls and a tool's result keep what identifies them."""
         role = "system" if self.role == "developer" else self.role
         message: dict[str, Any] = {"role": role, "content": self._text()}
+        if role == "assistant" and self.reasoning_content:
+            message["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
             if role != "assistant":
                 raise ApiError(400, "only an assistant message may carry tool_calls", param="messages")
@@ -199,6 +202,18 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='extension (vLLM\'s): {"enable_thinking": false} asks a reasoning model to answer at once'
+    )
+
+    def thinking(self) -> bool | None:
+        """chat_template_kwargs.enable_thinking: None when not given (the template's default)."""
+        value = (self.chat_template_kwargs or {}).get("enable_thinking")
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(
+                400, "chat_template_kwargs.enable_thinking must be true or false", param="chat_template_kwargs"
+            )
+        return value
 
     def stop_strings(self) -> list[str]:
         return checked_stops(self.stop)
@@ -270,6 +285,7 @@ class ChoiceLogprobs(BaseModel):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, description="a reasoning model's thinking (vLLM's field); else null")
     refusal: None = Field(None, description="always null: a refusal here is ordinary content")
     annotations: list[dict[str, Any]] = Field(default_factory=list, description="always empty (no web search)")
     # Left out when there are none (OpenAI's schema allows no null here).
@@ -308,6 +324,7 @@ class ChunkToolCall(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     refusal: None = None
     tool_calls: list[ChunkToolCall] | None = None
 

@@ -38,6 +38,8 @@ from ..protocol import (
     Started,
     validate_messages,
 )
+from ..reasoning import CLOSE as REASONING_CLOSE
+from ..reasoning import OPEN as REASONING_OPEN
 from ..sampling_defaults import server_defaults
 
 log = logging.getLogger(__name__)
@@ -422,7 +424,9 @@ class RemoteBackend:
             for control in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
             if p.is_explicit(control)
         }
-        body = dict(model=model, messages=request.messages, stream=True, stream_options={"include_usage": True})
+        # role and content only: an earlier reply's reasoning_content is this app's and vLLM's, not every server's
+        messages = [{"role": m["role"], "content": m["content"]} for m in request.messages]
+        body = dict(model=model, messages=messages, stream=True, stream_options={"include_usage": True})
         if "max_new_tokens" in sent:
             body["max_tokens"] = sent.pop("max_new_tokens")
         for name in ("temperature", "top_p"):
@@ -432,6 +436,8 @@ class RemoteBackend:
             sent["repeat_penalty"] = sent.pop("repetition_penalty")  # llama.cpp ignores `repetition_penalty`
         if p.seed is not None:
             body["seed"] = p.seed
+        if p.thinking is not None:  # the conversation's thinking switch, as vLLM and SGLang take it
+            sent["chat_template_kwargs"] = {"enable_thinking": p.thinking}
         if sent:  # top_k and repetition_penalty: vLLM, SGLang and llama.cpp accept them outside the OpenAI schema
             body["extra_body"] = sent
         return body
@@ -444,6 +450,7 @@ class RemoteBackend:
         finish_reason, error, error_kind, stream = "", None, None, None
         first_at = last_at = None
         chunks = 0
+        thinking = False  # inside a reasoning server's thinking
         watcher_done = threading.Event()
         holder: dict = {}
 
@@ -479,7 +486,18 @@ class RemoteBackend:
                         cached = getattr(chunk.usage, "prompt_tokens_details", None)
                         stats.reused_tokens = (getattr(cached, "cached_tokens", None) or 0) if cached else 0
                     for choice in chunk.choices or []:
-                        text = choice.delta.content if choice.delta is not None else None
+                        delta = choice.delta
+                        content = delta.content if delta is not None else None
+                        # A reasoning server's thinking (vLLM: reasoning_content; newer ones: reasoning) goes into
+                        # the reply's text inside <think>...</think>, the form the store and the page read.
+                        thought = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
+                        text = ""
+                        if isinstance(thought, str) and thought:
+                            text, thinking = ("" if thinking else REASONING_OPEN) + thought, True
+                        if content:
+                            if thinking:
+                                text, thinking = text + REASONING_CLOSE + "\n", False
+                            text += content
                         if text:
                             now = time.perf_counter()
                             first_at = first_at or now

@@ -3,7 +3,10 @@
 It predicts this project's own memory (what `bench memory` measures), so it follows this project's choices:
 - weights: the model is built on the meta device (no memory, no values) from the config, the quantization policy
   of quant.py is applied to it, and the bytes of every tensor are counted, scales and zero points included;
-- KV cache: keys and values of every layer, as many heads as the config's grouped/multi-query attention keeps;
+- KV cache: keys and values of every layer, as many heads as the config's grouped/multi-query attention keeps
+  (multi-head latent attention, GLM-4.7-Flash's: the compressed latent and the shared rotary key);
+- MoE (GLM-4.5, GLM-4.7-Flash): the routed experts are weights like any other (quantized per expert at INT8/INT4),
+  all of them resident; "active parameters" counts what one token reads (its chosen experts only);
 - activations: the engine prefills in chunks of PREFILL_CHUNK tokens, so encoding N tokens peaks inside one
   chunk's layer (see `_activation_bytes`); decoding feeds one token at a time;
 - runtime: a fixed overhead per device type (RUNTIME_OVERHEAD).
@@ -24,7 +27,13 @@ import torch
 from ..engine.generation import PREFILL_CHUNK
 from ..models.checkpoint import CheckpointError, read_json_object
 from ..models.precision import Precision, parse_precision, resolve_device
-from ..models.quant import swap_in_quantized_linears, tie_output_layer, weight_bytes
+from ..models.quant import (
+    experts_per_token,
+    parameter_counts,
+    swap_in_quantized_linears,
+    tie_output_layer,
+    weight_bytes,
+)
 from ..settings import DEFAULT_GROUP_SIZE
 from ..telemetry.memory import kv_bytes_per_token
 
@@ -34,6 +43,9 @@ PRESETS = {  # name -> label; the configs are the published config.json files of
     "chatglm2-6b": "ChatGLM2-6B",
     "chatglm3-6b": "ChatGLM3-6B",
     "glm-4-9b": "GLM-4-9B",
+    "glm-4-9b-0414": "GLM-4-9B-0414 / GLM-Z1-9B",
+    "glm-4.5-air": "GLM-4.5-Air (MoE)",
+    "glm-4.7-flash": "GLM-4.7-Flash (MoE, MLA)",
 }
 
 GB = 10**9  # the published tables count in GB; so do the comparisons with them
@@ -127,6 +139,20 @@ def meta_model(config, precision: Precision, group_size: int = DEFAULT_GROUP_SIZ
         raise ConfigError(f"no causal language model class for a {type(config).__name__}") from None
     with torch.device("meta"):
         model = model_class(config).to(precision.dtype)
+    # What from_pretrained keeps in FP32 whatever the level (GLM-4.5's router bias), as loading does.
+    kept = [
+        *(getattr(model, "_keep_in_fp32_modules", None) or ()),
+        *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
+    ]
+    if kept and precision.dtype != torch.float32:
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if any(k in name.split(".") for k in kept) and tensor.is_floating_point():
+                module, _, leaf = name.rpartition(".")
+                owner = model.get_submodule(module)
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(tensor.float(), requires_grad=False)
+                else:
+                    owner._buffers[leaf] = tensor.float()
     if precision.is_quantized:
         tied = getattr(config, "tie_word_embeddings", False)
         swap_in_quantized_linears(model, precision, precision.dtype, group_size)
@@ -183,6 +209,8 @@ class Estimate:
     runtime_bytes: int
     encode_peak_bytes: int
     generate_peak_bytes: int
+    parameters: int = 0  # as the float checkpoint counts them
+    active_parameters: int = 0  # read by one token: a MoE model's chosen experts only (embedding and output included)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,7 +235,9 @@ def estimate(
         if precision is Precision.INT4 and group_size % 32:
             raise ConfigError(f"INT4 group size must be a positive multiple of 32, got {group_size}")
         dtype = precision.dtype
-        weights = weight_bytes(meta_model(config, precision, group_size), include_meta=True)["total"]
+        model = meta_model(config, precision, group_size)
+        weights = weight_bytes(model, include_meta=True)["total"]
+        counts = parameter_counts(model, experts_per_token(config))
         kv = kv_bytes_per_token(config, dtype)
         chunk = encode if _prefills_whole_prompt(config) else min(encode, PREFILL_CHUNK)
         encode_act = _activation_bytes(config, chunk, encode, dtype)
@@ -224,6 +254,8 @@ def estimate(
                 runtime_bytes=overhead,
                 encode_peak_bytes=round(encode_tensors * (1 + slack)) + overhead,
                 generate_peak_bytes=round(generate_tensors * (1 + slack)) + overhead,
+                parameters=counts["total"],
+                active_parameters=counts["active"],
             )
         )
     return results
@@ -237,6 +269,17 @@ def spec_weights_bytes(spec) -> int:
     device = resolve_device(spec.device)
     _, cfg = source_config(spec.path)
     return estimate(cfg, [spec.precision], 1, 1, device.type, spec.group_size)[0].weights_bytes
+
+
+def parameters_line(total: int, active: int) -> str:
+    """Parameters in words, for the CLI, the model card and the Quantization page: a MoE model's active share too."""
+
+    def amount(n: int) -> str:
+        return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+
+    if active and active != total:
+        return f"{amount(total)} parameters, {amount(active)} active per token (mixture of experts: all stay in memory)"
+    return f"{amount(total)} parameters"
 
 
 def published(source_key: str, encode: int, generate: int) -> dict | None:

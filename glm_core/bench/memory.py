@@ -141,8 +141,8 @@ def build_random_model(config, precision: Precision, group_size: int, device: to
                 continue
             if hasattr(module, "set_weight"):
                 module.to_empty(device=device, recurse=False)
-                rows, columns = module.float_shape
-                module.set_weight(torch.randn(rows, columns, generator=generator, device=device, dtype=dtype) * 0.02)
+                shape = module.float_shape  # [out, in]; [experts, out, in] for a MoE layer's expert stack
+                module.set_weight(torch.randn(*shape, generator=generator, device=device, dtype=dtype) * 0.02)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
                 continue
@@ -151,7 +151,7 @@ def build_random_model(config, precision: Precision, group_size: int, device: to
                 if tensor is None or tensor.device.type != "meta":
                     continue
                 real = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-                if name == "weight" and real.dim() > 1:
+                if real.dim() > 1:  # matrices, and a MoE layer's fused expert tensors
                     real.normal_(0, 0.02, generator=generator)
                 elif name == "weight":
                     real.fill_(1.0)  # norms

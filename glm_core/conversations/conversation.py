@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 
 from ..protocol import ReplyStats
+from ..reasoning import split_reasoning
 
 # A message's status: "complete"; "partial" while its reply is being generated (the text so far is written every
 # second); "interrupted" when the process generating it died, so it will never be completed.
@@ -58,6 +59,25 @@ class ChatMessage:
     @property
     def stopped(self) -> bool:
         return self.finish_reason == "stopped"
+
+    @property
+    def reasoning(self) -> str:
+        """An assistant reply's thinking (GLM-Z1, GLM-4.5+: <think>...</think>), "" when it has none."""
+        return split_reasoning(self.content)[0] if self.role == "assistant" else ""
+
+    @property
+    def answer(self) -> str:
+        """The reply without its thinking (the whole content for other roles)."""
+        return split_reasoning(self.content)[1] if self.role == "assistant" else self.content
+
+    def model_message(self) -> dict:
+        """This message as the model sees it again: an assistant's answer as content and its thinking as
+        reasoning_content, which the chat template keeps or drops (GLM-4.5's keeps only the thinking after the last
+        user message; a template that never reads it drops it)."""
+        if self.role != "assistant":
+            return {"role": self.role, "content": self.content}
+        reasoning, answer = split_reasoning(self.content)
+        return {"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning else {})}
 
     def is_interrupted(self, now: float | None = None) -> bool:
         """The reply stopped growing because its process died (not because someone pressed stop)."""
@@ -167,12 +187,19 @@ class Conversation:
         A system message stored in the conversation (an imported one) wins over the sidebar's system prompt.
         """
         kept = self.messages if upto is None else self.messages[:upto]
-        out = [{"role": m.role, "content": m.content} for m in kept]
+        out = [m.model_message() for m in kept]
         if not (out and out[0]["role"] == "system") and system_prompt.strip():
             out.insert(0, {"role": "system", "content": system_prompt})
         if new_prompt is not None:
             out.append({"role": "user", "content": new_prompt})
         return out
+
+    def thinking_choice(self) -> bool | None:
+        """The thinking switch as this conversation's last reply had it (None: never set, the template's default)."""
+        for message in reversed(self.messages):
+            if message.role == "assistant" and message.params and message.params.get("thinking") is not None:
+                return bool(message.params["thinking"])
+        return None
 
     def last_index(self, role: str) -> int | None:
         for index in range(len(self.messages) - 1, -1, -1):

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 from ..backends.config import check_name
 from ..protocol import SamplingParams
+from ..reasoning import join_reasoning
 from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
 from .store import Store
 
@@ -121,7 +122,9 @@ def _conversation_json(c: Conversation) -> dict:
                 "id": n,
                 "parent": parent(n, m),
                 "role": m.role,
-                "content": m.content,
+                "content": m.answer,
+                # A reasoning model's thinking, apart from its answer (vLLM's name for it); null when none.
+                "reasoning_content": m.reasoning or None,
                 "created_at": iso_time(m.created_at),
                 "status": m.status,
                 "finish_reason": m.finish_reason,
@@ -153,7 +156,11 @@ def to_markdown(conversations: list[Conversation]) -> str:
     for c in conversations:
         out.append(f"# {c.title}\n\n_{len(c.messages)} messages · started {iso_time(c.created_at)}_\n")
         for m in c.messages:
-            out.append(f"### {_speaker(m)}\n\n{_close_fences(m.content)}\n")
+            if m.reasoning:  # the thinking as a quote above the answer
+                thinking = "\n".join(f"> {line}" if line else ">" for line in m.reasoning.splitlines())
+                out.append(f"### {_speaker(m)}\n\n> **Thinking**\n>\n{thinking}\n\n{_close_fences(m.answer)}\n")
+            else:
+                out.append(f"### {_speaker(m)}\n\n{_close_fences(m.content)}\n")
             line = m.stats_line()
             if line:
                 out.append(f"> {line}\n")
@@ -169,6 +176,7 @@ CSV_COLUMNS = (
     "position",
     "role",
     "content",
+    "reasoning_content",
     "created_at",
     "status",
     "finish_reason",
@@ -201,7 +209,8 @@ def to_csv(conversations: list[Conversation]) -> str:
                 "conversation_title": c.title,
                 "position": position,
                 "role": m.role,
-                "content": m.content,
+                "content": m.answer,
+                "reasoning_content": m.reasoning,
                 "created_at": iso_time(m.created_at),
                 "status": m.status,
                 "finish_reason": m.finish_reason or "",
@@ -221,6 +230,7 @@ body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; 
 .message { border: 1px solid #d0d7de; border-radius: 8px; padding: .75rem 1rem; margin: .75rem 0; }
 .user { background: #f6f8fa; } .assistant { background: #fff; } .system { background: #fff8c5; }
 .speaker { font-weight: 600; margin-bottom: .4rem; }
+details.thinking { color: #59636e; margin-bottom: .4rem; }
 .content { white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace; font-size: .9rem; }
 .stats, .meta { color: #59636e; font-size: .8rem; margin-top: .4rem; } .error { color: #b42318; }
 """
@@ -239,7 +249,13 @@ def to_html(conversations: list[Conversation]) -> str:
         for m in c.messages:
             body.append(
                 f'<div class="message {e(m.role)}"><div class="speaker">{e(_speaker(m))}</div>'
-                f'<div class="content">{e(m.content)}</div>'
+                + (
+                    f'<details class="thinking"><summary>Thinking</summary><div class="content">{e(m.reasoning)}'
+                    "</div></details>"
+                    if m.reasoning
+                    else ""
+                )
+                + f'<div class="content">{e(m.answer)}</div>'
             )
             if m.stats_line():
                 body.append(f'<div class="stats">{e(m.stats_line())}</div>')
@@ -275,11 +291,11 @@ def to_chatglm_jsonl(conversations: list[Conversation]) -> str:
                 if _usable_for_training(m):
                     lines.append(
                         json.dumps(
-                            {"prompt": pending, "response": m.content, "history": [list(pair) for pair in history]},
+                            {"prompt": pending, "response": m.answer, "history": [list(pair) for pair in history]},
                             ensure_ascii=False,
                         )
                     )
-                history.append([pending, m.content])
+                history.append([pending, m.answer])
                 pending = None
     return "".join(line + "\n" for line in lines)
 
@@ -517,7 +533,10 @@ def _read_own_message(m, where: str) -> ChatMessage:
     return ChatMessage(
         id=message_id,
         role=role,
-        content=_expect(m.get("content"), str, f"{where}.content", "text"),
+        content=join_reasoning(
+            _optional_text(m, "reasoning_content", where) or "",
+            _expect(m.get("content"), str, f"{where}.content", "text"),
+        ),
         created_at=_read_time(m.get("created_at"), f"{where}.created_at"),
         status=status,
         finish_reason=_optional_text(m, "finish_reason", where),
@@ -557,7 +576,10 @@ def _read_openai(doc: dict, where: str) -> Conversation:
             role = "system"
         if role not in ROLES:
             _fail(f"{here}.role", f"expected one of {', '.join(ROLES)}, got {str(role)[:40]!r}")
-        out.append(ChatMessage(role, _message_text(m.get("content"), f"{here}.content"), created_at=now))
+        text = _message_text(m.get("content"), f"{here}.content")
+        if role == "assistant":  # vLLM's reasoning_content: kept with the answer, as the app stores replies
+            text = join_reasoning(_optional_text(m, "reasoning_content", here) or "", text)
+        out.append(ChatMessage(role, text, created_at=now))
     if not out:
         _fail(where or "messages", "the conversation has no messages")
     title = doc.get("title")

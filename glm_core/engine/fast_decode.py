@@ -138,6 +138,16 @@ def step_inputs(tokens: list[int], lengths: list[int], rows: int, capacity: int,
     return input_ids, positions, mask[:, None, None, :]
 
 
+def routed_experts(config) -> int:
+    """Routed experts per MoE layer in a transformers config (0 for a dense model)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("n_routed_experts", "num_local_experts", "num_experts"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
 def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], str]:
     """The batch buckets GLM_COMPILE=`mode` compiles for this model (empty: the fast path is off) and a line that
     says what the fast path covers, or why it is off.
@@ -151,6 +161,9 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
         return (), "off (GLM_COMPILE=off)"
     if not getattr(loaded.model, "batchable", True):
         return (), "off (this model decodes one row at a time)"
+    if routed_experts(loaded.model.config):
+        # Each step picks its experts from the tokens' router scores: a whole-graph compile cannot trace that.
+        return (), "off (a mixture-of-experts model: each step's experts depend on its tokens)"
     if mode == "on" or loaded.device.type == "cuda":
         return all_buckets(max_batch), f"compiled steps for batches of up to {max_batch} rows"
     return (1,), (

@@ -1,6 +1,9 @@
 """The batch's KV cache: one slot per running sequence, each with its own length.
 
-Per layer, keys and values live in one buffer [rows, kv_heads, capacity, head_dim]. The running sequences occupy
+Per layer, keys live in one buffer [rows, kv_heads, capacity, head_dim] and values in one [rows, value_heads,
+capacity, value_dim] (the same shape but for multi-head latent attention: GLM-4.7-Flash caches its compressed
+latent, one "head" of kv_lora_rank as the keys and the shared rotary key, one head of qk_rope_head_dim, as the
+values, and expands them to per-head keys and values inside attention). The running sequences occupy
 slots 0..n-1 (kept contiguous: a leaving row's place is taken by the last row), so a decode step attends over a
 view of the first n slots, never a gathered copy. Each row writes its new key/value at its own length, and a
 [n, 1, 1, kv_len] mask hides every position past it.
@@ -33,10 +36,20 @@ class SlotCache(Cache):
     is_compileable = False
 
     def __init__(
-        self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, slots: int
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        slots: int,
+        value_heads: int | None = None,
+        value_dim: int | None = None,
     ):
         super().__init__(layers=[])
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.value_heads = kv_heads if value_heads is None else value_heads
+        self.value_dim = head_dim if value_dim is None else value_dim
         self.dtype, self.device, self.slots = dtype, device, slots
         self.capacity = 0  # positions per slot
         self.rows = 0  # slots allocated (running rows <= rows <= slots)
@@ -45,6 +58,7 @@ class SlotCache(Cache):
         self.lengths: list[int] = []  # tokens held per occupied slot, slots 0..n-1
         self._positions = torch.empty(0, dtype=torch.long, device=device)
         self._write_index = self._positions
+        self._value_write_index = self._positions
         self._kv_len = 0
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
@@ -54,7 +68,8 @@ class SlotCache(Cache):
         return len(self.lengths)
 
     def bytes_per_position(self) -> int:
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        per_layer = self.kv_heads * self.head_dim + self.value_heads * self.value_dim
+        return self.num_layers * per_layer * torch.empty(0, dtype=self.dtype).element_size()
 
     def nbytes(self) -> int:
         return self.capacity * self.rows * self.bytes_per_position()
@@ -71,14 +86,15 @@ class SlotCache(Cache):
             return
         capacity = max(self.capacity, _round_up(positions, CAPACITY_STEP))
         new_rows = max(self.rows, min(self.slots, 1 << (rows - 1).bit_length()))
-        shape = (new_rows, self.kv_heads, capacity, self.head_dim)
+        key_shape = (new_rows, self.kv_heads, capacity, self.head_dim)
+        value_shape = (new_rows, self.value_heads, capacity, self.value_dim)
         n, keep = self.occupied, self.capacity
         for i in range(self.num_layers):
             # Always ordinary tensors (never inference tensors, whichever mode the caller is in): a compiled
             # decode step guards on that, and buffers of either kind would compile twice.
             with torch.inference_mode(False):
-                k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                k = torch.zeros(key_shape, dtype=self.dtype, device=self.device)
+                v = torch.zeros(value_shape, dtype=self.dtype, device=self.device)
             if i < len(self.keys):
                 k[:n, :, :keep] = self.keys[i][:n]
                 v[:n, :, :keep] = self.values[i][:n]
@@ -153,6 +169,7 @@ class SlotCache(Cache):
         # Where each row writes, as a scatter index along the positions (faster than index_put on CPU: 80-120 us
         # against 180-420 us per layer at 16 rows, measured on the 2-core test machine).
         self._write_index = self._positions.view(n, 1, 1, 1).expand(n, self.kv_heads, 1, self.head_dim)
+        self._value_write_index = self._positions.view(n, 1, 1, 1).expand(n, self.value_heads, 1, self.value_dim)
         mask = torch.arange(self._kv_len, device=self.device)[None, :] <= self._positions[:, None]
         return self._positions[:, None], mask[:, None, None, :]
 
@@ -163,7 +180,7 @@ class SlotCache(Cache):
         n = key_states.shape[0]
         keys, values = self.keys[layer_idx][:n], self.values[layer_idx][:n]
         keys.scatter_(2, self._write_index, key_states)
-        values.scatter_(2, self._write_index, value_states)
+        values.scatter_(2, self._value_write_index, value_states)
         return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

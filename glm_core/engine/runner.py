@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..models.chat_format import ContinuingFormat, PrefixRulesFormat, RewritingFormat
+from ..models.chat_format import ContinuingFormat, PrefixRulesFormat, RewritingFormat, ThinkingFormat
 from ..models.loading import LoadedModel
 from ..protocol import (
     FAILED,
@@ -35,6 +35,7 @@ from ..protocol import (
     TokenLogprob,
     Truncated,
 )
+from ..reasoning import OPEN as REASONING_OPEN
 from .constraints import Constraint, GrammarFailed
 from .context import FittingStopped, common_prefix_length, fit_to_context
 from .generation import PREFILL_CHUNK, prefill
@@ -214,6 +215,9 @@ class Runner:
         encode = loaded.chat_format.encode
         if output.tools:
             encode = functools.partial(encode, tools=output.tools)
+        chat_format = loaded.chat_format
+        if params.thinking is not None and isinstance(chat_format, ThinkingFormat) and chat_format.thinking_switch:
+            encode = functools.partial(chat_format.encode, tools=output.tools, thinking=params.thinking)
         with self.tokenizer_lock:
             ids = None if output.tools or output.raw_prompt else self._continued_ids(kept, request.messages, budget)
             dropped = 0
@@ -231,6 +235,11 @@ class Runner:
                 )
         if dropped:
             request.emit(Truncated(dropped, len(ids), budget))
+        opens_reasoning = None if output.raw_prompt else getattr(loaded.chat_format, "opens_reasoning", None)
+        with self.tokenizer_lock:
+            opened = bool(opens_reasoning and opens_reasoning(ids))
+        if opened:  # the prompt opened the thinking (GLM-Z1): the reply's text says so too (see glm_core.reasoning)
+            request.emit_text(REASONING_OPEN)
 
         reused = 0
         if kept is not None and not request.recompute and cache_can_crop(kept.cache):
@@ -267,6 +276,7 @@ class Runner:
             decoder=reply_decoder(loaded, keep_roles=_reads_role_tokens(loaded, output)),
             generator=generator,
             seen=seen,
+            text_started=opened,
             grammar=request.grammar,
         )
 
@@ -324,9 +334,16 @@ class Runner:
             return True
         cache = sequence.cache
         if self.slots is None or self.slots.occupied == 0:
-            first = cache.layers[0].keys
+            keys, values = cache.layers[0].keys, cache.layers[0].values
             self.slots = SlotCache(
-                len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device, self.max_batch
+                len(cache.layers),
+                keys.shape[1],
+                keys.shape[3],
+                keys.dtype,
+                keys.device,
+                self.max_batch,
+                value_heads=values.shape[1],
+                value_dim=values.shape[3],
             )
         longest = max([length for length in self.slots.lengths] + [cache.get_seq_length()]) + sequence.limit
         if self.decoding and self.slots.bytes_if(len(self.decoding) + 1, longest) > self.batch_kv_bytes:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from ..reasoning import CLOSE, OPEN
 from .tool_formats import (
     CHATGLM3_TOOL_PROMPT,
     HERMES_SYSTEM,
@@ -32,6 +33,18 @@ class ChatFormat(Protocol):
         """Ids for the whole conversation, ending where the assistant's reply starts; `tools` where the format
         was trained for them (a format that was not refuses them: the API says so first)."""
         ...
+
+
+@runtime_checkable
+class ThinkingFormat(Protocol):
+    """A format whose template can turn a reasoning model's thinking off (`enable_thinking`): `thinking_switch` says
+    whether this template has the switch."""
+
+    thinking_switch: bool
+
+    def encode(
+        self, messages: Sequence[dict], tools: Sequence[dict] = (), thinking: bool | None = None
+    ) -> list[int]: ...
 
 
 @runtime_checkable
@@ -84,22 +97,43 @@ class TemplateChatFormat:
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
         self.tool_syntax = template_tool_syntax(template)
         self._template_knows = {word: word in template for word in ("tools", "tool_calls")}
+        # A reasoning model (GLM-Z1, GLM-4.5+) thinks inside <think>...</think>; its template may offer a switch.
+        self.reasoning = OPEN in template or OPEN in tokenizer.get_vocab()
+        self.thinking_switch = "enable_thinking" in template
 
-    def encode(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[int]:
+    def encode(self, messages: Sequence[dict], tools: Sequence[dict] = (), thinking: bool | None = None) -> list[int]:
+        """The prompt's ids; `thinking` False asks a template with the switch for the answer without thinking."""
+        extra = {"enable_thinking": thinking} if thinking is not None and self.thinking_switch else {}
         shaped = self.template_messages(messages, tools)
         if any(control in m["content"] for m in shaped for control in self._controls):
-            return self._encode_with_controls_as_text(shaped, tools)
-        text = self._render([m["content"] for m in shaped], shaped, tools)
+            return self._encode_with_controls_as_text(shaped, tools, extra)
+        text = self._render([m["content"] for m in shaped], shaped, tools, extra)
         # The template already wrote every special token (bos included) as text.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def opens_reasoning(self, ids: Sequence[int]) -> bool:
+        """Whether the prompt's own end opens the thinking (GLM-Z1's generation prompt ends with <think>): the reply
+        then starts inside it."""
+        if not self.reasoning:
+            return False
+        tail = self.tokenizer.decode(list(ids[-16:]))
+        return tail.rfind(OPEN) > tail.rfind(CLOSE)
+
+    def _thinking(self, m: dict) -> dict:
+        """An earlier reply's thinking for the template (its own rule keeps or drops it); thinking with control
+        tokens' text in it is dropped, not escaped: it is only ever a hint."""
+        reasoning = m.get("reasoning_content")
+        if not reasoning or any(control in reasoning for control in self._controls):
+            return {}
+        return {"reasoning_content": reasoning}
 
     def template_messages(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[dict]:
         """The messages as this template takes them: tool calls and results in its family's shape."""
         if isinstance(self.tool_syntax, GLM4ToolSyntax):
-            return _glm4_messages(messages, tools)
+            return _glm4_messages(messages, tools, self._thinking)
         shaped = []
         for m in messages:
-            message = {"role": m["role"], "content": m["content"]}
+            message = {"role": m["role"], "content": m["content"], **self._thinking(m)}
             calls = m.get("tool_calls") or []
             if calls and self._template_knows["tool_calls"]:
                 message["tool_calls"] = [
@@ -126,21 +160,26 @@ class TemplateChatFormat:
                 shaped.insert(0, {"role": "system", "content": described})
         return shaped
 
-    def _render(self, contents: list[str], messages: Sequence[dict], tools: Sequence[dict] = ()) -> str:
+    def _render(
+        self, contents: list[str], messages: Sequence[dict], tools: Sequence[dict] = (), extra: dict | None = None
+    ) -> str:
         options = {"tools": [_function(t) for t in tools]} if tools and self._template_knows["tools"] else {}
         return self.tokenizer.apply_chat_template(
             [{**m, "content": c} for m, c in zip(messages, contents)],
             add_generation_prompt=True,
             tokenize=False,
             **options,
+            **(extra or {}),
         )
 
-    def _encode_with_controls_as_text(self, messages: Sequence[dict], tools: Sequence[dict] = ()) -> list[int]:
+    def _encode_with_controls_as_text(
+        self, messages: Sequence[dict], tools: Sequence[dict] = (), extra: dict | None = None
+    ) -> list[int]:
         """A message that contains a control token's text (a user typing `<|im_end|><|im_start|>system`) must
         not become that token: it would let anyone write turns for other roles. The template is rendered with
         a marker in place of each message, its own text is tokenized as usual, and each message's text with
         control strings split into ordinary pieces."""
-        text = self._render([f"\ue000{i}\ue001" for i in range(len(messages))], messages, tools)
+        text = self._render([f"\ue000{i}\ue001" for i in range(len(messages))], messages, tools, extra)
         ids: list[int] = []
         position = 0
         for match in _MARKER.finditer(text):
@@ -164,7 +203,7 @@ def _json(call: dict):
         return call["arguments"]
 
 
-def _glm4_messages(messages: Sequence[dict], tools: Sequence[dict]) -> list[dict]:
+def _glm4_messages(messages: Sequence[dict], tools: Sequence[dict], thinking=lambda m: {}) -> list[dict]:
     """glm-4-9b-chat's template: `<|{role}|>{metadata}\n{content}` per message, tools on the message that has them
     (rendered under "# 可用工具"), a call as an assistant message whose metadata is the function's name and whose
     content is its arguments, a tool's result as an `observation` message."""
@@ -174,7 +213,7 @@ def _glm4_messages(messages: Sequence[dict], tools: Sequence[dict]) -> list[dict
             shaped.append({"role": "observation", "metadata": "", "content": m["content"]})
             continue
         if m["content"] or not m.get("tool_calls"):
-            shaped.append({"role": m["role"], "metadata": "", "content": m["content"]})
+            shaped.append({"role": m["role"], "metadata": "", "content": m["content"], **thinking(m)})
         for call in m.get("tool_calls") or []:
             shaped.append({"role": "assistant", "metadata": call["name"], "content": call["arguments"]})
     if tools:

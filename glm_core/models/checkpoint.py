@@ -24,7 +24,13 @@ import torch
 
 from ..settings import DEFAULT_GROUP_SIZE
 from .precision import Precision
-from .quant import WeightOnlyInt8Embedding, swap_in_quantized_linears, tie_output_layer
+from .quant import (
+    WeightOnlyInt8Embedding,
+    quantized_tensor_shapes,
+    set_quantized_tensor,
+    swap_in_quantized_linears,
+    tie_output_layer,
+)
 
 Remap = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 
@@ -214,6 +220,75 @@ def build_computed_buffers(model, device: torch.device) -> None:
                 raise StreamingUnsupported(f"its _init_weights does not compute the buffer {module_name}.{name}")
 
 
+_EXPERT_PIECE = re.compile(r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<part>gate_proj|up_proj|down_proj)\.weight$")
+# transformers' conversion of such checkpoints (qwen2_moe's mapping, which GLM-4.5 and GLM-4.7-Flash use): the only
+# key conversions the streaming loader performs itself.
+EXPERT_MERGES = {
+    ("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"): ("mlp.experts.gate_up_proj",),
+    ("mlp.experts.*.down_proj.weight",): ("mlp.experts.down_proj",),
+}
+
+
+class ExpertPieces:
+    """A MoE checkpoint's experts stored one tensor per expert (GLM-4.5's `mlp.experts.7.gate_proj.weight`,
+    `up_proj`, `down_proj`) written into the model's fused tensors as transformers' conversion merges them
+    (`gate_up_proj` [experts, 2I, H] with the gate rows first, `down_proj` [experts, H, I]), one expert at a time:
+    a quantized stack quantizes each expert as its pieces complete, a float tensor fills its slice. At INT8/INT4
+    no float tensor of a whole layer's experts is ever made."""
+
+    def __init__(self, model, quantized: dict, dtype: torch.dtype, device: torch.device):
+        self.model, self.quantized, self.dtype, self.device = model, quantized, dtype, device
+        self.halves: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # a gate waiting for its up, or back
+        self.written: dict[str, set[int]] = {}  # fused tensor name -> experts written
+        self.float_tensors: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def match(name: str):
+        return _EXPERT_PIECE.match(name)
+
+    def add(self, match, value: torch.Tensor) -> list[str]:
+        """Take one piece; returns the fused tensors it completed (every expert written)."""
+        module, expert, part = match["module"], int(match["expert"]), match["part"]
+        if part == "down_proj":
+            kind = "down_proj"
+        else:
+            halves = self.halves.setdefault((module, expert), {})
+            halves[part] = value
+            if len(halves) < 2:
+                return []
+            del self.halves[(module, expert)]
+            kind, value = "gate_up_proj", torch.cat([halves["gate_proj"], halves["up_proj"]])
+        name = f"{module}.{kind}"
+        shape = self._shape(module, kind)
+        if not 0 <= expert < shape[0] or tuple(value.shape) != tuple(shape[1:]):
+            raise CheckpointError(f"weights do not match config.json: expert {expert} of {name}, {tuple(value.shape)}")
+        if module in self.quantized:
+            self.quantized[module].set_expert(kind, expert, value.to(self.device))
+        else:
+            if name not in self.float_tensors:
+                self.float_tensors[name] = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.float_tensors[name][expert] = value
+        written = self.written.setdefault(name, set())
+        written.add(expert)
+        return [name] if len(written) == shape[0] else []
+
+    def _shape(self, module: str, kind: str) -> tuple[int, ...]:
+        if module in self.quantized:
+            return self.quantized[module].float_shapes[kind]
+        try:
+            return tuple(getattr(self.model.get_submodule(module), kind).shape)
+        except AttributeError:
+            raise CheckpointError(f"the checkpoint has experts at {module}, which this config does not") from None
+
+    def finish(self) -> None:
+        if self.halves:
+            (module, expert), parts = next(iter(self.halves.items()))
+            raise CheckpointError(f"weights are incomplete: expert {expert} of {module} has only {', '.join(parts)}")
+        for name, tensor in self.float_tensors.items():
+            module, _, kind = name.rpartition(".")
+            setattr(self.model.get_submodule(module), kind, torch.nn.Parameter(tensor, requires_grad=False))
+
+
 def fill_from_checkpoint(
     model,
     files: list[Path],
@@ -222,12 +297,16 @@ def fill_from_checkpoint(
     device: torch.device,
     progress: Callable[[float, str], None],
     group_size: int = DEFAULT_GROUP_SIZE,
+    expert_pieces: bool = False,
+    keep_fp32: frozenset[str] = frozenset(),
 ):
     """Fill `model` (built on the meta device at `precision.dtype`) from `files`, quantizing as it reads.
 
     Policy weights are quantized from the checkpoint's own values (an FP32 or FP16 file is not rounded to BF16
     first). A tied output layer is read from whichever of the two names the checkpoint stores (safetensors keeps
     one: `save_model` may keep either) and shares the embedding's table afterwards, an INT8 table at INT8/INT4.
+    With `expert_pieces`, per-expert MoE tensors are merged into the fused ones as they come (`ExpertPieces`).
+    Tensors of modules named in `keep_fp32` stay FP32 (transformers' _keep_in_fp32_modules: GLM-4.5's router bias).
     Raises CheckpointError when the weights are incomplete, have extra tensors or do not fit the config."""
     dtype = precision.dtype
     tied = tied_output_weights(model)
@@ -235,6 +314,7 @@ def fill_from_checkpoint(
     expected = set(model.state_dict()) - set(tied)
     build_computed_buffers(model, device)
     quantized = swap_in_quantized_linears(model, precision, dtype, group_size) if precision.is_quantized else {}
+    pieces = ExpertPieces(model, quantized, dtype, device) if expert_pieces else None
     loaded: set[str] = set()
     for number, path in enumerate(files, start=1):
         progress(0.3 + 0.6 * (number - 1) / len(files), f"Loading {path.name} ({number}/{len(files)})")
@@ -242,17 +322,23 @@ def fill_from_checkpoint(
         for key, tensor in read_shard(path):
             for name, value in remap(key, tensor):
                 name = source_of.get(name, name)
+                match = pieces.match(name) if pieces is not None and name not in expected else None
+                if match:
+                    loaded.update(pieces.add(match, value))
+                    continue
                 if name not in expected:
                     raise CheckpointError(f"tensor {key!r} does not fit this config (no {name})")
                 module, _, kind = name.rpartition(".")
-                if module in quantized and kind == "weight":
-                    target = quantized[module]
-                    if tuple(value.shape) != target.float_shape:
+                shapes = quantized_tensor_shapes(quantized[module]) if module in quantized else {}
+                if kind in shapes:
+                    if tuple(value.shape) != shapes[kind]:
                         raise CheckpointError(f"weights do not match config.json: {key} has shape {tuple(value.shape)}")
-                    target.set_weight(value.to(device))
+                    set_quantized_tensor(quantized[module], kind, value.to(device))
                     loaded.add(name)
                 else:
-                    batch[name] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+                    fp32 = keep_fp32 and not keep_fp32.isdisjoint(name.split("."))
+                    target = (torch.float32 if fp32 else dtype) if value.is_floating_point() else value.dtype
+                    batch[name] = value.to(device=device, dtype=target)
         try:
             model.load_state_dict(batch, strict=False, assign=True)
         except RuntimeError as exc:  # shape mismatch between config.json and the weights
@@ -261,6 +347,8 @@ def fill_from_checkpoint(
             ) from None
         loaded |= set(batch)
         del batch
+    if pieces is not None:
+        pieces.finish()
     missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"weights are incomplete: {len(missing)} tensor(s) missing, e.g. {missing[0]}")
@@ -330,16 +418,21 @@ def load_hf_model(
             model = AutoModelForCausalLM.from_config(config, dtype=precision.dtype)
     except Exception as exc:
         raise StreamingUnsupported(f"no causal-LM class builds it: {str(exc).splitlines()[0][:200]}") from None
-    if getattr(model, "_checkpoint_conversion_mapping", None) or get_model_conversion_mapping(model, add_legacy=False):
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    merges = {(tuple(c.source_patterns), tuple(c.target_patterns)) for c in conversions or ()}
+    expert_pieces = bool(merges) and all(EXPERT_MERGES.get(source) == target for source, target in merges)
+    if getattr(model, "_checkpoint_conversion_mapping", None) or (conversions and not expert_pieces):
         raise StreamingUnsupported("transformers renames or merges its checkpoint keys while loading")
-    if model._keep_in_fp32_modules or model._keep_in_fp32_modules_strict:
-        raise StreamingUnsupported("it keeps some modules in FP32")
+    # Kept in FP32 by name (GLM-4.5's router bias, e_score_correction_bias), as from_pretrained keeps them.
+    keep_fp32 = frozenset([*(model._keep_in_fp32_modules or ()), *(model._keep_in_fp32_modules_strict or ())])
     remap = _HFKeys(model)
     stored = {remap.name(key) for path in files for key in safetensors_header(path)[0]}
-    unknown = sorted(n for n in stored - {None} if n not in remap.expected)
+    unknown = sorted(
+        n for n in stored - {None} if n not in remap.expected and not (expert_pieces and ExpertPieces.match(n))
+    )
     if unknown:
         raise StreamingUnsupported(f"the checkpoint has {len(unknown)} tensor(s) the model lacks, e.g. {unknown[0]}")
     both_tied = [k for k, v in tied_output_weights(model).items() if k in stored and v in stored]
     if both_tied:  # the config says tied, the file holds two tables: from_pretrained compares them
         raise StreamingUnsupported(f"the checkpoint stores the tied {both_tied[0]} separately")
-    return fill_from_checkpoint(model, files, remap, precision, device, progress, group_size)
+    return fill_from_checkpoint(model, files, remap, precision, device, progress, group_size, expert_pieces, keep_fp32)

@@ -36,7 +36,7 @@ from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, Token
 from .chatglm.tokenizer import ChatGLMTokenizer
 from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
 from .precision import Precision, auto_cpu_precision, parse_precision, resolve_device
-from .quant import quantize_loaded_model, weight_bytes
+from .quant import experts_per_token, parameter_counts, quantize_loaded_model, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class LoadedModel:
     load_seconds: float
     max_context: int
     weights: dict = field(default_factory=dict)  # weight_bytes() of the model as loaded
+    active_param_count: int = 0  # parameters one token reads (a MoE model's chosen experts only); 0: all
     extra: dict = field(default_factory=dict)
 
     def card(self) -> dict:
@@ -75,6 +76,7 @@ class LoadedModel:
             "precision": self.precision.label,
             "device": str(self.device),
             "parameters": self.param_count,
+            "active_parameters": self.active_param_count or self.param_count,
             "load_seconds": round(self.load_seconds, 2),
             "max_context": self.max_context,
             "source": self.spec.path,
@@ -168,8 +170,10 @@ FAMILY_LABELS = {
     "chatglm6b": "ChatGLM-6B",
     "chatglm2": "ChatGLM2",
     "chatglm3": "ChatGLM3",
-    "glm": "GLM-4",
-    "glm4": "GLM-4",
+    "glm": "GLM-4",  # glm-4-9b-chat-hf and GLM-Edge (1.5B/4B chat) share this architecture
+    "glm4": "GLM-4-0414",  # GLM-4-9B/32B-0414 and the GLM-Z1 reasoning models
+    "glm4_moe": "GLM-4.5 MoE",  # GLM-4.5, GLM-4.5-Air, GLM-4.6
+    "glm4_moe_lite": "GLM-4.7-Flash MoE",  # multi-head latent attention
 }
 
 
@@ -254,6 +258,7 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     progress(0.95, "Checking one forward pass")
     _smoke_test(model, device, precision, name)
     progress(1.0, "Ready")
+    counts = parameter_counts(model, experts_per_token(model.config))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -263,7 +268,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
         family=family,
         precision=precision,
         device=device,
-        param_count=sum(p.numel() for p in model.parameters()),
+        param_count=counts["total"],
+        active_param_count=counts["active"],
         load_seconds=time.perf_counter() - started,
         max_context=max_context,
         weights=weight_bytes(model),
@@ -399,6 +405,8 @@ def _load_auto(kind: str, path: Path, precision: Precision, device, progress, gr
     family = FAMILY_LABELS.get(model_type, model_type)
     # The file itself, not GenerationConfig: its library defaults (top_k 50, ...) are no recommendation.
     extra["sampling_defaults"] = model_defaults(family, name, read_generation_config(folder), max_context)
+    # A reasoning model (GLM-Z1, GLM-4.5+) thinks in <think>...</think>; thinking_switch: its template can skip it.
+    extra["reasoning"], extra["thinking_switch"] = chat_format.reasoning, chat_format.thinking_switch
     return model, tokenizer, chat_format, name, family, max_context, extra
 
 

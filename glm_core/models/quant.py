@@ -130,6 +130,52 @@ def dense_in_blocks(x: torch.Tensor, out_features: int, dequantize_rows, row_mul
     return out
 
 
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for W = int8 rows `weight` [out, in] times `scales` [out]: the fused kernel for few rows, the dense
+    one block by block for many on CPU (see the module docstring)."""
+    dense = x.device.type == "cpu" and x.shape[0] >= INT8_DENSE_MIN_ROWS
+    if x.device.type in ("cpu", "cuda") and not dense:
+        return torch._weight_int8pack_mm(x, weight, scales)
+    # int8 values are exact in BF16/FP16, and the per-row scale moves to the output, as the kernel applies it.
+    return dense_in_blocks(x, weight.shape[0], lambda a, b: weight[a:b].to(x.dtype)) * scales
+
+
+def pack_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight in the device's int4 kernel layout, scales_and_zeros float32) of a float [out, in] weight."""
+    q, scales_and_zeros = quantize_int4(weight, group_size)
+    in_features = weight.shape[1]
+    if weight.device.type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(q, int4_inner_k_tiles(in_features)), scales_and_zeros
+    packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+    if weight.device.type == "cuda":
+        return torch._convert_weight_to_int4pack(packed, int4_inner_k_tiles(in_features)), scales_and_zeros
+    return packed, scales_and_zeros  # no kernel: keep the nibbles two a byte and dequantize in forward
+
+
+def int4_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, in_features: int
+) -> torch.Tensor:
+    """x @ W.T for W packed by `pack_int4` (out rows = scales_and_zeros.shape[1])."""
+    out_features = scales_and_zeros.shape[1]
+    if x.device.type == "cpu":
+        # Few rows (every decode step) never ask for the block layout: that probe is a cached Python call
+        # which torch.compile cannot trace, and the compiled decode step must stay one graph.
+        block_rows = None if x.shape[0] < INT4_DENSE_MIN_ROWS else cpu_int4_block_rows()
+        if not block_rows or out_features % block_rows:
+            return torch._weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros)
+        unpack, row_multiple = lambda rows: unpack_int4_for_cpu(rows, in_features, block_rows), block_rows
+    elif x.device.type == "cuda":
+        return torch._weight_int4pack_mm(x, weight, group_size, scales_and_zeros)
+    else:  # no kernel: nibbles two a byte, even element high
+        unpack, row_multiple = lambda rows: torch.stack([rows >> 4, rows & 0x0F], dim=-1).flatten(1), 1
+
+    def dequantize_rows(start: int, stop: int) -> torch.Tensor:
+        q = unpack(weight[start:stop])
+        return dequantize_int4(q, scales_and_zeros[:, start:stop], group_size, x.dtype)
+
+    return dense_in_blocks(x, out_features, dequantize_rows, row_multiple)
+
+
 class _WeightOnlyLinear(nn.Module):
     """Shared shape/bias handling; subclasses hold the quantized weight and implement `_matmul`."""
 
@@ -175,11 +221,7 @@ class WeightOnlyInt8Linear(_Int8Rows, _WeightOnlyLinear):
         self._register_int8_rows(out_features, in_features, dtype, device)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        dense = x.device.type == "cpu" and x.shape[0] >= INT8_DENSE_MIN_ROWS
-        if x.device.type in ("cpu", "cuda") and not dense:
-            return torch._weight_int8pack_mm(x, self.weight, self.scales)
-        # int8 values are exact in BF16/FP16, and the per-row scale moves to the output, as the kernel applies it.
-        return dense_in_blocks(x, self.out_features, lambda a, b: self.weight[a:b].to(x.dtype)) * self.scales
+        return int8_matmul(x, self.weight, self.scales)
 
 
 class WeightOnlyInt4Linear(_WeightOnlyLinear):
@@ -198,35 +240,11 @@ class WeightOnlyInt4Linear(_WeightOnlyLinear):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        q, scales_and_zeros = quantize_int4(weight, self.group_size)
-        device = weight.device
-        if device.type == "cpu":
-            self.weight = torch._convert_weight_to_int4pack_for_cpu(q, int4_inner_k_tiles(self.in_features))
-        elif device.type == "cuda":
-            packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-            self.weight = torch._convert_weight_to_int4pack(packed, int4_inner_k_tiles(self.in_features))
-        else:  # no kernel: keep the nibbles two a byte and dequantize in forward
-            self.weight = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        self.weight, scales_and_zeros = pack_int4(weight, self.group_size)
         self.scales_and_zeros = scales_and_zeros.to(self.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            # Few rows (every decode step) never ask for the block layout: that probe is a cached Python call
-            # which torch.compile cannot trace, and the compiled decode step must stay one graph.
-            block_rows = None if x.shape[0] < INT4_DENSE_MIN_ROWS else cpu_int4_block_rows()
-            if not block_rows or self.out_features % block_rows:
-                return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-            unpack, row_multiple = lambda rows: unpack_int4_for_cpu(rows, self.in_features, block_rows), block_rows
-        elif x.device.type == "cuda":
-            return torch._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
-        else:  # no kernel: nibbles two a byte, even element high
-            unpack, row_multiple = lambda rows: torch.stack([rows >> 4, rows & 0x0F], dim=-1).flatten(1), 1
-
-        def dequantize_rows(start: int, stop: int) -> torch.Tensor:
-            q = unpack(self.weight[start:stop])
-            return dequantize_int4(q, self.scales_and_zeros[:, start:stop], self.group_size, x.dtype)
-
-        return dense_in_blocks(x, self.out_features, dequantize_rows, row_multiple)
+        return int4_matmul(x, self.weight, self.scales_and_zeros, self.group_size, self.in_features)
 
 
 def _replacement(linear: nn.Linear, precision: Precision, dtype, group_size: int, device):
@@ -259,17 +277,192 @@ class WeightOnlyInt8Embedding(_Int8Rows, nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
+class _ExpertStack(nn.Module):
+    """One fused expert tensor ([experts, out, in], e.g. transformers' `gate_up_proj` or `down_proj`) as one
+    weight-only matrix per expert, packed side by side; `matmul(x, e)` is expert e's x @ W_e.T."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.experts, self.out_features, self.in_features, self.dtype = experts, out_features, in_features, dtype
+
+    @property
+    def float_shape(self) -> tuple[int, int, int]:
+        return self.experts, self.out_features, self.in_features
+
+    def extra_repr(self) -> str:
+        return f"experts={self.experts}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8ExpertStack(_ExpertStack):
+    def __init__(self, experts, out_features, in_features, dtype, device=None):
+        super().__init__(experts, out_features, in_features, dtype)
+        self.register_buffer("weight", torch.empty(experts, out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(experts, out_features, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[:2], dtype=self.dtype, device=weight.device)
+        for e in range(self.experts):  # one expert's float temporaries at a time
+            q[e], s = quantize_int8(weight[e])
+            scales[e] = s.to(self.dtype)
+        self.weight, self.scales = q, scales
+
+    @torch.no_grad()
+    def set_expert(self, expert: int, weight: torch.Tensor) -> None:
+        """One expert's float [out, in] weight, as a checkpoint stores it (one tensor per expert)."""
+        if self.weight.is_meta:
+            self.weight = torch.empty(self.float_shape, dtype=torch.int8, device=weight.device)
+            self.scales = torch.empty(self.float_shape[:2], dtype=self.dtype, device=weight.device)
+        q, scales = quantize_int8(weight)
+        self.weight[expert], self.scales[expert] = q, scales.to(self.dtype)
+
+    def matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return int8_matmul(x, self.weight[expert], self.scales[expert])
+
+
+class Int4ExpertStack(_ExpertStack):
+    def __init__(self, experts, out_features, in_features, dtype, device=None, group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__(experts, out_features, in_features, dtype)
+        self.group_size = group_size
+        self.register_buffer(
+            "weight", torch.empty(experts, out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "scales_and_zeros",
+            torch.empty(experts, in_features // group_size, out_features, 2, dtype=dtype, device=device),
+        )
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        packed = scales_and_zeros = None
+        for e in range(self.experts):
+            w, sz = pack_int4(weight[e], self.group_size)
+            if packed is None:  # the packed layout's shape depends on the device: known after the first expert
+                packed = torch.empty((self.experts, *w.shape), dtype=w.dtype, device=w.device)
+                scales_and_zeros = torch.empty((self.experts, *sz.shape), dtype=self.dtype, device=w.device)
+            packed[e], scales_and_zeros[e] = w, sz.to(self.dtype)
+        self.weight, self.scales_and_zeros = packed, scales_and_zeros
+
+    @torch.no_grad()
+    def set_expert(self, expert: int, weight: torch.Tensor) -> None:
+        """One expert's float [out, in] weight, as a checkpoint stores it (one tensor per expert)."""
+        w, sz = pack_int4(weight, self.group_size)
+        if self.weight.is_meta:  # the packed layout's shape depends on the device: known from the first expert
+            self.weight = torch.empty((self.experts, *w.shape), dtype=w.dtype, device=w.device)
+            self.scales_and_zeros = torch.empty((self.experts, *sz.shape), dtype=self.dtype, device=w.device)
+        self.weight[expert], self.scales_and_zeros[expert] = w, sz.to(self.dtype)
+
+    def matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return int4_matmul(x, self.weight[expert], self.scales_and_zeros[expert], self.group_size, self.in_features)
+
+
+def _expert_stack(experts: int, out_features: int, in_features: int, precision: Precision, dtype, group_size, device):
+    """INT4 where the kernel can tile the input width, else INT8: the experts are most of a MoE model's weights,
+    so unlike a dense layer they never stay in float."""
+    if precision is Precision.INT4 and WeightOnlyInt4Linear.supports(in_features, group_size):
+        return Int4ExpertStack(experts, out_features, in_features, dtype, device, group_size)
+    return Int8ExpertStack(experts, out_features, in_features, dtype, device)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers' fused routed experts (GLM-4.5's Glm4MoeExperts, GLM-4.7-Flash's, Qwen3-MoE's ...): 3-D
+    `gate_up_proj` [experts, 2 * intermediate, hidden] and `down_proj` [experts, hidden, intermediate], gate and up
+    concatenated, not transposed, without biases."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (
+        isinstance(gate_up, torch.Tensor)
+        and isinstance(down, torch.Tensor)
+        and gate_up.dim() == 3
+        and down.dim() == 3
+        and getattr(module, "is_concatenated", True)
+        and not getattr(module, "is_transposed", False)
+        and not getattr(module, "has_bias", False)
+        and getattr(module, "has_gate", True)
+    )
+
+
+class WeightOnlyExperts(nn.Module):
+    """The routed experts of a MoE layer with weight-only INT8/INT4 matrices per expert. Forward takes what
+    transformers' experts take (the tokens' hidden states, each token's top-k expert ids and weights) and runs,
+    for each expert some token chose, its two products on those tokens only, as transformers' eager loop does."""
+
+    def __init__(self, experts: int, hidden: int, intermediate: int, act_fn, precision, dtype, group_size, device=None):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim, self.dtype = experts, hidden, intermediate, dtype
+        self.act_fn = act_fn
+        self.gate_up_proj = _expert_stack(experts, 2 * intermediate, hidden, precision, dtype, group_size, device)
+        self.down_proj = _expert_stack(experts, hidden, intermediate, precision, dtype, group_size, device)
+
+    @property
+    def float_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"gate_up_proj": self.gate_up_proj.float_shape, "down_proj": self.down_proj.float_shape}
+
+    def set_tensor(self, name: str, value: torch.Tensor) -> None:
+        getattr(self, name).set_weight(value)
+
+    def set_expert(self, name: str, expert: int, value: torch.Tensor) -> None:
+        """One expert's slice of `name` ([2I, H] gate and up concatenated, or [H, I] down), quantized now."""
+        getattr(self, name).set_expert(expert, value)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        x = hidden_states.to(self.dtype)
+        top_k = top_k_index.shape[-1]
+        chosen = top_k_index.reshape(-1)
+        order = torch.argsort(chosen, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(chosen, minlength=self.num_experts).tolist()
+        tokens, weights = order // top_k, top_k_weights.reshape(-1)[order]
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            rows, row_weights = tokens[start : start + count], weights[start : start + count]
+            start += count
+            gate, up = self.gate_up_proj.matmul(x[rows], expert).chunk(2, dim=-1)
+            h = self.down_proj.matmul(self.act_fn(gate) * up, expert) * row_weights[:, None]
+            out.index_add_(0, rows, h.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
+
+
+def quantized_tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{checkpoint tensor name within the module: its float shape} for a quantized module of the policy."""
+    if isinstance(module, WeightOnlyExperts):
+        return module.float_shapes
+    return {"weight": module.float_shape}
+
+
+def set_quantized_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Quantize a float checkpoint tensor into the module's quantized storage."""
+    if isinstance(module, WeightOnlyExperts):
+        module.set_tensor(name, value)
+    else:
+        module.set_weight(value)
+
+
 def _policy(model: nn.Module, precision: Precision, dtype, group_size: int, device=None):
     """(module name, empty quantized replacement) for every module the policy quantizes.
 
-    Decoder-layer linears get the level's scheme. The token embedding and the output layer get INT8 per row at
+    Decoder-layer linears get the level's scheme, and so do a MoE layer's fused routed experts (one packed matrix
+    per expert; INT8 where INT4 cannot tile them, never float: they hold most of the weights). The token embedding and the output layer get INT8 per row at
     both levels: they are a large share of a small model (a fifth of SmolLM2-135M, 0.53 B of ChatGLM2-6B's 6.2 B),
     the output layer is read in full for every token, and int8 rows keep them accurate. A tied output layer
     keeps sharing the embedding's (now int8) table. The norms stay in the activation dtype.
     """
     embedding, head = _embedding_and_output_layer(model)
     for name, module in list(model.named_modules()):
-        if module is embedding and isinstance(module, nn.Embedding):
+        if is_fused_experts(module) and ".layers." in f".{name}":
+            experts, double_intermediate, hidden = module.gate_up_proj.shape
+            yield (
+                name,
+                WeightOnlyExperts(
+                    experts, hidden, double_intermediate // 2, module.act_fn, precision, dtype, group_size, device
+                ),
+            )
+        elif module is embedding and isinstance(module, nn.Embedding):
             yield name, WeightOnlyInt8Embedding(module.num_embeddings, module.embedding_dim, dtype, device)
         elif not isinstance(module, nn.Linear):
             continue
@@ -328,6 +521,14 @@ def quantize_loaded_model(model: nn.Module, precision: Precision, dtype: torch.d
     count = 0
     for name, replacement in _policy(model, precision, dtype, group_size):
         original = model.get_submodule(name)
+        if isinstance(replacement, WeightOnlyExperts):
+            replacement = replacement.to_empty(device=original.gate_up_proj.device)
+            for tensor_name in replacement.float_shapes:
+                replacement.set_tensor(tensor_name, getattr(original, tensor_name))
+                setattr(original, tensor_name, None)  # the float experts go as their quantized twins arrive
+            _install(model, name, replacement)
+            count += 1
+            continue
         replacement = replacement.to_empty(device=original.weight.device)
         replacement.set_weight(original.weight)
         if getattr(original, "bias", None) is not None:
@@ -345,14 +546,62 @@ def weight_bytes(model: nn.Module, include_meta: bool = False) -> dict:
     quantized = other = 0
     seen = set()
     for module in model.modules():
-        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        for t in tensors:
+        # Persistent buffers are checkpoint tensors too (GLM-4.5's router bias e_score_correction_bias); computed
+        # ones (rotary frequencies) are not weights.
+        stored = [
+            b for name, b in module._buffers.items() if b is not None and name not in module._non_persistent_buffers_set
+        ]
+        for t in list(module.parameters(recurse=False)) + stored:
             if id(t) in seen or (t.device.type == "meta" and not include_meta):
                 continue
             seen.add(id(t))
             size = t.numel() * t.element_size()
-            if isinstance(module, (_WeightOnlyLinear, WeightOnlyInt8Embedding)):
+            if isinstance(module, (_WeightOnlyLinear, WeightOnlyInt8Embedding, _ExpertStack)):
                 quantized += size
-            elif isinstance(t, nn.Parameter):
+            else:
                 other += size
     return {"quantized": quantized, "float": other, "total": quantized + other}
+
+
+def parameter_counts(model: nn.Module, experts_per_token: int = 0) -> dict:
+    """{"total", "active"} parameters of the model as its float checkpoint counts them (a quantized module counts
+    its float shape, a tied table once); "active" counts only `experts_per_token` of each MoE layer's routed
+    experts, what one token's forward reads (GLM-4.5-Air: 106 B total, 12 B active)."""
+    total = expert_total = expert_active = 0
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, WeightOnlyExperts) or is_fused_experts(module):
+            experts = module.num_experts
+            count = sum(_numel(getattr(module, name)) for name in ("gate_up_proj", "down_proj"))
+            expert_total += count
+            expert_active += count * min(experts_per_token or experts, experts) // experts
+            continue
+        if isinstance(module, _ExpertStack):
+            continue  # counted with its WeightOnlyExperts
+        if isinstance(module, (_WeightOnlyLinear, WeightOnlyInt8Embedding)):
+            if id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                total += _numel(module)
+            if getattr(module, "bias", None) is not None:
+                total += module.bias.numel()
+            continue
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) not in seen:
+                seen.add(id(parameter))
+                total += parameter.numel()
+    return {"total": total + expert_total, "active": total + expert_active}
+
+
+def _numel(tensor_or_module) -> int:
+    shape = getattr(tensor_or_module, "float_shape", None) or tuple(tensor_or_module.shape)
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def experts_per_token(config) -> int:
+    """Routed experts each token uses in a MoE config (0 for a dense model)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "num_experts_per_tok", None)
+    return value if isinstance(value, int) and value > 0 else 0

@@ -153,8 +153,12 @@ def trim_c_heap() -> None:
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Keys and values of one token over all layers (grouped/multi-query attention stores fewer heads)."""
+    """Keys and values of one token over all layers (grouped/multi-query attention stores fewer heads; multi-head
+    latent attention, GLM-4.7-Flash's, stores one compressed latent and one shared rotary key per token)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None):
+        per_layer = text.kv_lora_rank + text.qk_rope_head_dim
+        return text.num_hidden_layers * per_layer * torch.tensor([], dtype=dtype).element_size()
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return 2 * text.num_hidden_layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()

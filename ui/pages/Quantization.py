@@ -15,7 +15,7 @@ from glm_core.access import (
     check_benchmark,
     check_model_path,
 )
-from glm_core.bench.estimator import GB, PRESETS, ConfigError
+from glm_core.bench.estimator import GB, PRESETS, ConfigError, parameters_line
 from glm_core.bench.memory import (
     CSV_FIELDS,
     LEVELS,
@@ -110,6 +110,8 @@ if source and levels:
         request = None
     else:
         st.subheader("Predicted from config.json")
+        if predicted:
+            st.caption(parameters_line(predicted[0]["parameters"], predicted[0]["active_parameters"]))
         st.dataframe(
             pd.DataFrame(
                 {

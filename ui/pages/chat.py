@@ -16,6 +16,7 @@ from ui.conversation_list import (
     open_conversation,
 )
 from ui.generation_controls import generation_controls
+from ui.reasoning import thinking_switch
 from ui.render import model_card
 from ui.resources import backend_choice, backend_named, get_hub, get_store
 from ui.servers import load_model_form, remote_servers_panel
@@ -51,6 +52,7 @@ with st.sidebar:
 
     st.header("Generation")
     generation = generation_controls(store, workspace, engine.card() if engine is not None else None)
+    generation.thinking = thinking_switch(engine.card() if engine is not None else None, conversation)
     if left_today := quota_left():
         st.caption(left_today)
 
