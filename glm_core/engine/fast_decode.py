@@ -30,6 +30,9 @@ import torch
 import torch.nn.attention
 from transformers.cache_utils import Cache
 
+_LIVE: set[int] = set()  # FastDecode objects whose compile thread has not ended (ids)
+_LIVE_LOCK = threading.Lock()
+
 log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 256  # the slot cache's own growth step: the smallest graph capacity
@@ -203,6 +206,8 @@ class FastDecode:
         self._cond = threading.Condition()
         self._closed = False
         self._compiled = self._compile_fn()
+        with _LIVE_LOCK:
+            _LIVE.add(id(self))
         self._thread = threading.Thread(target=self._compile_forever, name="glm-compile", daemon=True)
         self._thread.start()
 
@@ -212,6 +217,7 @@ class FastDecode:
         # One static graph per (bucket, capacity), all of the same Python function: dynamo must keep every one
         # (its default limit is 8 per function) and never turn the batch or the capacity into a symbol.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
         if hasattr(dynamo_config, "cache_size_limit"):
             dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 256)
         if self.device.type == "cuda":
@@ -304,6 +310,21 @@ class FastDecode:
     # ---- the background thread --------------------------------------------------------------------------
 
     def _compile_forever(self) -> None:
+        try:
+            self._compile_queue()
+        finally:
+            self._forget_graphs()
+
+    def _forget_graphs(self) -> None:
+        """Once this engine is closed: drop the compiled graphs from dynamo's caches when no other engine's are
+        live. They hold the model they were traced with, and count against dynamo's process-wide limit of
+        compiled graphs (a portal that swaps models, or a test session, would reach it and compile no more)."""
+        with _LIVE_LOCK:
+            _LIVE.discard(id(self))
+            if self._closed and not _LIVE:
+                torch._dynamo.reset()
+
+    def _compile_queue(self) -> None:
         try:  # compiling yields the cores to the worker (Linux: nice is per thread, and gcc inherits it)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError):
