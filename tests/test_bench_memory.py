@@ -53,7 +53,7 @@ def run_cli(*args, timeout=600):
     )
 
 
-def test_bench_memory_measures_each_level_and_the_estimator_lands_within_10_percent(mid_config, data_dir):
+def test_bench_memory_measures_each_level_and_the_estimator_lands_within_15_percent(mid_config, data_dir):
     done = run_cli(
         "bench",
         "memory",
