@@ -21,7 +21,7 @@ from .conversations.turn import start_turn
 from .conversations.workspace import check_cli_workspace_id
 from .engine import Engine
 from .models.loading import LoadedModel, load_model
-from .protocol import ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
+from .protocol import ModelCard, ModelLoadError, ModelSpec, PromptTooLong, SamplingParams
 from .reasoning import split_reasoning
 from .sampling_defaults import CONTROLS, REQUEST, YOURS, card_defaults, compose_params, describe_sources
 from .settings import EMBEDDED, load_settings
@@ -115,7 +115,7 @@ def given_controls(args) -> dict:
     return {control: getattr(args, control) for control in CONTROLS if getattr(args, control) is not None}
 
 
-def chat_params(args, card: dict) -> tuple[SamplingParams, list[str]]:
+def chat_params(args, card: ModelCard) -> tuple[SamplingParams, list[str]]:
     """The CLI's sampling: the options given, the model's own defaults for the rest (one composition for every
     door, sampling_defaults.compose_params); also one line per source of the values."""
     defaults = card_defaults(card)
@@ -144,7 +144,7 @@ def cmd_chat(args) -> int:
     params, sources = chat_params(args, card)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(WELCOME.format(**card))
+        print(WELCOME.format(name=card.name, precision=card.precision, device=card.device))
         print("Sampling: " + "; ".join(sources))
     try:
         while True:
@@ -165,7 +165,7 @@ def cmd_chat(args) -> int:
                 print("(conversation cleared)")
                 continue
             if interactive:
-                print(f"\n{card['name']}: ", end="", flush=True)
+                print(f"\n{card.name}: ", end="", flush=True)
             reply = log.ask(
                 engine,
                 prompt,

@@ -362,6 +362,7 @@ class Request:
         params: SamplingParams,
         recompute: bool = False,
         output: OutputSpec | None = None,
+        prompt_ids: Sequence[int] | None = None,
     ):
         self.id = next(self._ids)
         self.conversation_id = conversation_id
@@ -369,6 +370,9 @@ class Request:
         self.params = params
         self.recompute = recompute
         self.output = output or OutputSpec()
+        # The whole context's token ids as the backend's own encode_chat gave them to the door that counted them (the
+        # API, for OpenAI's max_tokens): the runner feeds these rather than tokenizing the prompt a second time.
+        self.prompt_ids = list(prompt_ids) if prompt_ids is not None else None
         self.grammar: str | None = None  # the compiled grammar `output` asks for (set by the engine that takes it)
         self.submitted_at = time.perf_counter()
         self.reply: Reply | None = None
@@ -459,6 +463,52 @@ class Request:
         self._events.put(Finished(reply))
 
 
+class SubmitPath:
+    """The one way into a backend, shared by the local engine and the remote backend: the request is validated
+    once (sampling controls, output spec, messages), refused before anything is queued when the backend cannot do
+    what it asks (`_accept`), is closed, or the conversation already has a reply coming, then queued by the
+    backend under the same lock (`_enqueue`, which may refuse it: QueueFull) and started (`_started`)."""
+
+    closed_reason = "the backend was closed just now"
+    _door: threading.Lock | threading.Condition  # guards _active, _closed and the backend's own queue
+    _active: dict[str, Request]  # conversation id -> its reply being generated
+    _closed: bool
+
+    def submit(
+        self,
+        conversation_id: str,
+        messages: Sequence[dict],
+        params: SamplingParams | None = None,
+        recompute: bool = False,
+        owner: str | None = None,
+        output: OutputSpec | None = None,
+        prompt_ids: Sequence[int] | None = None,
+    ) -> Request:
+        params = (params or SamplingParams()).validate()
+        output = (output or OutputSpec()).validate()
+        request = Request(conversation_id, validate_messages(messages), params, recompute, output, prompt_ids)
+        self._accept(request)
+        with self._door:
+            if self._closed:
+                raise EngineClosed(self.closed_reason)
+            if conversation_id in self._active:
+                raise ConversationBusy("a reply for this conversation is still being generated")
+            self._enqueue(request, owner)
+            self._active[conversation_id] = request
+        self._started(request)
+        return request
+
+    def _accept(self, request: Request) -> None:
+        """Refuse (ValueError) what this backend cannot do, and prepare what it needs, before any lock."""
+
+    def _enqueue(self, request: Request, owner: str | None) -> None:
+        """Queue the request (called holding `_door`); QueueFull when there is no room for it or its owner."""
+        raise NotImplementedError
+
+    def _started(self, request: Request) -> None:
+        """After the request is queued and registered, outside the lock."""
+
+
 # ---- the seam between the UI/API and whatever generates ----------------------------------------------------
 
 
@@ -469,6 +519,68 @@ class Capabilities:
     local_model: bool = False  # a model in this process: memory figures, unload, precision benchmarks
     kept_cache: bool = False  # keeps each conversation's KV cache here (a remote server keeps its own)
     recompute: bool = False  # can recompute a context from scratch on request (the kept-cache baseline)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a backend says about its model (the pages' model card, the API's model name and fingerprint, the
+    usage records). Every backend fills the first group; a local model the second (a remote server cannot know
+    them: `unknown_remotely` says so), the engine over it the third, a remote backend the fourth."""
+
+    name: str
+    family: str
+    precision: str  # a level's label (FP32, BF16, INT4 ...) or the remote backend's "as served"
+    device: str  # cpu, cuda:0 ... or a remote server's host
+    source: str  # the model's path, or a remote server's base URL
+    backend: str = "local"  # "local" or "remote"
+    max_context: int | None = None  # the most tokens (prompt and reply) the model takes, where known
+    # The model's sampling defaults with their sources (sampling_defaults.model_defaults / server_defaults)
+    sampling_defaults: dict | None = field(default=None, compare=False, hash=False)
+    reasoning: bool = False  # thinks in <think>...</think> (GLM-Z1, GLM-4.5+)
+    thinking_switch: bool = False  # its chat template can skip the thinking (enable_thinking)
+    # ---- a model loaded in this process
+    weights_bytes: int | None = None
+    quantized_weights_bytes: int | None = None
+    kv_bytes_per_token: int | None = None
+    parameters: int | None = None
+    active_parameters: int | None = None  # a MoE model's parameters per token (all of them for a dense model)
+    load_seconds: float | None = None
+    loader: str | None = None  # models.loading.STREAMED, or why from_pretrained read it
+    family_source: str | None = None  # how the ChatGLM generation was decided
+    checkpoint: str | None = None  # what was special about the checkpoint (pre-quantized by THUDM)
+    precision_source: str | None = None  # why "auto" chose the level it did
+    # ---- the local engine over it
+    max_batch: int | None = None
+    batched_decode: bool | None = None
+    fast_path: str | None = None  # off | compiling | ready | failed: reason
+    fast_path_scope: str | None = None
+    # ---- a remote OpenAI-compatible server
+    server: str | None = None
+    unknown_remotely: str | None = None
+    status: str | None = None  # reachable, or why not; None: not asked yet
+
+    @property
+    def remote(self) -> bool:
+        return self.backend == "remote"
+
+    def to_dict(self) -> dict:
+        """The card as JSON (what is not known left out), for the CLI's templates, logs and reports."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How busy a backend is: sequences running and requests waiting (a remote server's own figures where its
+    /metrics says, else this portal's requests in flight), and the batch limit where one is known here."""
+
+    running: int
+    waiting: int
+    max_batch: int | None
+    in_flight_here: int | None = None  # a remote backend: this portal's requests in flight to the server
+
+    def to_dict(self) -> dict:
+        """The API's /health fields (in_flight_here only where the backend counts it)."""
+        return {name: value for name, value in asdict(self).items() if value is not None or name == "max_batch"}
 
 
 @runtime_checkable
@@ -486,25 +598,27 @@ class Backend(Protocol):
         recompute: bool = False,
         owner: str | None = None,
         output: OutputSpec | None = None,
+        prompt_ids: Sequence[int] | None = None,
     ) -> Request:
         """Queue a reply to `messages` (the whole conversation, ending with the new user message). `owner` (a
         workspace, an API key) bounds one person's share of the queue; QueueFull past it. `output`: tools, a
-        forced call or JSON, logprobs (OutputSpec)."""
+        forced call or JSON, logprobs (OutputSpec). `prompt_ids`: the context as this backend's encode_chat gave
+        them (a Tokenizing backend feeds them as they are). Every backend takes it through SubmitPath.submit."""
         ...
 
     def forget(self, conversation_id: str) -> None:
         """Free what is kept for a conversation (new conversation, clear, delete)."""
         ...
 
-    def card(self) -> dict:
-        """What the UI shows about the model: at least name, family, precision, device, source."""
+    def card(self) -> ModelCard:
+        """What the UI shows about the model (ModelCard)."""
         ...
 
     def memory_report(self) -> dict:
         """Memory figures: device memory and kept KV caches (empty where the backend cannot know)."""
         ...
 
-    def load_report(self) -> dict:
+    def load_report(self) -> LoadReport:
         """Running sequences, waiting requests and the batch limit."""
         ...
 
@@ -520,9 +634,11 @@ class Tokenizing(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def encode_chat(self, messages: Sequence[dict], output: OutputSpec | None = None) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[dict], output: OutputSpec | None = None, thinking: bool | None = None
+    ) -> list[int]:
         """The whole conversation's token ids in the model's chat format (with `output`'s tools, or its raw
-        prompt)."""
+        prompt, and the thinking switch), as the backend would feed them: pass them to submit as `prompt_ids`."""
         ...
 
     def tokenize(self, text: str) -> list[int]:

@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from .protocol import SamplingParams
+from .protocol import ModelCard, SamplingParams
 
 CONTROLS = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 
@@ -148,9 +148,9 @@ def model_defaults(
     return {**values, "sources": sources, "source": picked[0] if picked else OURS}
 
 
-def card_defaults(card: dict | None) -> dict:
+def card_defaults(card: ModelCard | None) -> dict:
     """The sampling defaults a backend's card carries (the loader's or a server's); a card with none: ours."""
-    return (card or {}).get("sampling_defaults") or model_defaults("", "", {})
+    return (card.sampling_defaults if card is not None else None) or model_defaults("", "", {})
 
 
 def compose_params(

@@ -106,7 +106,7 @@ def test_batched_replies_equal_generate_alone(embedded_fp32, reference):
 def test_compiled_decode_equals_generate(embedded_fp32, reference):
     engine = Engine(embedded_fp32, max_batch=4, compile="on")
     try:
-        assert engine.fast.wait_ready(600) == "ready", engine.card()["fast_path"]
+        assert engine.fast.wait_ready(600) == "ready", engine.card().fast_path
         replies = submit_together(engine)
     finally:
         engine.close()

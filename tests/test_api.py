@@ -3,6 +3,7 @@ client, the seeds' request bodies byte for byte, keys, errors, stop on disconnec
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import re
@@ -158,7 +159,7 @@ def test_stop_strings_are_bounded(server):
 def test_models_and_embeddings_through_the_openai_client(server, engine):
     api = client(server)
     [model] = api.models.list().data
-    assert model.id == engine.card()["name"] and model.object == "model"
+    assert model.id == engine.card().name and model.object == "model"
     by_default = api.embeddings.create(model=model.id, input=["hello world", "hello GPT"])  # base64 on the wire
     as_floats = api.embeddings.create(model=model.id, input="hello world", encoding_format="float")
     vectors = [d.embedding for d in by_default.data]
@@ -177,7 +178,9 @@ def test_keys_are_required_and_checked(server):
     status, _, body = raw_request(server.port, "POST", "/", b'{"prompt": "hi", "history": []}')
     assert status == 401
     status, _, body = raw_request(server.port, "GET", "/health")  # the one route without a key
-    assert status == 200 and json.loads(body)["status"] == "ok"
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert set(health) == {"status", "model", "running", "waiting", "max_batch"}  # the LoadReport's JSON, as before
     assert raw_request(server.port, "GET", "/free_gc", headers=auth())[0] == 403  # not an admin key
     status, _, body = raw_request(server.port, "GET", "/free_gc", headers=auth(ADMIN_KEY))
     assert status == 200 and json.loads(body) == {"success": True}
@@ -387,7 +390,7 @@ def test_glm_api_routes(server, engine):
     _, answer = post(server, "/chat", GLM_API_CHAT_BODY)
     reply = json.loads(answer)
     assert set(reply) == {"content", "prompt_tokens", "completion_tokens", "total_tokens", "model", "object"}
-    assert reply["object"] == "chat.completion" and reply["model"] == engine.card()["name"]
+    assert reply["object"] == "chat.completion" and reply["model"] == engine.card().name
     assert reply["total_tokens"] == reply["prompt_tokens"] + reply["completion_tokens"] > reply["prompt_tokens"] > 0
 
     _, raw = post(server, "/chat-stream", GLM_API_CHAT_BODY)
@@ -463,14 +466,38 @@ def test_replies_carry_every_field_openai_requires(server):
             assert not any("usage" in c for c in chunks)
 
 
+def test_an_api_request_tokenizes_its_prompt_once(server, engine, monkeypatch):
+    """The API counts the prompt for OpenAI's max_tokens with the engine's own encoding and hands the ids on with the
+    request: the runner feeds them as they are (it used to encode the prompt again, and count each message first)."""
+    tokenizer = engine.loaded.tokenizer
+    original = type(tokenizer).__call__
+    calls: list[str] = []
+
+    def counted(self, text, *args, **kwargs):
+        if self is tokenizer:
+            calls.append(text)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counted)
+    api = client(server, KEYS[11])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tokenize me once, please."}]
+    chat = api.chat.completions.create(model="m", messages=messages, max_tokens=3, temperature=0)
+    assert len(calls) == 1 and "Tokenize me once" in calls[0]
+    completion = api.completions.create(model="m", prompt="Once upon a time, tokenized once", max_tokens=3)
+    assert len(calls) == 2 and calls[1] == "Once upon a time, tokenized once"
+    monkeypatch.undo()
+    assert chat.usage.prompt_tokens == len(engine.encode_chat(messages))  # the ids fed are the ids counted
+    assert completion.usage.prompt_tokens == len(tokenizer("Once upon a time, tokenized once")["input_ids"])
+
+
 def test_the_system_fingerprint_changes_with_the_configuration(engine):
     from glm_core.api.generation import system_fingerprint
 
     class Configured:
         def __init__(self, **changes):
-            self._card = {**engine.card(), **changes}
+            self._card = dataclasses.replace(engine.card(), **changes)
 
-        def card(self) -> dict:
+        def card(self):
             return self._card
 
     same = system_fingerprint(engine)
@@ -563,7 +590,7 @@ def test_a_full_queue_answers_429_with_retry_after(long_replies, engine, monkeyp
         raw_request, server.port, "POST", "/v1/chat/completions", chat_body("Hi", 4), auth(KEYS[5])
     )
     deadline = time.time() + 30
-    while engine.load_report()["waiting"] < 1:
+    while engine.load_report().waiting < 1:
         assert time.time() < deadline, "the second request never waited"
         time.sleep(0.05)
     status, headers, body = raw_request(server.port, "POST", "/v1/chat/completions", chat_body("Hi", 4), auth(KEYS[5]))

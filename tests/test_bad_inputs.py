@@ -273,7 +273,7 @@ def test_requests_past_the_server_limits_never_reach_the_store(tiny_env, tiny_lo
                     params=SamplingParams(max_new_tokens=4),
                     system_prompt=system,
                 )
-        assert stored_messages(tiny_env) == 0 and engine.load_report()["waiting"] == 0
+        assert stored_messages(tiny_env) == 0 and engine.load_report().waiting == 0
     finally:
         engine.close()
 

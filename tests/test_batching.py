@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from glm_core import Delta, ModelSpec, Queued, SamplingParams, Started
+from glm_core import Delta, LoadReport, ModelSpec, Queued, SamplingParams, Started
 from glm_core.engine import Engine
 from glm_core.models import load_model
 
@@ -218,10 +218,10 @@ def test_load_report_counts_running_and_waiting(tiny_loaded):
         )
         next(e for e in first.events() if isinstance(e, Delta))
         report = engine.load_report()
-        assert report == {"running": 1, "waiting": 1, "max_batch": 1}
+        assert report == LoadReport(running=1, waiting=1, max_batch=1)
         first.stop()
         second.wait(300)
-        assert engine.load_report()["waiting"] == 0
+        assert engine.load_report().waiting == 0
     finally:
         engine.close()
 
@@ -243,7 +243,7 @@ def test_queue_bounds_refuse_clearly_and_an_owner_runs_one_at_a_time(tiny_loaded
         other = engine.submit("x", hi, long, owner="workspace-2")
         with pytest.raises(QueueFull, match="busy"):
             engine.submit("y", hi, long)
-        assert engine.load_report() == {"running": 1, "waiting": 3, "max_batch": 1}
+        assert engine.load_report() == LoadReport(running=1, waiting=3, max_batch=1)
         assert "w2" not in engine._active  # a refused request leaves nothing behind
         for request in [running, *mine, other]:
             request.stop()
@@ -277,7 +277,7 @@ def test_an_owner_may_run_several_when_configured(tiny_loaded, monkeypatch):
 
         def load_becomes(running, waiting):
             deadline = time.monotonic() + 60
-            while engine.load_report() != {"running": running, "waiting": waiting, "max_batch": 4}:
+            while engine.load_report() != LoadReport(running=running, waiting=waiting, max_batch=4):
                 assert time.monotonic() < deadline, engine.load_report()
                 time.sleep(0.05)
 

@@ -51,7 +51,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(keyless
     for ids in ([vocab], [1, 2, -1], [10**12]):
         status, _, body = raw_request(keyless.port, "POST", "/v1/embeddings", json.dumps({"input": ids}).encode())
         assert status == 400 and "vocabulary" in json.loads(body)["error"]["message"], ids
-    assert engine.load_report()["running"] == 0
+    assert engine.load_report().running == 0
 
 
 def test_a_long_input_read_in_slices_equals_one_whole_forward(tiny_loaded):
@@ -103,7 +103,7 @@ def test_embeddings_count_against_the_callers_share(engine):
     running = engine.submit("share", HELLO, SamplingParams(max_new_tokens=3000, max_length=4096), owner="key-a")
     try:
         deadline = threading.Event()
-        while engine.load_report()["running"] == 0 and not deadline.wait(0.05):
+        while engine.load_report().running == 0 and not deadline.wait(0.05):
             pass
         with pytest.raises(ApiError) as refused:
             asyncio.run(embed(engine, ["hello"], ApiLimits(), owner="key-a"))

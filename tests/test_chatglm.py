@@ -34,8 +34,8 @@ def test_logits_equal_an_independent_chatglm2_forward(glm2):
     folder, config, sd = glm2
     loaded, logits = logits_of(folder, IDS)
     torch.testing.assert_close(logits, reference_logits(sd, config, IDS), atol=2e-4, rtol=2e-4)
-    assert loaded.family == "ChatGLM2" and loaded.card()["family"] == "ChatGLM2"
-    defaults = loaded.card()["sampling_defaults"]
+    assert loaded.family == "ChatGLM2" and loaded.card().family == "ChatGLM2"
+    defaults = loaded.card().sampling_defaults
     assert (defaults["temperature"], defaults["top_p"], defaults["source"]) == (
         0.8,
         0.8,
@@ -69,7 +69,7 @@ def test_prequantized_thudm_checkpoint_loads_without_full_precision_weights(tmp_
     folder = write_checkpoint(tmp_path / f"glm2-int{bits}", sp_model, config, stored, "bin")
     loaded, logits = logits_of(folder, IDS)
     torch.testing.assert_close(logits, reference_logits(reference, config, IDS), atol=2e-4, rtol=2e-4)
-    assert f"INT{bits}" in loaded.card()["checkpoint"]
+    assert f"INT{bits}" in loaded.card().checkpoint
 
 
 def test_int4_nibbles_even_element_high():
@@ -385,7 +385,7 @@ def test_glm4_hf_folder_loads_through_auto_classes(tmp_path, tiny_model_dir):
     )
     loaded = load_model(ModelSpec(str(folder), "fp32", "cpu"))
     assert loaded.family == "GLM-4"
-    defaults = loaded.card()["sampling_defaults"]
+    defaults = loaded.card().sampling_defaults
     assert (defaults["temperature"], defaults["top_p"], defaults["source"]) == (0.8, 0.8, "generation_config.json")
     assert defaults["max_length"] == 128000 and defaults["sources"]["repetition_penalty"] == "this app's defaults"
     engine = Engine(loaded)

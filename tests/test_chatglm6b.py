@@ -186,8 +186,8 @@ def test_logits_equal_the_original_forward(glm6b, loaded_fp32):
 
     folder, config, sd = glm6b
     assert (folder / "pytorch_model.bin.index.json").is_file()
-    assert loaded_fp32.family == "ChatGLM-6B" and loaded_fp32.card()["family"] == "ChatGLM-6B"
-    assert loaded_fp32.max_context == 2048 and loaded_fp32.card()["loader"] == "streamed"
+    assert loaded_fp32.family == "ChatGLM-6B" and loaded_fp32.card().family == "ChatGLM-6B"
+    assert loaded_fp32.max_context == 2048 and loaded_fp32.card().loader == "streamed"
     assert isinstance(loaded_fp32.model, ChatGLM6BForCausalLM)
     model = loaded_fp32.model
     assert model.lm_head.weight is model.transformer.word_embeddings.weight  # tied
@@ -314,7 +314,7 @@ def test_prequantized_thudm_checkpoints(tmp_path, bits, embedding):
     else:
         rows, expected = original_logits(f"chatglm-6b-int{bits}", ids)
         torch.testing.assert_close(logits[rows], expected, atol=1e-4, rtol=1e-4)
-    assert f"INT{bits}" in loaded.card()["checkpoint"]
+    assert f"INT{bits}" in loaded.card().checkpoint
     # And straight to our INT4: every layer holds the checkpoint's weights, requantized (each layer applied to the
     # identity gives its weights back, compared with the dequantized load's layer of the same name).
     from glm_core.models.quant import WeightOnlyInt4Linear

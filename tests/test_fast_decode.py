@@ -38,8 +38,8 @@ def replies(engine, jobs, together=True):
 
 def compiled_engine(loaded, max_batch):
     engine = Engine(loaded, max_batch=max_batch, compile="on")
-    assert engine.card()["fast_path"] in ("compiling", "ready")
-    assert engine.fast.wait_ready(600) == "ready", engine.card()["fast_path"]
+    assert engine.card().fast_path in ("compiling", "ready")
+    assert engine.fast.wait_ready(600) == "ready", engine.card().fast_path
     return engine
 
 
@@ -57,7 +57,7 @@ def check_exact(loaded, lengths, max_batch):
     jobs = greedy_jobs(lengths)
     eager = Engine(loaded, max_batch=max_batch)  # GLM_COMPILE=off in tests: the eager path
     try:
-        assert eager.card()["fast_path"] == "off"
+        assert eager.card().fast_path == "off"
         want_alone, want_batch = replies(eager, jobs, together=False), replies(eager, jobs)
     finally:
         eager.close()
@@ -67,7 +67,7 @@ def check_exact(loaded, lengths, max_batch):
         got_alone = replies(engine, jobs, together=False)  # batch 1: the bucket-1 graph
         assert engine.fast.steps > steps
         got_batch = replies(engine, jobs)  # rows that finish early leave: buckets change under the others
-        assert engine.card()["fast_path"] == "ready"
+        assert engine.card().fast_path == "ready"
     finally:
         engine.close()
     assert_same(got_alone, want_alone)
@@ -106,7 +106,7 @@ def test_engine_serves_eagerly_while_compiling_and_switches_when_ready(tiny_load
         jobs = greedy_jobs([6])
         first = replies(engine, jobs)[0]  # served while the graph is held back
         assert first.error is None and first.stats.completion_tokens == 6
-        assert engine.card()["fast_path"] == "compiling" and engine.fast.steps == 0
+        assert engine.card().fast_path == "compiling" and engine.fast.steps == 0
         gate.set()
         assert engine.fast.wait_ready(300) == "ready"
         again = replies(engine, jobs)[0]
@@ -124,7 +124,7 @@ def test_a_compile_failure_falls_back_to_eager_and_says_why(tiny_loaded, monkeyp
     engine = Engine(tiny_loaded, max_batch=2, compile="on")
     try:
         assert engine.fast.wait_ready(60) == "failed: RuntimeError: inductor exploded"
-        assert engine.card()["fast_path"] == "failed: RuntimeError: inductor exploded"
+        assert engine.card().fast_path == "failed: RuntimeError: inductor exploded"
         reply = replies(engine, greedy_jobs([5, 5]))
         assert all(r.error is None and r.stats.completion_tokens == 5 for r in reply)
     finally:
@@ -141,7 +141,7 @@ def test_a_failing_compiled_step_falls_back_to_eager_for_that_step(tiny_loaded):
 
         engine.fast._compiled = broken
         got = replies(engine, greedy_jobs([6]))[0]
-        assert engine.card()["fast_path"] == "failed: RuntimeError: graph failed at run time"
+        assert engine.card().fast_path == "failed: RuntimeError: graph failed at run time"
         assert got.error is None and got.text == want.text
     finally:
         engine.close()
@@ -160,8 +160,8 @@ def test_glm_compile_setting(tiny_loaded, monkeypatch):
     monkeypatch.setattr(fast_decode, "FastDecode", lambda *a, **k: started.append(a))
     engine = Engine(tiny_loaded)  # GLM_COMPILE=off (tests/conftest.py): nothing compiles, the card says off
     try:
-        assert engine.fast is None and engine.runner.fast is None and engine.card()["fast_path"] == "off"
-        assert engine.card()["fast_path_scope"] == "off (GLM_COMPILE=off)"
+        assert engine.fast is None and engine.runner.fast is None and engine.card().fast_path == "off"
+        assert engine.card().fast_path_scope == "off (GLM_COMPILE=off)"
     finally:
         engine.close()
     assert not started
@@ -189,7 +189,7 @@ def test_auto_on_cpu_compiles_one_row_and_decodes_batches_eagerly(tiny_loaded):
     engine = Engine(tiny_loaded, max_batch=4, compile="auto")
     try:
         assert engine.fast.wait_ready(600) == "ready"
-        assert "batched steps decode eagerly" in engine.card()["fast_path_scope"]
+        assert "batched steps decode eagerly" in engine.card().fast_path_scope
         alone = replies(engine, jobs[:1])[0]
         steps = engine.fast.steps
         assert steps > 0  # one row: the compiled graph

@@ -57,7 +57,7 @@ def engine_reply(engine, conversation: str, messages: list[dict], max_new_tokens
 
 def test_each_family_chats_greedy_equal_to_transformers_and_keeps_its_cache(family_fp32):
     family, folder, loaded = family_fp32
-    assert loaded.family == LABELS[family] and loaded.card()["family"] == LABELS[family]
+    assert loaded.family == LABELS[family] and loaded.card().family == LABELS[family]
     engine = Engine(loaded)
     try:
         history = [{"role": "user", "content": PROMPTS[0]}]
@@ -194,13 +194,13 @@ def test_estimated_weights_are_the_bytes_of_the_loaded_moe_model(moe_folder, lev
     state = loaded.model.state_dict()
     storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in state.values()}
     assert predicted.weights_bytes == sum(nbytes for _, nbytes in storages)
-    assert predicted.kv_bytes_per_token == loaded.card()["kv_bytes_per_token"]
+    assert predicted.kv_bytes_per_token == loaded.card().kv_bytes_per_token
     # Parameters as the float checkpoint counts them; active: 4 of 16 routed experts per sparse layer.
     float_params = sum(t.numel() for t in load_model(ModelSpec(str(folder), "fp32", "cpu")).model.parameters())
     config = loaded.model.config
     experts = 2 * 16 * 3 * config.hidden_size * config.moe_intermediate_size
-    assert predicted.parameters == loaded.card()["parameters"] == float_params
-    assert predicted.active_parameters == loaded.card()["active_parameters"] == float_params - experts * 12 // 16
+    assert predicted.parameters == loaded.card().parameters == float_params
+    assert predicted.active_parameters == loaded.card().active_parameters == float_params - experts * 12 // 16
 
 
 def test_presets_know_moe_and_mla():
@@ -241,7 +241,7 @@ def test_moe_checkpoints_stream_expert_by_expert_as_transformers_merges_them(moe
 
     family, folder = moe_folder
     loaded = load_model(ModelSpec(str(folder), level, "cpu"))
-    assert loaded.card()["loader"] == STREAMED
+    assert loaded.card().loader == STREAMED
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if level != "fp32":
         quantize_loaded_model(reference, loaded.precision, torch.bfloat16, loaded.spec.group_size)
@@ -285,7 +285,7 @@ def high_water_mark():
 
 baseline = high_water_mark()
 loaded = load_model(ModelSpec(sys.argv[2], sys.argv[3], "cpu"))
-print(high_water_mark() - baseline, loaded.weights["total"], loaded.card()["loader"])
+print(high_water_mark() - baseline, loaded.weights["total"], loaded.card().loader)
 """
 
 

@@ -118,7 +118,7 @@ def test_compiled_decode_with_cuda_graphs_equals_eager(tiny_model_dir):
         engine = Engine(loaded, max_batch=8, compile=compile_mode)
         try:
             if compile_mode == "on":
-                assert engine.fast.wait_ready(900) == "ready", engine.card()["fast_path"]
+                assert engine.fast.wait_ready(900) == "ready", engine.card().fast_path
             requests = [engine.submit(uuid.uuid4().hex, [{"role": "user", "content": p}], params) for p in prompts]
             return [(r.text, r.finish_reason) for r in (request.wait(300) for request in requests)]
         finally:

@@ -140,7 +140,7 @@ def test_unload_asks_first_and_the_chat_page_loads_the_model_again(nvml, tiny_in
     nvml(FakeNvml(init_error=pynvml.NVMLError_LibraryNotFound()))
     hub = tiny_in_hub
     at = open_monitor()
-    name = plain(hub.engine.card()["name"])  # a folder's name, so Markdown-escaped
+    name = plain(hub.engine.card().name)  # a folder's name, so Markdown-escaped
     assert f"{name} · FP32 · cpu" in texts(at.markdown)
 
     at.button(key="unload_model").click().run()

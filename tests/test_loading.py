@@ -1,5 +1,6 @@
 """Loading from a spec, and a one-line reason for everything that is not a usable model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -15,11 +16,24 @@ from glm_core.settings import load_settings
 
 def test_embedded_model_card(embedded_fp32):
     card = embedded_fp32.card()
-    assert card["name"] == "SmolLM2-135M-Instruct"
-    assert card["precision"] == "FP32" and card["device"] == "cpu"
-    assert 130e6 < card["parameters"] < 140e6 and card["max_context"] == 8192
-    assert card["sampling_defaults"]["sources"]["temperature"] == "SmolLM2 model card"
+    assert card.name == "SmolLM2-135M-Instruct"
+    assert card.precision == "FP32" and card.device == "cpu"
+    assert 130e6 < card.parameters < 140e6 and card.max_context == 8192
+    assert card.sampling_defaults["sources"]["temperature"] == "SmolLM2 model card"
     assert next(embedded_fp32.model.parameters()).dtype == torch.float32
+
+
+def test_a_loaded_models_card_is_typed_and_its_dict_keeps_only_what_is_known(embedded_fp32):
+    """The loader's facts land in ModelCard's fields (a stray one would be a TypeError); to_dict leaves out what a
+    loaded model cannot know (the engine's and a remote server's parts), as the dict it replaced did."""
+    card = embedded_fp32.card()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        card.name = "other"  # type: ignore[misc]
+    assert card.loader == STREAMED and card.backend == "local" and not card.remote
+    assert card.weights_bytes > card.quantized_weights_bytes >= 0 and card.kv_bytes_per_token > 0
+    as_json = json.loads(json.dumps(card.to_dict()))
+    assert {"name", "family", "precision", "device", "source", "max_context", "weights_bytes", "loader"} <= set(as_json)
+    assert not {"server", "status", "unknown_remotely", "max_batch", "fast_path"} & set(as_json)
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -212,7 +226,7 @@ def test_auto_on_this_cpu_says_what_it_chose_and_why(tiny_model_dir):
     loaded = load_model(ModelSpec(str(tiny_model_dir), "auto", "cpu"))
     card = loaded.card()
     native = any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS) and measured_bf16_speedup() > 1
-    assert card["precision"] == ("BF16" if native else "FP32")
-    assert card["precision_source"].startswith(f"auto: {card['precision']}")
+    assert card.precision == ("BF16" if native else "FP32")
+    assert card.precision_source.startswith(f"auto: {card.precision}")
     explicit = load_model(ModelSpec(str(tiny_model_dir), "bf16", "cpu")).card()  # a level asked for is kept
-    assert explicit["precision"] == "BF16" and "precision_source" not in explicit
+    assert explicit.precision == "BF16" and explicit.precision_source is None

@@ -162,8 +162,8 @@ def test_the_card_and_metrics_say_what_llama_server_tells(llama):
     [model] = remote.list_models()
     assert model["owned_by"] == "llamacpp"
     card = remote.card()
-    assert card["name"] == model["id"] and embedded_gguf_path().stem in model["id"]
-    assert card["family"] == "remote (llamacpp)" and card["max_context"] == CONTEXT and card["status"] == "reachable"
+    assert card.name == model["id"] and embedded_gguf_path().stem in model["id"]
+    assert card.family == "remote (llamacpp)" and card.max_context == CONTEXT and card.status == "reachable"
     request = streaming(remote, "c4")
     assert remote.metrics(max_age_s=0) == {"running": 1, "waiting": 0}  # llamacpp:requests_processing / _deferred
     request.stop()

@@ -125,13 +125,13 @@ def test_switching_precision_frees_the_old_model(tiny_model_dir):
 def test_engine_reports_weights_kv_and_memory(embedded_levels):
     card = embedded_levels["int8"].card()
     bf16 = embedded_levels["bf16"].card()
-    assert 0 < card["quantized_weights_bytes"] < card["weights_bytes"] < bf16["weights_bytes"]
+    assert 0 < card.quantized_weights_bytes < card.weights_bytes < bf16.weights_bytes
     # SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values, 2 bytes each.
-    assert bf16["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2
+    assert bf16.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
     engine = Engine(embedded_levels["int8"])
     try:
         report = engine.memory_report()
-        assert report["source"] == "process RSS" and report["peak"] >= report["current"] > card["weights_bytes"]
+        assert report["source"] == "process RSS" and report["peak"] >= report["current"] > card.weights_bytes
         assert report["kv_cache_conversations"] == 0
     finally:
         engine.close()

@@ -59,7 +59,7 @@ def thinker(tmp_path_factory):
 
 def test_a_reasoning_model_thinks_then_answers_and_the_switch_skips_the_thinking(thinker):
     engine, chain = thinker
-    assert engine.card()["reasoning"] and engine.card()["thinking_switch"]
+    assert engine.card().reasoning and engine.card().thinking_switch
     reply = engine.submit("a", [{"role": "user", "content": "Capital?"}], GREEDY).wait(60)
     assert reply.error is None and reply.finish_reason == "eos"
     assert split_reasoning(reply.text) == (chain["reasoning"], chain["answer"])

@@ -124,8 +124,8 @@ def test_streams_a_reply_with_usage_and_figures(server):
     assert sent["messages"] == HELLO and sent["top_k"] == 40 and sent["seed"] == 3 and sent["temperature"] == 0
     assert "repetition_penalty" not in sent and "top_p" not in sent
     card = backend.card()
-    assert card["name"] == "words" and card["backend"] == "remote" and card["device"] == server.url.split("/")[2]
-    assert "precision" in card["unknown_remotely"]
+    assert card.name == "words" and card.backend == "remote" and card.device == server.url.split("/")[2]
+    assert "precision" in card.unknown_remotely
     assert backend.memory_report() == {}
     backend.close()
 
@@ -158,14 +158,21 @@ def test_no_model_named_takes_the_servers_first(server):
     backend = RemoteBackend(server.url)
     reply = backend.submit("c1", HELLO, FIVE).wait(5)
     assert reply.text.startswith("word0") and server.requests[-1]["model"] == "words"
-    assert wait_until(lambda: backend.card().get("max_context") == 4096)
+    assert wait_until(lambda: backend.card().max_context == 4096)
+    card = backend.card()
+    assert card.remote and card.status == "reachable" and card.parameters is None  # not known from here
+    assert set(card.to_dict()) == {
+        *("name", "family", "precision", "device", "source", "backend", "max_context", "sampling_defaults"),
+        *("reasoning", "thinking_switch", "server", "unknown_remotely", "status"),
+    }
+    assert backend.load_report().to_dict() == {"running": 0, "waiting": 0, "max_batch": None, "in_flight_here": 0}
 
 
 def test_stop_closes_the_stream_and_the_server_stops_generating(server):
     backend = RemoteBackend(f"{server.url}#slow")
     request = backend.submit("c1", HELLO, SamplingParams(max_new_tokens=200))
     assert wait_until(lambda: request.text_so_far.count("word") >= 2)
-    assert backend.metrics(max_age_s=0)["running"] == 1 and backend.load_report()["running"] == 1
+    assert backend.metrics(max_age_s=0)["running"] == 1 and backend.load_report().running == 1
     request.stop()
     reply = request.wait(5)
     assert reply.finish_reason == "stopped" and reply.error is None and reply.text.startswith("word0 word1")

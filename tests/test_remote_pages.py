@@ -140,7 +140,7 @@ def test_configured_keys_go_only_to_the_urls_they_were_configured_with(data_dir,
         assert hub.get("glm4").submit("c1", [{"role": "user", "content": "hi"}]).wait(30).error is None
         at.text_input(key="load_path").set_value(f"{server.url}#words")
         at.button(key="load_button").click().run()
-        assert not at.exception and hub.engine.card()["backend"] == "remote"
+        assert not at.exception and hub.engine.card().backend == "remote"
         assert hub.engine.submit("c2", [{"role": "user", "content": "hi"}]).wait(30).error is None
         assert server.authorizations and set(server.authorizations) == {"Bearer EMPTY"}, server.authorizations
         # Configured (GLM_BACKENDS or secrets.toml) with that name and URL, the key is its own.

@@ -87,7 +87,7 @@ def test_a_reply_through_serve_equals_the_local_engines(serve, tiny_loaded):
         engine.close()
     assert through.text.strip() and through.stats.ttft_s > 0 and through.stats.decode_tokens_per_s > 0
     card = remote.card()
-    assert card["backend"] == "remote" and card["device"] == f"127.0.0.1:{port}"
+    assert card.backend == "remote" and card.device == f"127.0.0.1:{port}"
 
 
 def streaming_reply(remote: RemoteBackend, conversation_id: str):

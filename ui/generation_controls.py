@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from glm_core.conversations.store import Store
-from glm_core.protocol import MAX_SYSTEM_PROMPT_CHARS
+from glm_core.protocol import MAX_SYSTEM_PROMPT_CHARS, ModelCard
 from glm_core.safe_markdown import plain
 from glm_core.sampling_defaults import (
     CONTROLS,
@@ -28,7 +28,7 @@ class Generation:
     thinking: bool | None = None  # a reasoning model's switch for this conversation (ui.reasoning); None: not offered
 
 
-def generation_controls(store: Store, workspace: str, card: dict | None) -> Generation:
+def generation_controls(store: Store, workspace: str, card: ModelCard | None) -> Generation:
     state = st.session_state
     defaults = card_defaults(card)
     controls = effective_controls(defaults, store.get_setting(workspace, "sampling", {}))

@@ -37,7 +37,7 @@ def quality_section(runner: MemoryBenchRunner, engine: Backend | None, workspace
     )
     sources = {"The embedded model (SmolLM2-135M)": "embedded"}
     if engine is not None and engine.capabilities.local_model and engine.spec.path != "embedded":
-        sources[f"The loaded model ({engine.card()['name']})"] = engine.spec.path
+        sources[f"The loaded model ({engine.card().name})"] = engine.spec.path
     if admin:
         sources["A model folder"] = ""
     label = st.radio("Model", list(sources), horizontal=True, key="quality_source", format_func=plain)

@@ -9,14 +9,15 @@ from collections.abc import Iterator
 import streamlit as st
 
 from glm_core.conversations.conversation import Conversation
+from glm_core.protocol import ModelCard
 from glm_core.reasoning import ReasoningSplitter
 from glm_core.safe_markdown import StreamWithoutImages, no_remote_images
 
 
-def thinking_switch(card: dict | None, conversation: Conversation) -> bool | None:
+def thinking_switch(card: ModelCard | None, conversation: Conversation) -> bool | None:
     """The conversation's thinking switch, where the model's template has one (None elsewhere): on by default, as
     its last reply had it otherwise."""
-    if not card or not card.get("thinking_switch"):
+    if card is None or not card.thinking_switch:
         return None
     chosen = conversation.thinking_choice()
     return st.toggle(

@@ -41,59 +41,56 @@ def show_message(message: ChatMessage) -> None:
 def model_card(engine: Backend) -> None:
     """The model a conversation talks to, as the chat sidebar shows it: what it is, its memory and its load."""
     card = engine.card()
-    st.markdown(f"**{plain(card['name'])}**")
+    st.markdown(f"**{plain(card.name)}**")
     load = engine.load_report()
-    if card.get("backend") == "remote":
+    if card.remote:
         st.caption(
-            f"remote server {plain(card['server'])} · {plain(card.get('status', 'asking the server...'))}"
-            + (f" · context {card['max_context']:,} tokens" if card.get("max_context") else "")
+            f"remote server {plain(card.server or '')} · {plain(card.status or 'asking the server...')}"
+            + (f" · context {card.max_context:,} tokens" if card.max_context else "")
         )
-        st.caption(f"Not known here: {plain(card['unknown_remotely'])}.")
+        st.caption(f"Not known here: {plain(card.unknown_remotely or '')}.")
         st.caption(
-            f"the server is generating {load['running']} request(s) · {load['waiting']} waiting · "
-            f"{load['in_flight_here']} from this portal"
+            f"the server is generating {load.running} request(s) · {load.waiting} waiting · "
+            f"{load.in_flight_here} from this portal"
         )
         return
     st.caption(
-        f"family {plain(card['family'])} · {card['precision']} · {plain(card['device'])} · "
-        f"{parameters_line(card['parameters'], card.get('active_parameters', 0))} · "
-        f"loaded in {card['load_seconds']:.1f} s"
+        f"family {plain(card.family)} · {card.precision} · {plain(card.device)} · "
+        f"{parameters_line(card.parameters or 0, card.active_parameters or 0)} · "
+        f"loaded in {card.load_seconds or 0:.1f} s"
     )
-    if "checkpoint" in card:
-        st.caption(plain(card["checkpoint"]))
-    if "precision_source" in card:
-        st.caption(plain(card["precision_source"]))
+    if card.checkpoint:
+        st.caption(plain(card.checkpoint))
+    if card.precision_source:
+        st.caption(plain(card.precision_source))
     memory = engine.memory_report()
     st.caption(
-        f"weights {card['weights_bytes'] / 2**20:,.0f} MiB "
-        f"({card['quantized_weights_bytes'] / 2**20:,.0f} MiB quantized) · "
-        f"KV cache {card['kv_bytes_per_token'] / 1024:,.1f} KiB/token · "
+        f"weights {(card.weights_bytes or 0) / 2**20:,.0f} MiB "
+        f"({(card.quantized_weights_bytes or 0) / 2**20:,.0f} MiB quantized) · "
+        f"KV cache {(card.kv_bytes_per_token or 0) / 1024:,.1f} KiB/token · "
         f"{memory['source']} {memory['current'] / 2**20:,.0f} MiB (peak {memory['peak'] / 2**20:,.0f} MiB) · "
         f"kept caches {memory['kv_cache_bytes'] / 2**20:,.1f} MiB for {memory['kv_cache_conversations']} conversation(s)"
     )
     st.caption(
-        f"generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
-        f"{load['waiting']} waiting"
+        f"generating for {load.running} conversation(s) at once (at most {load.max_batch}) · {load.waiting} waiting"
     )
-    fast = card["fast_path"]  # off | compiling | ready | failed: reason
+    fast = card.fast_path or "off"  # off | compiling | ready | failed: reason
     st.caption(
-        f"decode fast path: {card['fast_path_scope'] if fast == 'off' else plain(fast)}"
-        + ("" if fast == "off" else f" · {card['fast_path_scope']}")
+        f"decode fast path: {card.fast_path_scope if fast == 'off' else plain(fast)}"
+        + ("" if fast == "off" else f" · {card.fast_path_scope}")
     )
 
 
 def model_line(engine: Backend) -> None:
     """The model in one line, for pages about memory (GPU monitor): name, level, device, weights, load."""
     card = engine.card()
-    if card.get("backend") == "remote":
-        st.markdown(f"**Model:** {plain(card['name'])} on a remote server: see Remote servers below.")
+    if card.remote:
+        st.markdown(f"**Model:** {plain(card.name)} on a remote server: see Remote servers below.")
         return
     load = engine.load_report()
     st.markdown(
-        f"**Model:** {plain(card['name'])} · {card['precision']} · {card['device']} · "
-        f"weights {format_bytes(card['weights_bytes'])}"
+        f"**Model:** {plain(card.name)} · {card.precision} · {card.device} · weights {format_bytes(card.weights_bytes)}"
     )
     st.caption(
-        f"Generating for {load['running']} conversation(s) at once (at most {load['max_batch']}) · "
-        f"{load['waiting']} waiting"
+        f"Generating for {load.running} conversation(s) at once (at most {load.max_batch}) · {load.waiting} waiting"
     )

@@ -53,7 +53,7 @@ def remote_servers_panel() -> None:
         if hub.is_local(name):
             continue
         left, right = st.columns([3, 1], vertical_alignment="center")
-        left.caption(f"{plain(name)}: {plain(hub.get(name).card()['source'])}")
+        left.caption(f"{plain(name)}: {plain(hub.get(name).card().source)}")
         right.button(
             "Remove",
             key=f"remove_backend_{name}",

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..protocol import Reply, ReplyStats
+from ..protocol import ModelCard, Reply, ReplyStats
 from .db import AdminDB
 from .usage import UsageRecord, UsageRecorder, seconds_to_next_utc_day
 
@@ -64,13 +64,12 @@ class Ticket:
             self._done = True
             self.quotas._release(self.who)
 
-    def finish(self, card: dict | None, reply: Reply | None, backend: str | None = None) -> None:
+    def finish(self, card: ModelCard | None, reply: Reply | None, backend: str | None = None) -> None:
         """done() from a backend's card and the reply (None: the backend never answered)."""
-        card = card or {}
         self.done(
-            backend=backend or str(card.get("backend") or "local"),
-            model=card.get("name"),
-            level=card.get("precision"),
+            backend=backend or (card.backend if card is not None else "local"),
+            model=card.name if card is not None else None,
+            level=card.precision if card is not None else None,
             stats=reply.stats if reply is not None else None,
             outcome=("error" if reply.error else reply.finish_reason) if reply is not None else "gone",
         )

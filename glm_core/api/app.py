@@ -62,7 +62,7 @@ def create_app(
         backend = state.current_backend()
         if backend is None:
             return JSONResponse({"status": "no model loaded"}, status_code=503)
-        return {"status": "ok", "model": model_name(backend), **backend.load_report()}
+        return {"status": "ok", "model": model_name(backend), **backend.load_report().to_dict()}
 
     return app
 

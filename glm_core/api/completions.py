@@ -18,12 +18,8 @@ from .access import Caller
 from .errors import ApiError
 from .generation import (
     Generation,
-    checked_messages,
-    checked_params,
-    count_prompt_tokens,
-    model_context,
     model_name,
-    reply_budget,
+    start_generation,
     system_fingerprint,
 )
 from .schemas import StreamOptions, Usage, checked_stops
@@ -119,21 +115,19 @@ async def completions(
             400, "echo with logprobs is not supported (the prompt's own logprobs are not computed)", param="echo"
         )
     output = OutputSpec(raw_prompt=True, top_logprobs=body.logprobs)
-    messages = checked_messages([{"role": "user", "content": prompt}])
-    context = model_context(backend)
-    prompt_tokens = await count_prompt_tokens(backend, messages, output)
-    params = checked_params(
+    generation = await start_generation(
         backend,
+        state,
+        caller,
+        [{"role": "user", "content": prompt}],
+        body.max_tokens,
+        output,
+        checked_stops(body.stop),
         seed=body.seed,
-        max_length=context,
-        max_new_tokens=reply_budget(prompt_tokens, context, body.max_tokens, state.limits),
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
-    )
-    generation = Generation.submit(
-        backend, state.conversations, caller, messages, params, checked_stops(body.stop), state.limits, output=output
     )
     head = dict(
         id=f"cmpl-{secrets.token_hex(12)}",

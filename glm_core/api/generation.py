@@ -5,6 +5,7 @@ applied, stopping the backend's request the moment the client goes away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import secrets
 import threading
@@ -42,35 +43,37 @@ from .errors import ApiError, backend_error
 
 if TYPE_CHECKING:
     from ..models.tool_formats import ToolSyntax
+    from .state import ApiState
 
 FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the engine's words -> OpenAI's
 
 
 def model_name(backend: Backend) -> str:
-    return str(backend.card().get("name") or backend.spec.path)
+    return backend.card().name or backend.spec.path
 
 
 def system_fingerprint(backend: Backend) -> str:
     """OpenAI's `system_fingerprint`: names the configuration replies come from (which backend and model, its
     precision and device), so a client comparing seeded replies sees when it changed."""
     card = backend.card()
-    configuration = "|".join(str(card.get(k, "")) for k in ("backend", "source", "name", "precision", "device"))
+    configuration = "|".join((card.backend, card.source, card.name, card.precision, card.device))
     return "fp_" + hashlib.sha256(configuration.encode("utf-8")).hexdigest()[:10]
 
 
 def model_context(backend: Backend) -> int:
     """The most tokens (prompt and reply) the model takes."""
-    return int(backend.card().get("max_context") or SamplingParams().max_length)
+    return backend.card().max_context or SamplingParams().max_length
 
 
-async def count_prompt_tokens(backend: Backend, messages: list[dict], output: OutputSpec | None = None) -> int | None:
-    """Tokens of the whole conversation in the model's format (with its tools); None where the backend cannot
-    tokenize here."""
+async def encode_prompt(
+    backend: Backend, messages: list[dict], output: OutputSpec | None = None, thinking: bool | None = None
+) -> list[int] | None:
+    """The whole conversation's token ids in the model's format (with its tools and thinking switch), as the
+    backend will feed them: counted here for max_tokens and handed to submit, so the prompt is tokenized once per
+    request. None where the backend cannot tokenize here (a remote server counts its own)."""
     if not isinstance(backend, Tokenizing):
         return None
-    if output is not None and output != OutputSpec():
-        return len(await to_thread.run_sync(backend.encode_chat, messages, output))
-    return len(await to_thread.run_sync(backend.encode_chat, messages))
+    return await to_thread.run_sync(backend.encode_chat, messages, output, thinking)
 
 
 def reply_budget(prompt_tokens: int | None, context: int, max_tokens: int | None, limits: ApiLimits) -> int:
@@ -118,25 +121,54 @@ def checked_params(backend: Backend, seed: int | None = None, **given) -> Sampli
         raise ApiError(400, str(exc)) from None
 
 
-async def total_length_params(
-    backend: Backend, messages: list[dict], max_length: int, limits: ApiLimits, **controls
-) -> tuple[SamplingParams, int | None]:
-    """The seeds' max_length: prompt and reply together, as ChatGLM's chat() counts it. Returns the controls and
-    the prompt's tokens."""
+async def start_generation(
+    backend: Backend,
+    state: ApiState,
+    caller: Caller,
+    messages: list[dict],
+    max_tokens: int | None,
+    output: OutputSpec | None = None,
+    stops: Sequence[str] = (),
+    thinking: bool | None = None,
+    **controls,
+) -> Generation:
+    """The generating routes' one prologue, after their Depends (the caller's key, the loaded backend): the messages
+    checked, the prompt encoded once, the reply's room against the model's context (OpenAI's max_tokens: a 400
+    when it does not fit), the request's controls over the model's defaults, then the caller's quota and submit."""
+    messages = checked_messages(messages)
+    context = model_context(backend)
+    ids = await encode_prompt(backend, messages, output, thinking)
+    max_new = reply_budget(len(ids) if ids is not None else None, context, max_tokens, state.limits)
+    params = checked_params(backend, max_length=context, max_new_tokens=max_new, **controls)
+    if thinking is not None:
+        params = dataclasses.replace(params, thinking=thinking)
+    return Generation.submit(
+        backend, state.conversations, caller, messages, params, stops, state.limits, output=output, prompt_ids=ids
+    )
+
+
+async def start_total_length_generation(
+    backend: Backend, state: ApiState, caller: Caller, messages: list[dict], max_length: int, **controls
+) -> Generation:
+    """The seeds' prologue: max_length counts prompt and reply together, as ChatGLM's chat() counts it."""
+    messages = checked_messages(messages)
     max_length = min(max_length, model_context(backend))
-    prompt_tokens = await count_prompt_tokens(backend, messages)
-    if prompt_tokens is None:
-        max_new = min(limits.default_max_tokens, max_length - 1)
-    elif prompt_tokens >= max_length:
+    ids = await encode_prompt(backend, messages)
+    if ids is None:
+        max_new = min(state.limits.default_max_tokens, max_length - 1)
+    elif len(ids) >= max_length:
         raise ApiError(
             400,
-            f"the conversation takes {prompt_tokens} tokens, so max_length {max_length} leaves no room for a reply",
+            f"the conversation takes {len(ids)} tokens, so max_length {max_length} leaves no room for a reply",
             "context_length_exceeded",
             "max_length",
         )
     else:
-        max_new = min(max_length - prompt_tokens, limits.max_tokens)
-    return checked_params(backend, max_length=max_length, max_new_tokens=max_new, **controls), prompt_tokens
+        max_new = min(max_length - len(ids), state.limits.max_tokens)
+    params = checked_params(backend, max_length=max_length, max_new_tokens=max_new, **controls)
+    return Generation.submit(
+        backend, state.conversations, caller, messages, params, limits=state.limits, prompt_ids=ids
+    )
 
 
 class StopStrings:
@@ -260,6 +292,7 @@ class Generation:
         stop: Sequence[str] = (),
         limits: ApiLimits = ApiLimits(),
         output: OutputSpec | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> Generation:
         output = output or OutputSpec()
         asked = output if output != OutputSpec() else None
@@ -267,11 +300,15 @@ class Generation:
         conversation_id = conversations.claim(caller.scope, messages)
         try:
             try:
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
+                request = backend.submit(
+                    conversation_id, messages, params, owner=caller.owner, output=asked, prompt_ids=prompt_ids
+                )
             except ConversationBusy:  # a reply this client left is still ending there: start afresh
                 conversations.release(caller.scope, conversation_id, None)
                 conversation_id = conversations.claim(caller.scope, messages, fresh=True)
-                request = backend.submit(conversation_id, messages, params, owner=caller.owner, output=asked)
+                request = backend.submit(
+                    conversation_id, messages, params, owner=caller.owner, output=asked, prompt_ids=prompt_ids
+                )
         except Exception as exc:
             conversations.release(caller.scope, conversation_id, None)
             if ticket is not None:
@@ -286,7 +323,7 @@ class Generation:
             StopStrings(stop),
             output,
             syntax,
-            reasoning=bool(backend.card().get("reasoning")),
+            reasoning=backend.card().reasoning,
             ticket=ticket,
             backend=backend,
         )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import secrets
 import struct
@@ -21,13 +20,9 @@ from .embeddings import embed
 from .errors import ApiError
 from .generation import (
     Generation,
-    checked_messages,
-    checked_params,
-    count_prompt_tokens,
-    model_context,
     model_name,
-    reply_budget,
     sampling_defaults,
+    start_generation,
     system_fingerprint,
 )
 from .schemas import (
@@ -57,7 +52,7 @@ SSE_PING_S = 15  # a comment line keeps proxies from closing a stream that waits
 @router.get("/models", response_model=ModelList)
 async def list_models(_caller: Caller = Depends(api_caller), backend: Backend = Depends(loaded_backend)):
     card = backend.card()
-    loaded_at = int(time.time() - float(card.get("load_seconds") or 0))
+    loaded_at = int(time.time() - (card.load_seconds or 0))
     defaults = sampling_defaults(backend)
     public = {**{control: defaults[control] for control in CONTROLS}, "sources": defaults["sources"]}
     return ModelList(data=[ModelCard(id=model_name(backend), created=loaded_at, defaults=public)])
@@ -81,26 +76,21 @@ async def chat_completions(
     state: ApiState = Depends(api_state),
 ):
     output = body.output()
-    messages = checked_messages([m.plain() for m in body.messages])
-    stops = body.stop_strings()
-    context = model_context(backend)
-    prompt_tokens = await count_prompt_tokens(backend, messages, output)
-    max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
     # Omitted fields take the model's own defaults (as vLLM's --generation-config auto); /v1/models lists them.
-    params = checked_params(
+    generation = await start_generation(
         backend,
+        state,
+        caller,
+        [m.plain() for m in body.messages],
+        body.max_tokens or body.max_completion_tokens,
+        output,
+        body.stop_strings(),
+        body.thinking(),
         seed=body.seed,
-        max_length=context,
-        max_new_tokens=max_new,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
-    )
-    if body.thinking() is not None:
-        params = dataclasses.replace(params, thinking=body.thinking())
-    generation = Generation.submit(
-        backend, state.conversations, caller, messages, params, stops, state.limits, output=output
     )
     head = dict(
         id=f"chatcmpl-{secrets.token_hex(12)}",

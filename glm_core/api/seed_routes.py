@@ -24,7 +24,7 @@ from .access import Caller
 from .accounting import audit
 from .embeddings import embed
 from .errors import ApiError, backend_error
-from .generation import Generation, checked_messages, model_name, sampling_defaults, total_length_params
+from .generation import Generation, model_name, sampling_defaults, start_total_length_generation
 from .schemas import (
     ChatGLMRequest,
     ChatGLMResponse,
@@ -63,17 +63,18 @@ async def _start(
     top_p: float | None = None,
     temperature: float | None = None,
 ) -> tuple[Generation, int | None]:
-    messages = checked_messages(history_messages(history) + [{"role": "user", "content": prompt}])
     max_length = max_length or route_defaults.get("max_length") or sampling_defaults(backend)["max_length"]
-    params, prompt_tokens = await total_length_params(
+    generation = await start_total_length_generation(
         backend,
-        messages,
+        state,
+        caller,
+        history_messages(history) + [{"role": "user", "content": prompt}],
         max_length,
-        state.limits,
         top_p=top_p or route_defaults.get("top_p"),  # 0 meant "the default" in the originals
         temperature=route_defaults.get("temperature") if temperature is None else temperature,  # 0 is greedy here
     )
-    return Generation.submit(backend, state.conversations, caller, messages, params, limits=state.limits), prompt_tokens
+    prompt_ids = generation.request.prompt_ids
+    return generation, len(prompt_ids) if prompt_ids is not None else None
 
 
 @router.post("/", response_model=ChatGLMResponse, summary="ChatGLM's api.py")

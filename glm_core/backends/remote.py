@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,16 +26,15 @@ from ..protocol import (
     FAILED,
     UNAVAILABLE,
     Capabilities,
-    ConversationBusy,
-    EngineClosed,
+    LoadReport,
+    ModelCard,
     ModelSpec,
     OutputSpec,
     Reply,
     ReplyStats,
     Request,
-    SamplingParams,
     Started,
-    validate_messages,
+    SubmitPath,
 )
 from ..reasoning import CLOSE as REASONING_CLOSE
 from ..reasoning import OPEN as REASONING_OPEN
@@ -216,8 +214,10 @@ def _one_line(text: str, limit: int = 200) -> str:
 # ---- the backend -----------------------------------------------------------------------------------------------
 
 
-class RemoteBackend:
+class RemoteBackend(SubmitPath):
     """Chat completions streamed from one model of an OpenAI-compatible server, behind the Backend protocol."""
+
+    closed_reason = "this remote backend was removed just now"
 
     capabilities = Capabilities()  # nothing local: no memory figures, no kept cache here, no tokenizer
 
@@ -243,6 +243,7 @@ class RemoteBackend:
             timeout=openai.Timeout(self._timeout, connect=CONNECT_TIMEOUT_S),
         )
         self._lock = threading.Lock()
+        self._door = self._lock  # SubmitPath's
         self._active: dict[str, Request] = {}
         self._closed = False
         self._models: list[dict] | None = None  # the server's /v1/models answer, cached
@@ -254,75 +255,59 @@ class RemoteBackend:
 
     # ---- the Backend surface -------------------------------------------------------------------------------
 
-    def submit(
-        self,
-        conversation_id: str,
-        messages: Sequence[dict],
-        params: SamplingParams | None = None,
-        recompute: bool = False,
-        owner: str | None = None,
-        output: OutputSpec | None = None,
-    ) -> Request:
-        """Start streaming a reply. `recompute` cannot be honoured remotely (the server's cache is its own) and
-        `owner` is the server's business (its own limits answer 429). Tools, JSON output and logprobs are not
-        relayed to a remote server (yet): asking for them is refused."""
-        if output is not None and output != OutputSpec():
+    # submit: SubmitPath's. `recompute` cannot be honoured remotely (the server's cache is its own) and `owner` is
+    # the server's business (its own limits answer 429).
+
+    def _accept(self, request: Request) -> None:
+        """Tools, JSON output and logprobs are not relayed to a remote server (yet): asking for them is refused."""
+        if request.output != OutputSpec():
             raise ValueError("tools, response_format and logprobs are not relayed to a remote backend")
-        params = (params or SamplingParams()).validate()
-        request = Request(conversation_id, validate_messages(messages), params, recompute)
-        with self._lock:
-            if self._closed:
-                raise EngineClosed("this remote backend was removed just now")
-            if conversation_id in self._active:
-                raise ConversationBusy("a reply for this conversation is still being generated")
-            self._active[conversation_id] = request
+
+    def _enqueue(self, request: Request, owner: str | None) -> None:
+        """Nothing waits here: the server queues (or refuses) it itself."""
+
+    def _started(self, request: Request) -> None:
         threading.Thread(target=self._run, args=(request,), name=f"glm-remote-{request.id}", daemon=True).start()
-        return request
 
     def forget(self, conversation_id: str) -> None:
         """Nothing is kept here; the server evicts its own prefix cache."""
 
-    def card(self) -> dict:
+    def card(self) -> ModelCard:
         """Which server and model, and what cannot be known from here. Never blocks on the network: the server's
         model list is fetched in the background and shown once known."""
         self._refresh_models_in_background()
         info = self._model_info()
-        card = {
-            "name": self.model_id or "(the server's first model)",
-            "family": info.get("owned_by") and f"remote ({info['owned_by']})" or "remote",
-            "precision": REMOTE_PRECISION,
-            "device": self.target.host,
-            "source": self.target.base_url,
-            "backend": "remote",
-            "server": self.target.host,
-            "unknown_remotely": UNKNOWN_REMOTELY,
-            "sampling_defaults": server_defaults(self.target.host, info.get("defaults")),
-        }
         context = info.get("max_model_len") or (info.get("meta") or {}).get("n_ctx")  # vLLM; llama.cpp's slot
-        if context:
-            card["max_context"] = int(context)
-        if self._models_error:
-            card["status"] = self._models_error
-        elif self._models is not None:
-            card["status"] = "reachable"
-        return card
+        return ModelCard(
+            name=self.model_id or "(the server's first model)",
+            family=info.get("owned_by") and f"remote ({info['owned_by']})" or "remote",
+            precision=REMOTE_PRECISION,
+            device=self.target.host,
+            source=self.target.base_url,
+            backend="remote",
+            max_context=int(context) if context else None,
+            sampling_defaults=server_defaults(self.target.host, info.get("defaults")),
+            server=self.target.host,
+            unknown_remotely=UNKNOWN_REMOTELY,
+            status=self._models_error or ("reachable" if self._models is not None else None),
+        )
 
     def memory_report(self) -> dict:
         """Empty: the server's memory is measured on the server (its /metrics, where it has one)."""
         return {}
 
-    def load_report(self) -> dict:
+    def load_report(self) -> LoadReport:
         """This portal's requests in flight; the server's own running and waiting counts when its /metrics says
         (vLLM, SGLang), else None. There is no batch limit known here."""
         with self._lock:
             here = len(self._active)
         metrics = self.metrics(wait=False) or {}
-        return {
-            "running": int(metrics["running"]) if "running" in metrics else here,
-            "waiting": int(metrics["waiting"]) if "waiting" in metrics else 0,
-            "max_batch": None,
-            "in_flight_here": here,
-        }
+        return LoadReport(
+            running=int(metrics["running"]) if "running" in metrics else here,
+            waiting=int(metrics["waiting"]) if "waiting" in metrics else 0,
+            max_batch=None,
+            in_flight_here=here,
+        )
 
     def close(self) -> None:
         with self._lock:

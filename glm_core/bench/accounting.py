@@ -27,7 +27,7 @@ from ..api.access import Access
 from ..api.config import ApiLimits
 from ..engine import Engine
 from ..models.loading import LoadedModel
-from ..protocol import Reply, ReplyStats
+from ..protocol import ModelCard, Reply, ReplyStats
 
 
 def _per_call_us(call, repeats: int = 2000, runs: int = 5) -> float:
@@ -55,7 +55,7 @@ def measure_calls(history: int = 100_000) -> dict:
         _, key = admin.keys.create("bench")
         admin.quotas.set("*", Quota(tokens_per_day=10**12, requests_per_minute=10**9, running=10**6))
         access = Access(ApiConfig(keys=("configured-key",)), admin)
-        card = {"backend": "local", "name": "m", "precision": "bf16"}
+        card = ModelCard(name="m", family="test", precision="bf16", device="cpu", source="m")
         reply = Reply("x", "eos", ReplyStats(prompt_tokens=200, completion_tokens=100, ttft_s=0.1))
 
         def admit_and_settle():

@@ -130,9 +130,9 @@ def run_remote_concurrency_bench(
     finally:
         backend.close()
     return {
-        "model": card["name"],
-        "precision": card["precision"],
-        "device": f"remote {card['source']}",
+        "model": card.name,
+        "precision": card.precision,
+        "device": f"remote {card.source}",
         "torch": "-",
         "cpu": "-",
         "threads": "-",

@@ -191,8 +191,8 @@ def engine_costs(loaded: LoadedModel, tokens: int, repeats: int) -> dict:
 
 def run_constrained_bench(loaded: LoadedModel, tokens: int = 48, repeats: int = 3) -> dict:
     return {
-        "model": loaded.card().get("name"),
-        "precision": loaded.card().get("precision"),
+        "model": loaded.name,
+        "precision": loaded.precision.label,
         "libraries": library_costs(loaded, repeats),
         "engine": engine_costs(loaded, tokens, repeats),
     }

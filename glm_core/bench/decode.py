@@ -66,7 +66,7 @@ def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int
     compiled = Engine(loaded, max_batch=max_batch, compile="on")
     try:
         if compiled.fast.wait_ready() != "ready":  # dynamo's in-memory cache has them: no compile here
-            raise RuntimeError(compiled.card()["fast_path"])
+            raise RuntimeError(compiled.card().fast_path)
         for engine in (eager, compiled):  # one-off costs (allocator, first calls) no figure should carry
             _run(engine, 1, 8)
         generate = statistics.median(_generate_rate(loaded, tokens) for _ in range(repeats))

@@ -46,9 +46,9 @@ class CompareColumn:
         """Tokens, time to first token, tokens/s, the model and level, and the memory it holds."""
         card = self.target.backend.card()
         out = {
-            "model": card.get("name"),
-            "precision": card.get("precision"),
-            "weights_bytes": card.get("weights_bytes"),
+            "model": card.name,
+            "precision": card.precision,
+            "weights_bytes": card.weights_bytes,
         }
         reply = self.request.reply if self.request is not None else None
         if reply is not None:
@@ -61,11 +61,9 @@ class CompareColumn:
                 finish_reason=reply.finish_reason,
             )
         memory = self.target.backend.memory_report()
-        if memory.get("current") is not None and card.get("weights_bytes") is not None:
+        if memory.get("current") is not None and card.weights_bytes is not None:
             # the process's figure is shared by every local model; its own part is its weights and its caches
-            out["memory_bytes"] = (
-                card["weights_bytes"] + memory.get("kv_cache_bytes", 0) + memory.get("batch_kv_bytes", 0)
-            )
+            out["memory_bytes"] = card.weights_bytes + memory.get("kv_cache_bytes", 0) + memory.get("batch_kv_bytes", 0)
         return out
 
     def describe(self) -> str:

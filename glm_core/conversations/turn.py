@@ -176,8 +176,8 @@ def start_turn(
             "assistant",
             "",
             params={**params.as_dict(), "system_prompt": used_system_prompt},
-            model=card["name"],
-            precision=card["precision"],
+            model=card.name,
+            precision=card.precision,
         )
         prompt_id, reply_id, created = store.begin_turn(
             workspace, conversation, keep, prompt_message, reply_message, expected_last_id=expected_last_id

@@ -16,6 +16,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from ..protocol import (
     FAILED,
     TOO_LONG,
     UNAVAILABLE,
+    OutputSpec,
     PromptTooLong,
     Reply,
     ReplyStats,
@@ -112,6 +114,22 @@ def slot_compatible(model) -> bool:
         return cache_can_crop(DynamicCache(config=model.config))
     except Exception:
         return False
+
+
+def prompt_encoder(loaded: LoadedModel, output: OutputSpec, thinking: bool | None) -> Callable[[list[dict]], list[int]]:
+    """How a request's messages become the model's token ids (its chat format, with the output spec's tools and the
+    thinking switch where the template has one): the one encoding the runner feeds and the API counts."""
+    chat_format = loaded.chat_format
+    if thinking is not None and isinstance(chat_format, ThinkingFormat) and chat_format.thinking_switch:
+        return functools.partial(chat_format.encode, tools=output.tools, thinking=thinking)
+    if output.tools:
+        return functools.partial(chat_format.encode, tools=output.tools)
+    return chat_format.encode
+
+
+def raw_prompt_ids(loaded: LoadedModel, messages: list[dict]) -> list[int]:
+    """/v1/completions: the last message's text as is, with what the tokenizer puts in front."""
+    return list(loaded.tokenizer(messages[-1]["content"])["input_ids"])
 
 
 class Runner:
@@ -212,22 +230,18 @@ class Runner:
             raise PromptTooLong(f"max new tokens ({params.max_new_tokens}) leaves no room in {max_length} tokens")
         kept = self.pool.take(request.conversation_id)
         output = request.output
-        encode = loaded.chat_format.encode
-        if output.tools:
-            encode = functools.partial(encode, tools=output.tools)
-        chat_format = loaded.chat_format
-        if params.thinking is not None and isinstance(chat_format, ThinkingFormat) and chat_format.thinking_switch:
-            encode = functools.partial(chat_format.encode, tools=output.tools, thinking=params.thinking)
         with self.tokenizer_lock:
             ids = None if output.tools or output.raw_prompt else self._continued_ids(kept, request.messages, budget)
             dropped = 0
-            if output.raw_prompt:  # /v1/completions: the text as is, with what the tokenizer puts in front
-                ids = list(loaded.tokenizer(request.messages[-1]["content"])["input_ids"])
-                if len(ids) > budget:
-                    raise PromptTooLong(f"the prompt takes {len(ids)} tokens; {budget} fit with this max_tokens")
+            if ids is None and request.prompt_ids is not None:  # encoded by the door that counted them (the API)
+                ids = request.prompt_ids
+            elif ids is None and output.raw_prompt:
+                ids = raw_prompt_ids(loaded, request.messages)
+            if ids is not None and len(ids) > budget:
+                raise PromptTooLong(f"the prompt takes {len(ids)} tokens; {budget} fit with this max_tokens")
             if ids is None:
                 ids, dropped = fit_to_context(
-                    encode,
+                    prompt_encoder(loaded, output, params.thinking),
                     request.messages,
                     budget,
                     count=self._count,

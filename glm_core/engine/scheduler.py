@@ -19,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import TypeVar
 
 import torch
@@ -29,15 +30,15 @@ from ..protocol import (
     TOOL_ROLE,
     UNAVAILABLE,
     Capabilities,
-    ConversationBusy,
     EngineClosed,
+    LoadReport,
+    ModelCard,
     OutputSpec,
     Queued,
     QueueFull,
     Reply,
     Request,
-    SamplingParams,
-    validate_messages,
+    SubmitPath,
 )
 from ..settings import load_settings
 from ..telemetry.memory import device_memory
@@ -45,7 +46,7 @@ from .constraints import grammar_for
 from .device_turns import DeviceTurns
 from .fast_decode import start_fast_path
 from .kv_pool import KVCachePool
-from .runner import OUT_OF_MEMORY, Runner
+from .runner import OUT_OF_MEMORY, Runner, prompt_encoder, raw_prompt_ids
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,8 +57,12 @@ def default_max_batch(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 16
 
 
-class Engine:
-    """The local backend: one model in this process, served by one worker thread."""
+class Engine(SubmitPath):
+    """The local backend: one model in this process, served by one worker thread. Requests come in through
+    SubmitPath.submit; `recompute=True` feeds the same token ids as a kept cache would, but computes all of them
+    from scratch (the baseline that shows what the kept cache saves, and the check that it changes nothing)."""
+
+    closed_reason = "the model was unloaded or replaced just now"
 
     capabilities = Capabilities(local_model=True, kept_cache=True, recompute=True)  # and LocalWorker
 
@@ -86,6 +91,7 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         self.runner = Runner(loaded, self.pool, self._tokenizer_lock, self.max_batch, batch_kv_bytes=max(budget, 2**26))
         self._cond = threading.Condition()
+        self._door = self._cond  # SubmitPath's lock: the worker's own
         self._waiting: deque[Request] = deque()
         self._active: dict[str, Request] = {}
         self._owners: dict[int, str] = {}  # request id -> owner, for requests that have one
@@ -107,51 +113,32 @@ class Engine:
 
     # ---- the Backend surface -----------------------------------------------------------------------------
 
-    def submit(
-        self,
-        conversation_id: str,
-        messages: Sequence[dict],
-        params: SamplingParams | None = None,
-        recompute: bool = False,
-        owner: str | None = None,
-        output: OutputSpec | None = None,
-    ) -> Request:
-        """Queue a reply to `messages` (the whole conversation, ending with the new user message). `output` asks
-        for tools, a forced call or JSON (decoded under a grammar) and logprobs.
-
-        `recompute=True` feeds the same token ids as a kept cache would, but computes all of them from scratch:
-        the baseline that shows what the kept cache saves, and the check that it changes nothing. `owner` (a
-        workspace or an API key) bounds one person's share: `max_running_per_owner` running, a few waiting.
-        """
-        params = (params or SamplingParams()).validate()
-        output = (output or OutputSpec()).validate()
-        messages = validate_messages(messages)
+    def _accept(self, request: Request) -> None:
+        """What this model's format cannot do is refused; the grammar an output spec asks for is compiled here."""
         chat_format = self.loaded.chat_format
-        uses_tools = output.tools or any(m["role"] == TOOL_ROLE or m.get("tool_calls") for m in messages)
+        uses_tools = request.output.tools or any(
+            m["role"] == TOOL_ROLE or m.get("tool_calls") for m in request.messages
+        )
         if uses_tools and getattr(chat_format, "tool_syntax", None) is None:
             raise ValueError(f"this model's format ({chat_format.name}) was not trained for tool calls")
-        request = Request(conversation_id, messages, params, recompute, output)
-        request.grammar = grammar_for(output, chat_format)
-        with self._cond:
-            if self._closed:
-                raise EngineClosed("the model was unloaded or replaced just now")
-            if conversation_id in self._active:
-                raise ConversationBusy("a reply for this conversation is still being generated")
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"the model is busy: {len(self._waiting)} requests are waiting; try again shortly")
-            if owner is not None:
-                waiting = sum(1 for r in self._waiting if self._owners.get(r.id) == owner)
-                if waiting >= self.max_waiting_per_owner:
-                    raise QueueFull(f"you already have {waiting} request(s) waiting; try again when they have started")
-                self._owners[request.id] = owner
-            self._active[conversation_id] = request
-            self._waiting.append(request)
-            position = len(self._waiting) - max(self.max_batch - self._running, 0)
-            if position > 0:  # the batch has no room for it now: it waits its turn
-                self._told[request.id] = (position, 0)
-                request.emit(Queued(position))
-            self._cond.notify_all()
-        return request
+        request.grammar = grammar_for(request.output, chat_format)
+
+    def _enqueue(self, request: Request, owner: str | None) -> None:
+        """Into the waiting line: `owner` (a workspace or an API key) bounds one person's share, a few waiting
+        (`max_running_per_owner` running is the admission's)."""
+        if len(self._waiting) >= self.max_waiting:
+            raise QueueFull(f"the model is busy: {len(self._waiting)} requests are waiting; try again shortly")
+        if owner is not None:
+            waiting = sum(1 for r in self._waiting if self._owners.get(r.id) == owner)
+            if waiting >= self.max_waiting_per_owner:
+                raise QueueFull(f"you already have {waiting} request(s) waiting; try again when they have started")
+            self._owners[request.id] = owner
+        self._waiting.append(request)
+        position = len(self._waiting) - max(self.max_batch - self._running, 0)
+        if position > 0:  # the batch has no room for it now: it waits its turn
+            self._told[request.id] = (position, 0)
+            request.emit(Queued(position))
+        self._cond.notify_all()
 
     def run_on_worker(self, task: Callable[[LoadedModel], T], timeout: float | None = None) -> T:
         """Run `task(loaded)` on the worker thread between two iterations (e.g. an embedding forward), so the
@@ -193,13 +180,16 @@ class Engine:
         """How this model writes tool calls (models.tool_formats), or None where it was not trained for them."""
         return getattr(self.loaded.chat_format, "tool_syntax", None)
 
-    def encode_chat(self, messages: Sequence[dict], output: OutputSpec | None = None) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[dict], output: OutputSpec | None = None, thinking: bool | None = None
+    ) -> list[int]:
+        """The ids the runner would feed for these messages (its prompt_encoder); given back to submit as
+        `prompt_ids`, the runner feeds them without tokenizing the prompt again."""
+        output = output or OutputSpec()
         with self._tokenizer_lock:
-            if output is not None and output.raw_prompt:
-                return list(self.loaded.tokenizer(messages[-1]["content"])["input_ids"])
-            if output is not None and output.tools:
-                return self.loaded.chat_format.encode(list(messages), tools=output.tools)
-            return self.loaded.chat_format.encode(list(messages))
+            if output.raw_prompt:
+                return raw_prompt_ids(self.loaded, list(messages))
+            return list(prompt_encoder(self.loaded, output, thinking)(list(messages)))
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of plain text, no special tokens (the API's /tokenize and embeddings)."""
@@ -215,15 +205,15 @@ class Engine:
         """Free a conversation's kept cache (new conversation, clear, deleted)."""
         self.pool.drop(conversation_id)
 
-    def card(self) -> dict:
-        return {
-            **self.loaded.card(),
-            "backend": "local",
-            "max_batch": self.max_batch,
-            "batched_decode": self.runner.batched,
-            "fast_path": self.fast.status() if self.fast is not None else "off",
-            "fast_path_scope": self.fast_path_scope,
-        }
+    def card(self) -> ModelCard:
+        return replace(
+            self.loaded.card(),
+            backend="local",
+            max_batch=self.max_batch,
+            batched_decode=self.runner.batched,
+            fast_path=self.fast.status() if self.fast is not None else "off",
+            fast_path_scope=self.fast_path_scope,
+        )
 
     def memory_report(self) -> dict:
         """Device memory (CUDA allocator or process RSS), the kept KV caches and the running batch's cache."""
@@ -240,10 +230,10 @@ class Engine:
         """Nothing running, waiting or queued for the worker (when the fast path may compile)."""
         return not self._running and not self._waiting and not self._tasks
 
-    def load_report(self) -> dict:
+    def load_report(self) -> LoadReport:
         """Running sequences, waiting requests and the batch limit."""
         with self._cond:
-            return {"running": self._running, "waiting": len(self._waiting), "max_batch": self.max_batch}
+            return LoadReport(running=self._running, waiting=len(self._waiting), max_batch=self.max_batch)
 
     def close(self) -> None:
         """Stop the worker, end queued and running requests, free the caches. The model is the loader's to free."""

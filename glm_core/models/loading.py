@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..protocol import ModelLoadError, ModelSpec
+from ..protocol import ModelCard, ModelLoadError, ModelSpec
 from ..sampling_defaults import model_defaults, read_generation_config
 from ..settings import EMBEDDED, load_settings
 from ..telemetry.memory import kv_bytes_per_token, trim_c_heap
@@ -45,7 +45,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 Progress = Callable[[float, str], None]
-STREAMED = "streamed"  # card()["loader"] of a model read tensor by tensor (quantized as read); else why not
+STREAMED = "streamed"  # card().loader of a model read tensor by tensor (quantized as read); else why not
 
 
 @dataclass
@@ -63,25 +63,25 @@ class LoadedModel:
     max_context: int
     weights: dict = field(default_factory=dict)  # weight_bytes() of the model as loaded
     active_param_count: int = 0  # parameters one token reads (a MoE model's chosen experts only); 0: all
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # ModelCard fields the loader knows (loader, checkpoint ...)
 
-    def card(self) -> dict:
-        """What the UI shows about the model."""
-        return {
-            "weights_bytes": self.weights["total"],
-            "quantized_weights_bytes": self.weights["quantized"],
-            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.precision.dtype),
-            "name": self.name,
-            "family": self.family,
-            "precision": self.precision.label,
-            "device": str(self.device),
-            "parameters": self.param_count,
-            "active_parameters": self.active_param_count or self.param_count,
-            "load_seconds": round(self.load_seconds, 2),
-            "max_context": self.max_context,
-            "source": self.spec.path,
-            **self.extra,
-        }
+    def card(self) -> ModelCard:
+        """What the UI shows about the model (the engine over it adds its own part)."""
+        return ModelCard(
+            name=self.name,
+            family=self.family,
+            precision=self.precision.label,
+            device=str(self.device),
+            source=self.spec.path,
+            max_context=self.max_context,
+            weights_bytes=self.weights["total"],
+            quantized_weights_bytes=self.weights["quantized"],
+            kv_bytes_per_token=kv_bytes_per_token(self.model.config, self.precision.dtype),
+            parameters=self.param_count,
+            active_parameters=self.active_param_count or self.param_count,
+            load_seconds=round(self.load_seconds, 2),
+            **self.extra,  # the loader's facts, each a ModelCard field (a stray name is a TypeError here)
+        )
 
     def release(self) -> None:
         """Drop the weights so their memory can be returned (the caller must drop its own references too)."""

@@ -77,7 +77,7 @@ if state.get("pending_unload"):  # until confirmed, cancelled or dismissed
     if engine is None or not admin:  # someone else unloaded it meanwhile, or this session left admin
         state.pop("pending_unload")
     else:
-        confirm_unload(engine.card()["name"])
+        confirm_unload(engine.card().name)
 if "memory_report" in state:
     st.success(state.pop("memory_report"))
 
@@ -134,7 +134,7 @@ def show_remote_servers() -> None:
     for name, backend in remotes:
         card = backend.card()
         figures = backend.metrics()
-        line = f"**{plain(name)}** · {plain(card['name'])} at {plain(card['server'])}"
+        line = f"**{plain(name)}** · {plain(card.name)} at {plain(card.server or '')}"
         if figures is None:
             st.markdown(line)
             st.caption(

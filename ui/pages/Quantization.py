@@ -67,7 +67,7 @@ if choice == CHOICES[0]:
     source = st.selectbox("Preset", list(PRESETS), format_func=PRESETS.get, index=1, key="bench_preset")
 elif choice == CHOICES[1]:
     source = engine.spec.path if engine is not None else None
-    st.caption(f"Loaded: {plain(engine.card()['name'])} ({plain(source)})" if engine else "No model is loaded.")
+    st.caption(f"Loaded: {plain(engine.card().name)} ({plain(source)})" if engine else "No model is loaded.")
 else:
     source = st.text_input("Model folder (real weights) or config.json file (random weights)", key="bench_path").strip()
     try:

@@ -66,7 +66,7 @@ if st.toggle("Compare", key="compare_mode", help="One prompt to 2-4 configuratio
 if stored:
     st.caption(plain(conversation.title))
 if len(hub.names()) > 1 and backend_name is not None:
-    st.caption(f"Talking to {plain(backend_name)}" + (f" ({plain(engine.card()['name'])})" if engine else ""))
+    st.caption(f"Talking to {plain(backend_name)}" + (f" ({plain(engine.card().name)})" if engine else ""))
 if backend_note:
     st.info(plain(backend_note))
 if engine is None:
