@@ -363,3 +363,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_decode_steps(ti
     finally:
         engine.close()
     assert reply.text == alone(tiny_loaded, [(long_prompt, params)])[0].text
+
+
+def test_the_step_plan_feeds_prompts_first_come_within_the_budget():
+    """The scheduler's plan of one iteration (engine.step_plan): chunks in arrival order within the prefill budget,
+    the rest of a long prompt at the next iteration, whoever comes behind a prompt that did not fit waits, a
+    prefilled sequence only joins, a stopped one leaves, and a model that needs its whole prompt gets it whole."""
+    from glm_core.engine.runner import Sequence
+    from glm_core.engine.step_plan import Chunk, plan_step
+    from glm_core.protocol import ReplyStats, Request
+
+    def sequence(prompt: int, fed: int = 0) -> Sequence:
+        request = Request(uuid.uuid4().hex, [{"role": "user", "content": "x"}], SamplingParams())
+        return Sequence(request, list(range(prompt)), None, fed, prompt, 4, 0.0, ReplyStats())
+
+    long, short, behind, joining, stopped = sequence(700), sequence(100), sequence(50), sequence(30, 30), sequence(9)
+    stopped.request.stop()
+    plan = plan_step([stopped, joining, long, short, behind], [], 512, whole_prompt=False)
+    assert plan.stopped == (stopped,) and plan.decode
+    assert plan.chunks == (Chunk(joining, 0), Chunk(long, 512)) and plan.prefill_tokens == 512
+    long.fed = 512
+    plan = plan_step([long, short, behind], [joining], 512, whole_prompt=False)
+    assert plan.chunks == (Chunk(long, 188), Chunk(short, 100), Chunk(behind, 50)) and plan.stopped == ()
+    assert plan_step([sequence(700)], [], 512, whole_prompt=True).prefill_tokens == 700
+    assert not plan_step([], [], 512, whole_prompt=False).decode

@@ -1,8 +1,9 @@
 """The runner: runs the model over the running sequences, one iteration at a time.
 
-An iteration feeds at most `prefill_budget` prompt tokens of sequences still being prefilled (so a long prompt
-never freezes the others for more than one bounded chunk), then one batched decode step over every sequence that
-is generating: one forward for all rows over the slot cache, each row sampled with its own controls and seed.
+An iteration carries out the scheduler's StepPlan (step_plan.py): at most `prefill_budget` prompt tokens of
+sequences still being prefilled (so a long prompt never freezes the others for more than one bounded chunk), then
+one batched decode step over every sequence that is generating: one forward for all rows over the slot cache,
+each row sampled with its own controls and seed.
 Sequences join the decode batch when their prefill ends and leave it when they finish; their KV cache then goes
 back to the kept-cache pool, so the conversation's next turn prefills only its new tokens.
 
@@ -44,6 +45,7 @@ from .generation import PREFILL_CHUNK, prefill
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop
 from .kv_slots import SlotCache
 from .sampling import sample_next
+from .step_plan import Chunk, StepPlan
 from .textstream import IncrementalDecoder, RewritingDecoder
 
 if TYPE_CHECKING:
@@ -184,11 +186,22 @@ class Runner:
         self.prefilling.append(sequence)
         return None
 
-    def step(self) -> list[tuple[Request, Reply]]:
-        """One iteration: a bounded chunk of prefill, then one decode step. Returns the requests that ended."""
+    @property
+    def whole_prompt(self) -> bool:
+        """The model must see its whole prompt in one forward (e.g. bidirectional attention over the prompt)."""
+        return bool(getattr(self.loaded.model, "prefill_whole_prompt", False))
+
+    def execute(self, plan: StepPlan) -> list[tuple[Request, Reply]]:
+        """One iteration as the scheduler planned it: the stopped leave, each chunk is prefilled (a sequence whose
+        prompt is all fed samples its first token and joins the batch), then one decode step. Returns the requests
+        that ended."""
         ended: list[tuple[Request, Reply]] = []
-        self._prefill_some(ended)
-        if self.decoding:
+        for sequence in plan.stopped:  # stopped during a long prefill: the partial cache is not worth keeping
+            self.prefilling.remove(sequence)
+            ended.append((sequence.request, self._reply(sequence, "stopped")))
+        for chunk in plan.chunks:
+            self._prefill_chunk(chunk, ended)
+        if plan.decode and self.decoding:
             self._decode(ended)
         return ended
 
@@ -300,46 +313,36 @@ class Runner:
 
     # ---- prefill -----------------------------------------------------------------------------------------
 
-    def _prefill_some(self, ended: list) -> None:
-        budget = self.prefill_budget
-        whole = getattr(self.loaded.model, "prefill_whole_prompt", False)  # e.g. bidirectional prompt attention
-        for sequence in list(self.prefilling):
-            request = sequence.request
-            if request.stop_requested:  # stopped during a long prefill: the partial cache is not worth keeping
+    def _prefill_chunk(self, chunk: Chunk, ended: list) -> None:
+        sequence, request = chunk.sequence, chunk.sequence.request
+        if chunk.tokens:
+            try:
+                logits = prefill(
+                    self.loaded.model,
+                    sequence.ids[sequence.fed : sequence.fed + chunk.tokens],
+                    sequence.cache,
+                    self.loaded.device,
+                    chunk_size=chunk.tokens,
+                )
+            except Exception as exc:
                 self.prefilling.remove(sequence)
-                ended.append((request, self._reply(sequence, "stopped")))
-                continue
-            if budget <= 0 and not sequence.prefilled:
-                break
+                ended.append((request, self._failure(request, exc, sequence)))
+                return
+            sequence.fed += chunk.tokens
             if not sequence.prefilled:
-                take = len(sequence.ids) - sequence.fed if whole else min(budget, len(sequence.ids) - sequence.fed)
-                try:
-                    logits = prefill(
-                        self.loaded.model,
-                        sequence.ids[sequence.fed : sequence.fed + take],
-                        sequence.cache,
-                        self.loaded.device,
-                        chunk_size=max(take, 1),
-                    )
-                except Exception as exc:
-                    self.prefilling.remove(sequence)
-                    ended.append((request, self._failure(request, exc, sequence)))
-                    continue
-                sequence.fed += take
-                budget -= take
-                if not sequence.prefilled:
-                    continue
-                try:
-                    self._accept(sequence, logits[None], ended)
-                except GrammarFailed as exc:
-                    self.prefilling.remove(sequence)
-                    ended.append((request, self._failure(request, exc, sequence)))
-                    continue
-                if sequence.next_token is None:  # ended at its first token
-                    self.prefilling.remove(sequence)
-                    continue
-            if self._join(sequence):
+                return
+            assert logits is not None  # prefill returns None only when its should_stop says so; none is given here
+            try:
+                self._accept(sequence, logits[None], ended)
+            except GrammarFailed as exc:
                 self.prefilling.remove(sequence)
+                ended.append((request, self._failure(request, exc, sequence)))
+                return
+            if sequence.next_token is None:  # ended at its first token
+                self.prefilling.remove(sequence)
+                return
+        if self._join(sequence):
+            self.prefilling.remove(sequence)
 
     def _join(self, sequence: Sequence) -> bool:
         """Move a prefilled sequence into the decode batch, if the batch's KV memory allows it."""

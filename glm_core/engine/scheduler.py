@@ -1,9 +1,10 @@
 """The local backend's scheduler: one worker thread owns the model; sessions submit requests and read events.
 
 The scheduler admits waiting requests first-come-first-served whenever the batch has room, keeps the stop flags
-and closing, and between admissions lets the runner take one iteration (a bounded chunk of prefill, then one
-batched decode step over every running sequence). One worker keeps the device single-threaded; the
-per-conversation KV caches live here (never in a browser session), under a byte budget.
+and closing, and between admissions plans one iteration (step_plan.plan_step: which prefilling sequences feed
+which chunk within the prefill budget, then one batched decode step over every running sequence) that the runner
+carries out (Runner.execute). One worker keeps the device single-threaded; the per-conversation KV caches live
+here (never in a browser session), under a byte budget.
 
 Bounded work: the waiting line holds at most `max_waiting` requests, and an owner (a workspace, an API key) has at
 most `max_running_per_owner` requests running (one by default) and `max_waiting_per_owner` waiting; past that,
@@ -47,6 +48,7 @@ from .device_turns import DeviceTurns
 from .fast_decode import start_fast_path
 from .kv_pool import KVCachePool
 from .runner import OUT_OF_MEMORY, Runner, prompt_encoder, raw_prompt_ids
+from .step_plan import plan_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -287,7 +289,8 @@ class Engine(SubmitPath):
             if reply is not None:
                 ended.append((request, reply))
         try:
-            ended += runner.step()
+            plan = plan_step(runner.prefilling, runner.decoding, runner.prefill_budget, runner.whole_prompt)
+            ended += runner.execute(plan)
         except Exception as exc:  # the worker must survive anything one iteration does
             log.exception("engine iteration failed")
             oom = isinstance(exc, torch.OutOfMemoryError)
