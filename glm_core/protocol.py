@@ -569,6 +569,25 @@ class ModelCard:
 
 
 @dataclass(frozen=True)
+class MemoryReport:
+    """What a model in this process holds, in bytes: the device's figure (the CUDA allocator, or the process's RSS
+    on a CPU, shared by every local model), its kept KV caches and the running batch's cache."""
+
+    source: str  # "CUDA allocator" or "process RSS"
+    current: int
+    peak: int
+    kv_cache_bytes: int
+    kv_cache_conversations: int
+    kv_cache_budget_bytes: int
+    batch_kv_bytes: int
+    reserved: int | None = None  # the CUDA allocator's, its cache included
+
+    def own_bytes(self, weights_bytes: int) -> int:
+        """This model's own part of the device's figure: its weights and its caches."""
+        return weights_bytes + self.kv_cache_bytes + self.batch_kv_bytes
+
+
+@dataclass(frozen=True)
 class LoadReport:
     """How busy a backend is: sequences running and requests waiting (a remote server's own figures where its
     /metrics says, else this portal's requests in flight), and the batch limit where one is known here."""
@@ -614,8 +633,8 @@ class Backend(Protocol):
         """What the UI shows about the model (ModelCard)."""
         ...
 
-    def memory_report(self) -> dict:
-        """Memory figures: device memory and kept KV caches (empty where the backend cannot know)."""
+    def memory_report(self) -> MemoryReport | None:
+        """Memory figures: device memory and kept KV caches (None where the backend cannot know)."""
         ...
 
     def load_report(self) -> LoadReport:

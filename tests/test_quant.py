@@ -131,8 +131,8 @@ def test_engine_reports_weights_kv_and_memory(embedded_levels):
     engine = Engine(embedded_levels["int8"])
     try:
         report = engine.memory_report()
-        assert report["source"] == "process RSS" and report["peak"] >= report["current"] > card.weights_bytes
-        assert report["kv_cache_conversations"] == 0
+        assert report.source == "process RSS" and report.peak >= report.current > card.weights_bytes
+        assert report.kv_cache_conversations == 0 and report.own_bytes(card.weights_bytes) == card.weights_bytes
     finally:
         engine.close()
 

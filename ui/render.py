@@ -68,8 +68,8 @@ def model_card(engine: Backend) -> None:
         f"weights {(card.weights_bytes or 0) / 2**20:,.0f} MiB "
         f"({(card.quantized_weights_bytes or 0) / 2**20:,.0f} MiB quantized) · "
         f"KV cache {(card.kv_bytes_per_token or 0) / 1024:,.1f} KiB/token · "
-        f"{memory['source']} {memory['current'] / 2**20:,.0f} MiB (peak {memory['peak'] / 2**20:,.0f} MiB) · "
-        f"kept caches {memory['kv_cache_bytes'] / 2**20:,.1f} MiB for {memory['kv_cache_conversations']} conversation(s)"
+        f"{memory.source} {memory.current / 2**20:,.0f} MiB (peak {memory.peak / 2**20:,.0f} MiB) · "
+        f"kept caches {memory.kv_cache_bytes / 2**20:,.1f} MiB for {memory.kv_cache_conversations} conversation(s)"
     )
     st.caption(
         f"generating for {load.running} conversation(s) at once (at most {load.max_batch}) · {load.waiting} waiting"

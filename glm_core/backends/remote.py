@@ -292,9 +292,9 @@ class RemoteBackend(SubmitPath):
             status=self._models_error or ("reachable" if self._models is not None else None),
         )
 
-    def memory_report(self) -> dict:
-        """Empty: the server's memory is measured on the server (its /metrics, where it has one)."""
-        return {}
+    def memory_report(self) -> None:
+        """None: the server's memory is measured on the server (its /metrics, where it has one)."""
+        return None
 
     def load_report(self) -> LoadReport:
         """This portal's requests in flight; the server's own running and waiting counts when its /metrics says

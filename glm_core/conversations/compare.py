@@ -61,9 +61,9 @@ class CompareColumn:
                 finish_reason=reply.finish_reason,
             )
         memory = self.target.backend.memory_report()
-        if memory.get("current") is not None and card.weights_bytes is not None:
+        if memory is not None and card.weights_bytes is not None:
             # the process's figure is shared by every local model; its own part is its weights and its caches
-            out["memory_bytes"] = card.weights_bytes + memory.get("kv_cache_bytes", 0) + memory.get("batch_kv_bytes", 0)
+            out["memory_bytes"] = memory.own_bytes(card.weights_bytes)
         return out
 
     def describe(self) -> str:

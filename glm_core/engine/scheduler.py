@@ -33,6 +33,7 @@ from ..protocol import (
     Capabilities,
     EngineClosed,
     LoadReport,
+    MemoryReport,
     ModelCard,
     OutputSpec,
     Queued,
@@ -217,16 +218,16 @@ class Engine(SubmitPath):
             fast_path_scope=self.fast_path_scope,
         )
 
-    def memory_report(self) -> dict:
+    def memory_report(self) -> MemoryReport:
         """Device memory (CUDA allocator or process RSS), the kept KV caches and the running batch's cache."""
         usage = self.pool.usage()
-        return {
+        return MemoryReport(
             **device_memory(self.loaded.device),
-            "kv_cache_bytes": usage["bytes"],
-            "kv_cache_conversations": usage["conversations"],
-            "kv_cache_budget_bytes": usage["budget_bytes"],
-            "batch_kv_bytes": self.runner.slot_bytes(),
-        }
+            kv_cache_bytes=usage["bytes"],
+            kv_cache_conversations=usage["conversations"],
+            kv_cache_budget_bytes=usage["budget_bytes"],
+            batch_kv_bytes=self.runner.slot_bytes(),
+        )
 
     def _idle(self) -> bool:
         """Nothing running, waiting or queued for the worker (when the fast path may compile)."""
