@@ -229,7 +229,7 @@ class QuantLevelRequest:
     eval_tokens: int = 1024
     real: bool = True  # real weights: perplexity is measured
     compiled: bool = False
-    family: str | None = None
+    family: str = "auto"
 
     def spec(self) -> ModelSpec:
         return ModelSpec(self.path, self.level, self.device, self.family, self.group_size)
@@ -249,7 +249,7 @@ def run_quant_bench(
     eval_tokens: int = 1024,
     group_size: int = DEFAULT_GROUP_SIZE,
     compiled: bool = False,
-    family: str | None = None,
+    family: str = "auto",
 ) -> list[dict]:
     """Every level in a fresh process of its own; the results in level order (a level that failed: its error)."""
     from .child import run_child
