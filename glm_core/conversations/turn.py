@@ -184,14 +184,16 @@ def start_turn(
     owner: str | None = None,
     expected_last_id=ANY_LAST,
     tool_results: list[ChatMessage] | None = None,
+    tools: list[dict] | None = None,
     tool_choice: str = "auto",
 ) -> Turn:
     """Ask for a reply to the first `keep` messages of `conversation` (its chosen path) plus `prompt` (None: reply
     to them as they are, e.g. regenerate). Stored messages from `keep` on stay, as other versions: a regenerated
     reply is another version of it, an edited prompt another branch.
 
-    Tools: the conversation's `tools` go to the backend with `tool_choice` ("auto", "none", "required" or a tool's
-    name, which forces that call) as the API sends them; a reply that calls tools is stored as its calls.
+    Tools: `tools` (None: the conversation's own) go to the backend with `tool_choice` ("auto", "none", "required"
+    or a tool's name, which forces that call) as the API sends them; a reply that calls tools is stored as its
+    calls.
     `tool_results` (tool messages answering the last reply's calls) take the place of a prompt.
 
     `owner` is the workspace the backend counts the request against (its per-workspace queue limit).
@@ -204,7 +206,7 @@ def start_turn(
     messages = conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt)
     messages += [m.model_message() for m in tool_results or []]
     messages, trimmed = newest_within_limits(messages)
-    output, syntax = tool_output(backend, conversation.tools, tool_choice)
+    output, syntax = tool_output(backend, conversation.tools if tools is None else tools, tool_choice)
     request = backend.submit(
         conversation.id, messages, params, recompute=recompute, owner=owner, **({"output": output} if output else {})
     )
