@@ -260,7 +260,7 @@ def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(glm3, env_cle
 
         assert [m.name for m in at.chat_message] == ["user", "assistant", "tool"]
         drawn = at.chat_message[1]
-        assert "Calls **get\\_weather**" in [md.value for md in drawn.markdown]
+        assert ":material/build: Calls **get\\_weather**" in [md.value for md in drawn.markdown]
         arguments = json.loads(drawn.code[0].value)
         jsonschema.validate(arguments, WEATHER["function"]["parameters"])
         assert drawn.code[0].language == "json"

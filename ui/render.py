@@ -14,6 +14,12 @@ from glm_core.tool_calls import arguments_text
 from ui.reasoning import show_thinking
 
 SHARE_PAGE = "Shared"  # the share page's url_path (Home.py)
+TOOL_AVATAR = ":material/build:"
+
+
+def avatar(role: str) -> str | None:
+    """For st.chat_message: a tool's result gets a tool's icon; the other roles Streamlit's own."""
+    return TOOL_AVATAR if role == "tool" else None
 
 
 def share_url(token: str) -> str:
@@ -48,7 +54,7 @@ def show_message(message: ChatMessage) -> None:
 
 
 def show_tool_call(call: dict) -> None:
-    st.markdown(f":material/build: Calls **{plain(call['name'])}**")
+    st.markdown(f"{TOOL_AVATAR} Calls **{plain(call['name'])}**")
     st.code(arguments_text(call["arguments"]), language="json", wrap_lines=True)
     st.caption(f"call id {plain(call['id'])}")
 

@@ -20,14 +20,7 @@ from glm_core.tool_calls import MAX_RESULT_CHARS
 from ui.accounting import admit_turn, quota_refusal
 from ui.generation_controls import Generation
 from ui.reasoning import stream_reply
-from ui.render import show_message, show_tool_result
-
-TOOL_AVATAR = ":material/build:"
-
-
-def avatar(role: str) -> str | None:
-    """A tool's result gets a tool's icon; the other roles Streamlit's own."""
-    return TOOL_AVATAR if role == "tool" else None
+from ui.render import TOOL_AVATAR, avatar, show_message, show_tool_result
 
 
 @dataclass
