@@ -331,3 +331,18 @@ def test_tools_are_off_for_a_model_not_trained_for_them(glm2, env_cleanup):
         assert any("not trained for tool calls" in c.value for c in at.sidebar.caption)
     finally:
         get_hub().unload()
+
+
+def test_a_stream_with_tools_holds_back_a_call_and_reads_it_back():
+    from glm_core.models.tool_formats import GLM4ToolSyntax
+    from glm_core.tool_calls import held_back, read_calls
+
+    tools, syntax = check_tools([WEATHER]), GLM4ToolSyntax()
+    call = ["get_", "weather\n", '{"city": ', '"Oslo"}']
+    assert list(held_back(call, syntax, tools)) == []  # drawn as a call once it has ended, never as text
+    content, calls = read_calls(syntax, "".join(call), tools)
+    assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [("get_weather", '{"city": "Oslo"}')]
+    assert calls[0]["id"].startswith("call_")
+    assert "".join(held_back(["get wet", " today"], syntax, tools)) == "get wet today"
+    assert "".join(held_back(["get_", "weather is nice"], syntax, tools)) == "get_weather is nice"
+    assert read_calls(None, "get_weather\n{}", tools) == ("get_weather\n{}", [])  # tool choice none: plain text
