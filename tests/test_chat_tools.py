@@ -226,14 +226,56 @@ def test_typed_tools_are_checked_with_a_clear_message(text, reason):
     assert reason in str(excinfo.value)
 
 
-def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(glm3, env_cleanup, monkeypatch):
-    """A tiny random ChatGLM3: the tool choice names get_weather, so decoding is constrained to a valid call; the
-    page draws it as a call, takes the result, and the next prompt has it as ChatGLM3's observation."""
-    from conftest import page_app
+@pytest.fixture(scope="module")
+def glm4_chat(tmp_path_factory):
+    """A tiny random GLM-4 (glm-4-9b-chat-hf's architecture) with glm-4-9b-chat's tool-using chat template."""
+    from glm_family_fixtures import write_glm_folder
+    from test_tool_formats import GLM4_TEMPLATE
+    from transformers import AutoTokenizer
+
+    folder = write_glm_folder(tmp_path_factory.mktemp("m") / "glm-4-tools-chat-hf", "glm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = GLM4_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def chatglm3_prompt_has(folder, ids: list[int], call: dict, result: str) -> None:
+    """ChatGLM3 (THUDM's PROMPT.md): the call as `<|assistant|>{name}` + its tool_call(...) block, the result as
+    `<|observation|>` + "\n" + its text."""
+    from glm_core.models.chatglm.tokenizer import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer(folder / "tokenizer.model", "chatglm3")
+    keywords = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in json.loads(call["arguments"]).items())
+    call_block = (
+        [tokenizer.command("<|assistant|>")]
+        + tokenizer.encode(f"{call['name']}\n")
+        + tokenizer.encode(f"```python\ntool_call({keywords})\n```")
+    )
+    observation = [tokenizer.command("<|observation|>")] + tokenizer.encode("\n") + tokenizer.encode(result)
+    assert _contains(ids, call_block), "the call is not in the prompt as ChatGLM3 writes it"
+    assert _contains(ids, observation), "the result is not in the prompt as ChatGLM3's observation"
+
+
+def glm4_prompt_has(folder, ids: list[int], call: dict, result: str) -> None:
+    """GLM-4 (glm-4-9b-chat's template): the call as `<|assistant|>{name}` + "\n" + its arguments, the result as
+    `<|observation|>` + "\n" + its text."""
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(folder).decode(ids)
+    assert f"<|assistant|>{call['name']}\n{call['arguments']}<|observation|>\n{result}<|assistant|>" in text, text
+
+
+@pytest.mark.parametrize("family", ["ChatGLM3", "GLM-4"])
+def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(family, request, env_cleanup, monkeypatch):
+    """A tiny random ChatGLM3 or GLM-4: the tool choice names get_weather, so decoding is constrained to a valid
+    call; the page draws it as a call, takes the result, and the next prompt has it as the family's observation."""
+    from conftest import page_app, shown
 
     from glm_core.engine.scheduler import Engine
-    from glm_core.models.chatglm.tokenizer import ChatGLMTokenizer
     from ui.resources import get_hub
+
+    folder = request.getfixturevalue("glm3")[0] if family == "ChatGLM3" else request.getfixturevalue("glm4_chat")
 
     submitted = []
     real_submit = Engine.submit
@@ -246,10 +288,11 @@ def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(glm3, env_cle
     try:
         at = page_app(timeout=300)
         at.run()
-        at.text_input(key="load_path").set_value(str(glm3[0]))
+        at.text_input(key="load_path").set_value(str(folder))
         at.selectbox(key="load_precision").set_value("fp32")
         at.button(key="load_button").click().run()
         assert not at.exception and not at.error
+        assert f"format ({family})" in shown(" ".join(c.value for c in at.sidebar.caption))  # its tool format
         cid = at.session_state["conversation_id"]
         at.text_area(key=f"tools_text_{cid}").set_value(json.dumps([WEATHER])).run()
         at.selectbox(key=f"tool_choice_{cid}").set_value("get_weather")
@@ -288,17 +331,8 @@ def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(glm3, env_cle
             "tool_call_id": call["id"],
         }
         ids = engine.encode_chat(messages, output)
-        tokenizer = ChatGLMTokenizer(glm3[0] / "tokenizer.model", "chatglm3")
-        observation = (
-            [tokenizer.command("<|observation|>")] + tokenizer.encode("\n") + tokenizer.encode('{"temperature": 21}')
-        )
-        assert _contains(ids, observation), "the result is not in the prompt as ChatGLM3's observation"
-        call_block = (
-            [tokenizer.command("<|assistant|>")]
-            + tokenizer.encode("get_weather\n")
-            + tokenizer.encode(f'```python\ntool_call(city="{arguments["city"]}")\n```')
-        )
-        assert _contains(ids, call_block), "the call is not in the prompt as ChatGLM3 writes it"
+        prompt_has = chatglm3_prompt_has if family == "ChatGLM3" else glm4_prompt_has
+        prompt_has(folder, ids, call, '{"temperature": 21}')
 
         [stored] = store.get_conversations(at.session_state["conversation_workspace"], [cid])
         assert [m.role for m in stored.messages] == ["user", "assistant", "tool", "assistant"]
