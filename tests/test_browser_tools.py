@@ -1,6 +1,8 @@
 """Tool calls on the chat page in a real browser (the session's shared portal, the embedded model): a stored call and
 result drawn as such and escaped, then a forced call made, answered with a result, and the model going on."""
 
+import re
+
 import pytest
 from test_browser import page  # noqa: F401 - the page fixture (a fresh Chromium page, its screenshot kept)
 
@@ -13,12 +15,28 @@ pytestmark = [pytest.mark.browser, pytest.mark.server]
 HOSTILE = '<img id="injected" src=x onerror="document.title=\'pwned\'">'
 
 
+def choose_tool(page_, option: str) -> None:
+    """Pick the tool choice; the dropdown is opened again if a rerun redrew the sidebar while it was opening."""
+    from playwright.sync_api import expect
+
+    box = page_.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").filter(has_text="Tool choice")
+    for _ in range(5):
+        box.click()
+        choice = page_.get_by_role("option", name=option, exact=True)
+        try:
+            choice.click(timeout=5_000)
+            break
+        except Exception:  # playwright's TimeoutError: the dropdown closed again
+            page_.keyboard.press("Escape")
+    expect(box.get_by_role("combobox")).to_have_value(option, timeout=30_000)
+
+
 def test_a_call_is_drawn_as_a_call_and_its_result_answers_it(portal_data, server, page):  # noqa: F811
     from playwright.sync_api import expect
 
     store = Store(portal_data)
     ws = store.create_workspace()
-    store.set_setting(ws, "sampling", {"max_new_tokens": 12, "temperature": 0.0})
+    store.set_setting(ws, "sampling", {"max_new_tokens": 60, "temperature": 0.0})  # room for a whole call
     call = {"id": "call_old", "name": "get_time", "arguments": '{"timezone": "' + HOSTILE.replace('"', '\\"') + '"}'}
     [cid] = store.import_conversations(
         ws,
@@ -44,19 +62,16 @@ def test_a_call_is_drawn_as_a_call_and_its_result_answers_it(portal_data, server
     expect(messages.nth(2).get_by_test_id("stCode")).to_contain_text("12:00 <img")  # shown as typed
     assert page.locator("#injected").count() == 0 and page.title() != "pwned"
 
-    sidebar = page.get_by_test_id("stSidebar")
     expect(page.get_by_test_id("stChatInputTextArea")).to_be_enabled(timeout=240_000)  # the model is loaded
-    sidebar.get_by_test_id("stSelectbox").filter(has_text="Tool choice").click()
-    page.get_by_role("option", name="call get_time", exact=True).click()
+    choose_tool(page, "call get_time")
     box = page.get_by_test_id("stChatInputTextArea")
     box.fill("And in Tokyo?")
     box.press("Enter")
     expect(messages).to_have_count(7, timeout=240_000)  # ... the new call and the form asking for its result
     expect(messages.nth(5)).to_contain_text("Calls get_time", timeout=120_000)
     # the forced choice would make another call: let the model answer in words now
-    sidebar.get_by_test_id("stSelectbox").filter(has_text="Tool choice").click()
-    page.get_by_role("option", name="none (answer in text)", exact=True).click()
-    result = page.get_by_label("Result of get_time")
+    choose_tool(page, "none (answer in text)")
+    result = page.get_by_label(re.compile(r"Result of get\\?_time"))  # the label escapes Markdown: get\_time
     expect(result).to_be_visible(timeout=60_000)
     result.fill("19:00")
     page.get_by_role("button", name="Send the result").click()
