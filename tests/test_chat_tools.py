@@ -14,7 +14,7 @@ import pytest
 from glm_core.conversations import store as store_module
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import ImportRejected, export_conversations, parse_import
-from glm_core.conversations.store import Store
+from glm_core.conversations.store import NotFound, Store
 from glm_core.tool_calls import check_tools, parse_tools
 
 STATS = {
@@ -70,6 +70,8 @@ def test_store_keeps_calls_results_and_tools(tmp_path):
     assert store.get_conversation(ws, c.id).messages[0].tool_calls is None
     shorter = Conversation(messages=c.messages[:2])
     assert shorter.pending_calls() == [CALL]  # a reply whose call is unanswered waits for its result
+    with pytest.raises(NotFound):  # another workspace cannot change them
+        store.set_tools("another", c.id, [])
     store.set_tools(ws, c.id, [])
     assert store.get_conversation(ws, c.id).tools == []
 
