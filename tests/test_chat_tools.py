@@ -296,7 +296,12 @@ def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(family, reque
         assert not at.exception and not at.error
         assert f"format ({family})" in shown(" ".join(c.value for c in at.sidebar.caption))  # its tool format
         cid = at.session_state["conversation_id"]
+        at.text_area(key=f"tools_text_{cid}").set_value('[{"type": "function", "function": {"name": "a b"}}]').run()
+        [error] = at.error  # named by its place; nothing is taken
+        assert "tools[0].function.name: expected 1 to 64" in shown(error.value) and "previous tools" in error.value
+        assert at.selectbox(key=f"tool_choice_{cid}").disabled
         at.text_area(key=f"tools_text_{cid}").set_value(json.dumps([WEATHER])).run()
+        assert not at.error
         at.selectbox(key=f"tool_choice_{cid}").set_value("get_weather")
         at.slider(key="temperature").set_value(0.0)
         at.slider(key="max_new_tokens").set_value(60)
