@@ -321,6 +321,7 @@ def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(family, reque
         assert call["name"] == "get_weather" and json.loads(call["arguments"]) == arguments
         first_prompt_tokens = stored.messages[1].stats["prompt_tokens"]
 
+        assert at.selectbox(key=f"tool_choice_{cid}").value == "auto"  # a forced choice holds for one turn
         at.selectbox(key=f"tool_choice_{cid}").set_value("none")
         at.slider(key="max_new_tokens").set_value(4)
         at.text_area(key=f"tool_result_{call['id']}").set_value('{"temperature": 21}')

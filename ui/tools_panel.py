@@ -74,7 +74,8 @@ def tools_section(store: Store, workspace: str, conversation: Conversation, stor
             _keep_tools(store, workspace, conversation, stored, tools)
     names = [tool["name"] for tool in conversation.tools]
     choice_key = f"tool_choice_{conversation.id}"
-    if state.get(choice_key) not in (*TOOL_CHOICES, *names):
+    reset = state.pop("reset_tool_choice", None) == conversation.id
+    if reset or state.get(choice_key) not in (*TOOL_CHOICES, *names):
         state[choice_key] = "auto"
     choice = st.selectbox(
         "Tool choice",
@@ -86,7 +87,17 @@ def tools_section(store: Store, workspace: str, conversation: Conversation, stor
     )
     if names:
         st.caption(f"{len(names)} tool(s): " + ", ".join(plain(name) for name in names))
+    if reset:
+        st.caption("Back to auto after the forced call, so the model can answer its result instead of calling again.")
     return choice
+
+
+def after_forced_call(conversation_id: str, tool_choice: str | None, made_calls: bool) -> None:
+    """A forced choice (required, or a tool by name) holds for one turn: once the model made its call, the next
+    turn's choice goes back to auto (as the OpenAI Agents SDK's reset_tool_choice does), which keeps a model from
+    calling again and again instead of reading the result."""
+    if made_calls and tool_choice not in (None, "auto", "none"):
+        st.session_state.reset_tool_choice = conversation_id
 
 
 def _keep_tools(store: Store, workspace: str, conversation: Conversation, stored: bool, tools: list[dict]) -> None:

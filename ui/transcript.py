@@ -21,6 +21,7 @@ from ui.accounting import admit_turn, quota_refusal
 from ui.generation_controls import Generation
 from ui.reasoning import stream_reply
 from ui.render import TOOL_AVATAR, avatar, show_message, show_tool_result
+from ui.tools_panel import after_forced_call
 
 
 @dataclass
@@ -277,6 +278,9 @@ class Transcript:
         failed = result.reply.error if result.reply is not None else "The model did not answer in time."
         if result.storage_error:
             failed = f"The reply could not be stored ({result.storage_error}); it is shown below once."
+        after_forced_call(
+            self.conversation.id, generation.tool_choice, bool(result.message is not None and result.message.tool_calls)
+        )
         st.session_state.after_turn = {
             "notes": notes,
             "error": failed if result.message is None else None,
