@@ -317,6 +317,7 @@ def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(family, reque
 
         store = Store()
         [stored] = store.get_conversations(at.session_state["conversation_workspace"], [cid])
+        assert stored.tools == [WEATHER["function"]]  # the draft's tools were stored with its first message
         call = stored.messages[1].tool_calls[0]
         assert call["name"] == "get_weather" and json.loads(call["arguments"]) == arguments
         first_prompt_tokens = stored.messages[1].stats["prompt_tokens"]

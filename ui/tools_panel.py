@@ -42,10 +42,18 @@ def tools_section(store: Store, workspace: str, conversation: Conversation, stor
         st.text_area("Tools (JSON)", key=text_key, disabled=True)
         return None
 
+    def keep_typed() -> None:  # saved when the text changes (never on a rerun: another tab may have changed them)
+        try:
+            tools = parse_tools(state[text_key])
+        except ValueError:
+            return  # shown below while the text stays wrong
+        _keep_tools(store, workspace, conversation, stored, tools)
+
     def fill_example() -> None:
         chosen = state.get("tools_example")
         if chosen:
             state[text_key] = tools_text(check_tools(EXAMPLE_TOOLS[chosen]))
+            keep_typed()
 
     st.caption(
         f"The model calls them in its own format ({plain(syntax.name)}); you answer each call with the tool's result."
@@ -64,14 +72,14 @@ def tools_section(store: Store, workspace: str, conversation: Conversation, stor
         max_chars=MAX_TOOLS_CHARS,
         height=160,
         placeholder='[{"type": "function", "function": {"name": "...", "description": "...", "parameters": {...}}}]',
+        on_change=keep_typed,
     )
     try:
-        tools = parse_tools(state[text_key])
+        parse_tools(state[text_key])
     except ValueError as exc:
         st.error(f"{plain(exc)}. The conversation keeps its previous tools until this is fixed.")
-    else:
-        if tools != conversation.tools:
-            _keep_tools(store, workspace, conversation, stored, tools)
+    if "tools_error" in state:
+        st.error(plain(state.pop("tools_error")))
     names = [tool["name"] for tool in conversation.tools]
     choice_key = f"tool_choice_{conversation.id}"
     reset = state.pop("reset_tool_choice", None) == conversation.id
@@ -101,13 +109,11 @@ def after_forced_call(conversation_id: str, tool_choice: str | None, made_calls:
 
 
 def _keep_tools(store: Store, workspace: str, conversation: Conversation, stored: bool, tools: list[dict]) -> None:
+    """Store the tools (a draft's wait in the session); runs as a widget's callback, before the page is drawn."""
     if not stored:
         st.session_state[f"draft_tools_{conversation.id}"] = tools
-        conversation.tools = tools
         return
     try:
         store.set_tools(workspace, conversation.id, tools)
     except (StorageError, NotFound) as exc:
-        st.error(f"The tools were not saved: {plain(exc)}")
-        return
-    conversation.tools = tools
+        st.session_state.tools_error = f"The tools were not saved: {exc}"
