@@ -34,10 +34,10 @@ def tools_section(store: Store, workspace: str, conversation: Conversation, stor
     if syntax is None:
         if engine is None:
             why = "No model is loaded."
-        elif engine.card().get("backend") == "remote":
+        elif engine.card().remote:
             why = "Tools are not relayed to a remote server."
         else:
-            why = f"{engine.card()['name']}'s format was not trained for tool calls (ChatGLM3-6B and GLM-4 were)."
+            why = f"{engine.card().name}'s format was not trained for tool calls (ChatGLM3-6B and GLM-4 were)."
         st.caption(plain(why) + " Tools are off for this model.")
         st.text_area("Tools (JSON)", key=text_key, disabled=True)
         return None
