@@ -168,6 +168,30 @@ def test_no_model_named_takes_the_servers_first(server):
     assert backend.load_report().to_dict() == {"running": 0, "waiting": 0, "max_batch": None, "in_flight_here": 0}
 
 
+def test_the_remote_backend_comes_in_through_the_engines_submit(server):
+    """One way in (protocol.SubmitPath): the remote backend and the engine share submit, so a request is refused
+    the same way on both before anything is sent: bad controls, a conversation with a reply coming, a closed
+    backend."""
+    from glm_core import ConversationBusy, EngineClosed
+    from glm_core.engine import Engine
+    from glm_core.protocol import SubmitPath
+
+    assert RemoteBackend.submit is SubmitPath.submit is Engine.submit
+    backend = RemoteBackend(f"{server.url}#slow")
+    request = backend.submit("c1", HELLO, SamplingParams(max_new_tokens=200))
+    with pytest.raises(ConversationBusy):
+        backend.submit("c1", HELLO, FIVE)
+    with pytest.raises(ValueError, match="max new tokens"):
+        backend.submit("c2", HELLO, SamplingParams(max_new_tokens=0))
+    sent = len(server.requests)
+    request.stop()
+    assert request.wait(5).finish_reason == "stopped"
+    backend.close()
+    with pytest.raises(EngineClosed):
+        backend.submit("c3", HELLO, FIVE)
+    assert len(server.requests) == sent  # none of the refused ones reached the server
+
+
 def test_stop_closes_the_stream_and_the_server_stops_generating(server):
     backend = RemoteBackend(f"{server.url}#slow")
     request = backend.submit("c1", HELLO, SamplingParams(max_new_tokens=200))
