@@ -144,6 +144,7 @@ async def completions(
     echoed = prompt if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        await generation.opening()
         return EventSourceResponse(_chunks(generation, head, echoed, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()

@@ -17,8 +17,10 @@ from anyio import to_thread
 from starlette.requests import Request as HttpRequest
 
 from ..protocol import (
+    REJECTED,
     TOO_LONG,
     UNAVAILABLE,
+    UPSTREAM,
     Backend,
     ConversationBusy,
     Delta,
@@ -30,6 +32,7 @@ from ..protocol import (
     SamplingParams,
     Tokenizing,
     TokenLogprob,
+    ToolCallDelta,
     validate_messages,
 )
 from ..reasoning import split_reasoning
@@ -44,6 +47,9 @@ if TYPE_CHECKING:
     from ..models.tool_formats import ToolSyntax
 
 FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the engine's words -> OpenAI's
+# How long a stream waits for its request's first event (queued, started, or refused) before it answers 200: a
+# request the backend refuses at once (a remote server's 400) then gets its status code, not an error event.
+OPENING_WAIT_S = 10.0
 
 
 def model_name(backend: Backend) -> str:
@@ -194,36 +200,42 @@ def _failure_function(pattern: str) -> list[int]:
     return failure
 
 
-async def _events(request: Request) -> AsyncIterator[Event]:
+class _EventReader:
     """The request's events on the event loop. A thread of its own waits on the backend's queue (it ends with the
     request, which always finishes), so a slow or waiting request never holds a worker of the shared pool."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def pump() -> None:
-        for event in request.events():
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                request.stop()
+    def __init__(self, request: Request):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def pump() -> None:
+            for event in request.events():
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, event)
+                except RuntimeError:  # the event loop is gone (server shutting down)
+                    request.stop()
+                    return
+
+        threading.Thread(target=pump, name=f"api-events-{request.id}", daemon=True).start()
+
+    async def events(self, held: Event | None = None) -> AsyncIterator[Event]:
+        """Every event until Finished (`held` first: one already taken off the queue); deltas already waiting go
+        out as one."""
+        queue = self.queue
+        while True:
+            event, held = (held, None) if held is not None else (await queue.get(), None)
+            if isinstance(event, Delta):
+                pieces = [event.text]
+                while not queue.empty():
+                    following = queue.get_nowait()
+                    if not isinstance(following, Delta):
+                        held = following
+                        break
+                    pieces.append(following.text)
+                event = Delta("".join(pieces))
+            yield event
+            if isinstance(event, Finished):
                 return
-
-    threading.Thread(target=pump, name=f"api-events-{request.id}", daemon=True).start()
-    held: Event | None = None
-    while True:
-        event, held = (held, None) if held is not None else (await queue.get(), None)
-        if isinstance(event, Delta):  # deltas already waiting go out as one
-            pieces = [event.text]
-            while not queue.empty():
-                following = queue.get_nowait()
-                if not isinstance(following, Delta):
-                    held = following
-                    break
-                pieces.append(following.text)
-            event = Delta("".join(pieces))
-        yield event
-        if isinstance(event, Finished):
-            return
 
 
 @dataclass
@@ -244,10 +256,13 @@ class Generation:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     content: str = ""  # the reply's text less its tool calls (set when it ends)
     tool_calls: list[dict] = field(default_factory=list)  # [{"id", "name", "arguments"}]
+    call_deltas: list[ToolCallDelta] = field(default_factory=list)  # a backend's own calls, as they came
     client_gone: bool = False
     ticket: Ticket | None = None  # its place under the caller's quotas; its usage is recorded when it ends
     backend: Backend | None = field(default=None, repr=False)
     _ended: bool = field(default=False, repr=False)
+    _reader: _EventReader | None = field(default=None, repr=False)
+    _held: Event | None = field(default=None, repr=False)  # the first event, taken by opening()
 
     @classmethod
     def submit(
@@ -294,11 +309,32 @@ class Generation:
             weakref.finalize(generation, ticket.cancel)
         return generation
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
-        the backend's request at its next token."""
+    def _events(self) -> AsyncIterator[Event]:
+        if self._reader is None:
+            self._reader = _EventReader(self.request)
+        held, self._held = self._held, None
+        return self._reader.events(held)
+
+    async def opening(self, timeout_s: float = OPENING_WAIT_S) -> None:
+        """Before a stream answers 200: wait (up to `timeout_s`) for the request's first event, and raise its
+        ApiError when the backend ended it with an error straight away (a remote server that refused it), so the
+        client gets the status code rather than an error inside a stream. A request queued or started goes on."""
+        if self._reader is None:
+            self._reader = _EventReader(self.request)
         try:
-            async for event in _events(self.request):
+            self._held = await asyncio.wait_for(self._reader.queue.get(), timeout_s)
+        except TimeoutError:
+            return
+        if isinstance(self._held, Finished) and self._held.reply.error is not None:
+            async for _ in self.deltas():
+                pass
+            self.raise_for_error()
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The reply's text as it comes (an empty piece for each tool-call delta a backend streams). Leaving early
+        (the client went away: the response is cancelled) stops the backend's request at its next token."""
+        try:
+            async for event in self._events():
                 if isinstance(event, Delta):
                     piece = self.stop.push(event.text)
                     if self.stop.hit:
@@ -308,6 +344,9 @@ class Generation:
                         yield piece
                 elif isinstance(event, TokenLogprob):
                     self.logprobs.append(event)
+                elif isinstance(event, ToolCallDelta):
+                    self.call_deltas.append(event)
+                    yield ""
                 elif isinstance(event, Finished):
                     self.reply = event.reply
                     tail = self.stop.flush()
@@ -333,6 +372,11 @@ class Generation:
 
     def _read_calls(self) -> None:
         self.content = self.text
+        if self.reply is not None and self.reply.tool_calls:  # read by the backend (a remote server): as it sent them
+            self.tool_calls = [
+                {**call, "id": call.get("id") or f"call_{secrets.token_hex(12)}"} for call in self.reply.tool_calls
+            ]
+            return
         if self.syntax is None:
             return
         content, calls = self.syntax.parse(self.text, self.output.tools)
@@ -384,6 +428,10 @@ class Generation:
             raise ApiError(503, message, "model_unavailable")
         if kind == TOO_LONG:
             raise ApiError(400, message, "context_length_exceeded", "messages")
+        if kind == REJECTED:  # the server the request was relayed to refused it: the message names that server
+            raise ApiError(400, message, "upstream_rejected")
+        if kind == UPSTREAM:
+            raise ApiError(502, message, "upstream_failed")
         raise ApiError(500, message, "generation_failed")
 
     @property

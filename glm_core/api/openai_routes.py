@@ -110,6 +110,7 @@ async def chat_completions(
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        await generation.opening()
         return EventSourceResponse(_chunks(generation, head, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
@@ -158,9 +159,10 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
     when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request.
 
     With tools, text that may still turn out to be a call is held back; a call goes out as tool_calls deltas (its
-    id and name, then its arguments) once the reply ends."""
+    id and name, then its arguments) once the reply ends. A backend that reads calls itself (a remote server) has
+    its tool_calls deltas passed on as they come."""
     wants_logprobs = generation.output.top_logprobs is not None
-    sent_text, sent_logprobs = 0, 0
+    sent_text, sent_logprobs, sent_calls = 0, 0, 0
 
     def event(choices: list[ChunkChoice], usage: Usage | None = None) -> dict:
         chunk = ChatCompletionChunk(**head, choices=choices, usage=usage)
@@ -190,8 +192,22 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
         thought = [event([ChunkChoice(delta=ChunkDelta(reasoning_content=reasoning))])] if reasoning else []
         return thought + ([text_chunk(answer)] if answer else [])
 
+    def relayed_calls() -> list[dict]:
+        nonlocal sent_calls
+        pieces = generation.call_deltas[sent_calls:]
+        sent_calls = len(generation.call_deltas)
+        out = []
+        for piece in pieces:
+            function = {"arguments": piece.arguments} | ({"name": piece.name} if piece.name is not None else {})
+            opened = {"id": piece.id, "type": "function"} if piece.id is not None else {}
+            call = ChunkToolCall(index=piece.index, function=function, **opened)
+            out.append(event([ChunkChoice(delta=ChunkDelta(tool_calls=[call]))]))
+        return out
+
     yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
     async for _piece in generation.deltas():
+        for chunk in relayed_calls():
+            yield chunk
         if generation.reply is not None:  # ended: what is left goes out below, as text or as calls
             continue
         safe = generation.streamable()
@@ -207,7 +223,7 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
         return
     for chunk in text_chunks(generation.unsent_content(sent_text), end=True):
         yield chunk
-    for index, call in enumerate(generation.tool_calls):
+    for index, call in enumerate(generation.tool_calls if not generation.call_deltas else []):
         opening = ChunkToolCall(
             index=index, id=call["id"], type="function", function={"name": call["name"], "arguments": ""}
         )

@@ -220,6 +220,7 @@ async def create_response(
     )
     response = ResponseShape(body, model_name(backend), output, params)
     if body.stream:
+        await generation.opening()
         return EventSourceResponse(_events(generation, response, caller, messages), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
