@@ -132,6 +132,8 @@ class OutputSpec:
     # forced call takes precedence (the reply is then the call)
     top_logprobs: int | None = None  # None: no logprobs; else the logprob of each token and this many runners-up
     raw_prompt: bool = False  # the last user message's text is the whole prompt, as is (/v1/completions)
+    whole: bool = False  # the client takes the reply whole, not streamed: a relay asks its server for it whole too
+    # (llama.cpp, for one, refuses logprobs with tools in a stream); the local engine streams either way
 
     @property
     def forced_call(self) -> bool:

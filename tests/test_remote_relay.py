@@ -111,7 +111,10 @@ def test_a_named_call_streams_as_tool_call_deltas(direct, relayed):
         seed=4,
         stream=True,
     )
-    through, straight = list(relayed.chat.completions.create(**options)), list(direct.chat.completions.create(**options))
+    through, straight = (
+        list(relayed.chat.completions.create(**options)),
+        list(direct.chat.completions.create(**options)),
+    )
 
     def calls(chunks) -> list[tuple]:
         return [
@@ -213,5 +216,7 @@ def test_a_server_that_fails_is_a_502_not_a_500():
     finally:
         remote.close()
         server.stop()
-    sent = server.requests[-1]
-    assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is True
+    whole, streamed = server.requests[-2:]  # a client that takes the reply whole has it asked for whole
+    assert "stream" not in whole and streamed["stream"] is True
+    for sent in (whole, streamed):
+        assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is True

@@ -5,6 +5,7 @@ applied, stopping the backend's request the moment the client goes away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import secrets
 import threading
@@ -74,7 +75,7 @@ async def count_prompt_tokens(backend: Backend, messages: list[dict], output: Ou
     tokenize here."""
     if not isinstance(backend, Tokenizing):
         return None
-    if output is not None and output != OutputSpec():
+    if output is not None and dataclasses.replace(output, whole=False) != OutputSpec():
         return len(await to_thread.run_sync(backend.encode_chat, messages, output))
     return len(await to_thread.run_sync(backend.encode_chat, messages))
 
@@ -277,7 +278,7 @@ class Generation:
         output: OutputSpec | None = None,
     ) -> Generation:
         output = output or OutputSpec()
-        asked = output if output != OutputSpec() else None
+        asked = output if output != OutputSpec() else None  # `whole` alone is asked too: a relay honours it
         ticket = admit(caller)  # 429 past a quota, before anything is queued
         conversation_id = conversations.claim(caller.scope, messages)
         try:

@@ -80,7 +80,7 @@ async def chat_completions(
     backend: Backend = Depends(loaded_backend),
     state: ApiState = Depends(api_state),
 ):
-    output = body.output()
+    output = dataclasses.replace(body.output(), whole=not body.stream)
     messages = checked_messages([m.plain() for m in body.messages])
     stops = body.stop_strings()
     context = model_context(backend)

@@ -8,6 +8,7 @@ answers the shared prefix); an unknown id is a 404."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import threading
@@ -199,7 +200,7 @@ async def create_response(
     backend: Backend = Depends(loaded_backend),
     state: ApiState = Depends(api_state),
 ):
-    output = body.output()
+    output = dataclasses.replace(body.output(), whole=not body.stream)
     earlier = KEPT.get(caller.scope, body.previous_response_id) if body.previous_response_id else []
     new = input_messages(body.input, body.instructions)
     # This request's instructions replace the earlier ones (as OpenAI's previous_response_id does).

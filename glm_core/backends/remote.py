@@ -5,7 +5,8 @@ the API key comes from the backend's configuration or GLM_REMOTE_API_KEY, never 
 shown or stored with a conversation. Each request streams one chat completion; the whole history is sent every
 time (regenerate and edit just send a shorter one), and the kept KV cache is the server's business (vLLM prefix
 caching, SGLang radix cache). Stop closes the HTTP stream: vLLM, SGLang and llama.cpp abort a request whose client
-went away.
+went away. An API client that takes its reply whole (not streamed) has it asked for whole too (`OutputSpec.whole`:
+llama.cpp refuses logprobs with tools in a stream); such a request ends when the server answers.
 
 Torch-free: the portal can front servers without a local model.
 """
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
 from ..protocol import (
@@ -252,6 +254,14 @@ def _output_fields(output: OutputSpec) -> dict:
         fields["logprobs"] = True
         fields["top_logprobs"] = output.top_logprobs
     return fields
+
+
+def _as_chunk(answer) -> SimpleNamespace:
+    """A whole chat completion read as the one chunk of a stream: each choice's message as its delta."""
+    choices = [
+        SimpleNamespace(delta=c.message, finish_reason=c.finish_reason, logprobs=c.logprobs) for c in answer.choices
+    ]
+    return SimpleNamespace(usage=answer.usage, choices=choices)
 
 
 def _error_kind(exc: BaseException, mid_reply: bool) -> str:
@@ -528,10 +538,16 @@ class RemoteBackend:
             if request.stop_requested:
                 finish_reason = "stopped"
             else:
-                stream = self._client.chat.completions.create(**self._body(request, model))
-                holder["stream"] = stream
+                body = self._body(request, model)
+                if request.output.whole:  # the client takes it whole: so does this request (one chunk)
+                    del body["stream"], body["stream_options"]
+                    chunks_read = [_as_chunk(self._client.chat.completions.create(**body))]
+                else:
+                    stream = self._client.chat.completions.create(**body)
+                    holder["stream"] = stream
+                    chunks_read = stream
                 request.emit(Started())
-                for chunk in stream:
+                for chunk in chunks_read:
                     if request.stop_requested:
                         finish_reason = "stopped"
                         break
@@ -632,7 +648,8 @@ class RemoteBackend:
     def _relay_calls(request: Request, deltas, calls: dict[int, dict]) -> None:
         """The server's tool-call deltas, passed on as they come and gathered into whole calls by index."""
         for delta in deltas:
-            index = delta.index if delta.index is not None else len(calls)
+            index = getattr(delta, "index", None)  # a whole reply's calls have none: their order is their index
+            index = index if index is not None else len(calls)
             function = delta.function
             name = function.name if function is not None else None
             arguments = (function.arguments if function is not None else None) or ""
