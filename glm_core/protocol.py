@@ -553,6 +553,10 @@ class Tokenizing(Protocol):
         """The vocabulary's piece for each id."""
         ...
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id decoded alone, as logprobs show tokens ("Ġthe" is " the")."""
+        ...
+
 
 @runtime_checkable
 class LocalWorker(Tokenizing, Protocol):

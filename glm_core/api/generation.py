@@ -70,14 +70,52 @@ def model_context(backend: Backend) -> int:
     return int(backend.card().get("max_context") or SamplingParams().max_length)
 
 
-async def count_prompt_tokens(backend: Backend, messages: list[dict], output: OutputSpec | None = None) -> int | None:
-    """Tokens of the whole conversation in the model's format (with its tools); None where the backend cannot
-    tokenize here."""
+async def prompt_ids(backend: Backend, messages: list[dict], output: OutputSpec | None = None) -> list[int] | None:
+    """The whole conversation's token ids in the model's format (with its tools, or the raw prompt); None where
+    the backend cannot tokenize here."""
     if not isinstance(backend, Tokenizing):
         return None
     if output is not None and dataclasses.replace(output, whole=False) != OutputSpec():
-        return len(await to_thread.run_sync(backend.encode_chat, messages, output))
-    return len(await to_thread.run_sync(backend.encode_chat, messages))
+        return await to_thread.run_sync(backend.encode_chat, messages, output)
+    return await to_thread.run_sync(backend.encode_chat, messages)
+
+
+async def count_prompt_tokens(backend: Backend, messages: list[dict], output: OutputSpec | None = None) -> int | None:
+    """Tokens of the whole conversation in the model's format (with its tools); None where the backend cannot
+    tokenize here."""
+    ids = await prompt_ids(backend, messages, output)
+    return None if ids is None else len(ids)
+
+
+@dataclass
+class Prepared:
+    """A generating route's request once its prologue passed: the checked messages, the prompt's ids (None where
+    the backend tokenizes remotely) and the sampling controls with the reply's budget."""
+
+    messages: list[dict]
+    ids: list[int] | None
+    params: SamplingParams
+
+
+async def prepare(
+    backend: Backend,
+    messages: list[dict],
+    output: OutputSpec,
+    limits: ApiLimits,
+    max_tokens: int | None,
+    seed: int | None = None,
+    **controls,
+) -> Prepared:
+    """The prologue /v1/chat/completions, /v1/completions and /v1/responses share (who calls and their quotas
+    are the dependencies' and Generation.submit's): the messages checked, the prompt counted in the model's format
+    (with `output`'s tools), max_tokens held to the API's limit and the context's room, and the request's controls
+    (None: left out) over the model's defaults. Each problem is a 400 naming its field."""
+    messages = checked_messages(messages)
+    context = model_context(backend)
+    ids = await prompt_ids(backend, messages, output)
+    budget = reply_budget(None if ids is None else len(ids), context, max_tokens, limits)
+    params = checked_params(backend, seed=seed, max_length=context, max_new_tokens=budget, **controls)
+    return Prepared(messages, ids, params)
 
 
 def reply_budget(prompt_tokens: int | None, context: int, max_tokens: int | None, limits: ApiLimits) -> int:

@@ -21,12 +21,8 @@ from .embeddings import embed
 from .errors import ApiError
 from .generation import (
     Generation,
-    checked_messages,
-    checked_params,
-    count_prompt_tokens,
-    model_context,
     model_name,
-    reply_budget,
+    prepare,
     sampling_defaults,
     system_fingerprint,
 )
@@ -81,22 +77,21 @@ async def chat_completions(
     state: ApiState = Depends(api_state),
 ):
     output = dataclasses.replace(body.output(), whole=not body.stream)
-    messages = checked_messages([m.plain() for m in body.messages])
     stops = body.stop_strings()
-    context = model_context(backend)
-    prompt_tokens = await count_prompt_tokens(backend, messages, output)
-    max_new = reply_budget(prompt_tokens, context, body.max_tokens or body.max_completion_tokens, state.limits)
     # Omitted fields take the model's own defaults (as vLLM's --generation-config auto); /v1/models lists them.
-    params = checked_params(
+    prepared = await prepare(
         backend,
+        [m.plain() for m in body.messages],
+        output,
+        state.limits,
+        body.max_tokens or body.max_completion_tokens,
         seed=body.seed,
-        max_length=context,
-        max_new_tokens=max_new,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
     )
+    messages, params = prepared.messages, prepared.params
     if body.thinking() is not None:
         params = dataclasses.replace(params, thinking=body.thinking())
     generation = Generation.submit(

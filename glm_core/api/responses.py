@@ -25,12 +25,8 @@ from .access import Caller
 from .errors import ApiError
 from .generation import (
     Generation,
-    checked_messages,
-    checked_params,
-    count_prompt_tokens,
-    model_context,
     model_name,
-    reply_budget,
+    prepare,
 )
 from .schemas import FunctionDefinition, JsonSchemaFormat
 from .state import ApiState, api_caller, api_state, loaded_backend
@@ -206,16 +202,16 @@ async def create_response(
     # This request's instructions replace the earlier ones (as OpenAI's previous_response_id does).
     system = [m for m in new[:1] if m["role"] == "system"] or [m for m in earlier[:1] if m["role"] == "system"]
     turns = [m for m in earlier + new if m["role"] != "system"]
-    messages = checked_messages(system + turns)
-    context = model_context(backend)
-    prompt_tokens = await count_prompt_tokens(backend, messages, output)
-    params = checked_params(
+    prepared = await prepare(
         backend,
-        max_length=context,
-        max_new_tokens=reply_budget(prompt_tokens, context, body.max_output_tokens, state.limits),
+        system + turns,
+        output,
+        state.limits,
+        body.max_output_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
     )
+    messages, params = prepared.messages, prepared.params
     generation = Generation.submit(
         backend, state.conversations, caller, messages, params, limits=state.limits, output=output
     )
