@@ -364,6 +364,11 @@ class Generation:
             self._held = await asyncio.wait_for(self._reader.queue.get(), timeout_s)
         except TimeoutError:
             return
+        except asyncio.CancelledError:  # the client went away meanwhile: its request ends here
+            self.client_gone = True
+            self.request.stop()
+            self._end()
+            raise
         if isinstance(self._held, Finished) and self._held.reply.error is not None:
             async for _ in self.deltas():
                 pass
