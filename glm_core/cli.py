@@ -342,23 +342,26 @@ def cmd_bench_accounting(args) -> int:
 
 
 def cmd_bench_quant(args) -> int:
-    from .bench.quant import format_quant_report, measure_level, resolve_bench_model, run_quant_bench
+    from .bench.quant import format_quant_report, run_quant_bench
 
     levels = [level.strip().lower() for level in args.levels.split(",") if level.strip()]
-    if args.in_process:  # one level, measured in this process (run_quant_bench starts one such process per level)
-        path, real = resolve_bench_model(args.model)
-        spec = ModelSpec(path, levels[0], args.device, args.family, args.group_size)
-        results = [measure_level(spec, args.decode_tokens, args.eval_tokens, real, args.compiled)]
-    else:
-        results = run_quant_bench(
-            args.model, levels, args.device, args.decode_tokens, args.eval_tokens, args.group_size, args.compiled
-        )
+    # each level in a child process of its own (glm_core/bench/child.py)
+    results = run_quant_bench(
+        args.model,
+        levels,
+        args.device,
+        args.decode_tokens,
+        args.eval_tokens,
+        args.group_size,
+        args.compiled,
+        args.family,
+    )
     print(json.dumps(results) if args.json else format_quant_report(results))
     return 0 if all("error" not in r for r in results) else 1
 
 
 def cmd_bench_quality(args) -> int:
-    from .bench.quality import QualityBenchRequest, emit_json_lines, format_quality_report, run_quality_bench
+    from .bench.quality import QualityBenchRequest, format_quality_report, run_quality_bench
 
     text_name = Path(args.text).name if args.text else "bundled"
     request = QualityBenchRequest(
@@ -373,8 +376,6 @@ def cmd_bench_quality(args) -> int:
         group_size=args.group_size,
         decode_tokens=args.decode_tokens,
     )
-    if args.events:  # the page's child process: JSON lines (progress, then the result)
-        return emit_json_lines(request)
 
     def progress(fraction: float, message: str) -> None:
         print(f"[{fraction * 100:3.0f}%] {message}", file=sys.stderr)
@@ -382,7 +383,7 @@ def cmd_bench_quality(args) -> int:
     started_at = time.time()
     result = run_quality_bench(request, progress)
     if not args.no_history and any("error" not in r for r in result["levels"]):
-        from .bench.memory import BenchHistory
+        from .bench.history import BenchHistory
         from .bench.quality import command_line_record
 
         BenchHistory().add_quality(command_line_record(request, result, started_at))
@@ -428,15 +429,7 @@ def _levels(text: str) -> list[str]:
 
 
 def cmd_bench_memory(args) -> int:
-    from .bench.memory import (
-        BenchHistory,
-        MemoryBenchRequest,
-        format_memory_report,
-        run_in_process,
-        run_memory_bench,
-        run_record,
-        source_kind,
-    )
+    from .bench.memory import BenchHistory, MemoryBenchRequest, format_memory_report, run_memory_bench, source_kind
 
     request = MemoryBenchRequest(
         source=args.model,
@@ -448,8 +441,6 @@ def cmd_bench_memory(args) -> int:
         eval_tokens=args.eval_tokens,
         check_memory=not args.no_memory_check,
     )
-    if args.in_process:  # one level, in this process (run_memory_bench starts one such process per level)
-        return run_in_process(request)
     source_kind(request.source)  # a bad source fails here, with its message
 
     def progress(fraction: float, message: str) -> None:
@@ -458,7 +449,7 @@ def cmd_bench_memory(args) -> int:
     run = run_memory_bench(request, progress)
     if run.error:
         raise ValueError(run.error)
-    record = run_record(run)
+    record = run.record()
     if not args.no_history:
         BenchHistory().add(record)
     print(json.dumps(record["results"]) if args.json else format_memory_report(record))
@@ -671,7 +662,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the perplexity through the compiled decode step (compiles its graphs first)",
     )
-    quant.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     quant.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     quant.set_defaults(func=cmd_bench_quant)
 
@@ -689,7 +679,6 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--group-size", type=int, default=load_settings().group_size, help="INT4 group size")
     quality.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per level for tokens/s (0: skip)")
     quality.add_argument("--no-history", action="store_true", help="do not store the run in the history")
-    quality.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
     quality.add_argument("--json", action="store_true", help='print {"reference": {...}, "levels": [...]}')
     quality.set_defaults(func=cmd_bench_quality)
 
@@ -714,7 +703,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run levels even when their predicted peak exceeds the free memory",
     )
     memory.add_argument("--no-history", action="store_true", help="do not store the run in the history")
-    memory.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     memory.add_argument("--json", action="store_true", help="print a JSON list, one object per level")
     memory.set_defaults(func=cmd_bench_memory)
 

@@ -19,8 +19,8 @@ from typing import Protocol, runtime_checkable
 from .settings import DEFAULT_GROUP_SIZE, EMBEDDED, load_settings
 
 ROLES = ("system", "user", "assistant")
-# A tool's result, answering an assistant's tool_calls (the API's `tool` role; ChatGLM3's <|observation|>). Only
-# API requests carry it; stored conversations keep the three roles above.
+# A tool's result, answering an assistant's tool_calls (the API's `tool` role; ChatGLM3's <|observation|>); stored
+# conversations keep it too (the chat page's tool results).
 TOOL_ROLE = "tool"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
 

@@ -101,6 +101,38 @@ def test_seeded_sampling_per_row_reproduces_the_reply_alone(tiny_loaded):
     assert_same_replies(together(tiny_loaded, jobs, late={1}), alone(tiny_loaded, jobs))
 
 
+def test_greedy_rows_picked_together_beside_penalised_and_sampled_rows_reproduce_each_alone(embedded_fp32):
+    """Plain greedy rows are picked with one argmax over the batch; a greedy row with a repetition penalty and a
+    sampled row in the same batch still get their own treatment."""
+    controls = [
+        SamplingParams(temperature=0, max_new_tokens=14),
+        SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=14),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=14),
+        SamplingParams(temperature=0, max_new_tokens=9),
+    ]
+    prompts = [PROMPTS[3], PROMPTS[3], PROMPTS[1], PROMPTS[0]]  # the first two differ only by the penalty
+    jobs = [([{"role": "user", "content": prompt}], params) for prompt, params in zip(prompts, controls)]
+    batched = together(embedded_fp32, jobs)
+    assert_same_replies(batched, alone(embedded_fp32, jobs))
+    assert batched[0].text != batched[1].text, "the penalty must change the penalised row's greedy reply"
+
+
+def test_the_runner_times_each_decode_step_against_its_forward(tiny_loaded):
+    engine = Engine(tiny_loaded, max_batch=4, compile="off")
+    try:
+        timing = engine.runner.timing
+        params = SamplingParams(temperature=0, max_new_tokens=12)
+        requests = [engine.submit(uuid.uuid4().hex, [{"role": "user", "content": p}], params) for p in PROMPTS[:3]]
+        replies = [r.wait(300) for r in requests]
+        tokens = sum(r.stats.completion_tokens for r in replies)
+        # Each reply's first token comes from its prefill; every later one from a decode step's row.
+        assert timing.rows == tokens - len(replies)
+        assert max(r.stats.completion_tokens for r in replies) - 1 <= timing.steps <= timing.rows
+        assert 0 < timing.forward_s < timing.decode_s
+    finally:
+        engine.close()
+
+
 def test_stopping_one_row_leaves_the_others_untouched(tiny_loaded):
     jobs = greedy_jobs([30, 2000, 30])  # the middle one would run long: it is stopped after two deltas
     want = alone(tiny_loaded, jobs)

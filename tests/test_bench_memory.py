@@ -12,9 +12,9 @@ from conftest import ROOT
 
 from glm_core.bench.memory import (
     BenchHistory,
+    BenchRunner,
     MemoryBenchRequest,
     MemoryBenchRun,
-    MemoryBenchRunner,
     comparison_rows,
     csv_rows,
 )
@@ -134,7 +134,7 @@ def test_bad_sources_are_refused_with_a_message(tmp_path):
 
 
 def test_a_run_can_be_cancelled_and_only_one_runs_at_a_time(mid_config, data_dir):
-    runner = MemoryBenchRunner(BenchHistory(data_dir))
+    runner = BenchRunner(BenchHistory(data_dir))
     request = MemoryBenchRequest(str(mid_config), ("fp32", "bf16"), 8192, 8192, "cpu")
     run = runner.start(request, owner="ws-a")
     with pytest.raises(RuntimeError, match="already running"):

@@ -7,7 +7,7 @@ import time
 import pytest
 from test_cli import run_cli
 
-from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
+from glm_core.bench.history import BenchHistory
 from glm_core.bench.quality import (
     MAX_TEXT_BYTES,
     QualityBenchRequest,
@@ -17,6 +17,7 @@ from glm_core.bench.quality import (
     split_level,
     store_text,
 )
+from glm_core.bench.runs import BenchRunner
 
 # The module's run loads the embedded model six times (about two minutes on 2 quiet cores, more beside other work).
 pytestmark = pytest.mark.timeout(900)
@@ -107,14 +108,14 @@ def test_the_pages_run_goes_to_the_history_and_the_csv(data_dir):
     """What the Quantization page does: an uploaded text kept under the data folder, the run in a child process
     with progress, kept in the team's history and downloadable as CSV."""
     history = BenchHistory()
-    runner = MemoryBenchRunner(history)
+    runner = BenchRunner(history)
     path = store_text("Notre équipe écrit des textes. =SUM(A1) ".encode() * 30)
     request = QualityBenchRequest(
         levels=("int8",), text_path=path, text_name="=ours.txt", tokens=48, window=48, device="cpu", decode_tokens=2
     )
-    run = runner.start_quality(request, owner="ws")
+    run = runner.start(request, owner="ws")
     with pytest.raises(RuntimeError, match="already running"):
-        runner.start_quality(request, owner="ws")
+        runner.start(request, owner="ws")
     seen = set()
     while run.wait(0.2).active:
         seen.add(run.message)
@@ -131,12 +132,12 @@ def test_the_pages_run_goes_to_the_history_and_the_csv(data_dir):
 
 def test_a_quality_run_can_be_cancelled(data_dir):
     history = BenchHistory()
-    runner = MemoryBenchRunner(history)
-    run = runner.start_quality(QualityBenchRequest(levels=("bf16", "int8", "int4"), device="cpu"), owner="ws")
+    runner = BenchRunner(history)
+    run = runner.start(QualityBenchRequest(levels=("bf16", "int8", "int4"), device="cpu"), owner="ws")
     while run.message == "starting" and run.active:
         time.sleep(0.1)
     run.cancel()
-    assert run.wait(60).state == "cancelled" and run._process.poll() is not None
+    assert run.wait(60).state == "cancelled" and run.child.poll() is not None
     assert history.list_quality() == []
 
 

@@ -421,13 +421,14 @@ def test_cli_chats_with_a_first_generation_folder(glm6b):
 def test_memory_bench_runs_the_module_with_random_weights(glm6b, tmp_path):
     """The Quantization page's random-weight path (estimator's meta model, a filled cache, decode steps)."""
     from glm_core.bench.estimator import estimate
-    from glm_core.bench.memory import MemoryBenchRequest, measure_level
+    from glm_core.bench.memory import MemoryBenchRequest
+    from glm_core.bench.memory.child import measure_level
 
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(glm6b[1]))
     request = MemoryBenchRequest(
         source=str(config_file), levels=("int8",), encode=40, generate=48, device="cpu", eval_tokens=0
     )
-    result = measure_level(request, "int8", lambda event: None)
+    result = measure_level(request, "int8", lambda fraction, message: None)
     [predicted] = estimate(glm6b[1], ["int8"], 40, 48)
-    assert result["weights_bytes"] == predicted.weights_bytes and result["decode_tokens_per_s"] > 0
+    assert result.weights_bytes == predicted.weights_bytes and result.decode_tokens_per_s > 0

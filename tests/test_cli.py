@@ -259,7 +259,7 @@ def test_bad_import_files_fail_with_a_clear_message_and_change_nothing(data_dir,
         "broken.json": (b'{"messages": [', "the file is not valid JSON"),
         "schema.json": (
             json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
-            "[0].role: expected one of system, user, assistant, got 'robot'",
+            "[0].role: expected one of system, user, assistant, tool, got 'robot'",
         ),
         "image.bin": (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"),
     }

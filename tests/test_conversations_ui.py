@@ -393,11 +393,11 @@ def test_conversations_page_imports_good_files_and_rejects_bad_ones(store):
     assert at.dataframe[0].value["Title"].tolist() == ["Imported question"]
     before = store.get_conversations(ws)
 
-    bad = json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode()
+    bad = json.dumps({"messages": [{"role": "function", "content": "x"}]}).encode()
     at.file_uploader(key="import_file").set_value(("bad.json", bad, "application/json")).run()
     at.button(key="import_button").click().run()
     [error] = at.error
-    assert "[0].role: expected one of system, user, assistant, got 'tool'" in shown(error.value)
+    assert "[0].role: expected one of system, user, assistant, tool, got 'function'" in shown(error.value)
     assert "Nothing was changed" in error.value and store.get_conversations(ws) == before
 
     at.file_uploader(key="import_file").set_value(("broken.json", b'{"messages": [', "application/json")).run()

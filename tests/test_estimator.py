@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from glm_core.bench.estimator import GB, PRESETS, ConfigError, estimate, model_config, published, read_config
-from glm_core.bench.memory import build_random_model
+from glm_core.bench.memory.child import build_random_model
 from glm_core.models.precision import Precision
 
 SMALL_GLM = {  # ChatGLM2's layout (THUDM config.json), small enough to build for real in a test

@@ -9,6 +9,7 @@ import pytest
 from glm_core.conversations.conversation import ChatMessage, Conversation
 from glm_core.conversations.exchange import (
     FORMAT_NAME,
+    FORMAT_VERSION,
     MAX_IMPORT_BYTES,
     ImportRejected,
     export_conversations,
@@ -165,7 +166,7 @@ def test_versions_travel_in_json_and_the_chosen_path_in_the_other_formats(store)
 
     document = json.loads(export_conversations([c], "json"))
     [exported] = document["conversations"]
-    assert document["version"] == 2 and len(exported["messages"]) == 5
+    assert document["version"] == 3 and len(exported["messages"]) == 5
     assert [(m["id"], m["parent"]) for m in exported["messages"]] == [(1, None), (2, 1), (3, 2), (4, 3), (5, 1)]
     assert exported["chosen"] == 5
     for fmt in ("md", "csv", "html", "jsonl"):
@@ -374,7 +375,7 @@ REJECTED = [
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     (b'{"foo": 1}', "not a format we import"),
     (b"42", "not a format we import"),
-    (own(version=3), "version"),
+    (own(version=FORMAT_VERSION + 1), "version"),
     (
         own(
             version=2,
@@ -451,7 +452,7 @@ REJECTED = [
     (own(conversations={"a": 1}), "conversations: expected a list"),
     (
         bad_second_conversation(),
-        "conversations[1].messages[0].role: expected one of system, user, assistant, got 'tool'",
+        "conversations[1].messages[0].role: a tool result must follow an assistant message with tool_calls",
     ),
     (json.dumps({"messages": [{"role": "user"}]}).encode(), "[0].content: expected text, got null"),
     (

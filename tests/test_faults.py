@@ -410,7 +410,7 @@ class ScriptedRun(MemoryBenchRun):
 
     script: str = ""
 
-    def _command(self, level):
+    def child_command(self):
         return [sys.executable, "-c", self.script]
 
 
@@ -427,8 +427,8 @@ def test_a_level_process_flooding_stderr_neither_hangs_nor_hides_its_error():
         "import sys; sys.stderr.write('noise ' * 200_000 + '\\nValueError: the real reason\\n'); sys.exit(1)"
     )
     started = time.monotonic()
-    result = run._run_level("fp16", 0, 1)
-    assert result == {"level": "fp16", "error": "ValueError: the real reason"}
+    result = run.run_level("fp16")
+    assert result == {"level": "fp16", "error": "ValueError: the real reason", "error_kind": "crashed"}
     assert time.monotonic() - started < 30
 
 
@@ -438,9 +438,9 @@ def test_a_level_process_past_its_time_limit_is_killed():
         time_limit_s=2,
     )
     started = time.monotonic()
-    result = run._run_level("fp16", 0, 1)
+    result = run.run_level("fp16")
     assert "took longer than the limit of 2 s" in result["error"] and time.monotonic() - started < 20
-    assert run._process.poll() is not None
+    assert result["error_kind"] == "timed_out" and run.child.poll() is not None
 
 
 def test_a_level_process_dies_with_the_portal(tmp_path):
@@ -452,9 +452,9 @@ def test_a_level_process_dies_with_the_portal(tmp_path):
             f"""
 import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
 from test_faults import scripted
-run = scripted("import os, time; from glm_core.bench.memory import die_with_parent; die_with_parent(); "
+run = scripted("import os, time; from glm_core.bench.child import die_with_parent; die_with_parent(); "
                "open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
-run._run_level("fp16", 0, 1)
+run.run_level("fp16")
 """,
         ],
         cwd=ROOT,

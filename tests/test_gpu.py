@@ -131,7 +131,8 @@ def test_compiled_decode_with_cuda_graphs_equals_eager(tiny_model_dir):
 @pytest.mark.parametrize("streams", [1, 16, 64])
 def test_chatglm2_6b_shape_decodes_on_the_gpu(streams):
     from glm_core.bench.estimator import PRESETS
-    from glm_core.bench.memory import build_random_model, source_config
+    from glm_core.bench.memory import source_config
+    from glm_core.bench.memory.child import build_random_model
     from glm_core.models.precision import Precision
 
     assert "chatglm2-6b" in PRESETS

@@ -39,6 +39,7 @@ RANKS = {
     "glm_core.safe_markdown": 0,
     "glm_core.sampling_defaults": 0,
     "glm_core.reasoning": 0,  # the <think>...</think> rule: no torch, no streamlit
+    "glm_core.tool_calls": 0,  # tool definitions checked, calls read back in a family's syntax: no torch
     "glm_core.access": 0,
     "glm_core.telemetry": 0,
     "glm_core.models": 1,

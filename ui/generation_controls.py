@@ -26,6 +26,7 @@ class Generation:
     own: dict  # this workspace's changes to them
     system_prompt: str
     thinking: bool | None = None  # a reasoning model's switch for this conversation (ui.reasoning); None: not offered
+    tool_choice: str | None = None  # the next turn's tool choice (ui.tools_panel); None: the model takes no tools
 
 
 def generation_controls(store: Store, workspace: str, card: dict | None) -> Generation:

@@ -12,7 +12,6 @@ import streamlit as st
 
 from glm_core import load_settings
 from glm_core.access import PathNotAllowed, check_model_path
-from glm_core.bench.memory import MemoryBenchRunner
 from glm_core.bench.quality import (
     DEFAULT_LEVELS,
     QUALITY_CSV_FIELDS,
@@ -20,6 +19,7 @@ from glm_core.bench.quality import (
     quality_csv_rows,
     store_text,
 )
+from glm_core.bench.runs import BenchRunner
 from glm_core.protocol import Backend
 from glm_core.safe_markdown import plain
 
@@ -27,7 +27,7 @@ LEVELS = ["fp32", "bf16", "fp16", "int8", "int4"]
 USER_MAX_TOKENS = 2048  # a larger text is an admin's run: minutes of CPU per level
 
 
-def quality_section(runner: MemoryBenchRunner, engine: Backend | None, workspace: str, admin: bool) -> None:
+def quality_section(runner: BenchRunner, engine: Backend | None, workspace: str, admin: bool) -> None:
     st.header("Quality per level")
     st.caption(
         "What a level loses, on your text, against a reference level: the mean and 99th percentile of the KL "
@@ -82,7 +82,7 @@ def quality_section(runner: MemoryBenchRunner, engine: Backend | None, workspace
                 if engine is not None and source == engine.spec.path
                 else load_settings().group_size,
             )
-            runner.start_quality(request, owner=workspace)
+            runner.start(request, owner=workspace)
         except (RuntimeError, ValueError) as exc:
             st.error(plain(exc))
         else:

@@ -10,9 +10,16 @@ from glm_core.bench.estimator import parameters_line
 from glm_core.conversations.conversation import ChatMessage
 from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.telemetry.memory import format_bytes
+from glm_core.tool_calls import arguments_text
 from ui.reasoning import show_thinking
 
 SHARE_PAGE = "Shared"  # the share page's url_path (Home.py)
+TOOL_AVATAR = ":material/build:"
+
+
+def avatar(role: str) -> str | None:
+    """For st.chat_message: a tool's result gets a tool's icon; the other roles Streamlit's own."""
+    return TOOL_AVATAR if role == "tool" else None
 
 
 def share_url(token: str) -> str:
@@ -27,15 +34,36 @@ def share_url(token: str) -> str:
 
 def show_message(message: ChatMessage) -> None:
     """A stored message: Markdown without unsafe HTML (any HTML in it shows as text; code blocks are highlighted
-    and $...$ renders as LaTeX), its error, and a reply's figures."""
+    and $...$ renders as LaTeX), its error, and a reply's figures. A reply's tool calls are drawn as calls (the
+    function's name, its arguments as a JSON code block) and a tool's result as the result of its call, both
+    exactly as written (code blocks render nothing)."""
+    if message.role == "tool":
+        show_tool_result(message)
+        return
     if message.reasoning:  # a reasoning model's thinking, folded above its answer
         show_thinking(message.reasoning)
-    st.markdown(no_remote_images(message.answer))  # images from other hosts become links
+    if message.answer or not message.tool_calls:
+        st.markdown(no_remote_images(message.answer))  # images from other hosts become links
+    for call in message.tool_calls or []:
+        show_tool_call(call)
     if message.error:  # another server's words, or an imported file's: shown as typed
         st.error(plain(message.error))
     line = message.stats_line() if message.role == "assistant" else ""
     if line:
         st.caption(plain(line))
+
+
+def show_tool_call(call: dict) -> None:
+    st.markdown(f"{TOOL_AVATAR} Calls **{plain(call['name'])}**")
+    st.code(arguments_text(call["arguments"]), language="json", wrap_lines=True)
+    st.caption(f"call id {plain(call['id'])}")
+
+
+def show_tool_result(message: ChatMessage) -> None:
+    st.markdown(f"Result of **{plain(message.tool_name or 'the tool')}**")
+    st.code(message.content, language=None, wrap_lines=True)
+    if message.tool_call_id:
+        st.caption(f"for call {plain(message.tool_call_id)}")
 
 
 def model_card(engine: Backend) -> None:

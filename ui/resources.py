@@ -10,7 +10,8 @@ from glm_core.access import PathNotAllowed, check_model_path
 from glm_core.backends.config import configured_backends, conversation_backend
 from glm_core.backends.hub import EngineHub
 from glm_core.bench.estimator import spec_weights_bytes
-from glm_core.bench.memory import BenchHistory, MemoryBenchRunner
+from glm_core.bench.history import BenchHistory
+from glm_core.bench.runs import BenchRunner
 from glm_core.conversations.store import Store
 from glm_core.safe_markdown import plain
 from glm_core.telemetry.gpu_monitor import Monitor
@@ -41,11 +42,11 @@ def _store_for(data_dir: str) -> Store:
 
 
 @st.cache_resource(show_spinner=False)
-def _bench_runner_for(data_dir: str) -> MemoryBenchRunner:
-    return MemoryBenchRunner(BenchHistory(data_dir))
+def _bench_runner_for(data_dir: str) -> BenchRunner:
+    return BenchRunner(BenchHistory(data_dir))
 
 
-def get_bench_runner() -> MemoryBenchRunner:
+def get_bench_runner() -> BenchRunner:
     """One memory benchmark at a time per server process, and the team's history of runs."""
     return _bench_runner_for(str(load_settings().data_dir))
 

@@ -16,10 +16,12 @@ from glm_core.conversations.turn import start_turn
 from glm_core.protocol import MAX_PROMPT_CHARS
 from glm_core.safe_markdown import no_remote_images, plain
 from glm_core.sampling_defaults import compose_params
+from glm_core.tool_calls import MAX_RESULT_CHARS
 from ui.accounting import admit_turn, quota_refusal
 from ui.generation_controls import Generation
 from ui.reasoning import stream_reply
-from ui.render import show_message
+from ui.render import TOOL_AVATAR, avatar, show_message, show_tool_result
+from ui.tools_panel import after_forced_call
 
 
 @dataclass
@@ -33,7 +35,8 @@ class Transcript:
         messages = self.conversation.messages
         return messages[-1].id if messages else None
 
-    # ---- this run's action: {"keep": messages kept, "prompt": new prompt or None, "last": last message shown} ----
+    # ---- this run's action: {"keep": messages kept, "prompt": new prompt or None, "last": last message shown,
+    # "results": tool results [{"id", "name", "content"}] answering the last reply's calls (instead of a prompt)} ----
 
     def take_action(self, prompt: str | None, engine: Backend | None) -> dict | None:
         action = st.session_state.pop("pending_action", None)
@@ -60,6 +63,22 @@ class Transcript:
         if text:
             st.session_state.pending_action = {"keep": keep, "prompt": text, "last": last}
 
+    def send_results(self, calls: list[dict], last: int | None) -> None:
+        """The tool results typed for the last reply's calls start the next turn (each result after its call)."""
+        state = st.session_state
+        typed = [(call, (state.get(f"tool_result_{call['id']}") or "").strip()) for call in calls]
+        missing = [call["name"] for call, text in typed if not text]
+        if missing:
+            state.tool_results_error = f"Enter the result of {', '.join(missing)} first (the tool's output, as text)."
+            return
+        results = [{"id": call["id"], "name": call["name"], "content": text} for call, text in typed]
+        state.pending_action = {
+            "keep": len(self.conversation.messages),
+            "prompt": None,
+            "results": results,
+            "last": last,
+        }
+
     def choose(self, message_id: int) -> None:
         self.store.choose_version(self.workspace, self.conversation.id, message_id)
 
@@ -70,12 +89,37 @@ class Transcript:
         shown = messages[: action["keep"]] if action else messages
         idle = action is None and engine is not None
         for index, message in enumerate(shown):
-            with st.chat_message(message.role):
+            with st.chat_message(message.role, avatar=avatar(message.role)):
                 if idle and message.role == "user" and st.session_state.get("editing") == message.id:
                     self.edit_box(index, message)
                     continue
                 show_message(message)
                 self.message_actions(index, message, idle)
+        calls = self.conversation.pending_calls()
+        if idle and calls:
+            self.results_form(calls)
+
+    def results_form(self, calls: list[dict]) -> None:
+        """The last reply called tools: the person runs them and enters what each returned; the model then goes on
+        with the results in its history (ChatGLM3's and GLM-4's observation)."""
+        with st.chat_message("tool", avatar=TOOL_AVATAR):
+            st.caption("The model is waiting for the tools' results. Run them yourself and enter what they returned:")
+            with st.form("tool_results", border=False):
+                for call in calls:
+                    st.text_area(
+                        f"Result of {plain(call['name'])}",
+                        key=f"tool_result_{call['id']}",
+                        max_chars=MAX_RESULT_CHARS,
+                        placeholder='e.g. {"temperature": 21, "sky": "clear"}',
+                    )
+                st.form_submit_button(
+                    "Send the result" if len(calls) == 1 else "Send the results",
+                    type="primary",
+                    on_click=self.send_results,
+                    args=(calls, self.last_shown),
+                )
+            if "tool_results_error" in st.session_state:
+                st.error(plain(st.session_state.pop("tool_results_error")))
 
     def edit_box(self, index: int, message: ChatMessage) -> None:
         st.text_area("Edit your message", value=message.content, key="edit_text", max_chars=MAX_PROMPT_CHARS)
@@ -102,9 +146,17 @@ class Transcript:
             row.caption(f"{place}/{count}", width="content")
             self.version_button(row, "›", after, f"next_{message.id}", "Next version", idle)
         with row.popover("Copy", icon=":material/content_copy:", type="tertiary", key=f"copy_{message.id}"):
-            st.code(message.content, language="markdown", wrap_lines=True)  # its copy button copies the raw text
+            st.code(copy_text(message), language="markdown", wrap_lines=True)  # its copy button copies the raw text
         if not idle:
             return
+        if message.role == "tool" and index == len(messages) - 1:
+            row.button(  # the results were entered but the reply to them failed or was taken back
+                "Get a reply",
+                key=f"regenerate_{message.id}",
+                type="tertiary",
+                on_click=self.regenerate,
+                args=(index + 1, self.last_shown),
+            )
         if message.role == "user":
             row.button(
                 "Edit",
@@ -121,7 +173,7 @@ class Transcript:
                     on_click=self.regenerate,
                     args=(index + 1, self.last_shown),
                 )
-        elif message.role == "assistant" and index > 0 and messages[index - 1].role == "user":
+        elif message.role == "assistant" and index > 0 and messages[index - 1].role in ("user", "tool"):
             row.button(
                 "Regenerate",
                 key=f"regenerate_{message.id}",
@@ -156,6 +208,10 @@ class Transcript:
             params, _ = compose_params(generation.defaults, saved=generation.own)
             if generation.thinking is not None:
                 params = dataclasses.replace(params, thinking=generation.thinking)
+            results = [
+                ChatMessage("tool", r["content"], tool_call_id=r["id"], tool_name=r["name"])
+                for r in action.get("results") or []
+            ]
             turn = start_turn(
                 self.store,
                 engine,
@@ -167,6 +223,9 @@ class Transcript:
                 system_prompt=generation.system_prompt,
                 owner=self.workspace,
                 expected_last_id=action.get("last"),
+                tool_results=results,
+                tools=self.conversation.tools if generation.tool_choice is not None else [],
+                tool_choice=generation.tool_choice or "auto",
             )
         except (
             ValueError,
@@ -181,11 +240,16 @@ class Transcript:
             st.error(refusal_message(exc))
             if action["prompt"]:
                 st.code(action["prompt"], language=None, wrap_lines=True)  # nothing typed is lost
+            for result in action.get("results") or []:
+                st.code(result["content"], language=None, wrap_lines=True)
             return
 
         if action["prompt"] is not None:
             with st.chat_message("user"):
                 st.markdown(no_remote_images(action["prompt"]))
+        for result in results:
+            with st.chat_message("tool", avatar=TOOL_AVATAR):
+                show_tool_result(result)
         with st.chat_message("assistant"):
             status, notes = st.empty(), []
 
@@ -214,13 +278,29 @@ class Transcript:
         failed = result.reply.error if result.reply is not None else "The model did not answer in time."
         if result.storage_error:
             failed = f"The reply could not be stored ({result.storage_error}); it is shown below once."
+        after_forced_call(
+            self.conversation.id, generation.tool_choice, bool(result.message is not None and result.message.tool_calls)
+        )
         st.session_state.after_turn = {
             "notes": notes,
             "error": failed if result.message is None else None,
-            "handback": action["prompt"] if result.prompt_taken_back else None,
+            "handback": handback(action) if result.prompt_taken_back else None,
             "unstored": result.reply.text if result.storage_error and result.reply is not None else None,
         }
         st.rerun()
+
+
+def handback(action: dict) -> str | None:
+    """What was typed for a turn that was taken back: the prompt, or the tool results."""
+    if action["prompt"] is not None:
+        return action["prompt"]
+    return "\n\n".join(f"{r['name']}: {r['content']}" for r in action.get("results") or []) or None
+
+
+def copy_text(message: ChatMessage) -> str:
+    """A message as its copy button copies it: the text, and a reply's calls as `name(arguments)` lines."""
+    calls = "\n".join(f"{call['name']}({call['arguments']})" for call in message.tool_calls or [])
+    return "\n\n".join(part for part in (message.content, calls) if part)
 
 
 def refusal_message(exc: Exception) -> str:

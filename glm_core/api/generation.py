@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import secrets
 import threading
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -38,6 +37,7 @@ from ..protocol import (
 )
 from ..reasoning import split_reasoning
 from ..sampling_defaults import card_defaults, compose_params
+from ..tool_calls import new_call_id, read_calls
 from .access import Caller
 from .accounting import Ticket, admit, settle
 from .config import ApiLimits
@@ -415,20 +415,13 @@ class Generation:
         return self.text
 
     def _read_calls(self) -> None:
-        self.content = self.text
         if self.reply is not None and self.reply.tool_calls:  # read by the backend (a remote server): as it sent them
-            self.tool_calls = [
-                {**call, "id": call.get("id") or f"call_{secrets.token_hex(12)}"} for call in self.reply.tool_calls
-            ]
+            self.content = self.text
+            self.tool_calls = [{**call, "id": call.get("id") or new_call_id()} for call in self.reply.tool_calls]
             return
-        if self.syntax is None:
-            return
-        content, calls = self.syntax.parse(self.text, self.output.tools)
-        if not self.output.parallel_tool_calls:
-            calls = calls[:1]
-        if calls:
-            self.content = content
-            self.tool_calls = [{"id": f"call_{secrets.token_hex(12)}", **call} for call in calls]
+        self.content, self.tool_calls = read_calls(
+            self.syntax, self.text, self.output.tools, self.output.parallel_tool_calls
+        )
 
     def streamable(self) -> int:
         """How much of the reply so far a stream may send as text: all of it, less what may still be a tool call."""

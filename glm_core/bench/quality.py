@@ -11,15 +11,12 @@ before the next: one model in memory at a time, one window of logits at a time.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -28,7 +25,10 @@ import torch
 
 from ..protocol import ModelSpec
 from ..settings import DEFAULT_GROUP_SIZE, EMBEDDED, load_settings
+from .child import first_line
+from .history import environment
 from .quant import EVAL_TEXT, _windows
+from .runs import BenchRun
 
 DEFAULT_LEVELS = ("bf16", "int8", "int4")
 DEFAULT_REFERENCE = "fp32"
@@ -149,11 +149,14 @@ def run_quality_bench(
     request: QualityBenchRequest,
     progress: Progress | None = None,
     scratch: Path | None = None,
+    on_row: Callable[[str, str, dict], None] | None = None,
 ) -> dict:
-    """The reference, then each level against it; returns {"reference": {...}, "levels": [{...}, ...]}.
+    """The reference, then each level against it; returns {"model": ..., "reference": {...}, "levels": [...]}.
 
-    A level that fails to load or run is reported with its error; the other levels still run."""
+    A level that fails to load or run is reported with its error; the other levels still run. `on_row(part,
+    model, row)` hears each row as it is done (part: "reference" or "level")."""
     progress = progress or (lambda _f, _m: None)
+    on_row = on_row or (lambda _p, _m, _r: None)
     text = read_text(request.text_path)
     if request.tokens < 2:
         raise ValueError("--tokens must be at least 2")
@@ -186,6 +189,7 @@ def run_quality_bench(
         }
         reference.release()
         del reference
+        on_row("reference", model_name, reference_row)
 
         rows = []
         for step, level in enumerate(request.levels, start=1):
@@ -194,7 +198,8 @@ def run_quality_bench(
             try:
                 loaded = _load(request, level)
             except Exception as exc:  # reported as this level's error
-                rows.append({"level": level, "error": _first_line(exc)})
+                rows.append({"level": level, "error": first_line(exc)})
+                on_row("level", model_name, rows[-1])
                 continue
             try:
                 scores = LevelScores(kld=[])
@@ -215,17 +220,13 @@ def run_quality_bench(
                 row["decode_tokens_per_s"] = _decode_speed(loaded, request.decode_tokens)
                 rows.append(row)
             except Exception as exc:
-                rows.append({"level": level, "error": _first_line(exc)})
+                rows.append({"level": level, "error": first_line(exc)})
             finally:
                 loaded.release()
                 del loaded
+            on_row("level", model_name, rows[-1])
     progress(1.0, "done")
     return {"model": model_name, "reference": reference_row, "levels": rows}
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def format_quality_report(result: dict) -> str:
@@ -248,25 +249,12 @@ def format_quality_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def emit_json_lines(request: QualityBenchRequest) -> int:
-    """The child's side when the page runs the benchmark in a process of its own: JSON lines on stdout, progress
-    events then one result (or an error)."""
-    from .memory import die_with_parent
-
-    die_with_parent()
-
-    def emit(event: dict) -> None:
-        print(json.dumps(event), flush=True)
-
-    if request.device in ("auto", "cpu") and not torch.cuda.is_available() and hasattr(os, "nice"):
-        os.nice(10)  # the portal's chats keep their share of the CPU
-    try:
-        result = run_quality_bench(request, lambda f, m: emit({"event": "progress", "fraction": f, "message": m}))
-    except Exception as exc:
-        emit({"event": "result", "error": _first_line(exc)})
-        return 1
-    emit({"event": "result", **result})
-    return 0
+def run_in_child(request: QualityBenchRequest, progress: Progress, partial: Callable[[dict], None]) -> dict:
+    """The child job (glm_core/bench/child.py): the whole run, each row sent as a partial item as it is done, so
+    a child that dies later keeps the rows it had measured."""
+    return run_quality_bench(
+        request, progress, on_row=lambda part, model, row: partial({"part": part, "model": model, "row": row})
+    )
 
 
 # ---- the page's run: a child process with progress and cancel; the history and the CSV ----------------------
@@ -292,94 +280,61 @@ def store_text(data: bytes, data_dir: Path | None = None) -> str:
 
 
 @dataclass
-class QualityBenchRun:
-    """One quality benchmark in a background thread, the benchmark itself in a child process (killed to cancel)."""
+class QualityBenchRun(BenchRun):
+    """One quality benchmark: the reference and every level in one child process (one model loaded at a time).
+    `result` is the child's; a child that dies or is cancelled leaves the rows it had sent, with the error."""
 
     kind: ClassVar[str] = "quality"
     request: QualityBenchRequest
-    owner: str = ""  # the workspace that started it (the page lets only it cancel)
-    fraction: float = 0.0
-    message: str = "starting"
     result: dict | None = None
-    state: str = "pending"  # pending, running, done, cancelled, failed
-    error: str | None = None
-    environment: dict = field(default_factory=dict)
-    started_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
     time_limit_s: float = RUN_TIME_LIMIT_S
-    _process: object = None
-    _cancelled: bool = False
-    _thread: threading.Thread | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self, on_finish: Callable[[QualityBenchRun], None] | None = None) -> QualityBenchRun:
-        from .memory import environment
-
-        self.state = "running"
-        self.environment = environment(self.request.device)
-        self._thread = threading.Thread(target=self._run, args=(on_finish,), name="bench-quality", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait(self, timeout: float | None = None) -> QualityBenchRun:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("pending", "running")
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled = True
-            if self._process is not None and self._process.poll() is None:
-                self._process.kill()
-
-    def command(self) -> list[str]:
-        r = self.request
-        command = [sys.executable, "-m", "glm_core", "bench", "quality", "--events", "--model", r.source]
-        command += ["--levels", ",".join(r.levels), "--reference", r.reference, "--tokens", str(r.tokens)]
-        command += ["--window", str(r.window), "--device", r.device, "--group-size", str(r.group_size)]
-        command += ["--decode-tokens", str(r.decode_tokens)]
-        return command + (["--text", r.text_path] if r.text_path else [])
-
-    def _run(self, on_finish) -> None:
-        from .memory import read_child, start_child
+    def execute(self) -> None:
+        kept: dict = {"model": None, "reference": None, "levels": []}
 
         def on_progress(fraction: float, message: str) -> None:
             self.fraction, self.message = fraction, message
 
-        with self._lock:
-            self._process = None if self._cancelled else start_child(self.command())
-        outcome = read_child(self._process, on_progress, self.time_limit_s) if self._process is not None else None
-        if self._cancelled:
-            self.state = "cancelled"
-        elif outcome.result is None or "error" in outcome.result:
-            self.state, self.error = "failed", (outcome.result or {}).get("error") or outcome.error
-        else:
-            self.state, self.result, self.fraction = "done", outcome.result, 1.0
-        self.finished_at = time.time()
-        if on_finish is not None:
-            on_finish(self)
+        def on_partial(item: dict) -> None:
+            kept["model"] = item.get("model")
+            if item.get("part") == "reference":
+                kept["reference"] = item.get("row")
+            else:
+                kept["levels"].append(item.get("row"))
 
+        outcome = self.run_child(self.request, on_progress, self.time_limit_s, on_partial)
+        if outcome.error is None:
+            self.result = outcome.result
+            return
+        if kept["reference"] is not None:
+            self.result = kept
+        if self.cancelled:
+            return
+        self.state, self.error = "failed", outcome.error.message
+        measured = [r for r in kept["levels"] if "error" not in r]
+        if measured:
+            self.error += (
+                f"; the {len(measured)} of {len(self.request.levels)} levels measured before "
+                f"({', '.join(r['level'] for r in measured)}) are kept"
+            )
 
-def quality_record(run: QualityBenchRun) -> dict:
-    return {
-        "request": run.request.describe(),
-        "result": run.result,
-        "state": run.state,
-        "error": run.error,
-        "started_at": run.started_at,
-        "finished_at": run.finished_at,
-        "environment": run.environment,
-    }
+    def measured(self) -> bool:
+        return self.result is not None and any("error" not in r for r in self.result["levels"])
+
+    def record(self) -> dict:
+        return {
+            "request": self.request.describe(),
+            "result": self.result,
+            "state": self.state,
+            "error": self.error,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "environment": self.environment,
+        }
 
 
 def command_line_record(request: QualityBenchRequest, result: dict, started_at: float) -> dict:
-    """The history's record of a run made from the command line (the page's runs are quality_record's)."""
-    from .memory import environment
-
+    """The history's record of a run made from the command line (the page's runs keep QualityBenchRun.record())."""
     return {
         "request": request.describe(),
         "result": result,

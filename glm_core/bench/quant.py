@@ -7,10 +7,10 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ from ..settings import DEFAULT_GROUP_SIZE, load_settings
 from ..telemetry.memory import device_memory
 
 EVAL_TEXT = Path(__file__).parent / "data" / "eval_text.txt"
+QUANT_LEVEL_TIME_LIMIT_S = 60 * 60  # one level's process is killed past it
+Progress = Callable[[float, str], None]
 RANDOM_GLM = "random-glm-1b"
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle, with many details."
 
@@ -215,6 +217,30 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
     }
 
 
+@dataclass(frozen=True)
+class QuantLevelRequest:
+    """One level of `bench quant`, measured in a child process of its own (glm_core/bench/child.py)."""
+
+    path: str  # a model folder or .gguf file (resolve_bench_model has built the random stand-in)
+    level: str
+    device: str = "auto"
+    group_size: int = DEFAULT_GROUP_SIZE
+    decode_tokens: int = 64
+    eval_tokens: int = 1024
+    real: bool = True  # real weights: perplexity is measured
+    compiled: bool = False
+    family: str = "auto"
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.path, self.level, self.device, self.family, self.group_size)
+
+
+def run_level(request: QuantLevelRequest, progress: Progress, partial=None) -> dict:
+    """The child job: one level's figures."""
+    progress(0.0, f"{request.level.upper()}: measuring")
+    return measure_level(request.spec(), request.decode_tokens, request.eval_tokens, request.real, request.compiled)
+
+
 def run_quant_bench(
     model: str,
     levels: list[str],
@@ -223,38 +249,21 @@ def run_quant_bench(
     eval_tokens: int = 1024,
     group_size: int = DEFAULT_GROUP_SIZE,
     compiled: bool = False,
+    family: str = "auto",
 ) -> list[dict]:
-    """Every level in a fresh process of its own; the results in level order."""
+    """Every level in a fresh process of its own; the results in level order (a level that failed: its error)."""
+    from .child import run_child
+
     path, real = resolve_bench_model(model)
     results = []
     for level in levels:
-        command = [
-            sys.executable,
-            "-m",
-            "glm_core",
-            "bench",
-            "quant",
-            "--model",
-            path,
-            "--levels",
-            level,
-            "--device",
-            device,
-            "--group-size",
-            str(group_size),
-            "--decode-tokens",
-            str(decode_tokens),
-            "--eval-tokens",
-            str(eval_tokens if real else 0),
-            "--in-process",
-            "--json",
-        ] + (["--compiled"] if compiled else [])
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append({"level": level, "error": tail})
-            continue
-        results.append(json.loads(done.stdout)[0])
+        request = QuantLevelRequest(path, level, device, group_size, decode_tokens, eval_tokens if real else 0, real)
+        request = replace(request, compiled=compiled, family=family)
+        outcome = run_child(request, time_limit_s=QUANT_LEVEL_TIME_LIMIT_S)
+        if outcome.error is not None:
+            results.append({"level": level, "error": outcome.error.message, "error_kind": outcome.error.kind.value})
+        else:
+            results.append(outcome.result)
     return results
 
 

@@ -41,7 +41,7 @@ def title_from_prompt(prompt: str, limit: int = 60) -> str:
 
 @dataclass
 class ChatMessage:
-    role: str  # "system", "user" or "assistant"
+    role: str  # "system", "user", "assistant" or "tool" (a tool's result, answering an assistant's call)
     content: str
     created_at: float = field(default_factory=time.time)
     updated_at: float | None = None  # last write; a partial row's heartbeat
@@ -55,6 +55,11 @@ class ChatMessage:
     id: int | None = None  # row id in the store
     parent_id: int | None = None  # the message this one answers or follows; None for a first message
     chosen_at: float | None = None  # when this version was last chosen (made, or flipped to); see chosen_path
+    # assistant: the tool calls the reply made, [{"id", "name", "arguments" (JSON text)}]; its content is then the
+    # text said besides them (often "")
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None  # tool: the id of the call this result answers
+    tool_name: str | None = None  # tool: the function that was called
 
     @property
     def stopped(self) -> bool:
@@ -74,10 +79,29 @@ class ChatMessage:
         """This message as the model sees it again: an assistant's answer as content and its thinking as
         reasoning_content, which the chat template keeps or drops (GLM-4.5's keeps only the thinking after the last
         user message; a template that never reads it drops it)."""
+        if self.role == "tool":
+            return {
+                "role": "tool",
+                "content": self.content,
+                "tool_call_id": self.tool_call_id or "",
+                "name": self.tool_name or "",
+            }
         if self.role != "assistant":
             return {"role": self.role, "content": self.content}
         reasoning, answer = split_reasoning(self.content)
-        return {"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning else {})}
+        message = {"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning else {})}
+        if self.tool_calls:
+            message["tool_calls"] = [dict(call) for call in self.tool_calls]
+        return message
+
+    def unanswered_calls(self, following: list[ChatMessage]) -> list[dict]:
+        """An assistant's calls that the tool messages in `following` (the messages after it) do not answer yet."""
+        answered = set()
+        for message in following:
+            if message.role != "tool":
+                break
+            answered.add(message.tool_call_id)
+        return [call for call in self.tool_calls or [] if call["id"] not in answered]
 
     def is_interrupted(self, now: float | None = None) -> bool:
         """The reply stopped growing because its process died (not because someone pressed stop)."""
@@ -153,6 +177,9 @@ class Conversation:
     tree: list[ChatMessage] = field(default_factory=list)
     pinned: bool = False
     archived: bool = False
+    # The tools its turns offer the model ({"name", "description", "parameters"}; glm_core.tool_calls), kept with it
+    # so every turn renders the same tools (the model reads its calls against them, the kept cache stays a prefix).
+    tools: list[dict] = field(default_factory=list)
 
     @classmethod
     def from_tree(cls, tree: list[ChatMessage], chosen_id: int | None = None, **fields_) -> Conversation:
@@ -200,6 +227,17 @@ class Conversation:
             if message.role == "assistant" and message.params and message.params.get("thinking") is not None:
                 return bool(message.params["thinking"])
         return None
+
+    def pending_calls(self) -> list[dict]:
+        """The calls of the chosen path's last assistant reply that no tool result answers yet (the page asks for
+        their results); [] when the conversation does not wait on a tool."""
+        for index in range(len(self.messages) - 1, -1, -1):
+            message = self.messages[index]
+            if message.role == "assistant":
+                return message.unanswered_calls(self.messages[index + 1 :])
+            if message.role != "tool":
+                return []
+        return []
 
     def last_index(self, role: str) -> int | None:
         for index in range(len(self.messages) - 1, -1, -1):

@@ -4,9 +4,13 @@ Export formats: `json` (this project's format, full fidelity: every version of e
 and the chosen path; what import reads back), `md`, `csv` (one row per message), `html` (a standalone page; every
 piece of text is escaped, and the page may run no script) and `jsonl` (ChatGLM fine-tuning data: one line per
 finished reply, `{"prompt", "response", "history": [[q, a], ...]}`). All but `json` hold the chosen path only.
+Tool calls and results show as such in each: `json` carries them as OpenAI's API does (an assistant's
+`tool_calls`, a `tool` message's `tool_call_id` and `name`, the conversation's `tools`), `md` and `html` draw a
+call as the function's name with its arguments as JSON and a result under the call it answers, `csv` has columns
+for them; `jsonl` (question and answer pairs) leaves tool turns out.
 
 Import reads JSON: this project's format (version 1, one line per conversation, or 2, with versions); an OpenAI-style `{"messages": [...]}` (or a list of such objects, or
-a bare list of messages); ChatGLM history pairs `[[q, a], ...]` (or one `{"prompt", "response", "history"}`
+a bare list of messages; with `tool_calls`, `tool` messages and `tools`); ChatGLM history pairs `[[q, a], ...]` (or one `{"prompt", "response", "history"}`
 sample). The whole file is checked before anything is stored, against the limits below; any problem rejects the
 file with a message that says where and what, and the store is not touched.
 """
@@ -18,6 +22,7 @@ import html
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,15 +31,18 @@ from datetime import UTC, datetime
 from ..backends.config import check_name
 from ..protocol import SamplingParams
 from ..reasoning import join_reasoning
+from ..tool_calls import MAX_RESULT_CHARS, arguments_text, check_calls, check_tools, openai_tools
 from .conversation import STATS_FIELDS, STATUSES, TITLE_MAX_CHARS, ChatMessage, Conversation, title_from_prompt
 from .store import Store
 
 FORMAT_NAME = "glm-chat-dashboard/conversations"
-FORMAT_VERSION = 2  # 2: messages carry "id" and "parent" (reply versions and branches), conversations "chosen"
+# 2: messages carry "id" and "parent" (reply versions and branches), conversations "chosen"; 3: tool calls and
+# results (an assistant's "tool_calls", "tool" messages with "tool_call_id" and "name"), conversations "tools"
+FORMAT_VERSION = 3
 MAX_IMPORT_BYTES = 20 * 2**20  # 20 MiB: a few thousand long conversations; a bigger file is refused unread
 MAX_IMPORT_CONVERSATIONS = 5_000
 MAX_IMPORT_MESSAGES = 10_000  # per conversation
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Times an import may carry: what every page, pandas and SQLite can show and sort (a year 1 or 9999 with an offset
 # crashes datetime.fromtimestamp in some time zones).
 EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
@@ -116,6 +124,7 @@ def _conversation_json(c: Conversation) -> dict:
         "pinned": c.pinned,
         "archived": c.archived,
         "backend": c.backend,
+        "tools": openai_tools(c.tools),
         "chosen": number[id(c.messages[-1])] if c.messages else None,
         "messages": [
             {
@@ -125,6 +134,7 @@ def _conversation_json(c: Conversation) -> dict:
                 "content": m.answer,
                 # A reasoning model's thinking, apart from its answer (vLLM's name for it); null when none.
                 "reasoning_content": m.reasoning or None,
+                **_tool_fields(m),
                 "created_at": iso_time(m.created_at),
                 "status": m.status,
                 "finish_reason": m.finish_reason,
@@ -139,7 +149,23 @@ def _conversation_json(c: Conversation) -> dict:
     }
 
 
+def _tool_fields(m: ChatMessage) -> dict:
+    """A message's tool fields as OpenAI's API writes them: an assistant's calls, a result's call and function."""
+    if m.role == "tool":
+        return {"tool_call_id": m.tool_call_id or "", "name": m.tool_name or ""}
+    if m.tool_calls:
+        return {
+            "tool_calls": [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in m.tool_calls
+            ]
+        }
+    return {}
+
+
 def _speaker(m: ChatMessage) -> str:
+    if m.role == "tool":
+        return f"Tool result ({m.tool_name})" if m.tool_name else "Tool result"
     if m.role != "assistant":
         return m.role.capitalize()
     return f"Assistant ({m.model}, {m.precision})" if m.model else "Assistant"
@@ -151,16 +177,41 @@ def _close_fences(text: str) -> str:
     return text + "\n```" if fences % 2 else text
 
 
+def _fenced(text: str, language: str = "") -> str:
+    """`text` as a code block whose fence is longer than any run of backticks in it (CommonMark), so nothing in it
+    can close the block early."""
+    fence = "`" * max(3, max((len(run) + 1 for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def _markdown_calls(m: ChatMessage) -> str:
+    return "".join(
+        f"\n**Tool call** `{c['name']}` ({c['id']})\n\n{_fenced(arguments_text(c['arguments']), 'json')}\n"
+        for c in m.tool_calls or []
+    )
+
+
 def to_markdown(conversations: list[Conversation]) -> str:
     out = []
     for c in conversations:
         out.append(f"# {c.title}\n\n_{len(c.messages)} messages · started {iso_time(c.created_at)}_\n")
+        if c.tools:
+            names = ", ".join(f"`{t['name']}`" for t in c.tools)
+            out.append(
+                f"**Tools:** {names}\n\n{_fenced(json.dumps(openai_tools(c.tools), ensure_ascii=False, indent=2), 'json')}\n"
+            )
         for m in c.messages:
-            if m.reasoning:  # the thinking as a quote above the answer
+            if m.role == "tool":  # a result, as the tool gave it
+                call = f" for call {m.tool_call_id}" if m.tool_call_id else ""
+                out.append(f"### {_speaker(m)}{call}\n\n{_fenced(m.content)}\n")
+            elif m.reasoning:  # the thinking as a quote above the answer
                 thinking = "\n".join(f"> {line}" if line else ">" for line in m.reasoning.splitlines())
-                out.append(f"### {_speaker(m)}\n\n> **Thinking**\n>\n{thinking}\n\n{_close_fences(m.answer)}\n")
+                out.append(
+                    f"### {_speaker(m)}\n\n> **Thinking**\n>\n{thinking}\n\n{_close_fences(m.answer)}\n"
+                    + _markdown_calls(m)
+                )
             else:
-                out.append(f"### {_speaker(m)}\n\n{_close_fences(m.content)}\n")
+                out.append(f"### {_speaker(m)}\n\n{_close_fences(m.content)}\n" + _markdown_calls(m))
             line = m.stats_line()
             if line:
                 out.append(f"> {line}\n")
@@ -177,6 +228,9 @@ CSV_COLUMNS = (
     "role",
     "content",
     "reasoning_content",
+    "tool_calls",
+    "tool_call_id",
+    "tool_name",
     "created_at",
     "status",
     "finish_reason",
@@ -211,6 +265,9 @@ def to_csv(conversations: list[Conversation]) -> str:
                 "role": m.role,
                 "content": m.answer,
                 "reasoning_content": m.reasoning,
+                "tool_calls": json.dumps(_tool_fields(m)["tool_calls"], ensure_ascii=False) if m.tool_calls else "",
+                "tool_call_id": m.tool_call_id or "",
+                "tool_name": m.tool_name or "",
                 "created_at": iso_time(m.created_at),
                 "status": m.status,
                 "finish_reason": m.finish_reason or "",
@@ -229,6 +286,8 @@ _HTML_STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #1f2328; }
 .message { border: 1px solid #d0d7de; border-radius: 8px; padding: .75rem 1rem; margin: .75rem 0; }
 .user { background: #f6f8fa; } .assistant { background: #fff; } .system { background: #fff8c5; }
+.tool { background: #eef6ff; } .call { border-left: 3px solid #0969da; padding-left: .6rem; margin-top: .4rem; }
+.call-name, .tool-name { font-family: ui-monospace, monospace; font-weight: 600; }
 .speaker { font-weight: 600; margin-bottom: .4rem; }
 details.thinking { color: #59636e; margin-bottom: .4rem; }
 .content { white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace; font-size: .9rem; }
@@ -246,16 +305,31 @@ def to_html(conversations: list[Conversation]) -> str:
             f'<section class="conversation"><h1>{e(c.title)}</h1>'
             f'<p class="meta">{len(c.messages)} messages · started {e(iso_time(c.created_at))}</p>'
         )
+        if c.tools:
+            body.append(
+                '<details class="tools"><summary>Tools: '
+                + ", ".join(f'<span class="tool-name">{e(t["name"])}</span>' for t in c.tools)
+                + f'</summary><div class="content">{e(json.dumps(openai_tools(c.tools), ensure_ascii=False, indent=2))}'
+                "</div></details>"
+            )
         for m in c.messages:
             body.append(
-                f'<div class="message {e(m.role)}"><div class="speaker">{e(_speaker(m))}</div>'
+                f'<div class="message {e(m.role)}"><div class="speaker">{e(_speaker(m))}'
+                + (f' <span class="meta">for call {e(m.tool_call_id)}</span>' if m.tool_call_id else "")
+                + "</div>"
                 + (
                     f'<details class="thinking"><summary>Thinking</summary><div class="content">{e(m.reasoning)}'
                     "</div></details>"
                     if m.reasoning
                     else ""
                 )
-                + f'<div class="content">{e(m.answer)}</div>'
+                + (f'<div class="content">{e(m.answer)}</div>' if m.answer or not m.tool_calls else "")
+                + "".join(
+                    f'<div class="call"><div>Tool call <span class="call-name">{e(call["name"])}</span> '
+                    f'<span class="meta">{e(call["id"])}</span></div>'
+                    f'<div class="content">{e(arguments_text(call["arguments"]))}</div></div>'
+                    for call in m.tool_calls or []
+                )
             )
             if m.stats_line():
                 body.append(f'<div class="stats">{e(m.stats_line())}</div>')
@@ -279,7 +353,8 @@ def _usable_for_training(m: ChatMessage) -> bool:
 
 def to_chatglm_jsonl(conversations: list[Conversation]) -> str:
     """ChatGLM's multi-turn fine-tuning format: one sample per finished reply, with the exchanges before it as
-    history. System messages have no place in it and are left out."""
+    history. System messages have no place in it and are left out, and so are tool turns (a reply that calls a
+    tool, the results, and the reply that reads them: question and answer pairs cannot hold them)."""
     lines = []
     for c in conversations:
         history: list[list[str]] = []
@@ -287,6 +362,8 @@ def to_chatglm_jsonl(conversations: list[Conversation]) -> str:
         for m in c.messages:
             if m.role == "user":
                 pending = m.content
+            elif m.role == "tool" or m.tool_calls:
+                pending = None
             elif m.role == "assistant" and pending is not None:
                 if _usable_for_training(m):
                     lines.append(
@@ -449,16 +526,57 @@ def _read_own_format(doc: dict) -> list[Conversation]:
             pinned=item.get("pinned") is True,
             archived=item.get("archived") is True,
             backend=_read_backend(item.get("backend"), f"{where}.backend"),
+            tools=_read_tools(item.get("tools"), f"{where}.tools"),
         )
         if any(m.id is not None for m in read):
             tree, chosen = _read_tree(read, messages, item.get("chosen"), where)
+            by_id = {m.id: m for m in tree}
+            _check_tool_results(tree, {id(m): by_id.get(m.parent_id) for m in tree}, f"{where}.messages")
             conversation = Conversation.from_tree(tree, chosen, **head)
         else:  # version 1, or a hand-written file: one line
+            _check_line(read, f"{where}.messages")
             conversation = Conversation(messages=read, **head)
         if item.get("updated_at") is not None:
             conversation.updated_at = _read_time(item["updated_at"], f"{where}.updated_at")
         conversations.append(conversation)
     return conversations
+
+
+def _read_tools(value, where: str) -> list[dict]:
+    if value is None:
+        return []
+    try:
+        return check_tools(value, where)
+    except ValueError as exc:
+        raise ImportRejected(str(exc)) from None
+
+
+def _read_calls(value, where: str) -> list[dict] | None:
+    if value is None or value == []:
+        return None
+    try:
+        return check_calls(value, where)
+    except ValueError as exc:
+        raise ImportRejected(str(exc)) from None
+
+
+def _check_line(messages: list[ChatMessage], where: str) -> None:
+    _check_tool_results(messages, {id(m): previous for previous, m in zip([None, *messages], messages)}, where)
+
+
+def _check_tool_results(messages: list[ChatMessage], parents: dict[int, ChatMessage | None], where: str) -> None:
+    """A tool result follows the reply whose call it answers (directly, or after that reply's other results), and
+    its tool_call_id, when it has one, is one of that reply's calls."""
+    for j, m in enumerate(messages):
+        if m.role != "tool":
+            continue
+        caller = parents[id(m)]
+        while caller is not None and caller.role == "tool":
+            caller = parents[id(caller)]
+        if caller is None or not caller.tool_calls:
+            _fail(f"{where}[{j}].role", "a tool result must follow an assistant message with tool_calls")
+        if m.tool_call_id and m.tool_call_id not in {c["id"] for c in caller.tool_calls}:
+            _fail(f"{where}[{j}].tool_call_id", f"{m.tool_call_id[:60]!r} is not one of the calls it follows")
 
 
 def _read_backend(value, where: str) -> str | None:
@@ -532,6 +650,7 @@ def _read_own_message(m, where: str) -> ChatMessage:
         _expect(message_id, int, f"{where}.id", "a whole number")
     return ChatMessage(
         id=message_id,
+        **_read_tool_fields(m, role, where),
         role=role,
         content=join_reasoning(
             _optional_text(m, "reasoning_content", where) or "",
@@ -546,6 +665,24 @@ def _read_own_message(m, where: str) -> ChatMessage:
         params=params,
         stats=stats,
     )
+
+
+def _read_tool_fields(m: dict, role: str, where: str) -> dict:
+    """An assistant's tool_calls, or a tool result's tool_call_id and name, checked (either form OpenAI writes)."""
+    if role == "tool":
+        name = _optional_text(m, "name", where)
+        if name is not None and len(name) > 64:
+            _fail(f"{where}.name", "expected a function name of at most 64 characters")
+        call_id = _optional_text(m, "tool_call_id", where)
+        if call_id is not None and len(call_id) > 200:
+            _fail(f"{where}.tool_call_id", "expected text of at most 200 characters")
+        if len(m.get("content") or "") > MAX_RESULT_CHARS:
+            _fail(f"{where}.content", f"a tool result holds at most {MAX_RESULT_CHARS:,} characters")
+        return {"tool_call_id": call_id or "", "tool_name": name or ""}
+    calls = m.get("tool_calls")
+    if calls is not None and role != "assistant":
+        _fail(f"{where}.tool_calls", "only an assistant message may carry tool_calls")
+    return {"tool_calls": _read_calls(calls, f"{where}.tool_calls")}
 
 
 def _message_text(content, where: str) -> str:
@@ -576,15 +713,22 @@ def _read_openai(doc: dict, where: str) -> Conversation:
             role = "system"
         if role not in ROLES:
             _fail(f"{here}.role", f"expected one of {', '.join(ROLES)}, got {str(role)[:40]!r}")
-        text = _message_text(m.get("content"), f"{here}.content")
+        tool_fields = _read_tool_fields(m, role, here)
+        content = m.get("content")
+        # an assistant that only calls tools has content null, as OpenAI's API writes it
+        text = "" if content is None and tool_fields.get("tool_calls") else _message_text(content, f"{here}.content")
         if role == "assistant":  # vLLM's reasoning_content: kept with the answer, as the app stores replies
             text = join_reasoning(_optional_text(m, "reasoning_content", here) or "", text)
-        out.append(ChatMessage(role, text, created_at=now))
+        out.append(ChatMessage(role, text, created_at=now, **tool_fields))
     if not out:
         _fail(where or "messages", "the conversation has no messages")
+    _check_line(out, where)
     title = doc.get("title")
     return Conversation(
-        title=_read_title(title, "title") if title is not None else _default_title(out), messages=out, created_at=now
+        title=_read_title(title, "title") if title is not None else _default_title(out),
+        messages=out,
+        created_at=now,
+        tools=_read_tools(doc.get("tools"), f"{where}.tools" if where else "tools"),
     )
 
 

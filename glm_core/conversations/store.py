@@ -6,7 +6,8 @@ every browser session (and between processes: the portal and the CLI may use the
 
 The schema is version 1 plus migrations, applied in order in one transaction when a file is opened (a new file
 goes through the same steps): version 2 makes messages a tree (reply versions and branches) and adds pins,
-archives, share links, workspace settings and system-prompt presets.
+archives, share links, workspace settings and system-prompt presets; 3 the backend a conversation talks to; 4 tool
+calls and results (the `tool` role, an assistant's calls, a result's call) and a conversation's tools.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .conversation import (
 from .workspace import new_workspace_id
 
 DB_NAME = "conversations.sqlite3"
-SCHEMA_VERSION = 3
-ROLES = ("system", "user", "assistant")
+SCHEMA_VERSION = 4
+ROLES = ("system", "user", "assistant", "tool")
 SHARE_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24): 192 random bits
 PRESET_NAME_MAX_CHARS = 60
 PRESET_TEXT_MAX_CHARS = 32_000
@@ -139,14 +140,49 @@ CREATE TABLE system_prompt_presets (
 # Version 3: each conversation remembers the backend (by its name in GLM_BACKENDS) it talks to; NULL: the default.
 _MIGRATE_TO_3 = "ALTER TABLE conversations ADD COLUMN backend TEXT;\n"
 
+# Version 4: tool calls. The role CHECK gains 'tool', which SQLite can only change by rebuilding the table (as in
+# version 2); an assistant's calls (JSON), a result's call id and function name become columns, and a conversation
+# keeps the tools its turns offer (JSON). Every existing row keeps its id, parent and values.
+_COLUMNS_V3 = "id, conversation_id, parent_id, chosen_at, " + ", ".join(_ROW_FIELDS)
+_MIGRATE_TO_4 = f"""
+CREATE TABLE messages_v4 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    parent_id INTEGER REFERENCES messages_v4(id) ON DELETE CASCADE,
+    chosen_at REAL,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('complete', 'partial', 'interrupted')),
+    finish_reason TEXT,
+    error TEXT,
+    model TEXT,
+    precision TEXT,
+    params TEXT,
+    {", ".join(f"{name} REAL" for name in STATS_FIELDS)},
+    tool_calls TEXT,                -- JSON: [{{"id", "name", "arguments"}}] an assistant's calls
+    tool_call_id TEXT,              -- a tool's result: the call it answers
+    tool_name TEXT                  -- a tool's result: the function called
+);
+INSERT INTO messages_v4 ({_COLUMNS_V3}) SELECT {_COLUMNS_V3} FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_v4 RENAME TO messages;
+CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+CREATE INDEX messages_by_parent ON messages(parent_id);
+ALTER TABLE conversations ADD COLUMN tools TEXT;
+"""
+
 MIGRATIONS = {
     1: _SCHEMA_V1,
     2: _MIGRATE_TO_2,
     3: _MIGRATE_TO_3,
+    4: _MIGRATE_TO_4,
 }  # version -> the SQL that brings the version before it there
 
-_MESSAGE_COLUMNS = "id, parent_id, chosen_at, " + ", ".join(_ROW_FIELDS)
-_CONVERSATION_COLUMNS = "id, title, created_at, updated_at, pinned, archived, backend"
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "tool_name")
+_MESSAGE_COLUMNS = "id, parent_id, chosen_at, " + ", ".join(_ROW_FIELDS + _TOOL_FIELDS)
+_CONVERSATION_COLUMNS = "id, title, created_at, updated_at, pinned, archived, backend, tools"
 # A message and its ancestors: choosing a version chooses the path down to it.
 _MARK_CHOSEN = """WITH RECURSIVE up(id) AS (
     SELECT ? UNION ALL SELECT m.parent_id FROM messages m JOIN up ON m.id = up.id WHERE m.parent_id IS NOT NULL)
@@ -381,7 +417,7 @@ class Store:
             return [self._conversation_from_row(db, head) for head in heads]
 
     def _conversation_from_row(self, db: sqlite3.Connection, head: tuple) -> Conversation:
-        cid, title, created, updated, pinned, archived, backend = head
+        cid, title, created, updated, pinned, archived, backend, tools = head
         rows = db.execute(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id", (cid,)
         ).fetchall()
@@ -394,6 +430,7 @@ class Store:
             pinned=bool(pinned),
             archived=bool(archived),
             backend=backend,
+            tools=json.loads(tools) if tools else [],
         )
 
     def choose_version(self, workspace: str, conversation_id: str, message_id: int) -> None:
@@ -540,6 +577,16 @@ class Store:
         if not changed:
             raise NotFound("no such conversation in this workspace")
 
+    def set_tools(self, workspace: str, conversation_id: str, tools: list[dict]) -> None:
+        """The tools the conversation's next turns offer the model (checked by glm_core.tool_calls.check_tools)."""
+        with self._connect() as db:
+            changed = db.execute(
+                "UPDATE conversations SET tools = ? WHERE id = ? AND workspace = ?",
+                (_tools_json(tools), conversation_id, workspace),
+            ).rowcount
+        if not changed:
+            raise NotFound("no such conversation in this workspace")
+
     def delete_conversation(self, workspace: str, conversation_id: str) -> bool:
         with self._connect() as db:
             return (
@@ -556,12 +603,13 @@ class Store:
         workspace: str,
         conversation: Conversation,
         keep: int,
-        prompt: ChatMessage | None,
+        prompt: ChatMessage | list[ChatMessage] | None,
         reply: ChatMessage,
         expected_last_id=ANY_LAST,
     ) -> tuple[int | None, int, bool]:
         """In one transaction: create the conversation if it is new, then after the first `keep` messages of its
-        chosen path add `prompt` (None: reply to them as they are) and the `reply` row, marked partial. Nothing is
+        chosen path add `prompt` (None: reply to them as they are; a list: several in a row, e.g. the results of
+        a reply's tool calls) and the `reply` row, marked partial. Nothing is
         deleted: a regenerated reply becomes another version, an edited prompt another branch, and the new reply
         is where the chosen path now goes.
 
@@ -569,21 +617,32 @@ class Store:
         conversation whose last message is another one now raises ConversationChanged and nothing is written:
         a Regenerate drawn before another tab added turns must not delete them.
 
-        Returns the row ids of the prompt (or None) and of the reply, and whether the conversation was created.
+        Returns the row id of the prompt (the first, of a list; or None) and of the reply, and whether the
+        conversation was created.
         """
         now = time.time()
         created = False
+        prompts = prompt if isinstance(prompt, list) else [prompt] if prompt is not None else []
+        first_user = next((p.content for p in prompts if p.role == "user"), "")
         with self._transaction() as db:
             row = db.execute("SELECT workspace FROM conversations WHERE id = ?", (conversation.id,)).fetchone()
             if row is None:
-                title = clean_title(conversation.title or title_from_prompt(prompt.content if prompt else ""))
+                title = clean_title(conversation.title or title_from_prompt(first_user))
                 db.execute(
                     "INSERT OR IGNORE INTO workspaces (id, owner, created_at) VALUES (?, NULL, ?)", (workspace, now)
                 )
                 db.execute(
-                    "INSERT INTO conversations (id, workspace, title, created_at, updated_at, backend) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (conversation.id, workspace, title, conversation.created_at, now, conversation.backend),
+                    "INSERT INTO conversations (id, workspace, title, created_at, updated_at, backend, tools) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        conversation.id,
+                        workspace,
+                        title,
+                        conversation.created_at,
+                        now,
+                        conversation.backend,
+                        _tools_json(conversation.tools),
+                    ),
                 )
                 conversation.title, created = title, True
             elif row[0] != workspace:
@@ -605,9 +664,10 @@ class Store:
             ):
                 raise NotFound("that message was deleted meanwhile")
             prompt_id = None
-            if prompt is not None:
-                prompt.status, prompt.parent_id, prompt.chosen_at = "complete", parent, now
-                prompt_id = parent = self._insert_message(db, conversation.id, prompt)
+            for message in prompts:
+                message.status, message.parent_id, message.chosen_at = "complete", parent, now
+                parent = self._insert_message(db, conversation.id, message)
+                prompt_id = parent if prompt_id is None else prompt_id
             reply.status, reply.parent_id, reply.chosen_at = "partial", parent, now
             reply_id = self._insert_message(db, conversation.id, reply)
             db.execute(_MARK_CHOSEN, (reply_id, now))  # the path the reply was asked on, even if another tab moved
@@ -625,15 +685,31 @@ class Store:
             )
 
     def finish_reply(
-        self, workspace: str, message_id: int, content: str, stats: dict, finish_reason: str, error: str | None
+        self,
+        workspace: str,
+        message_id: int,
+        content: str,
+        stats: dict,
+        finish_reason: str,
+        error: str | None,
+        tool_calls: list[dict] | None = None,
     ) -> ChatMessage:
+        """The reply's final text (less its tool calls, when it made some: `tool_calls`) and figures."""
         now = time.time()
         with self._transaction() as db:
             conversation_id = self._owned_message(db, workspace, message_id)
             db.execute(
                 f"UPDATE messages SET content = ?, updated_at = ?, status = 'complete', finish_reason = ?, error = ?, "
-                f"{', '.join(f'{name} = ?' for name in STATS_FIELDS)} WHERE id = ?",
-                (content, now, finish_reason, error, *(stats.get(name) for name in STATS_FIELDS), message_id),
+                f"tool_calls = ?, {', '.join(f'{name} = ?' for name in STATS_FIELDS)} WHERE id = ?",
+                (
+                    content,
+                    now,
+                    finish_reason,
+                    error,
+                    _calls_json(tool_calls),
+                    *(stats.get(name) for name in STATS_FIELDS),
+                    message_id,
+                ),
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
             row = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
@@ -681,7 +757,7 @@ class Store:
                 )
                 db.execute(
                     "INSERT INTO conversations (id, workspace, title, created_at, updated_at, pinned, archived, "
-                    "backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "backend, tools) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         conversation.id,
                         workspace,
@@ -691,6 +767,7 @@ class Store:
                         int(conversation.pinned),
                         int(conversation.archived),
                         conversation.backend,
+                        _tools_json(conversation.tools),
                     ),
                 )
                 now, on_path = time.time(), {id(m) for m in conversation.messages}
@@ -730,8 +807,8 @@ class Store:
             raise ValueError(f"unknown role {m.role!r}")
         stats = m.stats or {}
         cursor = db.execute(
-            f"INSERT INTO messages (conversation_id, parent_id, chosen_at, {', '.join(_ROW_FIELDS)}) "
-            f"VALUES ({', '.join('?' * (len(_ROW_FIELDS) + 3))})",
+            f"INSERT INTO messages (conversation_id, parent_id, chosen_at, {', '.join(_ROW_FIELDS + _TOOL_FIELDS)}) "
+            f"VALUES ({', '.join('?' * (len(_ROW_FIELDS) + len(_TOOL_FIELDS) + 3))})",
             (
                 conversation_id,
                 m.parent_id,
@@ -747,6 +824,9 @@ class Store:
                 m.precision,
                 json.dumps(m.params, ensure_ascii=False) if m.params is not None else None,
                 *(stats.get(name) for name in STATS_FIELDS),
+                _calls_json(m.tool_calls),
+                m.tool_call_id,
+                m.tool_name,
             ),
         )
         m.id = cursor.lastrowid
@@ -770,6 +850,7 @@ class Store:
             params,
             *stat_values,
         ) = row
+        stat_values, (tool_calls, tool_call_id, tool_name) = stat_values[: len(STATS_FIELDS)], stat_values[-3:]
         stats = None
         if any(v is not None for v in stat_values):
             stats = {
@@ -791,7 +872,18 @@ class Store:
             id=mid,
             parent_id=parent_id,
             chosen_at=chosen_at,
+            tool_calls=json.loads(tool_calls) if tool_calls else None,
+            tool_call_id=tool_call_id,
+            tool_name=tool_name,
         )
+
+
+def _tools_json(tools: list[dict] | None) -> str | None:
+    return json.dumps(tools, ensure_ascii=False) if tools else None
+
+
+def _calls_json(calls: list[dict] | None) -> str | None:
+    return json.dumps(calls, ensure_ascii=False) if calls else None
 
 
 def clean_title(title: str) -> str:

@@ -18,7 +18,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from ..protocol import Backend, Event, Finished, Reply, Request, SamplingParams, Truncated, newest_within_limits
+from ..protocol import (
+    Backend,
+    Event,
+    Finished,
+    OutputSpec,
+    Reply,
+    Request,
+    SamplingParams,
+    Truncated,
+    newest_within_limits,
+)
+from ..tool_calls import CallSyntax, held_back, read_calls
 from .conversation import ChatMessage, Conversation
 from .store import ANY_LAST, NotFound, StorageError, Store
 
@@ -52,12 +63,16 @@ class Turn:
         flush_every_s: float = FLUSH_EVERY_S,
         trimmed: int = 0,
         chosen_before: int | None = None,
+        output: OutputSpec | None = None,
+        syntax: CallSyntax | None = None,
     ):
         self.store, self.workspace, self.conversation_id, self.request = store, workspace, conversation_id, request
         self.prompt_id, self.reply_id, self.created_conversation = prompt_id, reply_id, created_conversation
         self.chosen_before = chosen_before  # the message the conversation's chosen path went through before
         self.flush_every_s = flush_every_s
         self.trimmed = trimmed  # oldest messages not even sent (the request size limit); added to Truncated
+        self.output = output or OutputSpec()
+        self.syntax = syntax  # the model's tool syntax when the reply may be a call (read back when it ends)
         self._text = ""
 
     def text_stream(
@@ -65,13 +80,20 @@ class Turn:
     ) -> Iterator[str]:
         """The reply's text deltas (for st.write_stream or a terminal), at most one per `redraw_every_s`: after
         each one it waits out the interval (releasing the CPU to the model), then takes everything that arrived
-        meanwhile as one delta. Writes the text so far every second."""
+        meanwhile as one delta. Writes the text so far every second. With tools, text that may still turn out to be
+        a call is held back (a call is shown as one once the reply has ended)."""
         last_flush = time.monotonic()
-        for delta in self.request.text_stream(self._counting_trimmed(on_event)):
-            self._text += delta
-            if time.monotonic() - last_flush >= self.flush_every_s:
-                self._write_partial()
-                last_flush = time.monotonic()
+
+        def recorded() -> Iterator[str]:
+            nonlocal last_flush
+            for delta in self.request.text_stream(self._counting_trimmed(on_event)):
+                self._text += delta
+                if time.monotonic() - last_flush >= self.flush_every_s:
+                    self._write_partial()
+                    last_flush = time.monotonic()
+                yield delta
+
+        for delta in held_back(recorded(), self.syntax, self.output.tools):
             shown_at = time.monotonic()
             yield delta
             wait = redraw_every_s - (time.monotonic() - shown_at)
@@ -132,9 +154,16 @@ class Turn:
                     self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None], self.chosen_before
                 )
             return TurnResult(reply, None, self.prompt_id is not None)
+        content, calls = read_calls(self.syntax, reply.text, self.output.tools, self.output.parallel_tool_calls)
         try:
             message = self.store.finish_reply(
-                self.workspace, self.reply_id, reply.text, asdict(reply.stats), reply.finish_reason, reply.error
+                self.workspace,
+                self.reply_id,
+                content,
+                asdict(reply.stats),
+                reply.finish_reason,
+                reply.error,
+                tool_calls=calls or None,
             )
         except NotFound:  # the conversation was deleted (from another tab) while this reply was generated
             return TurnResult(reply, None, False)
@@ -154,10 +183,18 @@ def start_turn(
     recompute: bool = False,
     owner: str | None = None,
     expected_last_id=ANY_LAST,
+    tool_results: list[ChatMessage] | None = None,
+    tools: list[dict] | None = None,
+    tool_choice: str = "auto",
 ) -> Turn:
     """Ask for a reply to the first `keep` messages of `conversation` (its chosen path) plus `prompt` (None: reply
     to them as they are, e.g. regenerate). Stored messages from `keep` on stay, as other versions: a regenerated
     reply is another version of it, an edited prompt another branch.
+
+    Tools: `tools` (None: the conversation's own) go to the backend with `tool_choice` ("auto", "none", "required"
+    or a tool's name, which forces that call) as the API sends them; a reply that calls tools is stored as its
+    calls.
+    `tool_results` (tool messages answering the last reply's calls) take the place of a prompt.
 
     `owner` is the workspace the backend counts the request against (its per-workspace queue limit).
     `expected_last_id`: the id of the last message the asking page showed (None: it showed none); if the stored
@@ -166,12 +203,19 @@ def start_turn(
     Raises ValueError, ConversationBusy or QueueFull before anything is stored when the backend refuses the
     request, ConversationChanged or StorageError when the store refuses it (the request is stopped then).
     """
-    messages, trimmed = newest_within_limits(conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt))
-    request = backend.submit(conversation.id, messages, params, recompute=recompute, owner=owner)
+    messages = conversation.model_messages(system_prompt, upto=keep, new_prompt=prompt)
+    messages += [m.model_message() for m in tool_results or []]
+    messages, trimmed = newest_within_limits(messages)
+    output, syntax = tool_output(backend, conversation.tools if tools is None else tools, tool_choice)
+    request = backend.submit(
+        conversation.id, messages, params, recompute=recompute, owner=owner, **({"output": output} if output else {})
+    )
     try:
         card = backend.card()
         used_system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else ""
-        prompt_message = ChatMessage("user", prompt) if prompt is not None else None
+        prompt_message: ChatMessage | list[ChatMessage] | None = (
+            ChatMessage("user", prompt) if prompt is not None else list(tool_results or []) or None
+        )
         reply_message = ChatMessage(
             "assistant",
             "",
@@ -196,4 +240,17 @@ def start_turn(
         created,
         trimmed=trimmed,
         chosen_before=chosen_before,
+        output=output,
+        syntax=syntax,
     )
+
+
+def tool_output(backend: Backend, tools: list[dict], tool_choice: str = "auto") -> tuple[OutputSpec | None, object]:
+    """What a turn asks of the backend for `tools` (None without tools), and the model's tool syntax its reply is
+    read back with (None when no call may come back). A backend whose model was not trained for tools refuses
+    them (ValueError from submit)."""
+    if not tools:
+        return None, None
+    output = OutputSpec(tools=list(tools), tool_choice=tool_choice).validate()
+    syntax = getattr(backend, "tool_syntax", None) if tool_choice != "none" else None
+    return output, syntax

@@ -87,6 +87,22 @@ class Sequence:
         return self.fed >= len(self.ids)
 
 
+@dataclass
+class StepTiming:
+    """Where a decode step's time goes: the whole `_decode` (stop checks, forward, bookkeeping, sampling, events)
+    against the model's forward alone. `bench decode` reads it; `sync` (CUDA) waits for the forward's kernels
+    before reading the clock, which only a benchmark should pay for."""
+
+    steps: int = 0
+    rows: int = 0  # rows decoded, summed over the steps
+    decode_s: float = 0.0
+    forward_s: float = 0.0
+    sync: bool = False
+
+    def reset(self) -> None:
+        self.steps, self.rows, self.decode_s, self.forward_s = 0, 0, 0.0, 0.0
+
+
 def reply_decoder(loaded: LoadedModel, keep_roles: bool = False) -> IncrementalDecoder | RewritingDecoder:
     """Token ids to text deltas; through the chat format's own rewrite of a reply where it has one (ChatGLM-6B's
     process_response, applied while streaming). `keep_roles`: special tokens are written by name, so a reply with
@@ -100,6 +116,16 @@ def reply_decoder(loaded: LoadedModel, keep_roles: bool = False) -> IncrementalD
 def _reads_role_tokens(loaded: LoadedModel, output) -> bool:
     syntax = getattr(loaded.chat_format, "tool_syntax", None)
     return bool(output.tools) and output.tool_choice != "none" and getattr(syntax, "role_marked", False)
+
+
+def _plain_greedy(sequence: Sequence) -> bool:
+    """A greedy row whose logits need nothing before the argmax (no repetition penalty, no grammar)."""
+    params = sequence.request.params
+    return (
+        params.temperature == 0
+        and (params.repetition_penalty == 1.0 or sequence.seen is None)
+        and (sequence.grammar is None)
+    )
 
 
 def slot_compatible(model) -> bool:
@@ -135,6 +161,7 @@ class Runner:
         self.decoding: list[Sequence] = []  # decoding[i] occupies slot i
         self.slots: SlotCache | None = None
         self.fast: FastDecode | None = None  # the compiled decode path, when on (the engine sets it)
+        self.timing = StepTiming()
 
     # ---- what the scheduler asks -------------------------------------------------------------------------
 
@@ -392,6 +419,7 @@ class Runner:
         return torch.stack(rows)
 
     def _decode(self, ended: list) -> None:
+        started = time.perf_counter()
         # Rows asked to stop leave before the forward.
         for index in reversed(range(len(self.decoding))):
             sequence = self.decoding[index]
@@ -401,23 +429,35 @@ class Runner:
             return
         tokens = [s.next_token for s in self.decoding if s.next_token is not None]
         assert len(tokens) == len(self.decoding), "every decoding row has its next token sampled"
+        forward_started = time.perf_counter()
         try:
             logits = self._forward_batch(tokens) if self.batched else self._forward_each(tokens)
         except Exception as exc:  # a failed batched forward leaves no row's cache trustworthy
             self._fail_all_decoding(exc, ended)
             return
+        if self.timing.sync and logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        forward_s = time.perf_counter() - forward_started
         for sequence, token in zip(self.decoding, tokens):
             sequence.fed += 1
             sequence.ids.append(token)
             if sequence.seen is not None:
                 sequence.seen = torch.cat([sequence.seen, sequence.seen.new_tensor([token])])
         self._accept_rows(logits, ended)
+        timing = self.timing
+        timing.steps, timing.rows = timing.steps + 1, timing.rows + len(tokens)
+        timing.forward_s += forward_s
+        timing.decode_s += time.perf_counter() - started
 
     def _accept_rows(self, logits: torch.Tensor, ended: list) -> None:
+        # Greedy rows with nothing to apply first (no penalty, no grammar) are picked together: one argmax over
+        # the batch and one copy of the picks to the host, instead of one of each per row.
+        plain = [i for i, s in enumerate(self.decoding) if _plain_greedy(s)]
+        picks = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
         finished, failed = [], {}
         for index, sequence in enumerate(self.decoding):
             try:
-                self._accept(sequence, logits[index : index + 1], None)
+                self._accept(sequence, logits[index : index + 1], None, picks.get(index))
             except GrammarFailed as exc:  # that row's grammar: the other rows go on
                 failed[index] = exc
                 continue
@@ -430,11 +470,12 @@ class Runner:
                 reply = self._failure(sequence.request, failed[index], sequence)
             ended.append((sequence.request, reply))
 
-    def _accept(self, sequence: Sequence, logits: torch.Tensor, ended: list | None) -> None:
+    def _accept(self, sequence: Sequence, logits: torch.Tensor, ended: list | None, pick: int | None = None) -> None:
         """Sample the next token of one sequence from its logits [1, vocab], emit its text, decide if it ends.
 
         Sets `next_token` (to feed at the next step) or leaves it None with `finish` set. When `ended` is given
-        (the first token, straight after prefill), a sequence that ends is finished here.
+        (the first token, straight after prefill), a sequence that ends is finished here. `pick`: the token,
+        already chosen for a plain greedy row (see `_accept_rows`).
         """
         params = sequence.request.params
         row = logits[0]
@@ -445,7 +486,7 @@ class Runner:
                         sequence.grammar, self.loaded.tokenizer, row.shape[-1], self.loaded.chat_format.stop_token_ids
                     )
             row = sequence.constraint.mask(row)
-        token = sample_next(row, params, sequence.seen, sequence.generator)
+        token = pick if pick is not None else sample_next(row, params, sequence.seen, sequence.generator)
         if sequence.constraint is not None:
             sequence.constraint.accept(token)
         now = time.perf_counter()

@@ -24,7 +24,6 @@ from glm_core.bench.memory import (
     csv_rows,
     device_type,
     predict,
-    run_record,
 )
 from glm_core.safe_markdown import plain
 from ui.access import admin_panel, current_workspace
@@ -242,7 +241,7 @@ def run_in_progress() -> None:
     else:
         st.caption("Started from another workspace: only it can cancel.")
     if run.kind == "memory" and run.results:
-        show_comparison(run_record(run), "running")
+        show_comparison(run.record(), "running")
 
 
 run_in_progress()

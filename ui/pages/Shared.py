@@ -3,7 +3,7 @@
 import streamlit as st
 
 from glm_core.safe_markdown import plain
-from ui.render import show_message
+from ui.render import avatar, show_message
 from ui.resources import get_store
 
 st.set_page_config(page_title="Shared conversation", page_icon="🔗", layout="centered")
@@ -17,5 +17,5 @@ if conversation is None:
 st.title(plain(conversation.title))
 st.caption(f"Shared read-only · {len(conversation.messages)} messages")
 for message in conversation.messages:
-    with st.chat_message(message.role):
+    with st.chat_message(message.role, avatar=avatar(message.role)):
         show_message(message)

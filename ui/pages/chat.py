@@ -20,6 +20,7 @@ from ui.reasoning import thinking_switch
 from ui.render import model_card
 from ui.resources import backend_choice, backend_named, get_hub, get_store
 from ui.servers import load_model_form, remote_servers_panel
+from ui.tools_panel import tools_section
 from ui.transcript import Transcript, after_turn
 
 st.set_page_config(page_title="GLM Chat", page_icon="💬", layout="wide")
@@ -55,6 +56,9 @@ with st.sidebar:
     generation.thinking = thinking_switch(engine.card() if engine is not None else None, conversation)
     if left_today := quota_left():
         st.caption(left_today)
+
+    st.header("Tools")
+    generation.tool_choice = tools_section(store, workspace, conversation, stored, engine)
 
 if st.session_state.get("pending_delete"):
     confirm_delete(actions, *st.session_state.pending_delete)
