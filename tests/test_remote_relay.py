@@ -220,3 +220,37 @@ def test_a_server_that_fails_is_a_502_not_a_500():
     assert "stream" not in whole and streamed["stream"] is True
     for sent in (whole, streamed):
         assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is True
+
+
+def test_the_chat_page_relays_tools_to_a_remote_server(serve, data_dir):
+    """The chat page over a remote backend: the tools go to the server, its call comes back read and is drawn and
+    stored as a call (the server's own reading, relayed)."""
+    from conftest import ROOT
+    from streamlit.testing.v1 import AppTest
+
+    from glm_core.backends.config import make_entry
+    from glm_core.conversations.store import Store
+    from ui.resources import get_hub
+
+    hub = get_hub()
+    hub.add_remote(make_entry("serve-tools", f"http://127.0.0.1:{serve}/v1", env={}))
+    try:
+        at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120)
+        at.session_state["draft_backend"] = "serve-tools"
+        at.run()
+        cid = at.session_state["conversation_id"]
+        at.text_area(key=f"tools_text_{cid}").set_value(json.dumps([WEATHER])).run()
+        assert not at.error and not at.text_area(key=f"tools_text_{cid}").disabled
+        at.selectbox(key=f"tool_choice_{cid}").set_value("get_weather")
+        at.slider(key="max_new_tokens").set_value(SERVE_MAX_TOKENS - 10)
+        at.chat_input[0].set_value("What is the weather in Paris?").run()
+        assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+        drawn = at.chat_message[1]
+        assert ":material/build: Calls **get\\_weather**" in [md.value for md in drawn.markdown]
+        arguments = json.loads(drawn.code[0].value)
+        jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+        [stored] = Store().get_conversations(at.session_state["conversation_workspace"], [cid])
+        call = stored.messages[1].tool_calls[0]
+        assert call["id"].startswith("call_") and json.loads(call["arguments"]) == arguments
+    finally:
+        hub.remove("serve-tools")
