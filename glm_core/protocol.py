@@ -132,6 +132,8 @@ class OutputSpec:
     # forced call takes precedence (the reply is then the call)
     top_logprobs: int | None = None  # None: no logprobs; else the logprob of each token and this many runners-up
     raw_prompt: bool = False  # the last user message's text is the whole prompt, as is (/v1/completions)
+    whole: bool = False  # the client takes the reply whole, not streamed: a relay asks its server for it whole too
+    # (llama.cpp, for one, refuses logprobs with tools in a stream); the local engine streams either way
 
     @property
     def forced_call(self) -> bool:
@@ -309,6 +311,17 @@ class TokenLogprob:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of a tool call as a backend that reads calls itself streams it (a remote server's `tool_calls`
+    deltas): the call's index in the reply, its id and name where this piece carries them, and more arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class ReplyStats:
     prompt_tokens: int = 0  # tokens of the whole context the reply was conditioned on
     reused_tokens: int = 0  # of those, taken from the kept KV cache
@@ -321,6 +334,9 @@ class ReplyStats:
 
 
 UNAVAILABLE, TOO_LONG, FAILED = "unavailable", "too_long", "failed"  # Reply.error_kind
+# A server the request was relayed to (the remote backend): REJECTED, it refused the request as asked (its 4xx:
+# the client's to change); UPSTREAM, it failed or could not be reached (its 5xx, a lost connection).
+REJECTED, UPSTREAM = "rejected", "upstream"
 
 
 @dataclass
@@ -331,8 +347,12 @@ class Reply:
     dropped_messages: int = 0
     error: str | None = None
     # What kind of error, for doors that answer by kind (the API's status codes): UNAVAILABLE (out of memory, the
-    # model unloaded or the server busy: try again), TOO_LONG (the conversation does not fit), FAILED (anything else)
+    # model unloaded or the server busy: try again), TOO_LONG (the conversation does not fit), REJECTED and UPSTREAM
+    # (a relayed request refused or failed by the server it went to), FAILED (anything else)
     error_kind: str | None = None
+    # Calls a backend read itself (a remote server's tool_calls), as {"id", "name", "arguments"}; a local model's
+    # calls are in its text and read by the API with the family's syntax.
+    tool_calls: list[dict] = field(default_factory=list)
 
     @property
     def stopped(self) -> bool:
@@ -344,7 +364,7 @@ class Finished:
     reply: Reply
 
 
-Event = Queued | Started | Truncated | Delta | TokenLogprob | Finished
+Event = Queued | Started | Truncated | Delta | TokenLogprob | ToolCallDelta | Finished
 
 
 class Request:
@@ -666,6 +686,10 @@ class Tokenizing(Protocol):
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """The vocabulary's piece for each id."""
+        ...
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id decoded alone, as logprobs show tokens ("Ġthe" is " the")."""
         ...
 
 

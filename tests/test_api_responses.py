@@ -53,7 +53,12 @@ def test_text_response_and_its_continuation_by_previous_response_id(api):
 
 def test_forced_function_call_then_its_output_gets_a_reply(api):
     called = api.responses.create(
-        model="m", input="Weather in Paris?", tools=[WEATHER], tool_choice="required", max_output_tokens=120
+        model="m",
+        input="Weather in Paris?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=120,
     )
     [call] = [item for item in called.output if item.type == "function_call"]
     assert call.name == "get_weather" and call.call_id.startswith("call_") and called.status == "completed"
@@ -98,8 +103,11 @@ def test_streamed_events_in_order(api):
         )
     )
     done = [e for e in called if e.type == "response.function_call_arguments.done"]
-    assert len(done) == 1 and called[-1].type == "response.completed"
-    jsonschema.validate(json.loads(done[0].arguments), PARAMETERS)
+    assert done and called[-1].type == "response.completed"  # one or more calls: parallel_tool_calls by default
+    calls = [item for item in called[-1].response.output if item.type == "function_call"]
+    assert [e.arguments for e in done] == [c.arguments for c in calls], called[-1].response.output
+    for event in done:
+        jsonschema.validate(json.loads(event.arguments), PARAMETERS)
 
 
 class Weather(BaseModel):
@@ -139,7 +147,7 @@ def test_openai_agents_sdk_runs_an_agent_with_a_tool_against_serve(tiny_model_di
             instructions="Answer with the weather.",
             tools=[get_weather],
             model=OpenAIResponsesModel(model="tiny", openai_client=client),
-            model_settings=ModelSettings(tool_choice="get_weather", max_tokens=160),
+            model_settings=ModelSettings(tool_choice="get_weather", parallel_tool_calls=False, max_tokens=160),
             output_type=Weather,  # the answer after the call is JSON under its schema, so it ends by itself
         )
         result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=3))

@@ -43,19 +43,33 @@ def api(engine):
         yield openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_required_tool_choice_returns_a_call_that_matches_the_schema(api):
-    reply = api.chat.completions.create(
-        model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120, seed=3
-    )
-    [choice] = reply.choices
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.content is None and choice.message.refusal is None
-    [call] = choice.message.tool_calls
-    assert call.type == "function" and call.id.startswith("call_")
-    if call.function.name == "get_weather":
-        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    else:
-        assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
+def test_required_tool_choice_returns_calls_that_match_their_schemas(api):
+    """parallel_tool_calls (true by default): one or more calls, each parsing against its function's schema; false:
+    exactly one."""
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    counts = []
+    for seed, parallel in [(3, True), (5, True), (6, True), (3, False), (5, False)]:
+        reply = api.chat.completions.create(
+            model="m",
+            messages=ASK,
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            parallel_tool_calls=parallel,
+            max_tokens=150,
+            seed=seed,
+        )
+        [choice] = reply.choices
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None and choice.message.refusal is None
+        calls = choice.message.tool_calls
+        assert calls and len({c.id for c in calls}) == len(calls)
+        for call in calls:
+            assert call.type == "function" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        if not parallel:
+            assert len(calls) == 1
+        counts.append(len(calls))
+    assert max(counts[:3]) >= 2  # the random model does write several calls when it may
 
 
 def test_named_tool_call_streams_as_tool_call_deltas(api):
@@ -64,7 +78,7 @@ def test_named_tool_call_streams_as_tool_call_deltas(api):
         messages=ASK,
         tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=120,
+        max_tokens=150,
         seed=4,
         stream=True,
     )
@@ -72,9 +86,13 @@ def test_named_tool_call_streams_as_tool_call_deltas(api):
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
     assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
-    assert {d.index for d in deltas} == {0}
-    arguments = "".join(d.function.arguments or "" for d in deltas)
-    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    indexes = sorted({d.index for d in deltas})
+    assert indexes == list(range(len(indexes)))
+    for index in indexes:  # each call: its id and name, then its arguments
+        mine = [d for d in deltas if d.index == index]
+        assert mine[0].id.startswith("call_") and mine[0].function.name == "get_weather"
+        arguments = "".join(d.function.arguments or "" for d in mine)
+        jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
 
@@ -190,3 +208,54 @@ def test_completions_route_with_echo_logprobs_stop_and_streaming(api):
     )
     assert stopped.choices[0].text == choice.text[: choice.text.index(cut)]
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_a_plain_forward_does(api, engine, monkeypatch):
+    """The prompt's tokens with their logprobs (the first null, as in OpenAI's legacy API), then the completion's:
+    checked against log_softmax of one plain forward over the prompt, with the work cut in slices of 4 tokens (the
+    cache carries each slice to the next, as the engine's worker runs it between decode steps)."""
+    import torch
+
+    from glm_core.models import prompt_logprobs
+
+    monkeypatch.setattr(prompt_logprobs, "SLICE_TOKENS", 4)
+    prompt = "Once upon a time, in a land far away, there lived"
+    options = dict(model="m", prompt=prompt, max_tokens=4, seed=2, temperature=1, logprobs=3)
+    whole = api.completions.create(**options, echo=True)
+    [choice] = whole.choices
+    scores = choice.logprobs
+    tokenizer = engine.loaded.tokenizer
+    ids = tokenizer(prompt)["input_ids"]  # as the engine reads a raw prompt
+    count = len(ids)
+    assert count > 8 and choice.text.startswith(prompt) and len(scores.tokens) == count + 4
+    assert scores.tokens[:count] == [tokenizer.decode([i]) for i in ids] and "".join(scores.tokens[:count]) == prompt
+    assert scores.token_logprobs[0] is None and scores.top_logprobs[0] is None
+
+    def forward(loaded):
+        with torch.inference_mode():
+            logits = loaded.model(input_ids=torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    expected = engine.run_on_worker(forward)
+    for position in range(1, count):
+        assert scores.token_logprobs[position] == pytest.approx(expected[position - 1, ids[position]].item(), abs=1e-4)
+        best = torch.topk(expected[position - 1], 3)
+        names = [tokenizer.decode([int(i)]) for i in best.indices]
+        assert scores.top_logprobs[position] == pytest.approx(dict(zip(names, best.values.tolist())), abs=1e-4)
+    assert scores.text_offset[:3] == [0, len(scores.tokens[0]), len(scores.tokens[0]) + len(scores.tokens[1])]
+
+    plain = api.completions.create(**options).choices[0]  # the completion's part: as without echo, offsets moved
+    assert choice.text == prompt + plain.text and scores.tokens[count:] == plain.logprobs.tokens
+    assert scores.token_logprobs[count:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert scores.text_offset[count:] == [len(prompt) + o for o in plain.logprobs.text_offset]
+
+    streamed = [c.choices[0] for c in api.completions.create(**options, echo=True, stream=True) if c.choices]
+    assert "".join(c.text for c in streamed) == choice.text
+    joined = [
+        (t, lp, o)
+        for c in streamed
+        if c.logprobs
+        for t, lp, o in zip(*(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.text_offset))
+    ]
+    assert [t for t, _, _ in joined] == scores.tokens and [o for _, _, o in joined] == scores.text_offset
+    assert [lp for _, lp, _ in joined][1:] == pytest.approx(scores.token_logprobs[1:], abs=1e-5)

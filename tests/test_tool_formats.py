@@ -200,7 +200,7 @@ def forced(engine, tool, choice, seed, **output):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_forced_call_parses_against_its_schema_on_a_random_model(engine, seed):
-    reply = forced(engine, BOUNDED, "required" if seed % 2 else "get_weather", seed)
+    reply = forced(engine, BOUNDED, "required" if seed % 2 else "get_weather", seed, parallel_tool_calls=False)
     assert reply.error is None and reply.finish_reason == "eos", reply
     content, calls = engine.tool_syntax.parse(reply.text, [BOUNDED])
     assert content == "" and [c["name"] for c in calls] == ["get_weather"], reply.text
@@ -304,3 +304,86 @@ def test_chatglm3_text_then_a_call_in_one_reply_as_prompt_md_shows(glm3):
     assert content == "Okay, let's look up the weather in Bejing today."
     assert calls == [{"name": "get_current_weather", "arguments": PARSED_CALL}]
     assert ChatGLM3ToolSyntax().streamable(text, [WEATHER]) == text.index("<|assistant|>")
+
+
+TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}
+
+
+def several_forced(engine, seeds, parallel: bool) -> list[list[dict]]:
+    """Each seed's calls (a forced reply of the random model, any of two tools), each checked against its
+    function's schema."""
+    schemas = {"get_weather": BOUNDED["parameters"], "get_time": TIME["parameters"]}
+    found = []
+    for seed in seeds:
+        reply = engine.submit(
+            f"several-{seed}-{parallel}",
+            [{"role": "user", "content": "Weather?"}],
+            SamplingParams(max_new_tokens=200, temperature=1.0, top_p=1.0, seed=seed),
+            output=OutputSpec(tools=[BOUNDED, TIME], tool_choice="required", parallel_tool_calls=parallel),
+        ).wait(120)
+        assert reply.error is None and reply.finish_reason == "eos", reply
+        content, calls = engine.tool_syntax.parse(reply.text, [BOUNDED, TIME])
+        assert content == "" and calls, reply.text
+        for call in calls:
+            jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
+        found.append(calls)
+    return found
+
+
+def test_parallel_forced_calls_are_one_or_more_and_one_without(engine):
+    """Hermes blocks (the tiny model's template): with parallel_tool_calls one or more `<tool_call>` blocks, one per
+    line; without, exactly one."""
+    several = several_forced(engine, range(8), parallel=True)
+    assert max(len(calls) for calls in several) >= 2 and min(len(calls) for calls in several) == 1
+    single = several_forced(engine, range(8), parallel=False)
+    assert all(len(calls) == 1 for calls in single)
+
+
+def test_glm4_parallel_forced_calls_open_a_turn_each(tmp_path):
+    """GLM-4's format: each further call opens a new assistant turn (`<|assistant|>{name}`), written by the special
+    token under the grammar and read back call by call."""
+    from glm_family_fixtures import write_glm_folder
+
+    engine = Engine(load_model(ModelSpec(str(write_glm_folder(tmp_path / "glm", "glm")), "fp32", "cpu")))
+    try:
+        several = several_forced(engine, (9, 11), parallel=True)
+        assert [len(calls) for calls in several] == [2, 2]
+        assert [len(calls) for calls in several_forced(engine, (9, 11), parallel=False)] == [1, 1]
+    finally:
+        engine.close()
+
+
+def test_chatglm3_grammar_takes_several_calls_each_in_its_own_turn(glm3):
+    """ChatGLM3's format under the forced-call grammar, driven token by token: a second call after <|assistant|>
+    is accepted with parallel_tool_calls and refused without, and the turn may end after any call."""
+    import torch
+
+    from glm_core.engine.constraints import Constraint, SentencePieceVocabulary, grammar_for
+
+    folder, _config, _sd = glm3
+    loaded = load_model(ModelSpec(str(folder), "fp32", "cpu"))
+    tokenizer, chat_format = loaded.tokenizer, loaded.chat_format
+    vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
+    pieces = SentencePieceVocabulary(tokenizer, vocabulary)
+    [assistant] = [i for i, name in tokenizer.special_names.items() if name == "<|assistant|>"]
+    first = "get_time\n```python\ntool_call()\n```"
+    second = 'get_weather\n```python\ntool_call(city="Paris", unit="celsius")\n```'
+    for parallel in (True, False):
+        grammar = grammar_for(
+            OutputSpec(tools=[BOUNDED, TIME], tool_choice="required", parallel_tool_calls=parallel), chat_format
+        )
+        constraint = Constraint(grammar, tokenizer, vocabulary, chat_format.stop_token_ids)
+        for token in pieces(first):
+            constraint.accept(token)
+        allowed = set((constraint.mask(torch.zeros(vocabulary)) > float("-inf")).nonzero().flatten().tolist())
+        if not parallel:
+            assert constraint.finished  # one call: the reply ends here
+            continue
+        assert allowed == set(chat_format.stop_token_ids) | {assistant}  # end the turn, or open the next call
+        for token in [assistant, *pieces(second)]:
+            constraint.accept(token)
+        allowed = set((constraint.mask(torch.zeros(vocabulary)) > float("-inf")).nonzero().flatten().tolist())
+        assert allowed == set(chat_format.stop_token_ids) | {assistant}
+    content, calls = ChatGLM3ToolSyntax().parse(f"{first}<|assistant|>{second}", [BOUNDED, TIME])
+    assert content == "" and [c["name"] for c in calls] == ["get_time", "get_weather"]
+    assert json.loads(calls[1]["arguments"]) == {"city": "Paris", "unit": "celsius"}

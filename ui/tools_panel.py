@@ -1,7 +1,8 @@
 """The chat sidebar's Tools section: the tools a conversation offers the model (a JSON list of OpenAI function
 definitions, checked as typed; an example set to start from) and the tool choice of its next turn. Only a model
 trained for tool calls gets them (ChatGLM3's and GLM-4's formats, a chat template's `tools`: the backend's
-`tool_syntax`); for any other the section says so and is disabled. The checks and the formats are glm_core's."""
+`tool_syntax`), or a remote server (it renders them and reads its model's calls itself); for any other the section
+says so and is disabled. The checks and the formats are glm_core's."""
 
 from __future__ import annotations
 
@@ -31,11 +32,10 @@ def tools_section(store: Store, workspace: str, conversation: Conversation, stor
     if text_key not in state:
         state[text_key] = tools_text(conversation.tools)
     syntax = getattr(engine, "tool_syntax", None) if engine is not None else None
-    if syntax is None:
+    remote = engine is not None and engine.card().remote
+    if syntax is None and not remote:
         if engine is None:
             why = "No model is loaded."
-        elif engine.card().remote:
-            why = "Tools are not relayed to a remote server."
         else:
             why = f"{engine.card().name}'s format was not trained for tool calls (ChatGLM3-6B and GLM-4 were)."
         st.caption(plain(why) + " Tools are off for this model.")
@@ -55,9 +55,10 @@ def tools_section(store: Store, workspace: str, conversation: Conversation, stor
             state[text_key] = tools_text(check_tools(EXAMPLE_TOOLS[chosen]))
             keep_typed()
 
-    st.caption(
-        f"The model calls them in its own format ({plain(syntax.name)}); you answer each call with the tool's result."
-    )
+    how = f"The model calls them in its own format ({plain(syntax.name)})" if syntax else "The server renders them"
+    if syntax is None:  # a remote server: the tools are relayed, its calls come back read
+        how += " and reads the model's calls in the model's format"
+    st.caption(how + "; you answer each call with the tool's result.")
     st.selectbox(
         "Example tools",
         list(EXAMPLE_TOOLS),

@@ -1,6 +1,6 @@
 """OpenAI's legacy text completions, `POST /v1/completions`: the prompt is given to the model as is (no chat
-format), with echo, logprobs (OpenAI's older shape: tokens, token_logprobs, top_logprobs, text_offset), stop
-strings and streaming."""
+format), with echo, logprobs (OpenAI's older shape: tokens, token_logprobs, top_logprobs, text_offset), both
+together (the prompt's own tokens with their logprobs, then the completion's), stop strings and streaming."""
 
 from __future__ import annotations
 
@@ -9,19 +9,16 @@ import secrets
 import time
 from typing import Any, Literal
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
-from ..protocol import MAX_TOP_LOGPROBS, Backend, OutputSpec, TokenLogprob
+from ..protocol import MAX_TOP_LOGPROBS, Backend, LocalWorker, OutputSpec, TokenLogprob
 from .access import Caller
-from .errors import ApiError
-from .generation import (
-    Generation,
-    model_name,
-    start_generation,
-    system_fingerprint,
-)
+from .config import ApiLimits
+from .errors import ApiError, backend_error
+from .generation import Generation, model_name, prepare, system_fingerprint
 from .schemas import StreamOptions, Usage, checked_stops
 from .state import ApiState, api_caller, api_state, loaded_backend
 
@@ -65,9 +62,9 @@ class CompletionRequest(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
+    token_logprobs: list[float | None] = Field(description="null for an echoed prompt's first token")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int] = Field(description="where each token starts in the choice's text")
 
 
 class CompletionChoice(BaseModel):
@@ -87,17 +84,21 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
-def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-    """The older logprobs shape: parallel lists, each token's text offset counted from `offset`."""
+def _offsets(tokens: list[str], offset: int) -> list[int]:
     offsets = []
     for token in tokens:
         offsets.append(offset)
-        offset += len(token.token)
+        offset += len(token)
+    return offsets
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """The older logprobs shape: parallel lists, each token's text offset counted from `offset`."""
     return CompletionLogprobs(
         tokens=[t.token for t in tokens],
         token_logprobs=[t.logprob for t in tokens],
         top_logprobs=[dict(t.top) for t in tokens],
-        text_offset=offsets,
+        text_offset=_offsets([t.token for t in tokens], offset),
     )
 
 
@@ -110,24 +111,32 @@ async def completions(
     state: ApiState = Depends(api_state),
 ):
     prompt = body.text()
-    if body.echo and body.logprobs is not None:
-        raise ApiError(
-            400, "echo with logprobs is not supported (the prompt's own logprobs are not computed)", param="echo"
-        )
-    output = OutputSpec(raw_prompt=True, top_logprobs=body.logprobs)
-    generation = await start_generation(
+    output = OutputSpec(raw_prompt=True, top_logprobs=body.logprobs, whole=not body.stream)
+    prepared = await prepare(
         backend,
-        state,
-        caller,
         [{"role": "user", "content": prompt}],
-        body.max_tokens,
         output,
-        checked_stops(body.stop),
+        state.limits,
+        body.max_tokens,
         seed=body.seed,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
+    )
+    scored = None
+    if body.echo and body.logprobs is not None:  # the prompt's own logprobs, before its reply is queued
+        scored = await prompt_logprobs(backend, prepared.ids, body.logprobs, state.limits, caller.owner)
+    generation = Generation.submit(
+        backend,
+        state.conversations,
+        caller,
+        prepared.messages,
+        prepared.params,
+        checked_stops(body.stop),
+        state.limits,
+        output=output,
+        prompt_ids=prepared.ids,
     )
     head = dict(
         id=f"cmpl-{secrets.token_hex(12)}",
@@ -138,12 +147,52 @@ async def completions(
     echoed = prompt if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(generation, head, echoed, include_usage), sep="\n", ping=SSE_PING_S)
+        await generation.opening()
+        return EventSourceResponse(_chunks(generation, head, echoed, scored, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
-    logprobs = completion_logprobs(generation.logprobs, 0) if body.logprobs is not None else None
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = joined(scored, completion_logprobs(generation.logprobs, len(echoed)))
     choice = CompletionChoice(text=echoed + generation.text, logprobs=logprobs, finish_reason=generation.finish_reason)
     return Completion(**head, choices=[choice], usage=_usage(generation))
+
+
+async def prompt_logprobs(
+    backend: Backend, ids: list[int] | None, top: int, limits: ApiLimits, owner: str | None
+) -> CompletionLogprobs:
+    """Each prompt token's logprob given the ones before it (the first's is null, as in OpenAI's legacy API) and
+    its `top` most likely tokens: a forward over the prompt on the engine's worker, a slice at a time between its
+    decode steps (glm_core.models.prompt_logprobs), counted as one of `owner`'s running requests."""
+    if ids is None or not isinstance(backend, LocalWorker):
+        raise ApiError(400, "echo with logprobs needs a model in this server", "echo_logprobs_unavailable", "echo")
+    from ..models.prompt_logprobs import PromptLogprobsJob  # torch: only where a local model is served
+
+    job = PromptLogprobsJob(ids, top)
+    try:
+        with backend.owner_share(owner):
+            while not await to_thread.run_sync(backend.run_on_worker, job.step):
+                pass
+    except Exception as exc:
+        raise backend_error(exc, limits.retry_after_s) from None
+    texts = await to_thread.run_sync(backend.token_texts, ids)
+    alternatives = await to_thread.run_sync(backend.token_texts, [i for row in job.top for i, _ in row])
+    named = iter(alternatives)
+    tops: list[dict[str, float] | None] = [None] + [{next(named): v for _, v in row} for row in job.top[1:]]
+    return CompletionLogprobs(
+        tokens=texts, token_logprobs=job.logprobs, top_logprobs=tops, text_offset=_offsets(texts, 0)
+    )
+
+
+def joined(first: CompletionLogprobs | None, then: CompletionLogprobs) -> CompletionLogprobs:
+    if first is None:
+        return then
+    return CompletionLogprobs(
+        tokens=first.tokens + then.tokens,
+        token_logprobs=first.token_logprobs + then.token_logprobs,
+        top_logprobs=first.top_logprobs + then.top_logprobs,
+        text_offset=first.text_offset + then.text_offset,
+    )
 
 
 def _usage(generation: Generation) -> Usage:
@@ -155,9 +204,11 @@ def _usage(generation: Generation) -> Usage:
     )
 
 
-async def _chunks(generation: Generation, head: dict, echoed: str, include_usage: bool):
+async def _chunks(
+    generation: Generation, head: dict, echoed: str, scored: CompletionLogprobs | None, include_usage: bool
+):
     wants_logprobs = generation.output.top_logprobs is not None
-    sent_logprobs, offset = 0, 0
+    sent_logprobs, offset = 0, len(echoed)
 
     def event(choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
         body: dict[str, Any] = Completion(**head, choices=choices, usage=usage).model_dump()
@@ -166,7 +217,7 @@ async def _chunks(generation: Generation, head: dict, echoed: str, include_usage
         return {"data": json.dumps(body, ensure_ascii=False)}
 
     if echoed:
-        yield event([CompletionChoice(text=echoed)])
+        yield event([CompletionChoice(text=echoed, logprobs=scored)])
     async for piece in generation.deltas():
         logprobs = None
         if wants_logprobs:

@@ -17,8 +17,10 @@ from anyio import to_thread
 from starlette.requests import Request as HttpRequest
 
 from ..protocol import (
+    REJECTED,
     TOO_LONG,
     UNAVAILABLE,
+    UPSTREAM,
     Backend,
     ConversationBusy,
     Delta,
@@ -30,11 +32,12 @@ from ..protocol import (
     SamplingParams,
     Tokenizing,
     TokenLogprob,
+    ToolCallDelta,
     validate_messages,
 )
 from ..reasoning import split_reasoning
 from ..sampling_defaults import card_defaults, compose_params
-from ..tool_calls import read_calls
+from ..tool_calls import new_call_id, read_calls
 from .access import Caller
 from .accounting import Ticket, admit, settle
 from .config import ApiLimits
@@ -46,6 +49,9 @@ if TYPE_CHECKING:
     from .state import ApiState
 
 FINISH_REASONS = {"eos": "stop", "stopped": "stop", "length": "length"}  # the engine's words -> OpenAI's
+# How long a stream waits for its request's first event (queued, started, or refused) before it answers 200: a
+# request the backend refuses at once (a remote server's 400) then gets its status code, not an error event.
+OPENING_WAIT_S = 10.0
 
 
 def model_name(backend: Backend) -> str:
@@ -65,15 +71,49 @@ def model_context(backend: Backend) -> int:
     return backend.card().max_context or SamplingParams().max_length
 
 
-async def encode_prompt(
+async def prompt_ids(
     backend: Backend, messages: list[dict], output: OutputSpec | None = None, thinking: bool | None = None
 ) -> list[int] | None:
-    """The whole conversation's token ids in the model's format (with its tools and thinking switch), as the
-    backend will feed them: counted here for max_tokens and handed to submit, so the prompt is tokenized once per
-    request. None where the backend cannot tokenize here (a remote server counts its own)."""
+    """The whole conversation's token ids in the model's format (with its tools and thinking switch, or the raw
+    prompt), as the backend will feed them: counted for max_tokens and handed to submit, so the prompt is
+    tokenized once per request. None where the backend cannot tokenize here (a remote server counts its own)."""
     if not isinstance(backend, Tokenizing):
         return None
     return await to_thread.run_sync(backend.encode_chat, messages, output, thinking)
+
+
+@dataclass
+class Prepared:
+    """A generating route's request once its prologue passed: the checked messages, the prompt's ids (None where
+    the backend tokenizes remotely) and the sampling controls with the reply's budget."""
+
+    messages: list[dict]
+    ids: list[int] | None
+    params: SamplingParams
+
+
+async def prepare(
+    backend: Backend,
+    messages: list[dict],
+    output: OutputSpec,
+    limits: ApiLimits,
+    max_tokens: int | None,
+    seed: int | None = None,
+    thinking: bool | None = None,
+    **controls,
+) -> Prepared:
+    """The prologue /v1/chat/completions, /v1/completions and /v1/responses share (who calls and their quotas
+    are the dependencies' and Generation.submit's): the messages checked, the prompt counted in the model's format
+    (with `output`'s tools), max_tokens held to the API's limit and the context's room, and the request's controls
+    (None: left out) over the model's defaults. Each problem is a 400 naming its field."""
+    messages = checked_messages(messages)
+    context = model_context(backend)
+    ids = await prompt_ids(backend, messages, output, thinking)
+    budget = reply_budget(None if ids is None else len(ids), context, max_tokens, limits)
+    params = checked_params(backend, seed=seed, max_length=context, max_new_tokens=budget, **controls)
+    if thinking is not None:
+        params = dataclasses.replace(params, thinking=thinking)
+    return Prepared(messages, ids, params)
 
 
 def reply_budget(prompt_tokens: int | None, context: int, max_tokens: int | None, limits: ApiLimits) -> int:
@@ -121,39 +161,14 @@ def checked_params(backend: Backend, seed: int | None = None, **given) -> Sampli
         raise ApiError(400, str(exc)) from None
 
 
-async def start_generation(
-    backend: Backend,
-    state: ApiState,
-    caller: Caller,
-    messages: list[dict],
-    max_tokens: int | None,
-    output: OutputSpec | None = None,
-    stops: Sequence[str] = (),
-    thinking: bool | None = None,
-    **controls,
-) -> Generation:
-    """The generating routes' one prologue, after their Depends (the caller's key, the loaded backend): the messages
-    checked, the prompt encoded once, the reply's room against the model's context (OpenAI's max_tokens: a 400
-    when it does not fit), the request's controls over the model's defaults, then the caller's quota and submit."""
-    messages = checked_messages(messages)
-    context = model_context(backend)
-    ids = await encode_prompt(backend, messages, output, thinking)
-    max_new = reply_budget(len(ids) if ids is not None else None, context, max_tokens, state.limits)
-    params = checked_params(backend, max_length=context, max_new_tokens=max_new, **controls)
-    if thinking is not None:
-        params = dataclasses.replace(params, thinking=thinking)
-    return Generation.submit(
-        backend, state.conversations, caller, messages, params, stops, state.limits, output=output, prompt_ids=ids
-    )
-
-
 async def start_total_length_generation(
     backend: Backend, state: ApiState, caller: Caller, messages: list[dict], max_length: int, **controls
 ) -> Generation:
-    """The seeds' prologue: max_length counts prompt and reply together, as ChatGLM's chat() counts it."""
+    """The seeds' prologue: max_length counts prompt and reply together, as ChatGLM's chat() counts it; the
+    prompt's ids go on with the request (tokenized once)."""
     messages = checked_messages(messages)
     max_length = min(max_length, model_context(backend))
-    ids = await encode_prompt(backend, messages)
+    ids = await prompt_ids(backend, messages)
     if ids is None:
         max_new = min(state.limits.default_max_tokens, max_length - 1)
     elif len(ids) >= max_length:
@@ -226,36 +241,42 @@ def _failure_function(pattern: str) -> list[int]:
     return failure
 
 
-async def _events(request: Request) -> AsyncIterator[Event]:
+class _EventReader:
     """The request's events on the event loop. A thread of its own waits on the backend's queue (it ends with the
     request, which always finishes), so a slow or waiting request never holds a worker of the shared pool."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def pump() -> None:
-        for event in request.events():
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                request.stop()
+    def __init__(self, request: Request):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def pump() -> None:
+            for event in request.events():
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, event)
+                except RuntimeError:  # the event loop is gone (server shutting down)
+                    request.stop()
+                    return
+
+        threading.Thread(target=pump, name=f"api-events-{request.id}", daemon=True).start()
+
+    async def events(self, held: Event | None = None) -> AsyncIterator[Event]:
+        """Every event until Finished (`held` first: one already taken off the queue); deltas already waiting go
+        out as one."""
+        queue = self.queue
+        while True:
+            event, held = (held, None) if held is not None else (await queue.get(), None)
+            if isinstance(event, Delta):
+                pieces = [event.text]
+                while not queue.empty():
+                    following = queue.get_nowait()
+                    if not isinstance(following, Delta):
+                        held = following
+                        break
+                    pieces.append(following.text)
+                event = Delta("".join(pieces))
+            yield event
+            if isinstance(event, Finished):
                 return
-
-    threading.Thread(target=pump, name=f"api-events-{request.id}", daemon=True).start()
-    held: Event | None = None
-    while True:
-        event, held = (held, None) if held is not None else (await queue.get(), None)
-        if isinstance(event, Delta):  # deltas already waiting go out as one
-            pieces = [event.text]
-            while not queue.empty():
-                following = queue.get_nowait()
-                if not isinstance(following, Delta):
-                    held = following
-                    break
-                pieces.append(following.text)
-            event = Delta("".join(pieces))
-        yield event
-        if isinstance(event, Finished):
-            return
 
 
 @dataclass
@@ -276,10 +297,13 @@ class Generation:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     content: str = ""  # the reply's text less its tool calls (set when it ends)
     tool_calls: list[dict] = field(default_factory=list)  # [{"id", "name", "arguments"}]
+    call_deltas: list[ToolCallDelta] = field(default_factory=list)  # a backend's own calls, as they came
     client_gone: bool = False
     ticket: Ticket | None = None  # its place under the caller's quotas; its usage is recorded when it ends
     backend: Backend | None = field(default=None, repr=False)
     _ended: bool = field(default=False, repr=False)
+    _reader: _EventReader | None = field(default=None, repr=False)
+    _held: Event | None = field(default=None, repr=False)  # the first event, taken by opening()
 
     @classmethod
     def submit(
@@ -294,8 +318,10 @@ class Generation:
         output: OutputSpec | None = None,
         prompt_ids: list[int] | None = None,
     ) -> Generation:
+        """Submit under the caller's quota and a conversation id that reuses its kept cache. `prompt_ids`: the
+        prologue's encoding (Prepared.ids), fed by the runner as they are."""
         output = output or OutputSpec()
-        asked = output if output != OutputSpec() else None
+        asked = output if output != OutputSpec() else None  # `whole` alone is asked too: a relay honours it
         ticket = admit(caller)  # 429 past a quota, before anything is queued
         conversation_id = conversations.claim(caller.scope, messages)
         try:
@@ -331,11 +357,37 @@ class Generation:
             weakref.finalize(generation, ticket.cancel)
         return generation
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """The reply's text as it comes. Leaving early (the client went away: the response is cancelled) stops
-        the backend's request at its next token."""
+    def _events(self) -> AsyncIterator[Event]:
+        if self._reader is None:
+            self._reader = _EventReader(self.request)
+        held, self._held = self._held, None
+        return self._reader.events(held)
+
+    async def opening(self, timeout_s: float = OPENING_WAIT_S) -> None:
+        """Before a stream answers 200: wait (up to `timeout_s`) for the request's first event, and raise its
+        ApiError when the backend ended it with an error straight away (a remote server that refused it), so the
+        client gets the status code rather than an error inside a stream. A request queued or started goes on."""
+        if self._reader is None:
+            self._reader = _EventReader(self.request)
         try:
-            async for event in _events(self.request):
+            self._held = await asyncio.wait_for(self._reader.queue.get(), timeout_s)
+        except TimeoutError:
+            return
+        except asyncio.CancelledError:  # the client went away meanwhile: its request ends here
+            self.client_gone = True
+            self.request.stop()
+            self._end()
+            raise
+        if isinstance(self._held, Finished) and self._held.reply.error is not None:
+            async for _ in self.deltas():
+                pass
+            self.raise_for_error()
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The reply's text as it comes (an empty piece for each tool-call delta a backend streams). Leaving early
+        (the client went away: the response is cancelled) stops the backend's request at its next token."""
+        try:
+            async for event in self._events():
                 if isinstance(event, Delta):
                     piece = self.stop.push(event.text)
                     if self.stop.hit:
@@ -345,6 +397,9 @@ class Generation:
                         yield piece
                 elif isinstance(event, TokenLogprob):
                     self.logprobs.append(event)
+                elif isinstance(event, ToolCallDelta):
+                    self.call_deltas.append(event)
+                    yield ""
                 elif isinstance(event, Finished):
                     self.reply = event.reply
                     tail = self.stop.flush()
@@ -369,6 +424,10 @@ class Generation:
         return self.text
 
     def _read_calls(self) -> None:
+        if self.reply is not None and self.reply.tool_calls:  # read by the backend (a remote server): as it sent them
+            self.content = self.text
+            self.tool_calls = [{**call, "id": call.get("id") or new_call_id()} for call in self.reply.tool_calls]
+            return
         self.content, self.tool_calls = read_calls(
             self.syntax, self.text, self.output.tools, self.output.parallel_tool_calls
         )
@@ -415,6 +474,10 @@ class Generation:
             raise ApiError(503, message, "model_unavailable")
         if kind == TOO_LONG:
             raise ApiError(400, message, "context_length_exceeded", "messages")
+        if kind == REJECTED:  # the server the request was relayed to refused it: the message names that server
+            raise ApiError(400, message, "upstream_rejected")
+        if kind == UPSTREAM:
+            raise ApiError(502, message, "upstream_failed")
         raise ApiError(500, message, "generation_failed")
 
     @property

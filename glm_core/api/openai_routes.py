@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
 import struct
@@ -21,8 +22,8 @@ from .errors import ApiError
 from .generation import (
     Generation,
     model_name,
+    prepare,
     sampling_defaults,
-    start_generation,
     system_fingerprint,
 )
 from .schemas import (
@@ -75,22 +76,32 @@ async def chat_completions(
     backend: Backend = Depends(loaded_backend),
     state: ApiState = Depends(api_state),
 ):
-    output = body.output()
+    output = dataclasses.replace(body.output(), whole=not body.stream)
+    stops = body.stop_strings()
     # Omitted fields take the model's own defaults (as vLLM's --generation-config auto); /v1/models lists them.
-    generation = await start_generation(
+    prepared = await prepare(
         backend,
-        state,
-        caller,
         [m.plain() for m in body.messages],
-        body.max_tokens or body.max_completion_tokens,
         output,
-        body.stop_strings(),
-        body.thinking(),
+        state.limits,
+        body.max_tokens or body.max_completion_tokens,
         seed=body.seed,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
+        thinking=body.thinking(),
+    )
+    generation = Generation.submit(
+        backend,
+        state.conversations,
+        caller,
+        prepared.messages,
+        prepared.params,
+        stops,
+        state.limits,
+        output=output,
+        prompt_ids=prepared.ids,
     )
     head = dict(
         id=f"chatcmpl-{secrets.token_hex(12)}",
@@ -100,6 +111,7 @@ async def chat_completions(
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        await generation.opening()
         return EventSourceResponse(_chunks(generation, head, include_usage), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()
@@ -148,9 +160,10 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
     when asked for, then [DONE]. A client that disconnects cancels this generator, which stops the request.
 
     With tools, text that may still turn out to be a call is held back; a call goes out as tool_calls deltas (its
-    id and name, then its arguments) once the reply ends."""
+    id and name, then its arguments) once the reply ends. A backend that reads calls itself (a remote server) has
+    its tool_calls deltas passed on as they come."""
     wants_logprobs = generation.output.top_logprobs is not None
-    sent_text, sent_logprobs = 0, 0
+    sent_text, sent_logprobs, sent_calls = 0, 0, 0
 
     def event(choices: list[ChunkChoice], usage: Usage | None = None) -> dict:
         chunk = ChatCompletionChunk(**head, choices=choices, usage=usage)
@@ -180,8 +193,22 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
         thought = [event([ChunkChoice(delta=ChunkDelta(reasoning_content=reasoning))])] if reasoning else []
         return thought + ([text_chunk(answer)] if answer else [])
 
+    def relayed_calls() -> list[dict]:
+        nonlocal sent_calls
+        pieces = generation.call_deltas[sent_calls:]
+        sent_calls = len(generation.call_deltas)
+        out = []
+        for piece in pieces:
+            function = {"arguments": piece.arguments} | ({"name": piece.name} if piece.name is not None else {})
+            opened = {"id": piece.id, "type": "function"} if piece.id is not None else {}
+            call = ChunkToolCall(index=piece.index, function=function, **opened)
+            out.append(event([ChunkChoice(delta=ChunkDelta(tool_calls=[call]))]))
+        return out
+
     yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content="", refusal=None))])
     async for _piece in generation.deltas():
+        for chunk in relayed_calls():
+            yield chunk
         if generation.reply is not None:  # ended: what is left goes out below, as text or as calls
             continue
         safe = generation.streamable()
@@ -197,7 +224,7 @@ async def _chunks(generation: Generation, head: dict, include_usage: bool):
         return
     for chunk in text_chunks(generation.unsent_content(sent_text), end=True):
         yield chunk
-    for index, call in enumerate(generation.tool_calls):
+    for index, call in enumerate(generation.tool_calls if not generation.call_deltas else []):
         opening = ChunkToolCall(
             index=index, id=call["id"], type="function", function={"name": call["name"], "arguments": ""}
         )

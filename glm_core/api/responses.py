@@ -8,6 +8,7 @@ answers the shared prefix); an unknown id is a 404."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import threading
@@ -25,7 +26,7 @@ from .errors import ApiError
 from .generation import (
     Generation,
     model_name,
-    start_generation,
+    prepare,
 )
 from .schemas import FunctionDefinition, JsonSchemaFormat
 from .state import ApiState, api_caller, api_state, loaded_backend
@@ -195,25 +196,35 @@ async def create_response(
     backend: Backend = Depends(loaded_backend),
     state: ApiState = Depends(api_state),
 ):
-    output = body.output()
+    output = dataclasses.replace(body.output(), whole=not body.stream)
     earlier = KEPT.get(caller.scope, body.previous_response_id) if body.previous_response_id else []
     new = input_messages(body.input, body.instructions)
     # This request's instructions replace the earlier ones (as OpenAI's previous_response_id does).
     system = [m for m in new[:1] if m["role"] == "system"] or [m for m in earlier[:1] if m["role"] == "system"]
     turns = [m for m in earlier + new if m["role"] != "system"]
-    generation = await start_generation(
+    prepared = await prepare(
         backend,
-        state,
-        caller,
         system + turns,
-        body.max_output_tokens,
         output,
+        state.limits,
+        body.max_output_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
     )
-    messages = generation.messages
-    response = ResponseShape(body, model_name(backend), output, generation.request.params)
+    messages, params = prepared.messages, prepared.params
+    generation = Generation.submit(
+        backend,
+        state.conversations,
+        caller,
+        messages,
+        params,
+        limits=state.limits,
+        output=output,
+        prompt_ids=prepared.ids,
+    )
+    response = ResponseShape(body, model_name(backend), output, params)
     if body.stream:
+        await generation.opening()
         return EventSourceResponse(_events(generation, response, caller, messages), sep="\n", ping=SSE_PING_S)
     await generation.collect(http_request)
     generation.raise_for_error()

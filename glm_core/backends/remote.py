@@ -5,7 +5,8 @@ the API key comes from the backend's configuration or GLM_REMOTE_API_KEY, never 
 shown or stored with a conversation. Each request streams one chat completion; the whole history is sent every
 time (regenerate and edit just send a shorter one), and the kept KV cache is the server's business (vLLM prefix
 caching, SGLang radix cache). Stop closes the HTTP stream: vLLM, SGLang and llama.cpp abort a request whose client
-went away.
+went away. An API client that takes its reply whole (not streamed) has it asked for whole too (`OutputSpec.whole`:
+llama.cpp refuses logprobs with tools in a stream); such a request ends when the server answers.
 
 Torch-free: the portal can front servers without a local model.
 """
@@ -20,11 +21,13 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
 from ..protocol import (
-    FAILED,
+    REJECTED,
     UNAVAILABLE,
+    UPSTREAM,
     Capabilities,
     LoadReport,
     ModelCard,
@@ -35,6 +38,8 @@ from ..protocol import (
     Request,
     Started,
     SubmitPath,
+    TokenLogprob,
+    ToolCallDelta,
 )
 from ..reasoning import CLOSE as REASONING_CLOSE
 from ..reasoning import OPEN as REASONING_OPEN
@@ -211,6 +216,63 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# ---- what is relayed ---------------------------------------------------------------------------------------------
+
+
+def _message_out(message: dict) -> dict:
+    """A message in OpenAI's shape: role and content, an assistant's tool_calls and a tool result's call id (an
+    earlier reply's reasoning_content is this app's and vLLM's, not every server's: left out)."""
+    out: dict = {"role": message["role"], "content": message["content"]}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in message["tool_calls"]
+        ]
+    if message["role"] == "tool":
+        out["tool_call_id"] = message.get("tool_call_id") or ""
+    return out
+
+
+def _output_fields(output: OutputSpec) -> dict:
+    """OpenAI's fields for what `output` asks beyond plain text; nothing for the default."""
+    fields: dict = {}
+    if output.tools:
+        fields["tools"] = [{"type": "function", "function": tool} for tool in output.tools]
+        choice = output.tool_choice
+        named = choice not in ("auto", "none", "required")
+        fields["tool_choice"] = {"type": "function", "function": {"name": choice}} if named else choice
+        fields["parallel_tool_calls"] = output.parallel_tool_calls
+    if output.json_schema is not None:
+        if output.json_schema == {"type": "object"}:  # json_object (or a json_schema without one)
+            fields["response_format"] = {"type": "json_object"}
+        else:
+            wrapped = {"name": "response", "schema": output.json_schema, "strict": True}
+            fields["response_format"] = {"type": "json_schema", "json_schema": wrapped}
+    if output.top_logprobs is not None:
+        fields["logprobs"] = True
+        fields["top_logprobs"] = output.top_logprobs
+    return fields
+
+
+def _as_chunk(answer) -> SimpleNamespace:
+    """A whole chat completion read as the one chunk of a stream: each choice's message as its delta."""
+    choices = [
+        SimpleNamespace(delta=c.message, finish_reason=c.finish_reason, logprobs=c.logprobs) for c in answer.choices
+    ]
+    return SimpleNamespace(usage=answer.usage, choices=choices)
+
+
+def _error_kind(exc: BaseException, mid_reply: bool) -> str:
+    """What a failed relayed request means to the client: the server busy (try again), the request refused as
+    asked (the server's 400, 413 or 422: the client's to change), or the server failing (anything else)."""
+    status = getattr(exc, "status_code", None)
+    if status in (429, 503) or "out of memory" in str(exc).lower():
+        return UNAVAILABLE
+    if status in (400, 413, 422) and not mid_reply:
+        return REJECTED
+    return UPSTREAM
+
+
 # ---- the backend -----------------------------------------------------------------------------------------------
 
 
@@ -259,9 +321,11 @@ class RemoteBackend(SubmitPath):
     # the server's business (its own limits answer 429).
 
     def _accept(self, request: Request) -> None:
-        """Tools, JSON output and logprobs are not relayed to a remote server (yet): asking for them is refused."""
-        if request.output != OutputSpec():
-            raise ValueError("tools, response_format and logprobs are not relayed to a remote backend")
+        """`output`'s tools, tool_choice, parallel_tool_calls, JSON schema and logprobs are relayed as OpenAI's
+        fields: the server decodes under its own grammar and reads its own calls, which come back as ToolCallDelta
+        events and the reply's tool_calls. A raw prompt (the legacy completions route) is not relayed: refused."""
+        if request.output.raw_prompt:
+            raise ValueError("/v1/completions is not relayed to a remote backend: use /v1/chat/completions")
 
     def _enqueue(self, request: Request, owner: str | None) -> None:
         """Nothing waits here: the server queues (or refuses) it itself."""
@@ -409,9 +473,9 @@ class RemoteBackend(SubmitPath):
             for control in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
             if p.is_explicit(control)
         }
-        # role and content only: an earlier reply's reasoning_content is this app's and vLLM's, not every server's
-        messages = [{"role": m["role"], "content": m["content"]} for m in request.messages]
+        messages = [_message_out(m) for m in request.messages]
         body = dict(model=model, messages=messages, stream=True, stream_options={"include_usage": True})
+        body.update(_output_fields(request.output))
         if "max_new_tokens" in sent:
             body["max_tokens"] = sent.pop("max_new_tokens")
         for name in ("temperature", "top_p"):
@@ -435,6 +499,7 @@ class RemoteBackend(SubmitPath):
         finish_reason, error, error_kind, stream = "", None, None, None
         first_at = last_at = None
         chunks = 0
+        calls: dict[int, dict] = {}  # the server's tool calls by index, as their deltas arrive
         thinking = False  # inside a reasoning server's thinking
         watcher_done = threading.Event()
         holder: dict = {}
@@ -458,10 +523,16 @@ class RemoteBackend(SubmitPath):
             if request.stop_requested:
                 finish_reason = "stopped"
             else:
-                stream = self._client.chat.completions.create(**self._body(request, model))
-                holder["stream"] = stream
+                body = self._body(request, model)
+                if request.output.whole:  # the client takes it whole: so does this request (one chunk)
+                    del body["stream"], body["stream_options"]
+                    chunks_read = [_as_chunk(self._client.chat.completions.create(**body))]
+                else:
+                    stream = self._client.chat.completions.create(**body)
+                    holder["stream"] = stream
+                    chunks_read = stream
                 request.emit(Started())
-                for chunk in stream:
+                for chunk in chunks_read:
                     if request.stop_requested:
                         finish_reason = "stopped"
                         break
@@ -472,6 +543,12 @@ class RemoteBackend(SubmitPath):
                         stats.reused_tokens = (getattr(cached, "cached_tokens", None) or 0) if cached else 0
                     for choice in chunk.choices or []:
                         delta = choice.delta
+                        self._relay_logprobs(request, choice.logprobs)
+                        if delta is not None and delta.tool_calls:
+                            self._relay_calls(request, delta.tool_calls, calls)
+                            first_at = first_at or time.perf_counter()
+                            last_at = time.perf_counter()
+                            chunks += 1
                         content = delta.content if delta is not None else None
                         # A reasoning server's thinking (vLLM: reasoning_content; newer ones: reasoning) goes into
                         # the reply's text inside <think>...</think>, the form the store and the page read.
@@ -505,8 +582,7 @@ class RemoteBackend(SubmitPath):
             else:
                 finish_reason = "error"
                 # a server that is busy or out of memory says so by its status; try again later
-                busy = getattr(exc, "status_code", None) in (429, 503) or "out of memory" in str(exc).lower()
-                error_kind = UNAVAILABLE if busy else FAILED
+                error_kind = _error_kind(exc, mid_reply=chunks > 0)
                 if isinstance(exc, openai.OpenAIError):
                     error = describe_error(exc, self.target, model or self.model_id, mid_reply=chunks > 0)
                 else:
@@ -542,5 +618,28 @@ class RemoteBackend(SubmitPath):
                     stats=stats,
                     error=error,
                     error_kind=error_kind,
+                    tool_calls=[calls[index] for index in sorted(calls)] if finish_reason != "error" else [],
                 )
             )
+
+    @staticmethod
+    def _relay_logprobs(request: Request, logprobs) -> None:
+        """A chunk's per-token logprobs (OpenAI's choice.logprobs.content), as the server computed them."""
+        for token in getattr(logprobs, "content", None) or []:
+            top = [(alternative.token, alternative.logprob) for alternative in token.top_logprobs or []]
+            request.emit(TokenLogprob(token.token, token.logprob, top))
+
+    @staticmethod
+    def _relay_calls(request: Request, deltas, calls: dict[int, dict]) -> None:
+        """The server's tool-call deltas, passed on as they come and gathered into whole calls by index."""
+        for delta in deltas:
+            index = getattr(delta, "index", None)  # a whole reply's calls have none: their order is their index
+            index = index if index is not None else len(calls)
+            function = delta.function
+            name = function.name if function is not None else None
+            arguments = (function.arguments if function is not None else None) or ""
+            call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = delta.id or call["id"]
+            call["name"] = name or call["name"]  # sent once (OpenAI, vLLM, llama.cpp); a repeat is the whole name
+            call["arguments"] += arguments
+            request.emit(ToolCallDelta(index, delta.id, name, arguments))

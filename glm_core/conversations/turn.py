@@ -29,7 +29,7 @@ from ..protocol import (
     Truncated,
     newest_within_limits,
 )
-from ..tool_calls import CallSyntax, held_back, read_calls
+from ..tool_calls import CallSyntax, held_back, new_call_id, read_calls
 from .conversation import ChatMessage, Conversation
 from .store import ANY_LAST, NotFound, StorageError, Store
 
@@ -154,7 +154,10 @@ class Turn:
                     self.workspace, [i for i in (self.reply_id, self.prompt_id) if i is not None], self.chosen_before
                 )
             return TurnResult(reply, None, self.prompt_id is not None)
-        content, calls = read_calls(self.syntax, reply.text, self.output.tools, self.output.parallel_tool_calls)
+        if reply.tool_calls:  # read by the backend itself (a remote server), as it sent them
+            content, calls = reply.text, [{**c, "id": c.get("id") or new_call_id()} for c in reply.tool_calls]
+        else:
+            content, calls = read_calls(self.syntax, reply.text, self.output.tools, self.output.parallel_tool_calls)
         try:
             message = self.store.finish_reply(
                 self.workspace,

@@ -31,7 +31,7 @@ def grammar_for(output: OutputSpec, chat_format) -> str | None:
         syntax = getattr(chat_format, "tool_syntax", None)
         if syntax is None:
             raise ValueError(f"this model's format ({chat_format.name}) has no tool calling")
-        grammar = syntax.call_grammar(output.tools, output.tool_choice)
+        grammar = syntax.call_grammar(output.tools, output.tool_choice, parallel=output.parallel_tool_calls)
     elif output.json_schema is not None:
         grammar = json_schema_grammar(output.json_schema)
     else:
@@ -88,7 +88,10 @@ class SentencePieceVocabulary:
                 name = getattr(tokenizer, "special_names", {}).get(i) or (
                     sp.id_to_piece(i) if i < sp.get_piece_size() else ""
                 )
-                tokens.append(b"\xff" + name.encode("utf-8") if name else b"")
+                # An id past the pieces without a name (padding of the output layer) gets one of its own: llguidance
+                # reads an empty special token as a prefix of every special token, so a grammar that allows one
+                # (<|assistant|> between two calls) would allow these too.
+                tokens.append(b"\xff" + (name or f"<unused_{i}>").encode("utf-8"))
                 special.append(i)
         self.tokens = tokens
         self.special_token_ids = special

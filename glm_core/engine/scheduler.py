@@ -204,6 +204,11 @@ class Engine(SubmitPath):
         with self._tokenizer_lock:
             return list(self.loaded.tokenizer.convert_ids_to_tokens(list(ids)))
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id decoded alone, as the engine's logprobs show tokens (the API's echoed prompt logprobs)."""
+        with self._tokenizer_lock:
+            return [self.loaded.tokenizer.decode([int(i)]) for i in ids]
+
     def forget(self, conversation_id: str) -> None:
         """Free a conversation's kept cache (new conversation, clear, deleted)."""
         self.pool.drop(conversation_id)

@@ -67,14 +67,19 @@ class ToolSyntax:
     """One family's way of writing and reading tool calls."""
 
     name = "tools"
+    # What comes between two calls of one reply, as Lark (a quoted string, or a special token by name: <|...|>).
+    separator = _lark_string("\n")
 
-    def call_grammar(self, tools: Sequence[dict], choice: str) -> str:
-        """The Lark grammar of a reply that is one call of one of `tools` (`choice`: "required" or a tool's name).
-        A forced reply is one call: a small model would otherwise go on calling until max_tokens."""
+    def call_grammar(self, tools: Sequence[dict], choice: str, parallel: bool = False) -> str:
+        """The Lark grammar of a reply that is calls of `tools` (`choice`: "required", any of them, or a tool's
+        name, that one only): one or more calls in the family's format with `parallel` (OpenAI's
+        parallel_tool_calls, its default), else exactly one. After each call the model may end its turn or write
+        the next; the grammar ends the reply once it ends its turn (the engine stops at its stop tokens)."""
         chosen = [t for t in tools if choice == "required" or t["name"] == choice]
         alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
         rules = [f"call_{i}: {self.call_rule(tool)}" for i, tool in enumerate(chosen)]
-        return "\n".join(["start: call", f"call: {alternatives}", *rules]) + "\n"
+        start = f"start: call ({self.separator} call)*" if parallel else "start: call"
+        return "\n".join([start, f"call: {alternatives}", *rules]) + "\n"
 
     def call_rule(self, tool: dict) -> str:
         raise NotImplementedError
@@ -100,6 +105,7 @@ class NameLineSyntax(ToolSyntax):
     segment by segment."""
 
     role_marked = True
+    separator = "<|assistant|>"  # each further call opens a new assistant turn, written by the special token
 
     def streamable(self, text: str, tools: Sequence[dict]) -> int:
         maybe_call = any(f"{t['name']}\n".startswith(text) or text.startswith(f"{t['name']}\n") for t in tools)
