@@ -227,14 +227,14 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .api import create_app, load_api_config
-    from .backends.hub import EngineHub
+    from .backends.hub import BackendHub
 
     config = load_api_config()  # a bad key setting fails here, before the model loads
     if not config.keys_configured and not config.open_to_network:
         print(
             "[serve] no API keys configured (GLM_API_KEYS): only clients on this machine are answered", file=sys.stderr
         )
-    hub = EngineHub()
+    hub = BackendHub()
 
     def progress(_fraction: float, message: str) -> None:
         print(f"[load] {message}", file=sys.stderr)

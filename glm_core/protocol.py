@@ -616,6 +616,9 @@ class LoadReport:
     waiting: int
     max_batch: int | None
     in_flight_here: int | None = None  # a remote backend: this portal's requests in flight to the server
+    # The local engine: tokens its decode steps have made since it started (two readings give its own rate, what
+    # a client sees left out; scripts/bench_browsers.py reads them from /health).
+    decoded_tokens: int | None = None
 
     def to_dict(self) -> dict:
         """The API's /health fields (in_flight_here only where the backend counts it)."""

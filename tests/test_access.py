@@ -248,9 +248,9 @@ def test_an_admin_loads_only_inside_glm_model_dirs(tiny_env, env_cleanup, tmp_pa
 
 def test_the_automatic_default_load_never_replaces_a_model_loaded_meanwhile(tiny_model_dir):
     from glm_core import ModelSpec
-    from glm_core.backends.hub import EngineHub
+    from glm_core.backends.hub import BackendHub
 
-    hub = EngineHub()
+    hub = BackendHub()
     chosen = hub.load(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))  # an admin's choice, just loaded
     try:
         # A session that saw no model a moment ago now asks for the default: it gets the admin's model.

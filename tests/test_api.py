@@ -180,7 +180,14 @@ def test_keys_are_required_and_checked(server):
     status, _, body = raw_request(server.port, "GET", "/health")  # the one route without a key
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok"
-    assert set(health) == {"status", "model", "running", "waiting", "max_batch"}  # the LoadReport's JSON, as before
+    assert set(health) == {
+        "status",
+        "model",
+        "running",
+        "waiting",
+        "max_batch",
+        "decoded_tokens",
+    }  # the LoadReport's JSON
     assert raw_request(server.port, "GET", "/free_gc", headers=auth())[0] == 403  # not an admin key
     status, _, body = raw_request(server.port, "GET", "/free_gc", headers=auth(ADMIN_KEY))
     assert status == 200 and json.loads(body) == {"success": True}

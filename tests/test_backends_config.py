@@ -12,7 +12,7 @@ from glm_core.backends.config import (
     parse_backends_env,
     parse_backends_secrets,
 )
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from glm_core.backends.remote import RemoteBackend
 
 LOCAL = ModelSpec("embedded", "int8", "cpu")
@@ -68,7 +68,7 @@ def test_hub_offers_several_backends_and_adds_and_removes_remote_ones():
     server = FaultyServer().start()
     try:
         entries = parse_backends_env(f"local=embedded; words={server.url}#words", local_defaults=LOCAL, env={})
-        hub = EngineHub(entries)
+        hub = BackendHub(entries)
         assert hub.names() == ["local", "words"] and hub.default_name == "local"
         assert hub.get("local") is None and hub.local_spec == LOCAL  # loaded on first use, not at start
         words = hub.get("words")

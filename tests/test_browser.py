@@ -264,9 +264,9 @@ def seen_speed(page, reply_index: int) -> dict:
 def engine_alone(prompts, sampling) -> list[float]:
     """Decode tokens/s of the same greedy replies from the embedded model in this process, one at a time."""
     from glm_core import ModelSpec, SamplingParams
-    from glm_core.backends.hub import EngineHub
+    from glm_core.backends.hub import BackendHub
 
-    hub = EngineHub()
+    hub = BackendHub()
     engine = hub.load(ModelSpec("embedded"))
     try:
         params = SamplingParams(top_p=0.9, **sampling)

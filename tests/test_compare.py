@@ -4,7 +4,7 @@ saved as a comparison and voted on blind."""
 import pytest
 
 from glm_core import ModelSpec, SamplingParams
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from glm_core.bench.estimator import spec_weights_bytes
 from glm_core.conversations.arena import Arena, ArenaError, ranking
 from glm_core.conversations.compare import CompareRun, CompareTarget
@@ -15,7 +15,7 @@ def two_levels():
     """The embedded model at INT8 (the main slot) and INT4 (beside it)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GLM_COMPILE", "off")
-        hub = EngineHub(predict_weights=spec_weights_bytes)
+        hub = BackendHub(predict_weights=spec_weights_bytes)
         main = hub.load(ModelSpec("embedded", "int8", "cpu"))
         label, beside = hub.load_beside(ModelSpec("embedded", "int4", "cpu"))
     yield [CompareTarget("SmolLM2 INT8", main), CompareTarget(label, beside)]

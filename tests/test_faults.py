@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT
 
 from glm_core import ModelSpec, Queued, QueueFull, SamplingParams
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from glm_core.bench.memory import MemoryBenchRequest, MemoryBenchRun
 from glm_core.conversations.conversation import Conversation
 from glm_core.conversations.exchange import import_file
@@ -299,7 +299,7 @@ def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_
     data_dir, tiny_model_dir, monkeypatch
 ):
     monkeypatch.setenv("GLM_MAX_BATCH", "5")  # five run, five wait, as in the issue
-    store, hub = Store(data_dir), EngineHub()
+    store, hub = Store(data_dir), BackendHub()
     first = ModelSpec("embedded", "bf16", "cpu")
     hub.load(first)
     workspaces = [store.create_workspace() for _ in range(10)]  # ten people, one request each

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from glm_core import EngineClosed, ModelLoadError, ModelSpec
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from glm_core.models import Precision, load_model
 from glm_core.models.loading import STREAMED, convert_gguf, embedded_gguf_path
 from glm_core.models.precision import parse_precision, resolve_device
@@ -105,7 +105,7 @@ def test_chatglm_original_layout_is_recognised(tmp_path):
 
 
 def test_hub_keeps_the_running_model_when_another_fails(tiny_model_dir, tmp_path):
-    hub = EngineHub()
+    hub = BackendHub()
     try:
         spec = ModelSpec(str(tiny_model_dir), "fp32", "cpu")
         engine = hub.load(spec)

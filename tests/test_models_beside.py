@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from glm_core import ModelSpec, SamplingParams
-from glm_core.backends.hub import EngineHub, ModelDoesNotFit
+from glm_core.backends.hub import BackendHub, ModelDoesNotFit
 from glm_core.bench.estimator import spec_weights_bytes
 
 
@@ -14,7 +14,7 @@ from glm_core.bench.estimator import spec_weights_bytes
 def hub(monkeypatch):
     monkeypatch.setenv("GLM_KV_CACHE_MB", "64")
     monkeypatch.setenv("GLM_COMPILE", "off")
-    hub = EngineHub(predict_weights=spec_weights_bytes)
+    hub = BackendHub(predict_weights=spec_weights_bytes)
     yield hub
     hub.close()
 
@@ -48,7 +48,7 @@ def test_a_level_beside_the_main_model_within_the_budget(hub, tiny_model_dir, mo
 def test_a_model_that_cannot_be_predicted_is_not_loaded_beside(hub, tmp_path, tiny_model_dir):
     with pytest.raises(ModelDoesNotFit, match="cannot be predicted"):
         hub.load_beside(ModelSpec(str(tmp_path / "nothing-here"), "bf16", "cpu"))
-    without_estimator = EngineHub()
+    without_estimator = BackendHub()
     with pytest.raises(ModelDoesNotFit, match="no memory estimator"):
         without_estimator.load_beside(ModelSpec(str(tiny_model_dir), "bf16", "cpu"))
     assert not without_estimator.beside()

@@ -13,7 +13,7 @@ from torch import nn
 
 import glm_core.models.quant as quant
 from glm_core import ModelSpec, SamplingParams
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from glm_core.engine import Engine
 from glm_core.models import Precision, load_model
 from glm_core.models.loading import STREAMED, convert_gguf, embedded_gguf_path
@@ -108,7 +108,7 @@ def test_quantized_embedded_model_still_knows_paris(embedded_levels, level):
 
 
 def test_switching_precision_frees_the_old_model(tiny_model_dir):
-    hub = EngineHub()
+    hub = BackendHub()
     try:
         first = hub.load(ModelSpec(str(tiny_model_dir), "bf16", "cpu"))
         tensors = [weakref.ref(p) for p in first.loaded.model.parameters()]

@@ -159,20 +159,22 @@ def test_the_portal_starts_the_local_model_it_offers_and_none_when_it_offers_onl
     the settings' model when nothing is configured, and nothing when only remote servers are (a local model loaded
     anyway would become the default for new conversations as soon as it was ready)."""
     from glm_core.backends.config import configured_backends
-    from glm_core.backends.hub import EngineHub
+    from glm_core.backends.hub import BackendHub
     from ui.api_mount import load_configured_local_model
 
-    only_remote = EngineHub(configured_backends(None, env={"GLM_BACKENDS": "peer=http://127.0.0.1:9/v1#m"}))
+    only_remote = BackendHub(configured_backends(None, env={"GLM_BACKENDS": "peer=http://127.0.0.1:9/v1#m"}))
     load_configured_local_model(only_remote)
     assert only_remote.engine is None and only_remote.last_error is None and only_remote.names() == ["peer"]
 
     named = tmp_path / "no-model-here"
-    with_local = EngineHub(configured_backends(None, env={"GLM_BACKENDS": f"mine={named}; peer=http://127.0.0.1:9/v1"}))
+    with_local = BackendHub(
+        configured_backends(None, env={"GLM_BACKENDS": f"mine={named}; peer=http://127.0.0.1:9/v1"})
+    )
     load_configured_local_model(with_local)  # fails at once (no such folder): what it tried is kept
     assert with_local.last_error_spec.path == str(named) and with_local.engine is None
 
     monkeypatch.setenv("GLM_MODEL_PATH", str(tmp_path / "settings-model"))
-    from_settings = EngineHub(configured_backends(None, env={}))  # nothing configured: the one local model
+    from_settings = BackendHub(configured_backends(None, env={}))  # nothing configured: the one local model
     load_configured_local_model(from_settings)
     assert from_settings.last_error_spec.path == str(tmp_path / "settings-model")
 

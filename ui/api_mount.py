@@ -8,7 +8,7 @@ import threading
 from contextlib import asynccontextmanager
 
 from glm_core import ModelLoadError
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from ui.access import role_policy
 from ui.resources import get_hub
 
@@ -34,7 +34,7 @@ async def api_lifespan(_app):
     yield
 
 
-def load_configured_local_model(hub: EngineHub) -> None:
+def load_configured_local_model(hub: BackendHub) -> None:
     """Load the local model the configuration offers (GLM_BACKENDS' or secrets.toml's local entry, else
     GLM_MODEL_PATH); nothing when only remote servers are configured (loaded anyway, it became the default for new
     conversations as soon as it was ready)."""

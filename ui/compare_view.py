@@ -13,7 +13,7 @@ import streamlit as st
 
 from glm_core import ModelLoadError
 from glm_core.admin.quotas import QuotaExceeded
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from glm_core.conversations.arena import MAX_COLUMNS, Arena, ArenaError, export_comparisons, pair_records, ranking
 from glm_core.conversations.compare import CompareRun, CompareTarget
 from glm_core.protocol import MAX_PROMPT_CHARS
@@ -36,7 +36,7 @@ def get_arena() -> Arena:
     return _arena_for(str(load_settings().data_dir))
 
 
-def _options(hub: EngineHub, admin: bool) -> dict[str, tuple[str, str]]:
+def _options(hub: BackendHub, admin: bool) -> dict[str, tuple[str, str]]:
     """label -> (kind, what): the local models loaded now, the remote backends, and for admins the other levels
     of the main local model (loaded beside it when compared)."""
     options: dict[str, tuple[str, str]] = {}
@@ -53,7 +53,7 @@ def _options(hub: EngineHub, admin: bool) -> dict[str, tuple[str, str]]:
     return options
 
 
-def _target(hub: EngineHub, label: str, kind: str, what: str) -> CompareTarget:
+def _target(hub: BackendHub, label: str, kind: str, what: str) -> CompareTarget:
     if kind == "local":
         return CompareTarget(label, hub.local_models()[what])
     if kind == "remote":
@@ -64,7 +64,7 @@ def _target(hub: EngineHub, label: str, kind: str, what: str) -> CompareTarget:
     return CompareTarget(label, backend)
 
 
-def _memory_line(hub: EngineHub) -> str:
+def _memory_line(hub: BackendHub) -> str:
     plan = hub.memory_plan()
     held = sum(m["bytes"] for m in plan["models"])
     budget = (
@@ -76,7 +76,7 @@ def _memory_line(hub: EngineHub) -> str:
     return f"Local models: {models} (weights + KV cache budgets; {held / 1e9:.2f} GB in all); {budget}."
 
 
-def compare_view(hub: EngineHub, workspace: str, generation: Generation, admin: bool) -> None:
+def compare_view(hub: BackendHub, workspace: str, generation: Generation, admin: bool) -> None:
     arena = get_arena()
     options = _options(hub, admin)
     st.caption(

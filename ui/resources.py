@@ -8,7 +8,7 @@ import streamlit as st
 from glm_core import Backend, ModelLoadError, ModelSpec, load_settings
 from glm_core.access import PathNotAllowed, check_model_path
 from glm_core.backends.config import configured_backends, conversation_backend
-from glm_core.backends.hub import EngineHub
+from glm_core.backends.hub import BackendHub
 from glm_core.bench.estimator import spec_weights_bytes
 from glm_core.bench.history import BenchHistory
 from glm_core.bench.runs import BenchRunner
@@ -19,11 +19,11 @@ from ui.secrets import secret_section
 
 
 @st.cache_resource(show_spinner=False)
-def get_hub() -> EngineHub:
+def get_hub() -> BackendHub:
     """One hub per server process: every browser session shares the loaded model and the remote backends, as
     secrets.toml's [backends] or GLM_BACKENDS name them (a configuration that cannot be read is shown, and the
     portal falls back to the one local model)."""
-    hub = EngineHub(predict_weights=spec_weights_bytes)  # the Compare mode loads models beside, within the budget
+    hub = BackendHub(predict_weights=spec_weights_bytes)  # the Compare mode loads models beside, within the budget
     try:
         hub.configure(configured_backends(secret_section("backends")))
     except ValueError as exc:

@@ -33,7 +33,7 @@ class ModelDoesNotFit(ModelLoadError):
     """Loading this model beside the others would exceed the memory budget; the message gives the figures."""
 
 
-class EngineHub:
+class BackendHub:
     """Holds the local slot and the remote backends; loading another local model replaces the slot's only once the
     new one has loaded."""
 

@@ -239,9 +239,14 @@ class Engine(SubmitPath):
         return not self._running and not self._waiting and not self._tasks
 
     def load_report(self) -> LoadReport:
-        """Running sequences, waiting requests and the batch limit."""
+        """Running sequences, waiting requests, the batch limit and the tokens decoded so far."""
         with self._cond:
-            return LoadReport(running=self._running, waiting=len(self._waiting), max_batch=self.max_batch)
+            return LoadReport(
+                running=self._running,
+                waiting=len(self._waiting),
+                max_batch=self.max_batch,
+                decoded_tokens=self.runner.timing.rows,
+            )
 
     def close(self) -> None:
         """Stop the worker, end queued and running requests, free the caches. The model is the loader's to free."""
