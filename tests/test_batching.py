@@ -134,6 +134,15 @@ def test_the_runner_times_each_decode_step_against_its_forward(tiny_loaded):
         engine.close()
 
 
+def test_bench_concurrency_reports_each_runs_step_against_its_forward(tiny_loaded):
+    from glm_core.bench.concurrency import format_concurrency_report, run_concurrency_bench
+
+    report = run_concurrency_bench(tiny_loaded, [1, 3], max_new_tokens=6)
+    for run in report["runs"]:
+        assert 0 < run["forward_ms"] < run["step_ms"] and 0 < run["overhead"] < 1
+    assert "overhead (goal <= 10 %)" in format_concurrency_report(report)
+
+
 def test_stopping_one_row_leaves_the_others_untouched(tiny_loaded):
     jobs = greedy_jobs([30, 2000, 30])  # the middle one would run long: it is stopped after two deltas
     want = alone(tiny_loaded, jobs)

@@ -54,8 +54,20 @@ class _NoStop:
         return getattr(self._format, name)
 
 
+def step_split(timing) -> dict:
+    """A decode step's time against its model forward's (the runner's own clock, engine.runner.timing): what the
+    engine adds per step, the goal being at most 10 % of it."""
+    if not timing.steps:
+        return {"step_ms": 0.0, "forward_ms": 0.0, "overhead": 0.0}
+    step, forward = timing.decode_s / timing.steps, timing.forward_s / timing.steps
+    return {"step_ms": 1000 * step, "forward_ms": 1000 * forward, "overhead": 1 - forward / step if step else 0.0}
+
+
 def _run(engine: Backend, streams: int, max_new_tokens: int) -> dict:
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
+    timing = getattr(getattr(engine, "runner", None), "timing", None)  # the local engine's step clock
+    if timing is not None:
+        timing.reset()
     started = time.perf_counter()
     requests = [engine.submit(uuid.uuid4().hex, _prompt(i), params) for i in range(streams)]
     replies = [r.wait() for r in requests]
@@ -78,6 +90,7 @@ def _run(engine: Backend, streams: int, max_new_tokens: int) -> dict:
         "per_stream_tokens_per_s": statistics.median(r.stats.decode_tokens_per_s for r in replies),
         "ttft_median_s": statistics.median(ttfts),
         "ttft_max_s": max(ttfts),
+        **(step_split(timing) if timing is not None else {}),
     }
 
 
@@ -170,13 +183,19 @@ def format_concurrency_report(r: dict) -> str:
     lines = [
         f"bench concurrency: {r['model']} {r['precision']} on {where}, {r['max_new_tokens']} new tokens per stream, "
         "greedy",
-        "streams  aggregate tok/s  ratio to 1  per-stream tok/s  ttft median  ttft max",
+        "streams  aggregate tok/s  ratio to 1  per-stream tok/s  ttft median  ttft max  step ms  forward ms  "
+        "overhead (goal <= 10 %)",
     ]
     for run in r["runs"]:
         ratio = f"{run['ratio_to_one_stream']:.2f}x" if run["ratio_to_one_stream"] else "-"
         lines.append(
             f"{run['streams']:>7}  {run['aggregate_tokens_per_s']:>15.1f}  {ratio:>10}  "
             f"{run['per_stream_tokens_per_s']:>16.1f}  {run['ttft_median_s']:>10.2f}s  {run['ttft_max_s']:>7.2f}s"
+            + (
+                f"  {run['step_ms']:>7.1f}  {run['forward_ms']:>10.1f}  {run['overhead']:>8.1%}"
+                if "step_ms" in run
+                else ""
+            )
         )
     lines.append(
         f"newcomer (3 streams running, a 4th arrives): time to first token {r['newcomer_ttft_s']:.2f} s (goal <= 1 s)"

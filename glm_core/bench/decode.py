@@ -55,15 +55,6 @@ def _compile_time(loaded, max_batch: int) -> float:
     return time.perf_counter() - started
 
 
-def _step_split(timing) -> dict:
-    """A decode step's time against its model forward's (the runner's own clock, summed over the runs): what the
-    engine adds per step, the goal being at most 10 % of it."""
-    if not timing.steps:
-        return {"step_ms": 0.0, "forward_ms": 0.0, "overhead": 0.0}
-    step, forward = timing.decode_s / timing.steps, timing.forward_s / timing.steps
-    return {"step_ms": 1000 * step, "forward_ms": 1000 * forward, "overhead": 1 - forward / step if step else 0.0}
-
-
 def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int, cache_root: Path) -> list[dict]:
     loaded = load_model(spec)
     loaded.chat_format = _NoStop(loaded.chat_format)  # every stream decodes exactly `tokens`
@@ -81,17 +72,19 @@ def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int
         generate = statistics.median(_generate_rate(loaded, tokens) for _ in range(repeats))
         rows = []
         for n in streams:
-            rates: dict[str, list[float]] = {"eager": [], "compiled": []}
-            for engine in (eager, compiled):
-                engine.runner.timing.reset()
+            runs: dict[str, list[dict]] = {"eager": [], "compiled": []}
             for _ in range(repeats):
-                rates["eager"].append(_run(eager, n, tokens)["aggregate_tokens_per_s"])
+                runs["eager"].append(_run(eager, n, tokens))
                 steps = compiled.fast.steps
-                rates["compiled"].append(_run(compiled, n, tokens)["aggregate_tokens_per_s"])
+                runs["compiled"].append(_run(compiled, n, tokens))
                 if compiled.fast.steps - steps < tokens - 2:
                     raise RuntimeError("the compiled engine decoded eagerly: its graphs were not used")
-            split = {
-                name: _step_split(engine.runner.timing) for name, engine in (("eager", eager), ("compiled", compiled))
+            rates = {name: [run["aggregate_tokens_per_s"] for run in done] for name, done in runs.items()}
+            split = {  # each run's step against its forward (the runner's clock), the median of the repeats
+                name: {
+                    key: statistics.median(run[key] for run in done) for key in ("step_ms", "forward_ms", "overhead")
+                }
+                for name, done in runs.items()
             }
             rows.append(
                 {
