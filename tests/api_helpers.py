@@ -159,3 +159,22 @@ def sse_frames(raw: bytes) -> list[dict]:
 
 def json_frames(raw: bytes) -> list:
     return [json.loads(f["data"]) for f in sse_frames(raw) if f["data"] != "[DONE]"]
+
+
+# A function tool the tool tests share: its schema bounds the arguments, so a forced call's output is checkable.
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}

@@ -8,28 +8,12 @@ import json
 import jsonschema
 import openai
 import pytest
-from api_helpers import ThreadServer
+from api_helpers import WEATHER, ThreadServer
 
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
 
 LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_tokens=160, default_max_tokens=16)
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from api_helpers import ThreadServer
+from api_helpers import WEATHER, ThreadServer
 from conftest import OUTPUT_DIR
 
 from glm_core.api import ApiConfig, create_app
@@ -30,22 +30,6 @@ except llama_server.NotBuilt as exc:
 
 TEMPLATE = Path(__file__).parent / "reference" / "hermes-2-pro-tool-use.jinja"
 LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_tokens=200, default_max_tokens=16)
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 def earlier_turn(number: int, city: str) -> list[dict]:

@@ -12,7 +12,7 @@ import subprocess
 import jsonschema
 import openai
 import pytest
-from api_helpers import ThreadServer, free_port, start_serve, wait_until_up
+from api_helpers import WEATHER, ThreadServer, free_port, start_serve, wait_until_up
 from faulty_openai_server import FaultyServer
 
 from glm_core.api import ApiConfig, create_app
@@ -23,22 +23,6 @@ pytestmark = pytest.mark.server
 
 SERVE_MAX_TOKENS = 100  # the server's own limit, below the relay's: a request between is refused by the server
 LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_tokens=160, default_max_tokens=16)
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
