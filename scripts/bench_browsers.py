@@ -18,14 +18,16 @@ and the ratios. Run it alone: on 2 cores, anything else running changes every fi
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
-import httpx
+from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -45,7 +47,8 @@ PROMPTS = [
 
 
 def health(url: str) -> dict:
-    return httpx.get(f"{url}/health", timeout=10).json()
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        return json.load(response)
 
 
 def loaded_model(url: str, deadline: float = 300) -> str:
@@ -78,16 +81,22 @@ def window(url: str, sessions: int, seconds: float, deadline: float = 300) -> di
 def api_phase(url: str, sessions: int, seconds: float, greedy: bool) -> dict:
     stop, model = threading.Event(), loaded_model(url)
 
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused: this machine's clients need no key", max_retries=0)
+
     def stream(prompt: str) -> None:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4000}
-        body["stream"] = True
-        if greedy:
-            body["temperature"] = 0
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
-            response.raise_for_status()
-            for _ in response.iter_lines():
+        controls = {"temperature": 0} if greedy else {}  # left out: the model's own defaults
+        chunks = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=4000,
+            stream=True,
+            timeout=600,
+            **controls,
+        )
+        with chunks:  # leaving it closes the stream, which stops the reply
+            for _ in chunks:
                 if stop.is_set():
-                    break  # closing the stream stops the reply
+                    break
 
     threads = [threading.Thread(target=stream, args=(PROMPTS[i % len(PROMPTS)],), daemon=True) for i in range(sessions)]
     for thread in threads:
