@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -47,8 +48,11 @@ PROMPTS = [
 
 
 def health(url: str) -> dict:
-    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
-        return json.load(response)
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:  # 503 while no model is loaded: its body says so
+        return json.load(exc)
 
 
 def loaded_model(url: str, deadline: float = 300) -> str:
