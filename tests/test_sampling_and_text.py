@@ -25,6 +25,35 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {1, 2}
 
 
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, spread",
+    [(0.2, 0, 0.9, 3.0), (1.0, 0, 0.95, 1.0), (1.3, 0, 0.99, 0.3), (0.7, 50, 0.8, 2.0), (1.0, 40, 1.0, 1.0)],
+)
+def test_the_tokens_left_to_sample_are_transformers_warpers_own(temperature, top_k, top_p, spread):
+    """The nucleus found without sorting the vocabulary (grown from the top candidates) keeps the tokens, with the
+    probabilities, that transformers' own temperature, top-k and top-p warpers leave: at a chat's temperature (a
+    few tokens) and at a flat distribution (thousands, past the first guess of candidates)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from glm_core.engine.sampling import _nucleus
+
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(3)) * spread
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    warped = warpers(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0]
+    expected = torch.isfinite(warped).nonzero().flatten()
+    values, indices = _nucleus(logits / temperature, top_k, top_p)
+    assert sorted(indices.tolist()) == expected.tolist()
+    ours = torch.zeros_like(logits).index_put_((indices,), torch.softmax(values, dim=-1))
+    torch.testing.assert_close(ours, torch.softmax(warped, dim=-1))
+
+
 def test_seeded_sampling_is_reproducible():
     params = SamplingParams(temperature=1.0, top_p=1.0)
 
