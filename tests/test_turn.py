@@ -67,6 +67,25 @@ def test_edit_and_resend_equals_a_fresh_conversation(store, engine):
     assert 0 < edited.reply.stats.reused_tokens < edited.reply.stats.prompt_tokens
 
 
+def test_redraws_space_out_as_more_replies_stream_at_once(store, engine):
+    from glm_core.conversations import turn as turns
+
+    assert [turns.redraw_interval(n) for n in (1, 2, 4, 8, 16)] == [0.1, 0.1, 0.2, 0.4, 0.4]
+    ws = store.create_workspace()
+    streams = [start_turn(store, engine, ws, Conversation(), keep=0, prompt=p, params=GREEDY) for p in ("Hi", "Yo")]
+    readers = [s.text_stream() for s in streams]
+    for reader in readers:
+        next(reader)  # both are streaming to their pages now
+    assert turns._streaming == 2
+    readers[0].close()  # a page that goes away mid-reply stops counting too
+    for _ in readers[1]:
+        pass
+    assert turns._streaming == 0
+    for stream in streams:
+        stream.request.stop()
+        stream.finish(timeout=300)
+
+
 def test_the_reply_so_far_is_written_while_it_streams(store, tiny_loaded):
     engine = Engine(tiny_loaded)
     try:

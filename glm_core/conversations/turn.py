@@ -14,6 +14,7 @@ reason, so the page can show it and hand the prompt back.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +41,18 @@ log = logging.getLogger(__name__)
 # page streamed at 15.1 tokens/s where the engine alone did 22). Deltas that arrive within this interval go out as
 # one: while a reply streams, the page's threads then take under 1 % of a core (docs/BENCHMARKS.md).
 REDRAW_EVERY_S = 0.1
+# With several replies streaming in this process, each session's redraws add up: 8 browsers decoding together got
+# 0.68x the tokens/s of 8 API streams with redraws every 0.1 s, 0.77x every 0.4 s (scripts/bench_browsers.py,
+# docs/BENCHMARKS.md). So the interval grows with the replies streaming at once: 0.1 s for one or two, 0.4 s
+# from eight.
+MAX_REDRAW_EVERY_S = 0.4
+_streaming = 0  # replies streaming to a page in this process now
+_streaming_lock = threading.Lock()
+
+
+def redraw_interval(streaming: int) -> float:
+    """Seconds between two redraws of a streaming reply while `streaming` replies stream in this process."""
+    return min(MAX_REDRAW_EVERY_S, REDRAW_EVERY_S * max(1.0, streaming / 2))
 
 
 @dataclass
@@ -76,12 +89,14 @@ class Turn:
         self._text = ""
 
     def text_stream(
-        self, on_event: Callable[[Event], None] | None = None, redraw_every_s: float = REDRAW_EVERY_S
+        self, on_event: Callable[[Event], None] | None = None, redraw_every_s: float | None = None
     ) -> Iterator[str]:
-        """The reply's text deltas (for st.write_stream or a terminal), at most one per `redraw_every_s`: after
-        each one it waits out the interval (releasing the CPU to the model), then takes everything that arrived
-        meanwhile as one delta. Writes the text so far every second. With tools, text that may still turn out to be
-        a call is held back (a call is shown as one once the reply has ended)."""
+        """The reply's text deltas (for st.write_stream or a terminal), at most one per `redraw_every_s` (None: the
+        `redraw_interval` for the replies streaming in this process now): after each one it waits out the interval
+        (releasing the CPU to the model), then takes everything that arrived meanwhile as one delta. Writes the
+        text so far every second. With tools, text that may still turn out to be a call is held back (a call is
+        shown as one once the reply has ended)."""
+        global _streaming
         last_flush = time.monotonic()
 
         def recorded() -> Iterator[str]:
@@ -93,12 +108,19 @@ class Turn:
                     last_flush = time.monotonic()
                 yield delta
 
-        for delta in held_back(recorded(), self.syntax, self.output.tools):
-            shown_at = time.monotonic()
-            yield delta
-            wait = redraw_every_s - (time.monotonic() - shown_at)
-            if wait > 0 and not self.request.done:
-                time.sleep(wait)
+        with _streaming_lock:
+            _streaming += 1
+        try:
+            for delta in held_back(recorded(), self.syntax, self.output.tools):
+                shown_at = time.monotonic()
+                yield delta
+                interval = redraw_every_s if redraw_every_s is not None else redraw_interval(_streaming)
+                wait = interval - (time.monotonic() - shown_at)
+                if wait > 0 and not self.request.done:
+                    time.sleep(wait)
+        finally:
+            with _streaming_lock:
+                _streaming -= 1
 
     def _counting_trimmed(self, on_event):
         if on_event is None or not self.trimmed:
