@@ -543,6 +543,8 @@ class Runner:
                 else [(decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices) if v > float("-inf")]
             )
             text = decode([token])
+        if not sequence.text_started and not sequence.request.output.raw_prompt:
+            text = text.lstrip()  # as the reply's text is (see _emit_token): the tokens add up to the content
         sequence.request.emit(TokenLogprob(text, max(float(logprobs[token]), -9999.0), alternatives))
 
     def _emit_token(self, sequence: Sequence, token: int) -> None:
