@@ -57,6 +57,7 @@ def assert_as_generate(reply, expected: tuple[str, bool]):
     assert (reply.text, reply.finish_reason) == (text, "eos" if ended else "length")
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_kept_cache_turns_equal_generate_on_the_whole_history(embedded_fp32, reference):
     engine = Engine(embedded_fp32, max_batch=1)
     try:
@@ -92,6 +93,7 @@ def submit_together(engine) -> list:
     return [request.wait(1) for request in requests]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_batched_replies_equal_generate_alone(embedded_fp32, reference):
     engine = Engine(embedded_fp32, max_batch=8)
     try:

@@ -611,6 +611,7 @@ def test_a_full_queue_answers_429_with_retry_after(long_replies, engine, monkeyp
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 4
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_sixteen_concurrent_streams_each_get_their_own_reply(server):
     def ask(i: int, stream: bool) -> str:
         api = client(server, KEYS[i], timeout=120)

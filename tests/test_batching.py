@@ -75,6 +75,7 @@ def greedy_jobs(lengths):
     ]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_batched_greedy_replies_equal_the_replies_alone_on_the_embedded_model(embedded_fp32):
     # Different prompt lengths; one row finishes early (6 tokens), one joins mid-way.
     jobs = greedy_jobs([24, 6, 20, 16])
@@ -101,6 +102,7 @@ def test_seeded_sampling_per_row_reproduces_the_reply_alone(tiny_loaded):
     assert_same_replies(together(tiny_loaded, jobs, late={1}), alone(tiny_loaded, jobs))
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_greedy_rows_picked_together_beside_penalised_and_sampled_rows_reproduce_each_alone(embedded_fp32):
     """Plain greedy rows are picked with one argmax over the batch; a greedy row with a repetition penalty and a
     sampled row in the same batch still get their own treatment."""
@@ -143,6 +145,7 @@ def test_bench_concurrency_reports_each_runs_step_against_its_forward(tiny_loade
     assert "overhead (goal <= 10 %)" in format_concurrency_report(report)
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_stopping_one_row_leaves_the_others_untouched(tiny_loaded):
     jobs = greedy_jobs([30, 2000, 30])  # the middle one would run long: it is stopped after two deltas
     want = alone(tiny_loaded, jobs)
@@ -163,6 +166,7 @@ def test_stopping_one_row_leaves_the_others_untouched(tiny_loaded):
     assert_same_replies([got[0], got[2]], [want[0], want[2]])
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_eviction_while_batched_rebuilds_the_conversation_exactly(embedded_fp32):
     # A budget that holds about one conversation's cache: finishing rows evict each other while others run.
     engine = Engine(embedded_fp32, kv_cache_bytes=8 * 2**20, max_batch=4)

@@ -100,6 +100,7 @@ def test_errors_carry_a_kind():
 # ---- children ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_a_bad_model_path_comes_back_as_a_typed_error(tmp_path):
     missing = str(tmp_path / "no-such-model")
     outcome = run_child(MemoryBenchRequest(missing, ("bf16",), 16, 32, "cpu"), time_limit_s=120)

@@ -53,6 +53,7 @@ def run_cli(*args, timeout=600):
     )
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_bench_memory_measures_each_level_and_the_estimator_lands_within_15_percent(mid_config, data_dir):
     done = run_cli(
         "bench",
@@ -94,6 +95,7 @@ def test_bench_memory_measures_each_level_and_the_estimator_lands_within_15_perc
     assert text.returncode == 0 and "bf16" in text.stdout
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_real_weights_get_a_perplexity(tiny_model_dir, data_dir):
     done = run_cli(
         "bench",
@@ -124,6 +126,7 @@ def test_a_level_predicted_to_exceed_free_memory_is_refused_not_run(data_dir):
     assert "exceeds" in result["error"] and "not run" in result["error"]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_bad_sources_are_refused_with_a_message(tmp_path):
     done = run_cli("bench", "memory", "--model", str(tmp_path / "nothing"), "--device", "cpu")
     assert done.returncode == 2 and "not a preset" in done.stderr and "Traceback" not in done.stderr
@@ -133,6 +136,7 @@ def test_bad_sources_are_refused_with_a_message(tmp_path):
     assert done.returncode == 2 and "lacks" in done.stderr
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_a_run_can_be_cancelled_and_only_one_runs_at_a_time(mid_config, data_dir):
     runner = BenchRunner(BenchHistory(data_dir))
     request = MemoryBenchRequest(str(mid_config), ("fp32", "bf16"), 8192, 8192, "cpu")

@@ -35,6 +35,7 @@ def embedded_quality():
     return result, events
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_reference_against_itself_loses_nothing(embedded_quality):
     result, _ = embedded_quality
     same = next(r for r in result["levels"] if r["level"] == "fp32")
@@ -78,6 +79,7 @@ def test_level_names_its_group_size():
         split_level("int4-gx", 32)
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_cli_json_on_a_users_text(tmp_path):
     text = tmp_path / "ours.txt"
     text.write_text("Ünïcode text of our team: the harbour's lighthouse keeper writes the weather. " * 20)
@@ -104,6 +106,7 @@ def test_cli_refuses_a_file_that_is_not_utf8(tmp_path):
     assert done.returncode == 2 and "not UTF-8" in done.stderr and not done.stdout
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_the_pages_run_goes_to_the_history_and_the_csv(data_dir):
     """What the Quantization page does: an uploaded text kept under the data folder, the run in a child process
     with progress, kept in the team's history and downloadable as CSV."""

@@ -268,6 +268,7 @@ def glm4_prompt_has(folder, ids: list[int], call: dict, result: str) -> None:
     assert f"<|assistant|>{call['name']}\n{call['arguments']}<|observation|>\n{result}<|assistant|>" in text, text
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.parametrize("family", ["ChatGLM3", "GLM-4"])
 def test_chat_page_draws_a_forced_call_and_goes_on_with_its_result(family, request, env_cleanup, monkeypatch):
     """A tiny random ChatGLM3 or GLM-4: the tool choice names get_weather, so decoding is constrained to a valid

@@ -237,6 +237,7 @@ def run_chat(folder, *extra, stdin):
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.parametrize("which", ["glm2", "glm3"])
 def test_cli_multi_turn_same_replies_with_kept_cache_and_recompute(request, which):
     folder = request.getfixturevalue(which)[0]
@@ -335,6 +336,7 @@ def test_device_map_spreads_layers_over_gpus_when_one_is_too_small(pieces):
     assert all(isinstance(v, int) for v in placed.values())  # whole layers, never split
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_dashboard_chats_with_a_chatglm3_folder(glm3, env_cleanup):
     from streamlit.testing.v1 import AppTest
 

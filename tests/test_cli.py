@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT
 
 from glm_core.conversations.conversation import ChatMessage, Conversation
@@ -26,6 +27,7 @@ def run_cli(*args, stdin="", timeout=600):
     )
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_piped_chat_prints_one_json_line_per_turn():
     result = run_cli(
         "chat",
@@ -55,6 +57,7 @@ def test_bad_model_path_is_a_clear_cli_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_bench_turns_json_has_the_promised_fields(tiny_model_dir):
     result = run_cli(
         "bench",
@@ -80,6 +83,7 @@ def test_bench_turns_json_has_the_promised_fields(tiny_model_dir):
     assert max(figures["prefill_tokens_reuse"][1:]) < figures["context_tokens"][-1] / 3
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_bench_quant_json_has_the_promised_fields(tiny_model_dir):
     result = run_cli(
         "bench",
@@ -103,6 +107,7 @@ def test_bench_quant_json_has_the_promised_fields(tiny_model_dir):
     assert rows[2]["weights_bytes"] < rows[1]["weights_bytes"] < rows[0]["weights_bytes"]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_bench_quant_reports_a_level_that_fails(tiny_model_dir):
     result = run_cli("bench", "quant", "--model", str(tiny_model_dir), "--levels", "bf16,fp8", "--json")
     rows = json.loads(result.stdout)
@@ -128,6 +133,7 @@ def tiny_chat(tiny_model_dir, *args, stdin):
     )
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_chat_stores_its_turns_and_continues_a_conversation_by_title(tiny_model_dir, data_dir):
     first = tiny_chat(
         tiny_model_dir,
@@ -158,6 +164,7 @@ def test_chat_stores_its_turns_and_continues_a_conversation_by_title(tiny_model_
     assert json.loads(again.stdout)["prompt_tokens"] == reply.stats["prompt_tokens"]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_chat_takes_the_models_sampling_defaults_unless_an_option_is_given(tiny_model_dir, data_dir, tmp_path):
     import shutil
 
@@ -199,6 +206,7 @@ def test_chat_takes_the_models_sampling_defaults_unless_an_option_is_given(tiny_
     assert bad.returncode == 2 and "top_p" in bad.stderr and "[load]" not in bad.stderr  # refused before loading
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_chat_options_are_checked(tiny_model_dir):
     no_workspace = tiny_chat(tiny_model_dir, "--conversation", "x", stdin="hi\n")
     assert no_workspace.returncode == 2 and "--conversation needs --workspace" in no_workspace.stderr
@@ -206,6 +214,7 @@ def test_chat_options_are_checked(tiny_model_dir):
     assert bad.returncode == 2 and "workspace ids are" in bad.stderr
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_export_then_import_round_trips_through_the_command_line(data_dir, tmp_path):
     store = Store(data_dir)
     store.import_conversations(
@@ -253,6 +262,7 @@ def test_export_then_import_round_trips_through_the_command_line(data_dir, tmp_p
     assert "source  1 conversation(s)" in listing.stdout and "target  1 conversation(s)" in listing.stdout
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_bad_import_files_fail_with_a_clear_message_and_change_nothing(data_dir, tmp_path):
     Store(data_dir).import_conversations("w", [Conversation(title="keep me", messages=[ChatMessage("user", "x")])])
     cases = {
@@ -277,6 +287,7 @@ def test_bad_import_files_fail_with_a_clear_message_and_change_nothing(data_dir,
     assert unknown.returncode == 2 and "no workspace 'nobody'" in unknown.stderr
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_a_reply_survives_the_process_being_killed_mid_generation(tiny_model_dir, data_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
@@ -336,6 +347,7 @@ def test_a_reply_survives_the_process_being_killed_mid_generation(tiny_model_dir
     assert reply.status == "interrupted" and reply.content and "interrupted" in reply.stats_line()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_chat_through_a_remote_server():
     """`chat --model http://...`: the same JSON lines through an OpenAI-compatible server; a reply cut half-way
     keeps its text with a one-line reason."""

@@ -22,6 +22,7 @@ def two_levels():
     hub.close()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_one_prompt_streams_from_two_levels_at_once(two_levels, data_dir):
     run = CompareRun(
         two_levels,

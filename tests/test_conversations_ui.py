@@ -189,6 +189,7 @@ def test_a_prompt_too_long_is_handed_back_and_nothing_is_stored(store):
     assert store.list_conversations(workspace_of(at)) == [] and len(at.chat_message) == 0
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_workspace_stays_in_the_url_and_workspaces_are_isolated(store):
     a = short_replies(open_page())
     chat(a, "Private to A")

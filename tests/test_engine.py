@@ -43,6 +43,7 @@ def test_capital_of_france_is_paris(engine):
     assert reply.stats.completion_tokens > 0 and reply.stats.ttft_s > 0
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_kept_cache_reply_equals_recomputed_reply(engine):
     conversation, messages = uuid.uuid4().hex, []
     for turn, prompt in enumerate(PROMPTS):
@@ -81,6 +82,7 @@ def test_common_prefix_reuse_survives_an_edited_history(engine):
     assert 0 < cached.stats.reused_tokens < cached.stats.prompt_tokens
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_least_recently_used_cache_is_evicted_and_rebuilt(embedded_fp32):
     engine = Engine(embedded_fp32, kv_cache_bytes=3 * 2**20)  # about two short conversations
     try:

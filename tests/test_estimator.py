@@ -128,6 +128,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "glm_core", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_estimate_command_prints_json_per_level(tmp_path):
     done = run_cli("estimate", "--config", "chatglm2-6b", "--levels", "fp16,int8,int4", "--json")
     assert done.returncode == 0, done.stderr

@@ -81,6 +81,7 @@ def test_buckets_and_capacities():
     assert [capacity_bucket(p) for p in (1, 256, 257, 700, 2000)] == [256, 256, 512, 1024, 2048]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.parametrize("fixture", ["glm2", "glm3"])
 def test_compiled_greedy_tokens_equal_eager_on_chatglm(request, fixture):
     loaded = load_model(ModelSpec(str(request.getfixturevalue(fixture)[0]), "fp32", "cpu"))
@@ -92,6 +93,7 @@ def test_compiled_greedy_tokens_equal_eager_on_the_embedded_model(embedded_fp32)
     check_exact(embedded_fp32, [16, 5], max_batch=2)
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_engine_serves_eagerly_while_compiling_and_switches_when_ready(tiny_loaded, monkeypatch):
     gate = __import__("threading").Event()
     warm = FastDecode._warm
@@ -167,6 +169,7 @@ def test_glm_compile_setting(tiny_loaded, monkeypatch):
     assert not started
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_perplexity_through_the_compiled_step_equals_eager(tiny_loaded):
     """bench quant --compiled: the same text, tokens and windows teacher-forced through the compiled decode step
     give the eager forward's perplexity (FP32: equal up to the order of float additions)."""
@@ -200,6 +203,7 @@ def test_auto_on_cpu_compiles_one_row_and_decodes_batches_eagerly(tiny_loaded):
         engine.close()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_graphs_compile_only_while_the_engine_is_idle(tiny_loaded, monkeypatch):
     """Compiling holds the GIL for long stretches, so a graph a reply asks for (its context outgrew the capacity)
     compiles after that reply, never during it."""

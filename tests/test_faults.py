@@ -49,6 +49,7 @@ def report(**figures) -> None:
 # ---- kill -9 of the portal while 5 replies stream -----------------------------------------------------------
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_a_portal_killed_mid_reply_loses_at_most_the_last_second(data_dir, tiny_model_dir):
     portal = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "fault_portal.py"), str(data_dir), str(tiny_model_dir), "5"],
@@ -216,6 +217,7 @@ def test_a_full_disk_hands_the_prompt_back_and_the_engine_keeps_serving(full_dis
 # ---- the CLI and the portal writing to one store at once ----------------------------------------------------
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_the_cli_and_the_portal_write_one_store_at_once_without_locking_errors(data_dir, tiny_model_dir, tiny_loaded):
     store = Store(data_dir)
     prompts = [f"CLI question {i}" for i in range(8)]
@@ -295,6 +297,7 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_a_model_swap_stops_running_replies_hands_queued_prompts_back_and_frees_memory(
     data_dir, tiny_model_dir, monkeypatch
 ):

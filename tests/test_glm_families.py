@@ -55,6 +55,7 @@ def engine_reply(engine, conversation: str, messages: list[dict], max_new_tokens
     return reply, generated
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_each_family_chats_greedy_equal_to_transformers_and_keeps_its_cache(family_fp32):
     family, folder, loaded = family_fp32
     assert loaded.family == LABELS[family] and loaded.card().family == LABELS[family]
@@ -78,6 +79,7 @@ def test_each_family_chats_greedy_equal_to_transformers_and_keeps_its_cache(fami
         engine.close()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_each_family_batches_rows_exactly_as_alone(family_fp32):
     _, _, loaded = family_fp32
     jobs = [
@@ -87,6 +89,7 @@ def test_each_family_batches_rows_exactly_as_alone(family_fp32):
     assert_same_replies(together(loaded, jobs, late={2}), alone(loaded, jobs))
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.parametrize("level", ["bf16", "fp16", "int8", "int4"])
 def test_each_family_loads_and_chats_at_every_level(family_folder, level):
     family, folder = family_folder
@@ -150,6 +153,7 @@ def test_fused_experts_match_transformers_experts_on_the_same_routing(level, tol
         assert got.dtype == x.dtype and relative_error(got, expected[:rows]) < tolerance
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.parametrize("level, tolerance, perplexity_bound", [("int8", 0.1, 1.02), ("int4", 0.4, 1.15)])
 def test_moe_experts_are_quantized_while_loading(moe_folder, level, tolerance, perplexity_bound):
     """Experts quantized, weights at INT4 <= 0.45x BF16, perplexity within the bounds docs/BENCHMARKS.md sets for
@@ -179,6 +183,7 @@ def test_moe_experts_are_quantized_while_loading(moe_folder, level, tolerance, p
 # ---- the estimator and presets: MoE and MLA ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.parametrize("level", ["fp32", "bf16", "int8", "int4"])
 def test_estimated_weights_are_the_bytes_of_the_loaded_moe_model(moe_folder, level):
     """The estimator's weights (experts included) against an independent count: the distinct storages of the

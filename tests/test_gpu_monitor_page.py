@@ -136,6 +136,7 @@ def tiny_in_hub(env_cleanup, tiny_model_dir):
     hub.unload()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_unload_asks_first_and_the_chat_page_loads_the_model_again(nvml, tiny_in_hub):
     nvml(FakeNvml(init_error=pynvml.NVMLError_LibraryNotFound()))
     hub = tiny_in_hub

@@ -19,6 +19,7 @@ def hub(monkeypatch):
     hub.close()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_a_level_beside_the_main_model_within_the_budget(hub, tiny_model_dir, monkeypatch):
     main = hub.load(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))
     bf16 = ModelSpec(str(tiny_model_dir), "bf16", "cpu")
@@ -54,6 +55,7 @@ def test_a_model_that_cannot_be_predicted_is_not_loaded_beside(hub, tmp_path, ti
     assert not without_estimator.beside()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_local_models_take_turns_on_the_device(hub, tiny_model_dir):
     """Two models decoding at once step alternately: each waits at most one step of the other."""
     hub.load(ModelSpec(str(tiny_model_dir), "fp32", "cpu"))

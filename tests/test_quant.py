@@ -58,6 +58,7 @@ def test_quantized_linear_matches_float(precision, layer_type, tolerance, in_fea
     assert relative_error(out, expected) < tolerance
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_tied_output_layer_shares_the_int8_embedding(embedded_levels):
     model = embedded_levels["int4"].model
     embedding = model.get_input_embeddings()
@@ -107,6 +108,7 @@ def test_quantized_embedded_model_still_knows_paris(embedded_levels, level):
         engine.close()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_switching_precision_frees_the_old_model(tiny_model_dir):
     hub = BackendHub()
     try:
@@ -177,6 +179,7 @@ print(high_water_mark() - baseline)
 """
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's VmHWM")
 def test_int4_load_peaks_below_the_bf16_model(embedded_levels):
     """Quantizing while reading: the embedded model's INT4 load, in a fresh process, never holds as much as the

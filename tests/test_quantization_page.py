@@ -49,6 +49,7 @@ def test_a_bad_path_is_explained(page, tmp_path):
     assert page.button(key="bench_run").disabled
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_run_shows_measured_predicted_and_history_with_csv(page, tmp_path, data_dir):
     config = tmp_path / "mid.json"
     config.write_text(json.dumps(MID_GLM))
@@ -79,6 +80,7 @@ def test_run_shows_measured_predicted_and_history_with_csv(page, tmp_path, data_
     assert page.get("download_button"), "the CSV download is offered"
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_quality_run_from_the_page_shows_loss_beside_cost(page, data_dir):
     """The quality section runs the embedded model's INT8 against FP32 on the bundled text in a child process;
     the run lands in the history with its table (KL divergence, agreement, weights, tokens/s) and CSV."""

@@ -238,6 +238,7 @@ def test_a_remote_reasoning_server_s_thinking_is_kept_and_the_switch_is_sent(thi
             remote.close()
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_piped_cli_chat_gives_the_thinking_apart_and_no_thinking_skips_it(tmp_path):
     from test_cli import run_cli
 

@@ -207,6 +207,7 @@ def assert_same_reply(family, done, held, case, streamed=False):
         assert done.text == case["response"]
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 @pytest.mark.parametrize("name, case", case_params("chat"))
 def test_greedy_chat_replies(models, name, case):
     family = CHECKPOINTS[name][0]

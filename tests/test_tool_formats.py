@@ -330,6 +330,7 @@ def several_forced(engine, seeds, parallel: bool) -> list[list[dict]]:
     return found
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_parallel_forced_calls_are_one_or_more_and_one_without(engine):
     """Hermes blocks (the tiny model's template): with parallel_tool_calls one or more `<tool_call>` blocks, one per
     line; without, exactly one."""

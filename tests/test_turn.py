@@ -56,6 +56,7 @@ def test_greedy_regenerate_equals_the_original_greedy_reply(store, engine):
     assert conversation.messages[3].params["temperature"] == 0
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
 def test_edit_and_resend_equals_a_fresh_conversation(store, engine):
     ws = store.create_workspace()
     conversation, _ = run_turn(store, engine, ws, Conversation(), "What is the capital of France?")
