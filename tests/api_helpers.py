@@ -178,3 +178,40 @@ WEATHER = {
         },
     },
 }
+
+# The question the tool tests ask, and its history once the model called the tool and the tool answered.
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+ANSWERED_CALL = ASK + [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 22}'},
+]
+
+
+def start_tiny_serve(model_dir, data_dir, **env_vars: str) -> tuple[subprocess.Popen, int]:
+    """`python -m glm_core serve` on `model_dir` at FP32 on the CPU, its store in `data_dir`, with `env_vars`;
+    returns (process, port) once /health answers (its stderr is piped: the failure message when it does not)."""
+    port = free_port()
+    process = start_serve(
+        port,
+        "--model",
+        str(model_dir),
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        log=subprocess.PIPE,
+        GLM_DATA_DIR=str(data_dir),
+        **env_vars,
+    )
+    wait_until_up(process, f"http://127.0.0.1:{port}/health", 180, describe=lambda: process.stderr.read())
+    return process, port

@@ -8,7 +8,7 @@ import json
 import jsonschema
 import openai
 import pytest
-from api_helpers import WEATHER, ThreadServer
+from api_helpers import ANSWERED_CALL, ASK, WEATHER, ThreadServer
 
 from glm_core.api import ApiConfig, create_app
 from glm_core.api.config import ApiLimits
@@ -18,7 +18,6 @@ TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
 }
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +81,7 @@ def test_named_tool_call_streams_as_tool_call_deltas(api):
 
 
 def test_a_tool_result_in_the_history_gets_a_text_reply(api):
-    history = ASK + [
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 22}'},
-    ]
+    history = ANSWERED_CALL
     reply = api.chat.completions.create(model="m", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=6)
     assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content
     assert reply.choices[0].message.tool_calls is None

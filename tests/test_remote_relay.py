@@ -7,12 +7,11 @@ a 400 naming that server, one it fails is a 502, never a 500."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import jsonschema
 import openai
 import pytest
-from api_helpers import WEATHER, ThreadServer, free_port, start_serve, wait_until_up
+from api_helpers import ANSWERED_CALL, ASK, WEATHER, ThreadServer, start_tiny_serve
 from faulty_openai_server import FaultyServer
 
 from glm_core.api import ApiConfig, create_app
@@ -24,7 +23,6 @@ pytestmark = pytest.mark.server
 SERVE_MAX_TOKENS = 100  # the server's own limit, below the relay's: a request between is refused by the server
 LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_tokens=160, default_max_tokens=16)
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def client(base_url: str) -> openai.OpenAI:
@@ -33,20 +31,9 @@ def client(base_url: str) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def serve(tiny_model_dir, tmp_path_factory):
-    port = free_port()
-    process = start_serve(
-        port,
-        "--model",
-        str(tiny_model_dir),
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-        log=subprocess.PIPE,
-        GLM_DATA_DIR=str(tmp_path_factory.mktemp("serve-data")),
-        GLM_API_MAX_TOKENS=str(SERVE_MAX_TOKENS),
+    process, port = start_tiny_serve(
+        tiny_model_dir, tmp_path_factory.mktemp("serve-data"), GLM_API_MAX_TOKENS=str(SERVE_MAX_TOKENS)
     )
-    wait_until_up(process, f"http://127.0.0.1:{port}/health", 180, describe=lambda: process.stderr.read())
     yield port
     process.kill()
     process.wait()
@@ -150,20 +137,7 @@ def test_json_schema_and_a_tool_result_in_the_history_are_relayed(direct, relaye
     jsonschema.validate(json.loads(through.choices[0].message.content), schema)
     assert through.choices[0].message.content == direct.chat.completions.create(**options).choices[0].message.content
 
-    history = ASK + [
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 22}'},
-    ]
+    history = ANSWERED_CALL
     options = dict(model="m", messages=history, tools=[WEATHER], max_tokens=8, seed=5, temperature=1)
     through = relayed.chat.completions.create(**options)
     assert through.choices[0].message.content == direct.chat.completions.create(**options).choices[0].message.content

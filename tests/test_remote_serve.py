@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from api_helpers import start_tiny_serve
 from conftest import ROOT, shown
 from streamlit.testing.v1 import AppTest
 
@@ -30,28 +31,9 @@ def health(port: int) -> dict:
         return json.loads(response.read())
 
 
-def started_serve(tiny_model_dir, data_dir) -> tuple[subprocess.Popen, int]:
-    from api_helpers import free_port, start_serve, wait_until_up
-
-    port = free_port()
-    process = start_serve(
-        port,
-        "--model",
-        str(tiny_model_dir),
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-        log=subprocess.PIPE,
-        GLM_DATA_DIR=str(data_dir),
-    )
-    wait_until_up(process, f"http://127.0.0.1:{port}/health", 180, describe=lambda: process.stderr.read())
-    return process, port
-
-
 @pytest.fixture(scope="module")
 def serve(tiny_model_dir, tmp_path_factory):
-    process, port = started_serve(tiny_model_dir, tmp_path_factory.mktemp("serve-data"))
+    process, port = start_tiny_serve(tiny_model_dir, tmp_path_factory.mktemp("serve-data"))
     yield process, port
     process.kill()
     process.wait()
@@ -60,7 +42,7 @@ def serve(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def doomed_serve(tiny_model_dir, tmp_path):
     """A server of its own, for a test that kills it (the module's server stays up whatever the order)."""
-    process, port = started_serve(tiny_model_dir, tmp_path / "serve-data")
+    process, port = start_tiny_serve(tiny_model_dir, tmp_path / "serve-data")
     yield process, port
     process.kill()
     process.wait()
