@@ -65,6 +65,46 @@ def test_seeded_sampling_is_reproducible():
     assert len(set(run(7))) > 1  # it really samples
 
 
+def test_draws_follow_the_probabilities():
+    """Sampled tokens come as often as their probability says (a chi-square over 1,000 tokens at temperature 1)."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(11)
+    draws = 60_000
+    counts = torch.bincount(
+        torch.tensor(
+            [sample_next(logits, SamplingParams(temperature=1.0, top_p=1.0), generator=generator) for _ in range(draws)]
+        ),
+        minlength=1000,
+    ).double()
+    expected = torch.softmax(logits.double(), dim=-1) * draws
+    chi2_per_degree = float(((counts - expected) ** 2 / expected).sum()) / 999
+    assert 0.85 < chi2_per_degree < 1.15
+
+
+def test_one_token_more_in_the_nucleus_does_not_change_the_seeded_reply():
+    """A batched forward rounds differently from a lone one, so the nucleus can hold one token more (a near tie at
+    its edge). The same seed still draws the same tokens, unless that extra token is the one drawn."""
+    from glm_core.engine.sampling import _nucleus
+
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(8)) * 2
+    probs = torch.softmax(logits.double(), dim=-1).sort(descending=True).values
+    edge_mass = float(probs[:400].sum())  # the mass before the 401st most likely token
+    narrow, wide = (
+        SamplingParams(temperature=1.0, top_p=edge_mass - 1e-6),
+        SamplingParams(temperature=1.0, top_p=edge_mass + 1e-6),
+    )
+    assert len(_nucleus(logits, 0, narrow.top_p)[1]) == 400 and len(_nucleus(logits, 0, wide.top_p)[1]) == 401
+    edge = int(_nucleus(logits, 0, wide.top_p)[1][-1])
+
+    def run(params):
+        generator = torch.Generator().manual_seed(21)
+        return [sample_next(logits, params, generator=generator) for _ in range(300)]
+
+    alone, batched = run(narrow), run(wide)
+    differ = [i for i, (a, b) in enumerate(zip(alone, batched)) if a != b]
+    assert all(batched[i] == edge for i in differ) and len(differ) < 10
+
+
 def test_repetition_penalty_discourages_seen_tokens():
     params = SamplingParams(temperature=0, repetition_penalty=2.0)
     assert sample_next(LOGITS, params, seen_ids=torch.tensor([1])) == 2
