@@ -347,9 +347,11 @@ def test_glm4_parallel_forced_calls_open_a_turn_each(tmp_path):
 
     engine = Engine(load_model(ModelSpec(str(write_glm_folder(tmp_path / "glm", "glm")), "fp32", "cpu")))
     try:
-        several = several_forced(engine, (9, 11), parallel=True)
-        assert [len(calls) for calls in several] == [2, 2]
-        assert [len(calls) for calls in several_forced(engine, (9, 11), parallel=False)] == [1, 1]
+        several = several_forced(engine, range(12), parallel=True)
+        twice = [seed for seed, calls in enumerate(several) if len(calls) >= 2]
+        assert twice, [len(calls) for calls in several]
+        # the same seeds without parallel calls: the grammar ends the turn after the first
+        assert [len(calls) for calls in several_forced(engine, twice, parallel=False)] == [1] * len(twice)
     finally:
         engine.close()
 
