@@ -287,6 +287,9 @@ def test_cli_streams_in_a_terminal_and_ctrl_c_stops_the_reply(llama, data_dir):
         stderr=child,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # Ctrl-C as a terminal's shell leaves it: a suite started in the background (`make test &`) ignores SIGINT,
+        # its children inherit that, and Python then never raises KeyboardInterrupt (the reply went on after it)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(child)
     output, reads = b"", []
