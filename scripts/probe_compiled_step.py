@@ -1,10 +1,13 @@
-"""The compiled decode step against the eager one on static buffers, with or without inductor freezing.
+"""The compiled decode step against the eager one on static buffers, with or without inductor freezing, with or
+without the decode step's query heads grouped by key/value head (what the engine's compiled path uses).
 
     .venv/bin/python scripts/probe_compiled_step.py fp32 default 1,8 25
     .venv/bin/python scripts/probe_compiled_step.py fp32 freeze 1,8 25
+    .venv/bin/python scripts/probe_compiled_step.py int4 repeat-kv 1,8 25
 
-Arguments: level, mode (default | freeze), row counts, repeats (leave out: compile only). One process per mode
-(inductor's configuration is process-wide), each with its own inductor cache under /tmp; run it alone.
+Arguments: level, mode (default | freeze | repeat-kv: transformers' sdpa as it is, repeating keys and values per
+query head under a compile), row counts, repeats (leave out: compile only). One process per mode (inductor's
+configuration is process-wide), each with its own inductor cache under /tmp; run it alone.
 """
 
 import os
@@ -26,6 +29,8 @@ from glm_core.protocol import ModelSpec  # noqa: E402
 
 inductor_config.freezing = mode == "freeze"
 model = load_model(ModelSpec("embedded", prec, "cpu")).model
+if mode != "repeat-kv":
+    fd.group_decode_attention(model)
 cache = DynamicCache(config=model.config)
 with torch.inference_mode():
     model(input_ids=torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)

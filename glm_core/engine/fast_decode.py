@@ -131,6 +131,44 @@ def math_attention():
     return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
 
 
+GROUPED_SDPA = "sdpa_grouped_decode"
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' `sdpa` attention, except that a decode step's query heads are grouped by their key/value head
+    under torch.compile too. transformers groups them ([b, heads, 1, d] -> [b, kv_heads, heads / kv_heads, d], one
+    attention over the shared keys, no copy) only outside a compile; inside one it repeats every key and value for
+    each query head (`repeat_kv`), and inductor then wrote a [b, heads, capacity, head_dim] copy of the cache per
+    layer per step: SmolLM2 INT4, 8 rows over 256 positions, 80.6 ms a compiled step against 65.3 eager, 51.4 with
+    the grouping (scripts/probe_compiled_step.py). Prompts (several queries) go to transformers' own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+    if query.shape[2] != 1 or groups == 1 or not shared_mask:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    rows, heads, _, dim = query.shape
+    grouped = query.reshape(rows, heads // groups, groups, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def group_decode_attention(model) -> None:
+    """Route a transformers model's `sdpa` attention through `grouped_decode_attention` (the same function outside
+    a compile; registered once with sdpa's mask builder)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, grouped_decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    model.set_attn_implementation(GROUPED_SDPA)
+
+
 def step_inputs(tokens: list[int], lengths: list[int], rows: int, capacity: int, device) -> tuple:
     """input_ids, positions and mask for `rows` rows; rows past the running ones decode token 0 at position 0
     (a pad row attends to its position 0 only, so its softmax has a term and no NaN appears)."""
@@ -193,6 +231,7 @@ class FastDecode:
         idle=None,
     ):
         self.model, self.device, self.max_batch = model, device, max_batch
+        group_decode_attention(model)
         self.idle = idle or (lambda: True)  # whether the engine is generating nothing (compiles wait for that)
         self.buckets = buckets or all_buckets(max_batch)
         self.layout: tuple | None = None  # (layers, kv_heads, head_dim, dtype) of the KV cache, from a probe

@@ -41,6 +41,7 @@ from ..protocol import (
 from ..reasoning import OPEN as REASONING_OPEN
 from .constraints import Constraint, GrammarFailed
 from .context import FittingStopped, common_prefix_length, fit_to_context
+from .fast_decode import GROUPED_SDPA
 from .generation import PREFILL_CHUNK, prefill
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop
 from .kv_slots import SlotCache
@@ -415,7 +416,7 @@ class Runner:
                 return logits
         model, device = self.loaded.model, self.loaded.device
         positions, mask = slots.prepare_decode()
-        if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", GROUPED_SDPA):
             mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(
                 ~mask, torch.finfo(model.dtype).min
             )
