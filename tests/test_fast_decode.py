@@ -225,3 +225,30 @@ def test_graphs_compile_only_while_the_engine_is_idle(tiny_loaded, monkeypatch):
         assert all(idle for _, idle in started), started
     finally:
         engine.close()
+
+
+def test_grouped_decode_attention_equals_keys_repeated_per_head():
+    """The compiled step's attention (query heads grouped by key/value head, no copy of the cache) gives what
+    transformers' sdpa gives with every key and value repeated per query head, under a padding mask that differs
+    per row; a prompt's several queries go to transformers' own."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, capacity, dim = 3, 9, 3, 40, 16
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    keys, values = (torch.randn(rows, kv_heads, capacity, dim, generator=generator) for _ in range(2))
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    mask = (torch.arange(capacity)[None, :] <= torch.tensor([5, 39, 17])[:, None])[:, None, None, :]
+    ours, _ = fast_decode.grouped_decode_attention(module, query, keys, values, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(keys, 3), repeat_kv(values, 3), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    torch.testing.assert_close(ours, expected)
+    prompt = torch.randn(rows, heads, 4, dim, generator=generator)
+    causal = mask.expand(rows, 1, 4, capacity)
+    torch.testing.assert_close(
+        fast_decode.grouped_decode_attention(module, prompt, keys, values, causal, scaling=0.25)[0],
+        sdpa_attention_forward(module, prompt, keys, values, causal, scaling=0.25)[0],
+    )
