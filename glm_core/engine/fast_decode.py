@@ -139,7 +139,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling=
     under torch.compile too. transformers groups them ([b, heads, 1, d] -> [b, kv_heads, heads / kv_heads, d], one
     attention over the shared keys, no copy) only outside a compile; inside one it repeats every key and value for
     each query head (`repeat_kv`), and inductor then wrote a [b, heads, capacity, head_dim] copy of the cache per
-    layer per step: SmolLM2 INT4, 8 rows over 256 positions, 80.6 ms a compiled step against 65.3 eager, 51.4 with
+    layer per step: SmolLM2 INT4, 8 rows over 256 positions, 82.7 ms a compiled step against 66.2 eager, 53.4 with
     the grouping (scripts/probe_compiled_step.py). Prompts (several queries) go to transformers' own."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -26,7 +26,7 @@ def sample_next(
     vocab = logits.numel()
     top_k = params.top_k if 0 < params.top_k < vocab else 0
     if not top_k and params.top_p >= 1.0:
-        return _draw(logits, torch.arange(vocab), generator)
+        return _draw(logits, torch.arange(vocab, device=logits.device), generator)
     values, indices = _nucleus(logits, top_k, params.top_p)
     return _draw(values, indices, generator)
 
@@ -41,7 +41,8 @@ def _draw(logits: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | 
     forward's rounding can widen the nucleus by a near tie at its edge. (`torch.multinomial` over the kept tokens
     took as many numbers from the generator as tokens, so one token more changed every draw after it; over the whole
     vocabulary it cost 1 ms a row a step here.)"""
-    key = int(torch.randint(_MASK32 + 1, (), generator=generator))
+    device = generator.device if generator is not None else logits.device
+    key = int(torch.randint(_MASK32 + 1, (), generator=generator, device=device))
     x = (ids.to(torch.int64) * 0x9E3779B1 + key) & _MASK32
     # lowbias32 (Chris Wellons' integer hash): every input bit moves every output bit.
     x = x ^ (x >> 16)
@@ -49,9 +50,10 @@ def _draw(logits: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | 
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & _MASK32
     x = x ^ (x >> 16)
-    uniform = (x.to(torch.float64) + 0.5) / (_MASK32 + 1)
+    exact = torch.float64 if logits.device.type == "cpu" else torch.float32  # MPS has no float64
+    uniform = (x.to(exact) + 0.5) / (_MASK32 + 1)
     gumbel = -torch.log(-torch.log(uniform))
-    return int(ids[torch.argmax(logits.to(torch.float64) + gumbel)])
+    return int(ids[torch.argmax(logits.to(exact) + gumbel)])
 
 
 def _nucleus(logits: torch.Tensor, top_k: int, top_p: float, first_guess: int = 256):
