@@ -194,9 +194,10 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     says what the fast path covers, or why it is off.
 
     auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On
-    CPU, batch 1 only: `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M, 2 AVX2 cores) measured the
-    compiled step 1.36-1.52x eager at one stream and 0.91-0.98x at four, where the matrix products, not Python,
-    take the time; a batched step decodes eagerly. GLM_COMPILE=on compiles every bucket anywhere.
+    CPU, batch 1 only. `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M INT4, 2 AVX2 cores): 1.46x eager
+    at one stream, 1.14x at eight since the decode attention is grouped (0.80x before), against a cold compile of
+    60 s a graph on those cores, taken from the engine's idle time; batched steps decode eagerly.
+    GLM_COMPILE=on compiles every bucket anywhere.
     """
     if mode == "off":
         return (), "off (GLM_COMPILE=off)"
@@ -208,8 +209,8 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     if mode == "on" or loaded.device.type == "cuda":
         return all_buckets(max_batch), f"compiled steps for batches of up to {max_batch} rows"
     return (1,), (
-        "compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on CPU, where "
-        "compiling measured faster only for one row; GLM_COMPILE=on compiles every batch size)"
+        "compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on a CPU, where each "
+        "batch size is another long compile for a smaller gain; GLM_COMPILE=on compiles every batch size)"
     )
 
 
