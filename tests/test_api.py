@@ -298,6 +298,9 @@ def test_keys_from_the_environment_and_the_secrets_file(tmp_path):
     config = load_api_config({"GLM_API_KEYS": "e1, e2 s1", "GLM_API_MAX_TOKENS": "100"}, [secrets])
     assert config.keys == ("e1", "e2", "s1", "s2") and config.admin_keys == ("sa",)
     assert config.limits.max_tokens == 100 and not config.open_to_network
+    assert config.limits.default_max_tokens == 100  # the default 1024, held to the most a request may ask
+    limits = load_api_config({"GLM_API_DEFAULT_MAX_TOKENS": "256"}, []).limits
+    assert (limits.max_tokens, limits.default_max_tokens) == (4096, 256)
     secrets.write_text("api_keys = [1, 2]\n")
     with pytest.raises(ValueError, match="list of strings"):
         load_api_config({}, [secrets])

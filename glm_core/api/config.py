@@ -9,6 +9,8 @@ GLM_API_SEEDS_WITHOUT_KEY    1: the seeds' routes (/, /chat, /stream, /chat-stre
                              without a key, for their old clients that send none; /v1 and /free_gc still need one
 GLM_API_MAX_BODY_MB          request bodies larger than this are refused with 413 (default 4)
 GLM_API_MAX_TOKENS           the most tokens one request may ask to generate (default 4096)
+GLM_API_DEFAULT_MAX_TOKENS   the reply's limit when a request names none (default 1024, at most GLM_API_MAX_TOKENS;
+                             as llama.cpp's server's -n): a bound on what a client that never sets max_tokens costs
 GLM_API_MAX_EMBEDDING_INPUTS texts one embeddings request may hold (default 256)
 GLM_API_MAX_EMBEDDING_TOKENS tokens one embeddings request may hold, all inputs together (default 32768)
 GLM_API_MAX_TEXT_CHARS       characters of one text to tokenize or embed (default 100000: the tokenizer's lock is
@@ -67,9 +69,13 @@ def load_api_config(env: Mapping[str, str] | None = None, secrets_files=SECRETS_
         secrets = _read_secrets(Path(path))
         keys += _key_list(secrets.get("api_keys"), path, "api_keys")
         admin_keys += _key_list(secrets.get("api_admin_keys"), path, "api_admin_keys")
+    max_tokens = _positive_int(env, "GLM_API_MAX_TOKENS") or ApiLimits.max_tokens
     limits = ApiLimits(
         max_body_bytes=(_positive_int(env, "GLM_API_MAX_BODY_MB") or 4) * 2**20,
-        max_tokens=_positive_int(env, "GLM_API_MAX_TOKENS") or ApiLimits.max_tokens,
+        max_tokens=max_tokens,
+        default_max_tokens=min(
+            _positive_int(env, "GLM_API_DEFAULT_MAX_TOKENS") or ApiLimits.default_max_tokens, max_tokens
+        ),
         max_embedding_inputs=_positive_int(env, "GLM_API_MAX_EMBEDDING_INPUTS") or ApiLimits.max_embedding_inputs,
         max_embedding_tokens=_positive_int(env, "GLM_API_MAX_EMBEDDING_TOKENS") or ApiLimits.max_embedding_tokens,
         max_text_chars=_positive_int(env, "GLM_API_MAX_TEXT_CHARS") or ApiLimits.max_text_chars,
