@@ -30,9 +30,11 @@ run: setup
 chromium:
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-# The whole suite, after the lint (ruff: lint, import order, format; mypy on protocol.py, engine/ and api/).
+# The whole suite, after the lint (ruff: lint, import order, format; mypy on protocol.py, engine/ and api/): two
+# workers, a test file each at a time, then the tests that time something (marker solo), alone.
 test: setup chromium lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile -m "not solo"
+	$(PY) -m pytest -m solo
 
 # The fast loop: no browser, no server processes, no compiles, no peer (a few minutes).
 test-fast: setup lint

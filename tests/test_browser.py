@@ -284,6 +284,7 @@ def engine_alone(prompts, sampling) -> list[float]:
         hub.unload()
 
 
+@pytest.mark.solo
 def test_browser_speed_matches_the_engine(portal_data, server, output_dir):
     """Two sessions stream a long greedy reply each, at once; each reader sees the reply grow as it is generated:
     in many steps, none of them a long freeze. The speed as the reader saw it against the engine's figure is

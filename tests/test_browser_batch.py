@@ -6,7 +6,7 @@ import re
 import pytest
 from browser_support import CHROMIUM, CHROMIUM_ARGS
 
-pytestmark = [pytest.mark.browser, pytest.mark.server]
+pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.solo]
 
 PROMPTS = [
     "Write a 2000-word essay on the history of the Roman Empire, with a title and sections.",

@@ -30,7 +30,7 @@ from glm_core.conversations.turn import start_turn
 from glm_core.engine import Engine
 from glm_core.telemetry.memory import trim_c_heap
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.solo]
 
 SHORT = SamplingParams(max_length=512, max_new_tokens=8, temperature=0)
 LONG = SamplingParams(max_length=4096, max_new_tokens=3000, temperature=0.8, seed=1)

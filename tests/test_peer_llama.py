@@ -24,7 +24,7 @@ from glm_core.bench import llama_server
 from glm_core.conversations.store import Store
 from glm_core.sampling_defaults import compose_params
 
-pytestmark = pytest.mark.peer
+pytestmark = [pytest.mark.peer, pytest.mark.solo]
 try:
     llama_server.check_built()
 except llama_server.NotBuilt as exc:  # one line in the summary, with what to run
