@@ -36,9 +36,11 @@ test: setup chromium lint
 	$(PY) -m pytest -n 2 --dist loadfile -m "not solo"
 	$(PY) -m pytest -m solo
 
-# The fast loop: no browser, no server processes, no compiles, no peer (a few minutes).
+# The fast loop: no browser, no server processes, no compiles, no peer (a few minutes), on two workers too.
+FAST := not browser and not server and not slow and not peer
 test-fast: setup lint
-	$(PY) -m pytest -m "not browser and not server and not slow and not peer" -x -q
+	$(PY) -m pytest -n 2 --dist loadfile -m "$(FAST) and not solo" -x -q
+	$(PY) -m pytest -m "$(FAST) and solo" -x -q
 
 lint: setup
 	$(VENV)/bin/ruff check .
