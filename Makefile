@@ -30,16 +30,18 @@ run: setup
 chromium:
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-# The whole suite, after the lint (ruff: lint, import order, format; mypy on protocol.py, engine/ and api/): two
-# workers, a test file each at a time, then the tests that time something (marker solo), alone.
+# Two pytest workers, a test file each at a time; the tests that time something (marker solo) run after, alone.
+WORKERS := -n 2 --dist loadfile
+
+# The whole suite, after the lint (ruff: lint, import order, format; mypy on protocol.py, engine/ and api/).
 test: setup chromium lint
-	$(PY) -m pytest -n 2 --dist loadfile -m "not solo"
+	$(PY) -m pytest $(WORKERS) -m "not solo"
 	$(PY) -m pytest -m solo
 
 # The fast loop: no browser, no server processes, no compiles, no peer (a few minutes), on two workers too.
 FAST := not browser and not server and not slow and not peer
 test-fast: setup lint
-	$(PY) -m pytest -n 2 --dist loadfile -m "$(FAST) and not solo" -x -q
+	$(PY) -m pytest $(WORKERS) -m "$(FAST) and not solo" -x -q
 	$(PY) -m pytest -m "$(FAST) and solo" -x -q
 
 lint: setup
