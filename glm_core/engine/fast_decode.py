@@ -194,10 +194,10 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     says what the fast path covers, or why it is off.
 
     auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On
-    CPU, batch 1 only. `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M INT4, 2 AVX2 cores): 1.46x eager
-    at one stream, 1.14x at eight since the decode attention is grouped (0.80x before), against a cold compile of
-    60 s a graph on those cores, taken from the engine's idle time; batched steps decode eagerly.
-    GLM_COMPILE=on compiles every bucket anywhere.
+    CPU, batch 1 only. `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M, 2 AVX2 cores), every bucket
+    compiled: FP32 1.18x eager at one stream, 1.08x at four, 0.99x at sixteen (INT4 1.46x at one, 1.14x at eight),
+    against a cold compile of 275 s for the five graphs on those cores, taken from the engine's idle time; batched
+    steps decode eagerly. GLM_COMPILE=on compiles every bucket anywhere.
     """
     if mode == "off":
         return (), "off (GLM_COMPILE=off)"
