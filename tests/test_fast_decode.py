@@ -75,6 +75,33 @@ def check_exact(loaded, lengths, max_batch):
     assert_same(want_batch, want_alone)
 
 
+@pytest.mark.slow  # over 4 s here: left out of `make test-fast`
+def test_each_engine_runs_only_its_own_graphs(tiny_model_dir):
+    """Dynamo skips its guards on the model's modules (a millisecond a step), which is safe only because each
+    engine's graphs are its own: a second engine, over a model whose step takes the same inputs (a BF16 cache
+    of the same shape) but has other layers (INT8), compiles its own graphs while the first one lives, and each
+    gives its eager tokens through its graphs. Shared graphs fail here: the INT8 model has no float weights."""
+    bf16, int8 = (load_model(ModelSpec(str(tiny_model_dir), level, "cpu")) for level in ("bf16", "int8"))
+    jobs = greedy_jobs([12, 12])
+    want = {}
+    for name, loaded in (("bf16", bf16), ("int8", int8)):
+        eager = Engine(loaded, max_batch=2)
+        want[name] = replies(eager, jobs, together=False)
+        eager.close()
+    first = compiled_engine(bf16, 2)
+    try:
+        second = compiled_engine(int8, 2)
+        try:
+            for name, engine in (("bf16", first), ("int8", second), ("bf16", first)):
+                steps = engine.fast.steps
+                assert_same(replies(engine, jobs, together=False), want[name])
+                assert engine.fast.steps > steps and engine.card().fast_path == "ready", name
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
 def test_buckets_and_capacities():
     assert [batch_bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
     assert batch_bucket(5, 6) == 6 and batch_bucket(3, 3) == 3  # never more rows than the slot cache has

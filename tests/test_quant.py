@@ -15,7 +15,7 @@ import glm_core.models.quant as quant
 from glm_core import ModelSpec, SamplingParams
 from glm_core.backends.hub import BackendHub
 from glm_core.engine import Engine
-from glm_core.models import Precision, load_model
+from glm_core.models import Precision, cpu_kernels, load_model
 from glm_core.models.loading import STREAMED, convert_gguf, embedded_gguf_path
 from glm_core.models.quant import (
     WeightOnlyInt4Linear,
@@ -33,6 +33,17 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.fixture(params=["ours", "pytorch"])
+def int4_kernel(request, monkeypatch):
+    """The CPU INT4 kernel (and layout) a test runs with: ours (int8 activations) or PyTorch's."""
+    if request.param == "ours" and not cpu_kernels.load_int4():
+        pytest.skip(f"our INT4 kernel is not used on this machine: {cpu_kernels.INT4_REASON}")
+    monkeypatch.setattr(cpu_kernels, "_chosen", True)
+    if request.param == "pytorch":
+        monkeypatch.setattr(cpu_kernels, "INT4_MM", None)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "precision, layer_type, tolerance",
     [
@@ -41,7 +52,7 @@ def relative_error(a, b):
     ],
 )
 @pytest.mark.parametrize("in_features", [576, 1024])
-def test_quantized_linear_matches_float(precision, layer_type, tolerance, in_features):
+def test_quantized_linear_matches_float(precision, layer_type, tolerance, in_features, int4_kernel):
     torch.manual_seed(0)
     model = nn.Module()
     model.layers = nn.ModuleList([nn.Module()])
@@ -207,10 +218,13 @@ def test_cpu_int4_layout_is_understood():
     [
         (WeightOnlyInt8Linear, 200, True),
         (WeightOnlyInt4Linear, 192, True),
-        (WeightOnlyInt4Linear, 208, False),  # not a whole number of 64-row blocks: the kernel, at any row count
+        # PyTorch's layout, not a whole number of 64-row blocks: its kernel at any row count; ours: dense
+        (WeightOnlyInt4Linear, 208, None),
     ],
 )
-def test_prefill_rows_dequantize_in_blocks_and_match_the_kernel(monkeypatch, layer_type, out_features, dense_expected):
+def test_prefill_rows_dequantize_in_blocks_and_match_the_kernel(
+    monkeypatch, layer_type, out_features, dense_expected, int4_kernel
+):
     torch.manual_seed(0)
     layer = layer_type(256, out_features, True, torch.bfloat16)
     layer.set_weight(torch.randn(out_features, 256))
@@ -228,6 +242,46 @@ def test_prefill_rows_dequantize_in_blocks_and_match_the_kernel(monkeypatch, lay
     assert torch.equal(layer(x[:, :39]), kernel[:, :39])  # 117 rows: below the switch, the kernel
     assert not blocks
     dense = layer(x)  # 120 rows
-    assert bool(blocks) is dense_expected
+    assert bool(blocks) is (int4_kernel == "ours" if dense_expected is None else dense_expected)
     assert dense.shape == kernel.shape and dense.dtype == x.dtype
-    assert relative_error(dense, kernel) < 0.01
+    # Our INT4 kernel rounds the activations to int8 blocks (as llama.cpp's): the dense path does not.
+    assert relative_error(dense, kernel) < (
+        0.02 if layer_type is WeightOnlyInt4Linear and int4_kernel == "ours" else 0.01
+    )
+
+
+def quantize_activations_as_the_kernel_does(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 in blocks of 32, one scale (max |x| / 127) a block: the activations our kernel sees."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    scales = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / scales.clamp(min=1e-30)) * scales).reshape(x.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("in_features, out_features, group_size", [(576, 192, 32), (1536, 577, 64), (256, 5, 128)])
+def test_our_int4_kernel_is_the_dot_product_of_int8_activations_and_the_nibbles(
+    rows, in_features, out_features, group_size
+):
+    """Exact but for float summation order: every weight row tile (4 at a time, and a last partial one), group
+    sizes of one and several blocks, one row (nibbles unpacked on the fly) and many (a tile unpacked once)."""
+    if not cpu_kernels.load_int4():
+        pytest.skip(f"our INT4 kernel is not used on this machine: {cpu_kernels.INT4_REASON}")
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    q, scales_and_zeros = quantize_int4(weight, group_size)
+    packed, scales_offsets = quant.pack_int4_blocks(q, scales_and_zeros, torch.bfloat16)
+    dequantized = quant.unpack_int4_blocks(packed, scales_offsets, torch.float64)
+    x = torch.randn(rows, in_features, generator=generator) * torch.linspace(0.01, 10, in_features)
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        got = cpu_kernels.INT4_MM(xd, packed, scales_offsets, group_size)
+        assert got.dtype == dtype and got.shape == (rows, out_features)
+        # The scales multiply the int8 activations; the offsets, the exact activations' sums.
+        scales, offsets = (t.repeat_interleave(group_size, 1) for t in scales_offsets.double().unbind(-1))
+        nibbles = (dequantized - offsets) / scales
+        exact = quantize_activations_as_the_kernel_does(xd).double() @ (nibbles * scales).T + xd.double() @ offsets.T
+        assert torch.equal(nibbles.round(), nibbles) and nibbles.min() >= 0 and nibbles.max() <= 15
+        assert relative_error(got, exact) < (1e-5 if dtype is torch.float32 else 5e-3)
+        # ... and close to the float product: the activations' rounding is all it adds.
+        assert relative_error(got, xd.double() @ dequantized.T) < 0.03

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..settings import DEFAULT_GROUP_SIZE
+from . import cpu_kernels
 from .precision import Precision
 
 
@@ -141,10 +142,16 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
 
 def pack_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight in the device's int4 kernel layout, scales_and_zeros float32) of a float [out, in] weight."""
+    """(packed weight in the device's int4 kernel layout, scales) of a float [out, in] weight.
+
+    On CPU the layout is our kernel's where it was chosen (`cpu_kernels.load_int4`: nibbles by blocks of 32 input
+    channels, scales [out, groups, 2] as (scale, offset)), else PyTorch's; elsewhere scales_and_zeros is
+    [groups, out, 2] as (scale, zero) in float32."""
     q, scales_and_zeros = quantize_int4(weight, group_size)
     in_features = weight.shape[1]
     if weight.device.type == "cpu":
+        if cpu_kernels.load_int4():
+            return pack_int4_blocks(q, scales_and_zeros, torch.float32)
         return torch._convert_weight_to_int4pack_for_cpu(q, int4_inner_k_tiles(in_features)), scales_and_zeros
     packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
     if weight.device.type == "cuda":
@@ -152,10 +159,38 @@ def pack_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
     return packed, scales_and_zeros  # no kernel: keep the nibbles two a byte and dequantize in forward
 
 
+def pack_int4_blocks(
+    q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our CPU kernel's layout of `quantize_int4`'s output: [out, in / 2] bytes, per block of 32 input channels
+    byte j = channel j (low nibble) and channel 16 + j (high nibble); and [out, groups, 2] (scale, offset) in
+    `dtype`, where w = q * scale + offset."""
+    out_features, in_features = q.shape
+    halves = q.reshape(out_features, in_features // 32, 2, 16).to(torch.uint8)
+    packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, in_features // 2)
+    scales, zeros = scales_and_zeros.unbind(-1)  # [groups, out] each
+    scales_offsets = torch.stack([scales, zeros - 8 * scales], dim=-1).transpose(0, 1).to(dtype).contiguous()
+    return packed, scales_offsets
+
+
+def unpack_int4_blocks(packed: torch.Tensor, scales_offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float rows back from `pack_int4_blocks`' layout (rows [r, in / 2] and their [r, groups, 2] scales)."""
+    rows, groups = scales_offsets.shape[:2]
+    blocks = packed.view(rows, -1, 16)
+    q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).to(dtype).view(rows, groups, -1)
+    scales, offsets = scales_offsets.to(dtype).unbind(-1)
+    return q.mul_(scales[..., None]).add_(offsets[..., None]).view(rows, -1)
+
+
 def int4_matmul(
     x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, in_features: int
 ) -> torch.Tensor:
-    """x @ W.T for W packed by `pack_int4` (out rows = scales_and_zeros.shape[1])."""
+    """x @ W.T for W packed by `pack_int4`."""
+    if x.device.type == "cpu" and cpu_kernels.INT4_MM is not None:  # our layout (see pack_int4)
+        if x.shape[0] < INT4_DENSE_MIN_ROWS:
+            return cpu_kernels.INT4_MM(x, weight, scales_and_zeros, group_size)
+        rows = lambda start, stop: unpack_int4_blocks(weight[start:stop], scales_and_zeros[start:stop], x.dtype)  # noqa: E731
+        return dense_in_blocks(x, weight.shape[0], rows)
     out_features = scales_and_zeros.shape[1]
     if x.device.type == "cpu":
         # Few rows (every decode step) never ask for the block layout: that probe is a cached Python call

@@ -1,0 +1,171 @@
+"""Our own CPU kernel for INT4 decoding, built on first use and kept only where it measures faster.
+
+PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) turns every weight into a float and multiplies in
+float: at one row (a decode step) that is bound by the core, not by memory. `kernels/int4_cpu.cpp` quantizes the
+activations to int8 blocks of 32 and multiplies them with the nibbles by integer dot products (AVX2's maddubs),
+as llama.cpp's CPU kernels do. It needs AVX2 and FMA, a C++ compiler (the one inductor uses) and PyTorch's
+headers, all of which the compiled decode path needs already.
+
+The choice is made once per process, by measurement (`load_int4`): the kernel is built (g++, about 10 s; the
+library is kept under GLM_CACHE_DIR/kernels and reused), then timed against PyTorch's kernel at one row on a
+2048 x 2048 weight; it is used only when faster. GLM_CPU_KERNELS=off keeps PyTorch's kernel. The weight layout
+follows the choice (see `glm_core.models.quant.pack_int4`), so a process never mixes the two.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "int4_cpu.cpp"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
+
+# The decision, made by `load_int4`: the op (or None: PyTorch's kernel) and why. Module globals rather than a
+# cached function, so that a compiled decode step reads them without a call it cannot trace.
+INT4_MM = None
+INT4_REASON = "not chosen yet"
+_chosen = False
+
+
+def load_int4() -> bool:
+    """Build, load and time the INT4 kernel once per process; True when it is used (`INT4_MM` is set)."""
+    global INT4_MM, INT4_REASON, _chosen
+    if _chosen:
+        return INT4_MM is not None
+    _chosen = True
+    try:
+        why_not = _unsupported()
+        if why_not:
+            INT4_REASON = f"PyTorch's int4 kernel ({why_not})"
+            return False
+        op = _load(_build())
+        ours, theirs = _time_against_pytorch(op)
+    except Exception as exc:  # a missing compiler, a failed build: PyTorch's kernel still works
+        INT4_REASON = f"PyTorch's int4 kernel (ours could not be built or loaded: {str(exc).strip()[-300:]})"
+        log.warning("INT4: %s", INT4_REASON)
+        return False
+    figures = f"one row, 2048 x 2048: ours {ours:.0f} us, PyTorch's {theirs:.0f} us"
+    if ours >= theirs:
+        INT4_REASON = f"PyTorch's int4 kernel (measured faster here; {figures})"
+        return False
+    INT4_MM, INT4_REASON = op, f"int8-activation int4 kernel ({figures})"
+    log.info("INT4: %s", INT4_REASON)
+    return True
+
+
+def _unsupported() -> str | None:
+    if os.environ.get("GLM_CPU_KERNELS", "auto").lower() == "off":
+        return "GLM_CPU_KERNELS=off"
+    if not sys.platform.startswith("linux"):
+        return "our kernel is built on Linux only"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the CPU has no AVX2"
+    flags = Path("/proc/cpuinfo").read_text().split("\nflags", 1)[-1].split("\n", 1)[0].split()
+    if not {"avx2", "fma"} <= set(flags):
+        return "the CPU has no AVX2 and FMA"
+    return None
+
+
+def _library_path() -> Path:
+    from torch.utils import cpp_extension
+
+    from ..settings import load_settings
+
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                SOURCE.read_bytes(),
+                torch.__version__.encode(),
+                " ".join(FLAGS).encode(),
+                *map(str.encode, cpp_extension.include_paths()),
+            ]
+        )
+    ).hexdigest()[:16]
+    return load_settings().cache_dir / "kernels" / f"int4_cpu-{key}.so"
+
+
+def _build() -> Path:
+    """The kernel's shared library, compiled once per source, PyTorch version and flags (a lock keeps parallel
+    processes from compiling it twice; the library appears whole or not at all)."""
+    from torch.utils import cpp_extension
+
+    target = _library_path()
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        torch_lib = cpp_extension.library_paths()[0]
+        command = [
+            os.environ.get("CXX", "g++"),
+            *FLAGS,
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *(f"-I{p}" for p in cpp_extension.include_paths()),
+            str(SOURCE),
+            "-o",
+            str(partial),
+            f"-L{torch_lib}",
+            "-ltorch",
+            "-ltorch_cpu",
+            "-lc10",
+            f"-Wl,-rpath,{torch_lib}",
+        ]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"g++ failed: {done.stderr[-2000:]}")
+        partial.replace(target)
+        log.info("INT4 kernel built in %.1f s: %s", time.perf_counter() - started, target)
+    return target
+
+
+def _load(path: Path):
+    if not hasattr(torch.ops.glm_cpu, "int4_mm"):
+        torch.ops.load_library(str(path))
+
+        @torch.library.register_fake("glm_cpu::int4_mm")
+        def _(x, weight, scales_offsets, group_size):
+            return x.new_empty(x.shape[0], weight.shape[0])
+
+    return torch.ops.glm_cpu.int4_mm.default
+
+
+def _time_against_pytorch(op, size: int = 2048, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
+    """Median microseconds of one row through each kernel, alternated, on the same random weight."""
+    from .quant import pack_int4_blocks, quantize_int4
+
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    q, scales_and_zeros = quantize_int4(weight, group_size)
+    ours_weight, scales_offsets = pack_int4_blocks(q, scales_and_zeros, torch.bfloat16)
+    theirs_weight = torch._convert_weight_to_int4pack_for_cpu(q, 8)
+    theirs_scales = scales_and_zeros.to(torch.bfloat16)
+    x = torch.randn(1, size, dtype=torch.bfloat16)
+    runs = {
+        "ours": lambda: op(x, ours_weight, scales_offsets, group_size),
+        "theirs": lambda: torch._weight_int4pack_mm_for_cpu(x, theirs_weight, group_size, theirs_scales),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for run in runs.values():
+            run()  # warm
+        for _ in range(repeats):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - started)
+    return tuple(1e6 * statistics.median(times[name]) for name in ("ours", "theirs"))  # type: ignore[return-value]
