@@ -62,7 +62,9 @@ def create_app(
         backend = state.current_backend()
         if backend is None:
             return JSONResponse({"status": "no model loaded"}, status_code=503)
-        return {"status": "ok", "model": model_name(backend), **backend.load_report().to_dict()}
+        health = {"status": "ok", "model": model_name(backend), **backend.load_report().to_dict()}
+        fast_path = backend.card().fast_path  # a local engine's compiled decode path: off, compiling, ready, ...
+        return health | ({"fast_path": fast_path} if fast_path else {})
 
     return app
 

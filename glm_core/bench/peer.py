@@ -5,8 +5,11 @@ first token of each, and ours / theirs. One server runs at a time, so neither ta
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +30,20 @@ def our_server(model: Path, precision: str, log_file: Path | None = None, timeou
         yield url
 
 
+def wait_for_fast_path(url: str, timeout_s: float) -> str:
+    """Wait while the server compiles its decode step (a portal that has run a while has it ready; measuring
+    meanwhile would measure the compiler on the same cores). Returns the fast path's state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(url + "/health", timeout=5) as response:
+            state = json.load(response).get("fast_path", "off")
+        if state != "compiling":
+            return state
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server's compiled decode step was not ready after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def run_peer_bench(
     model: Path,
     streams: list[int],
@@ -36,9 +53,11 @@ def run_peer_bench(
     threads: int | None = None,
     llama_model: Path | None = None,
     log_dir: Path | None = None,
+    compile_timeout_s: float = 900,
 ) -> dict:
-    """llama-server on `llama_model` (default: the same file), then our server on `model` at each of `precisions`;
-    each measured alone by the same client. Ratios are ours / llama.cpp's per stream count."""
+    """llama-server on `llama_model` (default: the same file), then our server on `model` at each of `precisions`
+    once its compiled decode step is ready (GLM_COMPILE as the environment says); each measured alone by the same
+    client. Ratios are ours / llama.cpp's per stream count."""
     threads = threads or default_threads()
     logs = (lambda name: log_dir / name) if log_dir else (lambda name: None)
     with running_server(
@@ -50,9 +69,10 @@ def run_peer_bench(
         log_file=logs("llama-server.log"),
     ) as url:
         theirs = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
-    ours = {}
+    ours, fast_paths = {}, {}
     for precision in precisions:
         with our_server(model, precision, log_file=logs(f"serve-{precision}.log")) as url:
+            fast_paths[precision] = wait_for_fast_path(url, compile_timeout_s)
             ours[precision] = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
     by_streams = {run["streams"]: run for run in theirs["runs"]}
     ratios = {
@@ -76,6 +96,7 @@ def run_peer_bench(
         "max_new_tokens": max_new_tokens,
         "llama_cpp": theirs,
         "ours": ours,
+        "fast_path": fast_paths,
         "ratios": ratios,
     }
 
@@ -94,7 +115,7 @@ def format_peer_report(r: dict) -> str:
     for precision, result in r["ours"].items():
         for run, ratio in zip(result["runs"], r["ratios"][precision]):
             lines.append(
-                f"{'ours ' + precision:<22} {run['streams']:>7}  "
+                f"{'ours ' + precision + ' (' + r['fast_path'][precision] + ')':<22} {run['streams']:>7}  "
                 f"{run['aggregate_tokens_per_s']:>15.1f}  {run['ttft_median_s']:>10.2f}s  "
                 f"{ratio['tokens_per_s']:>15.2f}x  {ratio['ttft']:>14.2f}x"
             )

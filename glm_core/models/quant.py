@@ -44,6 +44,10 @@ ROW_CHUNK = 2048  # rows quantized at a time: float temporaries stay small even 
 # block and multiplied with the dense kernel instead of the fused weight-only one (see the module docstring).
 INT8_DENSE_MIN_ROWS = 16
 INT4_DENSE_MIN_ROWS = 192
+# Our INT4 kernel (cpu_kernels) costs about 23 us a row on a 576 x 1536 layer; dequantizing that layer to
+# float32 and the dense product cost 0.9 ms plus 13 us a row (AVX2, 2 cores): level at about 100 rows, dense 1.15x
+# faster at 128 (docs/BENCHMARKS.md).
+OUR_INT4_DENSE_MIN_ROWS = 128
 DENSE_BLOCK_BYTES = 16 * 2**20  # one block of dequantized rows, the dense path's transient
 
 
@@ -187,10 +191,14 @@ def int4_matmul(
 ) -> torch.Tensor:
     """x @ W.T for W packed by `pack_int4`."""
     if x.device.type == "cpu" and cpu_kernels.INT4_MM is not None:  # our layout (see pack_int4)
-        if x.shape[0] < INT4_DENSE_MIN_ROWS:
+        if x.shape[0] < OUR_INT4_DENSE_MIN_ROWS:
             return cpu_kernels.INT4_MM(x, weight, scales_and_zeros, group_size)
-        rows = lambda start, stop: unpack_int4_blocks(weight[start:stop], scales_and_zeros[start:stop], x.dtype)  # noqa: E731
-        return dense_in_blocks(x, weight.shape[0], rows)
+        dtype = cpu_kernels.DENSE_DTYPE  # float32 where BF16's dense kernel is emulated (5x slower on AVX2)
+
+        def float_rows(start: int, stop: int) -> torch.Tensor:
+            return unpack_int4_blocks(weight[start:stop], scales_and_zeros[start:stop], dtype)
+
+        return dense_in_blocks(x.to(dtype), weight.shape[0], float_rows).to(x.dtype)
     out_features = scales_and_zeros.shape[1]
     if x.device.type == "cpu":
         # Few rows (every decode step) never ask for the block layout: that probe is a cached Python call
