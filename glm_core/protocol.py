@@ -569,6 +569,7 @@ class ModelCard:
     family_source: str | None = None  # how the ChatGLM generation was decided
     checkpoint: str | None = None  # what was special about the checkpoint (pre-quantized by THUDM)
     precision_source: str | None = None  # why "auto" chose the level it did
+    kernel: str | None = None  # INT4 on a CPU: whose kernel its layers use, and the timing that chose it
     # ---- the local engine over it
     max_batch: int | None = None
     batched_decode: bool | None = None

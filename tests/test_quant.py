@@ -141,6 +141,10 @@ def test_engine_reports_weights_kv_and_memory(embedded_levels):
     assert 0 < card.quantized_weights_bytes < card.weights_bytes < bf16.weights_bytes
     # SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values, 2 bytes each.
     assert bf16.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
+    # INT4 on a CPU: the card says whose kernel its layers use, and the timing that chose it.
+    kernel = embedded_levels["int4"].card().kernel
+    assert kernel.startswith("INT4 layers: ") and ("int8-activation" in kernel or "PyTorch" in kernel)
+    assert card.kernel is None and bf16.kernel is None
     engine = Engine(embedded_levels["int8"])
     try:
         report = engine.memory_report()

@@ -91,6 +91,8 @@ def model_card(engine: Backend) -> None:
         st.caption(plain(card.checkpoint))
     if card.precision_source:
         st.caption(plain(card.precision_source))
+    if card.kernel:
+        st.caption(plain(card.kernel))
     memory = engine.memory_report()
     st.caption(
         f"weights {(card.weights_bytes or 0) / 2**20:,.0f} MiB "

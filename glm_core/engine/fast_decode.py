@@ -30,6 +30,8 @@ import torch
 import torch.nn.attention
 from transformers.cache_utils import Cache
 
+from ..models.openmp import release_pool
+
 _LIVE: set[int] = set()  # FastDecode objects whose compile thread has not ended (ids)
 _LIVE_LOCK = threading.Lock()
 
@@ -381,6 +383,8 @@ class FastDecode:
         except Exception as exc:
             self.fail(_reason(exc))
             return
+        finally:
+            release_pool()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -397,6 +401,8 @@ class FastDecode:
                 log.exception("compiling the decode step %s failed", key)
                 self.fail(_reason(exc))
                 return
+            finally:
+                release_pool()  # this thread's OpenMP workers would slow the worker's every step (see openmp.py)
             with self._cond:
                 self.compile_seconds[key] = time.perf_counter() - started
                 self._ready.add(key)

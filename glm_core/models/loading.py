@@ -22,6 +22,7 @@ from ..protocol import ModelCard, ModelLoadError, ModelSpec
 from ..sampling_defaults import model_defaults, read_generation_config
 from ..settings import EMBEDDED, load_settings
 from ..telemetry.memory import kv_bytes_per_token, trim_c_heap
+from . import cpu_kernels
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, ChatGLM6BFormat, TemplateChatFormat
 from .chatglm.checkpoint import (
     FAMILIES,
@@ -35,6 +36,7 @@ from .chatglm.glm6b import glm6b_config, ice_tokenizer_file, load_glm6b_model
 from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, TokenizerMismatch
 from .chatglm.tokenizer import ChatGLMTokenizer
 from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
+from .openmp import release_pool
 from .precision import Precision, auto_cpu_precision, parse_precision, resolve_device
 from .quant import experts_per_token, parameter_counts, quantize_loaded_model, weight_bytes
 
@@ -246,6 +248,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     if precision_source:
         extra["precision_source"] = precision_source
+    if precision is Precision.INT4 and device.type == "cpu" and cpu_kernels.chosen():
+        extra["kernel"] = f"INT4 layers: {cpu_kernels.INT4_REASON}"
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
     extra.setdefault(
@@ -257,6 +261,7 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     trim_c_heap()  # the float temporaries of quantizing while loading were freed: give their pages back too
     progress(0.95, "Checking one forward pass")
     _smoke_test(model, device, precision, name)
+    release_pool()  # the engine's worker runs the model from now on: this thread's OpenMP workers would slow it
     progress(1.0, "Ready")
     counts = parameter_counts(model, experts_per_token(model.config))
     return LoadedModel(
