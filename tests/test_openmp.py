@@ -1,0 +1,37 @@
+"""The threads that run a model besides the engine's worker give back their OpenMP worker threads."""
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from glm_core.models.openmp import release_pool
+
+
+def threads_now() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.get_num_threads() < 2, reason="Linux, 2+ threads")
+def test_a_thread_that_ran_parallel_work_gives_its_workers_back():
+    seen = {}
+
+    def job():
+        seen["before"] = threads_now()
+        torch.ones(4096, 4096).mul_(2).sum()  # a parallel region: this thread now keeps a pool of workers
+        seen["with pool"] = threads_now()
+        seen["released"] = release_pool()
+        deadline = time.monotonic() + 5
+        while threads_now() >= seen["with pool"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["after"] = threads_now()
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    worker.join()
+    assert seen["released"] is True
+    assert seen["with pool"] > seen["before"]  # the pool's workers were started ...
+    assert seen["after"] < seen["with pool"]  # ... and have ended
