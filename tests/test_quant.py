@@ -235,11 +235,13 @@ def test_prefill_rows_dequantize_in_blocks_and_match_the_kernel(
     layer.bias.copy_(torch.randn(out_features))
     x = torch.randn(3, 40, 256)
     monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS", 10**9)
+    monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS_FP32", 10**9)
     monkeypatch.setattr(quant, "INT4_DENSE_MIN_ROWS", 10**9)
     monkeypatch.setattr(quant, "OUR_INT4_DENSE_MIN_ROWS", 10**9)
     kernel = layer(x)
     blocks = []
     monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS", 120)
+    monkeypatch.setattr(quant, "INT8_DENSE_MIN_ROWS_FP32", 120)
     monkeypatch.setattr(quant, "INT4_DENSE_MIN_ROWS", 120)
     monkeypatch.setattr(quant, "OUR_INT4_DENSE_MIN_ROWS", 120)
     monkeypatch.setattr(quant, "DENSE_BLOCK_BYTES", 64 * 256 * 2)  # 64-row blocks: several, and a partial last one

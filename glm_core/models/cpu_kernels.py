@@ -35,15 +35,12 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 # cached function, so that a compiled decode step reads them without a call it cannot trace.
 INT4_MM = None
 INT4_REASON = "not chosen yet"
-# The dtype our layout's many-row (prefill) path dequantizes to for the dense product: BF16 where it measures
-# faster than float32 (native BF16: AVX-512 BF16, AMX), else float32.
-DENSE_DTYPE = torch.float32
 _chosen = False
 
 
 def load_int4() -> bool:
     """Build, load and time the INT4 kernel once per process; True when it is used (`INT4_MM` is set)."""
-    global INT4_MM, INT4_REASON, DENSE_DTYPE, _chosen
+    global INT4_MM, INT4_REASON, _chosen
     if _chosen:
         return INT4_MM is not None
     _chosen = True
@@ -63,7 +60,6 @@ def load_int4() -> bool:
         INT4_REASON = f"PyTorch's int4 kernel (measured faster here; {figures})"
         return False
     INT4_MM, INT4_REASON = op, f"int8-activation int4 kernel ({figures})"
-    DENSE_DTYPE = _faster_dense_dtype()
     log.info("INT4: %s", INT4_REASON)
     return True
 
@@ -178,20 +174,3 @@ def _time_against_pytorch(op, size: int = 2048, group_size: int = 32, repeats: i
                 run()
                 times[name].append(time.perf_counter() - started)
     return tuple(1e6 * statistics.median(times[name]) for name in ("ours", "theirs"))  # type: ignore[return-value]
-
-
-def _faster_dense_dtype(rows: int = 128, width: int = 1024, repeats: int = 5) -> torch.dtype:
-    """float32 or bfloat16, whichever multiplies [rows, width] x [width, width] faster here (median of 5)."""
-    generator = torch.Generator().manual_seed(0)
-    x, w = torch.randn(rows, width, generator=generator), torch.randn(width, width, generator=generator)
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        xd, wd = x.to(dtype), w.to(dtype)
-        torch.nn.functional.linear(xd, wd)  # warm
-        samples = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            torch.nn.functional.linear(xd, wd)
-            samples.append(time.perf_counter() - started)
-        times[dtype] = statistics.median(samples)
-    return min(times, key=times.__getitem__)

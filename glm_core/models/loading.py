@@ -22,7 +22,7 @@ from ..protocol import ModelCard, ModelLoadError, ModelSpec
 from ..sampling_defaults import model_defaults, read_generation_config
 from ..settings import EMBEDDED, load_settings
 from ..telemetry.memory import kv_bytes_per_token, trim_c_heap
-from . import cpu_kernels
+from . import cpu_kernels, quant
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, ChatGLM6BFormat, TemplateChatFormat
 from .chatglm.checkpoint import (
     FAMILIES,
@@ -248,6 +248,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     if precision_source:
         extra["precision_source"] = precision_source
+    if precision in (Precision.INT8, Precision.INT4) and device.type == "cpu":
+        quant.choose_dense_dtype()  # before any compiled step reads it
     if precision is Precision.INT4 and device.type == "cpu" and cpu_kernels.chosen():
         extra["kernel"] = f"INT4 layers: {cpu_kernels.INT4_REASON}"
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads

@@ -18,11 +18,18 @@ scales) plus the dense product (37 ms for 128 rows). So from `INT8_DENSE_MIN_ROW
 densely (`dense_in_blocks`). That block is the only transient: 16 MiB of BF16 rows, plus for INT4 about 1.5 times
 as much again in unpacked uint8 temporaries, whatever the layer's size; no float copy of a whole weight is kept or
 made. Decoding (one row) always uses the fused kernels. Figures: docs/BENCHMARKS.md, "Prefill at INT8/INT4".
+
+Those figures are from a CPU with native BF16. Where BF16's dense product is emulated (AVX2: 5x slower than
+float32), the dense path multiplies in float32 instead (`choose_dense_dtype` measures which, once per process),
+and INT8 keeps the fused kernel up to `INT8_DENSE_MIN_ROWS_FP32` rows. Our own INT4 CPU kernel (`cpu_kernels`,
+int8 activations) goes dense from `OUR_INT4_DENSE_MIN_ROWS`.
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +51,13 @@ ROW_CHUNK = 2048  # rows quantized at a time: float temporaries stay small even 
 # block and multiplied with the dense kernel instead of the fused weight-only one (see the module docstring).
 INT8_DENSE_MIN_ROWS = 16
 INT4_DENSE_MIN_ROWS = 192
+# Where the dense product runs in float32 (a CPU without native BF16, whose BF16 product is emulated: 5x slower
+# than float32 on AVX2), PyTorch's int8 kernel stays faster far longer: on 576 -> 49,152 (the output layer) 14 ms
+# at 16 rows against 56 ms dense, 57 against 81 ms at 64 (AVX2, 2 cores; docs/BENCHMARKS.md).
+INT8_DENSE_MIN_ROWS_FP32 = 96
+# The dtype of the dense product, measured once per process by `choose_dense_dtype` (a model load on the CPU
+# calls it): BF16 where it multiplies faster than float32 (native BF16: AVX-512 BF16, AMX), else float32.
+DENSE_DTYPE: torch.dtype | None = None
 # Our INT4 kernel (cpu_kernels) costs about 23 us a row on a 576 x 1536 layer; dequantizing that layer to
 # float32 and the dense product cost 0.9 ms plus 13 us a row (AVX2, 2 cores): level at about 100 rows, dense 1.15x
 # faster at 128 (docs/BENCHMARKS.md).
@@ -123,6 +137,27 @@ def cpu_int4_block_rows() -> int | None:
     return None
 
 
+def choose_dense_dtype(rows: int = 128, width: int = 1024, repeats: int = 5) -> torch.dtype:
+    """Set `DENSE_DTYPE` once per process: float32 or BF16, whichever multiplies [rows, width] x [width, width]
+    faster here (median of `repeats`; about 0.3 s on AVX2)."""
+    global DENSE_DTYPE
+    if DENSE_DTYPE is None:
+        generator = torch.Generator().manual_seed(0)
+        x, w = torch.randn(rows, width, generator=generator), torch.randn(width, width, generator=generator)
+        times = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, wd = x.to(dtype), w.to(dtype)
+            F.linear(xd, wd)  # warm
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                F.linear(xd, wd)
+                samples.append(time.perf_counter() - started)
+            times[dtype] = statistics.median(samples)
+        DENSE_DTYPE = min(times, key=times.__getitem__)
+    return DENSE_DTYPE
+
+
 def dense_in_blocks(x: torch.Tensor, out_features: int, dequantize_rows, row_multiple: int = 1) -> torch.Tensor:
     """x @ W.T with W dequantized `DENSE_BLOCK_BYTES` of output rows at a time: the dense kernel's speed on many
     rows, and a transient of one block, never a float copy of the whole weight.
@@ -138,11 +173,13 @@ def dense_in_blocks(x: torch.Tensor, out_features: int, dequantize_rows, row_mul
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ W.T for W = int8 rows `weight` [out, in] times `scales` [out]: the fused kernel for few rows, the dense
     one block by block for many on CPU (see the module docstring)."""
-    dense = x.device.type == "cpu" and x.shape[0] >= INT8_DENSE_MIN_ROWS
+    dtype = (DENSE_DTYPE or x.dtype) if x.device.type == "cpu" else x.dtype
+    min_rows = INT8_DENSE_MIN_ROWS if dtype != torch.float32 else INT8_DENSE_MIN_ROWS_FP32
+    dense = x.device.type == "cpu" and x.shape[0] >= min_rows
     if x.device.type in ("cpu", "cuda") and not dense:
         return torch._weight_int8pack_mm(x, weight, scales)
-    # int8 values are exact in BF16/FP16, and the per-row scale moves to the output, as the kernel applies it.
-    return dense_in_blocks(x, weight.shape[0], lambda a, b: weight[a:b].to(x.dtype)) * scales
+    # int8 values are exact in BF16/FP16/FP32, and the per-row scale moves to the output, as the kernel applies it.
+    return (dense_in_blocks(x.to(dtype), weight.shape[0], lambda a, b: weight[a:b].to(dtype)) * scales).to(x.dtype)
 
 
 def pack_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +230,7 @@ def int4_matmul(
     if x.device.type == "cpu" and cpu_kernels.INT4_MM is not None:  # our layout (see pack_int4)
         if x.shape[0] < OUR_INT4_DENSE_MIN_ROWS:
             return cpu_kernels.INT4_MM(x, weight, scales_and_zeros, group_size)
-        dtype = cpu_kernels.DENSE_DTYPE  # float32 where BF16's dense kernel is emulated (5x slower on AVX2)
+        dtype = DENSE_DTYPE or x.dtype  # float32 where BF16's dense kernel is emulated (5x slower on AVX2)
 
         def float_rows(start: int, stop: int) -> torch.Tensor:
             return unpack_int4_blocks(weight[start:stop], scales_and_zeros[start:stop], dtype)
