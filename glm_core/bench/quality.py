@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -94,9 +95,20 @@ class LevelScores:
 
 @torch.inference_mode()
 def _window_logprobs(loaded, window_ids: list[int]) -> torch.Tensor:
-    """log-softmax of the next-token logits at every input position of one window, float32 on the CPU."""
+    """log-softmax of the next-token logits at every input position of one window, float32 on the CPU.
+
+    Every position goes through the layers' decode kernels, as each generated token does: our INT4 CPU kernel
+    rounds the activations to int8 blocks, which the dense path a long prompt takes would hide (a level's loss
+    here is what its replies see)."""
+    from ..models import quant
+
     chunk = torch.tensor([window_ids[:-1]], device=loaded.device)
-    logits = loaded.model(input_ids=chunk).logits[0].float()
+    dense_from = quant.OUR_INT4_DENSE_MIN_ROWS
+    quant.OUR_INT4_DENSE_MIN_ROWS = sys.maxsize
+    try:
+        logits = loaded.model(input_ids=chunk).logits[0].float()
+    finally:
+        quant.OUR_INT4_DENSE_MIN_ROWS = dense_from
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
