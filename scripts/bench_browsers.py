@@ -65,20 +65,54 @@ def loaded_model(url: str, deadline: float = 300) -> str:
     return report["model"]
 
 
+PORTAL_PID: int | None = None  # set once the portal runs: its CPU time is read beside the engine's rate
+ENGINE_THREADS: list[int] = []  # the engine's worker and its OpenMP helper: the portal's two busiest threads
+# in the first window (API streams only)
+
+
+def cpu_seconds() -> tuple[dict[str, float], dict[int, float]]:
+    """CPU seconds (user + system) so far of the portal process, chromium's processes and this process (the
+    clients); and of each of the portal's threads."""
+    import psutil
+
+    def total(process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    portal = psutil.Process(PORTAL_PID)
+    figures = {"portal": total(portal), "chromium": 0.0, "clients": total(psutil.Process())}
+    for process in psutil.process_iter(["name"]):
+        if "chrom" in (process.info["name"] or "").lower():
+            try:
+                figures["chromium"] += total(process)
+            except psutil.Error:  # ended meanwhile
+                pass
+    return figures, {t.id: t.user_time + t.system_time for t in portal.threads()}
+
+
 def window(url: str, sessions: int, seconds: float, deadline: float = 300) -> dict:
-    """Wait until `sessions` conversations are running, then the engine's decoded tokens over `seconds`."""
+    """Wait until `sessions` conversations are running, then the engine's decoded tokens over `seconds`, and
+    how the cores' time was shared meanwhile (CPU seconds per second of the window): the portal (its engine
+    threads and the rest: Streamlit's sessions, the API), chromium, the clients."""
     give_up = time.monotonic() + deadline
     while health(url).get("running", 0) < sessions:
         if time.monotonic() > give_up:
             raise RuntimeError(f"{sessions} conversations never ran together: {health(url)}")
         time.sleep(0.2)
     time.sleep(2)  # the last one's prefill is done: decode steps only
-    first, started = health(url), time.perf_counter()
+    first, (cpu_first, threads_first), started = health(url), cpu_seconds(), time.perf_counter()
     time.sleep(seconds)
-    last, elapsed = health(url), time.perf_counter() - started
+    last, (cpu_last, threads_last), elapsed = health(url), cpu_seconds(), time.perf_counter() - started
+    per_thread = {tid: busy - threads_first.get(tid, 0.0) for tid, busy in threads_last.items()}
+    if not ENGINE_THREADS:
+        ENGINE_THREADS.extend(sorted(per_thread, key=per_thread.__getitem__)[-2:])
+    cores = {name: (cpu_last[name] - cpu_first[name]) / elapsed for name in cpu_first}
+    cores["engine threads"] = sum(per_thread.get(tid, 0.0) for tid in ENGINE_THREADS) / elapsed
+    cores["portal, other threads"] = cores["portal"] - cores["engine threads"]
     return {
         "tokens_per_s": (last["decoded_tokens"] - first["decoded_tokens"]) / elapsed,
         "running_at_end": last["running"],
+        "cores": cores,
     }
 
 
@@ -142,13 +176,15 @@ def browser_phase(url: str, sessions: int, seconds: float) -> dict:
 
 
 def main() -> int:
+    global PORTAL_PID
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured while all sessions run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="glm-bench-browsers-") as folder:
         env = {"GLM_DATA_DIR": folder, "GLM_MAX_RUNNING_PER_OWNER": str(args.sessions)}
-        with running_portal(Path(folder), env) as (url, _, _):
+        with running_portal(Path(folder), env) as (url, process, _):
+            PORTAL_PID = process.pid
             results = {
                 "api-greedy": api_phase(url, args.sessions, args.window, greedy=True),
                 "api-defaults": api_phase(url, args.sessions, args.window, greedy=False),
@@ -156,7 +192,11 @@ def main() -> int:
             }
     print(f"bench browsers: {args.sessions} sessions, {args.window:.0f} s windows, {platform.processor() or ''}")
     for name, figures in results.items():
-        print(f"{name:<13} {figures['tokens_per_s']:6.1f} tok/s  (running at the end: {figures['running_at_end']})")
+        cores = ", ".join(f"{who} {share:.2f}" for who, share in figures["cores"].items())
+        print(
+            f"{name:<13} {figures['tokens_per_s']:6.1f} tok/s  (running at the end: {figures['running_at_end']}; "
+            f"cores busy: {cores})"
+        )
     greedy, defaults, browsers = (results[k]["tokens_per_s"] for k in ("api-greedy", "api-defaults", "browsers"))
     print(f"sampling: api-defaults / api-greedy = {defaults / greedy:.2f}x")
     print(f"sessions: browsers / api-defaults = {browsers / defaults:.2f}x")
