@@ -20,6 +20,7 @@ import torch
 from ..engine import Engine
 from ..engine.fast_decode import FastDecode, configure_compile_cache
 from ..models.loading import load_model
+from ..models.openmp import release_pool
 from ..protocol import ModelSpec
 from .concurrency import _NoStop, _run
 from .turns import DECODE_PROMPT, _TokenClock
@@ -70,6 +71,7 @@ def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int
         for engine in (eager, compiled):  # one-off costs (allocator, first calls) no figure should carry
             _run(engine, 1, 8)
         generate = statistics.median(_generate_rate(loaded, tokens) for _ in range(repeats))
+        release_pool()  # `generate` ran on this thread: its OpenMP workers would slow the engines' (openmp.py)
         rows = []
         for n in streams:
             runs: dict[str, list[dict]] = {"eager": [], "compiled": []}

@@ -11,6 +11,7 @@ import torch
 
 from ..engine.scheduler import Engine
 from ..models.loading import LoadedModel
+from ..models.openmp import release_pool
 from ..protocol import SamplingParams
 
 TURN_PROMPTS = [
@@ -98,6 +99,7 @@ def _decode_rates(engine: Engine, tokens: int, repeats: int) -> tuple[float, flo
                 pad_token_id=loaded.tokenizer.pad_token_id or 0,
             )
         generate_rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+        release_pool()  # `generate` ran on this thread: its OpenMP workers would slow the engine's (openmp.py)
     return statistics.median(engine_rates), statistics.median(generate_rates), count
 
 

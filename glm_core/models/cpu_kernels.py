@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .precision import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "int4_cpu.cpp"
@@ -76,8 +78,7 @@ def _unsupported() -> str | None:
         return "our kernel is built on Linux only"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "the CPU has no AVX2"
-    flags = Path("/proc/cpuinfo").read_text().split("\nflags", 1)[-1].split("\n", 1)[0].split()
-    if not {"avx2", "fma"} <= set(flags):
+    if not {"avx2", "fma"} <= cpu_flags():
         return "the CPU has no AVX2 and FMA"
     return None
 
