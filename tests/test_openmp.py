@@ -35,3 +35,21 @@ def test_a_thread_that_ran_parallel_work_gives_its_workers_back():
     assert seen["released"] is True
     assert seen["with pool"] > seen["before"]  # the pool's workers were started ...
     assert seen["after"] < seen["with pool"]  # ... and have ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.get_num_threads() < 2, reason="Linux, 2+ threads")
+def test_an_idle_engine_gives_its_workers_back(tiny_loaded):
+    """Another engine (Compare mode, a second model) decodes at full speed only if an idle one holds no pool."""
+    from glm_core.engine import Engine
+
+    engine = Engine(tiny_loaded)
+    try:
+        idle = threads_now()
+        during = engine.run_on_worker(lambda loaded: (torch.ones(4096, 4096).mul_(2).sum(), threads_now())[1])
+        assert during > idle  # the worker's parallel region started its pool ...
+        deadline = time.monotonic() + 5
+        while threads_now() >= during and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threads_now() < during  # ... and the idle worker gave it back
+    finally:
+        engine.close()

@@ -26,6 +26,7 @@ from typing import TypeVar
 import torch
 
 from ..models.loading import LoadedModel
+from ..models.openmp import release_pool
 from ..protocol import (
     FAILED,
     TOOL_ROLE,
@@ -278,6 +279,9 @@ class Engine(SubmitPath):
         while True:
             with self._cond:
                 while not self._tasks and runner.idle() and not self._closed and not self._admissible():
+                    # Idle: give back this thread's OpenMP workers, or another engine's worker (Compare mode,
+                    # a second model) would run every parallel region without spinning helpers (openmp.py).
+                    release_pool()
                     self._cond.wait()
                 if self._closed:
                     break
