@@ -197,8 +197,8 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
 
     auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On
     CPU, batch 1 only. `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M, 2 AVX2 cores), every bucket
-    compiled: FP32 1.18x eager at one stream, 1.08x at four, 0.99x at sixteen (INT4 1.46x at one, 1.14x at eight),
-    against a cold compile of 275 s for the five graphs on those cores, taken from the engine's idle time; batched
+    compiled: FP32 1.18x eager at one stream, 1.08x at four, 0.99x at sixteen; INT4 1.68x, 1.28x, 1.06x; against
+    a cold compile of 275-317 s for the five graphs on those cores, taken from the engine's idle time; batched
     steps decode eagerly. GLM_COMPILE=on compiles every bucket anywhere.
     """
     if mode == "off":
