@@ -82,7 +82,9 @@ def test_quality_beside_cost_on_the_quantization_page(page, output_dir, data_dir
         expect(main).to_contain_text("SmolLM2-135M-Instruct, 95 tokens of bundled, against FP32", timeout=60_000)
         expect(main).to_contain_text("KL divergence (mean) against the weights each level holds")
         expect(page.get_by_test_id("stVegaLiteChart")).to_have_count(2, timeout=60_000)
-        expect(page.get_by_test_id("stDownloadButton")).to_contain_text("Download every quality run as CSV")
+        expect(page.get_by_test_id("stDownloadButton")).to_contain_text(
+            "Download every quality run as CSV", timeout=60_000
+        )
         page.set_viewport_size({"width": 1400, "height": 1800})
         page.get_by_text("Quality per level").scroll_into_view_if_needed()
         page.screenshot(path=str(output_dir / "quality-beside-cost.png"), full_page=True)

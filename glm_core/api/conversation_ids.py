@@ -4,16 +4,14 @@ API clients resend the whole history every turn and name no conversation, while 
 per conversation id and reuses the longest common token prefix of that cache and the new request. So after a
 reply, the conversation as the client now has it (its messages and the reply, as sent) is remembered under a
 digest of (the caller's scope, those messages), pointing to the engine conversation that holds its cache. A new
-request looks up the digests of its own message prefixes, itself included, longest first: turn 10 of a chat
-finds turn 9's conversation and prefills only the new message; an edited or regenerated turn finds an earlier
-state and the engine crops the cache back to the common prefix. A conversation already generating is not shared:
-a concurrent request with the same history gets a fresh id (and a fresh cache).
+request looks up the digests of its own message prefixes, longest first: turn 10 of a chat finds turn 9's
+conversation and prefills only the new message; an edited or regenerated turn finds an earlier state and the
+engine crops the cache back to the common prefix. A conversation already generating is not shared: a concurrent
+request with the same history gets a fresh id (and a fresh cache).
 
 Digests include the caller's scope (the API key's id): one key never reuses, or learns anything about, another
-key's conversations. A reply is also remembered under the request that made it: the same request again (a
-regenerated reply, a benchmark's repeat) finds that conversation and prefills only the prompt's last token. The
-map is bounded (least recently used first out); an engine conversation no entry points to any more is forgotten,
-so its cache is freed instead of waiting for the pool's own eviction.
+key's conversations. The map is bounded (least recently used first out); an engine conversation no entry points
+to any more is forgotten, so its cache is freed instead of waiting for the pool's own eviction.
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ class StatelessConversations:
     def claim(self, scope: str, messages: Sequence[dict], fresh: bool = False) -> str:
         """The conversation id to submit `messages` (ending with the new user message) under; call release()
         when the reply has ended. `fresh`: a new conversation, whatever is remembered."""
-        digests = [] if fresh else prefix_digests(scope, messages)
+        digests = [] if fresh else prefix_digests(scope, messages)[:-1]
         with self._lock:
             for digest in reversed(digests):
                 conversation_id = self._by_digest.get(digest)
@@ -67,18 +65,14 @@ class StatelessConversations:
         with self._lock:
             self._busy.discard(conversation_id)
             if conversation:
-                # Under the whole conversation (its next turn continues it) and under the request that made it (the
-                # same request again, a regenerated reply, reuses the prompt's keys and values: the engine crops
-                # the old reply away), as llama.cpp's server reuses a slot's prompt.
-                digests = prefix_digests(scope, conversation)
-                for digest in dict.fromkeys(digests[-2:]):
-                    previous = self._by_digest.get(digest)
-                    self._by_digest[digest] = conversation_id
-                    self._by_digest.move_to_end(digest)
-                    self._references[conversation_id] += 1
-                    if previous is not None:  # the same history answered again: the newest cache wins
-                        self._references[previous] -= 1
-                        forget += self._unreferenced(previous)
+                digest = prefix_digests(scope, conversation)[-1]
+                previous = self._by_digest.get(digest)
+                self._by_digest[digest] = conversation_id
+                self._by_digest.move_to_end(digest)
+                self._references[conversation_id] += 1
+                if previous is not None:  # the same history answered again: the newest cache wins
+                    self._references[previous] -= 1
+                    forget += self._unreferenced(previous)
             while len(self._by_digest) > self._capacity:
                 _, evicted = self._by_digest.popitem(last=False)
                 self._references[evicted] -= 1

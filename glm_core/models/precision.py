@@ -100,13 +100,14 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-@functools.lru_cache(maxsize=1)
-def measured_bf16_speedup(width: int = 2048, repeats: int = 20) -> float:
-    """FP32 time / BF16 time of one decode-shaped product ([1, width] x [width, 2 width]) on this CPU, the median
-    of `repeats` (above 1: BF16 is faster). About 50 ms, once per process."""
+@functools.cache
+def measured_bf16_speedup(width: int = 2048, repeats: int = 20, rows: int = 1, out_factor: int = 2) -> float:
+    """FP32 time / BF16 time of one product [rows, width] x [width, out_factor * width] on this CPU (by default
+    decode-shaped: one row), the median of `repeats` (above 1: BF16 is faster). About 50 ms, once per process
+    and shape."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, width, generator=generator)
-    w = torch.randn(2 * width, width, generator=generator)
+    x = torch.randn(rows, width, generator=generator)
+    w = torch.randn(out_factor * width, width, generator=generator)
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
         xd, wd = x.to(dtype), w.to(dtype)
