@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -152,7 +151,8 @@ def _load(path: Path):
 
 
 def _time_against_pytorch(op, size: int = 2048, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
-    """Median microseconds of one row through each kernel, alternated, on the same random weight."""
+    """Microseconds of one row through each kernel (the fastest of `repeats`, alternated), on the same random
+    weight."""
     from .quant import pack_int4_blocks, quantize_int4
 
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
@@ -174,4 +174,6 @@ def _time_against_pytorch(op, size: int = 2048, group_size: int = 32, repeats: i
                 started = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - started)
-    return tuple(1e6 * statistics.median(times[name]) for name in ("ours", "theirs"))  # type: ignore[return-value]
+    # The fastest of each: another process busy on the same cores only ever adds time, so minima compare the
+    # kernels where medians would compare the load (with a suite's two workers, the median chose either).
+    return tuple(1e6 * min(times[name]) for name in ("ours", "theirs"))  # type: ignore[return-value]
