@@ -8,7 +8,7 @@ headers, all of which the compiled decode path needs already.
 
 The choice is made once per process, by measurement (`load_int4`): the kernel is built (g++, about 10 s; the
 library is kept under GLM_CACHE_DIR/kernels and reused), then timed against PyTorch's kernel at one row on a
-2048 x 2048 weight; it is used only when faster. GLM_CPU_KERNELS=off keeps PyTorch's kernel. The weight layout
+1024 x 1024 weight; it is used only when faster. GLM_CPU_KERNELS=off keeps PyTorch's kernel. The weight layout
 follows the choice (see `glm_core.models.quant.pack_int4`), so a process never mixes the two.
 """
 
@@ -56,7 +56,7 @@ def load_int4() -> bool:
         INT4_REASON = f"PyTorch's int4 kernel (ours could not be built or loaded: {str(exc).strip()[-300:]})"
         log.warning("INT4: %s", INT4_REASON)
         return False
-    figures = f"one row, 2048 x 2048: ours {ours:.0f} us, PyTorch's {theirs:.0f} us"
+    figures = f"one row, 1024 x 1024: ours {ours:.0f} us, PyTorch's {theirs:.0f} us"
     if ours >= theirs:
         INT4_REASON = f"PyTorch's int4 kernel (measured faster here; {figures})"
         return False
@@ -150,7 +150,7 @@ def _load(path: Path):
     return torch.ops.glm_cpu.int4_mm.default
 
 
-def _time_against_pytorch(op, size: int = 2048, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
+def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
     """Microseconds of one row through each kernel (the fastest of `repeats`, alternated), on the same random
     weight."""
     from .quant import pack_int4_blocks, quantize_int4

@@ -21,7 +21,7 @@ import torch
 from ..protocol import ModelCard, ModelLoadError, ModelSpec
 from ..sampling_defaults import model_defaults, read_generation_config
 from ..settings import EMBEDDED, load_settings
-from ..telemetry.memory import kv_bytes_per_token, trim_c_heap
+from ..telemetry.memory import kv_bytes_per_token, pin_mmap_threshold, trim_c_heap
 from . import cpu_kernels, quant
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, ChatGLM6BFormat, TemplateChatFormat
 from .chatglm.checkpoint import (
@@ -223,6 +223,12 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     if spec.family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"unknown family {spec.family!r}; use auto, chatglm2 or chatglm3")
 
+    if precision in (Precision.INT8, Precision.INT4) and device.type == "cpu":
+        pin_mmap_threshold()  # quantizing while reading: no temporary left between the weights (telemetry.memory)
+        # Measured before any weight is read, so their temporaries never sit between the quantized weights.
+        quant.choose_dense_dtype()
+        if precision is Precision.INT4:
+            cpu_kernels.load_int4()
     kind, path, cfg = _classify(spec.path)
     precision_source = None
     if device.type == "cpu" and str(spec.precision or "auto").strip().lower() == "auto":
@@ -248,8 +254,6 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     if precision_source:
         extra["precision_source"] = precision_source
-    if precision in (Precision.INT8, Precision.INT4) and device.type == "cpu":
-        quant.choose_dense_dtype()  # before any compiled step reads it
     if precision is Precision.INT4 and device.type == "cpu" and cpu_kernels.chosen():
         extra["kernel"] = f"INT4 layers: {cpu_kernels.INT4_REASON}"
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
