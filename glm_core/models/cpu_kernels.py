@@ -65,11 +65,6 @@ def load_int4() -> bool:
     return True
 
 
-def chosen() -> bool:
-    """Whether `load_int4` has decided (an INT4 layer was packed on the CPU in this process)."""
-    return _chosen
-
-
 def _unsupported() -> str | None:
     if os.environ.get("GLM_CPU_KERNELS", "auto").lower() == "off":
         return "GLM_CPU_KERNELS=off"

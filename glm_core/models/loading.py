@@ -254,7 +254,7 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     if precision_source:
         extra["precision_source"] = precision_source
-    if precision is Precision.INT4 and device.type == "cpu" and cpu_kernels.chosen():
+    if precision is Precision.INT4 and device.type == "cpu":  # load_int4 chose above
         extra["kernel"] = f"INT4 layers: {cpu_kernels.INT4_REASON}"
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
