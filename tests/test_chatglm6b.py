@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from chatglm_fixtures import (
+    assert_close_to_reference,
     build_reference_checkpoint,
     chatglm6b_config,
     chatglm6b_state_dict,
@@ -195,23 +196,24 @@ def test_logits_equal_the_original_forward(glm6b, loaded_fp32):
     assert torch.equal(rotary_inv_freq(len(stored_inv_freq) * 2, "cpu"), stored_inv_freq)
     ids = prompt_ids(loaded_fp32, "机器学习是人工智能的一个分支,\n它使计算机  能够学习。") + [17, 230, 42, 99]
     rows, expected = original_logits("chatglm-6b", ids)  # row 0, then every row from <sop> on
+    environment = REFERENCE["environment"]  # the CPU it was recorded on
     sop = ids.index(config["bos_token_id"])
     assert rows == [0] + list(range(sop, len(ids)))
     with torch.inference_mode():
         whole = model(input_ids=torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(whole[rows], expected, atol=1e-4, rtol=1e-4)
+        assert_close_to_reference(whole[rows], expected, environment)
         # The engine's way: the prompt up to <sop> in one forward into a DynamicCache, then one token at a time.
         cache = DynamicCache(config=model.config)
         out = model(input_ids=torch.tensor([ids[: sop + 1]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
         steps = [out.logits[0, -1]]
         for token in ids[sop + 1 :]:
             steps.append(model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1])
-        torch.testing.assert_close(torch.stack(steps), expected[1:], atol=1e-4, rtol=1e-4)
+        assert_close_to_reference(torch.stack(steps), expected[1:], environment)
         assert getattr(cache, CACHED_IDS) == ids
         # Regenerate: the cache cropped to just before <sop>, then <sop> again, gives the same logits.
         cache.crop(-(len(ids) - sop))
         again = model(input_ids=torch.tensor([[ids[sop]]]), past_key_values=cache, use_cache=True).logits[0, -1]
-        torch.testing.assert_close(again, expected[1], atol=1e-4, rtol=1e-4)
+        assert_close_to_reference(again, expected[1], environment)
 
 
 def test_bidirectional_prompt_and_2d_positions_matter(glm6b, loaded_fp32):

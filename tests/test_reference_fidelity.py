@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from chatglm_fixtures import REFERENCE_CHECKPOINTS, build_reference_checkpoint, file_hashes
+from chatglm_fixtures import REFERENCE_CHECKPOINTS, assert_close_to_reference, build_reference_checkpoint, file_hashes
 
 from glm_core import ModelSpec
 from glm_core.engine import Engine
@@ -168,7 +168,7 @@ def test_logits_equal_the_original_forward(models, name, case):
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([case["ids"]])).logits[0].float()
     assert logits.argmax(-1).tolist() == case["argmax"]
-    torch.testing.assert_close(logits[case["rows"]], logits_of(case), atol=1e-4, rtol=1e-4)
+    assert_close_to_reference(logits[case["rows"]], logits_of(case), RECORDS[CHECKPOINTS[name][0]]["environment"])
 
 
 # ---- greedy replies through the engine, with the model's default controls -------------------------------------

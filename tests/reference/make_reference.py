@@ -147,6 +147,7 @@ def check_sources(originals: Path, names: list[str]) -> dict:
 
 
 def environment() -> dict:
+    import chatglm_fixtures as fx
     import sentencepiece
     import tokenizers
     import torch
@@ -159,6 +160,10 @@ def environment() -> dict:
         "tokenizers": tokenizers.__version__,
         "sentencepiece": sentencepiece.__version__,
         "machine": platform.machine(),
+        # The CPU: fp32 sums run in another order on another one (torch's AVX-512 kernels, MKL on Intel or AMD), and
+        # the logits tests compare strictly only on a CPU like this (chatglm_fixtures.assert_close_to_reference).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_vendor": fx.cpu_vendor(),
     }
 
 
