@@ -3,7 +3,9 @@
 PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) turns every weight into a float and multiplies in
 float: at one row (a decode step) that is bound by the core, not by memory. `kernels/int4_cpu.cpp` quantizes the
 activations to int8 blocks of 32 and multiplies them with the nibbles by integer dot products (AVX2's maddubs),
-as llama.cpp's CPU kernels do. It needs AVX2 and FMA, a C++ compiler (the one inductor uses) and PyTorch's
+as llama.cpp's CPU kernels do. Its weight layout interleaves tiles of 8 output rows so that one vector holds 4
+input channels of each, and 4 activation rows go through a tile together: each 32-bit lane sums one output row,
+with no horizontal sums, and a prompt's rows share each unpacked weight byte. It needs AVX2 and FMA, a C++ compiler (the one inductor uses) and PyTorch's
 headers, all of which the compiled decode path needs already.
 
 The choice is made once per process, by measurement (`load_int4`): the kernel is built (g++, about 10 s; the

@@ -56,10 +56,12 @@ INT8_DENSE_MIN_ROWS_FP32 = 96
 # The dtype of the dense product, measured once per process by `choose_dense_dtype` (a model load on the CPU
 # calls it): BF16 where it multiplies faster than float32 (native BF16: AVX-512 BF16, AMX), else float32.
 DENSE_DTYPE: torch.dtype | None = None
-# Our INT4 kernel (cpu_kernels) costs about 23 us a row on a 576 x 1536 layer; dequantizing that layer to
-# float32 and the dense product cost 0.9 ms plus 13 us a row (AVX2, 2 cores): level at about 100 rows, dense 1.15x
-# faster at 128 (docs/BENCHMARKS.md).
-OUR_INT4_DENSE_MIN_ROWS = 128
+# Our INT4 kernel (cpu_kernels) takes 4 activation rows through each tile of 8 weight rows: 12 us a row on a
+# 576 x 1536 layer and 190 us on 4096 x 4096 at every row count up to 512 (2 cores of an Intel Xeon with AVX-512;
+# 8 us a row on 576 x 1536 with 2 AVX2 cores). Dequantizing to float32 and the dense product: 1.2 ms plus 11 us
+# a row, 60 ms plus 75 us (AVX-512); 0.9 ms plus 13 us (AVX2). Level at about 500 and 1,000 rows where the dense
+# product has AVX-512, never with AVX2: so a prompt's prefill (chunks of at most 512 rows) always takes the kernel.
+OUR_INT4_DENSE_MIN_ROWS = 1024
 DENSE_BLOCK_BYTES = 16 * 2**20  # one block of dequantized rows, the dense path's transient
 
 
@@ -187,27 +189,55 @@ def pack_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
     return packed, scales_and_zeros  # no kernel: keep the nibbles two a byte and dequantize in forward
 
 
+TILE_ROWS = 8  # output rows a tile of our CPU kernel's layout
+
+
 def pack_int4_blocks(
     q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our CPU kernel's layout of `quantize_int4`'s output: [out, in / 2] bytes, per block of 32 input channels
-    byte j = channel j (low nibble) and channel 16 + j (high nibble); and [out, groups, 2] (scale, offset) in
-    `dtype`, where w = q * scale + offset."""
+    """Our CPU kernel's layout (kernels/int4_cpu.cpp) of `quantize_int4`'s output: [out, in / 2] bytes and
+    [out, groups, 2] scales and offsets in `dtype` (w = q * scale + offset), by tiles of `TILE_ROWS` rows whose
+    nibbles interleave 4 input channels of each row, and whose scales hold the tile's 8 scales, then its 8
+    offsets, per group. The last out % 8 rows are single rows: per block of 32 channels, byte j = channel j (low
+    nibble) and 16 + j (high); (scale, offset) pairs."""
     out_features, in_features = q.shape
-    halves = q.reshape(out_features, in_features // 32, 2, 16).to(torch.uint8)
-    packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, in_features // 2)
+    full = out_features - out_features % TILE_ROWS
     scales, zeros = scales_and_zeros.unbind(-1)  # [groups, out] each
-    scales_offsets = torch.stack([scales, zeros - 8 * scales], dim=-1).transpose(0, 1).to(dtype).contiguous()
-    return packed, scales_offsets
+    pairs = torch.stack([scales, zeros - 8 * scales], dim=-1).transpose(0, 1).to(dtype)  # [out, groups, 2]
+    # tile, row, block, half, chunk, channel -> tile, block, chunk, row, channel; low nibble the first half
+    tiles = q[:full].reshape(full // TILE_ROWS, TILE_ROWS, in_features // 32, 2, 4, 4).to(torch.uint8)
+    tiles = (tiles[:, :, :, 0] | (tiles[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
+    halves = q[full:].reshape(out_features - full, in_features // 32, 2, 16).to(torch.uint8)
+    singles = halves[:, :, 0] | (halves[:, :, 1] << 4)
+    packed = torch.cat([tiles.reshape(full, in_features // 2), singles.reshape(out_features - full, in_features // 2)])
+    groups = pairs.shape[1]
+    tile_pairs = (
+        pairs[:full].reshape(full // TILE_ROWS, TILE_ROWS, groups, 2).permute(0, 2, 3, 1).reshape(full, groups, 2)
+    )
+    return packed, torch.cat([tile_pairs, pairs[full:]]).contiguous()
 
 
 def unpack_int4_blocks(packed: torch.Tensor, scales_offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float rows back from `pack_int4_blocks`' layout (rows [r, in / 2] and their [r, groups, 2] scales)."""
+    """The float rows back from `pack_int4_blocks`' layout: rows [r, in / 2] and their [r, groups, 2] scales, cut
+    at a tile's start (the last r % 8 rows are single rows)."""
     rows, groups = scales_offsets.shape[:2]
-    blocks = packed.view(rows, -1, 16)
-    q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).to(dtype).view(rows, groups, -1)
-    scales, offsets = scales_offsets.to(dtype).unbind(-1)
-    return q.mul_(scales[..., None]).add_(offsets[..., None]).view(rows, -1)
+    full = rows - rows % TILE_ROWS
+    in_features = 2 * packed.shape[1]
+    tiles = packed[:full].reshape(full // TILE_ROWS, in_features // 32, 4, TILE_ROWS, 4)  # tile, block, chunk, row, ch.
+    tiles = torch.stack([tiles & 0x0F, tiles >> 4], dim=2).permute(0, 4, 1, 2, 3, 5).reshape(full, in_features)
+    blocks = packed[full:].reshape(rows - full, in_features // 32, 16)
+    q = torch.cat([tiles, torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).view(rows - full, in_features)])
+    scales, offsets = scales_offsets_by_row(scales_offsets).to(dtype).unbind(-1)
+    weight = q.to(dtype).view(rows, groups, in_features // groups)
+    return weight.mul_(scales[..., None]).add_(offsets[..., None]).view(rows, in_features)
+
+
+def scales_offsets_by_row(scales_offsets: torch.Tensor) -> torch.Tensor:
+    """[rows, groups, 2] (scale, offset) per row, from `pack_int4_blocks`' tiled order (cut at a tile's start)."""
+    rows, groups = scales_offsets.shape[:2]
+    full = rows - rows % TILE_ROWS
+    pairs = scales_offsets[:full].reshape(full // TILE_ROWS, groups, 2, TILE_ROWS).permute(0, 3, 1, 2)
+    return torch.cat([pairs.reshape(full, groups, 2), scales_offsets[full:]])
 
 
 def int4_matmul(
@@ -222,7 +252,7 @@ def int4_matmul(
         def float_rows(start: int, stop: int) -> torch.Tensor:
             return unpack_int4_blocks(weight[start:stop], scales_and_zeros[start:stop], dtype)
 
-        return dense_in_blocks(x.to(dtype), weight.shape[0], float_rows).to(x.dtype)
+        return dense_in_blocks(x.to(dtype), weight.shape[0], float_rows, TILE_ROWS).to(x.dtype)
     out_features = scales_and_zeros.shape[1]
     if x.device.type == "cpu":
         # Few rows (every decode step) never ask for the block layout: that probe is a cached Python call

@@ -3,26 +3,48 @@
 // products (maddubs), the way llama.cpp's CPU kernels do. PyTorch's own CPU int4 kernel dequantizes every weight
 // to float; at one row that is compute bound, this is bound by memory.
 //
-// Weight layout, [N, K / 2] bytes: per block of 32 input channels k0..k0+31, byte j holds k0 + j in its low
-// nibble and k0 + 16 + j in its high nibble. scales_offsets, [N, K / G, 2] (bfloat16 or float32): per group of G
-// input channels w = q * scale + offset (q in 0..15). G is a multiple of 32.
+// Weight layout, [N, K / 2] bytes, by tiles of 8 output rows (the last N % 8 rows are single rows, below). A tile
+// stores each block of 32 input channels k0..k0+31 as 4 chunks of 32 bytes: in chunk j, byte 4r + i holds row r's
+// channel k0 + 4j + i in its low nibble and channel k0 + 16 + 4j + i in its high nibble. One chunk thus unpacks
+// into two vectors that each hold 4 consecutive channels of all 8 rows, and a broadcast of 4 activation bytes
+// multiplies all 8 rows at once: each 32-bit lane of the sum is one output row, no horizontal sums. The tile's
+// scales_offsets, [8, K / G, 2] as stored, hold per group g the 8 rows' scales, then their 8 offsets.
+// A single row (the last N % 8) stores byte j of a block as channel k0 + j (low nibble) and k0 + 16 + j (high),
+// with its [K / G, 2] (scale, offset) pairs. For every row, per group of G input channels: w = q * scale + offset
+// (q in 0..15); G is a multiple of 32; scales are bfloat16 or float32.
+//
+// Up to 4 activation rows go through a tile together, so each weight byte is unpacked once for them (prompts).
 //
 // Built at run time by glm_core/models/cpu_kernels.py (g++ -O3 -mavx2 -mfma), only on CPUs that have both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace {
 
+constexpr int TILE = 8;     // output rows a tile
+constexpr int ROWS_AT = 4;  // activation rows through a tile together
+
+// 8 values as floats.
+template <typename T>
+inline __m256 load8(const T* p) {
+  alignas(32) float v[8];
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  return _mm256_load_ps(v);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 inline float load_float(const float* p) { return *p; }
 inline float load_float(const at::BFloat16* p) { return static_cast<float>(*p); }
-
-template <typename T>
-inline float to_float(T v) { return static_cast<float>(v); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -31,70 +53,100 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One row of activations as int8 blocks of 32: values, one scale and the float sum of each block.
+// One row of activations as int8 blocks of 32: values, one scale (max |x| / 127) and the float sum of each block.
+// x / d rounded half to even: the same rounding as torch.round(x / d).
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* q, float* scale, float* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t b = 0; b < K / 32; ++b) {
-    float v[32], amax = 0.f, s = 0.f;
-    for (int j = 0; j < 32; ++j) {
-      v[j] = to_float(x[b * 32 + j]);
-      amax = std::max(amax, std::fabs(v[j]));
-      s += v[j];
+    __m256 v[4], amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = load8(x + b * 32 + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      s = _mm256_add_ps(s, v[i]);
     }
-    const float d = amax / 127.f;  // x / d, not x * (1 / d): the same rounding as torch.round(x / d)
-    for (int j = 0; j < 32; ++j) q[b * 32 + j] = d > 0.f ? static_cast<int8_t>(std::nearbyint(v[j] / d)) : 0;
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 127.f;
     scale[b] = d;
-    sum[b] = s;
+    sum[b] = hsum(s);
+    if (d == 0.f) {
+      std::fill(q + b * 32, q + b * 32 + 32, int8_t{0});
+      continue;
+    }
+    const __m256 dv = _mm256_set1_ps(d);
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i)
+      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int16 -> int8 (|n| <= 127, no saturation); the packs interleave 128-bit lanes, the permute undoes it.
+    const __m256i w16 = _mm256_packs_epi32(n[0], n[1]), x16 = _mm256_packs_epi32(n[2], n[3]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, x16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), bytes);
   }
 }
 
-// 32 nibbles of one block as bytes 0..15, in input-channel order.
-inline __m256i unpack_block(const uint8_t* w) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+template <typename O>
+inline void store8(O* p, __m256 v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<O>(f[i]);
 }
+template <>
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
-// The 8 int32 partial sums of nibbles . int8 activations for one block, as floats.
-inline __m256 block_dot(__m256i nibbles, __m256i xv) {
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, xv), _mm256_set1_epi16(1)));
-}
-
-// Output rows n0..n1 for M activation rows, R weight rows at a time (R independent sums keep the FMA unit busy).
-// One row (a decode step) unpacks the nibbles as it goes; more rows unpack a tile once and reuse it per row.
-template <int R, typename S, typename O>
-void weight_tile(const int8_t* xq, const float* xd, const float* xg, int64_t M, const uint8_t* w, const S* so,
-                 int64_t K, int64_t G, int64_t n, O* out, int64_t N, uint8_t* unpacked) {
+// Output rows n..n+7 (one tile) for MB activation rows m0..m0+MB-1.
+template <int MB, typename S, typename O>
+void tile_rows(const int8_t* xq, const float* xd, const float* xg, int64_t m0, const uint8_t* w, const S* so,
+               int64_t K, int64_t G, int64_t n, O* out, int64_t N) {
   const int64_t blocks = K / 32, per_group = G / 32, groups = K / G;
-  float scale[R][512], offset[R][512];  // groups <= 512 is checked by the caller
-  for (int r = 0; r < R; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      scale[r][g] = load_float(so + (n + r) * groups * 2 + 2 * g);
-      offset[r][g] = load_float(so + (n + r) * groups * 2 + 2 * g + 1);
-    }
-  if (M > 1)
-    for (int r = 0; r < R; ++r)
-      for (int64_t b = 0; b < blocks; ++b)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(unpacked + (r * blocks + b) * 32),
-                            unpack_block(w + (n + r) * (K / 2) + b * 16));
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* xr = xq + m * K;
-    const float* dr = xd + m * blocks;
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * 32));
-      const int64_t g = b / per_group;
-      for (int r = 0; r < R; ++r) {
-        const __m256i nib = M > 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unpacked + (r * blocks + b) * 32))
-                                  : unpack_block(w + (n + r) * (K / 2) + b * 16);
-        acc[r] = _mm256_fmadd_ps(block_dot(nib, xv), _mm256_set1_ps(scale[r][g] * dr[b]), acc[r]);
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 scale = load8(so + g * 2 * TILE), offset = load8(so + g * 2 * TILE + TILE);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m256i nib[8];  // nib[s]: channels 4s..4s+3 (s < 4) or 16 + 4(s - 4).. of each of the 8 rows
+      for (int j = 0; j < 4; ++j) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 128 + 32 * j));
+        nib[j] = _mm256_and_si256(c, low);
+        nib[j + 4] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xb = xq + (m0 + m) * K + b * 32;
+        // 16 products of at most 15 * 127 a 16-bit lane: 30,480, no overflow.
+        __m256i s16 = _mm256_maddubs_epi16(nib[0], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb)));
+        for (int s = 1; s < 8; ++s) {
+          const int32_t four = *reinterpret_cast<const int32_t*>(xb + (s < 4 ? 4 * s : 16 + 4 * (s - 4)));
+          s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(nib[s], _mm256_set1_epi32(four)));
+        }
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(xd[(m0 + m) * blocks + b])), acc[m]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      float o = 0.f;
-      for (int64_t g = 0; g < groups; ++g) o += offset[r][g] * xg[m * groups + g];
-      out[m * N + n + r] = static_cast<O>(hsum(acc[r]) + o);
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(xg[(m0 + m) * groups + g]), acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) store8(out + (m0 + m) * N + n, acc[m]);
+}
+
+// One output row n in the single-row layout (the last N % 8 rows), for all M activation rows.
+template <typename S, typename O>
+void single_row(const int8_t* xq, const float* xd, const float* xg, int64_t M, const uint8_t* w, const S* so,
+                int64_t K, int64_t G, int64_t n, O* out, int64_t N) {
+  const int64_t blocks = K / 32, per_group = G / 32, groups = K / G;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t m = 0; m < M; ++m) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
+      const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * 32));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nib, xv), ones));
+      acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(load_float(so + 2 * (b / per_group)) * xd[m * blocks + b]), acc);
     }
+    for (int64_t g = 0; g < groups; ++g) offsets += load_float(so + 2 * g + 1) * xg[m * groups + g];
+    out[m * N + n] = static_cast<O>(hsum(acc) + offsets);
   }
 }
 
@@ -109,35 +161,47 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& weight, const at::T
   TORCH_CHECK(scales_offsets.size(0) == N && scales_offsets.size(1) == K / group_size &&
                   scales_offsets.size(2) == 2 && scales_offsets.is_contiguous(),
               "int4_mm: scales_offsets must be [N, K/G, 2], contiguous");
-  const int64_t blocks = K / 32, groups = K / group_size;
-  TORCH_CHECK(groups <= 512, "int4_mm: at most 512 groups a row");
   TORCH_CHECK(scales_offsets.scalar_type() == at::kBFloat16 || scales_offsets.scalar_type() == at::kFloat,
               "int4_mm: scales must be bfloat16 or float32");
+  const int64_t blocks = K / 32, groups = K / group_size, per_group = group_size / 32;
   // One allocation for the quantized activations: int8 values, then per block a scale and a sum, per group a sum.
   std::vector<float> scratch(M * K / 4 + 2 * M * blocks + M * groups, 0.f);
   int8_t* xq = reinterpret_cast<int8_t*>(scratch.data());
   float *xd = scratch.data() + M * K / 4, *xs = xd + M * blocks, *xg = xs + M * blocks;
   at::Tensor out = at::empty({M, N}, x.options());
   const uint8_t* wp = weight.data_ptr<uint8_t>();
-  // Enough output rows a task that a thread streams about 64 KiB of weight per activation row.
-  const int64_t tiles = (N + 3) / 4, grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, K / 2 * M));
+  const int64_t tiles = N / TILE;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int4_mm", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    for (int64_t m = 0; m < M; ++m) {
-      quantize_row(xp + m * K, K, xq + m * K, xd + m * blocks, xs + m * blocks);
-      for (int64_t b = 0; b < blocks; ++b) xg[m * groups + b / (group_size / 32)] += xs[m * blocks + b];
-    }
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        quantize_row(xp + m * K, K, xq + m * K, xd + m * blocks, xs + m * blocks);
+        for (int64_t b = 0; b < blocks; ++b) xg[m * groups + b / per_group] += xs[m * blocks + b];
+      }
+    });
     scalar_t* op = out.data_ptr<scalar_t>();
     auto run = [&](auto* sp) {
-      at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-        std::vector<uint8_t> unpacked(M > 1 ? 4 * K : 0);
+      // Enough tiles a task that a thread streams about 64 KiB of weight per activation row.
+      const int64_t grain = std::max<int64_t>(1, 65536 / (TILE * K / 2 * M));
+      at::parallel_for(0, tiles + (N % TILE ? 1 : 0), grain, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t n = 4 * t;
-          if (n + 4 <= N)
-            weight_tile<4>(xq, xd, xg, M, wp, sp, K, group_size, n, op, N, unpacked.data());
-          else
+          const int64_t n = TILE * t;
+          if (t == tiles) {  // the single rows
             for (int64_t r = n; r < N; ++r)
-              weight_tile<1>(xq, xd, xg, M, wp, sp, K, group_size, r, op, N, unpacked.data());
+              single_row(xq, xd, xg, M, wp + r * K / 2, sp + r * groups * 2, K, group_size, r, op, N);
+            continue;
+          }
+          const uint8_t* w = wp + n * K / 2;
+          const auto* so = sp + n * groups * 2;
+          int64_t m = 0;
+          for (; m + ROWS_AT <= M; m += ROWS_AT)
+            tile_rows<ROWS_AT>(xq, xd, xg, m, w, so, K, group_size, n, op, N);
+          switch (M - m) {
+            case 3: tile_rows<3>(xq, xd, xg, m, w, so, K, group_size, n, op, N); break;
+            case 2: tile_rows<2>(xq, xd, xg, m, w, so, K, group_size, n, op, N); break;
+            case 1: tile_rows<1>(xq, xd, xg, m, w, so, K, group_size, n, op, N); break;
+            default: break;
+          }
         }
       });
     };
