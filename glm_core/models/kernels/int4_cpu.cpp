@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -115,9 +116,10 @@ void tile_rows(const int8_t* xq, const float* xd, const float* xg, int64_t m0, c
       for (int m = 0; m < MB; ++m) {
         const int8_t* xb = xq + (m0 + m) * K + b * 32;
         // 16 products of at most 15 * 127 a 16-bit lane: 30,480, no overflow.
-        __m256i s16 = _mm256_maddubs_epi16(nib[0], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb)));
-        for (int s = 1; s < 8; ++s) {
-          const int32_t four = *reinterpret_cast<const int32_t*>(xb + (s < 4 ? 4 * s : 16 + 4 * (s - 4)));
+        __m256i s16 = _mm256_setzero_si256();
+        for (int s = 0; s < 8; ++s) {
+          int32_t four;  // activations 4s..4s+3 (s < 4) or 16 + 4(s - 4)..
+          std::memcpy(&four, xb + (s < 4 ? 4 * s : 16 + 4 * (s - 4)), 4);
           s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(nib[s], _mm256_set1_epi32(four)));
         }
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
