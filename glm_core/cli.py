@@ -498,7 +498,7 @@ def cmd_bench_peer(args) -> int:
             args.max_new_tokens,
             args.repeats,
             tuple(p.strip() for p in args.precisions.split(",") if p.strip()),
-            args.threads,
+            tuple(int(t) for t in args.threads.split(",") if t.strip()),
             Path(args.llama_model).expanduser() if args.llama_model else None,
             Path(args.log_dir) if args.log_dir else None,
         )
@@ -623,7 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--streams", default="1,4,16", help="comma-separated numbers of concurrent streams")
     peer.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per stream")
     peer.add_argument("--repeats", type=int, default=1, help="runs per stream count; the fastest is kept")
-    peer.add_argument("--threads", type=int, help="llama-server's --threads (default: cores - 1)")
+    peer.add_argument(
+        "--threads",
+        default="",
+        help="llama-server's --threads, comma-separated: each is measured and ours is compared with the best "
+        "(default: cores - 1 and cores)",
+    )
     peer.add_argument("--log-dir", help="keep both servers' logs in this folder")
     peer.add_argument("--json", action="store_true", help="print one JSON object")
     peer.set_defaults(func=cmd_bench_peer)

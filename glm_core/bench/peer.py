@@ -50,25 +50,33 @@ def run_peer_bench(
     max_new_tokens: int = 64,
     repeats: int = 1,
     precisions: tuple[str, ...] = ("auto", "int4"),
-    threads: int | None = None,
+    threads: tuple[int, ...] = (),
     llama_model: Path | None = None,
     log_dir: Path | None = None,
     compile_timeout_s: float = 900,
 ) -> dict:
-    """llama-server on `llama_model` (default: the same file), then our server on `model` at each of `precisions`
-    once its compiled decode step is ready (GLM_COMPILE as the environment says); each measured alone by the same
-    client. Ratios are ours / llama.cpp's per stream count."""
-    threads = threads or default_threads()
+    """llama-server on `llama_model` (default: the same file) at each of `threads` (default: one core fewer than
+    the machine has, and all of them), then our server on `model` at each of `precisions` once its compiled decode
+    step is ready (GLM_COMPILE as the environment says); each measured alone by the same client. Ratios are ours /
+    llama.cpp's best per stream count (the thread count that gave the most tokens/s there)."""
+    threads = tuple(dict.fromkeys(threads or (default_threads(), os.cpu_count() or 1)))
     logs = (lambda name: log_dir / name) if log_dir else (lambda name: None)
-    with running_server(
-        llama_model or model,
-        threads=threads,
-        parallel=max(streams),
-        context=max(streams) * (max_new_tokens + 256),
-        extra=("--cont-batching",),
-        log_file=logs("llama-server.log"),
-    ) as url:
-        theirs = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
+    by_threads: dict[int, dict] = {}
+    for count in threads:
+        with running_server(
+            llama_model or model,
+            threads=count,
+            parallel=max(streams),
+            context=max(streams) * (max_new_tokens + 256),
+            extra=("--cont-batching",),
+            log_file=logs("llama-server.log" if count == threads[0] else f"llama-server-t{count}.log"),
+        ) as url:
+            by_threads[count] = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
+    runs = [{**run, "threads": count} for count, result in by_threads.items() for run in result["runs"]]
+    best = []
+    for n in streams:
+        best.append(max((run for run in runs if run["streams"] == n), key=lambda run: run["aggregate_tokens_per_s"]))
+    theirs = {"runs": best}
     ours, fast_paths = {}, {}
     for precision in precisions:
         with our_server(model, precision, log_file=logs(f"serve-{precision}.log")) as url:
@@ -92,9 +100,10 @@ def run_peer_bench(
         "llama_model": str(llama_model or model),
         "cpu_flags": flags,
         "cores": os.cpu_count(),
-        "llama_threads": threads,
+        "llama_threads": list(threads),
         "max_new_tokens": max_new_tokens,
         "llama_cpp": theirs,
+        "llama_cpp_by_threads": {str(count): result for count, result in by_threads.items()},
         "ours": ours,
         "fast_path": fast_paths,
         "ratios": ratios,
@@ -104,14 +113,18 @@ def run_peer_bench(
 def format_peer_report(r: dict) -> str:
     lines = [
         f"bench peer: {r['model']} ({', '.join(r['cpu_flags'])}; {r['cores']} cores; llama-server -t "
-        f"{r['llama_threads']}), {r['max_new_tokens']} new tokens per stream, greedy, client side",
+        f"{' and -t '.join(map(str, r['llama_threads']))}), {r['max_new_tokens']} new tokens per stream, greedy, "
+        "client side; ratios against llama.cpp's best (*) per stream count",
         "server                 streams  aggregate tok/s  ttft median  ours/llama tok/s  ours/llama ttft",
     ]
-    for run in r["llama_cpp"]["runs"]:
-        lines.append(
-            f"{'llama.cpp':<22} {run['streams']:>7}  "
-            f"{run['aggregate_tokens_per_s']:>15.1f}  {run['ttft_median_s']:>10.2f}s"
-        )
+    best = {(run["threads"], run["streams"]) for run in r["llama_cpp"]["runs"]}
+    for count, result in r["llama_cpp_by_threads"].items():
+        for run in result["runs"]:
+            mark = "*" if (int(count), run["streams"]) in best else " "
+            lines.append(
+                f"{'llama.cpp -t ' + count:<21}{mark} {run['streams']:>7}  "
+                f"{run['aggregate_tokens_per_s']:>15.1f}  {run['ttft_median_s']:>10.2f}s"
+            )
     for precision, result in r["ours"].items():
         for run, ratio in zip(result["runs"], r["ratios"][precision]):
             lines.append(
