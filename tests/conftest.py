@@ -205,7 +205,28 @@ def server(output_dir, portal_data):
 LONGER_TIMEOUTS = {"slow": 900, "browser": 600, "peer": 600, "gpu": 900}
 
 
+# The files that take longest (over a minute of one worker each, `--durations` of a whole run, 2026-12-07), longest
+# first. `make test` hands whole files to its two workers in collection order: these go first, so that the run
+# does not end with one worker alone on a long file that it took last while the other stands idle.
+LONGEST_FILES = [
+    "test_llm_comply.py",
+    "test_browser.py",
+    "test_cli.py",
+    "test_against_transformers.py",
+    "test_browser_compare.py",
+    "test_batching.py",
+    "test_bench_child.py",
+    "test_glm_families.py",
+    "test_engine.py",
+    "test_fast_decode.py",
+    "test_bench_quality.py",
+    "test_bench_memory.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order stays
     for item in items:
         if item.get_closest_marker("timeout") is not None:
             continue
