@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +42,8 @@ def contenders(in_features: int, out_features: int, group_size: int, dense_dtype
 
 def median_us(runs: dict, repeats: int) -> list[float]:
     """The median microseconds of each call, the calls alternated, after one warm-up each."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()
-    for _ in range(repeats):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(1e6 * (time.perf_counter() - started))
-    return [statistics.median(times[name]) for name in runs]
+    times = cpu_kernels.alternated_times(runs, repeats)
+    return [1e6 * statistics.median(times[name]) for name in runs]
 
 
 def main() -> None:

@@ -5,13 +5,14 @@ float: at one row (a decode step) that is bound by the core, not by memory. `ker
 activations to int8 blocks of 32 and multiplies them with the nibbles by integer dot products (AVX2's maddubs),
 as llama.cpp's CPU kernels do. Its weight layout interleaves tiles of 8 output rows so that one vector holds 4
 input channels of each, and 4 activation rows go through a tile together: each 32-bit lane sums one output row,
-with no horizontal sums, and a prompt's rows share each unpacked weight byte. It needs AVX2 and FMA, a C++ compiler (the one inductor uses) and PyTorch's
-headers, all of which the compiled decode path needs already.
+with no horizontal sums, and a prompt's rows share each unpacked weight byte. It needs AVX2 and FMA, a C++
+compiler (the one inductor uses) and PyTorch's headers, all of which the compiled decode path needs already.
 
 The choice is made once per process, by measurement (`load_int4`): the kernel is built (g++, about 10 s; the
 library is kept under GLM_CACHE_DIR/kernels and reused), then timed against PyTorch's kernel at one row on a
-1024 x 1024 weight, on one thread (see `_time_against_pytorch`); it is used only when faster. GLM_CPU_KERNELS=off keeps PyTorch's kernel. The weight layout
-follows the choice (see `glm_core.models.quant.pack_int4`), so a process never mixes the two.
+1024 x 1024 weight, on one thread (see `_time_against_pytorch`); it is used only when faster.
+GLM_CPU_KERNELS=off keeps PyTorch's kernel. The weight layout follows the choice (see
+`glm_core.models.quant.pack_int4`), so a process never mixes the two.
 """
 
 from __future__ import annotations
@@ -170,12 +171,11 @@ def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: i
         "ours": lambda: op(x, ours_weight, scales_offsets, group_size),
         "theirs": lambda: torch._weight_int4pack_mm_for_cpu(x, theirs_weight, group_size, theirs_scales),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            _alternate(runs, times, repeats)
+            times = alternated_times(runs, repeats)
     finally:
         torch.set_num_threads(threads)
     # The fastest of each: another process busy on the same cores only ever adds time, so minima compare the
@@ -183,11 +183,15 @@ def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: i
     return tuple(1e6 * min(times[name]) for name in ("ours", "theirs"))  # type: ignore[return-value]
 
 
-def _alternate(runs: dict, times: dict[str, list[float]], repeats: int) -> None:
+def alternated_times(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call in `runs` (name -> function), `repeats` times each, the calls alternated so that a
+    change in the machine's load falls on all of them alike; after one warm-up call each."""
     for run in runs.values():
-        run()  # warm
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             started = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - started)
+    return times

@@ -44,9 +44,6 @@ inline __m256 load8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-inline float load_float(const float* p) { return *p; }
-inline float load_float(const at::BFloat16* p) { return static_cast<float>(*p); }
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -145,9 +142,9 @@ void single_row(const int8_t* xq, const float* xd, const float* xg, int64_t M, c
       const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low);
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * 32));
       const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nib, xv), ones));
-      acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(load_float(so + 2 * (b / per_group)) * xd[m * blocks + b]), acc);
+      acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(static_cast<float>(so[2 * (b / per_group)]) * xd[m * blocks + b]), acc);
     }
-    for (int64_t g = 0; g < groups; ++g) offsets += load_float(so + 2 * g + 1) * xg[m * groups + g];
+    for (int64_t g = 0; g < groups; ++g) offsets += static_cast<float>(so[2 * g + 1]) * xg[m * groups + g];
     out[m * N + n] = static_cast<O>(hsum(acc) + offsets);
   }
 }
