@@ -179,6 +179,9 @@ def test_the_remote_backend_comes_in_through_the_engines_submit(server):
     assert RemoteBackend.submit is SubmitPath.submit is Engine.submit
     backend = RemoteBackend(f"{server.url}#slow")
     request = backend.submit("c1", HELLO, SamplingParams(max_new_tokens=200))
+    # The accepted request reaches the server from the backend's own thread: counted once it has arrived, so that
+    # nothing sent after this can be it.
+    assert wait_until(lambda: len(server.requests) == 1)
     with pytest.raises(ConversationBusy):
         backend.submit("c1", HELLO, FIVE)
     with pytest.raises(ValueError, match="max new tokens"):
