@@ -12,9 +12,14 @@ pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 
 def pick(page_, label: str) -> None:
-    page_.get_by_test_id("stMultiSelect").click()
+    """Chooses one configuration and waits until the page has it (a slow rerun must not swallow the next pick)."""
+    from playwright.sync_api import expect
+
+    chooser = page_.get_by_test_id("stMultiSelect")
+    chooser.click()
     page_.get_by_role("option", name=label, exact=True).click()
     page_.keyboard.press("Escape")
+    expect(chooser).to_contain_text(label, timeout=60_000)
 
 
 def test_two_levels_stream_side_by_side_and_a_blind_vote_ranks_them(page, output_dir, data_dir):  # noqa: F811
@@ -32,8 +37,9 @@ def test_two_levels_stream_side_by_side_and_a_blind_vote_ranks_them(page, output
         expect(main).to_contain_text("Configurations (2-4)", timeout=60_000)
         pick(page, "SmolLM2-135M-Instruct INT8")
         pick(page, "SmolLM2-135M-Instruct INT4")
-        box = page.get_by_test_id("stChatInputTextArea")
-        expect(box).to_be_enabled(timeout=30_000)
+        # By its own placeholder: while a rerun is slow, the chat's "Ask anything" box can stay drawn beside it.
+        box = page.get_by_placeholder("One prompt to every column")
+        expect(box).to_be_enabled(timeout=120_000)
         box.fill("Write a long story about a lighthouse keeper who finds a message in a bottle.")
         box.press("Enter")
         expect(main).to_contain_text("Answer B", timeout=240_000)  # INT4 loaded beside INT8, both columns drawn
