@@ -30,7 +30,9 @@ import torch
 import torch.nn.attention
 from transformers.cache_utils import Cache
 
+from ..models import cpu_kernels
 from ..models.openmp import release_pool
+from ..models.precision import Precision
 
 _LIVE: set[int] = set()  # FastDecode objects whose compile thread has not ended (ids)
 _LIVE_LOCK = threading.Lock()
@@ -195,11 +197,11 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     """The batch buckets GLM_COMPILE=`mode` compiles for this model (empty: the fast path is off) and a line that
     says what the fast path covers, or why it is off.
 
-    auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode). On
-    CPU, batch 1 only. `bench decode` on record (docs/BENCHMARKS.md, SmolLM2-135M, 2 AVX2 cores), every bucket
-    compiled: FP32 1.18x eager at one stream, 1.08x at four, 0.99x at sixteen; INT4 1.68x, 1.28x, 1.06x; against
-    a cold compile of 275-317 s for the five graphs on those cores, taken from the engine's idle time; batched
-    steps decode eagerly. GLM_COMPILE=on compiles every bucket anywhere.
+    auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode), and
+    on CPU where INT4 runs on our kernel: its compiled batched steps measured 1.5-1.9x eager at 4 and 16 streams
+    (docs/BENCHMARKS.md, "Every batch size compiled at INT4"), worth a compile per batch size taken from the
+    engine's idle time. Other CPU levels: batch 1 only; their batched steps measured level with eager (FP32 0.99x
+    at 16 streams, BF16 likewise), not worth another long compile each. GLM_COMPILE=on compiles every bucket.
     """
     if mode == "off":
         return (), "off (GLM_COMPILE=off)"
@@ -208,11 +210,14 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     if routed_experts(loaded.model.config):
         # Each step picks its experts from the tokens' router scores: a whole-graph compile cannot trace that.
         return (), "off (a mixture-of-experts model: each step's experts depend on its tokens)"
+    every = all_buckets(max_batch), f"compiled steps for batches of up to {max_batch} rows"
     if mode == "on" or loaded.device.type == "cuda":
-        return all_buckets(max_batch), f"compiled steps for batches of up to {max_batch} rows"
+        return every
+    if loaded.precision is Precision.INT4 and cpu_kernels.INT4_MM is not None:
+        return every[0], every[1] + " (GLM_COMPILE=auto: INT4 on our CPU kernel, where batched compiled steps gain)"
     return (1,), (
-        "compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on a CPU, where each "
-        "batch size is another long compile for a smaller gain; GLM_COMPILE=on compiles every batch size)"
+        "compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on a CPU at this level, where "
+        "each batch size is another long compile for no gain; GLM_COMPILE=on compiles every batch size)"
     )
 
 

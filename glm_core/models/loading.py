@@ -36,6 +36,7 @@ from .chatglm.glm6b import glm6b_config, ice_tokenizer_file, load_glm6b_model
 from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, TokenizerMismatch
 from .chatglm.tokenizer import ChatGLMTokenizer
 from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
+from .fused import fuse_projections
 from .openmp import release_pool
 from .precision import Precision, auto_cpu_precision, parse_precision, resolve_device
 from .quant import experts_per_token, parameter_counts, quantize_loaded_model, weight_bytes
@@ -256,6 +257,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
         extra["precision_source"] = precision_source
     if precision is Precision.INT4 and device.type == "cpu":  # load_int4 chose above
         extra["kernel"] = f"INT4 layers: {cpu_kernels.INT4_REASON}"
+        if fused := fuse_projections(model):
+            extra["kernel"] += f"; q/k/v and gate/up products fused in {fused} modules"
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
     extra.setdefault(
