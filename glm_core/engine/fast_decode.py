@@ -144,16 +144,33 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling=
     attention over the shared keys, no copy) only outside a compile; inside one it repeats every key and value for
     each query head (`repeat_kv`), and inductor then wrote a [b, heads, capacity, head_dim] copy of the cache per
     layer per step: SmolLM2 INT4, 8 rows over 256 positions, 82.7 ms a compiled step against 66.2 eager, 53.4 with
-    the grouping (scripts/probe_compiled_step.py). Prompts (several queries) go to transformers' own."""
+    the grouping (scripts/probe_compiled_step.py). On a CPU where it measured faster (`cpu_kernels.load_attention`, at load),
+    a decode step goes to our attention op instead: SDPA's fused CPU kernel is built for blocks of queries, and
+    for one query a row took 90 us a layer at one row and 705 at 16 (SmolLM2 INT4, eager). Prompts (several
+    queries) go to transformers' own."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
     shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-    if query.shape[2] != 1 or groups == 1 or not shared_mask:
+    if query.shape[2] != 1 or not shared_mask:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     rows, heads, _, dim = query.shape
+    ours = cpu_kernels.DECODE_ATTENTION
+    if (
+        ours is not None
+        and query.device.type == "cpu"
+        and dim % 8 == 0
+        and key.dtype == query.dtype
+        and (attention_mask is None or attention_mask.dtype == torch.bool)
+        and (attention_mask is None or tuple(attention_mask.shape) == (rows, 1, 1, key.shape[2]))
+    ):
+        return ours(query, key, value, attention_mask, dim**-0.5 if scaling is None else scaling), None
+    if groups == 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     grouped = query.reshape(rows, heads // groups, groups, dim)
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
@@ -163,7 +180,7 @@ def group_decode_attention(model) -> None:
     """Route a transformers model's `sdpa` attention through `grouped_decode_attention` (the same function outside
     a compile; registered once with sdpa's mask builder)."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", GROUPED_SDPA):
         return
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -41,7 +41,7 @@ from ..protocol import (
 from ..reasoning import OPEN as REASONING_OPEN
 from .constraints import Constraint, GrammarFailed
 from .context import FittingStopped, common_prefix_length, fit_to_context
-from .fast_decode import GROUPED_SDPA
+from .fast_decode import GROUPED_SDPA, group_decode_attention
 from .generation import PREFILL_CHUNK, prefill
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop
 from .kv_slots import SlotCache
@@ -178,6 +178,7 @@ class Runner:
         self.batch_kv_bytes = batch_kv_bytes  # the slots may grow past this only for a single sequence
         self.prefill_budget = prefill_budget
         self.batched = slot_compatible(loaded.model)
+        group_decode_attention(loaded.model)  # eager decode steps too
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []  # decoding[i] occupies slot i
         self.slots: SlotCache | None = None

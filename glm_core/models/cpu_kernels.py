@@ -1,4 +1,5 @@
-"""Our own CPU kernel for INT4 decoding, built on first use and kept only where it measures faster.
+"""Our own CPU kernels for decoding, INT4 products and attention, built on first use and kept only where they
+measure faster.
 
 PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) turns every weight into a float and multiplies in
 float: at one row (a decode step) that is bound by the core, not by memory. `kernels/int4_cpu.cpp` quantizes the
@@ -13,6 +14,11 @@ library is kept under GLM_CACHE_DIR/kernels and reused), then timed against PyTo
 1024 x 1024 weight, on one thread (see `_time_against_pytorch`); it is used only when faster.
 GLM_CPU_KERNELS=off keeps PyTorch's kernel. The weight layout follows the choice (see
 `glm_core.models.quant.pack_int4`), so a process never mixes the two.
+
+The same library holds the decode attention (`kernels/decode_attention_cpu.cpp`: one query a row, each key and
+value row read once for the query heads that share it, the masked positions skipped). `load_attention` times it
+against PyTorch's SDPA on one decode step of one layer, once per process, and the model's attention
+(`engine.fast_decode.grouped_decode_attention`) uses it only when faster.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from .precision import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "int4_cpu.cpp"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = [KERNELS / "int4_cpu.cpp", KERNELS / "decode_attention_cpu.cpp"]  # one library, with KERNELS/*.h
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 
 # The decision, made by `load_int4`: the op (or None: PyTorch's kernel) and why. Module globals rather than a
@@ -67,6 +74,38 @@ def load_int4() -> bool:
     return True
 
 
+# The same for the decode attention (`load_attention`): our op, or None (transformers' SDPA), and why.
+DECODE_ATTENTION = None
+ATTENTION_REASON = "not chosen yet"
+_attention_chosen = False
+
+
+def load_attention() -> bool:
+    """Build, load and time the decode attention once per process; True when it is used (`DECODE_ATTENTION`)."""
+    global DECODE_ATTENTION, ATTENTION_REASON, _attention_chosen
+    if _attention_chosen:
+        return DECODE_ATTENTION is not None
+    _attention_chosen = True
+    try:
+        why_not = built_op()
+        if isinstance(why_not, str):
+            ATTENTION_REASON = f"PyTorch's SDPA ({why_not})"
+            return False
+        op = torch.ops.glm_cpu.decode_attention.default
+        ours, theirs = _time_attention(op)
+    except Exception as exc:
+        ATTENTION_REASON = f"PyTorch's SDPA (ours could not be built or loaded: {str(exc).strip()[-300:]})"
+        log.warning("decode attention: %s", ATTENTION_REASON)
+        return False
+    figures = f"BF16, 9 query heads over 3 key/value heads, 200 of 256 positions, one thread: ours {ours:.0f} us, SDPA's {theirs:.0f} us"
+    if ours >= theirs:
+        ATTENTION_REASON = f"PyTorch's SDPA (measured faster here; {figures})"
+        return False
+    DECODE_ATTENTION, ATTENTION_REASON = op, f"our decode attention ({figures})"
+    log.info("decode attention: %s", ATTENTION_REASON)
+    return True
+
+
 def built_op():
     """Our kernel's op, built and loaded whatever its speed here (the tests check it wherever it can run); or why
     it cannot run here (a string). A failed build raises."""
@@ -94,14 +133,14 @@ def _library_path() -> Path:
     key = hashlib.sha256(
         b"\0".join(
             [
-                SOURCE.read_bytes(),
+                *(path.read_bytes() for path in [*SOURCES, *sorted(KERNELS.glob("*.h"))]),
                 torch.__version__.encode(),
                 " ".join(FLAGS).encode(),
                 *map(str.encode, cpp_extension.include_paths()),
             ]
         )
     ).hexdigest()[:16]
-    return load_settings().cache_dir / "kernels" / f"int4_cpu-{key}.so"
+    return load_settings().cache_dir / "kernels" / f"glm_cpu-{key}.so"
 
 
 def _build() -> Path:
@@ -124,7 +163,7 @@ def _build() -> Path:
             *FLAGS,
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *(f"-I{p}" for p in cpp_extension.include_paths()),
-            str(SOURCE),
+            *map(str, SOURCES),
             "-o",
             str(partial),
             f"-L{torch_lib}",
@@ -151,14 +190,15 @@ def _load(path: Path):
         def _(x, weight, scales_offsets, group_size):
             return x.new_empty(x.shape[0], weight.shape[0])
 
+        @torch.library.register_fake("glm_cpu::decode_attention")
+        def _(q, k, v, mask, scale):
+            return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
+
     return torch.ops.glm_cpu.int4_mm.default
 
 
 def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
-    """Microseconds of one row through each kernel on one thread (the fastest of `repeats`, alternated), on the
-    same random weight. One thread: with another process busy on the same cores, each parallel region of either
-    kernel waited for its descheduled second thread, and both took ~4 ms (the scheduler's time slice) instead of
-    20-40 us, so that the choice was a coin toss."""
+    """Microseconds of one row through each kernel (`_one_thread_minima`), on the same random weight."""
     from .quant import pack_int4_blocks, quantize_int4
 
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
@@ -171,6 +211,30 @@ def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: i
         "ours": lambda: op(x, ours_weight, scales_offsets, group_size),
         "theirs": lambda: torch._weight_int4pack_mm_for_cpu(x, theirs_weight, group_size, theirs_scales),
     }
+    return _one_thread_minima(runs, repeats)
+
+
+def _time_attention(op, repeats: int = 31) -> tuple[float, float]:
+    """Microseconds of one decode step's attention for one layer (SmolLM2's heads) through ours and through SDPA
+    on the grouped query, as the fallback calls it; one thread, the fastest of `repeats`, alternated."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, 1, 64, generator=generator).to(torch.bfloat16)
+    k, v = (torch.randn(1, 3, 256, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    mask = (torch.arange(256) < 200)[None, None, None, :]
+    grouped = q.reshape(1, 3, 3, 64)
+    runs = {
+        "ours": lambda: op(q, k, v, mask, 0.125),
+        "theirs": lambda: torch.nn.functional.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=0.125),
+    }
+    return _one_thread_minima(runs, repeats)
+
+
+def _one_thread_minima(runs: dict, repeats: int) -> tuple[float, float]:
+    """Microseconds of `runs`' "ours" and "theirs" on one thread, the fastest of `repeats` alternated calls. One
+    thread: with another process busy on the same cores, each parallel region waited for its descheduled second
+    thread, and both kernels took ~4 ms (the scheduler's time slice) instead of 20-40 us, so that the choice was a
+    coin toss. The fastest: another process only ever adds time, so minima compare the kernels where medians
+    would compare the load (with a suite's two workers, the median chose either)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -178,9 +242,7 @@ def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: i
             times = alternated_times(runs, repeats)
     finally:
         torch.set_num_threads(threads)
-    # The fastest of each: another process busy on the same cores only ever adds time, so minima compare the
-    # kernels where medians would compare the load (with a suite's two workers, the median chose either).
-    return tuple(1e6 * min(times[name]) for name in ("ours", "theirs"))  # type: ignore[return-value]
+    return 1e6 * min(times["ours"]), 1e6 * min(times["theirs"])
 
 
 def alternated_times(runs: dict, repeats: int) -> dict[str, list[float]]:

@@ -224,6 +224,8 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     if spec.family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"unknown family {spec.family!r}; use auto, chatglm2 or chatglm3")
 
+    if device.type == "cpu":
+        cpu_kernels.load_attention()  # timed here, before this thread's OpenMP pool is given back (below)
     if precision in (Precision.INT8, Precision.INT4) and device.type == "cpu":
         pin_mmap_threshold()  # quantizing while reading: no temporary left between the weights (telemetry.memory)
         # Measured before any weight is read, so their temporaries never sit between the quantized weights.
