@@ -434,3 +434,36 @@ def test_the_step_plan_feeds_prompts_first_come_within_the_budget():
     assert plan.chunks == (Chunk(long, 188), Chunk(short, 100), Chunk(behind, 50)) and plan.stopped == ()
     assert plan_step([sequence(700)], [], 512, whole_prompt=True).prefill_tokens == 700
     assert not plan_step([], [], 512, whole_prompt=False).decode
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_step_writes_each_rows_new_key_and_value_at_its_own_position(dtype):
+    """float32 writes by scatter_, BF16 by index_put (CPU scatter_ copies a BF16 buffer whole): the same cells."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig
+
+    from glm_core.engine.kv_slots import SlotCache
+
+    dtype = getattr(torch, dtype)
+    config = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=2, hidden_size=16)
+    slots = SlotCache(2, 2, 8, dtype, torch.device("cpu"), slots=4)
+    for length in (5, 9, 3):
+        c = DynamicCache(config=config)
+        for layer in range(2):
+            c.update(torch.randn(1, 2, length, 8).to(dtype), torch.randn(1, 2, length, 8).to(dtype), layer)
+        slots.add(c)
+    positions, mask = slots.prepare_decode()
+    assert positions[:, 0].tolist() == [5, 9, 3] and mask.shape == (3, 1, 1, 10)
+    before = [t.clone() for t in slots.keys + slots.values]
+    new_k, new_v = torch.randn(3, 2, 1, 8).to(dtype), torch.randn(3, 2, 1, 8).to(dtype)
+    keys, values = slots.update(new_k, new_v, 1)
+    assert keys.shape == (3, 2, 10, 8)
+    for row, position in enumerate((5, 9, 3)):
+        assert torch.equal(keys[row, :, position], new_k[row, :, 0])
+        assert torch.equal(values[row, :, position], new_v[row, :, 0])
+    changed = [not torch.equal(a, b) for a, b in zip(before, slots.keys + slots.values)]
+    assert changed == [False, True, False, True]  # layer 1's keys and values only
+    written = torch.zeros_like(slots.keys[1], dtype=torch.bool)
+    for row, position in enumerate((5, 9, 3)):
+        written[row, :, position] = True
+    assert torch.equal(slots.keys[1][~written], before[1][~written])  # nothing else in the layer moved
