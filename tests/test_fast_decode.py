@@ -183,7 +183,7 @@ def test_glm_compile_setting(tiny_loaded, monkeypatch):
     assert compile_plan("on", tiny_loaded, 16)[0] == (1, 2, 4, 8, 16)
     assert compile_plan("on", tiny_loaded, 6)[0] == (1, 2, 4, 6)
     assert compile_plan("auto", tiny_loaded, 16)[0] == (1,)  # CPU: one row (where it measured faster)
-    # INT4 on our CPU kernel: every batch size (its batched compiled steps measured 1.5-1.9x eager); on PyTorch's
+    # INT4 on our CPU kernel: every batch size (its batched compiled steps measured 1.3-1.9x eager); on PyTorch's
     # int4 kernel, one row.
     int4 = dataclasses.replace(tiny_loaded, precision=Precision.INT4)
     monkeypatch.setattr(cpu_kernels, "INT4_MM", object())

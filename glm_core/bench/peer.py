@@ -60,6 +60,8 @@ def run_peer_bench(
     step is ready (GLM_COMPILE as the environment says); each measured alone by the same client. Ratios are ours /
     llama.cpp's best per stream count (the thread count that gave the most tokens/s there)."""
     threads = tuple(dict.fromkeys(threads or (default_threads(), os.cpu_count() or 1)))
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
     logs = (lambda name: log_dir / name) if log_dir else (lambda name: None)
     by_threads: dict[int, dict] = {}
     for count in threads:

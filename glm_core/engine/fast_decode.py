@@ -215,10 +215,11 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     says what the fast path covers, or why it is off.
 
     auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode), and
-    on CPU where INT4 runs on our kernel: its compiled batched steps measured 1.5-1.9x eager at 4 and 16 streams
-    (docs/BENCHMARKS.md, "Every batch size compiled at INT4"), worth a compile per batch size taken from the
-    engine's idle time. Other CPU levels: batch 1 only; their batched steps measured level with eager (FP32 0.99x
-    at 16 streams, BF16 likewise), not worth another long compile each. GLM_COMPILE=on compiles every bucket.
+    on CPU where INT4 runs on our kernel: its compiled batched steps measured 1.3-1.9x eager at 4 and 16 streams
+    on two CPUs (docs/BENCHMARKS.md, "Every batch size compiled at INT4"), worth a compile per batch size taken
+    from the engine's idle time. Other CPU levels: batch 1 only; FP32's batched steps compiled measured 1.08x eager at 4
+    streams and 0.99x at 16 (AVX2), not worth another long compile each (BF16's and INT8's are not measured
+    apart). GLM_COMPILE=on compiles every bucket.
     """
     if mode == "off":
         return (), "off (GLM_COMPILE=off)"
