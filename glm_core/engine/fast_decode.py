@@ -144,22 +144,19 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling=
     attention over the shared keys, no copy) only outside a compile; inside one it repeats every key and value for
     each query head (`repeat_kv`), and inductor then wrote a [b, heads, capacity, head_dim] copy of the cache per
     layer per step: SmolLM2 INT4, 8 rows over 256 positions, 82.7 ms a compiled step against 66.2 eager, 53.4 with
-    the grouping (scripts/probe_compiled_step.py). On a CPU where it measured faster (`cpu_kernels.load_attention`, at load),
-    a decode step goes to our attention op instead: SDPA's fused CPU kernel is built for blocks of queries, and
-    for one query a row took 90 us a layer at one row and 705 at 16 (SmolLM2 INT4, eager). Prompts (several
-    queries) go to transformers' own."""
+    the grouping (scripts/probe_compiled_step.py). On a CPU where it measured faster (`cpu_kernels.load_attention`,
+    at load), a decode step goes to our attention op instead: SDPA's fused CPU kernel is built for blocks of
+    queries, and for one query a row took 90 us a layer at one row and 705 at 16 (SmolLM2 INT4, eager). Prompts
+    (several queries) go to transformers' own."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-    if query.shape[2] != 1 or not shared_mask:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    rows, heads, _, dim = query.shape
+    rows, heads, queries, dim = query.shape
+    decode = queries == 1 and (attention_mask is None or attention_mask.shape[1] == 1)
     ours = cpu_kernels.DECODE_ATTENTION
     if (
-        ours is not None
+        decode
+        and ours is not None
         and query.device.type == "cpu"
         and dim % 8 == 0
         and key.dtype == query.dtype
@@ -167,7 +164,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling=
         and (attention_mask is None or tuple(attention_mask.shape) == (rows, 1, 1, key.shape[2]))
     ):
         return ours(query, key, value, attention_mask, dim**-0.5 if scaling is None else scaling), None
-    if groups == 1:
+    if not decode or groups == 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
@@ -217,9 +214,9 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode), and
     on CPU where INT4 runs on our kernel: its compiled batched steps measured 1.3-1.9x eager at 4 and 16 streams
     on two CPUs (docs/BENCHMARKS.md, "Every batch size compiled at INT4"), worth a compile per batch size taken
-    from the engine's idle time. Other CPU levels: batch 1 only; FP32's batched steps compiled measured 1.08x eager at 4
-    streams and 0.99x at 16 (AVX2), not worth another long compile each (BF16's and INT8's are not measured
-    apart). GLM_COMPILE=on compiles every bucket.
+    from the engine's idle time. Other CPU levels: batch 1 only; FP32's batched steps compiled measured 1.08x
+    eager at 4 streams and 0.99x at 16 (AVX2), not worth another long compile each (BF16's and INT8's are not
+    measured apart). GLM_COMPILE=on compiles every bucket.
     """
     if mode == "off":
         return (), "off (GLM_COMPILE=off)"

@@ -97,7 +97,10 @@ def load_attention() -> bool:
         ATTENTION_REASON = f"PyTorch's SDPA (ours could not be built or loaded: {str(exc).strip()[-300:]})"
         log.warning("decode attention: %s", ATTENTION_REASON)
         return False
-    figures = f"BF16, 9 query heads over 3 key/value heads, 200 of 256 positions, one thread: ours {ours:.0f} us, SDPA's {theirs:.0f} us"
+    figures = (
+        "BF16, 9 query heads over 3 key/value heads, 200 of 256 positions, one thread: "
+        f"ours {ours:.0f} us, SDPA's {theirs:.0f} us"
+    )
     if ours >= theirs:
         ATTENTION_REASON = f"PyTorch's SDPA (measured faster here; {figures})"
         return False
