@@ -52,26 +52,17 @@ _chosen = False
 def load_int4() -> bool:
     """Build, load and time the INT4 kernel once per process; True when it is used (`INT4_MM` is set)."""
     global INT4_MM, INT4_REASON, _chosen
-    if _chosen:
-        return INT4_MM is not None
-    _chosen = True
-    try:
-        op = built_op()
-        if isinstance(op, str):
-            INT4_REASON = f"PyTorch's int4 kernel ({op})"
-            return False
-        ours, theirs = _time_against_pytorch(op)
-    except Exception as exc:  # a missing compiler, a failed build: PyTorch's kernel still works
-        INT4_REASON = f"PyTorch's int4 kernel (ours could not be built or loaded: {str(exc).strip()[-300:]})"
-        log.warning("INT4: %s", INT4_REASON)
-        return False
-    figures = f"one row, 1024 x 1024, one thread: ours {ours:.0f} us, PyTorch's {theirs:.0f} us"
-    if ours >= theirs:
-        INT4_REASON = f"PyTorch's int4 kernel (measured faster here; {figures})"
-        return False
-    INT4_MM, INT4_REASON = op, f"int8-activation int4 kernel ({figures})"
-    log.info("INT4: %s", INT4_REASON)
-    return True
+    if not _chosen:
+        _chosen = True
+        INT4_MM, INT4_REASON = _choose(
+            "INT4",
+            "PyTorch's int4 kernel",
+            "int8-activation int4 kernel",
+            lambda int4_mm: int4_mm,
+            _time_against_pytorch,
+            "one row, 1024 x 1024, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
+        )
+    return INT4_MM is not None
 
 
 # The same for the decode attention (`load_attention`): our op, or None (transformers' SDPA), and why.
@@ -83,30 +74,39 @@ _attention_chosen = False
 def load_attention() -> bool:
     """Build, load and time the decode attention once per process; True when it is used (`DECODE_ATTENTION`)."""
     global DECODE_ATTENTION, ATTENTION_REASON, _attention_chosen
-    if _attention_chosen:
-        return DECODE_ATTENTION is not None
-    _attention_chosen = True
+    if not _attention_chosen:
+        _attention_chosen = True
+        DECODE_ATTENTION, ATTENTION_REASON = _choose(
+            "decode attention",
+            "PyTorch's SDPA",
+            "our decode attention",
+            lambda _: torch.ops.glm_cpu.decode_attention.default,
+            _time_attention,
+            "BF16, 9 query heads over 3 key/value heads, 200 of 256 positions, one thread: "
+            "ours {:.0f} us, SDPA's {:.0f} us",
+        )
+    return DECODE_ATTENTION is not None
+
+
+def _choose(what: str, theirs: str, ours: str, pick, time_both, figures: str):
+    """(our op, or None for PyTorch's, and why) for one of our kernels: built and loaded (`built_op`), `pick`ed
+    from the library, timed against PyTorch's by `time_both(op)` -> (ours us, theirs us), kept only when faster.
+    A missing compiler or a failed build leaves PyTorch's, which still works."""
     try:
-        why_not = built_op()
-        if isinstance(why_not, str):
-            ATTENTION_REASON = f"PyTorch's SDPA ({why_not})"
-            return False
-        op = torch.ops.glm_cpu.decode_attention.default
-        ours, theirs = _time_attention(op)
+        built = built_op()
+        if isinstance(built, str):
+            return None, f"{theirs} ({built})"
+        op = pick(built)
+        times = time_both(op)
     except Exception as exc:
-        ATTENTION_REASON = f"PyTorch's SDPA (ours could not be built or loaded: {str(exc).strip()[-300:]})"
-        log.warning("decode attention: %s", ATTENTION_REASON)
-        return False
-    figures = (
-        "BF16, 9 query heads over 3 key/value heads, 200 of 256 positions, one thread: "
-        f"ours {ours:.0f} us, SDPA's {theirs:.0f} us"
-    )
-    if ours >= theirs:
-        ATTENTION_REASON = f"PyTorch's SDPA (measured faster here; {figures})"
-        return False
-    DECODE_ATTENTION, ATTENTION_REASON = op, f"our decode attention ({figures})"
-    log.info("decode attention: %s", ATTENTION_REASON)
-    return True
+        reason = f"{theirs} (ours could not be built or loaded: {str(exc).strip()[-300:]})"
+        log.warning("%s: %s", what, reason)
+        return None, reason
+    measured = figures.format(*times)
+    if times[0] >= times[1]:
+        return None, f"{theirs} (measured faster here; {measured})"
+    log.info("%s: %s (%s)", what, ours, measured)
+    return op, f"{ours} ({measured})"
 
 
 def built_op():
