@@ -66,19 +66,21 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_draws_follow_the_probabilities():
-    """Sampled tokens come as often as their probability says (a chi-square over 1,000 tokens at temperature 1)."""
-    logits = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    """Sampled tokens come as often as their probability says: a chi-square over 100 tokens at temperature 1, about
+    80 draws expected of each (its value per degree of freedom is 1 +- 0.14 for a right sampler; a sampler that
+    drew at temperature 0.9 or 1.1 instead lands near 2.5 with these logits)."""
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(5)) * 1.5
     generator = torch.Generator().manual_seed(11)
-    draws = 60_000
+    draws = 8_000
     counts = torch.bincount(
         torch.tensor(
             [sample_next(logits, SamplingParams(temperature=1.0, top_p=1.0), generator=generator) for _ in range(draws)]
         ),
-        minlength=1000,
+        minlength=100,
     ).double()
     expected = torch.softmax(logits.double(), dim=-1) * draws
-    chi2_per_degree = float(((counts - expected) ** 2 / expected).sum()) / 999
-    assert 0.85 < chi2_per_degree < 1.15
+    chi2_per_degree = float(((counts - expected) ** 2 / expected).sum()) / 99
+    assert 0.6 < chi2_per_degree < 1.4
 
 
 def test_one_token_more_in_the_nucleus_does_not_change_the_seeded_reply():
