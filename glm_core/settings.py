@@ -16,7 +16,7 @@ GLM_MAX_RUNNING_PER_OWNER requests one workspace or API key may have running at 
 GLM_CACHE_DIR   where converted models (and compiled decode graphs, under inductor/) are kept (default ~/.cache/glm-dashboard)
 GLM_COMPILE     auto | on | off: the compiled decode fast path (auto: on where it measured faster, see
                 glm_core/engine/fast_decode.py)
-GLM_CPU_KERNELS auto | off: our INT4 and decode-attention CPU kernels where built and measured faster (models/cpu_kernels.py)
+GLM_CPU_KERNELS auto | off: our INT4, INT8 (output layer) and decode-attention CPU kernels where built and measured faster (models/cpu_kernels.py)
 GLM_DATA_DIR    where conversations and benchmark runs are stored (default: data/ in the project folder, git-ignored)
 GLM_MODEL_DIRS  folders (separated by the path separator, ":" on Linux) under which an admin may load a model
                 from the pages; unset: any path

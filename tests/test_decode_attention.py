@@ -11,7 +11,7 @@ from glm_core.models import cpu_kernels
 
 @pytest.fixture(scope="module")
 def attention_op():
-    why_not = cpu_kernels.built_op()
+    why_not = cpu_kernels.built_library()
     if isinstance(why_not, str):
         pytest.skip(f"our CPU kernels cannot run here: {why_not}")
     return torch.ops.glm_cpu.decode_attention.default

@@ -23,6 +23,7 @@ from glm_core.models.quant import (
     WeightOnlyInt8Linear,
     dequantize_int4,
     quantize_int4,
+    quantize_int8,
     quantize_loaded_model,
     weight_bytes,
 )
@@ -36,10 +37,10 @@ def relative_error(a, b):
 def our_int4_op():
     """Our INT4 kernel's op wherever it can run, used here whether or not this process chose it for speed (under a
     busy suite the timing may choose PyTorch's); skips where it cannot run (no AVX2, not Linux)."""
-    op = cpu_kernels.built_op()
-    if isinstance(op, str):
-        pytest.skip(f"our INT4 kernel cannot run here: {op}")
-    return op
+    library = cpu_kernels.built_library()
+    if isinstance(library, str):
+        pytest.skip(f"our CPU kernels cannot run here: {library}")
+    return library.int4_mm.default
 
 
 @pytest.fixture(params=["ours", "pytorch"])
@@ -47,6 +48,7 @@ def int4_kernel(request, monkeypatch):
     """The CPU INT4 kernel (and layout) a test runs with: ours (int8 activations) or PyTorch's."""
     monkeypatch.setattr(cpu_kernels, "_chosen", True)
     monkeypatch.setattr(cpu_kernels, "INT4_MM", our_int4_op() if request.param == "ours" else None)
+    monkeypatch.setattr(cpu_kernels, "INT4_MM_VNNI", None)  # the AVX2 path (both paths: the kernel's own test)
     return request.param
 
 
@@ -150,7 +152,8 @@ def test_engine_reports_weights_kv_and_memory(embedded_levels):
     # INT4 on a CPU: the card says whose kernel its layers use, and the timing that chose it.
     kernel = embedded_levels["int4"].card().kernel
     assert kernel.startswith("INT4 layers: ") and ("int8-activation" in kernel or "PyTorch" in kernel)
-    assert card.kernel is None and bf16.kernel is None
+    assert "INT8 output layer, batched steps: " in kernel and card.kernel.startswith("INT8 output layer")
+    assert bf16.kernel is None
     engine = Engine(embedded_levels["int8"])
     try:
         report = engine.memory_report()
@@ -275,14 +278,24 @@ def quantize_activations_as_the_kernel_does(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks / scales.clamp(min=1e-30)) * scales).reshape(x.shape)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6, 16])
+def our_vnni_op():
+    """Our INT4 kernel's AVX-512 VNNI path wherever it can run (whatever this process chose); skips elsewhere."""
+    our_int4_op()
+    if not torch.ops.glm_cpu.vnni_supported():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    return torch.ops.glm_cpu.int4_mm_vnni.default
+
+
+@pytest.mark.parametrize("path", ["avx2", "vnni"])
+@pytest.mark.parametrize("rows", [1, 3, 6, 16, 21])
 @pytest.mark.parametrize("in_features, out_features, group_size", [(576, 192, 32), (1536, 577, 64), (256, 5, 128)])
 def test_our_int4_kernel_is_the_dot_product_of_int8_activations_and_the_nibbles(
-    rows, in_features, out_features, group_size
+    rows, in_features, out_features, group_size, path
 ):
-    """Exact but for float summation order: tiles of 8 weight rows and the single rows after the last, group
-    sizes of one and several blocks, activation rows 4 at a time and the 1-3 left over."""
-    op = our_int4_op()
+    """Exact but for float summation order, on both paths: tiles of 8 weight rows and the single rows after the
+    last, group sizes of one and several blocks, activation rows 4 (AVX2) or 8 (VNNI) at a time and those left
+    over."""
+    op = our_int4_op() if path == "avx2" else our_vnni_op()
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(out_features, in_features, generator=generator)
     q, scales_and_zeros = quantize_int4(weight, group_size)
@@ -304,3 +317,75 @@ def test_our_int4_kernel_is_the_dot_product_of_int8_activations_and_the_nibbles(
         assert relative_error(got, exact) < (1e-5 if dtype is torch.float32 else 5e-3)
         # ... and close to the float product: the activations' rounding is all it adds.
         assert relative_error(got, xd.double() @ dequantized.T) < 0.03
+        if path == "vnni":  # the same integers, then the same float operations: the same bits as the AVX2 path
+            assert torch.equal(got, our_int4_op()(xd, packed, scales_offsets, group_size))
+
+
+@pytest.mark.parametrize("path", ["avx2", "vnni"])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("out_features, in_features", [(203, 576), (3, 64)])
+def test_our_int8_kernel_is_the_dot_product_of_int8_activations_and_the_weight(rows, out_features, in_features, path):
+    """Exact but for float summation order: 4 output rows at a time and those left over, float32 and BF16
+    activations and scales; the VNNI path gives the AVX2 path's bits."""
+    library = cpu_kernels.built_library()
+    if isinstance(library, str):
+        pytest.skip(f"our CPU kernels cannot run here: {library}")
+    if path == "vnni" and not library.vnni_supported():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    op = library.int8_mm if path == "avx2" else library.int8_mm_vnni
+    generator = torch.Generator().manual_seed(rows)
+    q, scales = quantize_int8(torch.randn(out_features, in_features, generator=generator))
+    x = torch.randn(rows, in_features, generator=generator) * torch.linspace(0.01, 10, in_features)
+    x[0, :32] = 0  # an all-zero block
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, sd = x.to(dtype), scales.to(dtype)
+        got = op(xd, q, sd)
+        assert got.dtype == dtype and got.shape == (rows, out_features)
+        exact = quantize_activations_as_the_kernel_does(xd).double() @ (q.double() * sd.double()[:, None]).T
+        assert relative_error(got, exact) < (1e-5 if dtype is torch.float32 else 5e-3)
+        assert relative_error(got, xd.double() @ (q.double() * sd.double()[:, None]).T) < 0.03
+        if path == "vnni":
+            assert torch.equal(got, library.int8_mm(xd, q, sd))
+    with pytest.raises(RuntimeError, match="tile by 32"):
+        op(torch.randn(2, 40), torch.zeros(3, 40, dtype=torch.int8), torch.ones(3))
+
+
+def test_only_the_output_layer_takes_our_int8_kernel_and_only_for_batched_rows(monkeypatch):
+    """A lone conversation's step (one row) and every other INT8 layer keep PyTorch's exact float product; the
+    output layer's batched steps take ours, up to the dense path."""
+    library = cpu_kernels.built_library()
+    if isinstance(library, str):
+        pytest.skip(f"our CPU kernels cannot run here: {library}")
+    monkeypatch.setattr(cpu_kernels, "INT8_MM", library.int8_mm.default)
+    monkeypatch.setattr(cpu_kernels, "INT8_MM_VNNI", None)
+    monkeypatch.setattr(quant, "DENSE_DTYPE", torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "int8_op", lambda rows: lambda *a: calls.append(rows) or library.int8_mm(*a))
+    layer = WeightOnlyInt8Linear(64, 40, False, torch.bfloat16)
+    layer.set_weight(torch.randn(40, 64))
+    for rows in (1, 2, 16, quant.OUR_INT8_DENSE_MIN_ROWS):
+        layer(torch.randn(rows, 64, dtype=torch.bfloat16))
+    assert calls == []
+    layer.int8_activations = True  # as the quantization policy marks the output layer
+    for rows in (1, 2, 16, quant.OUR_INT8_DENSE_MIN_ROWS):
+        layer(torch.randn(rows, 64, dtype=torch.bfloat16))
+    assert calls == [2, 16]
+
+
+def test_the_vnni_path_takes_the_row_counts_from_which_it_measured_faster(monkeypatch):
+    """VNNI from the fewest timed rows at which it was faster there and at every larger count; never where it lost
+    at the most rows; the AVX2 path below, PyTorch's layout never."""
+    avx2, vnni = our_int4_op(), our_vnni_op()
+    figures = {1: (30.0, 20.0), 4: (50.0, 60.0), 16: (100.0, 150.0)}  # (VNNI us, AVX2 us)
+    monkeypatch.setattr(cpu_kernels, "_time_paths", lambda ours, theirs, args: figures[args[0].shape[0]])
+    monkeypatch.setattr(cpu_kernels, "_int4_case", lambda rows: (torch.empty(rows, 32),))
+    op, rows, why = cpu_kernels._choose_vnni("INT4", avx2, "int4_mm_vnni", cpu_kernels._int4_case)
+    assert (op, rows) == (vnni, 4) and "VNNI from 4 rows" in why
+    monkeypatch.setattr(cpu_kernels, "INT4_MM", avx2)
+    monkeypatch.setattr(cpu_kernels, "INT4_MM_VNNI", op)
+    monkeypatch.setattr(cpu_kernels, "INT4_VNNI_ROWS", rows)
+    assert [cpu_kernels.int4_op(n) for n in (1, 3, 4, 64)] == [avx2, avx2, vnni, vnni]
+    monkeypatch.setattr(cpu_kernels, "INT4_MM", None)  # PyTorch's kernel chosen: its layout, no path of ours
+    assert cpu_kernels.int4_op(64) is None
+    figures[16] = (200.0, 150.0)
+    assert cpu_kernels._choose_vnni("INT4", avx2, "int4_mm_vnni", cpu_kernels._int4_case)[:2] == (None, 0)

@@ -1,5 +1,5 @@
-"""Our own CPU kernels for decoding, INT4 products and attention, built on first use and kept only where they
-measure faster.
+"""Our own CPU kernels for decoding, INT4 and INT8 products and attention, built on first use and kept only where
+they measure faster.
 
 PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) turns every weight into a float and multiplies in
 float: at one row (a decode step) that is bound by the core, not by memory. `kernels/int4_cpu.cpp` quantizes the
@@ -13,7 +13,15 @@ The choice is made once per process, by measurement (`load_int4`): the kernel is
 library is kept under GLM_CACHE_DIR/kernels and reused), then timed against PyTorch's kernel at one row on a
 1024 x 1024 weight, on one thread (see `_time_against_pytorch`); it is used only when faster.
 GLM_CPU_KERNELS=off keeps PyTorch's kernel. The weight layout follows the choice (see
-`glm_core.models.quant.pack_int4`), so a process never mixes the two.
+`glm_core.models.quant.pack_int4`), so a process never mixes the two. Where the CPU has AVX-512 VNNI, the
+kernel's VNNI path (one `dpbusd` for each maddubs/add pair, the same integers and then the same float operations:
+the same bits) is timed against the AVX2 path at 1, 4 and 16 rows (`_choose_vnni`) and takes the row counts where
+it was faster (`int4_op`).
+
+`kernels/int8_cpu.cpp` does the same for an int8 weight kept as stored (a tied output layer shares it with the
+embedding): int8 activation blocks times the weight rows by integer dot products. `load_int8` times it against
+PyTorch's int8 kernel at 4 rows; `quant.int8_matmul` gives it only the INT8 output layer's batched steps (see
+`quant.OUR_INT8_MIN_ROWS`).
 
 The same library holds the decode attention (`kernels/decode_attention_cpu.cpp`: one query a row, each key and
 value row read once for the query heads that share it, the masked positions skipped). `load_attention` times it
@@ -39,30 +47,103 @@ from .precision import cpu_flags
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS / "int4_cpu.cpp", KERNELS / "decode_attention_cpu.cpp"]  # one library, with KERNELS/*.h
+SOURCES = [
+    KERNELS / "int4_cpu.cpp",
+    KERNELS / "int8_cpu.cpp",
+    KERNELS / "decode_attention_cpu.cpp",
+]  # one library, with KERNELS/*.h
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 
-# The decision, made by `load_int4`: the op (or None: PyTorch's kernel) and why. Module globals rather than a
-# cached function, so that a compiled decode step reads them without a call it cannot trace.
+# The decisions, made by `load_int4` and `load_int8`: the op (or None: PyTorch's kernel) and why. Module globals
+# rather than a cached function, so that a compiled decode step reads them without a call it cannot trace.
 INT4_MM = None
 INT4_REASON = "not chosen yet"
 _chosen = False
+INT8_MM = None
+INT8_REASON = "not chosen yet"
+_int8_chosen = False
+# Each kernel's AVX-512 VNNI path (the same layout, the same sums), where the CPU has it and it measured faster
+# than the AVX2 path: used from *_VNNI_ROWS activation rows on (`int4_op`, `int8_op`).
+INT4_MM_VNNI = None
+INT4_VNNI_ROWS = 0
+INT8_MM_VNNI = None
+INT8_VNNI_ROWS = 0
+VNNI_ROWS_TIMED = (1, 4, 16)
 
 
 def load_int4() -> bool:
     """Build, load and time the INT4 kernel once per process; True when it is used (`INT4_MM` is set)."""
-    global INT4_MM, INT4_REASON, _chosen
+    global INT4_MM, INT4_REASON, _chosen, INT4_MM_VNNI, INT4_VNNI_ROWS
     if not _chosen:
         _chosen = True
         INT4_MM, INT4_REASON = _choose(
             "INT4",
             "PyTorch's int4 kernel",
             "int8-activation int4 kernel",
-            lambda int4_mm: int4_mm,
+            lambda library: library.int4_mm.default,
             _time_against_pytorch,
             "one row, 1024 x 1024, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
         )
+        if INT4_MM is not None:
+            INT4_MM_VNNI, INT4_VNNI_ROWS, why = _choose_vnni("INT4", INT4_MM, "int4_mm_vnni", _int4_case)
+            INT4_REASON += f"; {why}"
     return INT4_MM is not None
+
+
+def load_int8() -> bool:
+    """The same for the INT8 kernel (`INT8_MM`): the INT8 layers, and the INT8 output layer of INT4 models."""
+    global INT8_MM, INT8_REASON, _int8_chosen, INT8_MM_VNNI, INT8_VNNI_ROWS
+    if not _int8_chosen:
+        _int8_chosen = True
+        INT8_MM, INT8_REASON = _choose(
+            "INT8",
+            "PyTorch's int8 kernel",
+            "int8-activation int8 kernel",
+            lambda library: library.int8_mm.default,
+            _time_int8_against_pytorch,
+            "4 rows, 4096 x 1024, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
+        )
+        if INT8_MM is not None:
+            INT8_MM_VNNI, INT8_VNNI_ROWS, why = _choose_vnni("INT8", INT8_MM, "int8_mm_vnni", _int8_case)
+            INT8_REASON += f"; {why}"
+    return INT8_MM is not None
+
+
+def int4_op(rows: int):
+    """Our INT4 op for `rows` activation rows: the VNNI path from INT4_VNNI_ROWS rows where chosen, else the AVX2
+    path (None where PyTorch's kernel was chosen)."""
+    if INT4_MM is not None and INT4_MM_VNNI is not None and rows >= INT4_VNNI_ROWS:
+        return INT4_MM_VNNI
+    return INT4_MM
+
+
+def int8_op(rows: int):
+    """The same for INT8 (None: PyTorch's kernel)."""
+    if INT8_MM is not None and INT8_MM_VNNI is not None and rows >= INT8_VNNI_ROWS:
+        return INT8_MM_VNNI
+    return INT8_MM
+
+
+def _choose_vnni(what: str, avx2, name: str, case) -> tuple[object, int, str]:
+    """(the VNNI op `name` or None, the fewest rows it takes, why): timed against the AVX2 path on `case(rows)`'s
+    arguments at each of `VNNI_ROWS_TIMED` rows; used from the fewest rows at which it measured faster there and
+    at every larger count. On Zen 4, whose AVX-512 units are 256 bits wide, the INT4 path measured 1.1-1.4x the
+    AVX2 one; a CPU with full-width AVX-512 has more to gain, one whose 512-bit instructions lower its clock may
+    lose."""
+    try:
+        if not torch.ops.glm_cpu.vnni_supported():
+            return None, 0, "no AVX-512 VNNI"
+        vnni = getattr(torch.ops.glm_cpu, name).default
+        times = {rows: _time_paths(vnni, avx2, case(rows)) for rows in VNNI_ROWS_TIMED}
+    except Exception as exc:  # the AVX2 path stays
+        log.warning("%s VNNI path: %s", what, exc)
+        return None, 0, f"AVX-512 VNNI path failed: {str(exc).strip()[-200:]}"
+    figures = ", ".join(f"{rows} rows {ours:.0f} us against {theirs:.0f}" for rows, (ours, theirs) in times.items())
+    faster = [rows for rows in VNNI_ROWS_TIMED if all(times[r][0] < times[r][1] for r in VNNI_ROWS_TIMED if r >= rows)]
+    if not faster:
+        return None, 0, f"AVX2 path (AVX-512 VNNI measured slower: {figures})"
+    log.info("%s kernel: AVX-512 VNNI from %d rows (%s)", what, faster[0], figures)
+    return vnni, faster[0], f"AVX-512 VNNI from {faster[0]} rows ({figures} us on AVX2)"
 
 
 # The same for the decode attention (`load_attention`): our op, or None (transformers' SDPA), and why.
@@ -80,7 +161,7 @@ def load_attention() -> bool:
             "decode attention",
             "PyTorch's SDPA",
             "our decode attention",
-            lambda _: torch.ops.glm_cpu.decode_attention.default,
+            lambda library: library.decode_attention.default,
             _time_attention,
             "BF16, 9 query heads over 3 key/value heads, 200 of 256 positions, one thread: "
             "ours {:.0f} us, SDPA's {:.0f} us",
@@ -89,11 +170,11 @@ def load_attention() -> bool:
 
 
 def _choose(what: str, theirs: str, ours: str, pick, time_both, figures: str):
-    """(our op, or None for PyTorch's, and why) for one of our kernels: built and loaded (`built_op`), `pick`ed
+    """(our op, or None for PyTorch's, and why) for one of our kernels: built and loaded (`built_library`), `pick`ed
     from the library, timed against PyTorch's by `time_both(op)` -> (ours us, theirs us), kept only when faster.
     A missing compiler or a failed build leaves PyTorch's, which still works."""
     try:
-        built = built_op()
+        built = built_library()
         if isinstance(built, str):
             return None, f"{theirs} ({built})"
         op = pick(built)
@@ -109,9 +190,9 @@ def _choose(what: str, theirs: str, ours: str, pick, time_both, figures: str):
     return op, f"{ours} ({measured})"
 
 
-def built_op():
-    """Our kernel's op, built and loaded whatever its speed here (the tests check it wherever it can run); or why
-    it cannot run here (a string). A failed build raises."""
+def built_library():
+    """Our kernels' ops (`torch.ops.glm_cpu`), built and loaded whatever their speed here (the tests check them
+    wherever they can run); or why they cannot run here (a string). A failed build raises."""
     why_not = _unsupported()
     return why_not if why_not else _load(_build())
 
@@ -186,35 +267,65 @@ def _build() -> Path:
 
 
 def _load(path: Path):
+    """The library's ops (`torch.ops.glm_cpu`), loaded once, with their output shapes for torch.compile."""
     if not hasattr(torch.ops.glm_cpu, "int4_mm"):
         torch.ops.load_library(str(path))
 
-        @torch.library.register_fake("glm_cpu::int4_mm")
-        def _(x, weight, scales_offsets, group_size):
+        def products(x, weight, *scales_and_group_size):  # int4_mm*, int8_mm*: [rows, out_features]
             return x.new_empty(x.shape[0], weight.shape[0])
+
+        for name in ("int4_mm", "int4_mm_vnni", "int8_mm", "int8_mm_vnni"):
+            torch.library.register_fake(f"glm_cpu::{name}", products)
 
         @torch.library.register_fake("glm_cpu::decode_attention")
         def _(q, k, v, mask, scale):
             return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
 
-    return torch.ops.glm_cpu.int4_mm.default
+    return torch.ops.glm_cpu
 
 
-def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
-    """Microseconds of one row through each kernel (`_one_thread_minima`), on the same random weight."""
+def _int4_case(rows: int, size: int = 1024, group_size: int = 32) -> tuple:
+    """`rows` BF16 rows and a random size x size weight in our INT4 layout: our INT4 op's arguments."""
     from .quant import pack_int4_blocks, quantize_int4
 
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-    q, scales_and_zeros = quantize_int4(weight, group_size)
-    ours_weight, scales_offsets = pack_int4_blocks(q, scales_and_zeros, torch.bfloat16)
+    packed, scales_offsets = pack_int4_blocks(*quantize_int4(weight, group_size), torch.bfloat16)
+    return torch.randn(rows, size, dtype=torch.bfloat16), packed, scales_offsets, group_size
+
+
+def _int8_case(rows: int, out_features: int = 4096, in_features: int = 1024) -> tuple:
+    """`rows` BF16 rows, a random int8 weight and its BF16 scales: an INT8 op's arguments (ours or PyTorch's)."""
+    from .quant import quantize_int8
+
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
+    q, scales = quantize_int8(weight)
+    return torch.randn(rows, in_features, dtype=torch.bfloat16), q, scales.to(torch.bfloat16)
+
+
+def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
+    """Microseconds of one row through each INT4 kernel (`_one_thread_minima`), on the same random weight."""
+    from .quant import quantize_int4
+
+    x, packed, scales_offsets, _ = _int4_case(1, size, group_size)
+    q, scales_and_zeros = quantize_int4(torch.randn(size, size, generator=torch.Generator().manual_seed(0)), group_size)
     theirs_weight = torch._convert_weight_to_int4pack_for_cpu(q, 8)
     theirs_scales = scales_and_zeros.to(torch.bfloat16)
-    x = torch.randn(1, size, dtype=torch.bfloat16)
     runs = {
-        "ours": lambda: op(x, ours_weight, scales_offsets, group_size),
+        "ours": lambda: op(x, packed, scales_offsets, group_size),
         "theirs": lambda: torch._weight_int4pack_mm_for_cpu(x, theirs_weight, group_size, theirs_scales),
     }
     return _one_thread_minima(runs, repeats)
+
+
+def _time_int8_against_pytorch(op, repeats: int = 31) -> tuple[float, float]:
+    """Microseconds of 4 rows through each INT8 kernel (`_one_thread_minima`), on the same random weight."""
+    args = _int8_case(4)
+    return _one_thread_minima({"ours": lambda: op(*args), "theirs": lambda: torch._weight_int8pack_mm(*args)}, repeats)
+
+
+def _time_paths(ours, theirs, args: tuple, repeats: int = 31) -> tuple[float, float]:
+    """Microseconds of two of our ops on the same arguments (`_one_thread_minima`)."""
+    return _one_thread_minima({"ours": lambda: ours(*args), "theirs": lambda: theirs(*args)}, repeats)
 
 
 def _time_attention(op, repeats: int = 31) -> tuple[float, float]:

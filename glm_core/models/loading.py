@@ -230,6 +230,7 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
         pin_mmap_threshold()  # quantizing while reading: no temporary left between the weights (telemetry.memory)
         # Measured before any weight is read, so their temporaries never sit between the quantized weights.
         quant.choose_dense_dtype()
+        cpu_kernels.load_int8()  # the INT8 layers, and INT4 models' INT8 output layer
         if precision is Precision.INT4:
             cpu_kernels.load_int4()
     kind, path, cfg = _classify(spec.path)
@@ -257,10 +258,13 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     if precision_source:
         extra["precision_source"] = precision_source
-    if precision is Precision.INT4 and device.type == "cpu":  # load_int4 chose above
-        extra["kernel"] = f"INT4 layers: {cpu_kernels.INT4_REASON}"
-        if fused := fuse_projections(model):
-            extra["kernel"] += f"; q/k/v and gate/up products fused in {fused} modules"
+    if precision in (Precision.INT8, Precision.INT4) and device.type == "cpu":  # the kernels chosen above
+        kernels = []
+        if precision is Precision.INT4:
+            kernels.append(f"INT4 layers: {cpu_kernels.INT4_REASON}")
+            if fused := fuse_projections(model):
+                kernels.append(f"q/k/v and gate/up products fused in {fused} modules")
+        extra["kernel"] = "; ".join([*kernels, f"INT8 output layer, batched steps: {cpu_kernels.INT8_REASON}"])
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
     extra.setdefault(

@@ -1,7 +1,10 @@
-// Helpers shared by the CPU kernels (AVX2): 8 values of any float type as floats, and a horizontal sum.
+// Helpers shared by the CPU kernels (AVX2): 8 values of any float type as floats and back, a horizontal sum, and
+// a row of activations quantized to int8 blocks (the INT4 and INT8 products).
 #pragma once
 #include <ATen/ATen.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
 
 namespace {
 
@@ -24,5 +27,47 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+// One row of activations as int8 blocks of 32: values, one scale (max |x| / 127) and the float sum of each block.
+// x / d rounded half to even: the same rounding as torch.round(x / d).
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* q, float* scale, float* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256 v[4], amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = load8(x + b * 32 + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      s = _mm256_add_ps(s, v[i]);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 127.f;
+    scale[b] = d;
+    sum[b] = hsum(s);
+    if (d == 0.f) {
+      std::fill(q + b * 32, q + b * 32 + 32, int8_t{0});
+      continue;
+    }
+    const __m256 dv = _mm256_set1_ps(d);
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i)
+      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int16 -> int8 (|n| <= 127, no saturation); the packs interleave 128-bit lanes, the permute undoes it.
+    const __m256i w16 = _mm256_packs_epi32(n[0], n[1]), x16 = _mm256_packs_epi32(n[2], n[3]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, x16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), bytes);
+  }
+}
+
+template <typename O>
+inline void store8(O* p, __m256 v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<O>(f[i]);
+}
+template <>
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
 }  // namespace

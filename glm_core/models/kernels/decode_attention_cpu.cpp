@@ -16,17 +16,9 @@
 #include <limits>
 #include <vector>
 
-#include "avx2_load.h"
+#include "avx2_load.h"  // load8, hsum, store8
 
 namespace {
-
-template <typename T>
-inline void store8(T* p, __m256 v) {
-  alignas(32) float f[8];
-  _mm256_store_ps(f, v);
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<T>(f[i]);
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask_in, double scale) {

@@ -14,6 +14,7 @@
 // (q in 0..15); G is a multiple of 32; scales are bfloat16 or float32.
 //
 // Up to 4 activation rows go through a tile together, so each weight byte is unpacked once for them (prompts).
+// `int4_mm_vnni` is the same product, the same layout and sums, with AVX-512 VNNI (below): 8 rows a tile.
 //
 // Built at run time by glm_core/models/cpu_kernels.py (g++ -O3 -mavx2 -mfma), only on CPUs that have both.
 #include <ATen/ATen.h>
@@ -26,54 +27,12 @@
 #include <cstring>
 #include <vector>
 
-#include "avx2_load.h"
+#include "avx2_load.h"  // load8, hsum, quantize_row, store8
 
 namespace {
 
 constexpr int TILE = 8;     // output rows a tile
-constexpr int ROWS_AT = 4;  // activation rows through a tile together
-
-// One row of activations as int8 blocks of 32: values, one scale (max |x| / 127) and the float sum of each block.
-// x / d rounded half to even: the same rounding as torch.round(x / d).
-template <typename T>
-void quantize_row(const T* x, int64_t K, int8_t* q, float* scale, float* sum) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int64_t b = 0; b < K / 32; ++b) {
-    __m256 v[4], amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = load8(x + b * 32 + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-      s = _mm256_add_ps(s, v[i]);
-    }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float d = _mm_cvtss_f32(m) / 127.f;
-    scale[b] = d;
-    sum[b] = hsum(s);
-    if (d == 0.f) {
-      std::fill(q + b * 32, q + b * 32 + 32, int8_t{0});
-      continue;
-    }
-    const __m256 dv = _mm256_set1_ps(d);
-    __m256i n[4];
-    for (int i = 0; i < 4; ++i)
-      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    // int32 -> int16 -> int8 (|n| <= 127, no saturation); the packs interleave 128-bit lanes, the permute undoes it.
-    const __m256i w16 = _mm256_packs_epi32(n[0], n[1]), x16 = _mm256_packs_epi32(n[2], n[3]);
-    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, x16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), bytes);
-  }
-}
-
-template <typename O>
-inline void store8(O* p, __m256 v) {
-  alignas(32) float f[8];
-  _mm256_store_ps(f, v);
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<O>(f[i]);
-}
-template <>
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+constexpr int ROWS_AT = 4;  // activation rows through a tile together (AVX2)
 
 // Output rows n..n+7 (one tile) for MB activation rows m0..m0+MB-1.
 template <int MB, typename S, typename O>
@@ -131,10 +90,109 @@ void single_row(const int8_t* xq, const float* xd, const float* xg, int64_t M, c
   }
 }
 
-at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales_offsets,
-                   int64_t group_size) {
+// The same tile of 8 output rows with AVX-512 VNNI: one 64-byte load holds two chunks, whose nibbles make two
+// vectors of 16 lanes (lane r: 4 channels of row r from the first chunk, lane 8 + r: from the second), and each
+// `dpbusd` multiplies 64 nibbles by 64 activation bytes and adds them in fours into the lanes: 4 instructions a
+// block of 32 channels where AVX2 needs 8 maddubs, 8 adds and 8 broadcasts (and a permute each for the lanes'
+// activations, from one load of the block). The two halves of a row's integer sum add up before the float part,
+// which is the AVX2 path's: both give the same bits. Compiled for AVX-512 alone (the library's other code needs
+// only AVX2) and called only where the CPU has it (`has_vnni`).
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
+// The 4-byte groups of a block of 32 activation bytes that the 4 nibble vectors of a block meet, in their order:
+// (0, 1) the low nibbles of chunks 0 and 1, (4, 5) their high nibbles, (2, 3) and (6, 7) those of chunks 2, 3;
+// the first of a pair goes to lanes 0..7, the second to lanes 8..15.
+constexpr int LANE_GROUPS[4][2] = {{0, 1}, {4, 5}, {2, 3}, {6, 7}};
+
+template <int MB, typename S, typename O>
+VNNI void tile_rows_vnni(const int8_t* xq, const float* xd, const float* xg, int64_t m0, const uint8_t* w,
+                         const S* so, int64_t K, int64_t G, int64_t n, O* out, int64_t N) {
+  const int64_t blocks = K / 32, per_group = G / 32, groups = K / G;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i index[4];
+  for (int i = 0; i < 4; ++i) {
+    alignas(64) int32_t lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = LANE_GROUPS[i][l / 8];
+    index[i] = _mm512_load_si512(lanes);
+  }
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 scale = load8(so + g * 2 * TILE), offset = load8(so + g * 2 * TILE + TILE);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      const __m512i c0 = _mm512_loadu_si512(w + b * 128), c1 = _mm512_loadu_si512(w + b * 128 + 64);
+      const __m512i nib[4] = {_mm512_and_si512(c0, low), _mm512_and_si512(_mm512_srli_epi16(c0, 4), low),
+                              _mm512_and_si512(c1, low), _mm512_and_si512(_mm512_srli_epi16(c1, 4), low)};
+      for (int m = 0; m < MB; ++m) {
+        const __m512i both =
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m0 + m) * K + b * 32)));
+        __m512i d[2];  // two chains of two: with few rows a block's 4 dependent dpbusd would wait on each other
+        for (int i = 0; i < 2; ++i) {
+          d[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nib[2 * i], _mm512_permutexvar_epi32(index[2 * i], both));
+          d[i] = _mm512_dpbusd_epi32(d[i], nib[2 * i + 1], _mm512_permutexvar_epi32(index[2 * i + 1], both));
+        }
+        // The block's integer sums, one a row: the same integers as the AVX2 path's, and from here the same float
+        // operations in the same order, so both paths give the same bits.
+        const __m512i halves = _mm512_add_epi32(d[0], d[1]);
+        const __m256i dot = _mm256_add_epi32(_mm512_castsi512_si256(halves), _mm512_extracti32x8_epi32(halves, 1));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(xd[(m0 + m) * blocks + b])), acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(xg[(m0 + m) * groups + g]), acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) store8(out + (m0 + m) * N + n, acc[m]);
+}
+
+constexpr int ROWS_AT_VNNI = 8;  // activation rows through a tile together on the VNNI path
+
+// All M activation rows through one tile at n on the VNNI path, ROWS_AT_VNNI at a time.
+template <typename S, typename O>
+VNNI void tile_vnni(const int8_t* xq, const float* xd, const float* xg, int64_t M, const uint8_t* w, const S* so,
+                    int64_t K, int64_t G, int64_t n, O* out, int64_t N) {
+  int64_t m = 0;
+  for (; m + ROWS_AT_VNNI <= M; m += ROWS_AT_VNNI)
+    tile_rows_vnni<ROWS_AT_VNNI>(xq, xd, xg, m, w, so, K, G, n, out, N);
+  switch (M - m) {
+    case 7: tile_rows_vnni<7>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 6: tile_rows_vnni<6>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 5: tile_rows_vnni<5>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 4: tile_rows_vnni<4>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 3: tile_rows_vnni<3>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 2: tile_rows_vnni<2>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 1: tile_rows_vnni<1>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    default: break;
+  }
+}
+
+// All M activation rows through one tile at n on the AVX2 path, ROWS_AT at a time.
+template <typename S, typename O>
+void tile_avx2(const int8_t* xq, const float* xd, const float* xg, int64_t M, const uint8_t* w, const S* so,
+               int64_t K, int64_t G, int64_t n, O* out, int64_t N) {
+  int64_t m = 0;
+  for (; m + ROWS_AT <= M; m += ROWS_AT) tile_rows<ROWS_AT>(xq, xd, xg, m, w, so, K, G, n, out, N);
+  switch (M - m) {
+    case 3: tile_rows<3>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 2: tile_rows<2>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    case 1: tile_rows<1>(xq, xd, xg, m, w, so, K, G, n, out, N); break;
+    default: break;
+  }
+}
+
+bool has_vnni() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
+}
+
+at::Tensor int4_mm_path(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales_offsets,
+                        int64_t group_size, bool vnni) {
   TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && scales_offsets.dim() == 3, "int4_mm: bad ranks");
   TORCH_CHECK(weight.scalar_type() == at::kByte, "int4_mm: the weight must be uint8");
+  TORCH_CHECK(!vnni || has_vnni(), "int4_mm_vnni: this CPU has no AVX-512 VNNI");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0, "int4_mm: K and G must tile by 32");
@@ -174,15 +232,10 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& weight, const at::T
           }
           const uint8_t* w = wp + n * K / 2;
           const auto* so = sp + n * groups * 2;
-          int64_t m = 0;
-          for (; m + ROWS_AT <= M; m += ROWS_AT)
-            tile_rows<ROWS_AT>(xq, xd, xg, m, w, so, K, group_size, n, op, N);
-          switch (M - m) {
-            case 3: tile_rows<3>(xq, xd, xg, m, w, so, K, group_size, n, op, N); break;
-            case 2: tile_rows<2>(xq, xd, xg, m, w, so, K, group_size, n, op, N); break;
-            case 1: tile_rows<1>(xq, xd, xg, m, w, so, K, group_size, n, op, N); break;
-            default: break;
-          }
+          if (vnni)
+            tile_vnni(xq, xd, xg, M, w, so, K, group_size, n, op, N);
+          else
+            tile_avx2(xq, xd, xg, M, w, so, K, group_size, n, op, N);
         }
       });
     };
@@ -194,10 +247,26 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& weight, const at::T
   return out;
 }
 
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales_offsets, int64_t group_size) {
+  return int4_mm_path(x, weight, scales_offsets, group_size, false);
+}
+
+at::Tensor int4_mm_vnni(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales_offsets,
+                        int64_t group_size) {
+  return int4_mm_path(x, weight, scales_offsets, group_size, true);
+}
+
+bool vnni_supported() { return has_vnni(); }  // both kernels' VNNI paths
+
 }  // namespace
 
 TORCH_LIBRARY(glm_cpu, m) {
   m.def("int4_mm(Tensor x, Tensor weight, Tensor scales_offsets, int group_size) -> Tensor");
+  m.def("int4_mm_vnni(Tensor x, Tensor weight, Tensor scales_offsets, int group_size) -> Tensor");
+  m.def("vnni_supported() -> bool", &vnni_supported);
 }
 
-TORCH_LIBRARY_IMPL(glm_cpu, CPU, m) { m.impl("int4_mm", &int4_mm); }
+TORCH_LIBRARY_IMPL(glm_cpu, CPU, m) {
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int4_mm_vnni", &int4_mm_vnni);
+}
