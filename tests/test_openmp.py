@@ -42,10 +42,16 @@ def test_an_idle_engine_gives_its_workers_back(tiny_loaded):
     """Another engine (Compare mode, a second model) decodes at full speed only if an idle one holds no pool."""
     from glm_core.engine import Engine
 
+    def parallel_work(_loaded):  # the process's threads just before and just after the worker's parallel region
+        before = threads_now()
+        torch.ones(4096, 4096).mul_(2).sum()
+        return before, threads_now()
+
     engine = Engine(tiny_loaded)
     try:
-        idle = threads_now()
-        during = engine.run_on_worker(lambda loaded: (torch.ones(4096, 4096).mul_(2).sum(), threads_now())[1])
+        # Counted on the worker, around the region: a thread of an earlier test (this process runs many) that ends
+        # between two counts taken further apart hid the pool's one helper thread from the comparison.
+        idle, during = engine.run_on_worker(parallel_work)
         assert during > idle  # the worker's parallel region started its pool ...
         deadline = time.monotonic() + 5
         while threads_now() >= during and time.monotonic() < deadline:
