@@ -152,7 +152,7 @@ def test_engine_reports_weights_kv_and_memory(embedded_levels):
     # INT4 on a CPU: the card says whose kernel its layers use, and the timing that chose it.
     kernel = embedded_levels["int4"].card().kernel
     assert kernel.startswith("INT4 layers: ") and ("int8-activation" in kernel or "PyTorch" in kernel)
-    assert "INT8 output layer, batched steps: " in kernel and card.kernel.startswith("INT8 output layer")
+    assert "INT8 output layer: " in kernel and card.kernel.startswith("INT8 output layer: ")
     assert bf16.kernel is None
     engine = Engine(embedded_levels["int8"])
     try:
@@ -350,14 +350,16 @@ def test_our_int8_kernel_is_the_dot_product_of_int8_activations_and_the_weight(r
         op(torch.randn(2, 40), torch.zeros(3, 40, dtype=torch.int8), torch.ones(3))
 
 
-def test_only_the_output_layer_takes_our_int8_kernel_and_only_for_batched_rows(monkeypatch):
-    """A lone conversation's step (one row) and every other INT8 layer keep PyTorch's exact float product; the
-    output layer's batched steps take ours, up to the dense path."""
+@pytest.mark.parametrize("min_rows", [1, 2])
+def test_only_the_output_layer_takes_our_int8_kernel_from_the_rows_it_was_chosen_for(monkeypatch, min_rows):
+    """Every other INT8 layer keeps PyTorch's exact float product; the output layer takes ours from the fewest rows
+    it measured faster at (one, or 2: a lone conversation's step keeps PyTorch's), up to the dense path."""
     library = cpu_kernels.built_library()
     if isinstance(library, str):
         pytest.skip(f"our CPU kernels cannot run here: {library}")
     monkeypatch.setattr(cpu_kernels, "INT8_MM", library.int8_mm.default)
     monkeypatch.setattr(cpu_kernels, "INT8_MM_VNNI", None)
+    monkeypatch.setattr(cpu_kernels, "INT8_MIN_ROWS", min_rows)
     monkeypatch.setattr(quant, "DENSE_DTYPE", torch.bfloat16)
     calls = []
     monkeypatch.setattr(cpu_kernels, "int8_op", lambda rows: lambda *a: calls.append(rows) or library.int8_mm(*a))
@@ -369,7 +371,7 @@ def test_only_the_output_layer_takes_our_int8_kernel_and_only_for_batched_rows(m
     layer.int8_activations = True  # as the quantization policy marks the output layer
     for rows in (1, 2, 16, quant.OUR_INT8_DENSE_MIN_ROWS):
         layer(torch.randn(rows, 64, dtype=torch.bfloat16))
-    assert calls == [2, 16]
+    assert calls == [2, 16] if min_rows == 2 else [1, 2, 16]
 
 
 def test_the_vnni_path_takes_the_row_counts_from_which_it_measured_faster(monkeypatch):
@@ -377,7 +379,7 @@ def test_the_vnni_path_takes_the_row_counts_from_which_it_measured_faster(monkey
     at the most rows; the AVX2 path below, PyTorch's layout never."""
     avx2, vnni = our_int4_op(), our_vnni_op()
     figures = {1: (30.0, 20.0), 4: (50.0, 60.0), 16: (100.0, 150.0)}  # (VNNI us, AVX2 us)
-    monkeypatch.setattr(cpu_kernels, "_time_paths", lambda ours, theirs, args: figures[args[0].shape[0]])
+    monkeypatch.setattr(cpu_kernels, "_time_paths", lambda ours, theirs, args, repeats: figures[args[0].shape[0]])
     monkeypatch.setattr(cpu_kernels, "_int4_case", lambda rows: (torch.empty(rows, 32),))
     op, rows, why = cpu_kernels._choose_vnni("INT4", avx2, "int4_mm_vnni", cpu_kernels._int4_case)
     assert (op, rows) == (vnni, 4) and "VNNI from 4 rows" in why

@@ -20,8 +20,8 @@ it was faster (`int4_op`).
 
 `kernels/int8_cpu.cpp` does the same for an int8 weight kept as stored (a tied output layer shares it with the
 embedding): int8 activation blocks times the weight rows by integer dot products. `load_int8` times it against
-PyTorch's int8 kernel at 4 rows; `quant.int8_matmul` gives it only the INT8 output layer's batched steps (see
-`quant.OUR_INT8_MIN_ROWS`).
+PyTorch's int8 kernel at 4 rows, then at one row; `quant.int8_matmul` gives it only the INT8 output layer, from
+`INT8_MIN_ROWS` rows.
 
 The same library holds the decode attention (`kernels/decode_attention_cpu.cpp`: one query a row, each key and
 value row read once for the query heads that share it, the masked positions skipped). `load_attention` times it
@@ -69,6 +69,9 @@ INT4_VNNI_ROWS = 0
 INT8_MM_VNNI = None
 INT8_VNNI_ROWS = 0
 VNNI_ROWS_TIMED = (1, 4, 16)
+# The fewest rows the INT8 output layer gives our kernel (`quant.int8_matmul`): 1 where ours (its chosen path)
+# measured faster than PyTorch's at one row too, else 2 (PyTorch's kernel keeps a lone conversation's step).
+INT8_MIN_ROWS = 2
 
 
 def load_int4() -> bool:
@@ -90,22 +93,43 @@ def load_int4() -> bool:
     return INT4_MM is not None
 
 
-def load_int8() -> bool:
-    """The same for the INT8 kernel (`INT8_MM`): the INT8 layers, and the INT8 output layer of INT4 models."""
-    global INT8_MM, INT8_REASON, _int8_chosen, INT8_MM_VNNI, INT8_VNNI_ROWS
+def load_int8(weight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """The same for the INT8 kernel (`INT8_MM`), which only the INT8 output layer takes (see `quant.int8_matmul`),
+    timed on that layer itself (`weight`, `scales`: the first model's of this process): at 4 rows against PyTorch's,
+    then its VNNI path, then (with the path chosen) at one row, for `INT8_MIN_ROWS`. A large output layer is read
+    from memory, a small stand-in from the cache, and the paths ranked otherwise on the two."""
+    global INT8_MM, INT8_REASON, _int8_chosen, INT8_MM_VNNI, INT8_VNNI_ROWS, INT8_MIN_ROWS
     if not _int8_chosen:
         _int8_chosen = True
+        rows, columns = weight.shape
+
+        def case(count: int) -> tuple:
+            return torch.randn(count, columns, dtype=torch.bfloat16), weight, scales
+
+        def against_pytorch(op) -> tuple[float, float]:
+            args = case(4)
+            return _one_thread_minima(
+                {"ours": lambda: op(*args), "theirs": lambda: torch._weight_int8pack_mm(*args)}, 7
+            )
+
         INT8_MM, INT8_REASON = _choose(
             "INT8",
             "PyTorch's int8 kernel",
             "int8-activation int8 kernel",
             lambda library: library.int8_mm.default,
-            _time_int8_against_pytorch,
-            "4 rows, 4096 x 1024, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
+            against_pytorch,
+            f"4 rows, {rows} x {columns}, one thread: ours {{:.0f}} us, PyTorch's {{:.0f}} us",
         )
         if INT8_MM is not None:
-            INT8_MM_VNNI, INT8_VNNI_ROWS, why = _choose_vnni("INT8", INT8_MM, "int8_mm_vnni", _int8_case)
-            INT8_REASON += f"; {why}"
+            INT8_MM_VNNI, INT8_VNNI_ROWS, why = _choose_vnni("INT8", INT8_MM, "int8_mm_vnni", case, repeats=7)
+            args = case(1)
+            ours, theirs = _one_thread_minima(
+                {"ours": lambda: int8_op(1)(*args), "theirs": lambda: torch._weight_int8pack_mm(*args)}, 7
+            )
+            INT8_MIN_ROWS = 1 if ours < theirs else 2
+            INT8_REASON += (
+                f"; {why}; from {INT8_MIN_ROWS} rows (one row: ours {ours:.0f} us, PyTorch's {theirs:.0f} us)"
+            )
     return INT8_MM is not None
 
 
@@ -124,7 +148,7 @@ def int8_op(rows: int):
     return INT8_MM
 
 
-def _choose_vnni(what: str, avx2, name: str, case) -> tuple[object, int, str]:
+def _choose_vnni(what: str, avx2, name: str, case, repeats: int = 31) -> tuple[object, int, str]:
     """(the VNNI op `name` or None, the fewest rows it takes, why): timed against the AVX2 path on `case(rows)`'s
     arguments at each of `VNNI_ROWS_TIMED` rows; used from the fewest rows at which it measured faster there and
     at every larger count. On Zen 4, whose AVX-512 units are 256 bits wide, the INT4 path measured 1.1-1.4x the
@@ -134,7 +158,7 @@ def _choose_vnni(what: str, avx2, name: str, case) -> tuple[object, int, str]:
         if not torch.ops.glm_cpu.vnni_supported():
             return None, 0, "no AVX-512 VNNI"
         vnni = getattr(torch.ops.glm_cpu, name).default
-        times = {rows: _time_paths(vnni, avx2, case(rows)) for rows in VNNI_ROWS_TIMED}
+        times = {rows: _time_paths(vnni, avx2, case(rows), repeats) for rows in VNNI_ROWS_TIMED}
     except Exception as exc:  # the AVX2 path stays
         log.warning("%s VNNI path: %s", what, exc)
         return None, 0, f"AVX-512 VNNI path failed: {str(exc).strip()[-200:]}"
@@ -293,15 +317,6 @@ def _int4_case(rows: int, size: int = 1024, group_size: int = 32) -> tuple:
     return torch.randn(rows, size, dtype=torch.bfloat16), packed, scales_offsets, group_size
 
 
-def _int8_case(rows: int, out_features: int = 4096, in_features: int = 1024) -> tuple:
-    """`rows` BF16 rows, a random int8 weight and its BF16 scales: an INT8 op's arguments (ours or PyTorch's)."""
-    from .quant import quantize_int8
-
-    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
-    q, scales = quantize_int8(weight)
-    return torch.randn(rows, in_features, dtype=torch.bfloat16), q, scales.to(torch.bfloat16)
-
-
 def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
     """Microseconds of one row through each INT4 kernel (`_one_thread_minima`), on the same random weight."""
     from .quant import quantize_int4
@@ -315,12 +330,6 @@ def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: i
         "theirs": lambda: torch._weight_int4pack_mm_for_cpu(x, theirs_weight, group_size, theirs_scales),
     }
     return _one_thread_minima(runs, repeats)
-
-
-def _time_int8_against_pytorch(op, repeats: int = 31) -> tuple[float, float]:
-    """Microseconds of 4 rows through each INT8 kernel (`_one_thread_minima`), on the same random weight."""
-    args = _int8_case(4)
-    return _one_thread_minima({"ours": lambda: op(*args), "theirs": lambda: torch._weight_int8pack_mm(*args)}, repeats)
 
 
 def _time_paths(ours, theirs, args: tuple, repeats: int = 31) -> tuple[float, float]:

@@ -230,7 +230,6 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
         pin_mmap_threshold()  # quantizing while reading: no temporary left between the weights (telemetry.memory)
         # Measured before any weight is read, so their temporaries never sit between the quantized weights.
         quant.choose_dense_dtype()
-        cpu_kernels.load_int8()  # the INT8 layers, and INT4 models' INT8 output layer
         if precision is Precision.INT4:
             cpu_kernels.load_int4()
     kind, path, cfg = _classify(spec.path)
@@ -258,13 +257,18 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
     model, tokenizer, chat_format, name, family, max_context, extra = parts
     if precision_source:
         extra["precision_source"] = precision_source
-    if precision in (Precision.INT8, Precision.INT4) and device.type == "cpu":  # the kernels chosen above
+    if precision in (Precision.INT8, Precision.INT4) and device.type == "cpu":  # the INT4 kernel chosen above
         kernels = []
         if precision is Precision.INT4:
             kernels.append(f"INT4 layers: {cpu_kernels.INT4_REASON}")
             if fused := fuse_projections(model):
                 kernels.append(f"q/k/v and gate/up products fused in {fused} modules")
-        extra["kernel"] = "; ".join([*kernels, f"INT8 output layer, batched steps: {cpu_kernels.INT8_REASON}"])
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, quant.WeightOnlyInt8Linear) and head.int8_activations and head.in_features % 32 == 0:
+            cpu_kernels.load_int8(head.weight, head.scales)  # timed on this output layer, before release_pool()
+            kernels.append(f"INT8 output layer: {cpu_kernels.INT8_REASON}")
+        if kernels:
+            extra["kernel"] = "; ".join(kernels)
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
     extra.setdefault(

@@ -63,12 +63,11 @@ DENSE_DTYPE: torch.dtype | None = None
 # product has AVX-512, never with AVX2: so a prompt's prefill (chunks of at most 512 rows) always takes the kernel.
 OUR_INT4_DENSE_MIN_ROWS = 1024
 # Our INT8 kernel (cpu_kernels.load_int8) on the 576 -> 49,152 output layer, 2 cores of a Zen 4 (AVX-512 VNNI and
-# BF16): 2.6 ms at one row (PyTorch's 2.8), 2.2 ms at 4 rows (3.7), 7.9 ms at 16 rows (PyTorch's 12.0, dense
-# 9.5), 27.6 ms at 64 (dense 19.9). It rounds the activations to int8 blocks of 32, as llama.cpp does: on the
-# embedded model at INT4, perplexity +0.1 % where the output layer takes it, +1 % where every INT8 layer does (at
-# INT8). So only the output layer takes it, and only where it is faster: from 2 rows (batched decode steps; a lone
-# conversation's step stays exact), dense from 32 where the dense product is BF16 (else INT8_DENSE_MIN_ROWS_FP32).
-OUR_INT8_MIN_ROWS = 2
+# BF16), VNNI path: 0.9 ms at one row (PyTorch's 1.9), 1.3 ms at 4 rows (2.8), 4.7 ms at 16 rows (PyTorch's 11.6,
+# dense 7.6), 16.2 ms at 64 (dense 16.0). It rounds the activations to int8 blocks of 32, as llama.cpp does: on
+# 1,024 tokens, perplexity +0.1 % at INT4 and +0.3 % at INT8 with the output layer on it, +1 % at INT8 where every
+# INT8 layer on it. So only the output layer takes it, from `cpu_kernels.INT8_MIN_ROWS` rows (1 where it measured
+# faster at one row, else 2) up to 31: dense from 32 where the dense product is BF16 (else as PyTorch's).
 OUR_INT8_DENSE_MIN_ROWS = 32
 DENSE_BLOCK_BYTES = 16 * 2**20  # one block of dequantized rows, the dense path's transient
 
@@ -172,7 +171,8 @@ def int8_matmul(
 ) -> torch.Tensor:
     """x @ W.T for W = int8 rows `weight` [out, in] times `scales` [out]: the fused kernel for few rows, the dense
     one block by block for many on CPU (see the module docstring). With `int8_activations` (the output layer) and
-    our INT8 kernel chosen, from OUR_INT8_MIN_ROWS rows: ours, which rounds the activations to int8 blocks."""
+    our INT8 kernel chosen, from `cpu_kernels.INT8_MIN_ROWS` rows: ours, which rounds the activations to int8
+    blocks."""
     dtype = (DENSE_DTYPE or x.dtype) if x.device.type == "cpu" else x.dtype
     ours = int8_activations and x.device.type == "cpu" and cpu_kernels.INT8_MM is not None and x.shape[1] % 32 == 0
     if dtype == torch.float32:
@@ -180,7 +180,7 @@ def int8_matmul(
     else:
         min_rows = OUR_INT8_DENSE_MIN_ROWS if ours else INT8_DENSE_MIN_ROWS
     dense = x.device.type == "cpu" and x.shape[0] >= min_rows
-    if ours and not dense and x.shape[0] >= OUR_INT8_MIN_ROWS:
+    if ours and not dense and x.shape[0] >= cpu_kernels.INT8_MIN_ROWS:
         return cpu_kernels.int8_op(x.shape[0])(x, weight, scales)
     if x.device.type in ("cpu", "cuda") and not dense:
         return torch._weight_int8pack_mm(x, weight, scales)
@@ -330,7 +330,7 @@ class _Int8Rows:
 
 
 class WeightOnlyInt8Linear(_Int8Rows, _WeightOnlyLinear):
-    int8_activations = False  # the output layer's: our INT8 kernel for batched steps (see OUR_INT8_MIN_ROWS)
+    int8_activations = False  # the output layer's: our INT8 kernel where chosen (see int8_matmul)
 
     def __init__(self, in_features, out_features, bias, dtype, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
@@ -604,7 +604,7 @@ def _install(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _output_layer(head: WeightOnlyInt8Linear) -> WeightOnlyInt8Linear:
-    head.int8_activations = True  # our INT8 kernel for its batched steps, where chosen (OUR_INT8_MIN_ROWS)
+    head.int8_activations = True  # our INT8 kernel where chosen (see int8_matmul)
     return head
 
 
