@@ -106,8 +106,8 @@ def load_int8(weight: torch.Tensor, scales: torch.Tensor) -> bool:
         def case(count: int) -> tuple:
             return torch.randn(count, columns, dtype=torch.bfloat16), weight, scales
 
-        def against_pytorch(op) -> tuple[float, float]:
-            args = case(4)
+        def against_pytorch(op, count: int = 4) -> tuple[float, float]:
+            args = case(count)
             return _one_thread_minima(
                 {"ours": lambda: op(*args), "theirs": lambda: torch._weight_int8pack_mm(*args)}, 7
             )
@@ -122,10 +122,7 @@ def load_int8(weight: torch.Tensor, scales: torch.Tensor) -> bool:
         )
         if INT8_MM is not None:
             INT8_MM_VNNI, INT8_VNNI_ROWS, why = _choose_vnni("INT8", INT8_MM, "int8_mm_vnni", case, repeats=7)
-            args = case(1)
-            ours, theirs = _one_thread_minima(
-                {"ours": lambda: int8_op(1)(*args), "theirs": lambda: torch._weight_int8pack_mm(*args)}, 7
-            )
+            ours, theirs = against_pytorch(int8_op(1), 1)
             INT8_MIN_ROWS = 1 if ours < theirs else 2
             INT8_REASON += (
                 f"; {why}; from {INT8_MIN_ROWS} rows (one row: ours {ours:.0f} us, PyTorch's {theirs:.0f} us)"
