@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "avx2_load.h"  // load8, hsum, store8
+#include "common.h"  // load8, hsum, store8
 
 namespace {
 

@@ -27,7 +27,7 @@
 #include <cstring>
 #include <vector>
 
-#include "avx2_load.h"  // load8, hsum, quantize_row, store8
+#include "common.h"  // load8, hsum, quantize_row, store8, has_vnni
 
 namespace {
 
@@ -97,7 +97,6 @@ void single_row(const int8_t* xq, const float* xd, const float* xg, int64_t M, c
 // activations, from one load of the block). The two halves of a row's integer sum add up before the float part,
 // which is the AVX2 path's: both give the same bits. Compiled for AVX-512 alone (the library's other code needs
 // only AVX2) and called only where the CPU has it (`has_vnni`).
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 // The 4-byte groups of a block of 32 activation bytes that the 4 nibble vectors of a block meet, in their order:
 // (0, 1) the low nibbles of chunks 0 and 1, (4, 5) their high nibbles, (2, 3) and (6, 7) those of chunks 2, 3;
@@ -105,7 +104,7 @@ void single_row(const int8_t* xq, const float* xd, const float* xg, int64_t M, c
 constexpr int LANE_GROUPS[4][2] = {{0, 1}, {4, 5}, {2, 3}, {6, 7}};
 
 template <int MB, typename S, typename O>
-VNNI void tile_rows_vnni(const int8_t* xq, const float* xd, const float* xg, int64_t m0, const uint8_t* w,
+GLM_VNNI void tile_rows_vnni(const int8_t* xq, const float* xd, const float* xg, int64_t m0, const uint8_t* w,
                          const S* so, int64_t K, int64_t G, int64_t n, O* out, int64_t N) {
   const int64_t blocks = K / 32, per_group = G / 32, groups = K / G;
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -147,7 +146,7 @@ constexpr int ROWS_AT_VNNI = 8;  // activation rows through a tile together on t
 
 // All M activation rows through one tile at n on the VNNI path, ROWS_AT_VNNI at a time.
 template <typename S, typename O>
-VNNI void tile_vnni(const int8_t* xq, const float* xd, const float* xg, int64_t M, const uint8_t* w, const S* so,
+GLM_VNNI void tile_vnni(const int8_t* xq, const float* xd, const float* xg, int64_t M, const uint8_t* w, const S* so,
                     int64_t K, int64_t G, int64_t n, O* out, int64_t N) {
   int64_t m = 0;
   for (; m + ROWS_AT_VNNI <= M; m += ROWS_AT_VNNI)
@@ -178,15 +177,6 @@ void tile_avx2(const int8_t* xq, const float* xd, const float* xg, int64_t M, co
   }
 }
 
-bool has_vnni() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
-  }();
-  return yes;
-}
 
 at::Tensor int4_mm_path(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales_offsets,
                         int64_t group_size, bool vnni) {

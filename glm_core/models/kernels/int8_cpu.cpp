@@ -1,10 +1,10 @@
-// x @ W.T * scale for an int8 weight with one scale an output row (the INT8 layers, and the output layer at INT4
-// and INT8), on x86 CPUs with AVX2 and FMA. The weight stays as stored, [N, K] row by row (a tied output layer
-// shares it with the embedding's lookups). As in the INT4 kernel, the activations are quantized to int8 blocks of
-// 32 (one float scale a block) and multiplied by integer dot products: |w| (unsigned) times x with w's sign, by
-// maddubs, or x + 128 times w by dpbusd where the CPU has AVX-512 VNNI (`int8_mm_vnni`; the same bits). PyTorch's CPU int8 kernel turns each
-// weight into a float: at 16 rows (a batched decode step) it, or the dense product after dequantizing, took most of
-// a step on the 49,152-row output layer.
+// x @ W.T * scale for an int8 weight with one scale an output row, on x86 CPUs with AVX2 and FMA; only the INT8
+// output layer takes it (glm_core/models/quant.py, int8_matmul). The weight stays as stored, [N, K] row by row (a
+// tied output layer shares it with the embedding's lookups). As in the INT4 kernel, the activations are quantized
+// to int8 blocks of 32 (one float scale a block) and multiplied by integer dot products: |w| (unsigned) times x
+// with w's sign, by maddubs, or x + 128 times w by dpbusd where the CPU has AVX-512 VNNI (`int8_mm_vnni`; the same
+// bits). PyTorch's CPU int8 kernel turns each weight into a float: at 16 rows (a batched decode step) it, or the
+// dense product after dequantizing, took 40 % of a step on the 49,152-row output layer.
 //
 // NB output rows at a time for every activation row: the NB weight rows (a few KiB) stay in the L1 cache while all
 // activation rows go through them, and each pair's 8 lanes add up once, at the end.
@@ -15,13 +15,11 @@
 #include <cstdint>
 #include <vector>
 
-#include "avx2_load.h"  // hsum, quantize_row
+#include "common.h"  // hsum, quantize_row, has_vnni
 
 namespace {
 
 constexpr int NB = 4;  // output rows at a time
-
-#define INT8_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // Output rows n0..n0+R-1 for all M activation rows. A block's 8 int32 lanes each sum 4 products w * x: by
 // |w| * (x with w's sign) with maddubs (two bytes a 16-bit sum, at most 2 * 128 * 127: no saturation) and madd.
@@ -51,7 +49,7 @@ void rows_avx2(const int8_t* xq, const float* xd, int64_t M, const int8_t* w, co
 // these R rows, by dpbusd with ones), so that they come out as those of x: the AVX2 path's integers, then its
 // float operations, so the same bits. 3 instructions a block and row where AVX2 needs 6.
 template <int R, typename S, typename O>
-INT8_VNNI void rows_vnni(const uint8_t* xu, const float* xd, int64_t M, const int8_t* w, const S* scales, int64_t K,
+GLM_VNNI void rows_vnni(const uint8_t* xu, const float* xd, int64_t M, const int8_t* w, const S* scales, int64_t K,
                          int64_t n0, O* out, int64_t N) {
   const int64_t blocks = K / 32;
   thread_local std::vector<int32_t> start;
@@ -80,15 +78,6 @@ INT8_VNNI void rows_vnni(const uint8_t* xu, const float* xd, int64_t M, const in
   }
 }
 
-bool has_vnni() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
-  }();
-  return yes;
-}
 
 at::Tensor int8_mm_path(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales, bool vnni) {
   TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && scales.dim() == 1, "int8_mm: bad ranks");
