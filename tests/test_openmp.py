@@ -59,3 +59,20 @@ def test_an_idle_engine_gives_its_workers_back(tiny_loaded):
         assert threads_now() < during  # ... and the idle worker gave it back
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.get_num_threads() < 2, reason="Linux, 2+ threads")
+def test_timing_on_one_thread_leaves_the_other_threads_theirs():
+    """The kernels' timings at load run their thread on one thread; another thread whose first parallel work falls
+    meanwhile (an engine's worker starting) still gets them all: with torch.set_num_threads it kept one for good."""
+    from glm_core.models.openmp import one_thread_here
+
+    threads = torch.get_num_threads()
+    seen = {}
+    with one_thread_here():
+        seen["here"] = torch.get_num_threads()
+        other = threading.Thread(target=lambda: seen.setdefault("other", torch.get_num_threads()))
+        other.start()
+        other.join()
+    assert seen == {"here": 1, "other": threads}
+    assert torch.get_num_threads() == threads  # and this thread's count is back

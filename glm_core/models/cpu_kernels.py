@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .openmp import one_thread_here
 from .precision import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -355,13 +356,8 @@ def _one_thread_minima(runs: dict, repeats: int) -> tuple[float, float]:
     thread, and both kernels took ~4 ms (the scheduler's time slice) instead of 20-40 us, so that the choice was a
     coin toss. The fastest: another process only ever adds time, so minima compare the kernels where medians
     would compare the load (with a suite's two workers, the median chose either)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            times = alternated_times(runs, repeats)
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_here(), torch.inference_mode():  # this thread only: see openmp.one_thread_here
+        times = alternated_times(runs, repeats)
     return 1e6 * min(times["ours"]), 1e6 * min(times["theirs"])
 
 

@@ -10,13 +10,19 @@ run one parallel region; the INT4 model's compiled decode step took 16.1 ms agai
 So the threads that run a model besides the engine's worker (the one that loads it, the one that compiles the
 decode step) call `release_pool()` when they are done: OpenMP 5's `omp_pause_resource_all(omp_pause_soft)`
 ends the calling thread's pool; a later parallel region in that thread makes a new one.
+
+`one_thread_here()` runs the calling thread's parallel regions on one thread (the kernels' timings at load) without
+`torch.set_num_threads`, which sets the count for the whole process: a thread whose first parallel region fell
+meanwhile (another engine's worker starting) kept one thread for its life, at half speed on 2 cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,25 +32,53 @@ _RUNTIMES = ("libgomp", "libomp", "libiomp5")
 
 
 @functools.cache
-def _pause_functions() -> tuple:
-    """`omp_pause_resource_all` of every OpenMP runtime in the process (PyTorch's, and any a library brings along:
-    sentencepiece's wheel has its own libgomp), or none (not Linux, or runtimes too old to have it)."""
+def _runtimes() -> tuple:
+    """Every OpenMP runtime in the process (PyTorch's, and any a library brings along: sentencepiece's wheel has its
+    own libgomp), or none (not Linux: macOS and Windows runtimes are left as they are)."""
     import torch  # noqa: F401  # PyTorch loads its OpenMP runtime
 
     try:
         maps = Path("/proc/self/maps").read_text()
-    except OSError:  # not Linux: nothing to release (macOS and Windows runtimes are left as they are)
+    except OSError:
         return ()
     paths = {line.split()[-1] for line in maps.splitlines() if any(f"/{name}" in line for name in _RUNTIMES)}
-    functions = []
+    runtimes = []
     for path in sorted(paths):
         try:
-            function = ctypes.CDLL(path).omp_pause_resource_all
-        except (OSError, AttributeError):
+            runtimes.append(ctypes.CDLL(path))
+        except OSError:
             continue
-        function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
-        functions.append(function)
+    return tuple(runtimes)
+
+
+@functools.cache
+def _pause_functions() -> tuple:
+    """`omp_pause_resource_all` of every runtime that has it (OpenMP 5)."""
+    functions = []
+    for runtime in _runtimes():
+        function = getattr(runtime, "omp_pause_resource_all", None)
+        if function is not None:
+            function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+            functions.append(function)
     return tuple(functions)
+
+
+@contextlib.contextmanager
+def one_thread_here() -> Iterator[None]:
+    """The calling thread's parallel regions on one thread, every other thread's as they were: each runtime's
+    `omp_set_num_threads`, which sets the calling thread's count only (PyTorch reads it back per thread)."""
+    import torch
+
+    torch.get_num_threads()  # PyTorch sets a thread's count at its first use: done here, before ours
+    runtimes = [r for r in _runtimes() if hasattr(r, "omp_set_num_threads") and hasattr(r, "omp_get_max_threads")]
+    saved = [runtime.omp_get_max_threads() for runtime in runtimes]
+    for runtime in runtimes:
+        runtime.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        for runtime, count in zip(runtimes, saved):
+            runtime.omp_set_num_threads(count)
 
 
 def release_pool() -> bool:
