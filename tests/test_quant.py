@@ -380,8 +380,11 @@ def test_the_vnni_path_takes_the_row_counts_from_which_it_measured_faster(monkey
     avx2, vnni = our_int4_op(), our_vnni_op()
     figures = {1: (30.0, 20.0), 4: (50.0, 60.0), 16: (100.0, 150.0)}  # (VNNI us, AVX2 us)
     monkeypatch.setattr(cpu_kernels, "_time_paths", lambda ours, theirs, args, repeats: figures[args[0].shape[0]])
-    monkeypatch.setattr(cpu_kernels, "_int4_case", lambda rows: (torch.empty(rows, 32),))
-    op, rows, why = cpu_kernels._choose_vnni("INT4", avx2, "int4_mm_vnni", cpu_kernels._int4_case)
+
+    def case(rows):
+        return (torch.empty(rows, 32),)
+
+    op, rows, why = cpu_kernels._choose_vnni("INT4", avx2, "int4_mm_vnni", case)
     assert (op, rows) == (vnni, 4) and "VNNI from 4 rows" in why
     monkeypatch.setattr(cpu_kernels, "INT4_MM", avx2)
     monkeypatch.setattr(cpu_kernels, "INT4_MM_VNNI", op)
@@ -390,4 +393,4 @@ def test_the_vnni_path_takes_the_row_counts_from_which_it_measured_faster(monkey
     monkeypatch.setattr(cpu_kernels, "INT4_MM", None)  # PyTorch's kernel chosen: its layout, no path of ours
     assert cpu_kernels.int4_op(64) is None
     figures[16] = (200.0, 150.0)
-    assert cpu_kernels._choose_vnni("INT4", avx2, "int4_mm_vnni", cpu_kernels._int4_case)[:2] == (None, 0)
+    assert cpu_kernels._choose_vnni("INT4", avx2, "int4_mm_vnni", case)[:2] == (None, 0)

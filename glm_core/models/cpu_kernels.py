@@ -32,6 +32,7 @@ against PyTorch's SDPA on one decode step of one layer, once per process, and th
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -80,16 +81,17 @@ def load_int4() -> bool:
     global INT4_MM, INT4_REASON, _chosen, INT4_MM_VNNI, INT4_VNNI_ROWS
     if not _chosen:
         _chosen = True
+        weight = functools.cache(_int4_case)  # made (quantized) once, and only where our kernel was built
         INT4_MM, INT4_REASON = _choose(
             "INT4",
             "PyTorch's int4 kernel",
             "int8-activation int4 kernel",
             lambda library: library.int4_mm.default,
-            _time_against_pytorch,
+            lambda op: _time_against_pytorch(op, weight()),
             "one row, 1024 x 1024, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
         )
         if INT4_MM is not None:
-            INT4_MM_VNNI, INT4_VNNI_ROWS, why = _choose_vnni("INT4", INT4_MM, "int4_mm_vnni", _int4_case)
+            INT4_MM_VNNI, INT4_VNNI_ROWS, why = _choose_vnni("INT4", INT4_MM, "int4_mm_vnni", weight())
             INT4_REASON += f"; {why}"
     return INT4_MM is not None
 
@@ -306,23 +308,25 @@ def _load(path: Path):
     return torch.ops.glm_cpu
 
 
-def _int4_case(rows: int, size: int = 1024, group_size: int = 32) -> tuple:
-    """`rows` BF16 rows and a random size x size weight in our INT4 layout: our INT4 op's arguments."""
+def _int4_case(size: int = 1024, group_size: int = 32):
+    """A random size x size weight quantized once, and `case(rows)`: `rows` BF16 rows and that weight in our INT4
+    layout (our INT4 op's arguments); `case.pytorch` holds the same weight in PyTorch's layout and its scales."""
     from .quant import pack_int4_blocks, quantize_int4
 
-    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-    packed, scales_offsets = pack_int4_blocks(*quantize_int4(weight, group_size), torch.bfloat16)
-    return torch.randn(rows, size, dtype=torch.bfloat16), packed, scales_offsets, group_size
-
-
-def _time_against_pytorch(op, size: int = 1024, group_size: int = 32, repeats: int = 31) -> tuple[float, float]:
-    """Microseconds of one row through each INT4 kernel (`_one_thread_minima`), on the same random weight."""
-    from .quant import quantize_int4
-
-    x, packed, scales_offsets, _ = _int4_case(1, size, group_size)
     q, scales_and_zeros = quantize_int4(torch.randn(size, size, generator=torch.Generator().manual_seed(0)), group_size)
-    theirs_weight = torch._convert_weight_to_int4pack_for_cpu(q, 8)
-    theirs_scales = scales_and_zeros.to(torch.bfloat16)
+    packed, scales_offsets = pack_int4_blocks(q, scales_and_zeros, torch.bfloat16)
+
+    def case(rows: int) -> tuple:
+        return torch.randn(rows, size, dtype=torch.bfloat16), packed, scales_offsets, group_size
+
+    case.pytorch = (torch._convert_weight_to_int4pack_for_cpu(q, 8), scales_and_zeros.to(torch.bfloat16))
+    return case
+
+
+def _time_against_pytorch(op, case, repeats: int = 31) -> tuple[float, float]:
+    """Microseconds of one row through each INT4 kernel (`_one_thread_minima`), on `case`'s weight."""
+    x, packed, scales_offsets, group_size = case(1)
+    theirs_weight, theirs_scales = case.pytorch
     runs = {
         "ours": lambda: op(x, packed, scales_offsets, group_size),
         "theirs": lambda: torch._weight_int4pack_mm_for_cpu(x, theirs_weight, group_size, theirs_scales),
