@@ -321,6 +321,9 @@ def test_stateless_conversations_find_the_longest_remembered_prefix():
     turn1 = [{"role": "user", "content": "a"}]
     first = ids.claim("key-1", turn1)
     ids.release("key-1", first, turn1 + [{"role": "assistant", "content": "A"}])
+    assert ids.claim("key-1", turn1) == first  # the same request again (the engine answers from its kept prompt)
+    assert ids.claim("key-1", turn1) != first  # busy: a concurrent repeat gets its own
+    ids.release("key-1", first, turn1 + [{"role": "assistant", "content": "A"}])
     turn2 = turn1 + [{"role": "assistant", "content": "A"}, {"role": "user", "content": "b"}]
     assert ids.claim("key-2", turn2) != first  # another key never finds it
     assert ids.claim("key-1", turn2) == first
@@ -644,6 +647,11 @@ def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
         model="m", messages=history, max_tokens=12, seed=3, temperature=1
     )
     assert first.usage.prompt_tokens_details.cached_tokens == 0
+    repeat = client(server, KEYS[7]).chat.completions.create(
+        model="m", messages=history, max_tokens=12, seed=3, temperature=1
+    )  # the same request again: its whole prompt comes from the cache, and so does the first token's distribution
+    assert repeat.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    assert repeat.choices[0].message.content == first.choices[0].message.content
     history += [
         {"role": "assistant", "content": first.choices[0].message.content},
         {"role": "user", "content": "Go on."},

@@ -17,6 +17,7 @@ from glm_core import (
     Truncated,
 )
 from glm_core.engine import Engine
+from glm_core.protocol import OutputSpec, TokenLogprob
 from glm_core.engine.context import common_prefix_length, fit_to_context
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
@@ -80,6 +81,36 @@ def test_common_prefix_reuse_survives_an_edited_history(engine):
     recomputed = ask(engine, uuid.uuid4().hex, edited)
     assert cached.text == recomputed.text
     assert 0 < cached.stats.reused_tokens < cached.stats.prompt_tokens
+
+
+def test_the_same_prompt_again_prefills_nothing_and_samples_what_the_first_time_did(engine):
+    """A repeated or regenerated request: the kept cache is cropped back to the prompt and the first token comes
+    from the logits kept there, so nothing is prefilled and a seeded reply's every logprob is the first time's."""
+    conversation, messages = uuid.uuid4().hex, [{"role": "user", "content": PROMPTS[0]}]
+    seeded = SamplingParams(temperature=1.0, top_p=1.0, seed=11, max_new_tokens=16)
+    output = OutputSpec(top_logprobs=2)
+
+    def run(conversation_id, recompute=False):
+        request = engine.submit(conversation_id, messages, seeded, recompute=recompute, output=output)
+        logprobs = [(e.token, e.logprob, e.top) for e in request.events() if isinstance(e, TokenLogprob)]
+        reply = request.wait(timeout=300)
+        assert reply.error is None, reply.error
+        return reply, logprobs
+
+    first, first_logprobs = run(conversation)
+    again, again_logprobs = run(conversation)
+    assert again.stats.reused_tokens == again.stats.prompt_tokens == first.stats.prompt_tokens
+    assert again.stats.prefill_tokens == 0 and first.stats.prefill_tokens == first.stats.prompt_tokens
+    assert again.text == first.text and again_logprobs == first_logprobs and len(first_logprobs) > 1
+    # Recomputed, the prompt is prefilled anew: the same tokens
+    recomputed, _ = run(conversation, recompute=True)
+    assert recomputed.stats.prefill_tokens == recomputed.stats.prompt_tokens and recomputed.text == first.text
+    # A longer prompt than the kept one still feeds what it adds, and a shorter one at least its last id.
+    longer = messages + [{"role": "assistant", "content": first.text}, {"role": "user", "content": PROMPTS[1]}]
+    continued = ask(engine, conversation, longer)
+    assert 0 < continued.stats.prefill_tokens < continued.stats.prompt_tokens
+    shorter = ask(engine, conversation, messages)
+    assert shorter.stats.prefill_tokens == 1 and shorter.stats.reused_tokens == shorter.stats.prompt_tokens - 1
 
 
 @pytest.mark.slow  # over 4 s here: left out of `make test-fast`

@@ -300,7 +300,11 @@ def test_cli_streams_in_a_terminal_and_ctrl_c_stops_the_reply(llama, data_dir):
         while not predicate():
             assert time.monotonic() < deadline, output.decode(errors="replace")[-2000:]
             if select.select([main], [], [], 0.1)[0]:
-                data = os.read(main, 4096)
+                try:
+                    data = os.read(main, 4096)
+                except OSError as error:  # EIO: the CLI closed the terminal (it ended); say how and what it printed
+                    code = process.wait(10)
+                    raise AssertionError(f"the CLI ended ({code}): {output.decode(errors='replace')[-2000:]}") from error
                 output += data
                 reads.append((time.monotonic(), len(output)))
 

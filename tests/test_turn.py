@@ -47,8 +47,9 @@ def test_greedy_regenerate_equals_the_original_greedy_reply(store, engine):
     conversation, again = run_turn(store, engine, ws, conversation, None, keep=3)
     assert again.reply.text == original.reply.text and again.reply.text
     prompt_tokens = again.reply.stats.prompt_tokens
-    # The cache was cut back to the prompt, exactly: all of it but the one id that is always fed was reused.
-    assert again.reply.stats.reused_tokens == prompt_tokens - 1 and again.reply.stats.prefill_tokens == 1
+    # The cache was cut back to the prompt, exactly, and the first token came from the logits kept there:
+    # nothing was prefilled.
+    assert again.reply.stats.reused_tokens == prompt_tokens and again.reply.stats.prefill_tokens == 0
     assert engine.pool.tokens(conversation.id) == cache_before
     # In the store the old reply was replaced, not appended to.
     assert [m.role for m in conversation.messages] == ["user", "assistant", "user", "assistant"]

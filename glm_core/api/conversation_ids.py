@@ -3,10 +3,13 @@
 API clients resend the whole history every turn and name no conversation, while the engine keeps one KV cache
 per conversation id and reuses the longest common token prefix of that cache and the new request. So after a
 reply, the conversation as the client now has it (its messages and the reply, as sent) is remembered under a
-digest of (the caller's scope, those messages), pointing to the engine conversation that holds its cache. A new
-request looks up the digests of its own message prefixes, longest first: turn 10 of a chat finds turn 9's
-conversation and prefills only the new message; an edited or regenerated turn finds an earlier state and the
-engine crops the cache back to the common prefix. A conversation already generating is not shared: a concurrent
+digest of (the caller's scope, those messages), pointing to the engine conversation that holds its cache; so is
+the request itself (its messages without the reply). A new request looks up the digests of its own message
+prefixes, longest first, its whole list included: turn 10 of a chat finds turn 9's conversation and prefills only
+the new message; the same request again (a retry, a regenerate, a benchmark's repeat) finds the conversation that
+answered it, and the engine crops the cache back to the prompt and samples from the logits it kept there, so
+nothing is prefilled and the first token's distribution is the first time's, bit for bit; an edited turn finds
+an earlier state and the engine crops the cache back to the common prefix. A conversation already generating is not shared: a concurrent
 request with the same history gets a fresh id (and a fresh cache).
 
 Digests include the caller's scope (the API key's id): one key never reuses, or learns anything about, another
@@ -46,7 +49,7 @@ class StatelessConversations:
     def claim(self, scope: str, messages: Sequence[dict], fresh: bool = False) -> str:
         """The conversation id to submit `messages` (ending with the new user message) under; call release()
         when the reply has ended. `fresh`: a new conversation, whatever is remembered."""
-        digests = [] if fresh else prefix_digests(scope, messages)[:-1]
+        digests = [] if fresh else prefix_digests(scope, messages)
         with self._lock:
             for digest in reversed(digests):
                 conversation_id = self._by_digest.get(digest)
@@ -64,8 +67,8 @@ class StatelessConversations:
         forget = []
         with self._lock:
             self._busy.discard(conversation_id)
-            if conversation:
-                digest = prefix_digests(scope, conversation)[-1]
+            # The conversation with its reply (what a next turn resends) and the request alone (what a repeat sends)
+            for digest in prefix_digests(scope, conversation)[-2:] if conversation else ():
                 previous = self._by_digest.get(digest)
                 self._by_digest[digest] = conversation_id
                 self._by_digest.move_to_end(digest)

@@ -37,10 +37,15 @@ class CachedContext:
     # conversation appends only its new turn after `tokens + unfed`, as the original ChatGLM stream_chat did.
     messages: list[dict] | None = None
     unfed: list[int] = field(default_factory=list)
+    # The logits that followed the prompt (its first `prompt_length` ids): the same prompt again (a repeated or
+    # regenerated request) samples its first token from them and prefills nothing, with the bits a prefill gave.
+    prompt_length: int = 0
+    prompt_logits: Any = None
 
     @property
     def nbytes(self) -> int:
-        return cache_nbytes(self.cache)
+        logits = self.prompt_logits
+        return cache_nbytes(self.cache) + (logits.numel() * logits.element_size() if logits is not None else 0)
 
 
 class KVCachePool:
