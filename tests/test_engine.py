@@ -17,8 +17,8 @@ from glm_core import (
     Truncated,
 )
 from glm_core.engine import Engine
-from glm_core.protocol import OutputSpec, TokenLogprob
 from glm_core.engine.context import common_prefix_length, fit_to_context
+from glm_core.protocol import OutputSpec, TokenLogprob
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
 PROMPTS = ["What is the capital of France?", "What is it famous for?", "Name one museum there."]

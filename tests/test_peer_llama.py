@@ -304,7 +304,9 @@ def test_cli_streams_in_a_terminal_and_ctrl_c_stops_the_reply(llama, data_dir):
                     data = os.read(main, 4096)
                 except OSError as error:  # EIO: the CLI closed the terminal (it ended); say how and what it printed
                     code = process.wait(10)
-                    raise AssertionError(f"the CLI ended ({code}): {output.decode(errors='replace')[-2000:]}") from error
+                    raise AssertionError(
+                        f"the CLI ended ({code}): {output.decode(errors='replace')[-2000:]}"
+                    ) from error
                 output += data
                 reads.append((time.monotonic(), len(output)))
 

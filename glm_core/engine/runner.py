@@ -373,9 +373,11 @@ class Runner:
                 sequence.fed += chunk.tokens
                 if not sequence.prefilled:
                     return
-                # prefill returns None only when its should_stop says so; none is given here
+                # prefill returns None only when its should_stop says so, and none is given here. Its logits are a
+                # view of the forward's output: the cache keeps a copy of this row only.
                 assert logits is not None
-                sequence.prompt_logits = logits.clone()  # a view of the forward's output: keep only this row
+                sequence.prompt_logits = logits.clone()
+            assert logits is not None  # kept with the prompt
             try:
                 self._accept(sequence, logits[None], ended)
             except GrammarFailed as exc:
