@@ -501,6 +501,7 @@ def cmd_bench_peer(args) -> int:
             tuple(int(t) for t in args.threads.split(",") if t.strip()),
             Path(args.llama_model).expanduser() if args.llama_model else None,
             Path(args.log_dir) if args.log_dir else None,
+            fresh_prompts=args.fresh_prompts,
         )
     except (NotBuilt, RuntimeError, TimeoutError, ReplyFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -630,6 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: cores - 1 and cores)",
     )
     peer.add_argument("--log-dir", help="keep both servers' logs in this folder")
+    peer.add_argument(
+        "--fresh-prompts",
+        action="store_true",
+        help="new prompts every run, so neither server answers from a prompt it kept (default: the same prompts "
+        "every run, as a repeated question)",
+    )
     peer.add_argument("--json", action="store_true", help="print one JSON object")
     peer.set_defaults(func=cmd_bench_peer)
 

@@ -394,6 +394,7 @@ class Request:
         # API, for OpenAI's max_tokens): the runner feeds these rather than tokenizing the prompt a second time.
         self.prompt_ids = list(prompt_ids) if prompt_ids is not None else None
         self.grammar: str | None = None  # the compiled grammar `output` asks for (set by the engine that takes it)
+        self.owner: str | None = None  # whose it is (a workspace, an API key): set by submit
         self.submitted_at = time.perf_counter()
         self.reply: Reply | None = None
         self._pieces: list[str] = []  # the reply's text so far, kept for a reply that fails half-way
@@ -507,6 +508,7 @@ class SubmitPath:
         params = (params or SamplingParams()).validate()
         output = (output or OutputSpec()).validate()
         request = Request(conversation_id, validate_messages(messages), params, recompute, output, prompt_ids)
+        request.owner = owner
         self._accept(request)
         with self._door:
             if self._closed:

@@ -642,11 +642,13 @@ def test_sixteen_concurrent_streams_each_get_their_own_reply(server):
 
 
 def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
-    history = [{"role": "user", "content": "Tell me a story."}]
+    history = [{"role": "user", "content": "Tell me a story about Ada, the keeper of the Skerry lighthouse."}]
     first = client(server, KEYS[7]).chat.completions.create(
         model="m", messages=history, max_tokens=12, seed=3, temperature=1
     )
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # At most the template's opening, from this key's earlier conversations: this question was never asked.
+    opening = first.usage.prompt_tokens_details.cached_tokens
+    assert opening < first.usage.prompt_tokens - 8
     repeat = client(server, KEYS[7]).chat.completions.create(
         model="m", messages=history, max_tokens=12, seed=3, temperature=1
     )  # the same request again: its whole prompt comes from the cache, and so does the first token's distribution
@@ -658,8 +660,14 @@ def test_a_later_turn_reuses_the_kept_cache_but_never_another_keys(server):
     ]
     second = client(server, KEYS[7]).chat.completions.create(model="m", messages=history, max_tokens=4)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # Another key, the same history: nothing of this key's conversation (at most what its own share with it, never
+    # the question only this key asked).
     stranger = client(server, KEYS[8]).chat.completions.create(model="m", messages=history, max_tokens=4)
-    assert stranger.usage.prompt_tokens_details.cached_tokens == 0
+    assert stranger.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 8
+    # A new conversation of the same key starts from the longest prefix its kept ones share with it.
+    other = history[:1] + [{"role": "assistant", "content": "Once"}, {"role": "user", "content": "Go on."}]
+    branch = client(server, KEYS[7]).chat.completions.create(model="m", messages=other, max_tokens=4)
+    assert branch.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
 
 # ---- the two doors: `python -m glm_core serve` alone, and the portal's own port ------------------------------

@@ -52,12 +52,11 @@ def test_kept_cache_reply_equals_recomputed_reply(engine):
         ids = engine.encode_chat(messages)
         kept = engine.pool.tokens(conversation)
         cached = ask(engine, conversation, messages)
-        recomputed = ask(engine, uuid.uuid4().hex, messages)  # no kept cache: the whole history is prefilled
+        recomputed = engine.submit(uuid.uuid4().hex, messages, GREEDY, recompute=True).wait(timeout=300)
+        assert recomputed.stats.prefill_tokens == len(ids)  # asked to recompute: the whole history is prefilled
         assert cached.text == recomputed.text
         assert cached.stats.prompt_tokens == recomputed.stats.prompt_tokens == len(ids)
-        if turn == 0:
-            assert cached.stats.reused_tokens == 0
-        else:
+        if turn > 0:
             # Everything the cache held was an exact prefix of the ids a recompute sees, and was reused.
             assert ids[: len(kept)] == kept
             assert cached.stats.reused_tokens == len(kept)
@@ -85,26 +84,37 @@ def test_common_prefix_reuse_survives_an_edited_history(engine):
 
 def test_the_same_prompt_again_prefills_nothing_and_samples_what_the_first_time_did(engine):
     """A repeated or regenerated request: the kept cache is cropped back to the prompt and the first token comes
-    from the logits kept there, so nothing is prefilled and a seeded reply's every logprob is the first time's."""
-    conversation, messages = uuid.uuid4().hex, [{"role": "user", "content": PROMPTS[0]}]
+    from the logits kept there, so nothing is prefilled and a seeded reply's every logprob is the first time's.
+    A new conversation of the same owner starts from the longest prefix a kept one shares with it; another
+    owner's never does."""
+    conversation, messages = uuid.uuid4().hex, [{"role": "user", "content": "Name three rivers of Europe."}]
     seeded = SamplingParams(temperature=1.0, top_p=1.0, seed=11, max_new_tokens=16)
     output = OutputSpec(top_logprobs=2)
 
-    def run(conversation_id, recompute=False):
-        request = engine.submit(conversation_id, messages, seeded, recompute=recompute, output=output)
+    def run(conversation_id, recompute=False, owner="ws-1", asked=messages):
+        request = engine.submit(conversation_id, asked, seeded, recompute=recompute, owner=owner, output=output)
         logprobs = [(e.token, e.logprob, e.top) for e in request.events() if isinstance(e, TokenLogprob)]
         reply = request.wait(timeout=300)
         assert reply.error is None, reply.error
         return reply, logprobs
 
-    first, first_logprobs = run(conversation)
+    first, first_logprobs = run(conversation, recompute=True)
+    assert first.stats.prefill_tokens == first.stats.prompt_tokens
     again, again_logprobs = run(conversation)
     assert again.stats.reused_tokens == again.stats.prompt_tokens == first.stats.prompt_tokens
-    assert again.stats.prefill_tokens == 0 and first.stats.prefill_tokens == first.stats.prompt_tokens
+    assert again.stats.prefill_tokens == 0
     assert again.text == first.text and again_logprobs == first_logprobs and len(first_logprobs) > 1
-    # Recomputed, the prompt is prefilled anew: the same tokens
-    recomputed, _ = run(conversation, recompute=True)
-    assert recomputed.stats.prefill_tokens == recomputed.stats.prompt_tokens and recomputed.text == first.text
+    # The same prompt in a new conversation of the same owner: from a copy of the kept one, bit for bit
+    twin, twin_logprobs = run(uuid.uuid4().hex)
+    assert twin.stats.prefill_tokens == 0 and twin_logprobs == first_logprobs
+    assert conversation in engine.pool  # the one it came from keeps its own
+    # Another owner's new conversation: none of this owner's caches
+    stranger, _ = run(uuid.uuid4().hex, owner="ws-2")
+    assert stranger.stats.prefill_tokens == stranger.stats.prompt_tokens
+    # A question that shares the template's opening and part of the message: only the rest is fed
+    similar = [{"role": "user", "content": "Name three rivers of Asia."}]
+    shared, _ = run(uuid.uuid4().hex, asked=similar)
+    assert 8 <= shared.stats.reused_tokens < shared.stats.prompt_tokens
     # A longer prompt than the kept one still feeds what it adds, and a shorter one at least its last id.
     longer = messages + [{"role": "assistant", "content": first.text}, {"role": "user", "content": PROMPTS[1]}]
     continued = ask(engine, conversation, longer)
@@ -130,7 +140,8 @@ def test_least_recently_used_cache_is_evicted_and_rebuilt(embedded_fp32):
             {"role": "user", "content": PROMPTS[1]},
         ]
         rebuilt = ask(engine, "a", [messages[0], messages[1], messages[2]])
-        assert rebuilt.stats.reused_tokens == 0
+        # Its own cache is gone; "x", which asked the same first question, lends the prefix they share.
+        assert 0 < rebuilt.stats.reused_tokens < rebuilt.stats.prompt_tokens
         assert rebuilt.text == ask(engine, uuid.uuid4().hex, messages).text
     finally:
         engine.close()

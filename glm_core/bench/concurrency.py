@@ -11,6 +11,7 @@ reported are what is counted).
 
 from __future__ import annotations
 
+import itertools
 import platform
 import statistics
 import time
@@ -34,9 +35,12 @@ TOPICS = [
 ]
 
 
-def _prompt(number: int) -> list[dict]:
+def _prompt(number: int, run: int | None = None) -> list[dict]:
+    """Stream `number`'s prompt; with `run` (fresh prompts) each run's prompts differ from every earlier one, so no
+    server answers them from a prompt it kept (what the same prompts again measure instead)."""
     topic = TOPICS[number % len(TOPICS)]
-    return [{"role": "user", "content": f"Write a long story about {topic} (story number {number + 1})."}]
+    told = f"story number {number + 1}" + (f", run {run}" if run is not None else "")
+    return [{"role": "user", "content": f"Write a long story about {topic} ({told})."}]
 
 
 class ReplyFailed(RuntimeError):
@@ -63,14 +67,14 @@ def step_split(timing) -> dict:
     return {"step_ms": 1000 * step, "forward_ms": 1000 * forward, "overhead": 1 - forward / step if step else 0.0}
 
 
-def _run(engine: Backend, streams: int, max_new_tokens: int) -> dict:
+def _run(engine: Backend, streams: int, max_new_tokens: int, run: int | None = None) -> dict:
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     timing = getattr(getattr(engine, "runner", None), "timing", None)  # the local engine's step clock
     if timing is not None:
         timing.reset()
         timing.sync = True  # on CUDA the forward's figure waits for its kernels (a benchmark's engine only)
     started = time.perf_counter()
-    requests = [engine.submit(uuid.uuid4().hex, _prompt(i), params) for i in range(streams)]
+    requests = [engine.submit(uuid.uuid4().hex, _prompt(i, run), params) for i in range(streams)]
     replies = [r.wait() for r in requests]
     wall = time.perf_counter() - started
     for reply in replies:
@@ -100,13 +104,13 @@ def _first_text(request) -> None:
     next((e for e in request.events() if isinstance(e, Delta)), None)
 
 
-def _newcomer(engine: Backend, max_new_tokens: int) -> float:
+def _newcomer(engine: Backend, max_new_tokens: int, run: int | None = None) -> float:
     """Three streams decoding; a fourth arrives once all three have streamed text: its time to first token."""
     long = SamplingParams(temperature=0, max_new_tokens=max(max_new_tokens, 64) * 4)
-    running = [engine.submit(uuid.uuid4().hex, _prompt(i), long) for i in range(3)]
+    running = [engine.submit(uuid.uuid4().hex, _prompt(i, run), long) for i in range(3)]
     for request in running:
         _first_text(request)
-    newcomer = engine.submit(uuid.uuid4().hex, _prompt(3), SamplingParams(temperature=0, max_new_tokens=8))
+    newcomer = engine.submit(uuid.uuid4().hex, _prompt(3, run), SamplingParams(temperature=0, max_new_tokens=8))
     arrived = time.perf_counter()
     _first_text(newcomer)
     ttft = time.perf_counter() - arrived
@@ -117,29 +121,39 @@ def _newcomer(engine: Backend, max_new_tokens: int) -> float:
     return ttft
 
 
-def _measure(backend: Backend, streams: list[int], max_new_tokens: int, repeats: int) -> dict:
-    """The runs per stream count (with their ratio to one stream) and the newcomer's time to first token."""
-    _run(backend, 1, 8)  # warm-up: one-off costs (allocator, kernels, connections) that no figure should carry
+def _measure(
+    backend: Backend, streams: list[int], max_new_tokens: int, repeats: int, fresh_prompts: bool = False
+) -> dict:
+    """The runs per stream count (with their ratio to one stream) and the newcomer's time to first token.
+    `fresh_prompts`: every run's prompts are new (no kept prompt answers them); else the same ones each run."""
+    counter = itertools.count(1)
+    run = (lambda: next(counter)) if fresh_prompts else (lambda: None)
+    _run(backend, 1, 8, run())  # warm-up: one-off costs (allocator, kernels, connections) no figure should carry
     runs = []
     for n in streams:
-        measured = [_run(backend, n, max_new_tokens) for _ in range(repeats)]
+        measured = [_run(backend, n, max_new_tokens, run()) for _ in range(repeats)]
         runs.append(min(measured, key=lambda r: r["wall_s"]) if repeats > 1 else measured[0])
-    newcomer = statistics.median(_newcomer(backend, max_new_tokens) for _ in range(max(repeats, 1)))
+    newcomer = statistics.median(_newcomer(backend, max_new_tokens, run()) for _ in range(max(repeats, 1)))
     base = runs[0]["aggregate_tokens_per_s"] if runs and runs[0]["streams"] == 1 else None
     for r in runs:
         r["ratio_to_one_stream"] = r["aggregate_tokens_per_s"] / base if base else None
-    return {"max_new_tokens": max_new_tokens, "runs": runs, "newcomer_ttft_s": newcomer}
+    return {"max_new_tokens": max_new_tokens, "fresh_prompts": fresh_prompts, "runs": runs, "newcomer_ttft_s": newcomer}
 
 
 def run_remote_concurrency_bench(
-    url: str, streams: list[int], max_new_tokens: int = 128, repeats: int = 1, api_key: str | None = None
+    url: str,
+    streams: list[int],
+    max_new_tokens: int = 128,
+    repeats: int = 1,
+    api_key: str | None = None,
+    fresh_prompts: bool = False,
 ) -> dict:
     """The same runs against an OpenAI-compatible server (`http(s)://host:port/v1#model`), client side."""
     from ..backends.remote import RemoteBackend
 
     backend = RemoteBackend(url, api_key=api_key)
     try:
-        figures = _measure(backend, streams, max_new_tokens, repeats)
+        figures = _measure(backend, streams, max_new_tokens, repeats, fresh_prompts)
         card = backend.card()
     finally:
         backend.close()

@@ -54,11 +54,14 @@ def run_peer_bench(
     llama_model: Path | None = None,
     log_dir: Path | None = None,
     compile_timeout_s: float = 900,
+    fresh_prompts: bool = False,
 ) -> dict:
     """llama-server on `llama_model` (default: the same file) at each of `threads` (default: one core fewer than
     the machine has, and all of them), then our server on `model` at each of `precisions` once its compiled decode
     step is ready (GLM_COMPILE as the environment says); each measured alone by the same client. Ratios are ours /
-    llama.cpp's best per stream count (the thread count that gave the most tokens/s there)."""
+    llama.cpp's best per stream count (the thread count that gave the most tokens/s there). `fresh_prompts`: each
+    run's prompts are new, so neither server answers one from a prompt it kept (both keep them: the same prompts
+    again measure that)."""
     threads = tuple(dict.fromkeys(threads or (default_threads(), os.cpu_count() or 1)))
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,9 @@ def run_peer_bench(
             extra=("--cont-batching",),
             log_file=logs("llama-server.log" if count == threads[0] else f"llama-server-t{count}.log"),
         ) as url:
-            by_threads[count] = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
+            by_threads[count] = run_remote_concurrency_bench(
+                f"{url}/v1", streams, max_new_tokens, repeats, fresh_prompts=fresh_prompts
+            )
     runs = [{**run, "threads": count} for count, result in by_threads.items() for run in result["runs"]]
     best = []
     for n in streams:
@@ -83,7 +88,9 @@ def run_peer_bench(
     for precision in precisions:
         with our_server(model, precision, log_file=logs(f"serve-{precision}.log")) as url:
             fast_paths[precision] = wait_for_fast_path(url, compile_timeout_s)
-            ours[precision] = run_remote_concurrency_bench(f"{url}/v1", streams, max_new_tokens, repeats)
+            ours[precision] = run_remote_concurrency_bench(
+                f"{url}/v1", streams, max_new_tokens, repeats, fresh_prompts=fresh_prompts
+            )
     by_streams = {run["streams"]: run for run in theirs["runs"]}
     ratios = {
         precision: [
@@ -104,6 +111,7 @@ def run_peer_bench(
         "cores": os.cpu_count(),
         "llama_threads": list(threads),
         "max_new_tokens": max_new_tokens,
+        "fresh_prompts": fresh_prompts,
         "llama_cpp": theirs,
         "llama_cpp_by_threads": {str(count): result for count, result in by_threads.items()},
         "ours": ours,
@@ -116,6 +124,7 @@ def format_peer_report(r: dict) -> str:
     lines = [
         f"bench peer: {r['model']} ({', '.join(r['cpu_flags'])}; {r['cores']} cores; llama-server -t "
         f"{' and -t '.join(map(str, r['llama_threads']))}), {r['max_new_tokens']} new tokens per stream, greedy, "
+        f"{'new prompts every run' if r.get('fresh_prompts') else 'the same prompts every run'}, "
         "client side; ratios against llama.cpp's best (*) per stream count",
         "server                 streams  aggregate tok/s  ttft median  ours/llama tok/s  ours/llama ttft",
     ]

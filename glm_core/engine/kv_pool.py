@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,16 @@ def cache_can_crop(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))
 
 
+def copy_prefix(cache, length: int, config) -> Any:
+    """A new cache holding a copy of `cache`'s first `length` positions (every layer a full-attention one)."""
+    from transformers import DynamicCache
+
+    copy = DynamicCache(config=config)
+    for index, layer in enumerate(cache.layers):
+        copy.update(layer.keys.narrow(-2, 0, length), layer.values.narrow(-2, 0, length), index)  # cat: a copy
+    return copy
+
+
 @dataclass
 class CachedContext:
     tokens: list[int]  # exactly the ids whose keys/values `cache` holds, in order
@@ -41,6 +52,7 @@ class CachedContext:
     # regenerated request) samples its first token from them and prefills nothing, with the bits a prefill gave.
     prompt_length: int = 0
     prompt_logits: Any = None
+    owner: str | None = None  # whose conversation it is: only the same owner's new conversations start from it
 
     @property
     def nbytes(self) -> int:
@@ -76,6 +88,21 @@ class KVCachePool:
                 evicted.append(victim)
             self.evictions += len(evicted)
         return evicted
+
+    def longest_prefix(
+        self, ids: Sequence[int], owner: str | None, reusable: Callable[[Sequence[int], Sequence[int]], int]
+    ) -> tuple[CachedContext, int] | None:
+        """The kept context of `owner`'s whose ids share the longest reusable prefix with `ids`, and that length;
+        None when none shares any. The context stays kept (copy what is used of it)."""
+        best, longest = None, 0
+        with self._lock:
+            for context in self._entries.values():
+                if context.owner != owner or not context.tokens or context.tokens[0] != ids[0]:
+                    continue
+                length = reusable(context.tokens, ids)
+                if length > longest:
+                    best, longest = context, length
+        return (best, longest) if best is not None else None
 
     def drop(self, conversation_id: str) -> bool:
         with self._lock:

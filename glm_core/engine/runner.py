@@ -43,7 +43,7 @@ from .constraints import Constraint, GrammarFailed
 from .context import FittingStopped, common_prefix_length, fit_to_context
 from .fast_decode import GROUPED_SDPA, group_decode_attention
 from .generation import PREFILL_CHUNK, prefill
-from .kv_pool import CachedContext, KVCachePool, cache_can_crop
+from .kv_pool import CachedContext, KVCachePool, cache_can_crop, copy_prefix
 from .kv_slots import SlotCache
 from .sampling import sample_next
 from .step_plan import Chunk, StepPlan
@@ -55,6 +55,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUT_OF_MEMORY = "out of memory while generating; kept caches were freed, try again or start a new conversation"
+
+
+# A new conversation starts from another kept conversation's cache when they share at least this many ids.
+SHARED_PREFIX_MIN = 8
+
+
+def _reusable(kept: CachedContext, common: int, ids: list[int]) -> tuple[int, torch.Tensor | None]:
+    """How many of `ids` a kept context gives (`common`: their reusable prefix), and the logits that follow them
+    when it gives them all (its own prompt again); at least one id is fed otherwise."""
+    if kept.prompt_logits is not None and len(ids) == kept.prompt_length and common >= len(ids):
+        return len(ids), kept.prompt_logits
+    return min(common, len(ids) - 1), None
 
 
 @dataclass
@@ -299,24 +311,24 @@ class Runner:
         if opened:  # the prompt opened the thinking (GLM-Z1): the reply's text says so too (see glm_core.reasoning)
             request.emit_text(REASONING_OPEN)
 
-        reused, prompt_logits = 0, None
+        # Reuse only what is an exact prefix of the ids a full recompute would see. A format whose prompt attends
+        # both ways (ChatGLM-6B) says itself how much of a kept cache is exact.
+        chat_format = loaded.chat_format
+        reusable = chat_format.reusable_length if isinstance(chat_format, PrefixRulesFormat) else common_prefix_length
+        reused, prompt_logits, cache = 0, None, None
         if kept is not None and not request.recompute and cache_can_crop(kept.cache):
-            # Reuse only what is an exact prefix of the ids a full recompute would see; at least one id is fed,
-            # unless this is the kept prompt itself, whose following logits were kept with it.
-            # A format whose prompt attends both ways (ChatGLM-6B) says itself how much of a kept cache is exact.
-            chat_format = loaded.chat_format
-            reusable = (
-                chat_format.reusable_length if isinstance(chat_format, PrefixRulesFormat) else common_prefix_length
-            )
-            common = reusable(kept.tokens, ids)
-            if kept.prompt_logits is not None and len(ids) == kept.prompt_length and common >= len(ids):
-                reused, prompt_logits = len(ids), kept.prompt_logits
-            else:
-                reused = min(common, len(ids) - 1)
+            reused, prompt_logits = _reusable(kept, reusable(kept.tokens, ids), ids)
             if len(kept.tokens) > reused:
                 kept.cache.crop(-(len(kept.tokens) - reused))
             cache = kept.cache
-        else:
+        elif kept is None and not request.recompute and ids:
+            # A new conversation starts from the longest prefix that one of its owner's kept conversations shares
+            # with it (a system prompt, the template's opening, the same question): a copy; that one keeps its own.
+            found = self.pool.longest_prefix(ids, request.owner, reusable)
+            if found is not None and found[1] >= SHARED_PREFIX_MIN and cache_can_crop(found[0].cache):
+                reused, prompt_logits = _reusable(found[0], found[1], ids)
+                cache = copy_prefix(found[0].cache, reused, loaded.model.config)
+        if cache is None:
             cache = DynamicCache(config=loaded.model.config)
         stats.prompt_tokens, stats.reused_tokens, stats.prefill_tokens = len(ids), reused, len(ids) - reused
 
@@ -619,6 +631,7 @@ class Runner:
                     unfed=sequence.unfed,
                     prompt_length=sequence.prompt_length,
                     prompt_logits=sequence.prompt_logits,
+                    owner=request.owner,
                 ),
             )
         sequence.cache = None
