@@ -185,8 +185,8 @@ def measure_level(spec: ModelSpec, decode_tokens: int, eval_tokens: int, real: b
     try:
         messages = [{"role": "user", "content": PROMPT}]
         engine.submit(uuid.uuid4().hex, messages, SamplingParams(temperature=0, max_new_tokens=4)).wait()  # warm-up
-        reply = engine.submit(
-            uuid.uuid4().hex, messages, SamplingParams(temperature=0, max_new_tokens=decode_tokens)
+        reply = engine.submit(  # recomputed: the warm-up's kept prompt would answer it without a prefill
+            uuid.uuid4().hex, messages, SamplingParams(temperature=0, max_new_tokens=decode_tokens), recompute=True
         ).wait()
         if reply.error:
             raise RuntimeError(reply.error)

@@ -37,9 +37,10 @@ def _chat_turns(engine: Engine, max_new_tokens: int) -> dict:
     reuse, recompute, context, prefill_tokens = [], [], [], []
     for prompt in TURN_PROMPTS:
         messages.append({"role": "user", "content": prompt})
-        # Recompute: a conversation id with no kept cache sees the whole history, as the seeds' api.py does.
+        # Recompute: the whole history prefilled, as the seeds' api.py does (a new conversation asked to recompute:
+        # else it would start from the prefix this conversation's kept cache shares with it).
         scratch = uuid.uuid4().hex
-        recompute.append(engine.submit(scratch, messages, first_token_only).wait().stats.ttft_s)
+        recompute.append(engine.submit(scratch, messages, first_token_only, recompute=True).wait().stats.ttft_s)
         engine.forget(scratch)
         reply = engine.submit(conversation, messages, greedy).wait()
         if reply.error:
