@@ -286,7 +286,8 @@ def test_cli_streams_in_a_terminal_and_ctrl_c_stops_the_reply(llama, data_dir):
         stdout=child,
         stderr=child,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # A crash (a signal) prints its Python stack to the terminal, which a failure below shows.
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"},
         # Ctrl-C as a terminal's shell leaves it: a suite started in the background (`make test &`) ignores SIGINT,
         # its children inherit that, and Python then never raises KeyboardInterrupt (the reply went on after it)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
