@@ -9,8 +9,8 @@ prefixes, longest first, its whole list included: turn 10 of a chat finds turn 9
 the new message; the same request again (a retry, a regenerate, a benchmark's repeat) finds the conversation that
 answered it, and the engine crops the cache back to the prompt and samples from the logits it kept there, so
 nothing is prefilled and the first token's distribution is the first time's, bit for bit; an edited turn finds
-an earlier state and the engine crops the cache back to the common prefix. A conversation already generating is not shared: a concurrent
-request with the same history gets a fresh id (and a fresh cache).
+an earlier state and the engine crops the cache back to the common prefix. A conversation already generating is
+not shared: a concurrent request with the same history gets a fresh id (and a fresh cache).
 
 Digests include the caller's scope (the API key's id): one key never reuses, or learns anything about, another
 key's conversations. The map is bounded (least recently used first out); an engine conversation no entry points
