@@ -129,12 +129,8 @@ class SlotCache(Cache):
         """A slot's positions as a batch-1 DynamicCache; the last row moves into the freed slot."""
         length = self.lengths[slot]
         cache = DynamicCache(config=config)
-        for i in range(self.num_layers):
-            cache.update(
-                self.keys[i][slot : slot + 1, :, :length].clone(),
-                self.values[i][slot : slot + 1, :, :length].clone(),
-                i,
-            )
+        for i in range(self.num_layers):  # update's torch.cat copies the slot's positions out of the buffers
+            cache.update(self.keys[i][slot : slot + 1, :, :length], self.values[i][slot : slot + 1, :, :length], i)
         self.remove(slot)
         return cache
 

@@ -110,10 +110,7 @@ def load_int8(weight: torch.Tensor, scales: torch.Tensor) -> bool:
             return torch.randn(count, columns, dtype=torch.bfloat16), weight, scales
 
         def against_pytorch(op, count: int = 4) -> tuple[float, float]:
-            args = case(count)
-            return _one_thread_minima(
-                {"ours": lambda: op(*args), "theirs": lambda: torch._weight_int8pack_mm(*args)}, 7
-            )
+            return _time_paths(op, torch._weight_int8pack_mm, case(count), 7)
 
         INT8_MM, INT8_REASON = _choose(
             "INT8",
