@@ -1,6 +1,7 @@
 """`bench decode`: what the compiled decode path buys, per precision level and number of streams, in one run.
 
-Per level, one process, one loaded model: plain transformers `generate` (one stream, the baseline), the engine
+Per level, one process, one loaded model: plain transformers `generate` (one stream, the baseline; at BF16 also
+with our BF16 product switched off, that is on PyTorch's products as transformers runs them), the engine
 decoding eagerly and the engine on its compiled graphs (alternated run by run, so both see the same machine
 load; medians), and the compile time of the engine's graphs on a cold inductor cache (a fresh folder) and on a
 warm one (the same folder, dynamo's in-memory state reset: what a restart costs). Streams are greedy replies of a
@@ -19,6 +20,7 @@ import torch
 
 from ..engine import Engine
 from ..engine.fast_decode import FastDecode, configure_compile_cache
+from ..models import cpu_kernels
 from ..models.loading import load_model
 from ..models.openmp import release_pool
 from ..protocol import ModelSpec
@@ -42,6 +44,18 @@ def _generate_rate(loaded, tokens: int) -> float:
             pad_token_id=loaded.tokenizer.pad_token_id or 0,
         )
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+def _pytorch_generate_rate(loaded, tokens: int) -> float | None:
+    """`_generate_rate` with our BF16 product switched off (PyTorch's products), where the model uses it."""
+    rows = cpu_kernels.BF16_MAX_ROWS
+    if cpu_kernels.BF16_MM is None or rows == 0:
+        return None
+    cpu_kernels.BF16_MAX_ROWS = 0
+    try:
+        return _generate_rate(loaded, tokens)
+    finally:
+        cpu_kernels.BF16_MAX_ROWS = rows
 
 
 def _compile_time(loaded, max_batch: int) -> float:
@@ -71,6 +85,7 @@ def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int
         for engine in (eager, compiled):  # one-off costs (allocator, first calls) no figure should carry
             _run(engine, 1, 8)
         generate = statistics.median(_generate_rate(loaded, tokens) for _ in range(repeats))
+        pytorch = [_pytorch_generate_rate(loaded, tokens) for _ in range(repeats)]
         release_pool()  # `generate` ran on this thread: its OpenMP workers would slow the engines' (openmp.py)
         rows = []
         for n in streams:
@@ -94,6 +109,7 @@ def measure_level(spec: ModelSpec, streams: list[int], tokens: int, repeats: int
                     "streams": n,
                     "tokens": tokens,
                     "generate_tokens_per_s": generate,
+                    "pytorch_generate_tokens_per_s": None if None in pytorch else statistics.median(pytorch),
                     "eager_tokens_per_s": statistics.median(rates["eager"]),
                     "compiled_tokens_per_s": statistics.median(rates["compiled"]),
                     **{f"{name}_{key}": value for name, figures in split.items() for key, value in figures.items()},
@@ -129,6 +145,8 @@ def run_decode_bench(
     for r in results:
         r["compiled_over_eager"] = r["compiled_tokens_per_s"] / r["eager_tokens_per_s"]
         r["compiled_over_generate"] = r["compiled_tokens_per_s"] / r["generate_tokens_per_s"]
+        stock = r["pytorch_generate_tokens_per_s"]
+        r["compiled_over_pytorch_generate"] = r["compiled_tokens_per_s"] / stock if stock else None
         r["compiled_over_bf16_generate"] = r["compiled_tokens_per_s"] / base if base else None
         r["compiled_over_one_stream"] = r["compiled_tokens_per_s"] / one[r["level"]] if r["level"] in one else None
         r["warm_over_cold"] = r["compile_warm_s"] / r["compile_cold_s"]
@@ -158,6 +176,13 @@ def format_decode_report(results: list[dict]) -> str:
             f"{r['compiled_forward_ms']:.1f} ({r['compiled_overhead']:.0%} overhead)"
         )
     lines += split
+    for r in results:
+        if r["compiled_over_pytorch_generate"] and r["streams"] == min(x["streams"] for x in results):
+            lines.append(
+                f"{r['level']}: generate on PyTorch's products (our BF16 product off) "
+                f"{r['pytorch_generate_tokens_per_s']:.1f} tok/s; compiled {r['streams']} stream over it "
+                f"{r['compiled_over_pytorch_generate']:.2f}x"
+            )
     lines.append(
         "goals: bf16 1 stream compiled >= 1.5x bf16 generate; int4 1 stream >= 3x bf16 generate; "
         "warm <= 20% of cold; 4 streams >= 3x one stream"

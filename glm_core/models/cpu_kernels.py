@@ -23,6 +23,11 @@ embedding): int8 activation blocks times the weight rows by integer dot products
 PyTorch's int8 kernel at 4 rows, then at one row; `quant.int8_matmul` gives it only the INT8 output layer, from
 `INT8_MIN_ROWS` rows.
 
+`kernels/bf16_cpu.cpp` multiplies a decode step's few activation rows by a BFloat16 weight kept as stored: PyTorch's
+product at one row read a weight at 8-16 GB/s here, in the cache or not. `load_bf16` chooses its AVX-512 BF16
+path (`dpbf16ps`) or its AVX2 one (each weight widened to float), then times it against PyTorch's product at
+`BF16_ROWS_TIMED` rows; `models.bf16_linear` gives it the BF16 model's linear layers up to `BF16_MAX_ROWS` rows.
+
 The same library holds the decode attention (`kernels/decode_attention_cpu.cpp`: one query a row, each key and
 value row read once for the query heads that share it, the masked positions skipped). `load_attention` times it
 against PyTorch's SDPA on one decode step of one layer, once per process, and the model's attention
@@ -53,6 +58,7 @@ SOURCES = [
     KERNELS / "int4_cpu.cpp",
     KERNELS / "int8_cpu.cpp",
     KERNELS / "decode_attention_cpu.cpp",
+    KERNELS / "bf16_cpu.cpp",
 ]  # one library, with KERNELS/*.h
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 
@@ -165,6 +171,60 @@ def _choose_vnni(what: str, avx2, name: str, case, repeats: int = 31) -> tuple[o
         return None, 0, f"AVX2 path (AVX-512 VNNI measured slower: {figures})"
     log.info("%s kernel: AVX-512 VNNI from %d rows (%s)", what, faster[0], figures)
     return vnni, faster[0], f"AVX-512 VNNI from {faster[0]} rows ({figures} us on AVX2)"
+
+
+# The BF16 product (`load_bf16`): our op, the most activation rows it takes (0: none, PyTorch's product), and why.
+BF16_MM = None
+BF16_MAX_ROWS = 0
+BF16_REASON = "not chosen yet"
+_bf16_chosen = False
+BF16_ROWS_TIMED = (1, 4, 16, 32)
+
+
+def load_bf16() -> bool:
+    """Build, load and time the BF16 product once per process; True when it is used (`BF16_MM`). Its AVX-512 BF16
+    path where the CPU has it and it measured faster than the AVX2 one (at 4 rows), then that path against
+    PyTorch's product at each of `BF16_ROWS_TIMED` rows on a 1536 x 576 weight (a SmolLM2 MLP layer), one
+    thread: used up to the most rows at which it, and at every smaller count, was faster."""
+    global BF16_MM, BF16_MAX_ROWS, BF16_REASON, _bf16_chosen
+    if not _bf16_chosen:
+        _bf16_chosen = True
+        weight = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+        def case(rows: int) -> tuple:
+            return torch.randn(rows, 576, dtype=torch.bfloat16), weight
+
+        def path(library):
+            avx2 = library.bf16_mm.default
+            if not library.avx512_bf16_supported():
+                return avx2
+            ours, theirs = _time_paths(library.bf16_mm_avx512.default, avx2, case(4), 7)
+            return library.bf16_mm_avx512.default if ours < theirs else avx2
+
+        times: dict[int, tuple[float, float]] = {}
+
+        def against_pytorch(op) -> tuple[float, float]:
+            for rows in BF16_ROWS_TIMED:
+                times[rows] = _time_paths(op, torch.nn.functional.linear, case(rows), 7)
+            return times[1]
+
+        op, BF16_REASON = _choose(
+            "BF16",
+            "PyTorch's product",
+            "our BF16 product",
+            path,
+            against_pytorch,
+            "one row, 1536 x 576, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
+        )
+        faster = [rows for rows in BF16_ROWS_TIMED if all(times[r][0] < times[r][1] for r in times if r <= rows)]
+        if op is not None and faster:
+            BF16_MM, BF16_MAX_ROWS = op, faster[-1]
+            figures = ", ".join(
+                f"{rows} rows {ours:.0f} us against {theirs:.0f}" for rows, (ours, theirs) in times.items()
+            )
+            name = "AVX-512 BF16" if op is torch.ops.glm_cpu.bf16_mm_avx512.default else "AVX2"
+            BF16_REASON = f"our BF16 product ({name}) up to {BF16_MAX_ROWS} rows ({figures})"
+    return BF16_MM is not None
 
 
 # The same for the decode attention (`load_attention`): our op, or None (transformers' SDPA), and why.
@@ -283,7 +343,7 @@ def _build() -> Path:
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"g++ failed: {done.stderr[-2000:]}")
         partial.replace(target)
-        log.info("INT4 kernel built in %.1f s: %s", time.perf_counter() - started, target)
+        log.info("CPU kernels built in %.1f s: %s", time.perf_counter() - started, target)
     return target
 
 
@@ -295,7 +355,7 @@ def _load(path: Path):
         def products(x, weight, *scales_and_group_size):  # int4_mm*, int8_mm*: [rows, out_features]
             return x.new_empty(x.shape[0], weight.shape[0])
 
-        for name in ("int4_mm", "int4_mm_vnni", "int8_mm", "int8_mm_vnni"):
+        for name in ("int4_mm", "int4_mm_vnni", "int8_mm", "int8_mm_vnni", "bf16_mm", "bf16_mm_avx512"):
             torch.library.register_fake(f"glm_cpu::{name}", products)
 
         @torch.library.register_fake("glm_cpu::decode_attention")

@@ -1,4 +1,4 @@
-"""One INT4 product where a layer makes several of the same input: query, key and value, and the MLP's gate and up.
+"""One product where a layer makes several of the same input: query, key and value, and the MLP's gate and up.
 
 A decode step of SmolLM2-135M made 210 INT4 products, 7 a layer; each is a call through the compiled graph's
 wrapper, an OpenMP region and a rounding of the activations to int8, whatever its size. Fused, a layer makes 4:
@@ -8,8 +8,9 @@ the tile sits), so replies do not change; `tests/test_fused.py` checks that the 
 
 Only where it is exactly the same function: the INT4 layers on our CPU kernel (`cpu_kernels.INT4_MM`), whose
 packed rows and scales are stored by tiles of 8 rows, so that the parts concatenate when each has a multiple of 8
-rows; and the transformers classes whose forward is the one rewritten here (`ATTENTION`, `MLP`). Other layers are
-left alone.
+rows; the BF16 layers on our BF16 product (`bf16_linear.KernelBf16Linear`), which sums every output row alike
+wherever it sits; and the transformers classes whose forward is the one rewritten here (`ATTENTION`, `MLP`).
+Other layers are left alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
+from .bf16_linear import KernelBf16Linear
 from .quant import TILE_ROWS, WeightOnlyInt4Linear
 
 # transformers classes whose attention forward is LlamaAttention's line for line (glm4's: identical source; its
@@ -29,9 +31,13 @@ ATTENTION = {"LlamaAttention", "Glm4Attention"}
 MLP = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
 
 
-def _fused_linear(parts: list[nn.Module]) -> WeightOnlyInt4Linear | None:
-    """One INT4 layer holding `parts`' rows one after the other, or None where they cannot be joined exactly."""
-    if not all(type(p) is WeightOnlyInt4Linear and p.weight.device.type == "cpu" for p in parts):
+def _fused_linear(parts: list[nn.Module]) -> nn.Module | None:
+    """One layer holding `parts`' rows one after the other, or None where they cannot be joined exactly."""
+    if all(type(p) is KernelBf16Linear for p in parts):
+        return _fused_bf16(parts)
+    if cpu_kernels.INT4_MM is None or not all(
+        type(p) is WeightOnlyInt4Linear and p.weight.device.type == "cpu" for p in parts
+    ):
         return None
     first = parts[0]
     same = all(p.in_features == first.in_features and p.group_size == first.group_size for p in parts)
@@ -52,10 +58,22 @@ def _fused_linear(parts: list[nn.Module]) -> WeightOnlyInt4Linear | None:
     return fused
 
 
+def _fused_bf16(parts: list[nn.Module]) -> KernelBf16Linear | None:
+    first = parts[0]
+    if any(p.in_features != first.in_features for p in parts) or len({p.bias is None for p in parts}) != 1:
+        return None
+    fused = KernelBf16Linear(first.in_features, 1, first.bias is not None, device="meta", dtype=torch.bfloat16)
+    fused.out_features = sum(p.out_features for p in parts)
+    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
 class FusedQKVAttention(nn.Module):
     """LlamaAttention's forward with the query, key and value made by one product (`qkv`)."""
 
-    def __init__(self, original: nn.Module, qkv: WeightOnlyInt4Linear):
+    def __init__(self, original: nn.Module, qkv: nn.Module):
         super().__init__()
         self.config, self.layer_idx = original.config, original.layer_idx
         self.head_dim, self.scaling = original.head_dim, original.scaling
@@ -100,7 +118,7 @@ class FusedQKVAttention(nn.Module):
 class FusedGateUpMLP(nn.Module):
     """down(act(gate(x)) * up(x)) with the gate and up made by one product (`gate_up`)."""
 
-    def __init__(self, original: nn.Module, gate_up: WeightOnlyInt4Linear):
+    def __init__(self, original: nn.Module, gate_up: nn.Module):
         super().__init__()
         self.intermediate = original.gate_proj.out_features
         self.gate_up, self.down_proj, self.act_fn = gate_up, original.down_proj, original.act_fn
@@ -112,10 +130,8 @@ class FusedGateUpMLP(nn.Module):
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse every whitelisted attention's q/k/v and MLP's gate/up INT4 layers of `model` in place (on our CPU
-    kernel only; see the module docstring). Returns the number of modules fused."""
-    if cpu_kernels.INT4_MM is None:
-        return 0
+    """Fuse every whitelisted attention's q/k/v and MLP's gate/up layers of `model` in place (on our CPU kernels
+    only; see the module docstring). Returns the number of modules fused."""
     fused = 0
     for name, module in list(model.named_modules()):
         replacement: nn.Module | None = None

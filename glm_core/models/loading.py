@@ -23,6 +23,7 @@ from ..sampling_defaults import model_defaults, read_generation_config
 from ..settings import EMBEDDED, load_settings
 from ..telemetry.memory import kv_bytes_per_token, pin_mmap_threshold, trim_c_heap
 from . import cpu_kernels, quant
+from .bf16_linear import use_bf16_kernel
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, ChatGLM6BFormat, TemplateChatFormat
 from .chatglm.checkpoint import (
     FAMILIES,
@@ -268,6 +269,12 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
             cpu_kernels.load_int8(head.weight, head.scales)  # timed on this output layer, before release_pool()
             kernels.append(f"INT8 output layer: {cpu_kernels.INT8_REASON}")
         if kernels:
+            extra["kernel"] = "; ".join(kernels)
+    if precision is Precision.BF16 and device.type == "cpu" and cpu_kernels.load_bf16():
+        if turned := use_bf16_kernel(model):  # timed before release_pool(), below
+            kernels = [f"{turned} BF16 layers: {cpu_kernels.BF16_REASON}"]
+            if fused := fuse_projections(model):
+                kernels.append(f"q/k/v and gate/up products fused in {fused} modules")
             extra["kernel"] = "; ".join(kernels)
     # The model's sampling defaults: its folder's generation_config.json, its family's, ours (a loader that reads
     # another folder, a converted GGUF's, sets them itself).
