@@ -21,6 +21,7 @@ import torch
 from ..engine import Engine
 from ..engine.fast_decode import FastDecode, configure_compile_cache
 from ..models import cpu_kernels
+from ..models.bf16_linear import KernelBf16Linear
 from ..models.loading import load_model
 from ..models.openmp import release_pool
 from ..protocol import ModelSpec
@@ -49,7 +50,7 @@ def _generate_rate(loaded, tokens: int) -> float:
 def _pytorch_generate_rate(loaded, tokens: int) -> float | None:
     """`_generate_rate` with our BF16 product switched off (PyTorch's products), where the model uses it."""
     rows = cpu_kernels.BF16_MAX_ROWS
-    if cpu_kernels.BF16_MM is None or rows == 0:
+    if cpu_kernels.BF16_MM is None or not any(isinstance(m, KernelBf16Linear) for m in loaded.model.modules()):
         return None
     cpu_kernels.BF16_MAX_ROWS = 0
     try:
