@@ -285,3 +285,38 @@ def test_grouped_decode_attention_equals_keys_repeated_per_head():
         fast_decode.grouped_decode_attention(module, prompt, keys, values, causal, scaling=0.25)[0],
         sdpa_attention_forward(module, prompt, keys, values, causal, scaling=0.25)[0],
     )
+
+
+EXIT_WHILE_COMPILING = """
+import sys, time
+from glm_core import ModelSpec
+from glm_core.engine import Engine, fast_decode
+from glm_core.models import load_model
+if sys.argv[2] == "without":
+    import atexit
+    atexit.unregister(fast_decode._finish_compiles)
+engine = Engine(load_model(ModelSpec(sys.argv[1], "fp32", "cpu")), max_batch=4, compile="on")
+while not engine.fast.compile_seconds:  # the first graph is ready: the next one is compiling now
+    time.sleep(0.05)
+time.sleep(0.3)
+print("exiting while compiling", engine.fast.status(), flush=True)
+"""
+
+
+@pytest.mark.slow  # compiles graphs in a child process: left out of `make test-fast`
+def test_a_process_that_exits_while_a_graph_compiles_exits_cleanly(tiny_model_dir, tmp_path):
+    """An engine left open (or closed) while its background compile is inside inductor: the interpreter's exit
+    waits for that graph instead of aborting ("terminate called without an active exception", status 134)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_while_compiling.py"
+    script.write_text(EXIT_WHILE_COMPILING)
+    env = {**os.environ, "GLM_COMPILE": "on"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_model_dir), "with"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert "exiting while compiling compiling" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "waiting for 1 decode-graph compile(s) to stop before exiting" in done.stderr

@@ -19,10 +19,12 @@ softmax, so attending over the whole capacity changes nothing but the order of f
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,26 @@ from ..models.precision import Precision
 
 _LIVE: set[int] = set()  # FastDecode objects whose compile thread has not ended (ids)
 _LIVE_LOCK = threading.Lock()
+_OPEN: weakref.WeakSet[FastDecode] = weakref.WeakSet()  # every FastDecode, to close at exit
+_COMPILERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # their compile threads
 
 log = logging.getLogger(__name__)
+
+
+@atexit.register
+def _finish_compiles() -> None:
+    """At the interpreter's exit, close every compile and wait for its thread. A daemon thread still inside
+    inductor when the interpreter tears down aborted the process ("terminate called without an active exception",
+    exit status 134): a `serve` stopped, or a script ended, while a graph compiled. A closed compile stops at once
+    when it waits, or after the graph it is compiling (tens of seconds at most)."""
+    threads = [thread for thread in list(_COMPILERS) if thread.is_alive()]
+    for fast in list(_OPEN):
+        fast.close()
+    if threads:
+        log.warning("waiting for %d decode-graph compile(s) to stop before exiting", len(threads))
+    for thread in threads:
+        thread.join()
+
 
 MIN_CAPACITY = 256  # the slot cache's own growth step: the smallest graph capacity
 # A graph compiles only after the engine has generated nothing for this long: compiling runs Python (dynamo's
@@ -271,6 +291,8 @@ class FastDecode:
         with _LIVE_LOCK:
             _LIVE.add(id(self))
         self._thread = threading.Thread(target=self._compile_forever, name="glm-compile", daemon=True)
+        _OPEN.add(self)
+        _COMPILERS.add(self._thread)
         self._thread.start()
 
     def _compile_fn(self):
