@@ -193,7 +193,7 @@ def test_glm_compile_setting(tiny_loaded, tiny_model_dir, monkeypatch):
     assert compile_plan("auto", int4, 16)[0] == (1,)
     # BF16 with its layers on our BF16 product: every batch size too (1.22-1.27x eager at 4 and 16 streams).
     bf16 = load_model(ModelSpec(str(tiny_model_dir), "bf16", "cpu"))
-    on_ours = any(type(m).__name__ == "KernelBf16Linear" for m in bf16.model.modules())
+    on_ours = any(type(m).__name__ == "KernelLinear" for m in bf16.model.modules())
     assert on_ours == (cpu_kernels.BF16_MM is not None)
     buckets, scope = compile_plan("auto", bf16, 16)
     assert buckets == ((1, 2, 4, 8, 16) if on_ours else (1,))

@@ -252,6 +252,10 @@ def test_moe_checkpoints_stream_expert_by_expert_as_transformers_merges_them(moe
         quantize_loaded_model(reference, loaded.precision, torch.bfloat16, loaded.spec.group_size)
         for parameter in reference.parameters():
             parameter.data = parameter.data.to(torch.bfloat16)
+    else:
+        from test_dense_kernel import like_a_loaded_model
+
+        like_a_loaded_model(reference)  # its layers multiply as the loaded model's do
     ids = torch.tensor([[1, 50, 300, 7, 420, 9, 11, 250]])
     with torch.inference_mode():
         assert torch.equal(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -1,7 +1,7 @@
 """`bench decode`: what the compiled decode path buys, per precision level and number of streams, in one run.
 
-Per level, one process, one loaded model: plain transformers `generate` (one stream, the baseline; at BF16 also
-with our BF16 product switched off, that is on PyTorch's products as transformers runs them), the engine
+Per level, one process, one loaded model: plain transformers `generate` (one stream, the baseline; at BF16 and
+FP32 also with our dense product switched off, that is on PyTorch's products as transformers runs them), the engine
 decoding eagerly and the engine on its compiled graphs (alternated run by run, so both see the same machine
 load; medians), and the compile time of the engine's graphs on a cold inductor cache (a fresh folder) and on a
 warm one (the same folder, dynamo's in-memory state reset: what a restart costs). Streams are greedy replies of a
@@ -21,7 +21,7 @@ import torch
 from ..engine import Engine
 from ..engine.fast_decode import FastDecode, configure_compile_cache
 from ..models import cpu_kernels
-from ..models.bf16_linear import KernelBf16Linear
+from ..models.dense_linear import KernelLinear
 from ..models.loading import load_model
 from ..models.openmp import release_pool
 from ..protocol import ModelSpec
@@ -48,15 +48,15 @@ def _generate_rate(loaded, tokens: int) -> float:
 
 
 def _pytorch_generate_rate(loaded, tokens: int) -> float | None:
-    """`_generate_rate` with our BF16 product switched off (PyTorch's products), where the model uses it."""
-    rows = cpu_kernels.BF16_MAX_ROWS
-    if cpu_kernels.BF16_MM is None or not any(isinstance(m, KernelBf16Linear) for m in loaded.model.modules()):
+    """`_generate_rate` with our dense products switched off (PyTorch's), where the model's layers use them."""
+    rows, f32_rows = cpu_kernels.BF16_MAX_ROWS, cpu_kernels.F32_MAX_ROWS
+    if not any(isinstance(m, KernelLinear) for m in loaded.model.modules()):
         return None
-    cpu_kernels.BF16_MAX_ROWS = 0
+    cpu_kernels.BF16_MAX_ROWS = cpu_kernels.F32_MAX_ROWS = 0
     try:
         return _generate_rate(loaded, tokens)
     finally:
-        cpu_kernels.BF16_MAX_ROWS = rows
+        cpu_kernels.BF16_MAX_ROWS, cpu_kernels.F32_MAX_ROWS = rows, f32_rows
 
 
 def _compile_time(loaded, max_batch: int) -> float:
@@ -180,7 +180,7 @@ def format_decode_report(results: list[dict]) -> str:
     for r in results:
         if r["compiled_over_pytorch_generate"] and r["streams"] == min(x["streams"] for x in results):
             lines.append(
-                f"{r['level']}: generate on PyTorch's products (our BF16 product off) "
+                f"{r['level']}: generate on PyTorch's products (our dense product off) "
                 f"{r['pytorch_generate_tokens_per_s']:.1f} tok/s; compiled {r['streams']} stream over it "
                 f"{r['compiled_over_pytorch_generate']:.2f}x"
             )

@@ -33,7 +33,7 @@ import torch.nn.attention
 from transformers.cache_utils import Cache
 
 from ..models import cpu_kernels
-from ..models.bf16_linear import KernelBf16Linear
+from ..models.dense_linear import KernelLinear
 from ..models.openmp import release_pool
 from ..models.precision import Precision
 
@@ -235,7 +235,7 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     auto: every bucket on CUDA (gpt-fast: CUDA graphs remove the per-kernel launch cost that dominates decode), and
     on CPU where INT4 runs on our kernel: its compiled batched steps measured 1.3-1.9x eager at 4 and 16 streams
     on two CPUs (docs/BENCHMARKS.md, "Every batch size compiled at INT4"), worth a compile per batch size taken
-    from the engine's idle time; and so where BF16 runs on our product (`models.bf16_linear`): 1.22x eager at 4
+    from the engine's idle time; and so where BF16 runs on our product (`models.dense_linear`): 1.22x eager at 4
     streams, 1.24-1.27x at 16 (AVX-512 BF16, 2 cores; docs/BENCHMARKS.md, "Our BF16 product"). Other CPU levels:
     batch 1 only; FP32's batched steps compiled measured 1.08x eager at 4 streams and 0.99x at 16 (AVX2), not
     worth another long compile each (INT8's are not measured apart). GLM_COMPILE=on compiles every bucket.
@@ -252,7 +252,7 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
         return every
     if loaded.precision is Precision.INT4 and cpu_kernels.INT4_MM is not None:
         return every[0], every[1] + " (GLM_COMPILE=auto: INT4 on our CPU kernel, where batched compiled steps gain)"
-    if loaded.precision is Precision.BF16 and any(isinstance(m, KernelBf16Linear) for m in loaded.model.modules()):
+    if loaded.precision is Precision.BF16 and any(isinstance(m, KernelLinear) for m in loaded.model.modules()):
         return every[0], every[1] + " (GLM_COMPILE=auto: BF16 on our CPU product, where batched compiled steps gain)"
     return (1,), (
         "compiled steps for one row; batched steps decode eagerly (GLM_COMPILE=auto on a CPU at this level, where "

@@ -23,10 +23,11 @@ embedding): int8 activation blocks times the weight rows by integer dot products
 PyTorch's int8 kernel at 4 rows, then at one row; `quant.int8_matmul` gives it only the INT8 output layer, from
 `INT8_MIN_ROWS` rows.
 
-`kernels/bf16_cpu.cpp` multiplies a decode step's few activation rows by a BFloat16 weight kept as stored: PyTorch's
-product at one row read a weight at 8-16 GB/s here, in the cache or not. `load_bf16` chooses its AVX-512 BF16
-path (`dpbf16ps`) or its AVX2 one (each weight widened to float), then times it against PyTorch's product at
-`BF16_ROWS_TIMED` rows; `models.bf16_linear` gives it the BF16 model's linear layers up to `BF16_MAX_ROWS` rows.
+`kernels/dense_cpu.cpp` multiplies a decode step's few activation rows by a BFloat16 or float32 weight kept as
+stored: PyTorch's product at one row read a BF16 weight at 8-16 GB/s here, in the cache or not. `load_dense`
+chooses its AVX-512 BF16 path (`dpbf16ps`) or its AVX2 one (each weight widened to float) for BF16, its AVX2 path
+for FP32, then times it against PyTorch's product at `DENSE_ROWS_TIMED` rows; `models.dense_linear` gives it the
+model's linear layers up to the most rows where it was faster (`dense_op`).
 
 The same library holds the decode attention (`kernels/decode_attention_cpu.cpp`: one query a row, each key and
 value row read once for the query heads that share it, the masked positions skipped). `load_attention` times it
@@ -58,7 +59,7 @@ SOURCES = [
     KERNELS / "int4_cpu.cpp",
     KERNELS / "int8_cpu.cpp",
     KERNELS / "decode_attention_cpu.cpp",
-    KERNELS / "bf16_cpu.cpp",
+    KERNELS / "dense_cpu.cpp",
 ]  # one library, with KERNELS/*.h
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 
@@ -173,58 +174,86 @@ def _choose_vnni(what: str, avx2, name: str, case, repeats: int = 31) -> tuple[o
     return vnni, faster[0], f"AVX-512 VNNI from {faster[0]} rows ({figures} us on AVX2)"
 
 
-# The BF16 product (`load_bf16`): our op, the most activation rows it takes (0: none, PyTorch's product), and why.
+# The dense products (`load_dense`), per weight dtype: our op, the most activation rows it takes (0: none, PyTorch's
+# product), and why. Module globals, read through `dense_op`, as the INT4 ones.
 BF16_MM = None
 BF16_MAX_ROWS = 0
 BF16_REASON = "not chosen yet"
-_bf16_chosen = False
-BF16_ROWS_TIMED = (1, 4, 16, 32)
+F32_MM = None
+F32_MAX_ROWS = 0
+F32_REASON = "not chosen yet"
+_dense_chosen: set[torch.dtype] = set()
+DENSE_ROWS_TIMED = (1, 4, 16, 32)
 
 
-def load_bf16() -> bool:
-    """Build, load and time the BF16 product once per process; True when it is used (`BF16_MM`). Its AVX-512 BF16
-    path where the CPU has it and it measured faster than the AVX2 one (at 4 rows), then that path against
-    PyTorch's product at each of `BF16_ROWS_TIMED` rows on a 1536 x 576 weight (a SmolLM2 MLP layer), one
-    thread: used up to the most rows at which it, and at every smaller count, was faster."""
-    global BF16_MM, BF16_MAX_ROWS, BF16_REASON, _bf16_chosen
-    if not _bf16_chosen:
-        _bf16_chosen = True
-        weight = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+def dense_op(dtype: torch.dtype) -> tuple[object, int]:
+    """Our product for a `dtype` weight and the most rows it takes, or (None, 0): PyTorch's."""
+    if dtype == torch.bfloat16:
+        return BF16_MM, BF16_MAX_ROWS
+    if dtype == torch.float32:
+        return F32_MM, F32_MAX_ROWS
+    return None, 0
 
-        def case(rows: int) -> tuple:
-            return torch.randn(rows, 576, dtype=torch.bfloat16), weight
 
-        def path(library):
-            avx2 = library.bf16_mm.default
-            if not library.avx512_bf16_supported():
-                return avx2
-            ours, theirs = _time_paths(library.bf16_mm_avx512.default, avx2, case(4), 7)
-            return library.bf16_mm_avx512.default if ours < theirs else avx2
+def load_dense(dtype: torch.dtype) -> bool:
+    """Build, load and time our product for `dtype` weights (BF16 or FP32) once per process; True when it is used.
+    BF16: its AVX-512 BF16 path where the CPU has it and it measured faster than the AVX2 one (at 4 rows). Then
+    the path against PyTorch's product at each of `DENSE_ROWS_TIMED` rows on a 1536 x 576 weight (a SmolLM2 MLP
+    layer), one thread: used up to the most rows at which it, and at every smaller count, was faster."""
+    global BF16_MM, BF16_MAX_ROWS, BF16_REASON, F32_MM, F32_MAX_ROWS, F32_REASON
+    if dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if dtype not in _dense_chosen:
+        _dense_chosen.add(dtype)
+        op, rows, reason = _choose_dense(dtype)
+        if dtype == torch.bfloat16:
+            BF16_MM, BF16_MAX_ROWS, BF16_REASON = op, rows, reason
+        else:
+            F32_MM, F32_MAX_ROWS, F32_REASON = op, rows, reason
+    return dense_op(dtype)[0] is not None
 
-        times: dict[int, tuple[float, float]] = {}
 
-        def against_pytorch(op) -> tuple[float, float]:
-            for rows in BF16_ROWS_TIMED:
-                times[rows] = _time_paths(op, torch.nn.functional.linear, case(rows), 7)
-            return times[1]
+def dense_reason(dtype: torch.dtype) -> str:
+    return BF16_REASON if dtype == torch.bfloat16 else F32_REASON
 
-        op, BF16_REASON = _choose(
-            "BF16",
-            "PyTorch's product",
-            "our BF16 product",
-            path,
-            against_pytorch,
-            "one row, 1536 x 576, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
-        )
-        faster = [rows for rows in BF16_ROWS_TIMED if all(times[r][0] < times[r][1] for r in times if r <= rows)]
-        if op is not None and faster:
-            BF16_MM, BF16_MAX_ROWS = op, faster[-1]
-            figures = ", ".join(
-                f"{rows} rows {ours:.0f} us against {theirs:.0f}" for rows, (ours, theirs) in times.items()
-            )
-            name = "AVX-512 BF16" if op is torch.ops.glm_cpu.bf16_mm_avx512.default else "AVX2"
-            BF16_REASON = f"our BF16 product ({name}) up to {BF16_MAX_ROWS} rows ({figures})"
-    return BF16_MM is not None
+
+def _choose_dense(dtype: torch.dtype) -> tuple[object, int, str]:
+    label = "BF16" if dtype == torch.bfloat16 else "FP32"
+    weight = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+    def case(rows: int) -> tuple:
+        return torch.randn(rows, 576).to(dtype), weight
+
+    def path(library):
+        if dtype == torch.float32:
+            return library.f32_mm.default
+        avx2 = library.bf16_mm.default
+        if not library.avx512_bf16_supported():
+            return avx2
+        ours, theirs = _time_paths(library.bf16_mm_avx512.default, avx2, case(4), 7)
+        return library.bf16_mm_avx512.default if ours < theirs else avx2
+
+    times: dict[int, tuple[float, float]] = {}
+
+    def against_pytorch(op) -> tuple[float, float]:
+        for rows in DENSE_ROWS_TIMED:
+            times[rows] = _time_paths(op, torch.nn.functional.linear, case(rows), 7)
+        return times[1]
+
+    op, reason = _choose(
+        label,
+        "PyTorch's product",
+        f"our {label} product",
+        path,
+        against_pytorch,
+        "one row, 1536 x 576, one thread: ours {:.0f} us, PyTorch's {:.0f} us",
+    )
+    faster = [rows for rows in DENSE_ROWS_TIMED if all(times[r][0] < times[r][1] for r in times if r <= rows)]
+    if op is None or not faster:
+        return None, 0, reason
+    figures = ", ".join(f"{rows} rows {ours:.0f} us against {theirs:.0f}" for rows, (ours, theirs) in times.items())
+    name = "AVX-512 BF16" if op is torch.ops.glm_cpu.bf16_mm_avx512.default else "AVX2"
+    return op, faster[-1], f"our {label} product ({name}) up to {faster[-1]} rows ({figures})"
 
 
 # The same for the decode attention (`load_attention`): our op, or None (transformers' SDPA), and why.
@@ -355,7 +384,7 @@ def _load(path: Path):
         def products(x, weight, *scales_and_group_size):  # int4_mm*, int8_mm*: [rows, out_features]
             return x.new_empty(x.shape[0], weight.shape[0])
 
-        for name in ("int4_mm", "int4_mm_vnni", "int8_mm", "int8_mm_vnni", "bf16_mm", "bf16_mm_avx512"):
+        for name in ("int4_mm", "int4_mm_vnni", "int8_mm", "int8_mm_vnni", "bf16_mm", "bf16_mm_avx512", "f32_mm"):
             torch.library.register_fake(f"glm_cpu::{name}", products)
 
         @torch.library.register_fake("glm_cpu::decode_attention")

@@ -8,7 +8,7 @@ the tile sits), so replies do not change; `tests/test_fused.py` checks that the 
 
 Only where it is exactly the same function: the INT4 layers on our CPU kernel (`cpu_kernels.INT4_MM`), whose
 packed rows and scales are stored by tiles of 8 rows, so that the parts concatenate when each has a multiple of 8
-rows; the BF16 layers on our BF16 product (`bf16_linear.KernelBf16Linear`), which sums every output row alike
+rows; the BF16 and FP32 layers on our dense product (`dense_linear.KernelLinear`), which sums every output row alike
 wherever it sits; and the transformers classes whose forward is the one rewritten here (`ATTENTION`, `MLP`).
 Other layers are left alone.
 """
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .bf16_linear import KernelBf16Linear
+from .dense_linear import KernelLinear
 from .quant import TILE_ROWS, WeightOnlyInt4Linear
 
 # transformers classes whose attention forward is LlamaAttention's line for line (glm4's: identical source; its
@@ -33,8 +33,8 @@ MLP = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
 
 def _fused_linear(parts: list[nn.Module]) -> nn.Module | None:
     """One layer holding `parts`' rows one after the other, or None where they cannot be joined exactly."""
-    if all(type(p) is KernelBf16Linear for p in parts):
-        return _fused_bf16(parts)
+    if all(type(p) is KernelLinear for p in parts):
+        return _fused_dense(parts)
     if cpu_kernels.INT4_MM is None or not all(
         type(p) is WeightOnlyInt4Linear and p.weight.device.type == "cpu" for p in parts
     ):
@@ -58,11 +58,12 @@ def _fused_linear(parts: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
-def _fused_bf16(parts: list[nn.Module]) -> KernelBf16Linear | None:
+def _fused_dense(parts: list[nn.Module]) -> KernelLinear | None:
     first = parts[0]
-    if any(p.in_features != first.in_features for p in parts) or len({p.bias is None for p in parts}) != 1:
+    same = all(p.in_features == first.in_features and p.weight.dtype == first.weight.dtype for p in parts)
+    if not same or len({p.bias is None for p in parts}) != 1:
         return None
-    fused = KernelBf16Linear(first.in_features, 1, first.bias is not None, device="meta", dtype=torch.bfloat16)
+    fused = KernelLinear(first.in_features, 1, first.bias is not None, device="meta", dtype=first.weight.dtype)
     fused.out_features = sum(p.out_features for p in parts)
     fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
     if first.bias is not None:

@@ -23,7 +23,6 @@ from ..sampling_defaults import model_defaults, read_generation_config
 from ..settings import EMBEDDED, load_settings
 from ..telemetry.memory import kv_bytes_per_token, pin_mmap_threshold, trim_c_heap
 from . import cpu_kernels, quant
-from .bf16_linear import use_bf16_kernel
 from .chat_format import ChatFormat, ChatGLM2Format, ChatGLM3Format, ChatGLM6BFormat, TemplateChatFormat
 from .chatglm.checkpoint import (
     FAMILIES,
@@ -37,6 +36,7 @@ from .chatglm.glm6b import glm6b_config, ice_tokenizer_file, load_glm6b_model
 from .chatglm.ice_tokenizer import DEFAULT_NUM_IMAGE_TOKENS, IceTokenizer, TokenizerMismatch
 from .chatglm.tokenizer import ChatGLMTokenizer
 from .checkpoint import CheckpointError, StreamingUnsupported, load_hf_model, read_json, read_json_object
+from .dense_linear import use_dense_kernel
 from .fused import fuse_projections
 from .openmp import release_pool
 from .precision import Precision, auto_cpu_precision, parse_precision, resolve_device
@@ -270,9 +270,10 @@ def load_model(spec: ModelSpec, progress: Progress = no_progress) -> LoadedModel
             kernels.append(f"INT8 output layer: {cpu_kernels.INT8_REASON}")
         if kernels:
             extra["kernel"] = "; ".join(kernels)
-    if precision is Precision.BF16 and device.type == "cpu" and cpu_kernels.load_bf16():
-        if turned := use_bf16_kernel(model):  # timed before release_pool(), below
-            kernels = [f"{turned} BF16 layers: {cpu_kernels.BF16_REASON}"]
+    dense = {Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}.get(precision)
+    if dense is not None and device.type == "cpu" and cpu_kernels.load_dense(dense):  # before release_pool()
+        if turned := use_dense_kernel(model):
+            kernels = [f"{turned} {precision.label} layers: {cpu_kernels.dense_reason(dense)}"]
             if fused := fuse_projections(model):
                 kernels.append(f"q/k/v and gate/up products fused in {fused} modules")
             extra["kernel"] = "; ".join(kernels)
