@@ -410,9 +410,26 @@ def test_versions_defaults_copy_and_share_link(portal_data, server, page, output
     sidebar.get_by_role("button", name="Reset to the model's defaults").scroll_into_view_if_needed()
     page.screenshot(path=str(output_dir / "sidebar_defaults.png"))
 
-    sidebar.get_by_text("Rename, pin, archive, share or delete").click()
-    sidebar.get_by_role("button", name="Share a read-only link").click()
-    link = sidebar.get_by_test_id("stCode").inner_text().strip()
+    # A click that lands while the page is still redrawing after the flip can be lost with the element it hit (the
+    # sidebar's expander closes again, or the button is replaced): a person opens the menu and clicks again, and so
+    # does the test.
+    menu = sidebar.get_by_text("Rename, pin, archive, share or delete")
+    share = sidebar.get_by_role("button", name="Share a read-only link")
+    shown_link = sidebar.get_by_test_id("stCode")
+    for attempt in range(3):
+        if shown_link.count():  # the last click took effect after all
+            break
+        if not share.is_visible():
+            menu.click()
+        share.click()
+        try:
+            expect(shown_link).to_be_attached(timeout=15_000)
+            break
+        except AssertionError:
+            page.screenshot(path=str(output_dir / f"share_click_lost_{attempt}.png"), full_page=True)
+            if attempt == 2:
+                raise
+    link = shown_link.inner_text().strip()
     assert link.startswith(server) and "/Shared?share=" in link and ws not in link
 
     viewer = page.context.browser.new_context(viewport={"width": 1000, "height": 800}).new_page()
