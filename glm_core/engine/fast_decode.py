@@ -40,7 +40,6 @@ from ..models.precision import Precision
 _LIVE: set[int] = set()  # FastDecode objects whose compile thread has not ended (ids)
 _LIVE_LOCK = threading.Lock()
 _OPEN: weakref.WeakSet[FastDecode] = weakref.WeakSet()  # every FastDecode, to close at exit
-_COMPILERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # their compile threads
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,9 @@ def _finish_compiles() -> None:
     inductor when the interpreter tears down aborted the process ("terminate called without an active exception",
     exit status 134): a `serve` stopped, or a script ended, while a graph compiled. A closed compile stops at once
     when it waits, or after the graph it is compiling (tens of seconds at most)."""
-    threads = [thread for thread in list(_COMPILERS) if thread.is_alive()]
-    for fast in list(_OPEN):
+    opened = list(_OPEN)
+    threads = [fast._thread for fast in opened if fast._thread.is_alive()]
+    for fast in opened:
         fast.close()
     if threads:
         log.warning("waiting for %d decode-graph compile(s) to stop before exiting", len(threads))
@@ -236,7 +236,7 @@ def compile_plan(mode: str, loaded, max_batch: int) -> tuple[tuple[int, ...], st
     on CPU where INT4 runs on our kernel: its compiled batched steps measured 1.3-1.9x eager at 4 and 16 streams
     on two CPUs (docs/BENCHMARKS.md, "Every batch size compiled at INT4"), worth a compile per batch size taken
     from the engine's idle time; and so where BF16 runs on our product (`models.dense_linear`): 1.22x eager at 4
-    streams, 1.24-1.27x at 16 (AVX-512 BF16, 2 cores; docs/BENCHMARKS.md, "Our BF16 product"). Other CPU levels:
+    streams, 1.20-1.27x at 16 (AVX-512 BF16, 2 cores; docs/BENCHMARKS.md, "Our dense product"). Other CPU levels:
     batch 1 only; FP32's batched steps compiled measured 1.08x eager at 4 streams and 0.99x at 16 (AVX2), not
     worth another long compile each (INT8's are not measured apart). GLM_COMPILE=on compiles every bucket.
     """
@@ -296,7 +296,6 @@ class FastDecode:
             _LIVE.add(id(self))
         self._thread = threading.Thread(target=self._compile_forever, name="glm-compile", daemon=True)
         _OPEN.add(self)
-        _COMPILERS.add(self._thread)
         self._thread.start()
 
     def _compile_fn(self):
