@@ -75,11 +75,13 @@ def test_a_row_gives_the_same_bits_wherever_it_sits(ops):
     generator = torch.Generator().manual_seed(1)
     for dtype, op in ops:
         x = torch.randn(6, 128, generator=generator).to(dtype)
-        weight = torch.randn(23, 128, generator=generator).to(dtype)  # 5 tiles of 4 and 3 single rows
-        whole = op(x, weight)
-        assert torch.equal(whole[:, 20:], op(x, weight[20:]))  # the single rows as a tile's
+        weight = torch.randn(23, 128, generator=generator).to(dtype)
+        whole = op(x, weight)  # activation rows 0-3 together, then 4-5
+        assert torch.equal(whole[:, 20:], op(x, weight[20:]))  # an output row wherever it sits in the weight
         assert torch.equal(whole[:, 3:7], op(x, weight[3:7].contiguous()))
-        assert torch.equal(whole[4:5], op(x[4:5], weight))  # an activation row alone or among others
+        for row in (1, 4):  # an activation row alone, among 4 or among 2
+            assert torch.equal(whole[row : row + 1], op(x[row : row + 1], weight))
+        assert torch.equal(whole[2:5], op(x[2:5], weight))  # among 3
 
 
 def test_bad_arguments_are_refused(ops):

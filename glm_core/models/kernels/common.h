@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernels (AVX2): 8 values of any float type as floats and back, a horizontal sum, a
-// row of activations quantized to int8 blocks (the INT4 and INT8 products), and whether the CPU has AVX-512 VNNI.
+// row of activations quantized to int8 blocks (the INT4 and INT8 products), and whether the CPU has AVX-512 VNNI
+// or AVX-512 BF16.
 #pragma once
 #include <ATen/ATen.h>
 #include <immintrin.h>
@@ -70,17 +71,23 @@ inline void store8(O* p, __m256 v) {
 template <>
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
-// AVX-512 F, BW, DQ, VL and VNNI: what the products' VNNI paths are compiled for (GLM_VNNI: only those functions;
-// the rest of the library needs only AVX2), and whether this CPU has them.
-#define GLM_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
-inline bool has_vnni() {
+// AVX-512 F, BW, DQ and VL: the base that each AVX-512 path below needs beside its own extension.
+inline bool has_avx512_base() {
   static const bool yes = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   }();
   return yes;
 }
+
+// What the products' VNNI paths are compiled for (GLM_VNNI: only those functions; the rest of the library needs
+// only AVX2), and whether this CPU has it.
+#define GLM_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+inline bool has_vnni() { return has_avx512_base() && __builtin_cpu_supports("avx512vnni"); }
+
+// The same for the dense product's AVX-512 BF16 path (`dpbf16ps`).
+#define GLM_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+inline bool has_avx512_bf16() { return has_avx512_base() && __builtin_cpu_supports("avx512bf16"); }
 
 }  // namespace
