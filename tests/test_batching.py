@@ -6,6 +6,7 @@ import time
 import uuid
 
 import pytest
+import torch
 
 from glm_core import Delta, ModelSpec, Queued, SamplingParams, Started
 from glm_core.engine import Engine
@@ -467,3 +468,82 @@ def test_a_decode_step_writes_each_rows_new_key_and_value_at_its_own_position(dt
     for row, position in enumerate((5, 9, 3)):
         written[row, :, position] = True
     assert torch.equal(slots.keys[1][~written], before[1][~written])  # nothing else in the layer moved
+
+
+@pytest.mark.parametrize("family", ["tiny", "glm2"])
+def test_prompts_prefilled_together_give_each_prompts_logits_and_cache_alone(request, family):
+    """Several sequences' new tokens in one forward (`prefill_together`), rows of different lengths over kept parts
+    of different lengths (none, 5, 23 positions): each row's next-token logits and new cache equal those of its
+    own prefill, and the caches given stay as they were."""
+    from transformers import DynamicCache
+
+    from glm_core.engine.generation import prefill, prefill_together
+
+    loaded = request.getfixturevalue("tiny_loaded" if family == "tiny" else "glm2_loaded")
+    model, device = loaded.model, loaded.device
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 500, (n,), generator=generator).tolist() for n in (9, 30, 27, 41)]
+    kept_lengths = [0, 5, 23, 0]
+
+    def kept(prompt, length):
+        cache = DynamicCache(config=model.config)
+        if length:
+            prefill(model, prompt[:length], cache, device)
+        return cache
+
+    rows = [(prompt[length:], kept(prompt, length)) for prompt, length in zip(prompts, kept_lengths)]
+    before = [[layer.keys.clone() for layer in cache.layers] if cache.get_seq_length() else [] for _, cache in rows]
+    together = prefill_together(model, rows, device)
+    for (new, cache), (logits, own), prompt, length, old in zip(rows, together, prompts, kept_lengths, before):
+        alone_cache = kept(prompt, length)
+        alone_logits = prefill(model, new, alone_cache, device)
+        torch.testing.assert_close(logits, alone_logits, atol=1e-4, rtol=1e-4)
+        assert own.get_seq_length() == len(prompt) and cache.get_seq_length() == length
+        for mine, theirs in zip(own.layers, alone_cache.layers):
+            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(mine.values, theirs.values, atol=1e-4, rtol=1e-4)
+        for layer, keys in zip(cache.layers, old):
+            assert torch.equal(layer.keys, keys)
+
+
+def submitted_at_once(loaded, jobs) -> tuple[list, list[tuple[int, int]]]:
+    """Each job's reply, all submitted while the engine's worker is busy (so that one iteration admits them all),
+    and the shape of every forward's input ids (counted at the model's embedding)."""
+    engine = Engine(loaded, max_batch=8)
+    forwards: list[tuple[int, int]] = []
+    hook = loaded.model.get_input_embeddings().register_forward_hook(
+        lambda _module, args, _out: forwards.append(tuple(args[0].shape))
+    )
+    busy, gate = threading.Event(), threading.Event()
+
+    def hold(_loaded) -> None:
+        busy.set()
+        gate.wait(60)
+
+    holder = threading.Thread(target=engine.run_on_worker, args=(hold,), daemon=True)
+    try:
+        holder.start()
+        assert busy.wait(60)
+        requests = [engine.submit(uuid.uuid4().hex, messages, params) for messages, params in jobs]
+        gate.set()
+        replies = [r.wait(300) for r in requests]
+    finally:
+        gate.set()
+        hook.remove()
+        engine.close()
+    return replies, [shape for shape in forwards if shape[1] > 1]
+
+
+def test_the_runner_prefills_a_steps_prompts_in_one_forward_unless_padding_would_cost_too_much(tiny_loaded):
+    """Four prompts that arrive together are prefilled in one forward, and each reply equals its reply alone; a
+    prompt many times longer than the others is prefilled on its own, the others together."""
+    jobs = greedy_jobs([6, 6, 6, 6])
+    replies, prompts = submitted_at_once(tiny_loaded, jobs)
+    assert_same_replies(replies, alone(tiny_loaded, jobs))
+    assert [shape[0] for shape in prompts] == [4], prompts
+    long = [([{"role": "user", "content": "word " * 400}], SamplingParams(temperature=0, max_new_tokens=2))]
+    replies, prompts = submitted_at_once(tiny_loaded, jobs[:2] + long)
+    assert_same_replies(replies, alone(tiny_loaded, jobs[:2] + long))
+    together = [shape for shape in prompts if shape[0] > 1]
+    assert len(together) == 1 and together[0][0] == 2, prompts  # the long one alone (in chunks within the budget)
+    assert sum(shape[1] for shape in prompts if shape[0] == 1) > 400, prompts

@@ -41,8 +41,8 @@ from ..protocol import (
 from ..reasoning import OPEN as REASONING_OPEN
 from .constraints import Constraint, GrammarFailed
 from .context import FittingStopped, common_prefix_length, fit_to_context
-from .fast_decode import GROUPED_SDPA, group_decode_attention
-from .generation import PREFILL_CHUNK, prefill
+from .fast_decode import group_decode_attention
+from .generation import PREFILL_CHUNK, model_mask, prefill, prefill_together
 from .kv_pool import CachedContext, KVCachePool, cache_can_crop, copy_prefix
 from .kv_slots import SlotCache
 from .sampling import sample_next
@@ -120,6 +120,13 @@ class StepTiming:
 
     def reset(self) -> None:
         self.steps, self.rows, self.decode_s, self.forward_s = 0, 0, 0.0, 0.0
+
+
+def _padded(chunks: list[Chunk]) -> int:
+    """Positions a forward of these chunks together holds: each row padded to the longest kept part and the
+    longest chunk."""
+    kept = max(chunk.sequence.fed for chunk in chunks)
+    return len(chunks) * (kept + max(chunk.tokens for chunk in chunks))
 
 
 def reply_decoder(loaded: LoadedModel, keep_roles: bool = False) -> IncrementalDecoder | RewritingDecoder:
@@ -242,8 +249,9 @@ class Runner:
         for sequence in plan.stopped:  # stopped during a long prefill: the partial cache is not worth keeping
             self.prefilling.remove(sequence)
             ended.append((sequence.request, self._reply(sequence, "stopped")))
+        together = self._prefill_together([chunk for chunk in plan.chunks if chunk.tokens]) if self.batched else {}
         for chunk in plan.chunks:
-            self._prefill_chunk(chunk, ended)
+            self._prefill_chunk(chunk, ended, together.get(id(chunk.sequence)))
         if plan.decode and self.decoding:
             self._decode(ended)
         return ended
@@ -363,7 +371,28 @@ class Runner:
 
     # ---- prefill -----------------------------------------------------------------------------------------
 
-    def _prefill_chunk(self, chunk: Chunk, ended: list) -> None:
+    def _prefill_together(self, chunks: list[Chunk]) -> dict[int, torch.Tensor]:
+        """Several sequences' chunks in one forward (`prefill_together`): their logits by id(sequence), their
+        caches replaced. The chunks whose padding would cost more than half again their own tokens go alone
+        (the longest first), as does everything when the forward fails (each then fails or not on its own)."""
+        chunks = sorted(chunks, key=lambda chunk: chunk.tokens)
+        while len(chunks) >= 2 and _padded(chunks) > 1.5 * sum(chunk.tokens + chunk.sequence.fed for chunk in chunks):
+            chunks.pop()
+        if len(chunks) < 2:
+            return {}
+        rows = [(c.sequence.ids[c.sequence.fed : c.sequence.fed + c.tokens], c.sequence.cache) for c in chunks]
+        try:
+            results = prefill_together(self.loaded.model, rows, self.loaded.device)
+        except Exception as exc:
+            log.warning("prefilling %d sequences together failed (%s); each is prefilled alone", len(rows), exc)
+            return {}
+        for chunk, (_, cache) in zip(chunks, results):
+            chunk.sequence.cache = cache
+        return {id(chunk.sequence): logits for chunk, (logits, _) in zip(chunks, results)}
+
+    def _prefill_chunk(self, chunk: Chunk, ended: list, logits: torch.Tensor | None = None) -> None:
+        """Feed a chunk (unless `logits` says it was fed together with others), then, once the prompt is all
+        fed, sample the first token and join the batch."""
         sequence, request = chunk.sequence, chunk.sequence.request
         if chunk.tokens or sequence.first_from_kept:
             if sequence.first_from_kept:  # nothing to feed: the kept prompt's logits give the first token
@@ -371,13 +400,14 @@ class Runner:
                 logits = sequence.prompt_logits
             else:
                 try:
-                    logits = prefill(
-                        self.loaded.model,
-                        sequence.ids[sequence.fed : sequence.fed + chunk.tokens],
-                        sequence.cache,
-                        self.loaded.device,
-                        chunk_size=chunk.tokens,
-                    )
+                    if logits is None:
+                        logits = prefill(
+                            self.loaded.model,
+                            sequence.ids[sequence.fed : sequence.fed + chunk.tokens],
+                            sequence.cache,
+                            self.loaded.device,
+                            chunk_size=chunk.tokens,
+                        )
                 except Exception as exc:
                     self.prefilling.remove(sequence)
                     ended.append((request, self._failure(request, exc, sequence)))
@@ -446,10 +476,7 @@ class Runner:
                 return logits
         model, device = self.loaded.model, self.loaded.device
         positions, mask = slots.prepare_decode()
-        if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", GROUPED_SDPA):
-            mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(
-                ~mask, torch.finfo(model.dtype).min
-            )
+        mask = model_mask(model, mask)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         out = model(
             input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=slots, use_cache=True
