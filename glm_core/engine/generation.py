@@ -17,7 +17,7 @@ from .fast_decode import GROUPED_SDPA
 PREFILL_CHUNK = 512  # long prompts are fed in chunks: bounded activation memory, and stop is checked between chunks
 
 
-def model_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+def model_mask(model: Any, allowed: torch.Tensor) -> torch.Tensor:
     """A [rows, 1, queries, keys] mask (True: attend) as the model's attention takes it: boolean for SDPA, else
     0 and the dtype's minimum added to the scores."""
     if getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", GROUPED_SDPA):
@@ -56,7 +56,7 @@ def decode_one(model: torch.nn.Module, token_id: int, cache, device: torch.devic
 
 
 @torch.inference_mode()
-def prefill_together(model: torch.nn.Module, rows: list[tuple[list[int], Any]], device: torch.device) -> list[tuple]:
+def prefill_together(model: Any, rows: list[tuple[list[int], Any]], device: torch.device) -> list[tuple]:
     """Feed several sequences' new tokens in one forward: each row is (its new token ids, its DynamicCache of full
     attention layers, possibly empty). Returns each row's (next-token logits, a new DynamicCache holding its old
     positions and the new ones); the given caches are left as they were.
@@ -109,7 +109,8 @@ def prefill_together(model: torch.nn.Module, rows: list[tuple[list[int], Any]], 
         first = longest_new - new[i]
         own = DynamicCache(config=model.config)
         for layer in range(layers):
-            keys, values = batch.layers[layer].keys, batch.layers[layer].values
+            done: Any = batch.layers[layer]
+            keys, values = done.keys, done.values
             keep = [slice(longest_kept - kept[i], longest_kept), slice(longest_kept + first, None)]
             own.update(
                 torch.cat([keys[i : i + 1, :, part] for part in keep], dim=2),
