@@ -65,9 +65,18 @@ def loaded_model(url: str, deadline: float = 300) -> str:
     return report["model"]
 
 
+def compiled(url: str, deadline: float = 900) -> str:
+    """The compiled decode path's state once it no longer compiles: the graphs compile in a thread of the portal
+    (minutes, on one of the cores) and would take that core from whichever phase ran meanwhile."""
+    give_up = time.monotonic() + deadline
+    while str(state := health(url).get("fast_path", "off")).startswith("compiling"):
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"the decode graphs were still compiling after {deadline:.0f} s: {state}")
+        time.sleep(2)
+    return state
+
+
 PORTAL_PID: int | None = None  # set once the portal runs: its CPU time is read beside the engine's rate
-ENGINE_THREADS: list[int] = []  # the engine's worker and its OpenMP helper: the portal's two busiest threads
-# in the first window (API streams only)
 
 
 def cpu_seconds() -> tuple[dict[str, float], dict[int, float]]:
@@ -92,8 +101,9 @@ def cpu_seconds() -> tuple[dict[str, float], dict[int, float]]:
 
 def window(url: str, sessions: int, seconds: float, deadline: float = 300) -> dict:
     """Wait until `sessions` conversations are running, then the engine's decoded tokens over `seconds`, and
-    how the cores' time was shared meanwhile (CPU seconds per second of the window): the portal (its engine
-    threads and the rest: Streamlit's sessions, the API), chromium, the clients."""
+    how the cores' time was shared meanwhile (CPU seconds per second of the window): the portal, chromium, the
+    clients, and the portal's four busiest threads (the engine's worker and its OpenMP helper, unless Streamlit's
+    sessions or the API outdo them)."""
     give_up = time.monotonic() + deadline
     while health(url).get("running", 0) < sessions:
         if time.monotonic() > give_up:
@@ -104,15 +114,13 @@ def window(url: str, sessions: int, seconds: float, deadline: float = 300) -> di
     time.sleep(seconds)
     last, (cpu_last, threads_last), elapsed = health(url), cpu_seconds(), time.perf_counter() - started
     per_thread = {tid: busy - threads_first.get(tid, 0.0) for tid, busy in threads_last.items()}
-    if not ENGINE_THREADS:
-        ENGINE_THREADS.extend(sorted(per_thread, key=per_thread.__getitem__)[-2:])
     cores = {name: (cpu_last[name] - cpu_first[name]) / elapsed for name in cpu_first}
-    cores["engine threads"] = sum(per_thread.get(tid, 0.0) for tid in ENGINE_THREADS) / elapsed
-    cores["portal, other threads"] = cores["portal"] - cores["engine threads"]
+    busiest = [busy / elapsed for busy in sorted(per_thread.values(), reverse=True)[:4]]
     return {
         "tokens_per_s": (last["decoded_tokens"] - first["decoded_tokens"]) / elapsed,
         "running_at_end": last["running"],
         "cores": cores,
+        "busiest_threads": busiest,  # the portal's: the engine's worker and its OpenMP helper, unless others
     }
 
 
@@ -122,19 +130,22 @@ def api_phase(url: str, sessions: int, seconds: float, greedy: bool) -> dict:
     client = OpenAI(base_url=f"{url}/v1", api_key="unused: this machine's clients need no key", max_retries=0)
 
     def stream(prompt: str) -> None:
+        """One conversation after another until the phase ends, so that `sessions` stay running even where a
+        reply ends inside the window."""
         controls = {"temperature": 0} if greedy else {}  # left out: the model's own defaults
-        chunks = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=4000,
-            stream=True,
-            timeout=600,
-            **controls,
-        )
-        with chunks:  # leaving it closes the stream, which stops the reply
-            for _ in chunks:
-                if stop.is_set():
-                    break
+        while not stop.is_set():
+            chunks = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=4000,
+                stream=True,
+                timeout=600,
+                **controls,
+            )
+            with chunks:  # leaving it closes the stream, which stops the reply
+                for _ in chunks:
+                    if stop.is_set():
+                        break
 
     threads = [threading.Thread(target=stream, args=(PROMPTS[i % len(PROMPTS)],), daemon=True) for i in range(sessions)]
     for thread in threads:
@@ -185,14 +196,19 @@ def main() -> int:
         env = {"GLM_DATA_DIR": folder, "GLM_MAX_RUNNING_PER_OWNER": str(args.sessions)}
         with running_portal(Path(folder), env) as (url, process, _):
             PORTAL_PID = process.pid
-            results = {
-                "api-greedy": api_phase(url, args.sessions, args.window, greedy=True),
-                "api-defaults": api_phase(url, args.sessions, args.window, greedy=False),
-                "browsers": browser_phase(url, args.sessions, args.window),
-            }
+            loaded_model(url)
+            results = {}
+            for name, phase in (
+                ("api-greedy", lambda: api_phase(url, args.sessions, args.window, greedy=True)),
+                ("api-defaults", lambda: api_phase(url, args.sessions, args.window, greedy=False)),
+                ("browsers", lambda: browser_phase(url, args.sessions, args.window)),
+            ):
+                print(f"{name}: compiled decode path {compiled(url)}", flush=True)  # no compile beside a phase
+                results[name] = phase()
     print(f"bench browsers: {args.sessions} sessions, {args.window:.0f} s windows, {platform.processor() or ''}")
     for name, figures in results.items():
         cores = ", ".join(f"{who} {share:.2f}" for who, share in figures["cores"].items())
+        cores += "; the portal's busiest threads " + " + ".join(f"{share:.2f}" for share in figures["busiest_threads"])
         print(
             f"{name:<13} {figures['tokens_per_s']:6.1f} tok/s  (running at the end: {figures['running_at_end']}; "
             f"cores busy: {cores})"

@@ -7,6 +7,7 @@ per module and inductor's on-disk cache (GLM_CACHE_DIR/inductor) is shared acros
 """
 
 import dataclasses
+import sys
 import uuid
 
 import pytest
@@ -265,6 +266,53 @@ def test_graphs_compile_only_while_the_engine_is_idle(tiny_loaded, monkeypatch):
         assert all(idle for _, idle in started), started
     finally:
         engine.close()
+
+
+def test_a_compile_gives_the_gil_back_while_the_engine_has_work(monkeypatch):
+    """A graph that began compiling while the engine was idle keeps running when a request comes, so the compile
+    thread's trace function sleeps YIELD_S (the GIL released) after each COMPILE_SLICE_S of compiling while the
+    engine has work, and never while it is idle or closed. (What it buys: `scripts/bench_compile_contention.py`.)"""
+    slept: list[float] = []
+    monkeypatch.setattr(fast_decode.time, "sleep", slept.append)
+    monkeypatch.setattr(fast_decode, "COMPILE_SLICE_S", 0.0)
+    state = {"idle": True}
+    owner = dataclasses.make_dataclass("Owner", ["idle", "_closed"])(lambda: state["idle"], False)
+    trace = FastDecode._yield_to_engine(owner)
+    for _ in range(640):
+        assert trace(None, "call", None) is None  # no line events
+    assert slept == []
+    state["idle"] = False
+    for _ in range(640):
+        trace(None, "call", None)
+    assert slept == [fast_decode.YIELD_S] * 10  # one check in 64 calls
+    owner._closed = True
+    for _ in range(640):
+        trace(None, "call", None)
+    assert len(slept) == 10
+
+
+def test_a_compile_under_the_trace_function_gives_a_working_graph(tiny_loaded, monkeypatch):
+    """The compile thread runs its compile under that trace function (sys.settrace), and the graph it makes
+    decodes as the eager step does."""
+    traced = []
+    warm = FastDecode._warm
+
+    def recording_warm(self, key):
+        traced.append(sys.gettrace() is not None)
+        return warm(self, key)
+
+    monkeypatch.setattr(FastDecode, "_warm", recording_warm)
+    engine = Engine(tiny_loaded, max_batch=1, compile="on")
+    try:
+        assert engine.fast.wait_ready(300) == "ready" and traced == [True]
+        compiled = replies(engine, greedy_jobs([20]))[0]
+    finally:
+        engine.close()
+    eager = Engine(tiny_loaded, max_batch=1, compile="off")
+    try:
+        assert compiled.text == replies(eager, greedy_jobs([20]))[0].text
+    finally:
+        eager.close()
 
 
 def test_grouped_decode_attention_equals_keys_repeated_per_head():
