@@ -66,8 +66,8 @@ MIN_CAPACITY = 256  # the slot cache's own growth step: the smallest graph capac
 # trace, inductor's lowering) that holds the GIL for up to a minute, and a reply decoded meanwhile crawls (BF16
 # on 2 cores: 1.2 tok/s instead of 28, measured), so compiles wait for a pause rather than share it.
 IDLE_BEFORE_COMPILE_S = 1.0
-# While a graph compiles and the engine has work, the compile runs COMPILE_SLICE_S, then sleeps YIELD_S (see
-# FastDecode._yield_to_engine).
+# A request that comes while a graph compiles: the compile runs COMPILE_SLICE_S, then sleeps YIELD_S, until the
+# engine is idle again (FastDecode._yield_to_engine).
 COMPILE_SLICE_S = 0.001
 YIELD_S = 0.02
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -473,7 +473,7 @@ class FastDecode:
         takes it back, and a thread that asks for it back waits up to the switch interval (5 ms) while another
         thread computes in Python: an eager one-row BF16 step of SmolLM2 went from 49 to 0.4-1.7 tok/s while a
         graph compiled, and to 3.1 with a 0.5 ms interval. With this function: 43.8 tok/s (46.1 alone). The
-        price is the function's call on every Python call of the compile: about 1.8x its time, idle or not.
+        price is the function's call on every Python call of the compile: 1.7-2.1x its time, idle or not.
         The compile still advances under load (5 % of the time), so nothing waits on it forever."""
         count, since = 0, time.perf_counter()
 
