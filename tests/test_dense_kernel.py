@@ -6,6 +6,7 @@ it gives PyTorch's product's logits within that bound, and the compiled step giv
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fused import greedy_with_logits
 from torch import nn
 
 from glm_core import ModelSpec
@@ -144,17 +145,7 @@ def test_a_model_on_it_gives_pytorchs_logits_within_rounding(
     with torch.inference_mode():
         for name, loaded, op in (("ours", ours, product), ("theirs", theirs, None)):
             monkeypatch.setattr(cpu_kernels, op_name, op)
-            out = loaded.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=6,
-                min_new_tokens=6,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=2,
-            )
-            steps[name] = torch.stack(out.logits).float()
+            steps[name] = greedy_with_logits(loaded.model, ids, 6)[1].float()
     # Decode steps (one row: our product) agree with PyTorch's to the level's precision, accumulated over layers.
     torch.testing.assert_close(steps["ours"], steps["theirs"], rtol=tolerance, atol=tolerance)
 

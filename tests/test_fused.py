@@ -11,6 +11,21 @@ from glm_core.models.fused import FusedGateUpMLP, FusedQKVAttention, _fused_line
 from glm_core.models.quant import WeightOnlyInt4Linear
 
 
+def greedy_with_logits(model, ids: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' greedy `generate` of exactly `tokens` tokens: the sequences and each decode step's logits."""
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=2,
+    )
+    return out.sequences, torch.stack(out.logits)
+
+
 @pytest.fixture
 def our_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_chosen", True)
@@ -31,19 +46,9 @@ def test_fused_layers_give_the_same_logits_as_the_layers_one_by_one(tiny_model_d
     ids = torch.tensor([fused.chat_format.encode([{"role": "user", "content": "Name three rivers of Europe."}])])
     with torch.inference_mode():
         assert torch.equal(fused.model(ids).logits, apart.model(ids).logits)  # the prompt: several rows at once
-        steps = {}
-        for name, loaded in (("fused", fused), ("apart", apart)):
-            out = loaded.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=8,
-                min_new_tokens=8,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=2,
-            )
-            steps[name] = (out.sequences, torch.stack(out.logits))
+        steps = {
+            name: greedy_with_logits(loaded.model, ids, 8) for name, loaded in (("fused", fused), ("apart", apart))
+        }
     assert torch.equal(steps["fused"][0], steps["apart"][0])
     assert torch.equal(steps["fused"][1], steps["apart"][1])  # each decode step's logits, one row each
 
