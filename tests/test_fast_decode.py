@@ -375,3 +375,22 @@ def test_a_process_that_exits_while_a_graph_compiles_exits_cleanly(tiny_model_di
     assert "exiting while compiling compiling" in done.stdout, done.stdout + done.stderr[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
     assert "waiting for 1 decode-graph compile(s) to stop before exiting" in done.stderr
+
+
+def test_compiled_graphs_go_under_the_cache_dir_unless_the_user_chose_a_place(tmp_path, monkeypatch):
+    """The graphs are kept where GLM_CACHE_DIR says, so a restart (or a reboot) compiles from disk. Importing
+    torch._dynamo writes inductor's default folder (under the temp dir) into the environment: that is not a
+    user's choice. A place the user set is kept."""
+    import torch._dynamo  # noqa: F401  (what loading a model does first)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert fast_decode.configure_compile_cache(tmp_path) == tmp_path / "inductor"
+    assert cache_dir() == str(tmp_path / "inductor")
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert fast_decode.configure_compile_cache(tmp_path) == tmp_path / "inductor"
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert fast_decode.configure_compile_cache(tmp_path) == tmp_path / "mine"
+    assert fast_decode.configure_compile_cache(tmp_path / "cold", exact=True) == tmp_path / "cold"

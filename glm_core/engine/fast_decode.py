@@ -94,11 +94,17 @@ def capacity_bucket(positions: int) -> int:
 def configure_compile_cache(cache_dir: Path, exact: bool = False) -> Path:
     """Put inductor's on-disk caches (FX graph and AOT autograd, kernels) under `cache_dir`/inductor, unless the
     environment already chose a place; `exact`: in `cache_dir` itself, whatever the environment says (bench
-    decode's cold cache). Inductor reads the place at each compile."""
-    if exact:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor")))
+    decode's cold cache). Inductor reads the place at each compile.
+
+    Importing `torch._dynamo` (transformers does, loading a model) writes inductor's default, a folder under /tmp,
+    into the environment: that value counts as unset here, or the graphs went there and a reboot lost them."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if exact or not chosen or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir if exact else cache_dir / "inductor")
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
     inductor_config.fx_graph_cache = True
     inductor_config.autotune_local_cache = True
