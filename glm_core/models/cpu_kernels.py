@@ -44,7 +44,9 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -338,11 +340,25 @@ def _library_path() -> Path:
 
 
 def _build() -> Path:
-    """The kernel's shared library, compiled once per source, PyTorch version and flags (a lock keeps parallel
-    processes from compiling it twice; the library appears whole or not at all)."""
+    """The kernel's shared library, compiled once per source, PyTorch version and flags."""
     from torch.utils import cpp_extension
 
-    target = _library_path()
+    torch_lib = cpp_extension.library_paths()[0]
+    compiler = [
+        os.environ.get("CXX", "g++"),
+        *FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+    ]
+    link = [f"-L{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
+    return compile_once(_library_path(), compiler, SOURCES, link)
+
+
+def compile_once(target: Path, compiler: list[str], sources: list[Path], link: tuple[str, ...] = ()) -> Path:
+    """`target`, a shared library of `sources` built by `compiler` (its command and flags) unless it exists: each
+    source in a process of its own, as many at once as there are cores, then linked with `link`. A lock keeps
+    parallel processes from compiling it twice, and the library appears whole or not at all. A failed build
+    raises, with the compiler's message."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -350,30 +366,25 @@ def _build() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return target
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        torch_lib = cpp_extension.library_paths()[0]
-        command = [
-            os.environ.get("CXX", "g++"),
-            *FLAGS,
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *(f"-I{p}" for p in cpp_extension.include_paths()),
-            *map(str, SOURCES),
-            "-o",
-            str(partial),
-            f"-L{torch_lib}",
-            "-ltorch",
-            "-ltorch_cpu",
-            "-lc10",
-            f"-Wl,-rpath,{torch_lib}",
-        ]
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(f"g++ failed: {done.stderr[-2000:]}")
-        partial.replace(target)
-        log.info("CPU kernels built in %.1f s: %s", time.perf_counter() - started, target)
+        with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+            objects = [Path(folder) / f"{i}.o" for i in range(len(sources))]
+            commands = [[*compiler, "-c", str(s), "-o", str(o)] for s, o in zip(sources, objects)]
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                failures = [message for message in pool.map(_run, commands) if message]
+            partial = Path(folder) / "library.so"
+            failures = failures or [_run([*compiler, *map(str, objects), "-o", str(partial), *link])]
+            if failures[0]:
+                raise RuntimeError(f"{compiler[0]} failed: {failures[0][-2000:]}")
+            partial.replace(target)
+        log.info("%s built in %.1f s", target, time.perf_counter() - started)
     return target
+
+
+def _run(command: list[str]) -> str:
+    """ "" when it succeeds, or the compiler's message."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return "" if done.returncode == 0 else done.stderr or f"exit status {done.returncode}"
 
 
 def _load(path: Path):
