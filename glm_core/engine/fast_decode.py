@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -37,6 +36,7 @@ from ..models import cpu_kernels
 from ..models.dense_linear import KernelLinear
 from ..models.openmp import release_pool
 from ..models.precision import Precision
+from .compile_yield import Yielder
 
 _LIVE: set[int] = set()  # FastDecode objects whose compile thread has not ended (ids)
 _LIVE_LOCK = threading.Lock()
@@ -66,10 +66,7 @@ MIN_CAPACITY = 256  # the slot cache's own growth step: the smallest graph capac
 # trace, inductor's lowering) that holds the GIL for up to a minute, and a reply decoded meanwhile crawls (BF16
 # on 2 cores: 1.2 tok/s instead of 28, measured), so compiles wait for a pause rather than share it.
 IDLE_BEFORE_COMPILE_S = 1.0
-# A request that comes while a graph compiles: the compile runs COMPILE_SLICE_S, then sleeps YIELD_S, until the
-# engine is idle again (FastDecode._yield_to_engine).
-COMPILE_SLICE_S = 0.001
-YIELD_S = 0.02
+# A request that comes while a graph compiles: the compile thread gives the cores back (compile_yield.py).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -296,6 +293,7 @@ class FastDecode:
         self.state = "compiling"
         self.error: str | None = None
         self.compile_seconds: dict[tuple[int, int], float] = {}
+        self.yielder = Yielder(self._engine_busy)  # the compile gives the cores back while the engine has work
         self._ready: set[tuple[int, int]] = set()
         self.steps = 0  # compiled steps run
         self._queue: list[tuple[int, int]] = [(b, c) for c in capacities for b in self.buckets]
@@ -451,15 +449,14 @@ class FastDecode:
             if not self._wait_for_idle():
                 return
             started = time.perf_counter()
-            sys.settrace(self._yield_to_engine())
             try:
-                self._warm(key)
+                with self.yielder.compiling():
+                    self._warm(key)
             except Exception as exc:  # any compile error: eager serves on, the card says why
                 log.exception("compiling the decode step %s failed", key)
                 self.fail(_reason(exc))
                 return
             finally:
-                sys.settrace(None)
                 release_pool()  # this thread's OpenMP workers would slow the worker's every step (see openmp.py)
             with self._cond:
                 self.compile_seconds[key] = time.perf_counter() - started
@@ -470,30 +467,12 @@ class FastDecode:
                 self._cond.notify_all()
             log.info("decode graph (batch %d, capacity %d) ready in %.1f s", *key, self.compile_seconds[key])
 
-    def _yield_to_engine(self):
-        """A trace function for this thread while it compiles: when the engine has work, the compile runs for
-        COMPILE_SLICE_S at a time and then sleeps YIELD_S, giving the GIL back.
+    def engine_working(self) -> None:
+        """Called by the engine's thread at each of its iterations: a compile running now gives it the cores."""
+        self.yielder.engine_working()
 
-        A graph starts compiling only once the engine has been idle (`_wait_for_idle`), but a request may come
-        a second later, and a compile takes 5-45 s of Python. Each of PyTorch's operators releases the GIL and
-        takes it back, and a thread that asks for it back waits up to the switch interval (5 ms) while another
-        thread computes in Python: an eager one-row BF16 step of SmolLM2 went from 49 to 0.4-1.7 tok/s while a
-        graph compiled, and to 3.1 with a 0.5 ms interval. With this function: 43.8 tok/s (46.1 alone). The
-        price is the function's call on every Python call of the compile: 1.7-2.1x its time, idle or not.
-        The compile still advances under load (5 % of the time), so nothing waits on it forever."""
-        count, since = 0, time.perf_counter()
-
-        def trace(_frame, _event, _arg):
-            nonlocal count, since
-            count += 1
-            if count & 63 == 0 and not self._closed and not self.idle():
-                now = time.perf_counter()
-                if now - since > COMPILE_SLICE_S:
-                    time.sleep(YIELD_S)
-                    since = time.perf_counter()
-            return None  # no line events
-
-        return trace
+    def _engine_busy(self) -> bool:
+        return not self._closed and not self.idle()
 
     def _wait_for_idle(self) -> bool:
         """Wait until the engine has been idle for IDLE_BEFORE_COMPILE_S; False when closed meanwhile."""

@@ -288,6 +288,8 @@ class Engine(SubmitPath):
                 tasks = list(self._tasks)
                 self._tasks.clear()
                 admitted = self._admit()
+            if self.fast is not None:
+                self.fast.engine_working()
             with self.turns.turn(self.turn_name) if self.turns is not None else nullcontext():
                 ended = self._iteration(tasks, admitted)
             self._end(ended)
