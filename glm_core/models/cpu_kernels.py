@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -354,7 +355,7 @@ def _build() -> Path:
     return compile_once(_library_path(), compiler, SOURCES, link)
 
 
-def compile_once(target: Path, compiler: list[str], sources: list[Path], link: tuple[str, ...] = ()) -> Path:
+def compile_once(target: Path, compiler: list[str], sources: list[Path], link: Sequence[str] = ()) -> Path:
     """`target`, a shared library of `sources` built by `compiler` (its command and flags) unless it exists: each
     source in a process of its own, as many at once as there are cores, then linked with `link`. A lock keeps
     parallel processes from compiling it twice, and the library appears whole or not at all. A failed build
